@@ -1,0 +1,410 @@
+"""
+``mrsync``: the operator's command line.
+
+::
+
+    mrsync push [--exclude PATTERN]... [--rate RATE] [--detach] [--json] SRC... TARGETS:DEST
+    mrsync nodes | jobs | status JOB [--follow] [--json] | cancel JOB
+
+It talks to the master over TLS AMP with an operator certificate.  Where the
+master is and which certificate to use come from flags, else the
+environment (``MRSYNC_MASTER``, ``MRSYNC_CA``, ``MRSYNC_CERT``,
+``MRSYNC_KEY``), else a client file (``MRSYNC_CONFIG``, else
+``~/.config/mrsync/client.toml``, else ``/etc/mrsyncd/client.toml``).
+
+Exit codes, for scripts: 0 every target succeeded; 1 the job failed on at
+least one target; 2 a wrong command line; 3 the master could not be reached
+or refused the certificate; 4 the master refused the request; 5 the job was
+cancelled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import tomllib
+from typing import Any
+
+from twisted.internet import defer, endpoints, task
+from twisted.internet.protocol import Factory
+from twisted.protocols import amp
+from twisted.python import usage
+
+from mrsyncd import __version__, tls
+from mrsyncd.ca_cli import _Interspersed
+from mrsyncd.config import split_address
+from mrsyncd.control import BadRequest, Cancel, Forbidden, JobStatus, ListJobs, ListNodes, NoSuchJob, Submit
+from mrsyncd.ratecontrol import parse_rate
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_REFUSED, EXIT_CANCELLED = range(6)
+FINISHED = ("done", "failed", "cancelled")
+
+
+class CommandError(Exception):
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class Connection(usage.Options):
+    optParameters = [
+        ["master", "m", None, "host:port of the master (MRSYNC_MASTER)."],
+        ["master-name", None, None, "Name in the master's certificate (default: its host)."],
+        ["ca", None, None, "Cluster CA certificate (MRSYNC_CA)."],
+        ["cert", None, None, "Operator certificate (MRSYNC_CERT)."],
+        ["key", None, None, "Operator key (MRSYNC_KEY)."],
+        ["config", None, None, "Client configuration file (MRSYNC_CONFIG)."],
+    ]
+
+
+class PushOptions(_Interspersed):
+    synopsis = "[options] SRC... TARGETS:DEST"
+    longdesc = (
+        "Send SRC (paths on the master; SRC/ sends its contents) to DEST on TARGETS: "
+        "'all', a comma-separated list of node names, or @tag."
+    )
+    optFlags = [
+        ["detach", "d", "Print the job id and return without following it."],
+        ["json", None, "Print a machine-readable final report."],
+        ["preserve-owner", None, "Set owner and group on the nodes (nodes running as root)."],
+    ]
+    optParameters = [["rate", "r", None, "Cap the sending rate, bits per second (k, M, G)."]]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["exclude"] = []
+
+    def opt_exclude(self, pattern: str) -> None:
+        """Leave out names (or paths, with a /) matching PATTERN; repeatable."""
+        self["exclude"].append(pattern)
+
+    def parseArgs(self, *args: str) -> None:  # type: ignore[override]
+        if len(args) < 2:
+            raise usage.UsageError("name at least one source and TARGETS:DEST")
+        targets, sep, destination = args[-1].partition(":")
+        if not sep or not targets or not destination.startswith("/"):
+            raise usage.UsageError("the last argument is TARGETS:/absolute/destination")
+        self["sources"] = [_absolute(source) for source in args[:-1]]
+        self["targets"], self["destination"] = targets, destination
+
+    def postOptions(self) -> None:
+        if self["rate"] is not None:
+            try:
+                self["rate"] = parse_rate(self["rate"])
+            except ValueError as e:
+                raise usage.UsageError(str(e)) from None
+
+
+def _absolute(source: str) -> str:
+    """Relative sources are relative to here, which makes sense when run on the master."""
+    absolute = os.path.abspath(source)
+    return absolute + "/" if source.endswith("/") and absolute != "/" else absolute
+
+
+class JobOptions(usage.Options):
+    synopsis = "JOB"
+
+    def parseArgs(self, job: str) -> None:  # type: ignore[override]
+        try:
+            self["job"] = int(job)
+        except ValueError:
+            raise usage.UsageError(f"a job id is a number, not {job!r}") from None
+
+
+class StatusOptions(JobOptions):
+    optFlags = [
+        ["follow", "f", "Follow the job until it ends."],
+        ["json", None, "Print the status as JSON."],
+        ["files", None, "Include each node's per-file results."],
+    ]
+
+
+class ListOptions(usage.Options):
+    optFlags = [["json", None, "Print JSON."]]
+
+
+class Options(Connection):
+    synopsis = "mrsync [connection options] push|nodes|jobs|status|cancel ..."
+    subCommands = [
+        ["push", None, PushOptions, "Submit a job and follow it."],
+        ["nodes", None, ListOptions, "List the nodes the master knows."],
+        ["jobs", None, ListOptions, "List recent jobs."],
+        ["status", None, StatusOptions, "Show (or follow) one job."],
+        ["cancel", None, JobOptions, "Cancel a job."],
+    ]
+
+    def opt_version(self) -> None:
+        print(f"mrsync {__version__}")
+        raise SystemExit(0)
+
+    def postOptions(self) -> None:
+        if self.subCommand is None:
+            raise usage.UsageError("say what to do: push, nodes, jobs, status or cancel")
+
+
+def settings(options: Options, environ: dict[str, str]) -> dict[str, str]:
+    """Flags, then the environment, then the client file."""
+    path = options["config"] or environ.get("MRSYNC_CONFIG")
+    candidates = (
+        [path] if path else [os.path.expanduser("~/.config/mrsync/client.toml"), "/etc/mrsyncd/client.toml"]
+    )
+    from_file: dict[str, Any] = {}
+    for candidate in candidates:
+        if candidate and os.path.exists(candidate):
+            try:
+                with open(candidate, "rb") as f:
+                    from_file = tomllib.load(f)
+            except (OSError, tomllib.TOMLDecodeError) as e:
+                raise CommandError(f"{candidate}: {e}", EXIT_USAGE) from None
+            unknown = set(from_file) - {"master", "master_name", "ca", "certificate", "key"}
+            if unknown:
+                raise CommandError(f"{candidate}: unknown keys {', '.join(sorted(unknown))}", EXIT_USAGE)
+            base = os.path.dirname(os.path.abspath(candidate))
+            for key in ("ca", "certificate", "key"):
+                if key in from_file:
+                    from_file[key] = os.path.join(base, os.path.expanduser(str(from_file[key])))
+            break
+        elif path:
+            raise CommandError(f"{candidate}: no such client configuration file", EXIT_USAGE)
+    found = {}
+    for key, flag, env, file_key in [
+        ("master", "master", "MRSYNC_MASTER", "master"),
+        ("master_name", "master-name", "MRSYNC_MASTER_NAME", "master_name"),
+        ("ca", "ca", "MRSYNC_CA", "ca"),
+        ("certificate", "cert", "MRSYNC_CERT", "certificate"),
+        ("key", "key", "MRSYNC_KEY", "key"),
+    ]:
+        value = options[flag] or environ.get(env) or from_file.get(file_key)
+        if value:
+            found[key] = str(value)
+    missing = [k for k in ("master", "ca", "certificate", "key") if k not in found]
+    if missing:
+        raise CommandError(
+            f"no {', '.join(missing)} given: use flags, MRSYNC_* variables or a client.toml", EXIT_USAGE
+        )
+    return found
+
+
+@defer.inlineCallbacks
+def connect(reactor: Any, found: dict[str, str]) -> Any:
+    try:
+        host, port = split_address(found["master"])
+        options = tls.client_options(
+            found["ca"], found["certificate"], found["key"], found.get("master_name") or host
+        )
+    except Exception as e:
+        raise CommandError(str(e), EXIT_USAGE) from None
+    endpoint = endpoints.wrapClientTLS(options, endpoints.HostnameEndpoint(reactor, host, port, timeout=10))
+    factory = Factory.forProtocol(amp.AMP)
+    factory.noisy = False
+    try:
+        protocol = yield endpoint.connect(factory)
+    except Exception as e:
+        raise CommandError(f"cannot reach the master at {found['master']}: {e}", EXIT_UNREACHABLE) from None
+    return protocol
+
+
+@defer.inlineCallbacks
+def call(protocol: amp.AMP, command: type[amp.Command], **kw: Any) -> Any:
+    try:
+        return (yield protocol.callRemote(command, **kw))
+    except (Forbidden, BadRequest, NoSuchJob) as e:
+        raise CommandError(f"the master refused: {e}", EXIT_REFUSED) from None
+    except Exception as e:
+        # A certificate the master does not accept ends the connection in
+        # the handshake, which surfaces here as a lost connection.
+        raise CommandError(f"no answer from the master: {e}", EXIT_UNREACHABLE) from None
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n:.0f} B"
+        n /= 1024
+    return str(n)
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class Progress:
+    """A live line on a terminal, a plain line every few seconds elsewhere."""
+
+    def __init__(self, out: Any, clock: Any) -> None:
+        self.out = out
+        self.clock = clock
+        self.tty = out.isatty()
+        self.samples: list[tuple[float, int]] = []
+        self.last_plain = 0.0
+
+    def show(self, status: dict[str, Any]) -> None:
+        progress = status.get("progress")
+        now = self.clock.seconds()
+        nodes = status["nodes"]
+        done = sum(1 for n in nodes.values() if n["state"] == "done")
+        failed = sum(1 for n in nodes.values() if n["state"] == "failed")
+        if progress:
+            done = len(progress["done"])
+            failed = len(progress["failed"])
+            sent, planned = progress["sent_bytes"], progress["planned_bytes"]
+        else:
+            sent, planned = status.get("sent_bytes", 0), status.get("payload_bytes", 0)
+        self.samples = [s for s in self.samples if now - s[0] <= 5.0] + [(now, sent)]
+        span = self.samples[-1][0] - self.samples[0][0]
+        rate = (self.samples[-1][1] - self.samples[0][1]) * 8 / span if span > 0 else 0.0
+        eta = (planned - sent) * 8 / rate if rate > 0 and planned > sent else 0.0
+        line = (
+            f"job {status['id']} {status['state']}: {_size(sent)} of {_size(planned)}"
+            f"  {rate / 1e6:.1f} Mbit/s  ETA {_clock(eta)}"
+            f"  nodes: {done} done, {failed} failed, {len(nodes)} in all"
+        )
+        if self.tty:
+            self.out.write("\r\x1b[K" + line)
+            self.out.flush()
+        elif now - self.last_plain >= 5.0:
+            self.out.write(line + "\n")
+            self.last_plain = now
+
+    def end(self) -> None:
+        if self.tty:
+            self.out.write("\n")
+
+
+def report(status: dict[str, Any], out: Any) -> None:
+    """The human-readable end of a job: one line per node, failures first."""
+    elapsed = (status["finished"] or time.time()) - (status["started"] or status["submitted"])
+    out.write(
+        f"job {status['id']} {status['state']} in {elapsed:.1f} s: {_size(status['payload_bytes'])} "
+        f"in the tree, {_size(status['sent_bytes'])} sent\n"
+    )
+    if status["message"]:
+        out.write(f"  {status['message']}\n")
+    for name, node in sorted(status["nodes"].items(), key=lambda kv: (kv[1]["state"] == "done", kv[0])):
+        reason = f": {node['reason']}" if node["reason"] else ""
+        out.write(f"  {name}: {node['state']}{reason}\n")
+
+
+def exit_code(status: dict[str, Any]) -> int:
+    if status["state"] == "done":
+        return EXIT_OK
+    return EXIT_CANCELLED if status["state"] == "cancelled" else EXIT_FAILED
+
+
+@defer.inlineCallbacks
+def follow(reactor: Any, protocol: amp.AMP, job: int, json_out: bool, out: Any) -> Any:
+    progress = Progress(out, reactor)
+    while True:
+        answer = yield call(protocol, JobStatus, job=job, files=False)
+        status = answer["status"]
+        if status["state"] in FINISHED:
+            break
+        if not json_out:
+            progress.show(status)
+        yield task.deferLater(reactor, 0.5, lambda: None)
+    if not json_out:
+        progress.end()
+    answer = yield call(protocol, JobStatus, job=job, files=True)
+    status = answer["status"]
+    if json_out:
+        out.write(json.dumps(status, indent=1, sort_keys=True) + "\n")
+    else:
+        report(status, out)
+    return exit_code(status)
+
+
+@defer.inlineCallbacks
+def run(reactor: Any, options: Options, out: Any) -> Any:
+    protocol = yield connect(reactor, settings(options, dict(os.environ)))
+    sub = options.subOptions
+    try:
+        if options.subCommand == "push":
+            spec = {
+                "sources": sub["sources"],
+                "destination": sub["destination"],
+                "targets": sub["targets"],
+                "excludes": sub["exclude"],
+                "rate": sub["rate"],
+                "preserve_owner": bool(sub["preserve-owner"]),
+            }
+            answer = yield call(protocol, Submit, spec=spec)
+            job = answer["job"]
+            if sub["detach"]:
+                out.write(json.dumps({"job": job}) + "\n" if sub["json"] else f"{job}\n")
+                return EXIT_OK
+            if not sub["json"]:
+                out.write(f"job {job} submitted\n")
+            return (yield follow(reactor, protocol, job, sub["json"], out))
+        if options.subCommand == "status":
+            if sub["follow"]:
+                return (yield follow(reactor, protocol, sub["job"], sub["json"], out))
+            answer = yield call(protocol, JobStatus, job=sub["job"], files=sub["files"])
+            status = answer["status"]
+            if sub["json"]:
+                out.write(json.dumps(status, indent=1, sort_keys=True) + "\n")
+            else:
+                report(status, out)
+            return EXIT_OK
+        if options.subCommand == "cancel":
+            answer = yield call(protocol, Cancel, job=sub["job"])
+            out.write(f"job {sub['job']}: {answer['state']}\n")
+            return EXIT_OK
+        if options.subCommand == "nodes":
+            answer = yield call(protocol, ListNodes)
+            nodes = answer["nodes"]
+            if sub["json"]:
+                out.write(json.dumps(nodes, indent=1, sort_keys=True) + "\n")
+                return EXIT_OK
+            out.write(f"{'NODE':20} {'STATE':13} {'LAST CONTACT':20} {'FREE':>10}  TAGS\n")
+            for node in nodes:
+                seen = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(node["last_contact"]))
+                free = _size(min(node["free"].values())) if node["free"] else "-"
+                out.write(
+                    f"{node['name']:20} {node['state']:13} {seen:20} {free:>10}  {','.join(node['tags'])}\n"
+                )
+            return EXIT_OK
+        answer = yield call(protocol, ListJobs, limit=50)
+        jobs = answer["jobs"]
+        if sub["json"]:
+            out.write(json.dumps(jobs, indent=1, sort_keys=True) + "\n")
+            return EXIT_OK
+        out.write(f"{'JOB':>5} {'STATE':10} {'SUBMITTED':20} {'TARGETS':16} DESTINATION\n")
+        for job in jobs:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job["submitted"]))
+            spec = job["spec"]
+            out.write(
+                f"{job['id']:>5} {job['state']:10} {when:20} {spec['targets']:16} {spec['destination']}\n"
+            )
+        return EXIT_OK
+    finally:
+        protocol.transport.loseConnection()
+
+
+def main(argv: list[str] | None = None) -> None:
+    options = Options()
+    try:
+        options.parseOptions(argv if argv is not None else sys.argv[1:])
+    except usage.UsageError as e:
+        sys.stderr.write(f"mrsync: {e}\n{options}\n")
+        raise SystemExit(EXIT_USAGE) from None
+
+    def go(reactor: Any) -> defer.Deferred:
+        def finished(result: int) -> None:
+            if result:
+                raise SystemExit(result)
+
+        def failed(failure: Any) -> None:
+            error = failure.value
+            sys.stderr.write(f"mrsync: {error}\n")
+            raise SystemExit(error.code if isinstance(error, CommandError) else EXIT_FAILED)
+
+        return run(reactor, options, sys.stdout).addCallbacks(finished, failed)
+
+    task.react(go)
+
+
+if __name__ == "__main__":
+    main()

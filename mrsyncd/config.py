@@ -1,0 +1,263 @@
+"""
+The daemon's configuration: one TOML file, checked whole at start-up.
+
+An operator who mistypes a key or a value should learn it from the first
+line twistd prints, not from a node that silently uses a default: every key
+is declared here with its type and default (etc/mrsyncd.toml shows them
+all), an unknown key or a bad value raises `ConfigError` naming the file and
+the key, and the sections present decide which services run.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from mrsyncd.datagram import DEFAULT_BLOCK_SIZE, MAX_BLOCK_SIZE
+from mrsyncd.ratecontrol import parse_rate
+
+
+class ConfigError(ValueError):
+    """The configuration file cannot be used; the message names file and key."""
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    ca: str = "/etc/mrsyncd/ca.crt"
+    certificate: str = "/etc/mrsyncd/host.crt"
+    key: str = "/etc/mrsyncd/host.key"
+
+
+@dataclass(frozen=True)
+class MasterConfig:
+    #: Address and port of the TLS control listener (nodes and operators).
+    address: str = ""
+    port: int = 7718
+    #: The job store lives here.
+    state_dir: str = "/var/lib/mrsyncd"
+    #: Multicast interface, by name or address ("" = the kernel's choice).
+    interface: str = ""
+    #: Job n of the pool sends to group ``group + n`` on port ``port_base + n``.
+    group: str = "239.255.77.1"
+    port_base: int = 7720
+    max_jobs: int = 4
+    ttl: int = 1
+    loopback: bool = False
+    rate: float = 1e9
+    block_size: int = DEFAULT_BLOCK_SIZE
+    #: Seconds a silent node is waited for before it is reported failed.
+    grace: float = 30.0
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    #: ``host:port`` of the master's control listener.
+    master: str = ""
+    #: The name the master's certificate must carry (default: host of ``master``).
+    master_name: str = ""
+    interface: str = ""
+    #: A job may write only beneath one of these directories.
+    roots: tuple[str, ...] = ()
+    tags: tuple[str, ...] = ()
+    #: Run after a job completes here: argv, with the job id and changed
+    #: paths in the environment (never sent by the job itself).
+    post_receive: tuple[str, ...] = ()
+    rcvbuf: int = 4 << 20
+    #: The node's own certificate and key, when the host also runs a master
+    #: and [tls] holds the master's (default: those of [tls]).
+    certificate: str = ""
+    key: str = ""
+
+
+@dataclass(frozen=True)
+class Config:
+    path: str
+    tls: TLSConfig = field(default_factory=TLSConfig)
+    master: MasterConfig | None = None
+    node: NodeConfig | None = None
+    log_level: str = "info"
+
+
+def _positive_int(value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError("must be a positive integer")
+    return value
+
+
+def _port(value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 < value < 65536:
+        raise ValueError("must be a port number from 1 to 65535")
+    return value
+
+
+def _string(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError("must be a string")
+    return value
+
+
+def _strings(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError("must be a list of strings")
+    return tuple(value)
+
+
+def _boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError("must be true or false")
+    return value
+
+
+def _seconds(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise ValueError("must be a positive number of seconds")
+    return float(value)
+
+
+def _rate(value: Any) -> float:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        value = str(value)
+    return parse_rate(_string(value))
+
+
+def _group(value: Any) -> str:
+    if not ipaddress.ip_address(_string(value)).is_multicast:
+        raise ValueError("must be a multicast address")
+    return str(value)
+
+
+def _ttl(value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 255:
+        raise ValueError("must be from 0 to 255")
+    return value
+
+
+def _block_size(value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 512 <= value <= MAX_BLOCK_SIZE:
+        raise ValueError(f"must be from 512 to {MAX_BLOCK_SIZE}")
+    return value
+
+
+def _roots(value: Any) -> tuple[str, ...]:
+    roots = _strings(value)
+    for root in roots:
+        if not root.startswith("/"):
+            raise ValueError(f"{root!r} is not an absolute path")
+    return roots
+
+
+def _level(value: Any) -> str:
+    if value not in ("info", "debug"):
+        raise ValueError('must be "info" or "debug"')
+    return str(value)
+
+
+_CHECKS: dict[str, dict[str, Callable[[Any], Any]]] = {
+    "tls": {"ca": _string, "certificate": _string, "key": _string},
+    "master": {
+        "address": _string,
+        "port": _port,
+        "state_dir": _string,
+        "interface": _string,
+        "group": _group,
+        "port_base": _port,
+        "max_jobs": _positive_int,
+        "ttl": _ttl,
+        "loopback": _boolean,
+        "rate": _rate,
+        "block_size": _block_size,
+        "grace": _seconds,
+    },
+    "node": {
+        "master": _string,
+        "master_name": _string,
+        "interface": _string,
+        "roots": _roots,
+        "tags": _strings,
+        "post_receive": _strings,
+        "rcvbuf": _positive_int,
+        "certificate": _string,
+        "key": _string,
+    },
+    "log": {"level": _level},
+}
+
+
+def _section(path: str, name: str, raw: Any) -> dict[str, Any]:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: [{name}] must be a table")
+    checked = {}
+    for key, value in raw.items():
+        check = _CHECKS[name].get(key)
+        if check is None:
+            known = ", ".join(sorted(_CHECKS[name]))
+            raise ConfigError(f"{path}: unknown key {key!r} in [{name}] (known: {known})")
+        try:
+            checked[key] = check(value)
+        except ValueError as e:
+            raise ConfigError(f"{path}: [{name}] {key} = {value!r}: {e}") from None
+    return checked
+
+
+def parse(text: str, path: str = "<config>") -> Config:
+    try:
+        document = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    for name in document:
+        if name not in _CHECKS:
+            raise ConfigError(f"{path}: unknown section [{name}] (known: {', '.join(_CHECKS)})")
+    sections = {name: _section(path, name, raw) for name, raw in document.items()}
+    if "master" not in sections and "node" not in sections:
+        raise ConfigError(f"{path}: neither [master] nor [node] is configured: nothing to run")
+    master = MasterConfig(**sections["master"]) if "master" in sections else None
+    node = NodeConfig(**sections["node"]) if "node" in sections else None
+    if node is not None:
+        if not node.master:
+            raise ConfigError(f"{path}: [node] master is required (host:port of the master)")
+        try:
+            split_address(node.master)
+        except ValueError as e:
+            raise ConfigError(f"{path}: [node] master = {node.master!r}: {e}") from None
+        if not node.roots:
+            raise ConfigError(f"{path}: [node] roots is required: where may jobs write?")
+    if master is not None and master.max_jobs > 256:
+        raise ConfigError(f"{path}: [master] max_jobs must be at most 256")
+    return Config(
+        path=path,
+        tls=TLSConfig(**sections.get("tls", {})),
+        master=master,
+        node=node,
+        log_level=sections.get("log", {}).get("level", "info"),
+    )
+
+
+def load(path: str) -> Config:
+    try:
+        with open(path, "rb") as f:
+            text = f.read().decode("utf-8")
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+    return parse(text, path)
+
+
+def split_address(text: str) -> tuple[str, int]:
+    """``host:port`` or ``[v6addr]:port``."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host:
+        raise ValueError("must be host:port")
+    return host.strip("[]"), _port(int(port)) if port.isdigit() else _port(port)
+
+
+def defaults() -> dict[str, dict[str, Any]]:
+    """Every key and its default, for the documented example and its test."""
+    return {
+        "tls": {f.name: getattr(TLSConfig(), f.name) for f in fields(TLSConfig)},
+        "master": {f.name: getattr(MasterConfig(), f.name) for f in fields(MasterConfig)},
+        "node": {f.name: getattr(NodeConfig(), f.name) for f in fields(NodeConfig)},
+    }

@@ -1,0 +1,311 @@
+"""
+The control contract: AMP commands between a sender and its receivers.
+
+Receivers dial the sender (nodes dial their master) and `Register`; from then
+on the sender calls `Prepare`, `Missing` and `Results` on that connection.
+Bulk data never travels here, only what a transfer needs to agree on: the
+manifest and key, need sets, missing reports and per-entry results.
+
+AMP values are at most 65535 bytes, so manifests, need sets and results use
+`BigBytes`, which splits a value over numbered keys (with a bound, so that an
+authenticated but hostile peer cannot make us buffer without limit).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.protocol import connectionDone
+from twisted.logger import Logger
+from twisted.protocols import amp
+from twisted.python.failure import Failure
+
+from mrsyncd.agent import ReceiverAgent, Refused
+from mrsyncd.blockset import decode_map, encode_map
+from mrsyncd.manifest import Manifest
+from mrsyncd.multicast import Channel
+from mrsyncd.receiver import MissingReport
+from mrsyncd.transfer import Offer, UnknownTransfer
+
+log = Logger()
+
+PIECE = 0xFFFF
+#: 4096 pieces of 64 KiB: a 256 MiB manifest, about 4 million chunks.
+MAX_PIECES = 4096
+UNLIMITED = 1 << 62
+
+
+class BigBytes(amp.Argument):
+    """Bytes of any length up to ``MAX_PIECES`` AMP values, as ``name``, ``name.1``, ..."""
+
+    def toBox(self, name: bytes, strings: dict, objects: dict, proto: object) -> None:  # type: ignore[override]
+        value: bytes | None = objects.pop(amp._wireNameToPythonIdentifier(name), None)  # type: ignore[attr-defined]
+        if value is None:
+            if self.optional:
+                return
+            raise KeyError(name)
+        pieces = [value[i : i + PIECE] for i in range(0, len(value), PIECE)] or [b""]
+        if len(pieces) > MAX_PIECES:
+            raise amp.TooLong(False, True, name, None)
+        strings[name] = pieces[0]
+        for i, piece in enumerate(pieces[1:], 1):
+            strings[name + b".%d" % (i,)] = piece
+
+    def fromBox(self, name: bytes, strings: dict, objects: dict, proto: object) -> None:  # type: ignore[override]
+        if name not in strings and self.optional:
+            objects[amp._wireNameToPythonIdentifier(name)] = None  # type: ignore[attr-defined]
+            return
+        pieces = [strings.pop(name)]
+        while (key := name + b".%d" % (len(pieces),)) in strings:
+            if len(pieces) >= MAX_PIECES:
+                raise ValueError(f"{name!r} has more than {MAX_PIECES} pieces")
+            pieces.append(strings.pop(key))
+        objects[amp._wireNameToPythonIdentifier(name)] = b"".join(pieces)  # type: ignore[attr-defined]
+
+
+class JSONArgument(BigBytes):
+    def toBox(self, name: bytes, strings: dict, objects: dict, proto: object) -> None:  # type: ignore[override]
+        key = amp._wireNameToPythonIdentifier(name)  # type: ignore[attr-defined]
+        if objects.get(key) is not None:
+            objects[key] = json.dumps(objects[key], sort_keys=True).encode()
+        super().toBox(name, strings, objects, proto)
+
+    def fromBox(self, name: bytes, strings: dict, objects: dict, proto: object) -> None:  # type: ignore[override]
+        super().fromBox(name, strings, objects, proto)
+        key = amp._wireNameToPythonIdentifier(name)  # type: ignore[attr-defined]
+        if objects[key] is not None:
+            try:
+                objects[key] = json.loads(objects[key])
+            except ValueError as e:
+                raise BadRequest(f"{name.decode()} is not valid JSON: {e}") from None
+
+
+_ERRORS = {Refused: b"REFUSED", UnknownTransfer: b"UNKNOWN_TRANSFER"}
+
+
+class Forbidden(Exception):
+    """The peer's certificate does not carry the role this command needs."""
+
+
+class BadRequest(Exception):
+    """A request that cannot be carried out; the message says why."""
+
+
+class NoSuchJob(Exception):
+    """The job id names no job."""
+
+
+_OPERATOR_ERRORS = {Forbidden: b"FORBIDDEN", BadRequest: b"BAD_REQUEST", NoSuchJob: b"NO_SUCH_JOB"}
+
+
+class Register(amp.Command):
+    """
+    A receiver introduces itself to the sender it dialled.  On the daemon
+    the name must be the one in the node's certificate, and ``free`` maps
+    each allowed root to its free bytes.
+    """
+
+    arguments = [
+        (b"name", amp.Unicode()),
+        (b"tags", amp.ListOf(amp.Unicode(), optional=True)),
+        (b"free", JSONArgument(optional=True)),
+    ]
+    errors = {Forbidden: b"FORBIDDEN", Refused: b"REFUSED"}
+
+
+class Heartbeat(amp.Command):
+    """Either side checks that the other is alive; a node also refreshes its free space."""
+
+    arguments = [(b"free", JSONArgument(optional=True))]
+    requiresAnswer = True
+
+
+# Operator commands: only a certificate with the operator role may call them.
+
+
+class Submit(amp.Command):
+    arguments = [(b"spec", JSONArgument())]
+    response = [(b"job", amp.Integer())]
+    errors = _OPERATOR_ERRORS
+
+
+class ListJobs(amp.Command):
+    arguments = [(b"limit", amp.Integer())]
+    response = [(b"jobs", JSONArgument())]
+    errors = _OPERATOR_ERRORS
+
+
+class JobStatus(amp.Command):
+    arguments = [(b"job", amp.Integer()), (b"files", amp.Boolean())]
+    response = [(b"status", JSONArgument())]
+    errors = _OPERATOR_ERRORS
+
+
+class Cancel(amp.Command):
+    arguments = [(b"job", amp.Integer())]
+    response = [(b"state", amp.Unicode())]
+    errors = _OPERATOR_ERRORS
+
+
+class ListNodes(amp.Command):
+    response = [(b"nodes", JSONArgument())]
+    errors = _OPERATOR_ERRORS
+
+
+class Prepare(amp.Command):
+    arguments = [
+        (b"transfer_id", amp.String()),
+        (b"key", amp.String()),
+        (b"manifest", BigBytes()),
+        (b"group", amp.Unicode()),
+        (b"port", amp.Integer()),
+        (b"ttl", amp.Integer()),
+        (b"loopback", amp.Boolean()),
+        (b"destination", amp.Unicode()),
+        (b"preserve_owner", amp.Boolean()),
+    ]
+    #: ``needs`` is a `blockset.encode_map` of chunk numbers.
+    response = [(b"needs", BigBytes())]
+    errors = _ERRORS
+
+
+class Missing(amp.Command):
+    arguments = [(b"transfer_id", amp.String()), (b"abandoned", JSONArgument())]
+    #: ``missing`` is a bounded `blockset.encode_map` of block numbers.
+    response = [
+        (b"missing", amp.String()),
+        (b"complete", amp.Boolean()),
+        (b"done", amp.Boolean()),
+        (b"stats", JSONArgument()),
+    ]
+    errors = _ERRORS
+
+
+class Results(amp.Command):
+    arguments = [(b"transfer_id", amp.String())]
+    response = [(b"results", JSONArgument())]
+    errors = _ERRORS
+
+
+class AMPPeer:
+    """A `transfer.ReceiverPeer` at the far end of an AMP connection."""
+
+    def __init__(self, name: str, protocol: amp.AMP) -> None:
+        self.name = name
+        self.protocol = protocol
+
+    def prepare(self, offer: Offer) -> defer.Deferred:
+        d = self.protocol.callRemote(
+            Prepare,
+            transfer_id=offer.transfer_id,
+            key=offer.key,
+            manifest=offer.manifest.to_bytes(),
+            group=offer.channel.group,
+            port=offer.channel.port,
+            ttl=offer.channel.ttl,
+            loopback=offer.channel.loopback,
+            destination=offer.destination,
+            preserve_owner=offer.preserve_owner,
+        )
+        d.addCallback(lambda response: decode_map(response["needs"]))
+        return d
+
+    def missing(self, transfer_id: bytes, abandoned: Mapping[int, str]) -> defer.Deferred:
+        d = self.protocol.callRemote(
+            Missing, transfer_id=transfer_id, abandoned={str(k): v for k, v in abandoned.items()}
+        )
+        d.addCallback(lambda r: MissingReport(r["missing"], r["complete"], r["done"], dict(r["stats"])))
+        return d
+
+    def results(self, transfer_id: bytes) -> defer.Deferred:
+        d = self.protocol.callRemote(Results, transfer_id=transfer_id)
+        d.addCallback(lambda response: dict(response["results"]))
+        return d
+
+
+class ReceiverControl(amp.AMP):
+    """The receiving host's end: answers the sender's commands from an agent."""
+
+    def __init__(
+        self,
+        agent: ReceiverAgent,
+        name: str,
+        tags: Sequence[str] = (),
+        free: Callable[[], dict[str, int]] | None = None,
+    ) -> None:
+        super().__init__()
+        self.agent = agent
+        self.name = name
+        self.tags = list(tags)
+        self.free = free
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        d = self.callRemote(Register, name=self.name, tags=self.tags, free=self.free() if self.free else None)
+        d.addErrback(self._refused)
+
+    def _refused(self, failure: Failure) -> None:
+        log.error("the sender refused registration: {why}", why=failure.getErrorMessage())
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        """Receivers stop with their sender; their part files stay for a resume."""
+        super().connectionLost(reason)
+        self.agent.close()
+
+    @Prepare.responder
+    def prepare(self, **kw: Any) -> defer.Deferred:
+        try:
+            offer = Offer(
+                transfer_id=kw["transfer_id"],
+                key=kw["key"],
+                manifest=Manifest.from_bytes(kw["manifest"]),
+                channel=Channel(kw["group"], kw["port"], "", kw["ttl"], kw["loopback"]),
+                destination=kw["destination"],
+                preserve_owner=kw["preserve_owner"],
+            )
+            d = self.agent.prepare(offer)
+        except Exception as e:
+            d = defer.fail(e)
+
+        def refused(failure: Any) -> None:
+            log.error("refused transfer {tid}: {why}", tid=kw["transfer_id"].hex(), why=failure.value)
+            raise Refused(str(failure.value))
+
+        d.addCallbacks(lambda needs: {"needs": encode_map(needs, UNLIMITED)[0]}, refused)
+        return d
+
+    @Missing.responder
+    def missing(self, transfer_id: bytes, abandoned: dict[str, str]) -> dict[str, Any]:
+        report = self.agent.missing(transfer_id, {int(k): str(v) for k, v in abandoned.items()})
+        return {
+            "missing": report.missing,
+            "complete": report.complete,
+            "done": report.done,
+            "stats": report.stats,
+        }
+
+    @Results.responder
+    def results(self, transfer_id: bytes) -> dict[str, Any]:
+        return {"results": self.agent.results(transfer_id)}
+
+
+class SenderControl(amp.AMP):
+    """The sender's end of one receiver's connection."""
+
+    def __init__(self, on_register: Callable[[AMPPeer], None]) -> None:
+        super().__init__()
+        self.on_register = on_register
+        self.peer: AMPPeer | None = None
+
+    @Register.responder
+    def register(self, name: str, tags: list[str] | None, free: dict[str, int] | None) -> dict[str, Any]:
+        if self.peer is not None:
+            raise Refused("already registered")
+        self.peer = AMPPeer(name, self)
+        self.on_register(self.peer)
+        return {}

@@ -1,0 +1,126 @@
+"""
+The multicast datagram: the only thing mrsyncd puts on the bulk data path.
+
+Every datagram carries one block of one file of one transfer, and a keyed
+BLAKE2b tag over the header and payload.  The key is fresh for every transfer
+and travels only over the authenticated control channel, so a receiver can
+throw away anything forged, replayed from another transfer, or corrupted
+before a single byte of it reaches the disk.
+
+Layout (all integers big-endian), see docs/PROTOCOL.md::
+
+    0   2  magic  b"MR"
+    2   1  version (1)
+    3   1  kind    (1 = DATA)
+    4   8  transfer id
+    12  4  file index in the manifest
+    16  4  block index in the file
+    20 16  tag = BLAKE2b-128(key, bytes 0..20 + payload)
+    36  -  payload (one block; the last block of a file may be shorter)
+
+Decoding is pure and never raises for any input: a malformed datagram is a
+`Rejected` value with a reason, so the protocol can count it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import struct
+from dataclasses import dataclass
+from enum import StrEnum
+
+MAGIC = b"MR"
+VERSION = 1
+KIND_DATA = 1
+
+_PREFIX = struct.Struct(">2sBB8sII")
+TAG_SIZE = 16
+HEADER_SIZE = _PREFIX.size + TAG_SIZE
+KEY_SIZE = 32
+TRANSFER_ID_SIZE = 8
+
+#: Payload bytes per datagram that keep the whole IP packet inside a
+#: 1500-byte Ethernet MTU for both IPv4 (20+8 header bytes) and IPv6 (40+8):
+#: 1500 - 48 - HEADER_SIZE = 1416, less 8 bytes of headroom for a tunnel or
+#: VLAN tag.
+DEFAULT_BLOCK_SIZE = 1408
+#: The largest payload that fits one UDP datagram over IPv6 with a 9000-byte
+#: jumbo frame; larger values would be IP-fragmented.
+MAX_BLOCK_SIZE = 9000 - 48 - HEADER_SIZE
+
+
+class Reason(StrEnum):
+    """Why a datagram was dropped; the values name the receiver's counters."""
+
+    SHORT = "short"
+    MAGIC = "magic"
+    VERSION = "version"
+    KIND = "kind"
+    FOREIGN = "foreign"
+    TAG = "tag"
+    RANGE = "range"
+
+
+@dataclass(frozen=True)
+class DataBlock:
+    transfer_id: bytes
+    file_index: int
+    block_index: int
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class Rejected:
+    reason: Reason
+
+
+def _tag(key: bytes, prefix: bytes, payload: bytes) -> bytes:
+    mac = hashlib.blake2b(prefix, key=key, digest_size=TAG_SIZE)
+    mac.update(payload)
+    return mac.digest()
+
+
+def encode(key: bytes, transfer_id: bytes, file_index: int, block_index: int, payload: bytes) -> bytes:
+    """Build one tagged DATA datagram."""
+    prefix = _PREFIX.pack(MAGIC, VERSION, KIND_DATA, transfer_id, file_index, block_index)
+    return prefix + _tag(key, prefix, payload) + payload
+
+
+def peek_transfer_id(datagram: bytes) -> bytes | Rejected:
+    """
+    Read the transfer id without checking the tag, so that a socket shared by
+    several transfers can find the key to check it with.
+    """
+    if len(datagram) < HEADER_SIZE:
+        return Rejected(Reason.SHORT)
+    magic, version, kind, transfer_id, _, _ = _PREFIX.unpack_from(datagram)
+    if magic != MAGIC:
+        return Rejected(Reason.MAGIC)
+    if version != VERSION:
+        return Rejected(Reason.VERSION)
+    if kind != KIND_DATA:
+        return Rejected(Reason.KIND)
+    return bytes(transfer_id)
+
+
+def decode(key: bytes, transfer_id: bytes, datagram: bytes) -> DataBlock | Rejected:
+    """
+    Check a datagram against this transfer's id and key.
+
+    Only a datagram that carries a valid tag is returned as a `DataBlock`;
+    range checks against the manifest are the receiver's, since only it knows
+    the files.
+    """
+    seen = peek_transfer_id(datagram)
+    if isinstance(seen, Rejected):
+        return seen
+    if seen != transfer_id:
+        return Rejected(Reason.FOREIGN)
+    prefix = datagram[: _PREFIX.size]
+    tag = datagram[_PREFIX.size : HEADER_SIZE]
+    payload = datagram[HEADER_SIZE:]
+    if not hmac.compare_digest(tag, _tag(key, prefix, payload)):
+        return Rejected(Reason.TAG)
+    _, _, _, _, file_index, block_index = _PREFIX.unpack_from(datagram)
+    return DataBlock(transfer_id, file_index, block_index, bytes(payload))

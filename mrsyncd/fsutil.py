@@ -1,0 +1,79 @@
+"""
+Filesystem access beneath a destination that cannot be led astray by links.
+
+Every path of a manifest is resolved component by component from an open
+descriptor of the destination with ``O_NOFOLLOW``, so neither a symlink in the
+tree nor a directory swapped for a symlink while a job runs can make the
+receiver write outside its destination.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class UnsafePath(OSError):
+    """A path component beneath the destination is a symlink or not a directory."""
+
+
+def open_parent(root_fd: int, path: str, create: bool = True) -> tuple[int, str]:
+    """
+    Open the directory holding ``path`` (relative to ``root_fd``) and return
+    its descriptor, which the caller closes, and the last component.  Missing
+    directories are made (mode 0755) when ``create`` is true.
+    """
+    *parents, name = path.split("/")
+    fd = os.dup(root_fd)
+    try:
+        for part in parents:
+            try:
+                child = os.open(part, DIR_FLAGS, dir_fd=fd)
+            except FileNotFoundError:
+                if not create:
+                    raise
+                try:
+                    os.mkdir(part, 0o755, dir_fd=fd)
+                except FileExistsError:
+                    pass
+                child = os.open(part, DIR_FLAGS, dir_fd=fd)
+            except OSError as e:
+                if e.errno in (errno.ELOOP, errno.ENOTDIR):
+                    raise UnsafePath(e.errno, f"{part!r} in {path!r} is not a directory") from None
+                raise
+            os.close(fd)
+            fd = child
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, name
+
+
+def lstat_at(dir_fd: int, name: str) -> os.stat_result | None:
+    try:
+        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+
+
+def make_directory(root_fd: int, path: str) -> None:
+    """Make ``path`` a directory, replacing a file or symlink standing there."""
+    fd, name = open_parent(root_fd, path)
+    try:
+        st = lstat_at(fd, name)
+        if st is not None and not stat.S_ISDIR(st.st_mode):
+            os.unlink(name, dir_fd=fd)
+            st = None
+        if st is None:
+            os.mkdir(name, 0o700, dir_fd=fd)
+    finally:
+        os.close(fd)
+
+
+def open_destination(path: str) -> int:
+    """Open (making it if need be) the destination directory of a transfer."""
+    os.makedirs(path, exist_ok=True)
+    return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)

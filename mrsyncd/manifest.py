@@ -1,0 +1,323 @@
+"""
+The manifest: what a transfer carries, and the digests that prove it arrived.
+
+The sender scans its sources into a list of entries; an entry's position in
+the list is the file index that datagrams carry.  Regular files are cut into
+chunks of ``chunk_size`` bytes (a whole number of blocks), each with a
+BLAKE2b-256 digest, so a receiver verifies and commits a file from the
+manifest alone, without trusting any single datagram.
+
+A manifest arrives from the network, so `Manifest.from_bytes` checks every
+field, and above all every path: a path is relative, normalised, free of
+``..``, NUL and empty components, so that it can only name something beneath
+the destination.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import functools
+import hashlib
+import json
+import os
+import stat
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+
+from mrsyncd.datagram import DEFAULT_BLOCK_SIZE, MAX_BLOCK_SIZE
+
+DIGEST_SIZE = 32
+FILE, DIR, SYMLINK, HARDLINK = "file", "dir", "symlink", "hardlink"
+KINDS = (FILE, DIR, SYMLINK, HARDLINK)
+#: Linux's NAME_MAX and PATH_MAX.
+NAME_MAX = 255
+PATH_MAX = 4096
+FORMAT = 1
+
+
+class ManifestError(ValueError):
+    """A manifest or a path in it is not acceptable."""
+
+
+def default_chunk_size(block_size: int) -> int:
+    """About 1 MiB, a whole number of blocks."""
+    return max(1, (1 << 20) // block_size) * block_size
+
+
+def digest(data: bytes) -> bytes:
+    return hashlib.blake2b(data, digest_size=DIGEST_SIZE).digest()
+
+
+@dataclass
+class Entry:
+    path: str
+    kind: str
+    mode: int
+    mtime_ns: int
+    uid: int = 0
+    gid: int = 0
+    size: int = 0
+    #: A symlink's target, verbatim; for a hardlink, the path of the file
+    #: entry it is a link to.
+    target: str = ""
+    #: Concatenated chunk digests of a regular file.
+    digests: bytes = field(default=b"", repr=False)
+
+    def chunk_digest(self, chunk: int) -> bytes:
+        return self.digests[chunk * DIGEST_SIZE : (chunk + 1) * DIGEST_SIZE]
+
+
+@dataclass
+class Manifest:
+    entries: list[Entry]
+    block_size: int = DEFAULT_BLOCK_SIZE
+    chunk_size: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.chunk_size:
+            self.chunk_size = default_chunk_size(self.block_size)
+
+    @property
+    def chunk_blocks(self) -> int:
+        return self.chunk_size // self.block_size
+
+    def chunks(self, entry: Entry) -> int:
+        return -(-entry.size // self.chunk_size)
+
+    def blocks(self, entry: Entry) -> int:
+        return -(-entry.size // self.block_size)
+
+    def block_length(self, entry: Entry, block: int) -> int:
+        return min(self.block_size, entry.size - block * self.block_size)
+
+    def chunk_span(self, entry: Entry, chunk: int) -> tuple[int, int]:
+        """Offset and length of one chunk of a file."""
+        offset = chunk * self.chunk_size
+        return offset, min(self.chunk_size, entry.size - offset)
+
+    def files(self) -> Iterator[tuple[int, Entry]]:
+        for index, entry in enumerate(self.entries):
+            if entry.kind == FILE:
+                yield index, entry
+
+    def total_bytes(self) -> int:
+        return sum(e.size for _, e in self.files())
+
+    def to_bytes(self) -> bytes:
+        entries = []
+        for entry in self.entries:
+            record = asdict(entry)
+            record["digests"] = entry.digests.hex()
+            entries.append(record)
+        doc = {
+            "format": FORMAT,
+            "block_size": self.block_size,
+            "chunk_size": self.chunk_size,
+            "entries": entries,
+        }
+        return json.dumps(doc, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Manifest:
+        """Parse and check a manifest from the network."""
+        try:
+            doc = json.loads(data)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ManifestError(f"manifest is not valid JSON: {e}") from None
+        if not isinstance(doc, dict) or type(doc.get("format")) is not int or doc["format"] != FORMAT:
+            raise ManifestError("unknown manifest format")
+        block_size = _integer(doc.get("block_size"), "block_size", 1, MAX_BLOCK_SIZE)
+        chunk_size = _integer(doc.get("chunk_size"), "chunk_size", block_size, 1 << 30)
+        if chunk_size % block_size:
+            raise ManifestError("chunk_size is not a multiple of block_size")
+        raw_entries = doc.get("entries")
+        if not isinstance(raw_entries, list):
+            raise ManifestError("entries is not a list")
+        manifest = cls([], block_size, chunk_size)
+        seen: dict[str, str] = {}
+        for raw in raw_entries:
+            entry = _entry(raw)
+            if entry.path in seen:
+                raise ManifestError(f"duplicate path {entry.path!r}")
+            if entry.kind == FILE:
+                expected = manifest.chunks(entry) * DIGEST_SIZE
+                if len(entry.digests) != expected:
+                    raise ManifestError(f"{entry.path!r}: wrong number of digests")
+            elif entry.digests or entry.size:
+                raise ManifestError(f"{entry.path!r}: only files have a size")
+            if entry.kind == HARDLINK:
+                check_path(entry.target)
+                if seen.get(entry.target) != FILE:
+                    raise ManifestError(
+                        f"{entry.path!r}: hardlink target {entry.target!r} is not an earlier file"
+                    )
+            if entry.kind == SYMLINK and (not entry.target or "\0" in entry.target):
+                raise ManifestError(f"{entry.path!r}: bad symlink target")
+            seen[entry.path] = entry.kind
+            manifest.entries.append(entry)
+        return manifest
+
+
+def _integer(value: object, name: str, low: int, high: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise ManifestError(f"{name} must be an integer from {low} to {high}")
+    return value
+
+
+def _entry(raw: object) -> Entry:
+    if not isinstance(raw, dict):
+        raise ManifestError("entry is not an object")
+    path = raw.get("path")
+    if not isinstance(path, str):
+        raise ManifestError("entry path is not a string")
+    check_path(path)
+    kind = raw.get("kind")
+    if kind not in KINDS:
+        raise ManifestError(f"{path!r}: unknown kind {kind!r}")
+    target = raw.get("target", "")
+    digests = raw.get("digests", "")
+    if not isinstance(target, str) or not isinstance(digests, str):
+        raise ManifestError(f"{path!r}: bad target or digests")
+    try:
+        digest_bytes = bytes.fromhex(digests)
+    except ValueError:
+        raise ManifestError(f"{path!r}: digests are not hex") from None
+    return Entry(
+        path=path,
+        kind=kind,
+        mode=_integer(raw.get("mode"), "mode", 0, 0o7777),
+        mtime_ns=_integer(raw.get("mtime_ns"), "mtime_ns", -(1 << 63), (1 << 63) - 1),
+        uid=_integer(raw.get("uid", 0), "uid", 0, (1 << 32) - 1),
+        gid=_integer(raw.get("gid", 0), "gid", 0, (1 << 32) - 1),
+        size=_integer(raw.get("size", 0), "size", 0, (1 << 63) - 1),
+        target=target,
+        digests=digest_bytes,
+    )
+
+
+def check_path(path: str) -> None:
+    """
+    Refuse any path that could name something outside the destination or
+    that the filesystem cannot hold.  The accepted form is the normal one:
+    relative, ``/``-separated, no empty, ``.`` or ``..`` components.
+    """
+    if not path:
+        raise ManifestError("empty path")
+    if "\0" in path:
+        raise ManifestError(f"path {path!r} contains NUL")
+    if path.startswith("/"):
+        raise ManifestError(f"path {path!r} is absolute")
+    try:
+        # surrogateescape: names that are not UTF-8 arrive as os.fsdecode
+        # makes them; any other lone surrogate cannot name a file.
+        encoded = path.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        raise ManifestError(f"path {path!r} is not a file name") from None
+    if len(encoded) >= PATH_MAX:
+        raise ManifestError(f"path {path[:40]!r}... is longer than PATH_MAX")
+    for part in path.split("/"):
+        if part in ("", ".", ".."):
+            raise ManifestError(f"path {path!r} is not normalised or leaves the destination")
+        if len(part.encode("utf-8", "surrogateescape")) > NAME_MAX:
+            raise ManifestError(f"path {path!r} has a name longer than {NAME_MAX} bytes")
+
+
+# Scanning (blocking: call it in a thread).
+
+
+def scan(
+    sources: Sequence[str],
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    chunk_size: int = 0,
+    excludes: Sequence[str] = (),
+) -> tuple[Manifest, dict[int, str]]:
+    """
+    Scan sources as rsync names them: ``dir`` arrives as ``DEST/dir``, and
+    ``dir/`` (trailing slash) puts the contents of ``dir`` in ``DEST``.
+    An exclude pattern (fnmatch) without a ``/`` matches a name at any
+    depth; one with a ``/`` matches the path beneath the destination.
+    An excluded directory is not descended into.
+
+    Returns the manifest and the local path of each regular file by index.
+    Blocking: it reads and digests every file, so callers on the reactor run
+    it with ``deferToThread``.
+    """
+    manifest = Manifest([], block_size, chunk_size)
+    local_paths: dict[int, str] = {}
+    first_path_of_inode: dict[tuple[int, int], str] = {}
+    seen: set[str] = set()
+    for source in sources:
+        contents_only = source.endswith("/") or source == "." or source.endswith("/.")
+        base = os.path.abspath(source)
+        st = os.lstat(base)
+        prefix = "" if contents_only and stat.S_ISDIR(st.st_mode) else os.path.basename(base)
+        for path, rel in _walk(base, prefix, excludes):
+            if rel in seen:
+                raise ManifestError(f"two sources both give {rel!r}")
+            seen.add(rel)
+            entry = _scan_one(manifest, path, rel, first_path_of_inode)
+            if entry.kind == FILE:
+                local_paths[len(manifest.entries)] = path
+            manifest.entries.append(entry)
+    return manifest, local_paths
+
+
+def _raise(error: OSError) -> None:
+    raise error
+
+
+def excluded(rel: str, excludes: Sequence[str]) -> bool:
+    name = rel.rsplit("/", 1)[-1]
+    return any(fnmatch.fnmatchcase(rel if "/" in p else name, p.strip("/")) for p in excludes)
+
+
+def _relative(prefix: str, rel_dir: str, name: str) -> str:
+    rel = name if rel_dir == "." else f"{rel_dir}/{name}"
+    return f"{prefix}/{rel}" if prefix else rel
+
+
+def _walk(base: str, prefix: str, excludes: Sequence[str]) -> Iterator[tuple[str, str]]:
+    if prefix:
+        if excluded(prefix, excludes):
+            return
+        yield base, prefix
+    if os.path.isdir(base) and not os.path.islink(base):
+        for dirpath, dirnames, filenames in os.walk(base, onerror=_raise):
+            rel_dir = os.path.relpath(dirpath, base)
+            full = functools.partial(_relative, prefix, rel_dir)
+
+            dirnames[:] = sorted(d for d in dirnames if not excluded(full(d), excludes))
+            for name in sorted(dirnames + [f for f in filenames if not excluded(full(f), excludes)]):
+                yield os.path.join(dirpath, name), full(name)
+
+
+def _scan_one(
+    manifest: Manifest, path: str, rel: str, first_path_of_inode: dict[tuple[int, int], str]
+) -> Entry:
+    check_path(rel)
+    st = os.lstat(path)
+    entry = Entry(rel, FILE, stat.S_IMODE(st.st_mode), st.st_mtime_ns, st.st_uid, st.st_gid)
+    if stat.S_ISDIR(st.st_mode):
+        entry.kind = DIR
+    elif stat.S_ISLNK(st.st_mode):
+        entry.kind, entry.target = SYMLINK, os.readlink(path)
+    elif not stat.S_ISREG(st.st_mode):
+        raise ManifestError(f"{path}: not a regular file, directory or symlink")
+    elif st.st_nlink > 1 and (st.st_dev, st.st_ino) in first_path_of_inode:
+        entry.kind, entry.target = HARDLINK, first_path_of_inode[st.st_dev, st.st_ino]
+    else:
+        if st.st_nlink > 1:
+            first_path_of_inode[st.st_dev, st.st_ino] = rel
+        entry.size = st.st_size
+        entry.digests = b"".join(file_digests(path, manifest.chunk_size, st.st_size))
+    return entry
+
+
+def file_digests(path: str, chunk_size: int, size: int) -> Iterator[bytes]:
+    """Digest a file chunk by chunk; memory stays at one chunk."""
+    with open(path, "rb", buffering=0) as f:
+        for offset in range(0, size, chunk_size):
+            data = os.pread(f.fileno(), min(chunk_size, size - offset), offset)
+            if len(data) != min(chunk_size, size - offset):
+                raise ManifestError(f"{path}: file shrank while it was scanned")
+            yield digest(data)

@@ -1,0 +1,482 @@
+"""
+The master: the live fleet of nodes, the job queue, and the TLS control
+listener that nodes and operators dial.
+
+Every connection is TLS with a client certificate from the cluster CA; the
+role in that certificate decides what the connection may do, checked on
+every command: a node may only register and answer, an operator may only
+submit, list, follow and cancel.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from ipaddress import ip_address
+from typing import Any
+
+from twisted.application import service
+from twisted.internet import defer, threads
+from twisted.internet.interfaces import IHandshakeListener
+from twisted.internet.protocol import Factory, connectionDone
+from twisted.logger import Logger
+from twisted.protocols import amp
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from mrsyncd import store, tls
+from mrsyncd.config import MasterConfig
+from mrsyncd.control import (
+    AMPPeer,
+    BadRequest,
+    Cancel,
+    Forbidden,
+    Heartbeat,
+    JobStatus,
+    ListJobs,
+    ListNodes,
+    NoSuchJob,
+    Refused,
+    Register,
+    Submit,
+)
+from mrsyncd.datagram import KEY_SIZE, TRANSFER_ID_SIZE
+from mrsyncd.manifest import scan
+from mrsyncd.multicast import Channel
+from mrsyncd.transfer import Offer, Transfer
+
+log = Logger()
+
+
+class NotConnected(Exception):
+    """The node is not connected to this master now."""
+
+
+@dataclass
+class NodeState:
+    name: str
+    tags: tuple[str, ...] = ()
+    free: dict[str, int] = field(default_factory=dict)
+    connection: MasterControl | None = None
+    last_contact: float = 0.0
+    address: str = ""
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "state": "connected" if self.connection is not None else "disconnected",
+            "tags": list(self.tags),
+            "free": self.free,
+            "last_contact": self.last_contact,
+            "address": self.address,
+        }
+
+
+class Fleet:
+    """The nodes that have registered, connected or not."""
+
+    def __init__(self, clock: Any) -> None:
+        self.clock = clock
+        self.nodes: dict[str, NodeState] = {}
+
+    def attach(
+        self, name: str, connection: MasterControl, tags: tuple[str, ...], free: dict[str, int]
+    ) -> None:
+        node = self.nodes.setdefault(name, NodeState(name))
+        if node.connection is not None and node.connection is not connection:
+            log.info("{node} connected again: dropping its old connection", node=name)
+            node.connection.transport.loseConnection()  # type: ignore[union-attr]
+        node.connection, node.tags, node.free = connection, tags, free
+        node.last_contact = self.clock.seconds()
+        peer = connection.transport.getPeer()  # type: ignore[union-attr]
+        node.address = getattr(peer, "host", "")
+        log.info(
+            "node {node} registered from {address} (tags {tags})", node=name, address=node.address, tags=tags
+        )
+
+    def detach(self, name: str, connection: MasterControl) -> None:
+        node = self.nodes.get(name)
+        if node is not None and node.connection is connection:
+            node.connection = None
+            log.info("node {node} disconnected", node=name)
+
+    def touch(self, name: str, free: dict[str, int] | None) -> None:
+        node = self.nodes[name]
+        node.last_contact = self.clock.seconds()
+        if free is not None:
+            node.free = free
+
+    def connection(self, name: str) -> MasterControl:
+        node = self.nodes.get(name)
+        if node is None or node.connection is None:
+            raise NotConnected(f"{name} is not connected")
+        return node.connection
+
+    def resolve(self, targets: str) -> list[str]:
+        """``all``, ``@tag`` or ``name,name``: the nodes a job is for."""
+        if targets == "all":
+            names = [n.name for n in self.nodes.values() if n.connection is not None]
+        elif targets.startswith("@"):
+            tag = targets[1:]
+            names = [n.name for n in self.nodes.values() if tag in n.tags]
+        else:
+            names = [t for t in (t.strip() for t in targets.split(",")) if t]
+            unknown = [n for n in names if n not in self.nodes]
+            if unknown:
+                raise BadRequest(f"unknown nodes: {', '.join(unknown)}")
+        if not names:
+            raise BadRequest(f"no nodes match {targets!r}")
+        return sorted(set(names))
+
+
+class FleetPeer:
+    """A `transfer.ReceiverPeer` that reaches a node through its current connection."""
+
+    def __init__(self, name: str, fleet: Fleet) -> None:
+        self.name = name
+        self.fleet = fleet
+
+    def _peer(self) -> AMPPeer:
+        return AMPPeer(self.name, self.fleet.connection(self.name))
+
+    def prepare(self, offer: Offer) -> defer.Deferred:
+        return defer.maybeDeferred(lambda: self._peer().prepare(offer))
+
+    def missing(self, transfer_id: bytes, abandoned: Mapping[int, str]) -> defer.Deferred:
+        return defer.maybeDeferred(lambda: self._peer().missing(transfer_id, abandoned))
+
+    def results(self, transfer_id: bytes) -> defer.Deferred:
+        return defer.maybeDeferred(lambda: self._peer().results(transfer_id))
+
+
+SPEC_DEFAULTS: dict[str, Any] = {
+    "targets": "all",
+    "excludes": [],
+    "rate": None,
+    "preserve_owner": False,
+}
+
+
+def check_spec(spec: Any) -> dict[str, Any]:
+    """A job request from an operator, checked before it is stored."""
+    if not isinstance(spec, dict):
+        raise BadRequest("a job spec is an object")
+    unknown = set(spec) - set(SPEC_DEFAULTS) - {"sources", "destination"}
+    if unknown:
+        raise BadRequest(f"unknown job options: {', '.join(sorted(unknown))}")
+    checked: dict[str, Any] = {**SPEC_DEFAULTS, **spec}
+    sources = checked.get("sources")
+    if not isinstance(sources, list) or not sources:
+        raise BadRequest("sources must be a list of absolute paths on the master")
+    if not all(isinstance(s, str) and s.startswith("/") and "\0" not in s for s in sources):
+        raise BadRequest("sources must be absolute paths on the master")
+    destination = checked.get("destination")
+    if not isinstance(destination, str) or not destination.startswith("/") or "\0" in destination:
+        raise BadRequest("destination must be an absolute path")
+    if not isinstance(checked["targets"], str) or not checked["targets"]:
+        raise BadRequest("targets must be all, @tag or a list of node names")
+    excludes = checked["excludes"]
+    if not isinstance(excludes, list) or not all(isinstance(x, str) for x in excludes):
+        raise BadRequest("excludes must be a list of patterns")
+    rate = checked["rate"]
+    if rate is not None and (isinstance(rate, bool) or not isinstance(rate, int | float) or not rate > 0):
+        raise BadRequest("rate must be a positive number of bits per second")
+    if not isinstance(checked["preserve_owner"], bool):
+        raise BadRequest("preserve_owner must be true or false")
+    return checked
+
+
+class JobRunner:
+    """Runs queued jobs, at most ``max_jobs`` at once, each on its own group and port."""
+
+    def __init__(self, reactor: Any, config: MasterConfig, jobs: store.JobStore, fleet: Fleet) -> None:
+        self.reactor = reactor
+        self.config = config
+        self.jobs = jobs
+        self.fleet = fleet
+        self.running: dict[int, Transfer | None] = {}
+        self._slots: dict[int, int] = {}
+        self._stopping = False
+
+    def submit(self, spec: dict[str, Any], operator: str) -> int:
+        job_id = self.jobs.add(check_spec(spec), operator)
+        log.info("job {job} submitted by {operator}: {spec}", job=job_id, operator=operator, spec=spec)
+        self.reactor.callLater(0, self.kick)
+        return job_id
+
+    def kick(self) -> None:
+        if self._stopping:
+            return
+        for job in self.jobs.unfinished():
+            if len(self.running) >= self.config.max_jobs:
+                return
+            if job.id not in self.running:
+                self.running[job.id] = None
+                self._run(job).addErrback(self._crashed, job.id)
+
+    def _crashed(self, failure: Failure, job_id: int) -> None:
+        log.failure("job {job} crashed", failure, job=job_id)
+        self.jobs.finish(job_id, store.FAILED, f"internal error: {failure.getErrorMessage()}")
+        self._release(job_id)
+
+    def _release(self, job_id: int) -> None:
+        self.running.pop(job_id, None)
+        self._slots.pop(job_id, None)
+        self.reactor.callLater(0, self.kick)
+
+    def _slot(self, job: store.Job) -> int:
+        taken = set(self._slots.values())
+        if job.slot is not None and job.slot not in taken:
+            slot = job.slot
+        else:
+            slot = min(s for s in range(self.config.max_jobs) if s not in taken)
+        self._slots[job.id] = slot
+        return slot
+
+    def channel(self, slot: int) -> Channel:
+        group = str(ip_address(self.config.group) + slot)
+        return Channel(
+            group, self.config.port_base + slot, self.config.interface, self.config.ttl, self.config.loopback
+        )
+
+    @defer.inlineCallbacks
+    def _run(self, job: store.Job) -> Any:
+        spec = job.spec
+        try:
+            names = self.fleet.resolve(spec["targets"])
+        except BadRequest as e:
+            self.jobs.finish(job.id, store.FAILED, str(e))
+            self._release(job.id)
+            return
+        transfer_id = job.transfer_id or os.urandom(TRANSFER_ID_SIZE)
+        key = job.key or os.urandom(KEY_SIZE)
+        slot = self._slot(job)
+        self.jobs.start(job.id, transfer_id, key, slot)
+        resumed = " (resumed)" if job.transfer_id else ""
+        log.info(
+            "job {job} started{resumed} for {nodes}", job=job.id, resumed=resumed, nodes=", ".join(names)
+        )
+        try:
+            manifest, local_paths = yield threads.deferToThreadPool(
+                self.reactor,
+                self.reactor.getThreadPool(),
+                scan,
+                spec["sources"],
+                self.config.block_size,
+                0,
+                spec["excludes"],
+            )
+        except Exception as e:
+            self.jobs.finish(job.id, store.FAILED, f"cannot read the sources: {e}")
+            log.error("job {job} failed: cannot read the sources: {e}", job=job.id, e=e)
+            self._release(job.id)
+            return
+        offer = Offer(
+            transfer_id, key, manifest, self.channel(slot), spec["destination"], spec["preserve_owner"]
+        )
+        rate = min(self.config.rate, spec["rate"] or self.config.rate)
+        transfer = Transfer(
+            self.reactor,
+            offer,
+            local_paths,
+            [FleetPeer(name, self.fleet) for name in names],
+            rate_bps=rate,
+            grace=self.config.grace,
+        )
+        self.running[job.id] = transfer
+        for name in names:
+            self.jobs.set_node(job.id, name, store.RUNNING)
+        report = yield transfer.run()
+        if self._stopping:
+            return  # the master is going down: the job resumes when it comes back
+        for name, peer in report.peers.items():
+            self.jobs.set_node(job.id, name, store.DONE if peer.ok else store.FAILED, peer.reason)
+            self.jobs.set_files(job.id, name, peer.results)
+            level = log.info if peer.ok else log.error
+            level(
+                "job {job} on {node}: {result}",
+                job=job.id,
+                node=name,
+                result="done" if peer.ok else peer.reason,
+            )
+        self.jobs.progress(job.id, manifest.total_bytes(), report.sender_stats.get("payload", 0))
+        if transfer.cancelled:
+            state, message = store.CANCELLED, "cancelled by an operator"
+        elif report.ok:
+            state, message = store.DONE, ""
+        else:
+            failed = sorted(name for name, peer in report.peers.items() if not peer.ok)
+            state, message = (
+                store.FAILED,
+                f"failed on {len(failed)} of {len(names)} nodes: {', '.join(failed)}",
+            )
+        self.jobs.finish(job.id, state, message)
+        log.info(
+            "job {job} {state} in {seconds:.1f} s {message}",
+            job=job.id,
+            state=state,
+            seconds=report.seconds,
+            message=message,
+        )
+        self._release(job.id)
+
+    def status(self, job_id: int, files: bool) -> dict[str, Any]:
+        job = self.jobs.get(job_id)
+        if job is None:
+            raise NoSuchJob(f"no job {job_id}")
+        summary = job.summary()
+        transfer = self.running.get(job_id)
+        if transfer is not None:
+            summary["progress"] = transfer.progress()
+        if files:
+            summary["files"] = self.jobs.files(job_id)
+        return summary
+
+    def cancel(self, job_id: int) -> str:
+        job = self.jobs.get(job_id)
+        if job is None:
+            raise NoSuchJob(f"no job {job_id}")
+        if job.state in store.FINISHED:
+            return job.state
+        transfer = self.running.get(job_id)
+        if transfer is not None:
+            transfer.cancel()
+            return "cancelling"
+        self.jobs.finish(job_id, store.CANCELLED, "cancelled before it started")
+        self.running.pop(job_id, None)
+        return store.CANCELLED
+
+    def stop(self) -> None:
+        """Stop sending; running jobs stay 'running' in the store and resume on restart."""
+        self._stopping = True
+        for transfer in self.running.values():
+            if transfer is not None:
+                transfer.cancel()
+
+
+@implementer(IHandshakeListener)
+class MasterControl(amp.AMP):
+    """One TLS connection to the master, from a node or an operator."""
+
+    def __init__(self, master: MasterService) -> None:
+        super().__init__()
+        self.master = master
+        self.identity: tuple[str, str] | None = None
+        self.node_name: str | None = None
+
+    def handshakeCompleted(self) -> None:
+        try:
+            self.identity = tls.peer_identity(self.transport)
+        except Exception as e:
+            log.warn("refusing a connection from {peer}: {e}", peer=self.transport.getPeer(), e=e)  # type: ignore[union-attr]
+            self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def _require(self, role: str) -> str:
+        if self.identity is None or self.identity[1] != role:
+            got = "no certificate" if self.identity is None else f"a {self.identity[1]} certificate"
+            log.warn("refused a {role} command from {got}", role=role, got=got)
+            raise Forbidden(
+                f"this needs an {role} certificate; the connection has {got}"
+                if role == "operator"
+                else f"this needs a {role} certificate; the connection has {got}"
+            )
+        return self.identity[0]
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        super().connectionLost(reason)
+        if self.node_name is not None:
+            self.master.fleet.detach(self.node_name, self)
+
+    @Register.responder
+    def register(self, name: str, tags: list[str] | None, free: dict[str, int] | None) -> dict[str, Any]:
+        certified = self._require("node")
+        if name != certified:
+            raise Refused(f"this certificate is for {certified!r}, not {name!r}")
+        self.node_name = name
+        self.master.fleet.attach(name, self, tuple(tags or ()), dict(free or {}))
+        self.master.runner.kick()
+        return {}
+
+    @Heartbeat.responder
+    def heartbeat(self, free: dict[str, int] | None) -> dict[str, Any]:
+        if self.node_name is not None:
+            self.master.fleet.touch(self.node_name, free)
+        return {}
+
+    @Submit.responder
+    def submit(self, spec: Any) -> dict[str, Any]:
+        operator = self._require("operator")
+        return {"job": self.master.runner.submit(spec, operator)}
+
+    @ListJobs.responder
+    def list_jobs(self, limit: int) -> dict[str, Any]:
+        self._require("operator")
+        return {"jobs": [job.summary() for job in self.master.jobs.jobs(min(max(limit, 1), 1000))]}
+
+    @JobStatus.responder
+    def job_status(self, job: int, files: bool) -> dict[str, Any]:
+        self._require("operator")
+        return {"status": self.master.runner.status(job, files)}
+
+    @Cancel.responder
+    def cancel(self, job: int) -> dict[str, Any]:
+        operator = self._require("operator")
+        log.info("job {job} cancelled by {operator}", job=job, operator=operator)
+        return {"state": self.master.runner.cancel(job)}
+
+    @ListNodes.responder
+    def list_nodes(self) -> dict[str, Any]:
+        self._require("operator")
+        return {
+            "nodes": [
+                node.summary() for node in sorted(self.master.fleet.nodes.values(), key=lambda n: n.name)
+            ]
+        }
+
+
+class MasterService(service.Service):
+    """Listens for nodes and operators and runs jobs from the store."""
+
+    def __init__(
+        self,
+        reactor: Any,
+        config: MasterConfig,
+        endpoint_factory: Callable[[], Any],
+    ) -> None:
+        self.reactor = reactor
+        self.config = config
+        self.endpoint_factory = endpoint_factory
+        self.fleet = Fleet(reactor)
+        self.jobs = store.JobStore(os.path.join(config.state_dir, "jobs.sqlite"))
+        self.runner = JobRunner(reactor, config, self.jobs, self.fleet)
+        self._port: Any = None
+
+    def startService(self) -> None:
+        super().startService()
+
+        factory = Factory.forProtocol(lambda: MasterControl(self))
+        factory.noisy = False
+        d = self.endpoint_factory().listen(factory)
+
+        def listening(port: Any) -> None:
+            self._port = port
+            log.info("master listening on {address}", address=port.getHost())
+            unfinished = self.jobs.unfinished()
+            if unfinished:
+                log.info("resuming {n} unfinished jobs once their nodes register", n=len(unfinished))
+
+        d.addCallback(listening)
+        d.addErrback(self._cannot_listen)
+
+    def _cannot_listen(self, failure: Failure) -> None:
+        log.critical("master cannot listen: {why}", why=failure.getErrorMessage())
+        self.reactor.stop()
+
+    def stopService(self) -> defer.Deferred | None:  # type: ignore[override]
+        super().stopService()
+        self.runner.stop()
+        self.jobs.close()
+        if self._port is not None:
+            return defer.maybeDeferred(self._port.stopListening)
+        return None

@@ -1,0 +1,102 @@
+"""
+The node: an always-on receiver that keeps one TLS AMP connection to its
+master.
+
+`ClientService` redials with backoff whenever the connection drops, so a
+master restart or a network blip needs no operator.  On every connection the
+node registers under the name in its own certificate, with its tags and the
+free space under its allowed roots; a heartbeat keeps the free space fresh
+and notices a master that stopped answering.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from twisted.application import internet, service
+from twisted.internet import defer, endpoints, task
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+
+from mrsyncd import certs, tls
+from mrsyncd.agent import ReceiverAgent
+from mrsyncd.config import NodeConfig, TLSConfig, split_address
+from mrsyncd.control import Heartbeat, ReceiverControl
+
+log = Logger()
+
+HEARTBEAT = 10.0
+
+
+def free_space(roots: tuple[str, ...]) -> dict[str, int]:
+    free = {}
+    for root in roots:
+        try:
+            st = os.statvfs(root)
+        except OSError:
+            continue
+        free[root] = st.f_bavail * st.f_frsize
+    return free
+
+
+class NodeService(service.MultiService):
+    def __init__(self, reactor: Any, config: NodeConfig, tls_config: TLSConfig) -> None:
+        super().__init__()
+        self.reactor = reactor
+        self.config = config
+        certificate = config.certificate or tls_config.certificate
+        key = config.key or tls_config.key
+        self.name: str = certs.name_of(certs.load_certificate(certificate))
+        host, port = split_address(config.master)
+        options = tls.client_options(tls_config.ca, certificate, key, config.master_name or host)
+        endpoint = endpoints.wrapClientTLS(options, endpoints.HostnameEndpoint(reactor, host, port))
+        self.agent = ReceiverAgent(
+            reactor, interface=config.interface, roots=config.roots, rcvbuf=config.rcvbuf
+        )
+        factory = Factory.forProtocol(self._protocol)
+        factory.noisy = False
+        self.client = internet.ClientService(
+            endpoint,
+            factory,
+            retryPolicy=internet.backoffPolicy(initialDelay=0.5, maxDelay=30.0),
+            clock=reactor,
+        )
+        self.client.setServiceParent(self)
+        self.heartbeat = task.LoopingCall(self._beat)
+        self.heartbeat.clock = reactor
+
+    def _protocol(self) -> ReceiverControl:
+        log.info("node {name} connected to its master {master}", name=self.name, master=self.config.master)
+        return ReceiverControl(self.agent, self.name, self.config.tags, lambda: free_space(self.config.roots))
+
+    def startService(self) -> None:
+        super().startService()
+        self.heartbeat.start(HEARTBEAT, now=False)
+
+    def stopService(self) -> defer.Deferred:
+        if self.heartbeat.running:
+            self.heartbeat.stop()
+        self.agent.close()
+        return super().stopService()
+
+    def _beat(self) -> defer.Deferred:
+        """A master that does not answer a heartbeat in time is dialled again."""
+        d = self.client.whenConnected(failAfterFailures=1)
+
+        def beat(protocol: Any) -> defer.Deferred:
+            call = protocol.callRemote(Heartbeat, free=free_space(self.config.roots))
+            call.addTimeout(HEARTBEAT * 2, self.reactor)
+
+            def lost(failure: Any) -> None:
+                log.warn(
+                    "master did not answer a heartbeat ({why}): reconnecting", why=failure.getErrorMessage()
+                )
+                if protocol.transport is not None:
+                    protocol.transport.abortConnection()  # type: ignore[attr-defined]
+
+            return call.addErrback(lost)
+
+        d.addCallback(beat)
+        d.addErrback(lambda failure: None)  # not connected now: ClientService is redialling
+        return d

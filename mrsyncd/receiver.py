@@ -1,0 +1,660 @@
+"""
+The receiving side of one transfer: datagrams in, verified files out.
+
+A block is written with ``pwrite`` into a part file beside its destination
+(``.mrsync-<transfer>-<index>.part``) only after its datagram's tag checks
+out.  When every block of a chunk has arrived the chunk is read back and
+digested in a thread; a chunk that does not match its manifest digest is
+forgotten and asked for again.  When every chunk of a file is verified the
+part file is fsynced, given its owner, mode and mtime, and renamed over the
+final path, so a reader sees either the old file or the whole new one.
+
+Memory is one bit per block and a few bytes per chunk of the files in
+flight, whatever their size; file data only passes through.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from array import array
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.internet import defer, threads
+from twisted.internet.interfaces import IListeningPort
+from twisted.internet.protocol import DatagramProtocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from mrsyncd import datagram, fsutil
+from mrsyncd.blockset import RangeSet, encode_map
+from mrsyncd.manifest import DIR, FILE, HARDLINK, SYMLINK, Entry, Manifest, digest
+from mrsyncd.multicast import DEFAULT_RCVBUF, Channel, adopt, receiver_socket
+
+log = Logger()
+
+NEEDED, VERIFYING, DONE = 0, 1, 2
+OK = "ok"
+#: Part files held open at once; more are reopened on demand.
+OPEN_FILES = 32
+#: Chunks read back and digested at once (each holds one chunk in memory).
+VERIFY_CONCURRENCY = 4
+#: A missing report holds at most this many ranges, about 50 KB encoded.
+REPORT_RANGES = 12000
+
+
+def part_name(transfer_id: bytes, index: int) -> str:
+    """Short, so that it fits whatever the final name's length is."""
+    return f".mrsync-{transfer_id.hex()}-{index}.part"
+
+
+@dataclass
+class MissingReport:
+    """What a receiver still lacks, as `blockset.encode_map` bytes."""
+
+    missing: bytes
+    #: False when the report was cut short to keep it bounded.
+    complete: bool
+    #: True once every file is committed or failed and links are made.
+    done: bool
+    stats: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class _IncomingFile:
+    index: int
+    entry: Entry
+    part: str
+    chunk_blocks: int
+    nblocks: int
+    status: bytearray
+    counts: array  # type: ignore[type-arg]
+    bits: bytearray = field(default_factory=bytearray)
+    remaining: int = 0
+    result: str | None = None
+    unchanged: bool = False
+
+    def blocks_in_chunk(self, chunk: int) -> int:
+        return min(self.chunk_blocks, self.nblocks - chunk * self.chunk_blocks)
+
+
+class Receiver(DatagramProtocol):
+    """One transfer into one destination directory on this host."""
+
+    noisy = False
+
+    def __init__(
+        self,
+        reactor: Any,
+        destination: str,
+        channel: Channel,
+        *,
+        preserve_owner: bool = False,
+        rcvbuf: int = DEFAULT_RCVBUF,
+        on_done: Callable[[Receiver], None] | None = None,
+    ) -> None:
+        self.reactor = reactor
+        self.destination = destination
+        self.channel = channel
+        self.preserve_owner = preserve_owner
+        self.rcvbuf = rcvbuf
+        self.on_done = on_done
+        self.stats: Counter[str] = Counter()
+        self.results: dict[str, str] = {}
+        self.done = False
+        self._files: dict[int, _IncomingFile] = {}
+        self._open: OrderedDict[int, int] = OrderedDict()
+        self._port: IListeningPort | None = None
+        self._root_fd = -1
+        self._verify = defer.DeferredSemaphore(VERIFY_CONCURRENCY)
+        self._manifest = Manifest([])
+        self._transfer_id = b""
+        self._key = b""
+        self._pending_commits = 0
+        self._threads = 0
+        self._closing = False
+
+    def _in_thread(self, f: Callable[..., Any], *args: object) -> defer.Deferred:
+        """
+        Blocking filesystem work goes to the reactor's thread pool.  The
+        calls use the destination's descriptor, so `close` waits for the
+        last of them before it closes it.
+        """
+        self._threads += 1
+        d = threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), f, *args)
+
+        def finished(result: object) -> object:
+            self._threads -= 1
+            self._close_root()
+            return result
+
+        return d.addBoth(finished)
+
+    def _close_root(self) -> None:
+        if self._closing and not self._threads and self._root_fd >= 0:
+            os.close(self._root_fd)
+            self._root_fd = -1
+
+    # Setting up.
+
+    def prepare(self, transfer_id: bytes, key: bytes, manifest: Manifest) -> defer.Deferred:
+        """
+        Join the group, survey the destination and answer with what this
+        host needs: ``{file index: RangeSet of chunk numbers}``.
+        """
+        self._transfer_id, self._key, self._manifest = transfer_id, key, manifest
+        self._root_fd = fsutil.open_destination(self.destination)
+        max_packet = datagram.HEADER_SIZE + manifest.block_size + 1
+        self._port = adopt(self.reactor, receiver_socket(self.channel, self.rcvbuf), self, max_packet)
+        d = self._in_thread(_survey, self._root_fd, manifest, transfer_id)
+        d.addCallback(self._surveyed)
+        return d
+
+    def _surveyed(self, survey: dict[int, Held | str]) -> dict[int, RangeSet]:
+        needs: dict[int, RangeSet] = {}
+        for index, entry in self._manifest.files():
+            held = survey[index]
+            if isinstance(held, str):
+                self.results[entry.path] = held
+                continue
+            done = held.status
+            nblocks = self._manifest.blocks(entry)
+            nchunks = self._manifest.chunks(entry)
+            f = _IncomingFile(
+                index=index,
+                entry=entry,
+                part=part_name(self._transfer_id, index),
+                chunk_blocks=self._manifest.chunk_blocks,
+                nblocks=nblocks,
+                status=bytearray(done),
+                counts=array("I", bytes(4 * nchunks)),
+                unchanged=held.unchanged,
+            )
+            f.remaining = nchunks - sum(1 for s in done if s == DONE)
+            self._files[index] = f
+            need = RangeSet((c, c + 1) for c in range(nchunks) if done[c] != DONE)
+            if need:
+                f.bits = bytearray(-(-nblocks // 8))
+                needs[index] = need
+            else:
+                self._commit(f)
+        self._maybe_finish()
+        return needs
+
+    # Data.
+
+    def datagramReceived(self, data: bytes, addr: object) -> None:
+        block = datagram.decode(self._key, self._transfer_id, data)
+        if isinstance(block, datagram.Rejected):
+            self.stats[block.reason.value] += 1
+            return
+        f = self._files.get(block.file_index)
+        if f is None or block.block_index >= f.nblocks:
+            self.stats[datagram.Reason.RANGE.value] += 1
+            return
+        if len(block.payload) != self._manifest.block_length(f.entry, block.block_index):
+            self.stats[datagram.Reason.RANGE.value] += 1
+            return
+        chunk = block.block_index // f.chunk_blocks
+        byte, bit = divmod(block.block_index, 8)
+        if f.result is not None or f.status[chunk] != NEEDED or f.bits[byte] & (1 << bit):
+            self.stats["duplicate"] += 1
+            return
+        try:
+            os.pwrite(self._fd(f), block.payload, block.block_index * self._manifest.block_size)
+        except OSError as e:
+            self._fail(f, f"cannot write: {e.strerror}")
+            return
+        f.bits[byte] |= 1 << bit
+        f.counts[chunk] += 1
+        self.stats["blocks"] += 1
+        self.stats["bytes"] += len(block.payload)
+        if f.counts[chunk] == f.blocks_in_chunk(chunk):
+            f.status[chunk] = VERIFYING
+            self._verify.run(self._check_chunk, f, chunk)
+
+    def _fd(self, f: _IncomingFile) -> int:
+        fd = self._open.get(f.index)
+        if fd is not None:
+            self._open.move_to_end(f.index)
+            return fd
+        fd = _open_part(self._root_fd, f.entry, f.part)
+        self._open[f.index] = fd
+        if len(self._open) > OPEN_FILES:
+            os.close(self._open.popitem(last=False)[1])
+        return fd
+
+    def _release(self, f: _IncomingFile) -> int | None:
+        return self._open.pop(f.index, None)
+
+    def _check_chunk(self, f: _IncomingFile, chunk: int) -> defer.Deferred:
+        offset, length = self._manifest.chunk_span(f.entry, chunk)
+        d = self._in_thread(
+            _digest_range,
+            self._root_fd,
+            f.entry.path,
+            f.part,
+            offset,
+            length,
+        )
+        d.addCallbacks(self._checked, self._unreadable, (f, chunk), errbackArgs=(f,))
+        return d
+
+    def _checked(self, got: bytes, f: _IncomingFile, chunk: int) -> None:
+        if f.result is not None or self._closing:
+            return
+        if got == f.entry.chunk_digest(chunk):
+            f.status[chunk] = DONE
+            f.remaining -= 1
+            if f.remaining == 0:
+                self._commit(f)
+            return
+        # Only a corrupted disk or a changed source gets here: datagrams are
+        # authenticated.  Forget the chunk so that it is asked for again.
+        self.stats["corrupt_chunks"] += 1
+        log.warn("{path}: chunk {chunk} failed verification, asking again", path=f.entry.path, chunk=chunk)
+        f.status[chunk] = NEEDED
+        f.counts[chunk] = 0
+        first = chunk * f.chunk_blocks
+        for block in range(first, first + f.blocks_in_chunk(chunk)):
+            byte, bit = divmod(block, 8)
+            f.bits[byte] &= ~(1 << bit) & 0xFF
+
+    def _unreadable(self, failure: object, f: _IncomingFile) -> None:
+        self._fail(f, f"cannot read back: {getattr(failure, 'value', failure)}")
+
+    def _fail(self, f: _IncomingFile, reason: str) -> None:
+        if f.result is not None:
+            return
+        log.error("{path}: {reason}", path=f.entry.path, reason=reason)
+        f.result = reason
+        self.results[f.entry.path] = reason
+        f.bits = bytearray()
+        fd = self._release(f)
+        if fd is not None:
+            os.close(fd)
+        if self._root_fd >= 0 and not self._closing:
+            _discard_part(self._root_fd, f.entry.path, f.part)
+        self._maybe_finish()
+
+    # Committing.
+
+    def _commit(self, f: _IncomingFile) -> None:
+        f.bits = bytearray()
+        self._pending_commits += 1
+        d = self._in_thread(
+            _place_file,
+            self._root_fd,
+            f.entry,
+            f.part,
+            self._release(f),
+            self._owner(),
+            f.unchanged,
+        )
+
+        def placed(_: object) -> None:
+            f.result = OK
+            self.results[f.entry.path] = OK
+
+        def failed(failure: object) -> None:
+            self._fail(f, f"cannot commit: {getattr(failure, 'value', failure)}")
+
+        d.addCallbacks(placed, failed)
+        d.addBoth(self._committed)
+
+    def _committed(self, _: object) -> None:
+        self._pending_commits -= 1
+        self._maybe_finish()
+
+    def _owner(self) -> bool:
+        return self.preserve_owner and os.geteuid() == 0
+
+    def _maybe_finish(self) -> None:
+        if self.done or self._pending_commits or not self._port:
+            return
+        if any(f.result is None for f in self._files.values()):
+            return
+        self._pending_commits += 1  # hold off re-entry while links are made
+        d = self._in_thread(
+            _finish_tree,
+            self._root_fd,
+            self._manifest,
+            dict(self.results),
+            self._owner(),
+        )
+        d.addErrback(self._unfinished)
+        d.addCallback(self._finished)
+
+    def _unfinished(self, failure: Failure) -> dict[str, str]:
+        """Links and directories could not be finished: say so, rather than never end."""
+        log.failure("finishing the tree under {destination}", failure, destination=self.destination)
+        reason = f"cannot finish the tree: {failure.getErrorMessage()}"
+        return {e.path: reason for e in self._manifest.entries if e.kind in (DIR, SYMLINK, HARDLINK)}
+
+    def _finished(self, results: dict[str, str]) -> None:
+        self._pending_commits -= 1
+        self.results.update(results)
+        self.done = True
+        if self._port is not None:
+            self._port.stopListening()
+        if self.on_done is not None:
+            self.on_done(self)
+
+    # Feedback.
+
+    def missing(self, abandoned: Mapping[int, str] = {}) -> MissingReport:
+        """
+        What this host still needs, bounded in size (see `REPORT_RANGES`).
+        Files the sender ``abandoned`` are failed with its reason first.
+        """
+        for index, reason in abandoned.items():
+            f = self._files.get(index)
+            # A file whose every chunk is verified matches the manifest
+            # whatever became of the source since: let its commit finish.
+            if f is not None and f.remaining:
+                self._fail(f, f"sender gave up: {reason}")
+        found: dict[int, RangeSet] = {}
+        budget = REPORT_RANGES
+        for f in self._files.values():
+            if f.result is not None or not f.remaining:
+                continue
+            ranges: list[tuple[int, int]] = []
+            for chunk, state in enumerate(f.status):
+                if state != NEEDED:
+                    continue
+                first = chunk * f.chunk_blocks
+                last = first + f.blocks_in_chunk(chunk)
+                if f.counts[chunk] == 0:
+                    ranges.append((first, last))
+                else:
+                    ranges.extend(_zero_runs(f.bits, first, last))
+                if len(ranges) >= budget:
+                    break
+            if ranges:
+                found[f.index] = RangeSet(ranges)
+                budget -= len(ranges)
+            if budget <= 0:
+                break
+        data, complete = encode_map(found)
+        return MissingReport(data, complete and budget > 0, self.done, dict(self.stats))
+
+    def close(self) -> None:
+        """Stop listening and let go of every descriptor; part files stay for a resume."""
+        if self._port is not None and not self.done:
+            self._port.stopListening()
+        self._port = None
+        while self._open:
+            os.close(self._open.popitem()[1])
+        self._closing = True
+        self._close_root()
+
+
+def _zero_runs(bits: bytearray, first: int, last: int) -> list[tuple[int, int]]:
+    runs: list[tuple[int, int]] = []
+    start = -1
+    block = first
+    while block < last:
+        byte = bits[block >> 3]
+        if byte == 0xFF and block & 7 == 0 and block + 8 <= last:
+            if start >= 0:
+                runs.append((start, block))
+                start = -1
+            block += 8
+            continue
+        have = byte >> (block & 7) & 1
+        if not have and start < 0:
+            start = block
+        elif have and start >= 0:
+            runs.append((start, block))
+            start = -1
+        block += 1
+    if start >= 0:
+        runs.append((start, last))
+    return runs
+
+
+# Blocking helpers, run in threads.  They take plain values and touch no
+# receiver state.
+
+
+def _survey(root_fd: int, manifest: Manifest, transfer_id: bytes) -> dict[int, Held | str]:
+    """
+    Make the directories, and for each file find what it already has (see
+    `_chunks_held`), or the reason it cannot be received at all.
+    """
+    survey: dict[int, Held | str] = {}
+    for index, entry in enumerate(manifest.entries):
+        try:
+            if entry.kind == DIR:
+                fsutil.make_directory(root_fd, entry.path)
+            elif entry.kind == FILE:
+                survey[index] = _chunks_held(root_fd, manifest, entry, part_name(transfer_id, index))
+        except OSError as e:
+            if entry.kind == FILE:
+                survey[index] = f"cannot prepare: {e.strerror or e}"
+    return survey
+
+
+@dataclass
+class Held:
+    """What a host already has of one file, found before any data is sent."""
+
+    #: A status byte (`NEEDED` or `DONE`) per chunk.
+    status: bytes
+    #: The final path already holds this file (same size and mtime).
+    unchanged: bool = False
+
+
+def _chunks_held(root_fd: int, manifest: Manifest, entry: Entry, part: str) -> Held:
+    """
+    The chunks of ``entry`` that need not cross the network: all of them if
+    the final path holds the same size and mtime (rsync's quick check);
+    otherwise those a part file of this transfer already holds (a resume),
+    the all-zero chunks of a fresh part file, and the chunks the old copy at
+    the final path holds at the same offsets, which are copied into the part
+    file (an appended log, a disk image with a few changed blocks).
+    """
+    nchunks = manifest.chunks(entry)
+    status = bytearray(nchunks)
+    fd, name = fsutil.open_parent(root_fd, entry.path)
+    part_fd = -1
+    try:
+        final = fsutil.lstat_at(fd, name)
+        if final is not None and not stat.S_ISREG(final.st_mode):
+            final = None
+        if final is not None and (final.st_size, final.st_mtime_ns) == (entry.size, entry.mtime_ns):
+            return Held(bytes([DONE]) * nchunks, unchanged=True)
+        st = fsutil.lstat_at(fd, part)
+        if st is not None and (not stat.S_ISREG(st.st_mode) or st.st_size != entry.size):
+            os.unlink(part, dir_fd=fd)
+            st = None
+        if st is not None:
+            part_fd = os.open(part, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+        zero: dict[int, bytes] = {}
+        for chunk in range(nchunks):
+            offset, length = manifest.chunk_span(entry, chunk)
+            if part_fd >= 0:
+                held = digest(os.pread(part_fd, length, offset))
+            else:
+                held = zero.get(length) or zero.setdefault(length, digest(bytes(length)))
+            if held == entry.chunk_digest(chunk):
+                status[chunk] = DONE
+        if final is not None and NEEDED in status:
+            old_fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            try:
+                for chunk in range(nchunks):
+                    offset, length = manifest.chunk_span(entry, chunk)
+                    if status[chunk] == DONE or offset + length > final.st_size:
+                        continue
+                    data = os.pread(old_fd, length, offset)
+                    if digest(data) != entry.chunk_digest(chunk):
+                        continue
+                    if part_fd < 0:
+                        part_fd = os.open(
+                            part, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=fd
+                        )
+                        os.ftruncate(part_fd, entry.size)
+                    os.pwrite(part_fd, data, offset)
+                    status[chunk] = DONE
+            finally:
+                os.close(old_fd)
+    finally:
+        if part_fd >= 0:
+            os.close(part_fd)
+        os.close(fd)
+    return Held(bytes(status))
+
+
+def _open_part(root_fd: int, entry: Entry, part: str) -> int:
+    fd, _ = fsutil.open_parent(root_fd, entry.path)
+    try:
+        part_fd = os.open(part, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=fd)
+    finally:
+        os.close(fd)
+    if os.fstat(part_fd).st_size != entry.size:
+        os.ftruncate(part_fd, entry.size)
+    return part_fd
+
+
+def _digest_range(root_fd: int, path: str, part: str, offset: int, length: int) -> bytes:
+    fd, _ = fsutil.open_parent(root_fd, path, create=False)
+    try:
+        part_fd = os.open(part, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+    finally:
+        os.close(fd)
+    try:
+        return digest(os.pread(part_fd, length, offset))
+    finally:
+        os.close(part_fd)
+
+
+def _discard_part(root_fd: int, path: str, part: str) -> None:
+    try:
+        fd, _ = fsutil.open_parent(root_fd, path, create=False)
+    except OSError:
+        return
+    try:
+        os.unlink(part, dir_fd=fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _place_file(
+    root_fd: int, entry: Entry, part: str, part_fd: int | None, owner: bool, unchanged: bool = False
+) -> None:
+    """
+    fsync, set metadata and rename a verified part file over its final path;
+    for a file that is already there, only set its metadata.
+    """
+    if unchanged:
+        fd, name = fsutil.open_parent(root_fd, entry.path)
+        try:
+            final_fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+        finally:
+            os.close(fd)
+        try:
+            _set_metadata(final_fd, entry, owner)
+        finally:
+            os.close(final_fd)
+        return
+    if part_fd is None:
+        part_fd = _open_part(root_fd, entry, part)
+    try:
+        os.fsync(part_fd)
+        _set_metadata(part_fd, entry, owner)
+    finally:
+        os.close(part_fd)
+    fd, name = fsutil.open_parent(root_fd, entry.path)
+    try:
+        os.rename(part, name, src_dir_fd=fd, dst_dir_fd=fd)
+    finally:
+        os.close(fd)
+
+
+def _set_metadata(fd: int, entry: Entry, owner: bool) -> None:
+    """Owner first: changing it clears set-id bits that chmod then restores."""
+    if owner:
+        os.fchown(fd, entry.uid, entry.gid)
+    os.fchmod(fd, entry.mode)
+    os.utime(fd, ns=(entry.mtime_ns, entry.mtime_ns))
+
+
+def _finish_tree(root_fd: int, manifest: Manifest, results: dict[str, str], owner: bool) -> dict[str, str]:
+    """
+    Make symlinks and hardlinks (once their files are in place), then give
+    directories their modes and mtimes, deepest first, since making entries
+    inside a directory changes its mtime.
+    """
+    done: dict[str, str] = {}
+    for entry in manifest.entries:
+        if entry.kind not in (SYMLINK, HARDLINK):
+            continue
+        if entry.kind == HARDLINK and results.get(entry.target) != OK:
+            done[entry.path] = f"link target {entry.target!r} was not received"
+            continue
+        try:
+            _place_link(root_fd, entry, owner)
+            done[entry.path] = OK
+        except OSError as e:
+            done[entry.path] = f"cannot link: {e.strerror or e}"
+    for entry in sorted(
+        (e for e in manifest.entries if e.kind == DIR), key=lambda e: e.path.count("/"), reverse=True
+    ):
+        try:
+            fd, name = fsutil.open_parent(root_fd, entry.path)
+            try:
+                if owner:
+                    os.chown(name, entry.uid, entry.gid, dir_fd=fd, follow_symlinks=False)
+                os.chmod(name, entry.mode, dir_fd=fd, follow_symlinks=False)
+                os.utime(name, ns=(entry.mtime_ns, entry.mtime_ns), dir_fd=fd, follow_symlinks=False)
+                own = os.open(name, fsutil.DIR_FLAGS, dir_fd=fd)
+                try:
+                    os.fsync(own)
+                finally:
+                    os.close(own)
+            finally:
+                os.close(fd)
+            done[entry.path] = OK
+        except (OSError, NotImplementedError) as e:
+            done[entry.path] = f"cannot set metadata: {getattr(e, 'strerror', None) or e}"
+    os.fsync(root_fd)
+    return done
+
+
+def _place_link(root_fd: int, entry: Entry, owner: bool) -> None:
+    fd, name = fsutil.open_parent(root_fd, entry.path)
+    temporary = f".mrsync-link-{os.getpid()}-{digest(name.encode('utf-8', 'surrogateescape'))[:8].hex()}"
+    try:
+        if entry.kind == SYMLINK:
+            os.symlink(entry.target, temporary, dir_fd=fd)
+            if owner:
+                os.chown(temporary, entry.uid, entry.gid, dir_fd=fd, follow_symlinks=False)
+            os.utime(temporary, ns=(entry.mtime_ns, entry.mtime_ns), dir_fd=fd, follow_symlinks=False)
+        else:
+            target_fd, target_name = fsutil.open_parent(root_fd, entry.target, create=False)
+            try:
+                os.link(target_name, temporary, src_dir_fd=target_fd, dst_dir_fd=fd, follow_symlinks=False)
+            finally:
+                os.close(target_fd)
+        os.rename(temporary, name, src_dir_fd=fd, dst_dir_fd=fd)
+        if entry.kind == HARDLINK:
+            # rename() does nothing when both names already link to one
+            # inode (the link is in place from an earlier run): the
+            # temporary name would be left behind.
+            try:
+                os.unlink(temporary, dir_fd=fd)
+            except FileNotFoundError:
+                pass
+    except BaseException:
+        try:
+            os.unlink(temporary, dir_fd=fd)
+        except OSError:
+            pass
+        raise
+    finally:
+        os.close(fd)

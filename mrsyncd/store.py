@@ -1,0 +1,188 @@
+"""
+The master's job store: SQLite, so that jobs outlive the master process.
+
+A job's row holds what it asks for and, once started, the transfer id and key
+it runs under.  A master killed mid-job restarts the job under the same id
+and key, so the nodes' part files of that transfer are found and verified
+instead of sent again.  Writes are small and few (state changes and final
+results), so they are made on the reactor thread; WAL keeps them cheap.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
+FINISHED = (DONE, FAILED, CANCELLED)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    state TEXT NOT NULL,
+    spec TEXT NOT NULL,
+    operator TEXT NOT NULL DEFAULT '',
+    submitted REAL NOT NULL,
+    started REAL,
+    finished REAL,
+    transfer_id BLOB,
+    key BLOB,
+    slot INTEGER,
+    payload_bytes INTEGER NOT NULL DEFAULT 0,
+    sent_bytes INTEGER NOT NULL DEFAULT 0,
+    message TEXT NOT NULL DEFAULT ''
+);
+CREATE TABLE IF NOT EXISTS job_nodes (
+    job INTEGER NOT NULL REFERENCES jobs(id),
+    node TEXT NOT NULL,
+    state TEXT NOT NULL,
+    reason TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (job, node)
+);
+CREATE TABLE IF NOT EXISTS job_files (
+    job INTEGER NOT NULL REFERENCES jobs(id),
+    node TEXT NOT NULL,
+    path TEXT NOT NULL,
+    result TEXT NOT NULL,
+    PRIMARY KEY (job, node, path)
+);
+"""
+
+
+@dataclass
+class Job:
+    id: int
+    state: str
+    spec: dict[str, Any]
+    operator: str
+    submitted: float
+    started: float | None = None
+    finished: float | None = None
+    transfer_id: bytes | None = None
+    key: bytes | None = None
+    slot: int | None = None
+    payload_bytes: int = 0
+    sent_bytes: int = 0
+    message: str = ""
+    nodes: dict[str, tuple[str, str]] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        """What `mrsync jobs` and `mrsync status` show."""
+        return {
+            "id": self.id,
+            "state": self.state,
+            "spec": self.spec,
+            "operator": self.operator,
+            "submitted": self.submitted,
+            "started": self.started,
+            "finished": self.finished,
+            "payload_bytes": self.payload_bytes,
+            "sent_bytes": self.sent_bytes,
+            "message": self.message,
+            "nodes": {name: {"state": s, "reason": r} for name, (s, r) in self.nodes.items()},
+        }
+
+
+class JobStore:
+    def __init__(self, path: str) -> None:
+        if path != ":memory:":
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self.db = sqlite3.connect(path, isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.execute("PRAGMA foreign_keys=ON")
+        self.db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    def add(self, spec: dict[str, Any], operator: str) -> int:
+        cursor = self.db.execute(
+            "INSERT INTO jobs (state, spec, operator, submitted) VALUES (?, ?, ?, ?)",
+            (QUEUED, json.dumps(spec, sort_keys=True), operator, time.time()),
+        )
+        assert cursor.lastrowid is not None
+        return cursor.lastrowid
+
+    def get(self, job_id: int) -> Job | None:
+        row = self.db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return None if row is None else self._job(row)
+
+    def _job(self, row: tuple[Any, ...]) -> Job:
+        job = Job(
+            id=row[0],
+            state=row[1],
+            spec=json.loads(row[2]),
+            operator=row[3],
+            submitted=row[4],
+            started=row[5],
+            finished=row[6],
+            transfer_id=row[7],
+            key=row[8],
+            slot=row[9],
+            payload_bytes=row[10],
+            sent_bytes=row[11],
+            message=row[12],
+        )
+        for node, state, reason in self.db.execute(
+            "SELECT node, state, reason FROM job_nodes WHERE job = ? ORDER BY node", (job.id,)
+        ):
+            job.nodes[node] = (state, reason)
+        return job
+
+    def jobs(self, limit: int = 50) -> list[Job]:
+        rows = self.db.execute("SELECT * FROM jobs ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
+        return [self._job(row) for row in rows]
+
+    def unfinished(self) -> list[Job]:
+        rows = self.db.execute(
+            "SELECT * FROM jobs WHERE state IN (?, ?) ORDER BY id", (QUEUED, RUNNING)
+        ).fetchall()
+        return [self._job(row) for row in rows]
+
+    def start(self, job_id: int, transfer_id: bytes, key: bytes, slot: int) -> None:
+        self.db.execute(
+            "UPDATE jobs SET state = ?, started = COALESCE(started, ?), transfer_id = ?, key = ?, slot = ?"
+            " WHERE id = ?",
+            (RUNNING, time.time(), transfer_id, key, slot, job_id),
+        )
+
+    def progress(self, job_id: int, payload_bytes: int, sent_bytes: int) -> None:
+        self.db.execute(
+            "UPDATE jobs SET payload_bytes = ?, sent_bytes = ? WHERE id = ?",
+            (payload_bytes, sent_bytes, job_id),
+        )
+
+    def set_node(self, job_id: int, node: str, state: str, reason: str = "") -> None:
+        self.db.execute(
+            "INSERT INTO job_nodes (job, node, state, reason) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (job, node) DO UPDATE SET state = excluded.state, reason = excluded.reason",
+            (job_id, node, state, reason),
+        )
+
+    def set_files(self, job_id: int, node: str, results: dict[str, str]) -> None:
+        with self.db:
+            self.db.execute("BEGIN")
+            self.db.executemany(
+                "INSERT OR REPLACE INTO job_files (job, node, path, result) VALUES (?, ?, ?, ?)",
+                [(job_id, node, path, result) for path, result in results.items()],
+            )
+
+    def files(self, job_id: int) -> dict[str, dict[str, str]]:
+        found: dict[str, dict[str, str]] = {}
+        for node, path, result in self.db.execute(
+            "SELECT node, path, result FROM job_files WHERE job = ? ORDER BY node, path", (job_id,)
+        ):
+            found.setdefault(node, {})[path] = result
+        return found
+
+    def finish(self, job_id: int, state: str, message: str = "") -> None:
+        assert state in FINISHED
+        self.db.execute(
+            "UPDATE jobs SET state = ?, finished = ?, message = ? WHERE id = ?",
+            (state, time.time(), message, job_id),
+        )

@@ -1,0 +1,74 @@
+"""
+``twistd mrsyncd``: builds the services that the configuration asks for.
+
+The plugin in twisted/plugins/ only names this module; everything else is
+here, so that tests build the very same services with their own reactor.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application import service
+from twisted.internet import endpoints
+from twisted.python import usage
+
+from mrsyncd import __version__, tls
+from mrsyncd.config import Config, ConfigError, load
+from mrsyncd.master import MasterService
+from mrsyncd.node import NodeService
+
+DEFAULT_CONFIG = "/etc/mrsyncd/mrsyncd.toml"
+
+
+class Options(usage.Options):
+    synopsis = "[--config FILE]"
+    longdesc = (
+        "Run the mrsyncd master, node, or both, as the configuration file's [master] and [node] sections say."
+    )
+    optParameters = [["config", "c", DEFAULT_CONFIG, "The configuration file (TOML)."]]
+
+    def opt_version(self) -> None:
+        print(f"mrsyncd {__version__}")
+        raise SystemExit(0)
+
+    def postOptions(self) -> None:
+        try:
+            self["parsed"] = load(self["config"])
+        except ConfigError as e:
+            raise usage.UsageError(str(e)) from None
+
+
+def build(config: Config, reactor: Any) -> service.MultiService:
+    """The services of one host, with an injected reactor."""
+    top = service.MultiService()
+    if config.master is not None:
+        master = config.master
+        try:
+            options = tls.server_options(config.tls.ca, config.tls.certificate, config.tls.key)
+        except Exception as e:
+            raise ConfigError(f"{config.path}: [tls]: {e}") from None
+        interface = master.address
+
+        def endpoint() -> Any:
+            return endpoints.SSL4ServerEndpoint(reactor, master.port, options, interface=interface)
+
+        MasterService(reactor, master, endpoint).setServiceParent(top)
+    if config.node is not None:
+        try:
+            node = NodeService(reactor, config.node, config.tls)
+        except ConfigError:
+            raise
+        except Exception as e:
+            raise ConfigError(f"{config.path}: [node]/[tls]: {e}") from None
+        node.setServiceParent(top)
+    return top
+
+
+def makeService(options: Options) -> service.MultiService:
+    from twisted.internet import reactor
+
+    try:
+        return build(options["parsed"], reactor)
+    except ConfigError as e:
+        raise SystemExit(f"mrsyncd: {e}") from None

@@ -1,0 +1,225 @@
+"""
+Mutual TLS for the control channel: who may connect, and who they are.
+
+The master listens with `server_options`: a peer must present a certificate
+signed by the cluster CA, or OpenSSL ends the handshake (no certificate, a
+foreign CA, an expired certificate and a certificate for the wrong TLS purpose
+are all refused before any application byte is read).  Nodes and operators
+dial with `client_options`, which trusts only the cluster CA (never the
+system's CAs) and checks the master's host name or IP address with
+``service_identity``.
+
+Authentication is not authorisation: once the handshake is done, the
+protocol asks `peer_identity` for the peer's (name, role) from
+``IHandshakeListener.handshakeCompleted`` and decides what that role may do.
+`mrsyncd.certs` explains how the role is encoded.  Two consequences of that
+encoding are enforced by OpenSSL itself: only a master certificate carries
+``serverAuth``, so a node or operator certificate cannot impersonate the
+master, and a master certificate carries no ``clientAuth``, so it cannot dial
+in as a client.
+
+With TLS 1.3 a client finishes its side of the handshake *before* the server
+has judged the client's certificate; a rejected client learns of it from an
+alert on its first read.  A client must therefore not treat its own
+``handshakeCompleted`` as "accepted": it waits for the master's first answer.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, NamedTuple
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+from OpenSSL import crypto
+from twisted.internet.ssl import (
+    Certificate,
+    CertificateOptions,
+    KeyPair,
+    PrivateCertificate,
+    TLSVersion,
+    optionsForClientTLS,
+    trustRootFromCertificates,
+)
+from twisted.logger import Logger
+
+from mrsyncd.certs import (
+    CertError,
+    CertificateFileError,
+    Role,
+    load_certificate,
+    load_private_key,
+    name_of,
+    public_key_der,
+    role_of,
+    utcnow,
+    validity,
+)
+
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+
+__all__ = [
+    "CertificateFileError",
+    "PeerIdentity",
+    "PeerIdentityError",
+    "client_options",
+    "peer_identity",
+    "server_options",
+]
+
+log = Logger()
+
+#: Both ends are always mrsyncd on OpenSSL >= 3, so TLS 1.3 only (Twisted
+#: 22.4 would otherwise still allow 1.0): no renegotiation, by which a TLS 1.2
+#: peer could swap certificates after `peer_identity` has read one, and the
+#: client's certificate (the node's name) is encrypted on the wire.
+MINIMUM_TLS = TLSVersion.TLSv1_3
+
+
+#: Private key types that sign in TLS 1.2 and 1.3.
+_TLS_KEYS = (
+    ec.EllipticCurvePrivateKey,
+    rsa.RSAPrivateKey,
+    ed25519.Ed25519PrivateKey,
+    ed448.Ed448PrivateKey,
+)
+
+
+class PeerIdentityError(Exception):
+    """The peer's certificate does not say who it is or what it may do."""
+
+
+class PeerIdentity(NamedTuple):
+    """Who is on the other end of a TLS connection: its name and its role."""
+
+    name: str
+    role: Role
+
+
+def server_options(ca_cert_path: str, cert_path: str, key_path: str) -> CertificateOptions:
+    """
+    TLS options for the master: its own certificate, and clients must present
+    one signed by the cluster CA.
+
+    ``trustRoot`` is Twisted's spelling of ``verify=True,
+    requireCertificate=True, caCerts=[ca]``: OpenSSL is told to demand a
+    client certificate and to fail the handshake unless it chains to the CA.
+    """
+    ca = _load_ca(ca_cert_path)
+    cert, key = _load_own(ca, cert_path, key_path, ("master",))
+    return CertificateOptions(
+        privateKey=key,
+        certificate=cert,
+        trustRoot=trustRootFromCertificates([Certificate(crypto.X509.from_cryptography(ca))]),
+        raiseMinimumTo=MINIMUM_TLS,
+    )
+
+
+def client_options(
+    ca_cert_path: str, cert_path: str, key_path: str, hostname: str
+) -> IOpenSSLClientConnectionCreator:
+    """
+    TLS options for a node or an operator dialling the master at ``hostname``.
+
+    ``hostname`` is the name (or IP address) the client dials; the master's
+    certificate must carry it as a subjectAltName, checked by
+    ``service_identity``, and must chain to the cluster CA alone.
+    """
+    ca = _load_ca(ca_cert_path)
+    cert, key = _load_own(ca, cert_path, key_path, ("node", "operator"))
+    mine = PrivateCertificate.fromCertificateAndKeyPair(Certificate(cert), KeyPair(key))
+    return optionsForClientTLS(
+        hostname,
+        trustRoot=Certificate(crypto.X509.from_cryptography(ca)),
+        clientCertificate=mine,
+        extraCertificateOptions={"raiseMinimumTo": MINIMUM_TLS},
+    )
+
+
+def peer_identity(transport: object) -> PeerIdentity:
+    """
+    The verified peer's (name, role), from a TLS transport.
+
+    Call it from ``handshakeCompleted``: before then there is no verified
+    certificate.  The certificate has already been checked against the CA by
+    OpenSSL; this only reads what it says, and refuses one that names no role.
+    """
+    get = getattr(transport, "getPeerCertificate", None)
+    if get is None:
+        raise PeerIdentityError(f"{transport!r} is not a TLS transport")
+    peer = get()
+    if peer is None:
+        raise PeerIdentityError("the peer presented no certificate")
+    cert = peer.to_cryptography()
+    try:
+        return PeerIdentity(name_of(cert), role_of(cert))
+    except CertError as e:
+        raise PeerIdentityError(str(e)) from None
+
+
+def _load_ca(path: str) -> x509.Certificate:
+    ca = load_certificate(path)
+    try:
+        is_ca = ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        is_ca = False
+    if not is_ca:
+        raise CertificateFileError(f"{path}: not a CA certificate")
+    return ca
+
+
+def _load_own(
+    ca: x509.Certificate, cert_path: str, key_path: str, roles: tuple[Role, ...]
+) -> tuple[crypto.X509, crypto.PKey]:
+    """
+    Load this peer's certificate and key, and check them against each other,
+    the CA and the role this side plays, so that a misconfiguration is
+    reported at start-up with file names rather than as a handshake failure
+    on the peer.
+    """
+    cert = load_certificate(cert_path)
+    key = load_private_key(key_path)
+    if not isinstance(key, _TLS_KEYS):
+        raise CertificateFileError(f"{key_path}: a {type(key).__name__}, which TLS peers cannot use")
+    if public_key_der(key.public_key()) != public_key_der(cert.public_key()):
+        raise CertificateFileError(f"{key_path}: not the private key of {cert_path}")
+    try:
+        role = role_of(cert)
+    except CertError as e:
+        raise CertificateFileError(f"{cert_path}: {e}") from None
+    if role not in roles:
+        raise CertificateFileError(
+            f"{cert_path}: a {role} certificate, but this side needs {' or '.join(roles)}"
+        )
+    if not _issued_by(cert, ca):
+        raise CertificateFileError(f"{cert_path}: not issued by the cluster CA {ca.subject.rfc4514_string()}")
+    before, after = validity(cert)
+    now = utcnow()
+    if not before <= now <= after:
+        log.warn(
+            "{path}: certificate valid only from {before} to {after}",
+            path=cert_path,
+            before=before,
+            after=after,
+        )
+    return crypto.X509.from_cryptography(cert), crypto.PKey.from_cryptography_key(key)
+
+
+def _issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
+    """
+    Was ``cert`` signed by ``ca``?  Checked for EC CAs (all that
+    `mrsyncd.certs` makes); for other key types the issuer name has to do, and
+    OpenSSL checks the signature at handshake time anyway.
+    """
+    if cert.issuer != ca.subject:
+        return False
+    public = ca.public_key()
+    algorithm = cert.signature_hash_algorithm
+    if not isinstance(public, ec.EllipticCurvePublicKey) or algorithm is None:
+        return True
+    try:
+        public.verify(cert.signature, cert.tbs_certificate_bytes, ec.ECDSA(algorithm))
+    except InvalidSignature:
+        return False
+    return True

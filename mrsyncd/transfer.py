@@ -1,0 +1,364 @@
+"""
+One transfer, run from the sender's side: offer, send, repair, report.
+
+The control exchange goes through `ReceiverPeer`, a small interface with two
+implementations: `agent.LocalPeer` calls a receiver agent in the same process
+(tests), and `control.AMPPeer` calls one over the daemon's AMP channel.  The
+loop is:
+
+1. ``prepare``: every peer gets the manifest and key and answers with the
+   chunks it needs; the sender sends the union, once.
+2. ``missing``: every live peer answers with a bounded report of the blocks
+   it still lacks; the sender sends the union of the reports.  Repeat until
+   every live peer says it is done.
+3. ``results``: every peer reports each entry's outcome.
+
+A peer that does not answer is given ``grace`` seconds since it last did
+before it is declared failed; the others never wait for it longer than one
+``call_timeout`` per round.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from twisted.internet import defer, task
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from mrsyncd import datagram
+from mrsyncd.blockset import RangeSet, decode_map, union_maps
+from mrsyncd.manifest import FILE, Manifest
+from mrsyncd.multicast import Channel
+from mrsyncd.receiver import OK, MissingReport
+from mrsyncd.sender import Sender
+
+log = Logger()
+
+
+class UnknownTransfer(Exception):
+    """
+    The receiver does not hold this transfer: it restarted since it was
+    prepared.  The sender prepares it again, and it resumes from its part
+    files.
+    """
+
+
+@dataclass
+class Offer:
+    """Everything a receiver is told about a transfer before data flows."""
+
+    transfer_id: bytes
+    key: bytes
+    manifest: Manifest
+    channel: Channel
+    destination: str
+    preserve_owner: bool = False
+
+
+class ReceiverPeer(Protocol):
+    """The sender's view of one receiver (see the module docstring)."""
+
+    name: str
+
+    def prepare(self, offer: Offer) -> defer.Deferred:
+        """Fires with ``{file index: RangeSet of chunks needed}``."""
+
+    def missing(self, transfer_id: bytes, abandoned: Mapping[int, str]) -> defer.Deferred:
+        """Fires with a `MissingReport`; ``abandoned`` files are to be given up."""
+
+    def results(self, transfer_id: bytes) -> defer.Deferred:
+        """Fires with ``{path: "ok" or the reason it failed}``; ends the transfer there."""
+
+
+@dataclass
+class PeerReport:
+    name: str
+    ok: bool = True
+    reason: str = ""
+    results: dict[str, str] = field(default_factory=dict)
+    stats: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class TransferReport:
+    transfer_id: bytes
+    peers: dict[str, PeerReport]
+    seconds: float
+    passes: int
+    sender_stats: dict[str, int]
+
+    @property
+    def ok(self) -> bool:
+        return all(p.ok for p in self.peers.values())
+
+
+def new_offer(manifest: Manifest, channel: Channel, destination: str, preserve_owner: bool = False) -> Offer:
+    return Offer(
+        transfer_id=os.urandom(datagram.TRANSFER_ID_SIZE),
+        key=os.urandom(datagram.KEY_SIZE),
+        manifest=manifest,
+        channel=channel,
+        destination=destination,
+        preserve_owner=preserve_owner,
+    )
+
+
+def clip(manifest: Manifest, wanted: Mapping[int, RangeSet], chunks: bool = False) -> dict[int, RangeSet]:
+    """
+    Keep only what names a block (or chunk) of a regular file of the
+    manifest: a report from a confused or hostile receiver must not send the
+    sender past the end of a file or into a directory.
+    """
+    clipped = {}
+    for index, ranges in wanted.items():
+        if not 0 <= index < len(manifest.entries) or manifest.entries[index].kind != FILE:
+            continue
+        entry = manifest.entries[index]
+        limit = manifest.chunks(entry) if chunks else manifest.blocks(entry)
+        inside = ranges & RangeSet.interval(0, limit)
+        if inside:
+            clipped[index] = inside
+    return clipped
+
+
+def chunks_to_blocks(manifest: Manifest, needs: Mapping[int, RangeSet]) -> dict[int, RangeSet]:
+    return {
+        index: chunks.map(manifest.chunk_blocks, manifest.blocks(manifest.entries[index]))
+        for index, chunks in clip(manifest, needs, chunks=True).items()
+    }
+
+
+def payload_bytes(manifest: Manifest, blocks: Mapping[int, RangeSet]) -> int:
+    """File bytes that a set of blocks covers."""
+    total = 0
+    for index, ranges in blocks.items():
+        entry = manifest.entries[index]
+        for start, end in ranges.ranges:
+            total += min(end * manifest.block_size, entry.size) - start * manifest.block_size
+    return total
+
+
+class Transfer:
+    def __init__(
+        self,
+        reactor: Any,
+        offer: Offer,
+        local_paths: Mapping[int, str],
+        peers: list[ReceiverPeer],
+        *,
+        rate_bps: float,
+        grace: float = 30.0,
+        call_timeout: float = 10.0,
+        prepare_timeout: float = 600.0,
+        stalled_rounds: int = 50,
+        drain: float = 0.05,
+        poll: float = 0.1,
+    ) -> None:
+        """
+        ``prepare_timeout`` is long because preparing may digest old copies
+        of large files; ``stalled_rounds`` is how many repair rounds a peer
+        may go without receiving a single block before it is failed (joined
+        on the wrong interface, or behind a filter that drops everything).
+        """
+        names = [p.name for p in peers]
+        if len(set(names)) != len(names):
+            raise ValueError("two receivers have the same name")
+        self.reactor = reactor
+        self.offer = offer
+        self.peers = {p.name: p for p in peers}
+        self.grace = grace
+        self.call_timeout = call_timeout
+        self.prepare_timeout = prepare_timeout
+        self.stalled_rounds = stalled_rounds
+        self.drain = drain
+        self.poll = poll
+        self.sender = Sender(
+            reactor, offer.manifest, local_paths, offer.channel, offer.transfer_id, offer.key, rate_bps
+        )
+        self.reports = {name: PeerReport(name) for name in self.peers}
+        self._last_heard: dict[str, float] = {}
+        self._stalled: dict[str, tuple[int, int]] = {}
+        self._done: set[str] = set()
+        self._pass_ended = 0.0
+        self.passes = 0
+        self.planned_bytes = 0
+        self.cancelled = False
+
+    @property
+    def live(self) -> list[str]:
+        return [name for name, report in self.reports.items() if report.ok]
+
+    def progress(self) -> dict[str, Any]:
+        """For status displays: what was planned, what is sent, who is done."""
+        return {
+            "planned_bytes": self.planned_bytes,
+            "sent_bytes": self.sender.stats["payload"],
+            "passes": self.passes,
+            "rate_bps": self.sender.pacer.rate_bps,
+            "done": sorted(self._done & set(self.live)),
+            "failed": {name: r.reason for name, r in self.reports.items() if not r.ok},
+        }
+
+    def cancel(self) -> None:
+        """Stop sending; every receiver is told to let go of the transfer."""
+        if not self.cancelled:
+            self.cancelled = True
+            self.sender.abort()
+
+    def _call(self, name: str, method: str, *args: object) -> defer.Deferred:
+        d = defer.maybeDeferred(getattr(self.peers[name], method), *args)
+        d.addTimeout(self.prepare_timeout if method == "prepare" else self.call_timeout, self.reactor)
+        return d
+
+    def _fail(self, name: str, reason: str) -> None:
+        report = self.reports[name]
+        if report.ok:
+            log.error(
+                "transfer {tid}: {node} failed: {reason}",
+                tid=self.offer.transfer_id.hex(),
+                node=name,
+                reason=reason,
+            )
+            report.ok, report.reason = False, reason
+
+    def _heard(self, name: str) -> None:
+        self._last_heard[name] = self.reactor.seconds()
+
+    def _silent(self, name: str, failure: Failure) -> None:
+        """
+        A call failed: fatal once the peer has been silent for ``grace``.
+        Nobody is asked anything during a pass, so silence counts from the
+        later of its last answer and the end of the last pass.
+        """
+        since = max(self._last_heard[name], self._pass_ended)
+        silent_for = self.reactor.seconds() - since
+        if silent_for >= self.grace:
+            self._fail(name, f"no answer for {silent_for:.0f} s (last error: {failure.getErrorMessage()})")
+
+    @defer.inlineCallbacks
+    def run(self) -> Any:
+        started = self.reactor.seconds()
+        for name in self.peers:
+            self._heard(name)
+        self.sender.start()
+        try:
+            blocks = yield self._prepare(list(self.peers))
+            self.planned_bytes = payload_bytes(self.offer.manifest, blocks)
+            while self.live and not self.cancelled:
+                if blocks:
+                    yield self.sender.send(blocks)
+                    self.passes += 1
+                    self._pass_ended = self.reactor.seconds()
+                    if self.cancelled:
+                        break
+                    # Let the last datagrams reach the receivers before asking.
+                    yield task.deferLater(self.reactor, self.drain, lambda: None)
+                blocks = yield self._ask_missing()
+                if not blocks and set(self.live) <= self._done:
+                    break
+                if not blocks:
+                    yield task.deferLater(self.reactor, self.poll, lambda: None)
+            yield self._collect_results()
+        finally:
+            self.sender.stop()
+        if self.cancelled:
+            for name in self.live:
+                self._fail(name, "cancelled")
+        return TransferReport(
+            self.offer.transfer_id,
+            self.reports,
+            self.reactor.seconds() - started,
+            self.passes,
+            dict(self.sender.stats),
+        )
+
+    @defer.inlineCallbacks
+    def _prepare(self, names: list[str], again: bool = False) -> Any:
+        """
+        Offer the transfer; fires with the blocks the union of needs covers.
+        A first refusal is final; a peer prepared ``again`` after a restart
+        is given its grace period instead.
+        """
+        answers = yield defer.DeferredList(
+            [self._call(name, "prepare", self.offer) for name in names], consumeErrors=True
+        )
+        needs = []
+        for name, (ok, value) in zip(names, answers, strict=True):
+            if ok:
+                self._heard(name)
+                self._done.discard(name)
+                needs.append(value)
+            elif again:
+                self._silent(name, value)
+            else:
+                self._fail(name, f"refused the transfer: {value.getErrorMessage()}")
+        return chunks_to_blocks(self.offer.manifest, union_maps(needs))
+
+    def _progressing(self, name: str, report: MissingReport) -> None:
+        """Fail a peer that keeps missing blocks but takes none of those sent."""
+        received = report.stats.get("blocks", 0)
+        last, rounds = self._stalled.get(name, (-1, 0))
+        rounds = rounds + 1 if received == last and report.missing else 0
+        self._stalled[name] = (received, rounds)
+        if rounds >= self.stalled_rounds:
+            self._fail(name, f"received nothing in {rounds} repair rounds (wrong interface? filtered?)")
+
+    @defer.inlineCallbacks
+    def _ask_missing(self) -> Any:
+        names = [n for n in self.live if n not in self._done]
+        abandoned = dict(self.sender.abandoned)
+        answers = yield defer.DeferredList(
+            [self._call(name, "missing", self.offer.transfer_id, abandoned) for name in names],
+            consumeErrors=True,
+        )
+        wanted = []
+        restarted = []
+        for name, (ok, value) in zip(names, answers, strict=True):
+            if not ok:
+                if value.check(UnknownTransfer):
+                    log.info(
+                        "{node} restarted: offering transfer {tid} again",
+                        node=name,
+                        tid=self.offer.transfer_id.hex(),
+                    )
+                    restarted.append(name)
+                else:
+                    self._silent(name, value)
+                continue
+            self._heard(name)
+            report: MissingReport = value
+            self.reports[name].stats = report.stats
+            if report.done:
+                self._done.add(name)
+            try:
+                wanted.append(clip(self.offer.manifest, decode_map(report.missing)))
+            except ValueError as e:
+                self._fail(name, f"sent a malformed missing report: {e}")
+                continue
+            self._progressing(name, report)
+        if restarted:
+            wanted.append((yield self._prepare(restarted, again=True)))
+        union = union_maps(wanted)
+        return {index: ranges for index, ranges in union.items() if index not in self.sender.abandoned}
+
+    @defer.inlineCallbacks
+    def _collect_results(self) -> Any:
+        """Ask every live peer for its results; this also ends the transfer there."""
+        names = self.live
+        answers = yield defer.DeferredList(
+            [self._call(name, "results", self.offer.transfer_id) for name in names], consumeErrors=True
+        )
+        for name, (ok, value) in zip(names, answers, strict=True):
+            report = self.reports[name]
+            if ok:
+                report.results = value
+                bad = {path: why for path, why in value.items() if why != OK}
+                if bad and not self.cancelled:
+                    path, why = next(iter(sorted(bad.items())))
+                    self._fail(name, f"{len(bad)} entries failed, first {path}: {why}")
+            elif report.ok:
+                self._fail(name, f"no results: {value.getErrorMessage()}")

@@ -1,0 +1,41 @@
+#!/bin/bash
+# Install what the tests need and run the whole suite twice: on Debian 12's
+# own libraries (python3-twisted 22.4, pyOpenSSL 23.0, cryptography 38) and on
+# the current PyPI releases in a virtualenv, then ruff and mypy.
+# Run as root on Debian 12: the LAN tests build network namespaces.
+set -euo pipefail
+cd "$(dirname "$0")"
+export DEBIAN_FRONTEND=noninteractive
+
+debian_packages=(
+    python3-twisted python3-openssl python3-service-identity python3-cryptography
+    python3-hypothesis python3-pytest python3-venv python3-pip
+    iproute2 iptables
+)
+missing=()
+for p in "${debian_packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+venv=${MRSYNCD_VENV:-.venv}
+if [ ! -x "$venv/bin/python" ]; then
+    /usr/bin/python3 -m venv "$venv"
+fi
+"$venv/bin/pip" install -q --upgrade \
+    'twisted[tls]' pyopenssl cryptography service_identity hypothesis pytest ruff mypy mypy-zope
+
+export PYTHONPATH=$PWD
+echo "== ruff and mypy"
+"$venv/bin/ruff" check mrsyncd tests
+"$venv/bin/ruff" format --check mrsyncd
+"$venv/bin/mypy" mrsyncd
+
+echo "== Debian 12 libraries: $(/usr/bin/python3 -c 'import twisted, OpenSSL; print("Twisted", twisted.__version__, "pyOpenSSL", OpenSSL.__version__)')"
+/usr/bin/python3 -m pytest -p no:cacheprovider -q "$@"
+
+echo "== current PyPI releases: $("$venv/bin/python" -c 'import twisted, OpenSSL; print("Twisted", twisted.__version__, "pyOpenSSL", OpenSSL.__version__)')"
+"$venv/bin/python" -m pytest -p no:cacheprovider -q "$@"

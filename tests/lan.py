@@ -1,0 +1,400 @@
+"""
+A LAN of network namespaces on this machine, for the multi-host tests.
+
+Layout: one namespace holds the switch (a Linux bridge ``br0`` with IGMP/MLD
+snooping off, so that multicast floods to every port); every host (``master``,
+``node1`` .. ``nodeN``, and any added later) is a namespace of its own with
+``lo`` and an ``eth0`` that is one end of a veth pair whose other end is a
+port of the bridge.  Hosts get addresses in 10.231.77.0/24 and fd77:231::/64
+(no duplicate address detection), which only these namespaces hold; nothing
+here is connected to the machine's own network, so no test traffic can leave.
+
+Namespaces are named ``mrt-<pid>-<lan>-<host>`` so that parallel runs do not
+clash; `Lan.close` kills every process started in them (and any other process
+found inside them) and deletes them, and is called from the fixture's
+teardown (also after SIGINT or SIGTERM) and on interpreter exit.  A run that died by SIGKILL
+leaves namespaces whose pid is gone: the next run sweeps those.
+
+Use the ``lan`` fixture (a factory; import `lan_fixture` to have it)::
+
+    from tests.lan import lan_fixture  # noqa: F401
+
+    def test_x(lan):
+        net = lan(nodes=3)
+        net.master.cap_egress("100mbit")
+        for node in net.nodes:
+            node.drop_udp(0.05, port=7717)
+        proc = net.master.popen([sys.executable, "-m", "mrsyncd.enginecli", ...])
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import ipaddress
+import itertools
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+SUBNET4 = ipaddress.IPv4Network("10.231.77.0/24")
+SUBNET6 = ipaddress.IPv6Network("fd77:231::/64")
+PREFIX = "mrt-"
+IFNAME = "eth0"
+BRIDGE = "br0"
+#: The repository, for PYTHONPATH of the processes started on hosts.
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+_lan_numbers = itertools.count(1)
+
+
+def unavailable() -> str | None:
+    """Why this machine cannot build a LAN, or None if it can."""
+    if not sys.platform.startswith("linux"):
+        return "network namespaces need Linux"
+    if os.geteuid() != 0:
+        return "building a LAN of network namespaces needs root"
+    if shutil.which("ip") is None:
+        return "the ip command (iproute2) is not installed"
+    probe = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        return f"ip netns does not work here: {probe.stderr.strip()}"
+    return None
+
+
+def _run(args: Sequence[str], *, check: bool = True, **kwargs: Any) -> subprocess.CompletedProcess:
+    result = subprocess.run(list(args), capture_output=True, text=True, **kwargs)
+    if check and result.returncode != 0:
+        said = result.stderr.strip() or result.stdout.strip()
+        raise RuntimeError(f"{' '.join(args)} failed with exit {result.returncode}: {said}")
+    return result
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _netns_names() -> list[str]:
+    out = _run(["ip", "netns", "list"], check=False).stdout
+    return [line.split()[0] for line in out.splitlines() if line.strip()]
+
+
+def sweep_dead_runs() -> list[str]:
+    """Delete LAN namespaces left by runs whose process is gone (killed with SIGKILL)."""
+    removed = []
+    for name in _netns_names():
+        m = re.fullmatch(rf"{PREFIX}(\d+)-\d+-[\w.-]+", name)
+        if m and not _alive(int(m.group(1))):
+            _kill_netns_pids(name)
+            _run(["ip", "netns", "del", name], check=False)
+            removed.append(name)
+    return removed
+
+
+def _kill_netns_pids(netns: str, grace: float = 2.0) -> None:
+    """Terminate, then kill, whatever still runs inside a namespace of ours."""
+
+    def pids() -> list[int]:
+        out = _run(["ip", "netns", "pids", netns], check=False).stdout
+        return [int(p) for p in out.split() if p.isdigit() and int(p) != os.getpid()]
+
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, grace)):
+        found = pids()
+        if not found:
+            return
+        for pid in found:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline and any(_alive(p) for p in found):
+            time.sleep(0.05)
+
+
+@dataclass
+class Host:
+    lan: Lan
+    name: str
+    netns: str
+    ipv4: str
+    ipv6: str
+    ifname: str = IFNAME
+    #: Processes started here with `popen`, for teardown.
+    processes: list[subprocess.Popen] = field(default_factory=list)
+
+    def __repr__(self) -> str:
+        return f"<Host {self.name} {self.ipv4} {self.ipv6} in {self.netns}>"
+
+    def _argv(self, args: Sequence[str]) -> list[str]:
+        # ip netns exec execs the command itself (no fork), so a Popen's pid
+        # is the command's pid and its rusage is the command's.
+        return ["ip", "netns", "exec", self.netns, *args]
+
+    def run(
+        self, args: Sequence[str], *, check: bool = True, timeout: float = 60, **kwargs: Any
+    ) -> subprocess.CompletedProcess:
+        """Run a command in this host and wait for it (text output captured)."""
+        return _run(self._argv(args), check=check, timeout=timeout, **kwargs)
+
+    def popen(self, args: Sequence[str], **kwargs: Any) -> subprocess.Popen:
+        """Start a command in this host; the LAN kills it at teardown if it still runs."""
+        kwargs.setdefault("start_new_session", True)
+        env = dict(kwargs.pop("env", None) or os.environ)
+        env["PYTHONPATH"] = REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        proc = subprocess.Popen(self._argv(args), env=env, **kwargs)
+        self.processes.append(proc)
+        return proc
+
+    def python(
+        self, args: Sequence[str], *, rusage: str | os.PathLike | None = None, **kwargs: Any
+    ) -> subprocess.Popen:
+        """
+        Start ``python3 ARGS`` (this interpreter, unbuffered) in this host.
+        With ``rusage``, the process runs under a small wrapper that writes
+        its resource usage there as JSON when it ends (see `read_rusage`).
+        """
+        argv = [sys.executable, "-u", *args]
+        if rusage is not None:
+            argv = [sys.executable, "-S", "-c", _RUSAGE_WRAPPER, os.fspath(rusage), *argv]
+        return self.popen(argv, **kwargs)
+
+    def cap_egress(self, rate: str = "100mbit", burst: str = "32kbit", latency: str = "50ms") -> None:
+        """Cap what this host sends on its LAN link with a token bucket filter."""
+        self.run(["tc", "qdisc", "replace", "dev", self.ifname, "root", "tbf",
+                  "rate", rate, "burst", burst, "latency", latency])
+
+    def drop_udp(self, probability: float, port: int) -> None:
+        """
+        Drop a random share of incoming UDP datagrams to ``port`` (both IP
+        versions), leaving TCP and other ports alone.
+        """
+        for tool in ("iptables", "ip6tables"):
+            if shutil.which(tool) is None:
+                raise RuntimeError(f"{tool} is not installed; it is needed to drop datagrams")
+            self.run([tool, "-w", "-A", "INPUT", "-p", "udp", "--dport", str(port),
+                      "-m", "statistic", "--mode", "random", "--probability", str(probability), "-j", "DROP"])
+            listed = self.run([tool, "-w", "-S", "INPUT"]).stdout
+            if "statistic" not in listed:
+                raise RuntimeError(f"{tool} in {self.netns} did not keep the rule: {listed}")
+
+    def dropped_udp(self, version: int | None = None) -> int:
+        """Packets the `drop_udp` rules have dropped so far (IPv4, IPv6 or both)."""
+        total = 0
+        tools = {4: ("iptables",), 6: ("ip6tables",), None: ("iptables", "ip6tables")}[version]
+        for tool in tools:
+            out = self.run([tool, "-w", "-L", "INPUT", "-v", "-n", "-x"]).stdout
+            for line in out.splitlines():
+                if "statistic" in line and "DROP" in line:
+                    total += int(line.split()[0])
+        return total
+
+    def kill_all(self) -> None:
+        for proc in self.processes:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 3
+        for proc in self.processes:
+            try:
+                proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+class Lan:
+    """A bridge and hosts, each in its own namespace; see the module docstring."""
+
+    def __init__(self, nodes: int = 3, *, master: bool = True) -> None:
+        self.id = f"{PREFIX}{os.getpid()}-{next(_lan_numbers)}"
+        self.switch = f"{self.id}-switch"
+        self.hosts: dict[str, Host] = {}
+        self._namespaces: list[str] = []
+        self._closed = False
+        self._lock = threading.Lock()
+        atexit.register(self.close)
+        try:
+            self._add_netns(self.switch)
+            _run(["ip", "-n", self.switch, "link", "add", BRIDGE, "type", "bridge"])
+            # Without snooping the bridge floods multicast to every port; with
+            # it, delivery would depend on IGMP/MLD reports and a querier.
+            _run(["ip", "-n", self.switch, "link", "set", BRIDGE, "type", "bridge", "mcast_snooping", "0"])
+            _run(["ip", "-n", self.switch, "link", "set", BRIDGE, "up"])
+            if self.bridge_snooping() != 0:
+                raise RuntimeError("the bridge still snoops multicast")
+            if master:
+                self.add_host("master")
+            for i in range(1, nodes + 1):
+                self.add_host(f"node{i}")
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def master(self) -> Host:
+        return self.hosts["master"]
+
+    @property
+    def nodes(self) -> list[Host]:
+        return [h for name, h in self.hosts.items() if re.fullmatch(r"node\d+", name)]
+
+    def _add_netns(self, name: str) -> None:
+        _run(["ip", "netns", "add", name])
+        self._namespaces.append(name)
+        _run(["ip", "-n", name, "link", "set", "lo", "up"])
+        # Addresses (and the link-local one) usable at once, without DAD.
+        for key in ("default", "all"):
+            _run(["ip", "netns", "exec", name, "sysctl", "-q", "-w", f"net.ipv6.conf.{key}.accept_dad=0"])
+
+    def bridge_snooping(self) -> int:
+        info = json.loads(_run(["ip", "-n", self.switch, "-d", "-j", "link", "show", BRIDGE]).stdout)
+        return int(info[0]["linkinfo"]["info_data"]["mcast_snooping"])
+
+    def add_host(self, name: str) -> Host:
+        """Add a host with the next free addresses (master first, so it gets .1)."""
+        if name in self.hosts or not re.fullmatch(r"[a-z][a-z0-9]{0,9}", name):
+            raise ValueError(f"bad or duplicate host name {name!r}")
+        number = len(self.hosts) + 1
+        netns = f"{self.id}-{name}"
+        self._add_netns(netns)
+        port = f"p{name}"
+        _run(["ip", "-n", netns, "link", "add", IFNAME, "type", "veth",
+              "peer", "name", port, "netns", self.switch])  # fmt: skip
+        _run(["ip", "-n", self.switch, "link", "set", port, "master", BRIDGE, "up"])
+        ipv4, ipv6 = str(SUBNET4[number]), str(SUBNET6[number])
+        _run(["ip", "-n", netns, "addr", "add", f"{ipv4}/{SUBNET4.prefixlen}", "dev", IFNAME])
+        _run(["ip", "-n", netns, "addr", "add", f"{ipv6}/{SUBNET6.prefixlen}", "dev", IFNAME, "nodad"])
+        _run(["ip", "-n", netns, "link", "set", IFNAME, "up"])
+        host = Host(self, name, netns, ipv4, ipv6)
+        self.hosts[name] = host
+        return host
+
+    def wait_ready(self, timeout: float = 10.0) -> None:
+        """Wait until every host's link is up, with its IPv6 link-local address usable."""
+        deadline = time.monotonic() + timeout
+        for host in self.hosts.values():
+            while True:
+                out = _run(["ip", "-n", host.netns, "-j", "addr", "show", "dev", IFNAME]).stdout
+                info = json.loads(out)[0]
+                tentative = any(a.get("tentative") for a in info.get("addr_info", []))
+                if info.get("operstate") == "UP" and not tentative:
+                    break
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{host} did not come up: {info}")
+                time.sleep(0.05)
+
+    def close(self) -> None:
+        """Kill every process started in the LAN and delete its namespaces. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        for host in self.hosts.values():
+            host.kill_all()
+        for netns in reversed(self._namespaces):
+            _kill_netns_pids(netns)
+            _run(["ip", "netns", "del", netns], check=False)
+        left = set(self._namespaces) & set(_netns_names())
+        if left:
+            print(f"lan: could not delete namespaces {sorted(left)}", file=sys.stderr)
+        with contextlib.suppress(Exception):
+            atexit.unregister(self.close)
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """
+    Turn SIGTERM into KeyboardInterrupt while LANs exist, so that pytest
+    stops the run and teardown deletes them (SystemExit would only fail the
+    current test and go on to the next).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous not in (signal.SIG_DFL, None):
+        yield
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@pytest.fixture(name="lan")
+def lan_fixture() -> Iterator[Any]:
+    """
+    A factory of LANs: ``lan(nodes=3)`` builds one (skipping the test where
+    the machine cannot); all are torn down when the test ends, pass or fail.
+    """
+    why = unavailable()
+    if why:
+        pytest.skip(why)
+    sweep_dead_runs()
+    made: list[Lan] = []
+
+    def make(nodes: int = 3, **kwargs: Any) -> Lan:
+        net = Lan(nodes, **kwargs)
+        made.append(net)
+        net.wait_ready()
+        return net
+
+    with _sigterm_as_interrupt():
+        try:
+            yield make
+        finally:
+            for net in reversed(made):
+                net.close()
+
+
+# Why a wrapper: Linux carries a process's peak RSS (ru_maxrss) across exec,
+# and Python starts children with vfork, so a child of the test process
+# reports at least the test process's own peak.  The wrapper is a bare
+# interpreter (-S, about 8 MB) that forks the command and reports its usage.
+_RUSAGE_WRAPPER = r"""
+import json, os, signal, sys
+out, argv = sys.argv[1], sys.argv[2:]
+pid = os.fork()
+if pid == 0:
+    try:
+        os.execvp(argv[0], argv)
+    finally:
+        os._exit(127)
+for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    signal.signal(sig, lambda signum, frame: os.kill(pid, signum))
+_, status, ru = os.wait4(pid, 0)
+with open(out, "w") as f:
+    json.dump({"maxrss_bytes": ru.ru_maxrss * 1024, "utime": ru.ru_utime, "stime": ru.ru_stime,
+               "status": status}, f)
+code = os.waitstatus_to_exitcode(status)
+sys.exit(code if code >= 0 else 128 - code)
+"""
+
+
+def read_rusage(path: str | os.PathLike) -> dict[str, Any]:
+    """What a ``python(..., rusage=path)`` process used: maxrss_bytes (its peak RSS), utime, stime."""
+    with open(path) as f:
+        result: dict[str, Any] = json.load(f)
+    return result

@@ -1,0 +1,275 @@
+"""
+Shared helpers of the test suite: trees, channels, tree comparison, and
+in-process transfers over real loopback multicast sockets.
+
+Every channel is an IPv4 group in 239.0.0.0/8 on interface ``lo`` with a
+port of its own, so nothing leaves the machine and tests do not hear each
+other.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import random
+import shutil
+import socket
+import stat
+import tempfile
+
+from twisted.internet import defer
+
+from mrsyncd import manifest as manifest_module
+from mrsyncd.agent import LocalPeer, ReceiverAgent
+from mrsyncd.manifest import Manifest, digest, scan
+from mrsyncd.multicast import Channel
+from mrsyncd.transfer import Transfer, new_offer
+
+#: Fast enough that every transfer here takes well under a second on lo.
+RATE = 200e6
+
+_used: set[tuple[str, int]] = set()
+
+
+def temp_dir(testcase, prefix: str = "mrsyncd-test-") -> str:
+    """A fresh directory under the system temp dir, removed after the test."""
+    path = tempfile.mkdtemp(prefix=prefix)
+    testcase.addCleanup(shutil.rmtree, path, True)
+    return path
+
+
+def unique_channel() -> Channel:
+    """
+    A group in 239.0.0.0/8 and a free port below the ephemeral range (so that
+    no sender's ephemeral socket can take it), on interface ``lo``.
+    """
+    rng = random.SystemRandom()
+    while True:
+        group = f"239.{rng.randrange(1, 255)}.{rng.randrange(0, 256)}.{rng.randrange(1, 255)}"
+        port = rng.randrange(20000, 32000)
+        if (group, port) in _used:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            try:
+                s.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+        _used.add((group, port))
+        return Channel(group, port, "lo")
+
+
+def write_file(path: str, data: bytes, mode: int | None = None, mtime_ns: int | None = None) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+    if mode is not None:
+        os.chmod(path, mode)
+    if mtime_ns is not None:
+        os.utime(path, ns=(mtime_ns, mtime_ns))
+
+
+def make_full_tree(root: str, outside_target: str = "/nonexistent/outside/target") -> None:
+    """
+    A tree with every kind of entry: an empty file, a small file, a file of
+    several chunks (with a short last block), a directory, a nested
+    directory, a symlink pointing out of the tree, a relative symlink, a
+    hardlink, and unusual modes and mtimes.
+    """
+    rng = random.Random(1234)
+    os.makedirs(os.path.join(root, "dir", "nested", "deeper"))
+    os.makedirs(os.path.join(root, "emptydir"))
+    write_file(os.path.join(root, "empty"), b"", 0o600, 1_000_000_000_123_456_789)
+    write_file(os.path.join(root, "small.txt"), b"hello, multicast\n", 0o644, 1_200_000_000_000_000_001)
+    # 3.3 MiB: four chunks of the default 1 MiB chunk size; not a whole
+    # number of blocks.
+    write_file(
+        os.path.join(root, "dir", "multi.bin"),
+        rng.randbytes(3 * (1 << 20) + 333_333),
+        0o751,
+        1_500_000_000_987_654_321,
+    )
+    write_file(os.path.join(root, "dir", "nested", "deeper", "leaf"), b"leaf" * 1000, 0o640, 1_600_000_000_000_000_000)
+    write_file(os.path.join(root, "dir", "nested", "blocksize"), rng.randbytes(1408 * 3), 0o400)
+    os.link(os.path.join(root, "dir", "multi.bin"), os.path.join(root, "hardlink.bin"))
+    os.symlink(outside_target, os.path.join(root, "dir", "outside-link"))
+    os.symlink("../small.txt", os.path.join(root, "dir", "relative-link"))
+    os.utime(os.path.join(root, "dir", "outside-link"), ns=(1_300_000_000_000_000_007,) * 2, follow_symlinks=False)
+    os.chmod(os.path.join(root, "dir", "nested"), 0o750)
+    os.chmod(os.path.join(root, "emptydir"), 0o700)
+    # Directories last, since making entries changes their mtimes.
+    for d, t in (
+        ("dir/nested/deeper", 1_100_000_000_000_000_011),
+        ("dir/nested", 1_100_000_000_000_000_012),
+        ("dir", 1_100_000_000_000_000_013),
+        ("emptydir", 1_100_000_000_000_000_014),
+    ):
+        os.utime(os.path.join(root, d), ns=(t, t))
+
+
+def file_digest(path: str) -> tuple[int, str]:
+    """Size and digest of a file, read a MiB at a time."""
+    h = hashlib.blake2b()
+    size = 0
+    with open(path, "rb") as f:
+        while True:
+            data = f.read(1 << 20)
+            if not data:
+                break
+            size += len(data)
+            h.update(data)
+    return size, h.hexdigest()
+
+
+GRID = 1 << 20
+
+
+def sparse_digest(path: str) -> tuple[int, str]:
+    """
+    The digest of a file's contents that reads only its data extents: the
+    file is cut into 1 MiB blocks on a fixed grid, and every block that is
+    not all zeros is digested with its position.  Two files with the same
+    size and contents give the same value however their holes are laid out,
+    since a block never visited lies wholly in holes and reads as zeros.
+    """
+    h = hashlib.blake2b()
+    zero = bytes(GRID)
+    with open(path, "rb") as f:
+        fd = f.fileno()
+        size = os.fstat(fd).st_size
+        h.update(size.to_bytes(8, "big"))
+        last = -1
+        offset = 0
+        while offset < size:
+            try:
+                data_start = os.lseek(fd, offset, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno == errno.ENXIO:
+                    break
+                raise
+            data_end = os.lseek(fd, data_start, os.SEEK_HOLE)
+            block = max(data_start // GRID, last + 1)
+            while block * GRID < data_end:
+                data = os.pread(fd, GRID, block * GRID)
+                if data != zero[: len(data)]:
+                    h.update(block.to_bytes(8, "big"))
+                    h.update(data)
+                last = block
+                block += 1
+            offset = data_end
+    return size, h.hexdigest()
+
+
+def sparse_file_digests(path: str, chunk_size: int, size: int):
+    """
+    `manifest.file_digests` for sparse files: a chunk that lies wholly in a
+    hole is known to be zeros without reading it.  Same values, seconds
+    instead of minutes for a file of many GiB.
+    """
+    zero: dict[int, bytes] = {}
+    with open(path, "rb", buffering=0) as f:
+        fd = f.fileno()
+        for offset in range(0, size, chunk_size):
+            length = min(chunk_size, size - offset)
+            try:
+                next_data = os.lseek(fd, offset, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno != errno.ENXIO:
+                    raise
+                next_data = size
+            if next_data >= offset + length:
+                if length not in zero:
+                    zero[length] = digest(bytes(length))
+                yield zero[length]
+            else:
+                yield digest(os.pread(fd, length, offset))
+
+
+def fast_scan(testcase, sources, **kwargs):
+    """`manifest.scan` with `sparse_file_digests`, for trees holding huge sparse files."""
+    testcase.patch(manifest_module, "file_digests", sparse_file_digests)
+    return scan(sources, **kwargs)
+
+
+def tree_entries(root: str) -> dict[str, os.stat_result]:
+    """lstat of every entry beneath ``root`` by relative path (root itself excluded)."""
+    found = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            found[os.path.relpath(path, root)] = os.lstat(path)
+    return found
+
+
+def part_files(root: str) -> list[str]:
+    return sorted(rel for rel in tree_entries(root) if os.path.basename(rel).startswith(".mrsync-"))
+
+
+def assert_same_tree(testcase, src: str, dst: str, sparse: bool = False) -> None:
+    """
+    ``dst`` holds exactly what ``src`` holds: the same names and kinds,
+    byte-identical files, the same symlink targets, modes and mtimes (by
+    lstat, so symlinks are compared themselves), and hardlinks that share an
+    inode where the source's do.
+    """
+    want = tree_entries(src)
+    got = tree_entries(dst)
+    testcase.assertEqual(sorted(got), sorted(want))
+    src_groups: dict[tuple[int, int], list[str]] = {}
+    for rel, s in sorted(want.items()):
+        d = got[rel]
+        testcase.assertEqual(stat.S_IFMT(d.st_mode), stat.S_IFMT(s.st_mode), rel)
+        testcase.assertEqual(d.st_mtime_ns, s.st_mtime_ns, f"mtime of {rel}")
+        if stat.S_ISLNK(s.st_mode):
+            testcase.assertEqual(os.readlink(os.path.join(dst, rel)), os.readlink(os.path.join(src, rel)), rel)
+            continue
+        testcase.assertEqual(oct(stat.S_IMODE(d.st_mode)), oct(stat.S_IMODE(s.st_mode)), f"mode of {rel}")
+        if stat.S_ISREG(s.st_mode):
+            testcase.assertEqual(d.st_size, s.st_size, rel)
+            summary = sparse_digest if sparse else file_digest
+            testcase.assertEqual(summary(os.path.join(dst, rel)), summary(os.path.join(src, rel)), rel)
+            src_groups.setdefault((s.st_dev, s.st_ino), []).append(rel)
+    for paths in src_groups.values():
+        inodes = {(got[p].st_dev, got[p].st_ino) for p in paths}
+        testcase.assertEqual(len(inodes), 1, f"{paths} should share an inode")
+        testcase.assertEqual(got[paths[0]].st_nlink, len(paths), paths)
+    # Files that are distinct in the source are distinct in the destination.
+    dst_inodes = [(got[p[0]].st_dev, got[p[0]].st_ino) for p in src_groups.values()]
+    testcase.assertEqual(len(set(dst_inodes)), len(dst_inodes))
+
+
+class RecordingAgent(ReceiverAgent):
+    """A `ReceiverAgent` that remembers its receivers after the transfer ends."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.history = []
+
+    def prepare(self, offer):
+        d = super().prepare(offer)
+        receiver = self.receivers.get(offer.transfer_id)
+        if receiver is not None:
+            self.history.append(receiver)
+        return d
+
+
+def make_peers(testcase, reactor, destinations, names=None):
+    """One `LocalPeer` per destination, each with its own agent, closed after the test."""
+    peers = []
+    for i, destination in enumerate(destinations):
+        agent = RecordingAgent(reactor, interface="lo", destination_root=destination)
+        testcase.addCleanup(agent.close)
+        peers.append(LocalPeer(names[i] if names else f"node{i}", agent))
+    return peers
+
+
+@defer.inlineCallbacks
+def run_transfer(testcase, reactor, manifest: Manifest, local_paths, peers, channel=None, **kwargs):
+    """Run one transfer into ``/`` of every peer's destination root."""
+    channel = channel or unique_channel()
+    offer = new_offer(manifest, channel, "/")
+    kwargs.setdefault("rate_bps", RATE)
+    kwargs.setdefault("grace", 5.0)
+    kwargs.setdefault("call_timeout", 2.0)
+    transfer = Transfer(reactor, offer, local_paths, peers, **kwargs)
+    report = yield transfer.run()
+    return report

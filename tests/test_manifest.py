@@ -1,0 +1,448 @@
+"""Path checks, manifest parsing from the network, and scanning a tree."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from mrsyncd.manifest import (
+    DIGEST_SIZE,
+    DIR,
+    FILE,
+    HARDLINK,
+    NAME_MAX,
+    PATH_MAX,
+    SYMLINK,
+    Entry,
+    Manifest,
+    ManifestError,
+    check_path,
+    default_chunk_size,
+    digest,
+    file_digests,
+    scan,
+)
+
+from .support import sparse_file_digests
+
+# check_path
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "",
+        "/",
+        "/etc/passwd",
+        "//x",
+        "..",
+        "../x",
+        "a/..",
+        "a/../b",
+        ".",
+        "./a",
+        "a/.",
+        "a/./b",
+        "a//b",
+        "a/",
+        "a/b/",
+        "a\0b",
+        "\0",
+        "x" * (NAME_MAX + 1),
+        "a/" + "x" * (NAME_MAX + 1) + "/b",
+        "é" * 128,  # 256 bytes in UTF-8
+        "/".join(["x" * 200] * 21),  # > PATH_MAX
+        "a/" * 2048 + "b",  # 4097 bytes
+        "\ud800",  # a lone surrogate cannot name a file
+    ],
+)
+def test_check_path_refuses(path):
+    with pytest.raises(ManifestError):
+        check_path(path)
+
+
+def test_path_max_boundary():
+    names = ["x" * 255] * 16  # 16 * 256 - 1 = 4095 bytes
+    longest = "/".join(names)
+    assert len(longest) == PATH_MAX - 1
+    check_path(longest)
+    with pytest.raises(ManifestError):
+        check_path(longest + "y")
+    with pytest.raises(ManifestError):
+        check_path("é" * 2048)  # 2048 characters, 4096 bytes
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "a",
+        "a/b/c",
+        "...",
+        "..a",
+        "a..",
+        ".hidden",
+        "a/.b/..c",
+        "with space/and\ttab",
+        "back\\slash",
+        "x" * NAME_MAX,
+        "é" * 127,
+        "ünïcødé/ファイル",
+        "\udcff\udc80",  # a non-UTF-8 name as os.fsdecode gives it
+        "-rf",
+        "~",
+    ],
+)
+def test_check_path_accepts(path):
+    check_path(path)
+
+
+@given(st.lists(st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="/\0"), min_size=1, max_size=20), min_size=1, max_size=8))
+def test_check_path_accepts_normal_names(parts):
+    path = "/".join(parts)
+    if any(p in (".", "..") for p in parts):
+        with pytest.raises(ManifestError):
+            check_path(path)
+    else:
+        check_path(path)
+
+
+@given(st.text(max_size=60))
+def test_check_path_is_total(path):
+    """Any string is accepted or refused with ManifestError, nothing else."""
+    try:
+        check_path(path)
+    except ManifestError:
+        return
+    assert path and not path.startswith("/") and "\0" not in path
+    assert all(p not in ("", ".", "..") for p in path.split("/"))
+    assert os.path.normpath(path) == path
+
+
+# Manifest.from_bytes
+
+
+def sample_manifest() -> Manifest:
+    m = Manifest([], block_size=16, chunk_size=64)
+    m.entries = [
+        Entry("d", DIR, 0o755, 10),
+        Entry("d/f", FILE, 0o644, 11, 1000, 1000, 100, digests=b"\1" * (2 * DIGEST_SIZE)),
+        Entry("d/empty", FILE, 0o600, -5, size=0),
+        Entry("d/l", SYMLINK, 0o777, 12, target="/etc/passwd"),
+        Entry("h", HARDLINK, 0o644, 11, target="d/f"),
+    ]
+    return m
+
+
+def doc_of(m: Manifest) -> dict:
+    return json.loads(m.to_bytes())
+
+
+def parse(doc) -> Manifest:
+    return Manifest.from_bytes(json.dumps(doc).encode())
+
+
+def test_round_trip():
+    m = sample_manifest()
+    again = Manifest.from_bytes(m.to_bytes())
+    assert again == m
+    assert again.entries[1].digests == b"\1" * 64
+    assert again.chunks(again.entries[1]) == 2
+    assert again.blocks(again.entries[1]) == 7
+    assert again.block_length(again.entries[1], 6) == 4
+    assert again.chunk_span(again.entries[1], 1) == (64, 36)
+    assert again.total_bytes() == 100
+    assert [i for i, _ in again.files()] == [1, 2]
+
+
+entry_text = st.text(alphabet="abc.é", min_size=1, max_size=6)
+
+
+@given(
+    st.lists(
+        st.tuples(entry_text, st.integers(0, 0o7777), st.integers(-(2**63), 2**63 - 1), st.integers(0, 300)),
+        max_size=8,
+        unique_by=lambda t: t[0],
+    )
+)
+def test_round_trip_property(records):
+    m = Manifest([], block_size=8, chunk_size=32)
+    for name, mode, mtime, size in records:
+        if name in (".", ".."):
+            continue
+        e = Entry(name, FILE, mode, mtime, size=size)
+        e.digests = b"\7" * (m.chunks(e) * DIGEST_SIZE)
+        m.entries.append(e)
+    assert Manifest.from_bytes(m.to_bytes()) == m
+
+
+def test_default_chunk_size():
+    m = Manifest([])
+    assert m.chunk_size == default_chunk_size(m.block_size)
+    assert m.chunk_size % m.block_size == 0
+    assert (1 << 20) - m.block_size < m.chunk_size <= 1 << 20
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"", b"{", b"not json", b"\xff\xfe", b"[]", b"null", b"42", b'"x"', b'{"format": 2}', b"{}"],
+)
+def test_refuses_bad_json(data):
+    with pytest.raises(ManifestError):
+        Manifest.from_bytes(data)
+
+
+def mutations():
+    """(description, function that spoils a good manifest document)."""
+
+    def top(key, value):
+        def f(doc):
+            doc[key] = value
+
+        return f
+
+    def field(index, key, value):
+        def f(doc):
+            doc["entries"][index][key] = value
+
+        return f
+
+    def drop(index, key):
+        def f(doc):
+            del doc["entries"][index][key]
+
+        return f
+
+    def digests(index, n):
+        def f(doc):
+            doc["entries"][index]["digests"] = "01" * (n * DIGEST_SIZE)
+
+        return f
+
+    def append(entry):
+        def f(doc):
+            doc["entries"].append(entry)
+
+        return f
+
+    def reorder(doc):
+        # The hardlink before the file it links to.
+        doc["entries"].insert(0, doc["entries"].pop())
+
+    file_record = {"path": "x", "kind": "file", "mode": 420, "mtime_ns": 0}
+    return [
+        ("format bool", top("format", True)),
+        ("format missing", top("format", None)),
+        ("block_size bool", top("block_size", True)),
+        ("block_size zero", top("block_size", 0)),
+        ("block_size float", top("block_size", 16.0)),
+        ("block_size too big", top("block_size", 100000)),
+        ("chunk_size not multiple", top("chunk_size", 65)),
+        ("chunk_size below block", top("chunk_size", 8)),
+        ("chunk_size string", top("chunk_size", "64")),
+        ("entries not a list", top("entries", {})),
+        ("entry not an object", append([1, 2])),
+        ("too few digests", digests(1, 1)),
+        ("too many digests", digests(1, 3)),
+        ("digests on empty file", digests(2, 1)),
+        ("digests not hex", field(1, "digests", "zz" * 64)),
+        ("digests odd", field(1, "digests", "0" * 129)),
+        ("digests not a string", field(1, "digests", 5)),
+        ("duplicate path", field(2, "path", "d/f")),
+        ("duplicate dir", append({"path": "d", "kind": "dir", "mode": 493, "mtime_ns": 0})),
+        ("hardlink to later file", reorder),
+        ("hardlink to missing", field(4, "target", "nope")),
+        ("hardlink to dir", field(4, "target", "d")),
+        ("hardlink to symlink", field(4, "target", "d/l")),
+        ("hardlink to itself", field(4, "target", "h")),
+        ("hardlink to bad path", field(4, "target", "../d/f")),
+        ("hardlink with size", field(4, "size", 100)),
+        ("symlink empty target", field(3, "target", "")),
+        ("symlink NUL target", field(3, "target", "a\0b")),
+        ("symlink target not a string", field(3, "target", ["x"])),
+        ("dir with size", field(0, "size", 1)),
+        ("dir with digests", field(0, "digests", "01" * 32)),
+        ("unknown kind", field(0, "kind", "fifo")),
+        ("kind not a string", field(0, "kind", ["dir"])),
+        ("path absolute", field(0, "path", "/d")),
+        ("path dotdot", field(1, "path", "d/../f")),
+        ("path not a string", field(0, "path", 5)),
+        ("path missing", drop(0, "path")),
+        ("mode bool", field(0, "mode", True)),
+        ("mode too big", field(0, "mode", 0o10000)),
+        ("mode negative", field(0, "mode", -1)),
+        ("mode float", field(0, "mode", 493.0)),
+        ("mode string", field(0, "mode", "493")),
+        ("mode missing", drop(0, "mode")),
+        ("mtime bool", field(1, "mtime_ns", False)),
+        ("mtime too big", field(1, "mtime_ns", 2**63)),
+        ("mtime missing", drop(1, "mtime_ns")),
+        ("uid bool", field(1, "uid", True)),
+        ("uid negative", field(1, "uid", -1)),
+        ("gid too big", field(1, "gid", 2**32)),
+        ("size bool", field(1, "size", True)),
+        ("size negative", field(1, "size", -1)),
+        ("size float", field(1, "size", 100.0)),
+        ("lone surrogate path", append({**file_record, "path": "\ud800"})),
+    ]
+
+
+@pytest.mark.parametrize("name, spoil", mutations(), ids=[n for n, _ in mutations()])
+def test_refuses_bad_manifest(name, spoil):
+    doc = doc_of(sample_manifest())
+    parse(doc)  # the unspoilt document is fine
+    spoil(doc)
+    with pytest.raises(ManifestError):
+        parse(doc)
+
+
+@given(st.binary(max_size=200))
+def test_from_bytes_garbage_raises_only_manifest_error(data):
+    try:
+        Manifest.from_bytes(data)
+    except ManifestError:
+        pass
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False) | st.text(max_size=5),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=5), children, max_size=3),
+    max_leaves=10,
+)
+
+
+@given(st.data())
+def test_from_bytes_random_fields_raise_only_manifest_error(data):
+    """Any JSON in any field of a good manifest is parsed or refused cleanly."""
+    doc = doc_of(sample_manifest())
+    index = data.draw(st.integers(0, len(doc["entries"]) - 1))
+    key = data.draw(st.sampled_from(["path", "kind", "mode", "mtime_ns", "uid", "gid", "size", "target", "digests"]))
+    doc["entries"][index][key] = data.draw(json_values)
+    try:
+        parse(doc)
+    except ManifestError:
+        pass
+
+
+# scan
+
+
+def build_tree(root):
+    os.makedirs(os.path.join(root, "top", "sub", "deep"))
+    os.makedirs(os.path.join(root, "top", "emptydir"))
+    with open(os.path.join(root, "top", "empty"), "wb"):
+        pass
+    with open(os.path.join(root, "top", "sub", "data"), "wb") as f:
+        f.write(bytes(range(256)) * 1)  # 256 bytes: 4 chunks of 64
+    with open(os.path.join(root, "top", "sub", "deep", "tail"), "wb") as f:
+        f.write(b"z" * 70)  # 2 chunks, the last short
+    os.chmod(os.path.join(root, "top", "sub", "data"), 0o640)
+    os.symlink("../../elsewhere", os.path.join(root, "top", "sub", "link"))
+    os.symlink("sub", os.path.join(root, "top", "dirlink"))  # a link to a dir is not followed
+    os.link(os.path.join(root, "top", "sub", "data"), os.path.join(root, "top", "zhard"))
+    os.utime(os.path.join(root, "top", "sub", "deep", "tail"), ns=(123456789012345678, 123456789012345678))
+
+
+def test_scan_kinds_and_contents(tmp_path):
+    root = str(tmp_path)
+    build_tree(root)
+    m, local = scan([os.path.join(root, "top")], block_size=16, chunk_size=64)
+    by_path = {e.path: e for e in m.entries}
+    assert [e.path for e in m.entries] == [
+        "top",
+        "top/dirlink",
+        "top/empty",
+        "top/emptydir",
+        "top/sub",
+        "top/zhard",
+        "top/sub/data",
+        "top/sub/deep",
+        "top/sub/link",
+        "top/sub/deep/tail",
+    ]
+    kinds = {p: e.kind for p, e in by_path.items()}
+    assert kinds == {
+        "top": DIR,
+        "top/dirlink": SYMLINK,
+        "top/empty": FILE,
+        "top/emptydir": DIR,
+        "top/sub": DIR,
+        "top/zhard": FILE,
+        "top/sub/data": HARDLINK,
+        "top/sub/deep": DIR,
+        "top/sub/link": SYMLINK,
+        "top/sub/deep/tail": FILE,
+    }
+    # The first name of a hardlinked inode is the file, later ones link to it.
+    assert by_path["top/sub/data"].target == "top/zhard"
+    assert by_path["top/sub/data"].size == 0 and by_path["top/sub/data"].digests == b""
+    assert by_path["top/dirlink"].target == "sub"
+    assert by_path["top/sub/link"].target == "../../elsewhere"
+    assert by_path["top/empty"].size == 0 and by_path["top/empty"].digests == b""
+    zhard = by_path["top/zhard"]
+    assert zhard.size == 256 and zhard.mode == 0o640
+    assert zhard.digests == b"".join(digest(bytes(range(256))[i : i + 64]) for i in range(0, 256, 64))
+    tail = by_path["top/sub/deep/tail"]
+    assert tail.digests == digest(b"z" * 64) + digest(b"z" * 6)
+    assert tail.mtime_ns == 123456789012345678
+    for e in m.entries:
+        st_ = os.lstat(os.path.join(root, e.path))
+        assert e.mode == stat.S_IMODE(st_.st_mode)
+        assert e.mtime_ns == st_.st_mtime_ns
+        assert (e.uid, e.gid) == (st_.st_uid, st_.st_gid)
+    # local paths name the regular files by index, and only them
+    assert local == {i: os.path.join(root, e.path) for i, e in enumerate(m.entries) if e.kind == FILE}
+    # what scan makes, the network accepts unchanged
+    assert Manifest.from_bytes(m.to_bytes()) == m
+
+
+def test_scan_rsync_naming(tmp_path):
+    root = str(tmp_path)
+    build_tree(root)
+    top = os.path.join(root, "top")
+    named, _ = scan([top])
+    contents, _ = scan([top + "/"])
+    assert named.entries[0].path == "top"
+    assert {"top/" + e.path for e in contents.entries} == {e.path for e in named.entries} - {"top"}
+    # hardlink targets are renamed along with everything else
+    assert {e.path: e.target for e in contents.entries if e.kind == HARDLINK} == {"sub/data": "zhard"}
+    # A single file is named by its base name, with or without ./ noise.
+    single, local = scan([os.path.join(top, "sub", "deep", "tail")])
+    assert [e.path for e in single.entries] == ["tail"]
+    assert local == {0: os.path.join(top, "sub", "deep", "tail")}
+    # A trailing slash on a symlink to a directory copies the link, not the directory.
+    link, _ = scan([os.path.join(top, "dirlink") + "/"])
+    assert [(e.path, e.kind) for e in link.entries] == [("dirlink", SYMLINK)]
+    # Several sources merge; a name given twice is refused.
+    both, _ = scan([os.path.join(top, "sub") + "/", os.path.join(top, "emptydir")])
+    assert {e.path for e in both.entries} >= {"data", "deep/tail", "emptydir"}
+    with pytest.raises(ManifestError):
+        scan([os.path.join(top, "sub"), os.path.join(top, "sub") + "/../sub"])
+
+
+def test_scan_refuses_special_files(tmp_path):
+    os.mkfifo(tmp_path / "fifo")
+    with pytest.raises(ManifestError):
+        scan([str(tmp_path) + "/"])
+
+
+def test_scan_empty_dir(tmp_path):
+    m, local = scan([str(tmp_path) + "/"])
+    assert m.entries == [] and local == {}
+
+
+def test_sparse_digests_match_file_digests(tmp_path):
+    """The sparse-aware digesting helper of the transfer tests agrees with scan's."""
+    path = str(tmp_path / "sparse")
+    with open(path, "wb") as f:
+        f.truncate(40 << 20)
+        os.pwrite(f.fileno(), os.urandom(3000), 5 << 20)
+        os.pwrite(f.fileno(), b"x", (20 << 20) - 1)
+        os.pwrite(f.fileno(), b"y", 40 << 20 - 1)
+    size = os.path.getsize(path)
+    chunk = default_chunk_size(1408)
+    assert list(sparse_file_digests(path, chunk, size)) == list(file_digests(path, chunk, size))

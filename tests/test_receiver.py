@@ -1,0 +1,501 @@
+"""
+The receiving side: what reaches the disk, when, and where.
+
+Real multicast sockets on ``lo``; some tests drive a `Receiver` directly by
+calling ``datagramReceived``, the others run a whole `Transfer`.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import stat
+
+from twisted.internet import defer, reactor, task
+from twisted.trial import unittest
+
+from mrsyncd import datagram
+from mrsyncd import receiver as receiver_module
+from mrsyncd.blockset import RangeSet, decode_map
+from mrsyncd.manifest import DIR, Manifest, digest, scan
+from mrsyncd.multicast import sender_socket
+from mrsyncd.receiver import OK, Receiver, part_name
+
+from .support import (
+    assert_same_tree,
+    file_digest,
+    make_full_tree,
+    make_peers,
+    part_files,
+    run_transfer,
+    temp_dir,
+    tree_entries,
+    unique_channel,
+    write_file,
+)
+
+
+@defer.inlineCallbacks
+def wait_until(predicate, timeout=10.0, step=0.01):
+    deadline = reactor.seconds() + timeout
+    while not predicate():
+        if reactor.seconds() > deadline:
+            raise AssertionError(f"timed out waiting for {predicate}")
+        yield task.deferLater(reactor, step, lambda: None)
+
+
+def without(manifest, local, paths):
+    """The manifest less some entries, with file indices renumbered."""
+    keep = [(i, e) for i, e in enumerate(manifest.entries) if e.path not in paths]
+    m = Manifest([e for _, e in keep], manifest.block_size, manifest.chunk_size)
+    return m, {j: local[i] for j, (i, _) in enumerate(keep) if i in local}
+
+
+def walk_all(root):
+    """Every path beneath root, for 'nothing was written here' checks."""
+    return sorted(tree_entries(root))
+
+
+class DirectReceiverTests(unittest.TestCase):
+    """A `Receiver` fed datagrams by hand: exact control of what arrives."""
+
+    timeout = 30
+
+    def setUp(self):
+        self.base = temp_dir(self)
+        self.src = os.path.join(self.base, "src")
+        self.dst = os.path.join(self.base, "dst")
+        os.mkdir(self.src)
+        self.rng = random.Random(7)
+        self.tid, self.key = os.urandom(8), os.urandom(32)
+
+    def start(self, manifest):
+        r = Receiver(reactor, self.dst, unique_channel())
+        self.addCleanup(r.close)
+        self.manifest = manifest
+        return r, r.prepare(self.tid, self.key, manifest)
+
+    def feed(self, r, index, blocks, data, key=None, tid=None):
+        bs = self.manifest.block_size
+        for b in blocks:
+            r.datagramReceived(
+                datagram.encode(key or self.key, tid or self.tid, index, b, data[b * bs : (b + 1) * bs]), None
+            )
+
+    @defer.inlineCallbacks
+    def test_blocks_in_reports_out_commit(self):
+        data = self.rng.randbytes(10_000)
+        write_file(os.path.join(self.src, "f"), data)
+        manifest, _ = scan([self.src + "/"], block_size=100, chunk_size=1000)
+        r, d = self.start(manifest)
+        needs = yield d
+        self.assertEqual(needs, {0: RangeSet.interval(0, 10)})
+        report = r.missing()
+        self.assertEqual(decode_map(report.missing), {0: RangeSet.interval(0, 100)})
+        self.assertTrue(report.complete)
+        self.assertFalse(report.done)
+
+        held = [b for b in range(100) if b % 7 and b not in (40, 41, 42)]
+        self.feed(r, 0, held, data)
+        self.feed(r, 0, held[:5], data)  # duplicates
+        self.assertEqual(r.stats["duplicate"], 5)
+        self.assertEqual(r.stats["blocks"], len(held))
+        report = r.missing()
+        self.assertEqual(set(decode_map(report.missing)[0]), set(range(100)) - set(held))
+        # A block is on disk before it is verified, but only in the part file.
+        self.assertEqual(os.listdir(self.dst), [part_name(self.tid, 0)])
+        # Wrong lengths and indices never touch the disk.
+        r.datagramReceived(datagram.encode(self.key, self.tid, 0, 0, data[:99]), None)
+        r.datagramReceived(datagram.encode(self.key, self.tid, 0, 99, data[:101]), None)
+        r.datagramReceived(datagram.encode(self.key, self.tid, 0, 100, data[:100]), None)
+        r.datagramReceived(datagram.encode(self.key, self.tid, 1, 0, data[:100]), None)
+        self.assertEqual(r.stats["range"], 4)
+
+        self.feed(r, 0, sorted(set(range(100)) - set(held)), data)
+        yield wait_until(lambda: r.done)
+        self.assertEqual(r.results, {"f": OK})
+        self.assertEqual(decode_map(r.missing().missing), {})
+        self.assertTrue(r.missing().done)
+        with open(os.path.join(self.dst, "f"), "rb") as f:
+            self.assertEqual(f.read(), data)
+        self.assertEqual(part_files(self.dst), [])
+
+    @defer.inlineCallbacks
+    def test_datagrams_of_a_non_file_entry_are_out_of_range(self):
+        os.mkdir(os.path.join(self.src, "d"))
+        write_file(os.path.join(self.src, "e"), b"")
+        manifest, _ = scan([self.src + "/"], block_size=100, chunk_size=1000)
+        self.assertEqual([e.kind for e in manifest.entries], [DIR, "file"])
+        r, d = self.start(manifest)
+        needs = yield d
+        self.assertEqual(needs, {})
+        for index in (0, 1, 2, 2**32 - 1):
+            r.datagramReceived(datagram.encode(self.key, self.tid, index, 0, b""), None)
+        self.assertEqual(r.stats["range"], 4)
+        yield wait_until(lambda: r.done)
+        self.assertEqual(r.results, {"d": OK, "e": OK})
+
+    @defer.inlineCallbacks
+    def test_resume_from_a_part_file(self):
+        """Chunks a part file of the same transfer already holds are verified and not asked for."""
+        data = self.rng.randbytes(4000)
+        write_file(os.path.join(self.src, "f"), data)
+        manifest, _ = scan([self.src + "/"], block_size=100, chunk_size=1000)
+        os.mkdir(self.dst)
+        part = bytearray(data)
+        part[1500] ^= 1  # chunk 1 corrupt
+        part[3000:4000] = bytes(1000)  # chunk 3 never written
+        write_file(os.path.join(self.dst, part_name(self.tid, 0)), bytes(part))
+        r, d = self.start(manifest)
+        needs = yield d
+        self.assertEqual(needs, {0: RangeSet([(1, 2), (3, 4)])})
+        self.assertEqual(set(decode_map(r.missing().missing)[0]), set(range(10, 20)) | set(range(30, 40)))
+        self.feed(r, 0, list(range(10, 20)) + list(range(30, 40)), data)
+        yield wait_until(lambda: r.done)
+        self.assertEqual(r.results, {"f": OK})
+        with open(os.path.join(self.dst, "f"), "rb") as f:
+            self.assertEqual(f.read(), data)
+
+    @defer.inlineCallbacks
+    def test_part_file_of_the_wrong_size_is_discarded(self):
+        data = self.rng.randbytes(2500)
+        write_file(os.path.join(self.src, "f"), data)
+        manifest, _ = scan([self.src + "/"], block_size=100, chunk_size=1000)
+        os.mkdir(self.dst)
+        write_file(os.path.join(self.dst, part_name(self.tid, 0)), data + b"x")
+        r, d = self.start(manifest)
+        needs = yield d
+        self.assertEqual(needs, {0: RangeSet.interval(0, 3)})
+
+    @defer.inlineCallbacks
+    def test_zero_chunks_are_never_asked_for(self):
+        data = bytes(2500) + b"tail"
+        write_file(os.path.join(self.src, "z"), data)
+        write_file(os.path.join(self.src, "zeros"), bytes(3000))
+        manifest, _ = scan([self.src + "/"], block_size=100, chunk_size=1000)
+        r, d = self.start(manifest)
+        needs = yield d
+        self.assertEqual(needs, {0: RangeSet.interval(2, 3)})
+        self.feed(r, 0, range(20, 26), data)
+        yield wait_until(lambda: r.done)
+        self.assertEqual(r.results, {"z": OK, "zeros": OK})
+        for name, content in (("z", data), ("zeros", bytes(3000))):
+            with open(os.path.join(self.dst, name), "rb") as f:
+                self.assertEqual(f.read(), content)
+
+    @defer.inlineCallbacks
+    def test_missing_report_is_bounded(self):
+        self.patch(receiver_module, "REPORT_RANGES", 50)
+        data = self.rng.randbytes(100 * 400)
+        write_file(os.path.join(self.src, "a"), data)
+        write_file(os.path.join(self.src, "b"), data)
+        manifest, _ = scan([self.src + "/"], block_size=100, chunk_size=1000)
+        r, d = self.start(manifest)
+        yield d
+        # Every other block of both files: 400 one-block holes.
+        self.feed(r, 0, range(0, 400, 2), data)
+        self.feed(r, 1, range(0, 400, 2), data)
+        report = r.missing()
+        self.assertFalse(report.complete)
+        got = decode_map(report.missing)
+        self.assertEqual(list(got), [0])
+        self.assertLessEqual(len(got[0].ranges), 50 + manifest.chunk_blocks)
+        self.assertEqual(got[0].ranges, [(b, b + 1) for b in range(1, 400, 2)][: len(got[0].ranges)])
+        # Once those are in, the report moves on to what is left.
+        self.feed(r, 0, [b for b in range(1, 400, 2)], data)
+        got = decode_map(r.missing().missing)
+        self.assertNotIn(0, got)
+        self.assertEqual(got[1].ranges[0], (1, 2))
+
+    @defer.inlineCallbacks
+    def test_sender_gave_up_on_a_file(self):
+        data = self.rng.randbytes(3000)
+        write_file(os.path.join(self.src, "f"), data)
+        manifest, _ = scan([self.src + "/"], block_size=100, chunk_size=1000)
+        os.mkdir(self.dst)
+        write_file(os.path.join(self.dst, "f"), b"old")
+        r, d = self.start(manifest)
+        yield d
+        self.feed(r, 0, range(0, 15), data)
+        report = r.missing({0: "source changed"})
+        self.assertEqual(decode_map(report.missing), {})
+        yield wait_until(lambda: r.done)
+        self.assertIn("sender gave up", r.results["f"])
+        with open(os.path.join(self.dst, "f"), "rb") as f:
+            self.assertEqual(f.read(), b"old")
+        self.assertEqual(part_files(self.dst), [])
+
+
+class ForeignDatagramTests(unittest.TestCase):
+    """Datagrams that are not this transfer's are counted and never written."""
+
+    timeout = 60
+    N = 20
+
+    def spray(self, sock, channel, tid, key, manifest, rng, n):
+        """Send ``n`` datagrams of every unwanted kind; returns how many of each reason."""
+        address = channel.address
+        index, entry = next((i, e) for i, e in manifest.files() if manifest.blocks(e) > 10)
+        bs = manifest.block_size
+        other_tid, other_key = os.urandom(8), os.urandom(32)
+        sent = {}
+
+        def send(reason, packet):
+            sock.sendto(packet, address)
+            sent[reason] = sent.get(reason, 0) + 1
+
+        for _ in range(n):
+            block = rng.randrange(manifest.blocks(entry) - 1)
+            payload = rng.randbytes(bs)
+            good = datagram.encode(key, tid, index, block, payload)
+            send("short", rng.randbytes(rng.randrange(0, datagram.HEADER_SIZE)))
+            send("magic", b"XX" + rng.randbytes(rng.randrange(40, 1400)))
+            send("version", good[:2] + b"\x07" + good[3:])
+            send("kind", good[:3] + b"\x09" + good[4:])
+            # another transfer's perfectly valid datagram
+            send("foreign", datagram.encode(other_key, other_tid, index, block, payload))
+            # this transfer's id, right place and length, another key
+            send("tag", datagram.encode(other_key, tid, index, block, payload))
+            # a valid header with a made-up tag
+            send("tag", good[:20] + os.urandom(16) + good[36:])
+            # a valid datagram with one payload bit flipped
+            send("tag", good[:-1] + bytes([good[-1] ^ 1]))
+            # valid tags (the key holder misbehaving) but out of range
+            send("range", datagram.encode(key, tid, len(manifest.entries) + 3, 0, payload))
+            send("range", datagram.encode(key, tid, index, 2**32 - 1, payload))
+            send("range", datagram.encode(key, tid, index, block, payload + b"x"))
+        return sent
+
+    @defer.inlineCallbacks
+    def test_foreign_datagrams_are_counted_and_dropped(self):
+        base = temp_dir(self)
+        src = os.path.join(base, "src")
+        make_full_tree(src)
+        manifest, local = scan([src + "/"])
+        dests = [os.path.join(base, f"dst{i}") for i in range(3)]
+        peers = make_peers(self, reactor, dests)
+        channel = unique_channel()
+        sock = sender_socket(channel)
+        self.addCleanup(sock.close)
+        rng = random.Random(99)
+        burst = {}
+        looping = []
+
+        # Once the first receiver has the offer, every receiver's socket has
+        # joined (the transfer offers to all before any answer): send a burst
+        # that is queued ahead of all data, then keep spraying while data flows.
+        first = peers[0]
+        real_prepare = first.prepare
+
+        def prepare(offer):
+            def joined(needs):
+                burst.update(self.spray(sock, channel, offer.transfer_id, offer.key, offer.manifest, rng, self.N))
+                lc = task.LoopingCall(
+                    self.spray, sock, channel, offer.transfer_id, offer.key, offer.manifest, rng, 1
+                )
+                lc.start(0.005)
+                looping.append(lc)
+                return needs
+
+            return real_prepare(offer).addCallback(joined)
+
+        first.prepare = prepare
+        try:
+            report = yield run_transfer(self, reactor, manifest, local, peers, channel=channel)
+        finally:
+            for lc in looping:
+                lc.stop()
+        self.assertTrue(report.ok, {n: p.reason for n, p in report.peers.items()})
+        self.assertEqual(burst["short"], self.N)
+        for peer, dst in zip(peers, dests):
+            assert_same_tree(self, src, dst)
+            self.assertEqual(part_files(dst), [])
+            (receiver,) = peer.agent.history
+            stats = receiver.stats
+            for reason, count in burst.items():
+                self.assertGreaterEqual(stats[reason], count, (peer.name, reason, dict(stats)))
+            self.assertEqual(stats["corrupt_chunks"], 0)
+            # The transfer's own report carries the counters too.
+            self.assertGreaterEqual(report.peers[peer.name].stats.get("tag", 0), burst["tag"])
+        self.assertGreater(len(looping), 0)
+
+
+class FinalPathTests(unittest.TestCase):
+    """A file at its final path is the old one or the whole new one, never a mix."""
+
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_old_file_untouched_until_the_new_one_is_renamed(self):
+        base = temp_dir(self)
+        src = os.path.join(base, "src")
+        os.mkdir(src)
+        rng = random.Random(3)
+        new = rng.randbytes(6 << 20)
+        write_file(os.path.join(src, "big"), new, 0o644)
+        write_file(os.path.join(src, "small"), b"new small", 0o644)
+        new_summary = file_digest(os.path.join(src, "big"))
+        manifest, local = scan([src + "/"])
+        dst = os.path.join(base, "dst")
+        os.mkdir(dst)
+        old = b"old content " * 1000
+        write_file(os.path.join(dst, "big"), old, 0o600)
+        write_file(os.path.join(dst, "small"), b"old small", 0o600)
+        old_fd = os.open(os.path.join(dst, "big"), os.O_RDONLY)
+        self.addCleanup(os.close, old_fd)
+        old_stat = os.fstat(old_fd)
+
+        seen = {"old": 0, "new": 0, "parts": set(), "checked_inodes": set()}
+
+        def poll():
+            st = os.lstat(os.path.join(dst, "big"))
+            if (st.st_dev, st.st_ino) == (old_stat.st_dev, old_stat.st_ino):
+                self.assertEqual(st.st_size, len(old))
+                self.assertEqual(st.st_mtime_ns, old_stat.st_mtime_ns)
+                seen["old"] += 1
+            else:
+                self.assertTrue(stat.S_ISREG(st.st_mode))
+                self.assertEqual(st.st_size, len(new))
+                if st.st_ino not in seen["checked_inodes"]:
+                    self.assertEqual(file_digest(os.path.join(dst, "big")), new_summary)
+                    seen["checked_inodes"].add(st.st_ino)
+                seen["new"] += 1
+            seen["parts"].update(n for n in os.listdir(dst) if n.startswith(".mrsync-"))
+
+        lc = task.LoopingCall(poll)
+        done = lc.start(0.002)
+        peers = make_peers(self, reactor, [dst])
+        try:
+            report = yield run_transfer(self, reactor, manifest, local, peers, rate_bps=100e6)
+        finally:
+            lc.stop()
+        yield done  # re-raises an assertion that failed inside poll
+        poll()
+        self.assertTrue(report.ok, report.peers["node0"].reason)
+        self.assertGreater(seen["old"], 0)
+        self.assertGreater(seen["new"], 0)
+        self.assertEqual(len(seen["checked_inodes"]), 1)
+        # The new data went into a part file beside the destination...
+        self.assertTrue(seen["parts"])
+        self.assertTrue(all(p.startswith(".mrsync-") and p.endswith(".part") for p in seen["parts"]))
+        # ... none of which is left, and the old inode never changed.
+        self.assertEqual(part_files(dst), [])
+        self.assertEqual(os.pread(old_fd, len(old) + 10, 0), old)
+        self.assertEqual(os.fstat(old_fd).st_mtime_ns, old_stat.st_mtime_ns)
+        self.assertEqual(os.fstat(old_fd).st_nlink, 0)
+        assert_same_tree(self, src, dst)
+
+    @defer.inlineCallbacks
+    def test_source_changed_keeps_the_old_file(self):
+        """A file the sender abandons fails, and the old one stays in place."""
+        base = temp_dir(self)
+        src = os.path.join(base, "src")
+        os.mkdir(src)
+        write_file(os.path.join(src, "changing"), random.Random(5).randbytes(3 << 20))
+        write_file(os.path.join(src, "steady"), b"steady")
+        manifest, local = scan([src + "/"])
+        with open(os.path.join(src, "changing"), "r+b") as f:
+            f.seek(2 << 20)
+            f.write(b"changed after the scan")
+        dests = [os.path.join(base, f"dst{i}") for i in range(2)]
+        for dst in dests:
+            os.mkdir(dst)
+            write_file(os.path.join(dst, "changing"), b"previous version")
+        report = yield run_transfer(self, reactor, manifest, local, make_peers(self, reactor, dests))
+        self.assertFalse(report.ok)
+        for name, peer in report.peers.items():
+            self.assertFalse(peer.ok)
+            self.assertIn("sender gave up", peer.results["changing"])
+            self.assertEqual(peer.results["steady"], OK)
+        for dst in dests:
+            with open(os.path.join(dst, "changing"), "rb") as f:
+                self.assertEqual(f.read(), b"previous version")
+            self.assertEqual(part_files(dst), [])
+            with open(os.path.join(dst, "steady"), "rb") as f:
+                self.assertEqual(f.read(), b"steady")
+
+
+class SymlinkEscapeTests(unittest.TestCase):
+    """Nothing is ever written through a symlink out of the destination."""
+
+    timeout = 60
+
+    def setUp(self):
+        self.base = temp_dir(self)
+        self.src = os.path.join(self.base, "src")
+        self.outside = os.path.join(self.base, "elsewhere")
+        os.makedirs(os.path.join(self.src, "a", "b"))
+        os.makedirs(os.path.join(self.outside, "b"))
+        write_file(os.path.join(self.src, "a", "b", "file"), b"must not escape")
+        write_file(os.path.join(self.src, "ok.txt"), b"fine")
+        os.link(os.path.join(self.src, "ok.txt"), os.path.join(self.src, "a", "h"))
+        os.symlink("whatever", os.path.join(self.src, "a", "s"))
+        write_file(os.path.join(self.outside, "victim"), b"victim")
+        self.outside_before = {p: os.lstat(os.path.join(self.outside, p)).st_mtime_ns for p in walk_all(self.outside)}
+        self.dst = os.path.join(self.base, "dst")
+        os.mkdir(self.dst)
+
+    def assert_outside_untouched(self):
+        self.assertEqual(
+            {p: os.lstat(os.path.join(self.outside, p)).st_mtime_ns for p in walk_all(self.outside)},
+            self.outside_before,
+        )
+        with open(os.path.join(self.outside, "victim"), "rb") as f:
+            self.assertEqual(f.read(), b"victim")
+
+    @defer.inlineCallbacks
+    def test_parent_symlink_to_outside_is_refused(self):
+        os.symlink(self.outside, os.path.join(self.dst, "a"))
+        manifest, local = scan([self.src + "/"])
+        # A manifest that names a/b/file without the directories a and a/b,
+        # so the receiver meets the symlink in the destination as it is.
+        manifest, local = without(manifest, local, {"a", "a/b"})
+        self.assertEqual(sorted(e.path for e in manifest.entries), ["a/b/file", "a/h", "a/s", "ok.txt"])
+        report = yield run_transfer(self, reactor, manifest, local, make_peers(self, reactor, [self.dst]))
+        peer = report.peers["node0"]
+        self.assertFalse(peer.ok)
+        self.assertTrue(peer.results["a/b/file"].startswith("cannot prepare"), peer.results)
+        self.assertTrue(peer.results["a/h"].startswith("cannot link"), peer.results)
+        self.assertTrue(peer.results["a/s"].startswith("cannot link"), peer.results)
+        self.assertEqual(peer.results["ok.txt"], OK)
+        self.assert_outside_untouched()
+        self.assertEqual(os.readlink(os.path.join(self.dst, "a")), self.outside)
+        self.assertEqual(walk_all(self.dst), ["a", "ok.txt"])
+
+    @defer.inlineCallbacks
+    def test_symlink_in_the_way_of_a_directory_is_replaced(self):
+        os.symlink(self.outside, os.path.join(self.dst, "a"))
+        manifest, local = scan([self.src + "/"])
+        report = yield run_transfer(self, reactor, manifest, local, make_peers(self, reactor, [self.dst]))
+        self.assertTrue(report.ok, report.peers["node0"].reason)
+        self.assertTrue(stat.S_ISDIR(os.lstat(os.path.join(self.dst, "a")).st_mode))
+        assert_same_tree(self, self.src, self.dst)
+        self.assert_outside_untouched()
+
+    @defer.inlineCallbacks
+    def test_final_name_that_is_a_symlink_to_outside_is_replaced(self):
+        os.symlink(os.path.join(self.outside, "victim"), os.path.join(self.dst, "ok.txt"))
+        manifest, local = scan([self.src + "/"])
+        report = yield run_transfer(self, reactor, manifest, local, make_peers(self, reactor, [self.dst]))
+        self.assertTrue(report.ok, report.peers["node0"].reason)
+        self.assertFalse(os.path.islink(os.path.join(self.dst, "ok.txt")))
+        assert_same_tree(self, self.src, self.dst)
+        self.assert_outside_untouched()
+
+    @defer.inlineCallbacks
+    def test_manifest_symlink_then_entries_beneath_it(self):
+        """A hostile manifest: symlink ``a`` to outside, then files under ``a/``."""
+        write_file(os.path.join(self.base, "x"), b"x")
+        manifest, local = scan([self.src + "/"])
+        manifest, local = without(manifest, local, {"a", "a/b"})
+        evil = scan([os.path.join(self.base, "x")])[0].entries[0]
+        evil.path, evil.kind, evil.target, evil.size, evil.digests = "a", "symlink", self.outside, 0, b""
+        manifest.entries.insert(0, evil)
+        local = {i + 1: p for i, p in local.items()}
+        report = yield run_transfer(self, reactor, manifest, local, make_peers(self, reactor, [self.dst]))
+        peer = report.peers["node0"]
+        self.assertFalse(peer.ok)
+        self.assertNotEqual(peer.results["a"], OK)
+        self.assert_outside_untouched()
+        # Whatever did land, landed inside the destination.
+        self.assertFalse(os.path.islink(os.path.join(self.dst, "a")))

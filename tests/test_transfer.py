@@ -1,0 +1,264 @@
+"""
+Whole transfers, in process: one `Transfer` and three receivers over real
+multicast sockets on ``lo``.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+
+from twisted.internet import defer, reactor
+from twisted.trial import unittest
+
+from mrsyncd import agent as agent_module
+from mrsyncd.agent import LocalPeer, ReceiverAgent
+from mrsyncd.manifest import scan
+from mrsyncd.receiver import OK, Receiver
+
+from .support import (
+    assert_same_tree,
+    fast_scan,
+    make_full_tree,
+    make_peers,
+    part_files,
+    run_transfer,
+    temp_dir,
+    unique_channel,
+)
+
+
+class FullTreeTests(unittest.TestCase):
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_every_kind_of_entry_to_three_receivers(self):
+        base = temp_dir(self)
+        src = os.path.join(base, "src")
+        outside = os.path.join(base, "outside")
+        os.mkdir(outside)
+        with open(os.path.join(outside, "secret"), "w") as f:
+            f.write("not to be copied")
+        make_full_tree(src, outside_target=os.path.join(outside, "secret"))
+        manifest, local = scan([src + "/"])
+        kinds = {e.kind for e in manifest.entries}
+        self.assertEqual(kinds, {"file", "dir", "symlink", "hardlink"})
+        self.assertTrue(any(manifest.chunks(e) > 3 for _, e in manifest.files()))
+        dests = [os.path.join(base, f"dst{i}") for i in range(3)]
+        peers = make_peers(self, reactor, dests)
+        report = yield run_transfer(self, reactor, manifest, local, peers)
+        self.assertTrue(report.ok, {n: p.reason for n, p in report.peers.items()})
+        self.assertGreaterEqual(report.passes, 1)
+        for name, peer in report.peers.items():
+            self.assertEqual(set(peer.results), {e.path for e in manifest.entries}, name)
+            self.assertEqual(set(peer.results.values()), {OK}, name)
+        for dst in dests:
+            assert_same_tree(self, src, dst)
+            self.assertEqual(part_files(dst), [])
+            # The symlink out of the tree was copied as a link, never followed.
+            self.assertEqual(os.readlink(os.path.join(dst, "dir", "outside-link")), os.path.join(outside, "secret"))
+        self.assertEqual(sorted(os.listdir(outside)), ["secret"])
+        self.assertGreater(report.sender_stats["datagrams"], 0)
+
+    @defer.inlineCallbacks
+    def test_named_source_and_a_second_run_over_the_copy(self):
+        """
+        ``src`` (no slash) arrives as ``DEST/src``; running the same transfer
+        again over the copy (a new transfer id and key) leaves it identical.
+        """
+        base = temp_dir(self)
+        src = os.path.join(base, "tree")
+        make_full_tree(src)
+        manifest, local = scan([src])
+        dests = [os.path.join(base, f"dst{i}") for i in range(3)]
+        for run in range(2):
+            report = yield run_transfer(self, reactor, manifest, local, make_peers(self, reactor, dests))
+            self.assertTrue(report.ok, {n: p.reason for n, p in report.peers.items()})
+            if run:
+                # Unchanged files (same size and mtime) do not cross the network again.
+                self.assertEqual(report.sender_stats.get("payload", 0), 0)
+            for dst in dests:
+                self.assertEqual(os.listdir(dst), ["tree"])
+                assert_same_tree(self, src, os.path.join(dst, "tree"))
+                self.assertEqual(part_files(dst), [])
+
+
+class SparseFileTests(unittest.TestCase):
+    timeout = 120
+
+    @defer.inlineCallbacks
+    def test_sparse_file_over_4_gib(self):
+        base = temp_dir(self)
+        src = os.path.join(base, "src")
+        os.mkdir(src)
+        path = os.path.join(src, "sparse.img")
+        rng = random.Random(4)
+        size = (4 << 30) + (8 << 20) + 12345
+        with open(path, "wb") as f:
+            f.truncate(size)
+            os.pwrite(f.fileno(), rng.randbytes(3 << 20), 4097)
+            os.pwrite(f.fileno(), rng.randbytes(3 << 20), (4 << 30) + (1 << 20) + 77)
+            os.pwrite(f.fileno(), b"the end", size - 7)
+        os.utime(path, ns=(1_700_000_000_123_456_789,) * 2)
+        manifest, local = fast_scan(self, [src + "/"])
+        entry = manifest.entries[0]
+        self.assertEqual(entry.size, size)
+        self.assertGreater(manifest.blocks(entry), 3_000_000)
+        dests = [os.path.join(base, f"dst{i}") for i in range(3)]
+        report = yield run_transfer(self, reactor, manifest, local, make_peers(self, reactor, dests))
+        self.assertTrue(report.ok, {n: p.reason for n, p in report.peers.items()})
+        # Only the chunks that hold data crossed the wire, not 4 GiB of zeros.
+        self.assertLess(report.sender_stats["payload"], 3 * (10 << 20))
+        self.assertGreaterEqual(report.sender_stats["payload"], 6 << 20)
+        for dst in dests:
+            assert_same_tree(self, src, dst, sparse=True)
+            # and the copy is sparse too
+            self.assertLess(os.stat(os.path.join(dst, "sparse.img")).st_blocks * 512, 64 << 20)
+
+
+class LossyReceiver(Receiver):
+    """
+    Test-only loss injector: drops every tenth datagram that reaches the
+    socket, before the receiver sees it, as a lossy LAN would.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.arrived = 0
+        self.dropped = 0
+
+    def datagramReceived(self, data, addr):
+        self.arrived += 1
+        if self.arrived % 10 == 3:
+            self.dropped += 1
+            return
+        super().datagramReceived(data, addr)
+
+
+class LossTests(unittest.TestCase):
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_ten_percent_loss_is_repaired(self):
+        self.patch(agent_module, "Receiver", LossyReceiver)
+        base = temp_dir(self)
+        src = os.path.join(base, "src")
+        make_full_tree(src)
+        manifest, local = scan([src + "/"])
+        dests = [os.path.join(base, f"dst{i}") for i in range(3)]
+        peers = make_peers(self, reactor, dests)
+        report = yield run_transfer(self, reactor, manifest, local, peers)
+        self.assertTrue(report.ok, {n: p.reason for n, p in report.peers.items()})
+        self.assertGreater(report.passes, 1)
+        for peer in peers:
+            (receiver,) = peer.agent.history
+            self.assertIsInstance(receiver, LossyReceiver)
+            self.assertGreater(receiver.dropped, 100)
+            self.assertLess(abs(receiver.dropped / receiver.arrived - 0.1), 0.01)
+        for dst in dests:
+            assert_same_tree(self, src, dst)
+            self.assertEqual(part_files(dst), [])
+        # Repairs resend what was lost, not everything again.
+        blocks = sum(manifest.blocks(e) for _, e in manifest.files())
+        self.assertLess(report.sender_stats["datagrams"], 2 * blocks)
+
+
+class DeadPeer:
+    """
+    A receiver that takes the offer (its socket joins the group) and then
+    never answers again: every later call returns a Deferred that never fires.
+    """
+
+    def __init__(self, name, agent):
+        self.name = name
+        self.agent = agent
+        self.live = LocalPeer(name, agent)
+        self.calls = []
+
+    def prepare(self, offer):
+        self.calls.append("prepare")
+        return self.live.prepare(offer)
+
+    def missing(self, transfer_id, abandoned):
+        self.calls.append("missing")
+        return defer.Deferred()
+
+    def results(self, transfer_id):
+        self.calls.append("results")
+        return defer.Deferred()
+
+
+class DeadReceiverTests(unittest.TestCase):
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_dead_receiver_is_dropped_after_grace(self):
+        base = temp_dir(self)
+        src = os.path.join(base, "src")
+        make_full_tree(src)
+        manifest, local = scan([src + "/"])
+        dests = [os.path.join(base, f"dst{i}") for i in range(3)]
+        peers = make_peers(self, reactor, dests[:2])
+        dead_agent = ReceiverAgent(reactor, interface="lo", destination_root=dests[2])
+        self.addCleanup(dead_agent.close)
+        dead = DeadPeer("dead", dead_agent)
+        grace = 1.5
+        started = time.monotonic()
+        report = yield run_transfer(
+            self, reactor, manifest, local, peers + [dead], grace=grace, call_timeout=0.3, poll=0.05
+        )
+        elapsed = time.monotonic() - started
+        self.assertFalse(report.ok)
+        self.assertFalse(report.peers["dead"].ok)
+        self.assertIn("no answer", report.peers["dead"].reason)
+        self.assertEqual(report.peers["dead"].results, {})
+        for peer in peers:
+            self.assertTrue(report.peers[peer.name].ok, report.peers[peer.name].reason)
+            self.assertEqual(set(report.peers[peer.name].results.values()), {OK})
+        for dst in dests[:2]:
+            assert_same_tree(self, src, dst)
+        # Declared failed only after the grace period, and not much later.
+        self.assertGreaterEqual(report.seconds, grace)
+        self.assertLess(elapsed, grace + 5)
+        self.assertNotIn("results", dead.calls)
+        self.assertIn("missing", dead.calls)
+
+    @defer.inlineCallbacks
+    def test_receiver_that_never_takes_the_offer(self):
+        base = temp_dir(self)
+        src = os.path.join(base, "src")
+        make_full_tree(src)
+        manifest, local = scan([src + "/"])
+        dests = [os.path.join(base, f"dst{i}") for i in range(2)]
+        peers = make_peers(self, reactor, dests)
+
+        class Silent:
+            name = "silent"
+
+            def prepare(self, offer):
+                return defer.Deferred()
+
+            def missing(self, transfer_id, abandoned):
+                raise AssertionError("a refused peer is not asked again")
+
+            results = missing
+
+        report = yield run_transfer(
+            self, reactor, manifest, local, peers + [Silent()], call_timeout=0.3, prepare_timeout=0.5
+        )
+        self.assertFalse(report.peers["silent"].ok)
+        for peer in peers:
+            self.assertTrue(report.peers[peer.name].ok, report.peers[peer.name].reason)
+        for dst in dests:
+            assert_same_tree(self, src, dst)
+
+
+class ChannelTests(unittest.TestCase):
+    def test_unique_channels_stay_on_lo(self):
+        channels = [unique_channel() for _ in range(20)]
+        self.assertEqual(len({c.address for c in channels}), 20)
+        for c in channels:
+            self.assertEqual(c.interface, "lo")
+            self.assertTrue(c.group.startswith("239."))
+            self.assertEqual(c.ttl, 1)

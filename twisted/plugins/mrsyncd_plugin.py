@@ -1,0 +1,8 @@
+from twisted.application.service import ServiceMaker
+
+mrsyncd = ServiceMaker(
+    "mrsyncd",
+    "mrsyncd.tap",
+    "Reliable multicast file distribution: the mrsyncd master and node daemons.",
+    "mrsyncd",
+)
