@@ -10,15 +10,17 @@ receivers in one process without a control network.
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from twisted.internet import defer
+from twisted.internet import defer, utils
+from twisted.logger import Logger
 
 from mrsyncd.blockset import RangeSet
 from mrsyncd.manifest import Manifest
 from mrsyncd.multicast import DEFAULT_RCVBUF
-from mrsyncd.receiver import MissingReport, Receiver
+from mrsyncd.receiver import MissingReport, Outcome, Receiver
 from mrsyncd.transfer import Offer, UnknownTransfer
 
 
@@ -32,13 +34,57 @@ def _check_space(needs: dict[int, RangeSet], manifest: Manifest, destination: st
     for index, chunks in needs.items():
         entry = manifest.entries[index]
         needed += sum(manifest.chunk_span(entry, chunk)[1] for chunk in chunks)
-    st = os.statvfs(destination)
+    existing = destination
+    while not os.path.isdir(existing):  # a dry run's destination may not exist yet
+        existing = os.path.dirname(existing)
+    st = os.statvfs(existing)
     free = st.f_bavail * st.f_frsize
     if needed > free:
         raise Refused(
             f"needs {needed} bytes under {destination} but only {free} are free ({needed - free} bytes short)"
         )
     return needs
+
+
+log = Logger()
+
+HOOK_OUTPUT = 4096
+
+
+def run_hook(reactor: Any, argv: Sequence[str], receiver: Receiver, transfer_id: bytes) -> defer.Deferred:
+    """
+    Run the post-receive hook with what it needs in its environment:
+    ``MRSYNC_JOB``, ``MRSYNC_TRANSFER``, ``MRSYNC_DESTINATION`` and
+    ``MRSYNC_CHANGED``, a file listing the changed paths one per line.
+    """
+    listing = tempfile.NamedTemporaryFile("w", prefix="mrsync-changed-", suffix=".txt", delete=False)
+    with listing:
+        listing.writelines(f"{path}\n" for path in receiver.changed)
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "MRSYNC_JOB": receiver.options.label,
+        "MRSYNC_TRANSFER": transfer_id.hex(),
+        "MRSYNC_DESTINATION": receiver.destination,
+        "MRSYNC_CHANGED": listing.name,
+    }
+    d = utils.getProcessOutputAndValue(argv[0], list(argv[1:]), env=env, reactor=reactor)
+
+    def finished(result: tuple[bytes, bytes, int]) -> dict[str, Any]:
+        out, err, code = result
+        output = (out + err)[-HOOK_OUTPUT:].decode("utf-8", "replace")
+        if code:
+            log.error("post-receive hook {argv} exited {code}: {output}", argv=argv, code=code, output=output)
+        return {"argv": list(argv), "status": code, "output": output}
+
+    def failed(failure: Any) -> dict[str, Any]:
+        log.error("post-receive hook {argv} did not run: {why}", argv=argv, why=failure.getErrorMessage())
+        return {"argv": list(argv), "status": -1, "output": failure.getErrorMessage()}
+
+    def clean_up(result: dict[str, Any]) -> dict[str, Any]:
+        os.unlink(listing.name)
+        return result
+
+    return d.addCallbacks(finished, failed).addCallback(clean_up)
 
 
 class ReceiverAgent:
@@ -50,6 +96,7 @@ class ReceiverAgent:
         destination_root: str | None = None,
         roots: Sequence[str] = (),
         rcvbuf: int = DEFAULT_RCVBUF,
+        post_receive: Sequence[str] = (),
     ) -> None:
         """
         ``interface`` overrides the one in an offer: which of its interfaces
@@ -62,6 +109,7 @@ class ReceiverAgent:
         self.destination_root = destination_root
         self.roots = [os.path.realpath(root) for root in roots]
         self.rcvbuf = rcvbuf
+        self.post_receive = list(post_receive)
         self.receivers: dict[bytes, Receiver] = {}
 
     def destination(self, requested: str) -> str:
@@ -87,9 +135,7 @@ class ReceiverAgent:
                 channel.group, channel.port, self.interface, channel.ttl, channel.loopback
             )
         destination = self.destination(offer.destination)
-        receiver = Receiver(
-            self.reactor, destination, channel, preserve_owner=offer.preserve_owner, rcvbuf=self.rcvbuf
-        )
+        receiver = Receiver(self.reactor, destination, channel, options=offer.options, rcvbuf=self.rcvbuf)
         self.receivers[offer.transfer_id] = receiver
         d = defer.maybeDeferred(receiver.prepare, offer.transfer_id, offer.key, offer.manifest)
         d.addCallback(_check_space, offer.manifest, destination)
@@ -111,12 +157,26 @@ class ReceiverAgent:
     def missing(self, transfer_id: bytes, abandoned: Mapping[int, str]) -> MissingReport:
         return self._receiver(transfer_id).missing(abandoned)
 
-    def results(self, transfer_id: bytes) -> dict[str, str]:
+    def results(self, transfer_id: bytes) -> defer.Deferred:
+        """
+        End a transfer here and say how it went.  When it changed anything,
+        the post-receive hook of this host's own configuration runs first,
+        and its exit status is part of the answer.
+        """
         receiver = self.receivers.pop(transfer_id, None)
         if receiver is None:
             raise UnknownTransfer(transfer_id.hex())
         receiver.close()
-        return dict(receiver.results)
+        outcome = Outcome(dict(receiver.results), len(receiver.changed))
+        if not (self.post_receive and receiver.done and receiver.changed and not receiver.options.dry_run):
+            return defer.succeed(outcome)
+        d = run_hook(self.reactor, self.post_receive, receiver, transfer_id)
+
+        def ran(hook: dict[str, Any]) -> Outcome:
+            outcome.hook = hook
+            return outcome
+
+        return d.addCallback(ran)
 
     def close(self) -> None:
         for receiver in self.receivers.values():

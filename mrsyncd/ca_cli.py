@@ -17,7 +17,6 @@ replaced key strands the certificate a peer is using.
 
 from __future__ import annotations
 
-import getopt
 import ipaddress
 import os
 import sys
@@ -26,6 +25,7 @@ from collections.abc import Sequence
 from twisted.python import usage
 
 from mrsyncd import certs
+from mrsyncd.options import InterspersedOptions
 
 PROG = "mrsync-ca"
 
@@ -43,27 +43,7 @@ def _days(value: str) -> int:
 _days.coerceDoc = "A whole number of days, at least 1."  # type: ignore[attr-defined]
 
 
-class _Interspersed(usage.Options):
-    """
-    Options that may come before, between or after the positional arguments.
-
-    ``usage.Options`` parses with ``getopt.getopt``, which stops at the first
-    positional argument, so ``issue DIR --role node NAME`` would fail.  This
-    reorders the arguments GNU-style first (options, then ``--``, then the
-    positional arguments) and lets ``usage.Options`` do the rest.
-    """
-
-    def parseOptions(self, options: Sequence[str] | None = None) -> None:
-        argv = list(sys.argv[1:] if options is None else options)
-        try:
-            opts, args = getopt.gnu_getopt(argv, self.shortOpt, self.longOpt)  # type: ignore[attr-defined]
-        except getopt.GetoptError as e:
-            raise usage.UsageError(str(e)) from None
-        tokens = [f"{opt}={value}" if opt.startswith("--") and value else opt + value for opt, value in opts]
-        super().parseOptions([*tokens, "--", *args])
-
-
-class InitOptions(_Interspersed):
+class InitOptions(InterspersedOptions):
     """``init DIR``: create a new CA."""
 
     synopsis = "DIR [--name NAME] [--days N] [--force]"
@@ -78,7 +58,7 @@ class InitOptions(_Interspersed):
         self["directory"] = directory
 
 
-class IssueOptions(_Interspersed):
+class IssueOptions(InterspersedOptions):
     """``issue DIR NAME``: issue a certificate for one peer."""
 
     synopsis = "DIR --role master|node|operator NAME [--dns NAME]... [--ip ADDR]... [--out DIR] [--days N]"
@@ -124,7 +104,7 @@ class IssueOptions(_Interspersed):
             raise usage.UsageError(str(e)) from None
 
 
-class ShowOptions(_Interspersed):
+class ShowOptions(InterspersedOptions):
     """``show CERT``: print what a certificate says."""
 
     synopsis = "CERT"

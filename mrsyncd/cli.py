@@ -33,9 +33,9 @@ from twisted.protocols import amp
 from twisted.python import usage
 
 from mrsyncd import __version__, tls
-from mrsyncd.ca_cli import _Interspersed
 from mrsyncd.config import split_address
 from mrsyncd.control import BadRequest, Cancel, Forbidden, JobStatus, ListJobs, ListNodes, NoSuchJob, Submit
+from mrsyncd.options import InterspersedOptions
 from mrsyncd.ratecontrol import parse_rate
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_REFUSED, EXIT_CANCELLED = range(6)
@@ -59,7 +59,7 @@ class Connection(usage.Options):
     ]
 
 
-class PushOptions(_Interspersed):
+class PushOptions(InterspersedOptions):
     synopsis = "[options] SRC... TARGETS:DEST"
     longdesc = (
         "Send SRC (paths on the master; SRC/ sends its contents) to DEST on TARGETS: "
@@ -69,6 +69,9 @@ class PushOptions(_Interspersed):
         ["detach", "d", "Print the job id and return without following it."],
         ["json", None, "Print a machine-readable final report."],
         ["preserve-owner", None, "Set owner and group on the nodes (nodes running as root)."],
+        ["delete", None, "Delete what the source lacks from the directories sent."],
+        ["backup", "b", "Keep each overwritten or deleted file as NAME~ on the nodes."],
+        ["dry-run", "n", "Show what each node would receive; send nothing."],
     ]
     optParameters = [["rate", "r", None, "Cap the sending rate, bits per second (k, M, G)."]]
 
@@ -103,7 +106,7 @@ def _absolute(source: str) -> str:
     return absolute + "/" if source.endswith("/") and absolute != "/" else absolute
 
 
-class JobOptions(usage.Options):
+class JobOptions(InterspersedOptions):
     synopsis = "JOB"
 
     def parseArgs(self, job: str) -> None:  # type: ignore[override]
@@ -127,6 +130,7 @@ class ListOptions(usage.Options):
 
 class Options(Connection):
     synopsis = "mrsync [connection options] push|nodes|jobs|status|cancel ..."
+    longdesc = "Submit, follow and cancel mrsyncd jobs; list nodes. See mrsync(1)."
     subCommands = [
         ["push", None, PushOptions, "Submit a job and follow it."],
         ["nodes", None, ListOptions, "List the nodes the master knows."],
@@ -283,9 +287,22 @@ def report(status: dict[str, Any], out: Any) -> None:
     )
     if status["message"]:
         out.write(f"  {status['message']}\n")
+    dry_run = status["spec"].get("dry_run")
     for name, node in sorted(status["nodes"].items(), key=lambda kv: (kv[1]["state"] == "done", kv[0])):
         reason = f": {node['reason']}" if node["reason"] else ""
-        out.write(f"  {name}: {node['state']}{reason}\n")
+        if dry_run:
+            files = status.get("files", {}).get(name, {})
+            count = sum(1 for result in files.values() if result == "would receive")
+            out.write(f"  {name}: would receive {count} files, {_size(node['needed_bytes'])}{reason}\n")
+            for path, result in sorted(files.items()):
+                if result == "would receive":
+                    out.write(f"    {path}\n")
+            continue
+        changed = f", {node['changed']} paths changed" if node["state"] == "done" else ""
+        out.write(f"  {name}: {node['state']}{changed}{reason}\n")
+        hook = node.get("hook")
+        if hook:
+            out.write(f"    post-receive {' '.join(hook['argv'])} exited {hook['status']}\n")
 
 
 def exit_code(status: dict[str, Any]) -> int:
@@ -329,6 +346,9 @@ def run(reactor: Any, options: Options, out: Any) -> Any:
                 "excludes": sub["exclude"],
                 "rate": sub["rate"],
                 "preserve_owner": bool(sub["preserve-owner"]),
+                "delete": bool(sub["delete"]),
+                "backup": bool(sub["backup"]),
+                "dry_run": bool(sub["dry-run"]),
             }
             answer = yield call(protocol, Submit, spec=spec)
             job = answer["job"]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict
 from typing import Any
 
 from twisted.internet import defer
@@ -27,7 +28,7 @@ from mrsyncd.agent import ReceiverAgent, Refused
 from mrsyncd.blockset import decode_map, encode_map
 from mrsyncd.manifest import Manifest
 from mrsyncd.multicast import Channel
-from mrsyncd.receiver import MissingReport
+from mrsyncd.receiver import MissingReport, Outcome, TransferOptions
 from mrsyncd.transfer import Offer, UnknownTransfer
 
 log = Logger()
@@ -165,7 +166,7 @@ class Prepare(amp.Command):
         (b"ttl", amp.Integer()),
         (b"loopback", amp.Boolean()),
         (b"destination", amp.Unicode()),
-        (b"preserve_owner", amp.Boolean()),
+        (b"options", JSONArgument()),
     ]
     #: ``needs`` is a `blockset.encode_map` of chunk numbers.
     response = [(b"needs", BigBytes())]
@@ -186,7 +187,11 @@ class Missing(amp.Command):
 
 class Results(amp.Command):
     arguments = [(b"transfer_id", amp.String())]
-    response = [(b"results", JSONArgument())]
+    response = [
+        (b"results", JSONArgument()),
+        (b"changed", amp.Integer()),
+        (b"hook", JSONArgument(optional=True)),
+    ]
     errors = _ERRORS
 
 
@@ -208,7 +213,7 @@ class AMPPeer:
             ttl=offer.channel.ttl,
             loopback=offer.channel.loopback,
             destination=offer.destination,
-            preserve_owner=offer.preserve_owner,
+            options=asdict(offer.options),
         )
         d.addCallback(lambda response: decode_map(response["needs"]))
         return d
@@ -222,7 +227,7 @@ class AMPPeer:
 
     def results(self, transfer_id: bytes) -> defer.Deferred:
         d = self.protocol.callRemote(Results, transfer_id=transfer_id)
-        d.addCallback(lambda response: dict(response["results"]))
+        d.addCallback(lambda r: Outcome(dict(r["results"]), r["changed"], r["hook"]))
         return d
 
 
@@ -266,7 +271,7 @@ class ReceiverControl(amp.AMP):
                 manifest=Manifest.from_bytes(kw["manifest"]),
                 channel=Channel(kw["group"], kw["port"], "", kw["ttl"], kw["loopback"]),
                 destination=kw["destination"],
-                preserve_owner=kw["preserve_owner"],
+                options=TransferOptions.from_dict(kw["options"]),
             )
             d = self.agent.prepare(offer)
         except Exception as e:
@@ -290,8 +295,10 @@ class ReceiverControl(amp.AMP):
         }
 
     @Results.responder
-    def results(self, transfer_id: bytes) -> dict[str, Any]:
-        return {"results": self.agent.results(transfer_id)}
+    def results(self, transfer_id: bytes) -> defer.Deferred:
+        d = self.agent.results(transfer_id)
+        d.addCallback(lambda o: {"results": o.results, "changed": o.changed, "hook": o.hook})
+        return d
 
 
 class SenderControl(amp.AMP):

@@ -34,6 +34,7 @@ from mrsyncd.datagram import DEFAULT_BLOCK_SIZE
 from mrsyncd.manifest import scan
 from mrsyncd.multicast import Channel
 from mrsyncd.ratecontrol import parse_rate
+from mrsyncd.receiver import TransferOptions
 from mrsyncd.transfer import Transfer, new_offer
 
 log = Logger()
@@ -116,7 +117,12 @@ def send(reactor: Any, options: SendOptions) -> Any:
             raise RuntimeError(f"only {len(peers)} of {options['receivers']} receivers came")
         yield task.deferLater(reactor, 0.05, lambda: None)
         waited += 0.05
-    offer = new_offer(manifest, options.channel(), options["destination"], options["preserve-owner"])
+    offer = new_offer(
+        manifest,
+        options.channel(),
+        options["destination"],
+        TransferOptions(preserve_owner=bool(options["preserve-owner"])),
+    )
     transfer = Transfer(
         reactor, offer, local_paths, list(peers), rate_bps=options["rate"], grace=options["grace"]
     )

@@ -72,6 +72,9 @@ class Manifest:
     entries: list[Entry]
     block_size: int = DEFAULT_BLOCK_SIZE
     chunk_size: int = 0
+    #: A source was sent by its contents (``dir/``), so the destination
+    #: itself is one of the directories the transfer sends (for --delete).
+    contents: bool = False
 
     def __post_init__(self) -> None:
         if not self.chunk_size:
@@ -113,6 +116,7 @@ class Manifest:
             "format": FORMAT,
             "block_size": self.block_size,
             "chunk_size": self.chunk_size,
+            "contents": self.contents,
             "entries": entries,
         }
         return json.dumps(doc, separators=(",", ":")).encode()
@@ -133,7 +137,10 @@ class Manifest:
         raw_entries = doc.get("entries")
         if not isinstance(raw_entries, list):
             raise ManifestError("entries is not a list")
-        manifest = cls([], block_size, chunk_size)
+        contents = doc.get("contents", False)
+        if not isinstance(contents, bool):
+            raise ManifestError("contents must be true or false")
+        manifest = cls([], block_size, chunk_size, contents)
         seen: dict[str, str] = {}
         for raw in raw_entries:
             entry = _entry(raw)
@@ -251,6 +258,7 @@ def scan(
         base = os.path.abspath(source)
         st = os.lstat(base)
         prefix = "" if contents_only and stat.S_ISDIR(st.st_mode) else os.path.basename(base)
+        manifest.contents |= not prefix
         for path, rel in _walk(base, prefix, excludes):
             if rel in seen:
                 raise ManifestError(f"two sources both give {rel!r}")

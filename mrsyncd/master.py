@@ -44,9 +44,13 @@ from mrsyncd.control import (
 from mrsyncd.datagram import KEY_SIZE, TRANSFER_ID_SIZE
 from mrsyncd.manifest import scan
 from mrsyncd.multicast import Channel
+from mrsyncd.receiver import TransferOptions
 from mrsyncd.transfer import Offer, Transfer
 
 log = Logger()
+
+#: What ``--backup`` appends to the name of a file it keeps, as rsync does.
+BACKUP_SUFFIX = "~"
 
 
 class NotConnected(Exception):
@@ -155,6 +159,9 @@ SPEC_DEFAULTS: dict[str, Any] = {
     "excludes": [],
     "rate": None,
     "preserve_owner": False,
+    "delete": False,
+    "backup": False,
+    "dry_run": False,
 }
 
 
@@ -182,8 +189,9 @@ def check_spec(spec: Any) -> dict[str, Any]:
     rate = checked["rate"]
     if rate is not None and (isinstance(rate, bool) or not isinstance(rate, int | float) or not rate > 0):
         raise BadRequest("rate must be a positive number of bits per second")
-    if not isinstance(checked["preserve_owner"], bool):
-        raise BadRequest("preserve_owner must be true or false")
+    for flag in ("preserve_owner", "delete", "backup", "dry_run"):
+        if not isinstance(checked[flag], bool):
+            raise BadRequest(f"{flag} must be true or false")
     return checked
 
 
@@ -272,9 +280,14 @@ class JobRunner:
             log.error("job {job} failed: cannot read the sources: {e}", job=job.id, e=e)
             self._release(job.id)
             return
-        offer = Offer(
-            transfer_id, key, manifest, self.channel(slot), spec["destination"], spec["preserve_owner"]
+        options = TransferOptions(
+            preserve_owner=spec["preserve_owner"],
+            delete=spec["delete"],
+            backup_suffix=BACKUP_SUFFIX if spec["backup"] else "",
+            dry_run=spec["dry_run"],
+            label=str(job.id),
         )
+        offer = Offer(transfer_id, key, manifest, self.channel(slot), spec["destination"], options)
         rate = min(self.config.rate, spec["rate"] or self.config.rate)
         transfer = Transfer(
             self.reactor,
@@ -291,7 +304,15 @@ class JobRunner:
         if self._stopping:
             return  # the master is going down: the job resumes when it comes back
         for name, peer in report.peers.items():
-            self.jobs.set_node(job.id, name, store.DONE if peer.ok else store.FAILED, peer.reason)
+            self.jobs.set_node(
+                job.id,
+                name,
+                store.DONE if peer.ok else store.FAILED,
+                peer.reason,
+                needed_bytes=peer.needed_bytes,
+                changed=peer.changed,
+                hook=peer.hook,
+            )
             self.jobs.set_files(job.id, name, peer.results)
             level = log.info if peer.ok else log.error
             level(

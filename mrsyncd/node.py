@@ -52,7 +52,11 @@ class NodeService(service.MultiService):
         options = tls.client_options(tls_config.ca, certificate, key, config.master_name or host)
         endpoint = endpoints.wrapClientTLS(options, endpoints.HostnameEndpoint(reactor, host, port))
         self.agent = ReceiverAgent(
-            reactor, interface=config.interface, roots=config.roots, rcvbuf=config.rcvbuf
+            reactor,
+            interface=config.interface,
+            roots=config.roots,
+            rcvbuf=config.rcvbuf,
+            post_receive=config.post_receive,
         )
         factory = Factory.forProtocol(self._protocol)
         factory.noisy = False

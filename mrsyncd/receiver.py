@@ -16,11 +16,12 @@ flight, whatever their size; file data only passes through.
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 from array import array
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from twisted.internet import defer, threads
@@ -49,6 +50,50 @@ REPORT_RANGES = 12000
 def part_name(transfer_id: bytes, index: int) -> str:
     """Short, so that it fits whatever the final name's length is."""
     return f".mrsync-{transfer_id.hex()}-{index}.part"
+
+
+@dataclass(frozen=True)
+class TransferOptions:
+    """What a transfer asks of each receiver beyond writing the files."""
+
+    #: Set owner and group (only when the receiver runs as root).
+    preserve_owner: bool = False
+    #: Remove what the source does not have from the directories it sends.
+    delete: bool = False
+    #: Keep each overwritten or deleted file under its name plus this suffix.
+    backup_suffix: str = ""
+    #: Only find out what would be received; write nothing.
+    dry_run: bool = False
+    #: The job this transfer belongs to, for logs and the post-receive hook.
+    label: str = ""
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> TransferOptions:
+        """Options as they arrive over the control channel, checked."""
+        if not isinstance(raw, dict) or set(raw) - {f.name for f in fields(cls)}:
+            raise ValueError("unknown transfer options")
+        for f in fields(cls):
+            if f.name in raw and type(raw[f.name]) is not type(f.default):
+                raise ValueError(f"transfer option {f.name} has the wrong type")
+        options = cls(**raw)
+        if "/" in options.backup_suffix or "\0" in options.backup_suffix:
+            raise ValueError("a backup suffix cannot hold / or NUL")
+        return options
+
+
+DEFAULT_OPTIONS = TransferOptions()
+
+
+@dataclass
+class Outcome:
+    """How a transfer ended on one host."""
+
+    #: ``{path: "ok" or why it failed}``
+    results: dict[str, str]
+    #: How many paths it wrote, linked or deleted.
+    changed: int = 0
+    #: The post-receive hook's argv, exit status and the tail of its output.
+    hook: dict[str, Any] | None = None
 
 
 @dataclass
@@ -92,14 +137,18 @@ class Receiver(DatagramProtocol):
         destination: str,
         channel: Channel,
         *,
-        preserve_owner: bool = False,
+        options: TransferOptions = DEFAULT_OPTIONS,
         rcvbuf: int = DEFAULT_RCVBUF,
         on_done: Callable[[Receiver], None] | None = None,
     ) -> None:
         self.reactor = reactor
         self.destination = destination
         self.channel = channel
-        self.preserve_owner = preserve_owner
+        self.options = options
+        #: Paths this transfer changed (written, linked or deleted), for hooks.
+        self.changed: list[str] = []
+        #: Bytes of file data this host needs, known once it is prepared.
+        self.needed_bytes = 0
         self.rcvbuf = rcvbuf
         self.on_done = on_done
         self.stats: Counter[str] = Counter()
@@ -146,12 +195,37 @@ class Receiver(DatagramProtocol):
         host needs: ``{file index: RangeSet of chunk numbers}``.
         """
         self._transfer_id, self._key, self._manifest = transfer_id, key, manifest
+        if self.options.dry_run:
+            self._root_fd = (
+                os.open(self.destination, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                if os.path.isdir(self.destination)
+                else -1
+            )
+            d = self._in_thread(_survey, self._root_fd, manifest, transfer_id, True)
+            d.addCallback(self._surveyed_dry)
+            return d
         self._root_fd = fsutil.open_destination(self.destination)
         max_packet = datagram.HEADER_SIZE + manifest.block_size + 1
         self._port = adopt(self.reactor, receiver_socket(self.channel, self.rcvbuf), self, max_packet)
         d = self._in_thread(_survey, self._root_fd, manifest, transfer_id)
         d.addCallback(self._surveyed)
         return d
+
+    def _surveyed_dry(self, survey: dict[int, Held | str]) -> dict[int, RangeSet]:
+        """A dry run ends once it knows what it needs."""
+        needs = {}
+        for index, entry in self._manifest.files():
+            held = survey[index]
+            if isinstance(held, str):
+                self.results[entry.path] = held
+                continue
+            need = RangeSet((c, c + 1) for c, s in enumerate(held.status) if s != DONE)
+            if need:
+                needs[index] = need
+            self.results[entry.path] = "unchanged" if held.unchanged else "would receive"
+        self.needed_bytes = _bytes_of(self._manifest, needs)
+        self.done = True
+        return needs
 
     def _surveyed(self, survey: dict[int, Held | str]) -> dict[int, RangeSet]:
         needs: dict[int, RangeSet] = {}
@@ -181,6 +255,7 @@ class Receiver(DatagramProtocol):
                 needs[index] = need
             else:
                 self._commit(f)
+        self.needed_bytes = _bytes_of(self._manifest, needs)
         self._maybe_finish()
         return needs
 
@@ -293,11 +368,14 @@ class Receiver(DatagramProtocol):
             self._release(f),
             self._owner(),
             f.unchanged,
+            self.options.backup_suffix,
         )
 
         def placed(_: object) -> None:
             f.result = OK
             self.results[f.entry.path] = OK
+            if not f.unchanged:
+                self.changed.append(f.entry.path)
 
         def failed(failure: object) -> None:
             self._fail(f, f"cannot commit: {getattr(failure, 'value', failure)}")
@@ -310,7 +388,7 @@ class Receiver(DatagramProtocol):
         self._maybe_finish()
 
     def _owner(self) -> bool:
-        return self.preserve_owner and os.geteuid() == 0
+        return self.options.preserve_owner and os.geteuid() == 0
 
     def _maybe_finish(self) -> None:
         if self.done or self._pending_commits or not self._port:
@@ -324,19 +402,23 @@ class Receiver(DatagramProtocol):
             self._manifest,
             dict(self.results),
             self._owner(),
+            self.options.delete,
+            self.options.backup_suffix,
         )
         d.addErrback(self._unfinished)
         d.addCallback(self._finished)
 
-    def _unfinished(self, failure: Failure) -> dict[str, str]:
+    def _unfinished(self, failure: Failure) -> tuple[dict[str, str], list[str]]:
         """Links and directories could not be finished: say so, rather than never end."""
         log.failure("finishing the tree under {destination}", failure, destination=self.destination)
         reason = f"cannot finish the tree: {failure.getErrorMessage()}"
-        return {e.path: reason for e in self._manifest.entries if e.kind in (DIR, SYMLINK, HARDLINK)}
+        return {e.path: reason for e in self._manifest.entries if e.kind in (DIR, SYMLINK, HARDLINK)}, []
 
-    def _finished(self, results: dict[str, str]) -> None:
+    def _finished(self, finished: tuple[dict[str, str], list[str]]) -> None:
+        results, changed = finished
         self._pending_commits -= 1
         self.results.update(results)
+        self.changed.extend(changed)
         self.done = True
         if self._port is not None:
             self._port.stopListening()
@@ -420,18 +502,24 @@ def _zero_runs(bits: bytearray, first: int, last: int) -> list[tuple[int, int]]:
 # receiver state.
 
 
-def _survey(root_fd: int, manifest: Manifest, transfer_id: bytes) -> dict[int, Held | str]:
+def _survey(
+    root_fd: int, manifest: Manifest, transfer_id: bytes, dry_run: bool = False
+) -> dict[int, Held | str]:
     """
     Make the directories, and for each file find what it already has (see
-    `_chunks_held`), or the reason it cannot be received at all.
+    `_chunks_held`), or the reason it cannot be received at all.  A dry run
+    writes nothing, and its destination may not exist yet (``root_fd`` -1).
     """
     survey: dict[int, Held | str] = {}
     for index, entry in enumerate(manifest.entries):
         try:
-            if entry.kind == DIR:
+            if entry.kind == DIR and not dry_run:
                 fsutil.make_directory(root_fd, entry.path)
             elif entry.kind == FILE:
-                survey[index] = _chunks_held(root_fd, manifest, entry, part_name(transfer_id, index))
+                survey[index] = _chunks_held(root_fd, manifest, entry, part_name(transfer_id, index), dry_run)
+        except FileNotFoundError:
+            if entry.kind == FILE and dry_run:
+                survey[index] = Held(_zero_chunks(manifest, entry))
         except OSError as e:
             if entry.kind == FILE:
                 survey[index] = f"cannot prepare: {e.strerror or e}"
@@ -448,7 +536,28 @@ class Held:
     unchanged: bool = False
 
 
-def _chunks_held(root_fd: int, manifest: Manifest, entry: Entry, part: str) -> Held:
+def _zero_chunks(manifest: Manifest, entry: Entry) -> bytes:
+    """The all-zero chunks are `DONE` in a fresh part file, which is all holes."""
+    zero: dict[int, bytes] = {}
+    status = bytearray(manifest.chunks(entry))
+    for chunk in range(len(status)):
+        _, length = manifest.chunk_span(entry, chunk)
+        if length not in zero:
+            zero[length] = digest(bytes(length))
+        if entry.chunk_digest(chunk) == zero[length]:
+            status[chunk] = DONE
+    return bytes(status)
+
+
+def _bytes_of(manifest: Manifest, needs: Mapping[int, RangeSet]) -> int:
+    return sum(
+        manifest.chunk_span(manifest.entries[index], chunk)[1]
+        for index, chunks in needs.items()
+        for chunk in chunks
+    )
+
+
+def _chunks_held(root_fd: int, manifest: Manifest, entry: Entry, part: str, dry_run: bool = False) -> Held:
     """
     The chunks of ``entry`` that need not cross the network: all of them if
     the final path holds the same size and mtime (rsync's quick check);
@@ -457,9 +566,10 @@ def _chunks_held(root_fd: int, manifest: Manifest, entry: Entry, part: str) -> H
     the final path holds at the same offsets, which are copied into the part
     file (an appended log, a disk image with a few changed blocks).
     """
+    if root_fd < 0:
+        raise FileNotFoundError(entry.path)
     nchunks = manifest.chunks(entry)
-    status = bytearray(nchunks)
-    fd, name = fsutil.open_parent(root_fd, entry.path)
+    fd, name = fsutil.open_parent(root_fd, entry.path, create=not dry_run)
     part_fd = -1
     try:
         final = fsutil.lstat_at(fd, name)
@@ -469,19 +579,18 @@ def _chunks_held(root_fd: int, manifest: Manifest, entry: Entry, part: str) -> H
             return Held(bytes([DONE]) * nchunks, unchanged=True)
         st = fsutil.lstat_at(fd, part)
         if st is not None and (not stat.S_ISREG(st.st_mode) or st.st_size != entry.size):
-            os.unlink(part, dir_fd=fd)
+            if not dry_run:
+                os.unlink(part, dir_fd=fd)
             st = None
-        if st is not None:
+        if st is None:
+            status = bytearray(_zero_chunks(manifest, entry))
+        else:
+            status = bytearray(nchunks)
             part_fd = os.open(part, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
-        zero: dict[int, bytes] = {}
-        for chunk in range(nchunks):
-            offset, length = manifest.chunk_span(entry, chunk)
-            if part_fd >= 0:
-                held = digest(os.pread(part_fd, length, offset))
-            else:
-                held = zero.get(length) or zero.setdefault(length, digest(bytes(length)))
-            if held == entry.chunk_digest(chunk):
-                status[chunk] = DONE
+            for chunk in range(nchunks):
+                offset, length = manifest.chunk_span(entry, chunk)
+                if digest(os.pread(part_fd, length, offset)) == entry.chunk_digest(chunk):
+                    status[chunk] = DONE
         if final is not None and NEEDED in status:
             old_fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
             try:
@@ -491,6 +600,9 @@ def _chunks_held(root_fd: int, manifest: Manifest, entry: Entry, part: str) -> H
                         continue
                     data = os.pread(old_fd, length, offset)
                     if digest(data) != entry.chunk_digest(chunk):
+                        continue
+                    if dry_run:
+                        status[chunk] = DONE
                         continue
                     if part_fd < 0:
                         part_fd = os.open(
@@ -545,11 +657,19 @@ def _discard_part(root_fd: int, path: str, part: str) -> None:
 
 
 def _place_file(
-    root_fd: int, entry: Entry, part: str, part_fd: int | None, owner: bool, unchanged: bool = False
+    root_fd: int,
+    entry: Entry,
+    part: str,
+    part_fd: int | None,
+    owner: bool,
+    unchanged: bool = False,
+    backup_suffix: str = "",
 ) -> None:
     """
     fsync, set metadata and rename a verified part file over its final path;
-    for a file that is already there, only set its metadata.
+    for a file that is already there, only set its metadata.  A backup is a
+    second link to the old file, made before the rename, so the final path
+    is never empty.
     """
     if unchanged:
         fd, name = fsutil.open_parent(root_fd, entry.path)
@@ -571,9 +691,66 @@ def _place_file(
         os.close(part_fd)
     fd, name = fsutil.open_parent(root_fd, entry.path)
     try:
+        old = fsutil.lstat_at(fd, name)
+        if backup_suffix and old is not None and stat.S_ISREG(old.st_mode):
+            backup = name + backup_suffix
+            if (held := fsutil.lstat_at(fd, backup)) is not None and not stat.S_ISDIR(held.st_mode):
+                os.unlink(backup, dir_fd=fd)
+            os.link(name, backup, src_dir_fd=fd, dst_dir_fd=fd, follow_symlinks=False)
         os.rename(part, name, src_dir_fd=fd, dst_dir_fd=fd)
     finally:
         os.close(fd)
+
+
+def _delete_extraneous(
+    root_fd: int, manifest: Manifest, backup_suffix: str
+) -> tuple[list[str], dict[str, str]]:
+    """
+    Remove (or, with backups, rename aside) what the directories a transfer
+    sends hold but the source does not.  Part files of transfers in flight
+    and earlier backups are left alone.
+    """
+    children: dict[str, set[str]] = {}
+    for entry in manifest.entries:
+        parent, _, name = entry.path.rpartition("/")
+        children.setdefault(parent, set()).add(name)
+    synced = [e.path for e in manifest.entries if e.kind == DIR] + ([""] if manifest.contents else [])
+    deleted: list[str] = []
+    errors: dict[str, str] = {}
+    for directory in synced:
+        try:
+            if directory:
+                parent_fd, name = fsutil.open_parent(root_fd, directory, create=False)
+                try:
+                    fd = os.open(name, fsutil.DIR_FLAGS, dir_fd=parent_fd)
+                finally:
+                    os.close(parent_fd)
+            else:
+                fd = os.dup(root_fd)
+        except OSError as e:
+            errors[directory or "."] = f"cannot list for deletion: {e.strerror or e}"
+            continue
+        try:
+            for name in sorted(os.listdir(fd)):
+                if name in children.get(directory, ()) or name.startswith(".mrsync-"):
+                    continue
+                if backup_suffix and name.endswith(backup_suffix):
+                    continue
+                path = f"{directory}/{name}" if directory else name
+                try:
+                    st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                    if backup_suffix:
+                        os.rename(name, name + backup_suffix, src_dir_fd=fd, dst_dir_fd=fd)
+                    elif stat.S_ISDIR(st.st_mode):
+                        shutil.rmtree(name, dir_fd=fd)
+                    else:
+                        os.unlink(name, dir_fd=fd)
+                    deleted.append(path)
+                except OSError as e:
+                    errors[path] = f"cannot delete: {e.strerror or e}"
+        finally:
+            os.close(fd)
+    return deleted, errors
 
 
 def _set_metadata(fd: int, entry: Entry, owner: bool) -> None:
@@ -584,13 +761,24 @@ def _set_metadata(fd: int, entry: Entry, owner: bool) -> None:
     os.utime(fd, ns=(entry.mtime_ns, entry.mtime_ns))
 
 
-def _finish_tree(root_fd: int, manifest: Manifest, results: dict[str, str], owner: bool) -> dict[str, str]:
+def _finish_tree(
+    root_fd: int,
+    manifest: Manifest,
+    results: dict[str, str],
+    owner: bool,
+    delete: bool = False,
+    backup_suffix: str = "",
+) -> tuple[dict[str, str], list[str]]:
     """
-    Make symlinks and hardlinks (once their files are in place), then give
-    directories their modes and mtimes, deepest first, since making entries
-    inside a directory changes its mtime.
+    Delete what the source does not have (if asked), make symlinks and
+    hardlinks (once their files are in place), then give directories their
+    modes and mtimes, deepest first, since making entries inside a directory
+    changes its mtime.  Returns the results and the paths changed.
     """
+    changed: list[str] = []
     done: dict[str, str] = {}
+    if delete:
+        changed, done = _delete_extraneous(root_fd, manifest, backup_suffix)
     for entry in manifest.entries:
         if entry.kind not in (SYMLINK, HARDLINK):
             continue
@@ -600,6 +788,7 @@ def _finish_tree(root_fd: int, manifest: Manifest, results: dict[str, str], owne
         try:
             _place_link(root_fd, entry, owner)
             done[entry.path] = OK
+            changed.append(entry.path)
         except OSError as e:
             done[entry.path] = f"cannot link: {e.strerror or e}"
     for entry in sorted(
@@ -623,7 +812,7 @@ def _finish_tree(root_fd: int, manifest: Manifest, results: dict[str, str], owne
         except (OSError, NotImplementedError) as e:
             done[entry.path] = f"cannot set metadata: {getattr(e, 'strerror', None) or e}"
     os.fsync(root_fd)
-    return done
+    return done, changed
 
 
 def _place_link(root_fd: int, entry: Entry, owner: bool) -> None:

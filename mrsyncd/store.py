@@ -41,6 +41,9 @@ CREATE TABLE IF NOT EXISTS job_nodes (
     node TEXT NOT NULL,
     state TEXT NOT NULL,
     reason TEXT NOT NULL DEFAULT '',
+    needed_bytes INTEGER NOT NULL DEFAULT 0,
+    changed INTEGER NOT NULL DEFAULT 0,
+    hook TEXT,
     PRIMARY KEY (job, node)
 );
 CREATE TABLE IF NOT EXISTS job_files (
@@ -68,7 +71,7 @@ class Job:
     payload_bytes: int = 0
     sent_bytes: int = 0
     message: str = ""
-    nodes: dict[str, tuple[str, str]] = field(default_factory=dict)
+    nodes: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
         """What `mrsync jobs` and `mrsync status` show."""
@@ -83,7 +86,7 @@ class Job:
             "payload_bytes": self.payload_bytes,
             "sent_bytes": self.sent_bytes,
             "message": self.message,
-            "nodes": {name: {"state": s, "reason": r} for name, (s, r) in self.nodes.items()},
+            "nodes": self.nodes,
         }
 
 
@@ -128,10 +131,18 @@ class JobStore:
             sent_bytes=row[11],
             message=row[12],
         )
-        for node, state, reason in self.db.execute(
-            "SELECT node, state, reason FROM job_nodes WHERE job = ? ORDER BY node", (job.id,)
+        for node, state, reason, needed, changed, hook in self.db.execute(
+            "SELECT node, state, reason, needed_bytes, changed, hook"
+            " FROM job_nodes WHERE job = ? ORDER BY node",
+            (job.id,),
         ):
-            job.nodes[node] = (state, reason)
+            job.nodes[node] = {
+                "state": state,
+                "reason": reason,
+                "needed_bytes": needed,
+                "changed": changed,
+                "hook": None if hook is None else json.loads(hook),
+            }
         return job
 
     def jobs(self, limit: int = 50) -> list[Job]:
@@ -157,11 +168,22 @@ class JobStore:
             (payload_bytes, sent_bytes, job_id),
         )
 
-    def set_node(self, job_id: int, node: str, state: str, reason: str = "") -> None:
+    def set_node(
+        self,
+        job_id: int,
+        node: str,
+        state: str,
+        reason: str = "",
+        needed_bytes: int = 0,
+        changed: int = 0,
+        hook: dict[str, Any] | None = None,
+    ) -> None:
         self.db.execute(
-            "INSERT INTO job_nodes (job, node, state, reason) VALUES (?, ?, ?, ?)"
-            " ON CONFLICT (job, node) DO UPDATE SET state = excluded.state, reason = excluded.reason",
-            (job_id, node, state, reason),
+            "INSERT INTO job_nodes (job, node, state, reason, needed_bytes, changed, hook)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (job, node) DO UPDATE SET state = excluded.state,"
+            " reason = excluded.reason, needed_bytes = excluded.needed_bytes, changed = excluded.changed,"
+            " hook = excluded.hook",
+            (job_id, node, state, reason, needed_bytes, changed, None if hook is None else json.dumps(hook)),
         )
 
     def set_files(self, job_id: int, node: str, results: dict[str, str]) -> None:

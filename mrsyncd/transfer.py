@@ -33,7 +33,7 @@ from mrsyncd import datagram
 from mrsyncd.blockset import RangeSet, decode_map, union_maps
 from mrsyncd.manifest import FILE, Manifest
 from mrsyncd.multicast import Channel
-from mrsyncd.receiver import OK, MissingReport
+from mrsyncd.receiver import DEFAULT_OPTIONS, OK, MissingReport, Outcome, TransferOptions
 from mrsyncd.sender import Sender
 
 log = Logger()
@@ -56,7 +56,7 @@ class Offer:
     manifest: Manifest
     channel: Channel
     destination: str
-    preserve_owner: bool = False
+    options: TransferOptions = DEFAULT_OPTIONS
 
 
 class ReceiverPeer(Protocol):
@@ -71,7 +71,7 @@ class ReceiverPeer(Protocol):
         """Fires with a `MissingReport`; ``abandoned`` files are to be given up."""
 
     def results(self, transfer_id: bytes) -> defer.Deferred:
-        """Fires with ``{path: "ok" or the reason it failed}``; ends the transfer there."""
+        """Fires with a `receiver.Outcome`; ends the transfer there."""
 
 
 @dataclass
@@ -81,6 +81,12 @@ class PeerReport:
     reason: str = ""
     results: dict[str, str] = field(default_factory=dict)
     stats: dict[str, int] = field(default_factory=dict)
+    #: File bytes it needed when the transfer was offered.
+    needed_bytes: int = 0
+    #: Paths it wrote, linked or deleted.
+    changed: int = 0
+    #: Its post-receive hook's outcome, if it ran one.
+    hook: dict[str, Any] | None = None
 
 
 @dataclass
@@ -96,14 +102,16 @@ class TransferReport:
         return all(p.ok for p in self.peers.values())
 
 
-def new_offer(manifest: Manifest, channel: Channel, destination: str, preserve_owner: bool = False) -> Offer:
+def new_offer(
+    manifest: Manifest, channel: Channel, destination: str, options: TransferOptions = DEFAULT_OPTIONS
+) -> Offer:
     return Offer(
         transfer_id=os.urandom(datagram.TRANSFER_ID_SIZE),
         key=os.urandom(datagram.KEY_SIZE),
         manifest=manifest,
         channel=channel,
         destination=destination,
-        preserve_owner=preserve_owner,
+        options=options,
     )
 
 
@@ -211,7 +219,9 @@ class Transfer:
 
     def _call(self, name: str, method: str, *args: object) -> defer.Deferred:
         d = defer.maybeDeferred(getattr(self.peers[name], method), *args)
-        d.addTimeout(self.prepare_timeout if method == "prepare" else self.call_timeout, self.reactor)
+        # Preparing may digest old copies of large files, and results may
+        # wait for a post-receive hook: those get the long timeout.
+        d.addTimeout(self.call_timeout if method == "missing" else self.prepare_timeout, self.reactor)
         return d
 
     def _fail(self, name: str, reason: str) -> None:
@@ -248,7 +258,7 @@ class Transfer:
         try:
             blocks = yield self._prepare(list(self.peers))
             self.planned_bytes = payload_bytes(self.offer.manifest, blocks)
-            while self.live and not self.cancelled:
+            while self.live and not self.cancelled and not self.offer.options.dry_run:
                 if blocks:
                     yield self.sender.send(blocks)
                     self.passes += 1
@@ -291,6 +301,10 @@ class Transfer:
             if ok:
                 self._heard(name)
                 self._done.discard(name)
+                value = clip(self.offer.manifest, value, chunks=True)
+                self.reports[name].needed_bytes = payload_bytes(
+                    self.offer.manifest, chunks_to_blocks(self.offer.manifest, value)
+                )
                 needs.append(value)
             elif again:
                 self._silent(name, value)
@@ -355,8 +369,15 @@ class Transfer:
         for name, (ok, value) in zip(names, answers, strict=True):
             report = self.reports[name]
             if ok:
-                report.results = value
-                bad = {path: why for path, why in value.items() if why != OK}
+                outcome: Outcome = value
+                report.results, report.changed, report.hook = outcome.results, outcome.changed, outcome.hook
+                bad = {path: why for path, why in outcome.results.items() if why != OK}
+                if self.offer.options.dry_run:
+                    bad = {
+                        path: why for path, why in bad.items() if why not in ("would receive", "unchanged")
+                    }
+                if outcome.hook is not None and outcome.hook["status"] != 0:
+                    bad["post-receive hook"] = f"exited {outcome.hook['status']}"
                 if bad and not self.cancelled:
                     path, why = next(iter(sorted(bad.items())))
                     self._fail(name, f"{len(bad)} entries failed, first {path}: {why}")

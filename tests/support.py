@@ -88,12 +88,19 @@ def make_full_tree(root: str, outside_target: str = "/nonexistent/outside/target
         0o751,
         1_500_000_000_987_654_321,
     )
-    write_file(os.path.join(root, "dir", "nested", "deeper", "leaf"), b"leaf" * 1000, 0o640, 1_600_000_000_000_000_000)
+    write_file(
+        os.path.join(root, "dir", "nested", "deeper", "leaf"),
+        b"leaf" * 1000,
+        0o640,
+        1_600_000_000_000_000_000,
+    )
     write_file(os.path.join(root, "dir", "nested", "blocksize"), rng.randbytes(1408 * 3), 0o400)
     os.link(os.path.join(root, "dir", "multi.bin"), os.path.join(root, "hardlink.bin"))
     os.symlink(outside_target, os.path.join(root, "dir", "outside-link"))
     os.symlink("../small.txt", os.path.join(root, "dir", "relative-link"))
-    os.utime(os.path.join(root, "dir", "outside-link"), ns=(1_300_000_000_000_000_007,) * 2, follow_symlinks=False)
+    os.utime(
+        os.path.join(root, "dir", "outside-link"), ns=(1_300_000_000_000_000_007,) * 2, follow_symlinks=False
+    )
     os.chmod(os.path.join(root, "dir", "nested"), 0o750)
     os.chmod(os.path.join(root, "emptydir"), 0o700)
     # Directories last, since making entries changes their mtimes.
@@ -220,7 +227,9 @@ def assert_same_tree(testcase, src: str, dst: str, sparse: bool = False) -> None
         testcase.assertEqual(stat.S_IFMT(d.st_mode), stat.S_IFMT(s.st_mode), rel)
         testcase.assertEqual(d.st_mtime_ns, s.st_mtime_ns, f"mtime of {rel}")
         if stat.S_ISLNK(s.st_mode):
-            testcase.assertEqual(os.readlink(os.path.join(dst, rel)), os.readlink(os.path.join(src, rel)), rel)
+            testcase.assertEqual(
+                os.readlink(os.path.join(dst, rel)), os.readlink(os.path.join(src, rel)), rel
+            )
             continue
         testcase.assertEqual(oct(stat.S_IMODE(d.st_mode)), oct(stat.S_IMODE(s.st_mode)), f"mode of {rel}")
         if stat.S_ISREG(s.st_mode):

@@ -29,7 +29,7 @@ def assert_normal(rs: RangeSet) -> None:
     ranges = rs.ranges
     for start, end in ranges:
         assert 0 <= start < end
-    for (_, end), (start, _) in zip(ranges, ranges[1:]):
+    for (_, end), (start, _) in zip(ranges, ranges[1:], strict=False):
         assert end < start, "ranges must be disjoint and not adjacent"
 
 
@@ -101,7 +101,9 @@ big_rangesets = st.lists(
     max_size=20,
 ).map(RangeSet)
 maps = st.dictionaries(st.integers(min_value=0, max_value=2**32 - 1), big_rangesets, max_size=12)
-small_maps = st.dictionaries(st.integers(min_value=0, max_value=50), st.builds(from_set, small_sets), max_size=8)
+small_maps = st.dictionaries(
+    st.integers(min_value=0, max_value=50), st.builds(from_set, small_sets), max_size=8
+)
 
 
 def non_empty(m):

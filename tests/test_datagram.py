@@ -55,7 +55,16 @@ def test_layout():
 
 @given(valid())
 @example((b"\0" * 32, b"\0" * 8, 0, 0, b"", encode(b"\0" * 32, b"\0" * 8, 0, 0, b"")))
-@example((b"\xff" * 32, b"\xff" * 8, 2**32 - 1, 2**32 - 1, b"\xff" * 9000, encode(b"\xff" * 32, b"\xff" * 8, 2**32 - 1, 2**32 - 1, b"\xff" * 9000)))
+@example(
+    (
+        b"\xff" * 32,
+        b"\xff" * 8,
+        2**32 - 1,
+        2**32 - 1,
+        b"\xff" * 9000,
+        encode(b"\xff" * 32, b"\xff" * 8, 2**32 - 1, 2**32 - 1, b"\xff" * 9000),
+    )
+)
 def test_round_trip(v):
     key, tid, f, b, payload, packet = v
     assert peek_transfer_id(packet) == tid
@@ -171,9 +180,7 @@ def test_flipped_bytes_are_rejected(v, data):
     key, tid, _, _, _, packet = v
     mutated = bytearray(packet)
     flips = data.draw(
-        st.lists(
-            st.tuples(st.integers(0, len(packet) - 1), st.integers(1, 255)), min_size=1, max_size=8
-        ),
+        st.lists(st.tuples(st.integers(0, len(packet) - 1), st.integers(1, 255)), min_size=1, max_size=8),
         label="flips",
     )
     for position, mask in flips:

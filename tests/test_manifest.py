@@ -101,7 +101,17 @@ def test_check_path_accepts(path):
     check_path(path)
 
 
-@given(st.lists(st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="/\0"), min_size=1, max_size=20), min_size=1, max_size=8))
+@given(
+    st.lists(
+        st.text(
+            alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="/\0"),
+            min_size=1,
+            max_size=20,
+        ),
+        min_size=1,
+        max_size=8,
+    )
+)
 def test_check_path_accepts_normal_names(parts):
     path = "/".join(parts)
     if any(p in (".", "..") for p in parts):
@@ -309,8 +319,14 @@ def test_from_bytes_garbage_raises_only_manifest_error(data):
 
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False) | st.text(max_size=5),
-    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=5), children, max_size=3),
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=5),
+    lambda children: (
+        st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=5), children, max_size=3)
+    ),
     max_leaves=10,
 )
 
@@ -320,7 +336,9 @@ def test_from_bytes_random_fields_raise_only_manifest_error(data):
     """Any JSON in any field of a good manifest is parsed or refused cleanly."""
     doc = doc_of(sample_manifest())
     index = data.draw(st.integers(0, len(doc["entries"]) - 1))
-    key = data.draw(st.sampled_from(["path", "kind", "mode", "mtime_ns", "uid", "gid", "size", "target", "digests"]))
+    key = data.draw(
+        st.sampled_from(["path", "kind", "mode", "mtime_ns", "uid", "gid", "size", "target", "digests"])
+    )
     doc["entries"][index][key] = data.draw(json_values)
     try:
         parse(doc)

@@ -126,7 +126,10 @@ def test_refuses_non_positive_rates():
 
 @given(
     st.floats(min_value=1e5, max_value=1e10),
-    st.lists(st.tuples(st.floats(min_value=0, max_value=0.05), st.integers(min_value=1, max_value=9000)), max_size=200),
+    st.lists(
+        st.tuples(st.floats(min_value=0, max_value=0.05), st.integers(min_value=1, max_value=9000)),
+        max_size=200,
+    ),
 )
 def test_a_sender_that_waits_never_exceeds_rate_plus_burst(rate_bps, steps):
     """What an obedient sender puts on the wire in any window is at most burst + rate * time."""

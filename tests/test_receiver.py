@@ -17,7 +17,7 @@ from twisted.trial import unittest
 from mrsyncd import datagram
 from mrsyncd import receiver as receiver_module
 from mrsyncd.blockset import RangeSet, decode_map
-from mrsyncd.manifest import DIR, Manifest, digest, scan
+from mrsyncd.manifest import DIR, Manifest, scan
 from mrsyncd.multicast import sender_socket
 from mrsyncd.receiver import OK, Receiver, part_name
 
@@ -119,6 +119,27 @@ class DirectReceiverTests(unittest.TestCase):
         with open(os.path.join(self.dst, "f"), "rb") as f:
             self.assertEqual(f.read(), data)
         self.assertEqual(part_files(self.dst), [])
+
+    @defer.inlineCallbacks
+    def test_chunk_that_fails_verification_is_asked_again(self):
+        """Authentic datagrams whose data does not match the manifest never reach the final path."""
+        data = self.rng.randbytes(3000)
+        write_file(os.path.join(self.src, "f"), data)
+        manifest, _ = scan([self.src + "/"], block_size=100, chunk_size=1000)
+        r, d = self.start(manifest)
+        yield d
+        bad = bytearray(data)
+        bad[1234] ^= 0x40  # chunk 1
+        self.feed(r, 0, range(30), bytes(bad))
+        yield wait_until(lambda: r.stats["corrupt_chunks"] == 1)
+        self.assertFalse(r.done)
+        self.assertEqual(decode_map(r.missing().missing), {0: RangeSet.interval(10, 20)})
+        self.assertFalse(os.path.exists(os.path.join(self.dst, "f")))
+        self.feed(r, 0, range(10, 20), data)
+        yield wait_until(lambda: r.done)
+        self.assertEqual(r.results, {"f": OK})
+        with open(os.path.join(self.dst, "f"), "rb") as f:
+            self.assertEqual(f.read(), data)
 
     @defer.inlineCallbacks
     def test_datagrams_of_a_non_file_entry_are_out_of_range(self):
@@ -289,7 +310,9 @@ class ForeignDatagramTests(unittest.TestCase):
 
         def prepare(offer):
             def joined(needs):
-                burst.update(self.spray(sock, channel, offer.transfer_id, offer.key, offer.manifest, rng, self.N))
+                burst.update(
+                    self.spray(sock, channel, offer.transfer_id, offer.key, offer.manifest, rng, self.N)
+                )
                 lc = task.LoopingCall(
                     self.spray, sock, channel, offer.transfer_id, offer.key, offer.manifest, rng, 1
                 )
@@ -307,7 +330,7 @@ class ForeignDatagramTests(unittest.TestCase):
                 lc.stop()
         self.assertTrue(report.ok, {n: p.reason for n, p in report.peers.items()})
         self.assertEqual(burst["short"], self.N)
-        for peer, dst in zip(peers, dests):
+        for peer, dst in zip(peers, dests, strict=True):
             assert_same_tree(self, src, dst)
             self.assertEqual(part_files(dst), [])
             (receiver,) = peer.agent.history
@@ -403,7 +426,7 @@ class FinalPathTests(unittest.TestCase):
             write_file(os.path.join(dst, "changing"), b"previous version")
         report = yield run_transfer(self, reactor, manifest, local, make_peers(self, reactor, dests))
         self.assertFalse(report.ok)
-        for name, peer in report.peers.items():
+        for peer in report.peers.values():
             self.assertFalse(peer.ok)
             self.assertIn("sender gave up", peer.results["changing"])
             self.assertEqual(peer.results["steady"], OK)
@@ -413,6 +436,59 @@ class FinalPathTests(unittest.TestCase):
             self.assertEqual(part_files(dst), [])
             with open(os.path.join(dst, "steady"), "rb") as f:
                 self.assertEqual(f.read(), b"steady")
+
+
+class OldCopyTests(unittest.TestCase):
+    """What the destination already holds is used, and still never changed in place."""
+
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_matching_chunks_of_the_old_copy_are_not_sent(self):
+        base = temp_dir(self)
+        src = os.path.join(base, "src")
+        os.mkdir(src)
+        rng = random.Random(11)
+        data = bytearray(rng.randbytes(5 << 20))
+        dests = [os.path.join(base, f"dst{i}") for i in range(2)]
+        for dst in dests:
+            os.mkdir(dst)
+            write_file(os.path.join(dst, "image"), bytes(data), 0o600, 1_000_000_000_000_000_000)
+        data[(2 << 20) + 5] ^= 0xFF  # one byte of chunk 2 changed
+        write_file(os.path.join(src, "image"), bytes(data) + b"appended", 0o644)
+        manifest, local = scan([src + "/"])
+        old_fds = []
+        for dst in dests:
+            fd = os.open(os.path.join(dst, "image"), os.O_RDONLY)
+            self.addCleanup(os.close, fd)
+            old_fds.append(fd)
+        report = yield run_transfer(self, reactor, manifest, local, make_peers(self, reactor, dests))
+        self.assertTrue(report.ok, {n: p.reason for n, p in report.peers.items()})
+        # Chunk 2 and the last chunk (which grew) crossed the network, not 5 MiB.
+        self.assertLessEqual(report.sender_stats["payload"], 2 * manifest.chunk_size + 8)
+        self.assertGreater(report.sender_stats["payload"], manifest.chunk_size)
+        for dst, fd in zip(dests, old_fds, strict=True):
+            assert_same_tree(self, src, dst)
+            self.assertEqual(part_files(dst), [])
+            old = bytearray(data)
+            old[(2 << 20) + 5] ^= 0xFF
+            self.assertEqual(os.pread(fd, 6 << 20, 0), bytes(old))
+
+    @defer.inlineCallbacks
+    def test_same_size_and_mtime_is_not_sent_but_gets_its_mode(self):
+        base = temp_dir(self)
+        src = os.path.join(base, "src")
+        dst = os.path.join(base, "dst")
+        os.mkdir(src)
+        os.mkdir(dst)
+        content = random.Random(12).randbytes(100_000)
+        write_file(os.path.join(src, "f"), content, 0o640, 1_234_567_890_123_456_789)
+        write_file(os.path.join(dst, "f"), content, 0o600, 1_234_567_890_123_456_789)
+        manifest, local = scan([src + "/"])
+        report = yield run_transfer(self, reactor, manifest, local, make_peers(self, reactor, [dst]))
+        self.assertTrue(report.ok, report.peers["node0"].reason)
+        self.assertEqual(report.sender_stats.get("payload", 0), 0)
+        assert_same_tree(self, src, dst)
 
 
 class SymlinkEscapeTests(unittest.TestCase):
@@ -431,7 +507,9 @@ class SymlinkEscapeTests(unittest.TestCase):
         os.link(os.path.join(self.src, "ok.txt"), os.path.join(self.src, "a", "h"))
         os.symlink("whatever", os.path.join(self.src, "a", "s"))
         write_file(os.path.join(self.outside, "victim"), b"victim")
-        self.outside_before = {p: os.lstat(os.path.join(self.outside, p)).st_mtime_ns for p in walk_all(self.outside)}
+        self.outside_before = {
+            p: os.lstat(os.path.join(self.outside, p)).st_mtime_ns for p in walk_all(self.outside)
+        }
         self.dst = os.path.join(self.base, "dst")
         os.mkdir(self.dst)
 

@@ -57,7 +57,9 @@ class FullTreeTests(unittest.TestCase):
             assert_same_tree(self, src, dst)
             self.assertEqual(part_files(dst), [])
             # The symlink out of the tree was copied as a link, never followed.
-            self.assertEqual(os.readlink(os.path.join(dst, "dir", "outside-link")), os.path.join(outside, "secret"))
+            self.assertEqual(
+                os.readlink(os.path.join(dst, "dir", "outside-link")), os.path.join(outside, "secret")
+            )
         self.assertEqual(sorted(os.listdir(outside)), ["secret"])
         self.assertGreater(report.sender_stats["datagrams"], 0)
 
