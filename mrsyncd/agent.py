@@ -15,12 +15,12 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from twisted.internet import defer, utils
-from twisted.logger import Logger
 
+from mrsyncd import logs
 from mrsyncd.blockset import RangeSet
 from mrsyncd.manifest import Manifest
 from mrsyncd.multicast import DEFAULT_RCVBUF
-from mrsyncd.receiver import MissingReport, Outcome, Receiver
+from mrsyncd.receiver import OK, MissingReport, Outcome, Receiver
 from mrsyncd.transfer import Offer, UnknownTransfer
 
 
@@ -46,7 +46,7 @@ def _check_space(needs: dict[int, RangeSet], manifest: Manifest, destination: st
     return needs
 
 
-log = Logger()
+log = logs.logger(__name__)
 
 HOOK_OUTPUT = 4096
 
@@ -140,6 +140,18 @@ class ReceiverAgent:
         d = defer.maybeDeferred(receiver.prepare, offer.transfer_id, offer.key, offer.manifest)
         d.addCallback(_check_space, offer.manifest, destination)
 
+        def accepted(needs: dict[int, RangeSet]) -> dict[int, RangeSet]:
+            log.info(
+                "job {job}: receiving into {destination}, {needed} bytes needed{dry}",
+                job=offer.options.label or offer.transfer_id.hex(),
+                destination=destination,
+                needed=receiver.needed_bytes,
+                dry=" (dry run)" if offer.options.dry_run else "",
+            )
+            return needs
+
+        d.addCallback(accepted)
+
         def refused(failure: Any) -> Any:
             self.receivers.pop(offer.transfer_id, None)
             receiver.close()
@@ -168,6 +180,19 @@ class ReceiverAgent:
             raise UnknownTransfer(transfer_id.hex())
         receiver.close()
         outcome = Outcome(dict(receiver.results), len(receiver.changed))
+        failed = {path: why for path, why in outcome.results.items() if why != OK}
+        job = receiver.options.label or transfer_id.hex()
+        if failed:
+            path, why = min(failed.items())
+            log.error(
+                "job {job}: {n} entries failed, first {path}: {why}",
+                job=job,
+                n=len(failed),
+                path=path,
+                why=why,
+            )
+        else:
+            log.info("job {job}: done, {changed} paths changed", job=job, changed=outcome.changed)
         if not (self.post_receive and receiver.done and receiver.changed and not receiver.options.dry_run):
             return defer.succeed(outcome)
         d = run_hook(self.reactor, self.post_receive, receiver, transfer_id)

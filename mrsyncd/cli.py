@@ -261,8 +261,9 @@ class Progress:
         span = self.samples[-1][0] - self.samples[0][0]
         rate = (self.samples[-1][1] - self.samples[0][1]) * 8 / span if span > 0 else 0.0
         eta = (planned - sent) * 8 / rate if rate > 0 and planned > sent else 0.0
+        state = status.get("phase") or status["state"]
         line = (
-            f"job {status['id']} {status['state']}: {_size(sent)} of {_size(planned)}"
+            f"job {status['id']} {state}: {_size(sent)} of {_size(planned)}"
             f"  {rate / 1e6:.1f} Mbit/s  ETA {_clock(eta)}"
             f"  nodes: {done} done, {failed} failed, {len(nodes)} in all"
         )

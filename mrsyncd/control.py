@@ -20,10 +20,10 @@ from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.protocol import connectionDone
-from twisted.logger import Logger
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 
+from mrsyncd import logs
 from mrsyncd.agent import ReceiverAgent, Refused
 from mrsyncd.blockset import decode_map, encode_map
 from mrsyncd.manifest import Manifest
@@ -31,7 +31,7 @@ from mrsyncd.multicast import Channel
 from mrsyncd.receiver import MissingReport, Outcome, TransferOptions
 from mrsyncd.transfer import Offer, UnknownTransfer
 
-log = Logger()
+log = logs.logger(__name__)
 
 PIECE = 0xFFFF
 #: 4096 pieces of 64 KiB: a 256 MiB manifest, about 4 million chunks.

@@ -19,7 +19,6 @@ from twisted.internet import defer, endpoints, protocol, task, threads
 from twisted.internet.protocol import connectionDone
 from twisted.logger import (
     FilteringLogObserver,
-    Logger,
     LogLevel,
     LogLevelFilterPredicate,
     globalLogBeginner,
@@ -28,6 +27,7 @@ from twisted.logger import (
 from twisted.python import usage
 from twisted.python.failure import Failure
 
+from mrsyncd import logs
 from mrsyncd.agent import ReceiverAgent
 from mrsyncd.control import AMPPeer, ReceiverControl, SenderControl
 from mrsyncd.datagram import DEFAULT_BLOCK_SIZE
@@ -37,7 +37,7 @@ from mrsyncd.ratecontrol import parse_rate
 from mrsyncd.receiver import TransferOptions
 from mrsyncd.transfer import Transfer, new_offer
 
-log = Logger()
+log = logs.logger(__name__)
 
 
 class ChannelOptions(usage.Options):
@@ -177,6 +177,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{sys.argv[0]}: {e}\n{options}", file=sys.stderr)
         raise SystemExit(2) from None
     level = LogLevel.debug if options["verbose"] else LogLevel.info
+    logs.set_level(level.name)
     globalLogBeginner.beginLoggingTo(
         [FilteringLogObserver(textFileLogObserver(sys.stderr), [LogLevelFilterPredicate(level)])],
         redirectStandardIO=False,

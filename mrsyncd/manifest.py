@@ -15,6 +15,7 @@ the destination.
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import functools
 import hashlib
@@ -23,6 +24,7 @@ import os
 import stat
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Protocol
 
 from mrsyncd.datagram import DEFAULT_BLOCK_SIZE, MAX_BLOCK_SIZE
 
@@ -33,6 +35,12 @@ KINDS = (FILE, DIR, SYMLINK, HARDLINK)
 NAME_MAX = 255
 PATH_MAX = 4096
 FORMAT = 1
+
+
+class DigestCacheLike(Protocol):
+    def get(self, key: tuple[int, ...]) -> bytes | None: ...
+
+    def put(self, key: tuple[int, ...], digests: bytes) -> None: ...
 
 
 class ManifestError(ValueError):
@@ -237,6 +245,7 @@ def scan(
     block_size: int = DEFAULT_BLOCK_SIZE,
     chunk_size: int = 0,
     excludes: Sequence[str] = (),
+    cache: DigestCacheLike | None = None,
 ) -> tuple[Manifest, dict[int, str]]:
     """
     Scan sources as rsync names them: ``dir`` arrives as ``DEST/dir``, and
@@ -263,7 +272,7 @@ def scan(
             if rel in seen:
                 raise ManifestError(f"two sources both give {rel!r}")
             seen.add(rel)
-            entry = _scan_one(manifest, path, rel, first_path_of_inode)
+            entry = _scan_one(manifest, path, rel, first_path_of_inode, cache)
             if entry.kind == FILE:
                 local_paths[len(manifest.entries)] = path
             manifest.entries.append(entry)
@@ -300,7 +309,11 @@ def _walk(base: str, prefix: str, excludes: Sequence[str]) -> Iterator[tuple[str
 
 
 def _scan_one(
-    manifest: Manifest, path: str, rel: str, first_path_of_inode: dict[tuple[int, int], str]
+    manifest: Manifest,
+    path: str,
+    rel: str,
+    first_path_of_inode: dict[tuple[int, int], str],
+    cache: DigestCacheLike | None = None,
 ) -> Entry:
     check_path(rel)
     st = os.lstat(path)
@@ -317,15 +330,40 @@ def _scan_one(
         if st.st_nlink > 1:
             first_path_of_inode[st.st_dev, st.st_ino] = rel
         entry.size = st.st_size
-        entry.digests = b"".join(file_digests(path, manifest.chunk_size, st.st_size))
+        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, manifest.chunk_size)
+        cached = cache.get(key) if cache is not None else None
+        if cached is not None and len(cached) == manifest.chunks(entry) * DIGEST_SIZE:
+            entry.digests = cached
+        else:
+            entry.digests = b"".join(file_digests(path, manifest.chunk_size, st.st_size))
+            if cache is not None:
+                cache.put(key, entry.digests)
     return entry
 
 
 def file_digests(path: str, chunk_size: int, size: int) -> Iterator[bytes]:
-    """Digest a file chunk by chunk; memory stays at one chunk."""
+    """
+    Digest a file chunk by chunk; memory stays at one chunk.  A chunk that
+    lies wholly in a hole of a sparse file is zeros: ``SEEK_DATA`` says so
+    without reading it, so a sparse disk image costs its data, not its size.
+    """
+    zero: dict[int, bytes] = {}
     with open(path, "rb", buffering=0) as f:
+        fd = f.fileno()
         for offset in range(0, size, chunk_size):
-            data = os.pread(f.fileno(), min(chunk_size, size - offset), offset)
-            if len(data) != min(chunk_size, size - offset):
+            length = min(chunk_size, size - offset)
+            try:
+                next_data = os.lseek(fd, offset, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno != errno.ENXIO:  # ENXIO: no data after offset
+                    raise
+                next_data = size
+            if next_data >= offset + length:
+                if length not in zero:
+                    zero[length] = digest(bytes(length))
+                yield zero[length]
+                continue
+            data = os.pread(fd, length, offset)
+            if len(data) != length:
                 raise ManifestError(f"{path}: file shrank while it was scanned")
             yield digest(data)

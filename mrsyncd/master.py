@@ -20,12 +20,11 @@ from twisted.application import service
 from twisted.internet import defer, threads
 from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Factory, connectionDone
-from twisted.logger import Logger
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mrsyncd import store, tls
+from mrsyncd import logs, store, tls
 from mrsyncd.config import MasterConfig
 from mrsyncd.control import (
     AMPPeer,
@@ -42,12 +41,12 @@ from mrsyncd.control import (
     Submit,
 )
 from mrsyncd.datagram import KEY_SIZE, TRANSFER_ID_SIZE
-from mrsyncd.manifest import scan
+from mrsyncd.manifest import Manifest, scan
 from mrsyncd.multicast import Channel
 from mrsyncd.receiver import TransferOptions
 from mrsyncd.transfer import Offer, Transfer
 
-log = Logger()
+log = logs.logger(__name__)
 
 #: What ``--backup`` appends to the name of a file it keeps, as rsync does.
 BACKUP_SUFFIX = "~"
@@ -195,6 +194,17 @@ def check_spec(spec: Any) -> dict[str, Any]:
     return checked
 
 
+def scan_cached(
+    cache_path: str, sources: list[str], block_size: int, excludes: list[str]
+) -> tuple[Manifest, dict[int, str]]:
+    """Scan in a thread with that thread's own connection to the digest cache."""
+    cache = store.DigestCache(cache_path)
+    try:
+        return scan(sources, block_size, 0, excludes, cache)
+    finally:
+        cache.close()
+
+
 class JobRunner:
     """Runs queued jobs, at most ``max_jobs`` at once, each on its own group and port."""
 
@@ -269,16 +279,20 @@ class JobRunner:
             manifest, local_paths = yield threads.deferToThreadPool(
                 self.reactor,
                 self.reactor.getThreadPool(),
-                scan,
+                scan_cached,
+                os.path.join(self.config.state_dir, "digests.sqlite"),
                 spec["sources"],
                 self.config.block_size,
-                0,
                 spec["excludes"],
             )
         except Exception as e:
             self.jobs.finish(job.id, store.FAILED, f"cannot read the sources: {e}")
             log.error("job {job} failed: cannot read the sources: {e}", job=job.id, e=e)
             self._release(job.id)
+            return
+        current = self.jobs.get(job.id)
+        if self._stopping or current is None or current.state != store.RUNNING:
+            self._release(job.id)  # cancelled while its sources were scanned
             return
         options = TransferOptions(
             preserve_owner=spec["preserve_owner"],
@@ -347,9 +361,11 @@ class JobRunner:
         if job is None:
             raise NoSuchJob(f"no job {job_id}")
         summary = job.summary()
-        transfer = self.running.get(job_id)
-        if transfer is not None:
-            summary["progress"] = transfer.progress()
+        if job_id in self.running:
+            transfer = self.running[job_id]
+            summary["phase"] = "scanning" if transfer is None else "sending"
+            if transfer is not None:
+                summary["progress"] = transfer.progress()
         if files:
             summary["files"] = self.jobs.files(job_id)
         return summary
@@ -364,8 +380,7 @@ class JobRunner:
         if transfer is not None:
             transfer.cancel()
             return "cancelling"
-        self.jobs.finish(job_id, store.CANCELLED, "cancelled before it started")
-        self.running.pop(job_id, None)
+        self.jobs.finish(job_id, store.CANCELLED, "cancelled before it started sending")
         return store.CANCELLED
 
     def stop(self) -> None:

@@ -21,9 +21,10 @@ from dataclasses import dataclass
 
 from twisted.internet.interfaces import IListeningPort, IReactorSocket
 from twisted.internet.protocol import DatagramProtocol
-from twisted.logger import Logger
 
-log = Logger()
+from mrsyncd import logs
+
+log = logs.logger(__name__)
 
 # Linux constants that the socket module does not export on every version.
 IP_MULTICAST_ALL = 49

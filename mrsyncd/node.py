@@ -17,14 +17,13 @@ from typing import Any
 from twisted.application import internet, service
 from twisted.internet import defer, endpoints, task
 from twisted.internet.protocol import Factory
-from twisted.logger import Logger
 
-from mrsyncd import certs, tls
+from mrsyncd import certs, logs, tls
 from mrsyncd.agent import ReceiverAgent
 from mrsyncd.config import NodeConfig, TLSConfig, split_address
 from mrsyncd.control import Heartbeat, ReceiverControl
 
-log = Logger()
+log = logs.logger(__name__)
 
 HEARTBEAT = 10.0
 

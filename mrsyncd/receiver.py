@@ -27,15 +27,14 @@ from typing import Any
 from twisted.internet import defer, threads
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import DatagramProtocol
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from mrsyncd import datagram, fsutil
+from mrsyncd import datagram, fsutil, logs
 from mrsyncd.blockset import RangeSet, encode_map
 from mrsyncd.manifest import DIR, FILE, HARDLINK, SYMLINK, Entry, Manifest, digest
 from mrsyncd.multicast import DEFAULT_RCVBUF, Channel, adopt, receiver_socket
 
-log = Logger()
+log = logs.logger(__name__)
 
 NEEDED, VERIFYING, DONE = 0, 1, 2
 OK = "ok"

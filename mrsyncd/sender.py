@@ -19,15 +19,14 @@ from collections.abc import Iterator, Mapping
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IListeningPort, IReactorTime
 from twisted.internet.protocol import DatagramProtocol
-from twisted.logger import Logger
 
-from mrsyncd import datagram
+from mrsyncd import datagram, logs
 from mrsyncd.blockset import RangeSet
 from mrsyncd.manifest import Manifest, digest
 from mrsyncd.multicast import Channel, adopt, sender_socket
 from mrsyncd.ratecontrol import Pacer
 
-log = Logger()
+log = logs.logger(__name__)
 
 #: Longest sleep between pacing ticks; the reactor wakes often enough that
 #: a tick's burst stays small.

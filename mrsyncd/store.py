@@ -56,6 +56,42 @@ CREATE TABLE IF NOT EXISTS job_files (
 """
 
 
+class DigestCache:
+    """
+    Chunk digests of the master's source files, so that pushing a large
+    tree again reads only what changed since.  A file is known by device,
+    inode, size, mtime and ctime (ctime changes on every write, even one that
+    puts the mtime back) and the chunk size.  Used from the scanning thread,
+    which opens its own connection.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.db = sqlite3.connect(path, timeout=30)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute(
+            "CREATE TABLE IF NOT EXISTS digests (dev INTEGER, ino INTEGER, size INTEGER, mtime_ns INTEGER,"
+            " ctime_ns INTEGER, chunk_size INTEGER, digests BLOB, used REAL,"
+            " PRIMARY KEY (dev, ino, size, mtime_ns, ctime_ns, chunk_size))"
+        )
+
+    def get(self, key: tuple[int, ...]) -> bytes | None:
+        row = self.db.execute(
+            "SELECT digests FROM digests WHERE dev = ? AND ino = ? AND size = ? AND mtime_ns = ?"
+            " AND ctime_ns = ? AND chunk_size = ?",
+            key,
+        ).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def put(self, key: tuple[int, ...], digests: bytes) -> None:
+        with self.db:
+            self.db.execute(
+                "INSERT OR REPLACE INTO digests VALUES (?, ?, ?, ?, ?, ?, ?, ?)", (*key, digests, time.time())
+            )
+
+    def close(self) -> None:
+        self.db.close()
+
+
 @dataclass
 class Job:
     id: int

@@ -13,7 +13,7 @@ from twisted.application import service
 from twisted.internet import endpoints
 from twisted.python import usage
 
-from mrsyncd import __version__, tls
+from mrsyncd import __version__, logs, tls
 from mrsyncd.config import Config, ConfigError, load
 from mrsyncd.master import MasterService
 from mrsyncd.node import NodeService
@@ -41,6 +41,7 @@ class Options(usage.Options):
 
 def build(config: Config, reactor: Any) -> service.MultiService:
     """The services of one host, with an injected reactor."""
+    logs.set_level(config.log_level)
     top = service.MultiService()
     if config.master is not None:
         master = config.master

@@ -41,8 +41,8 @@ from twisted.internet.ssl import (
     optionsForClientTLS,
     trustRootFromCertificates,
 )
-from twisted.logger import Logger
 
+from mrsyncd import logs
 from mrsyncd.certs import (
     CertError,
     CertificateFileError,
@@ -68,7 +68,7 @@ __all__ = [
     "server_options",
 ]
 
-log = Logger()
+log = logs.logger(__name__)
 
 #: Both ends are always mrsyncd on OpenSSL >= 3, so TLS 1.3 only (Twisted
 #: 22.4 would otherwise still allow 1.0): no renegotiation, by which a TLS 1.2

@@ -15,7 +15,9 @@ loop is:
 
 A peer that does not answer is given ``grace`` seconds since it last did
 before it is declared failed; the others never wait for it longer than one
-``call_timeout`` per round.
+``call_timeout`` per repair round.  Preparing and reporting results may take
+longer (digesting old copies of large files, a post-receive hook), so those
+calls have ``prepare_timeout`` instead.
 """
 
 from __future__ import annotations
@@ -26,17 +28,16 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from twisted.internet import defer, task
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from mrsyncd import datagram
+from mrsyncd import datagram, logs
 from mrsyncd.blockset import RangeSet, decode_map, union_maps
 from mrsyncd.manifest import FILE, Manifest
 from mrsyncd.multicast import Channel
 from mrsyncd.receiver import DEFAULT_OPTIONS, OK, MissingReport, Outcome, TransferOptions
 from mrsyncd.sender import Sender
 
-log = Logger()
+log = logs.logger(__name__)
 
 
 class UnknownTransfer(Exception):
@@ -161,7 +162,7 @@ class Transfer:
         rate_bps: float,
         grace: float = 30.0,
         call_timeout: float = 10.0,
-        prepare_timeout: float = 600.0,
+        prepare_timeout: float = 120.0,
         stalled_rounds: int = 50,
         drain: float = 0.05,
         poll: float = 0.1,
@@ -260,6 +261,12 @@ class Transfer:
             self.planned_bytes = payload_bytes(self.offer.manifest, blocks)
             while self.live and not self.cancelled and not self.offer.options.dry_run:
                 if blocks:
+                    log.debug(
+                        "transfer {tid}: pass {n}, {bytes} bytes to send",
+                        tid=self.offer.transfer_id.hex(),
+                        n=self.passes + 1,
+                        bytes=payload_bytes(self.offer.manifest, blocks),
+                    )
                     yield self.sender.send(blocks)
                     self.passes += 1
                     self._pass_ended = self.reactor.seconds()

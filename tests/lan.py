@@ -228,7 +228,6 @@ class Lan:
         self.hosts: dict[str, Host] = {}
         self._namespaces: list[str] = []
         self._closed = False
-        self._lock = threading.Lock()
         atexit.register(self.close)
         try:
             self._add_netns(self.switch)
@@ -301,11 +300,12 @@ class Lan:
                 time.sleep(0.05)
 
     def close(self) -> None:
-        """Kill every process started in the LAN and delete its namespaces. Idempotent."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
+        """
+        Kill every process started in the LAN and delete its namespaces.
+        Idempotent, and safe to run again (at exit) if it was interrupted.
+        """
+        if self._closed:
+            return
         for host in self.hosts.values():
             host.kill_all()
         for netns in reversed(self._namespaces):
@@ -314,6 +314,7 @@ class Lan:
         left = set(self._namespaces) & set(_netns_names())
         if left:
             print(f"lan: could not delete namespaces {sorted(left)}", file=sys.stderr)
+        self._closed = True
         with contextlib.suppress(Exception):
             atexit.unregister(self.close)
 

@@ -20,9 +20,8 @@ import tempfile
 
 from twisted.internet import defer
 
-from mrsyncd import manifest as manifest_module
 from mrsyncd.agent import LocalPeer, ReceiverAgent
-from mrsyncd.manifest import Manifest, digest, scan
+from mrsyncd.manifest import Manifest
 from mrsyncd.multicast import Channel
 from mrsyncd.transfer import Transfer, new_offer
 
@@ -164,37 +163,6 @@ def sparse_digest(path: str) -> tuple[int, str]:
                 block += 1
             offset = data_end
     return size, h.hexdigest()
-
-
-def sparse_file_digests(path: str, chunk_size: int, size: int):
-    """
-    `manifest.file_digests` for sparse files: a chunk that lies wholly in a
-    hole is known to be zeros without reading it.  Same values, seconds
-    instead of minutes for a file of many GiB.
-    """
-    zero: dict[int, bytes] = {}
-    with open(path, "rb", buffering=0) as f:
-        fd = f.fileno()
-        for offset in range(0, size, chunk_size):
-            length = min(chunk_size, size - offset)
-            try:
-                next_data = os.lseek(fd, offset, os.SEEK_DATA)
-            except OSError as e:
-                if e.errno != errno.ENXIO:
-                    raise
-                next_data = size
-            if next_data >= offset + length:
-                if length not in zero:
-                    zero[length] = digest(bytes(length))
-                yield zero[length]
-            else:
-                yield digest(os.pread(fd, length, offset))
-
-
-def fast_scan(testcase, sources, **kwargs):
-    """`manifest.scan` with `sparse_file_digests`, for trees holding huge sparse files."""
-    testcase.patch(manifest_module, "file_digests", sparse_file_digests)
-    return scan(sources, **kwargs)
 
 
 def tree_entries(root: str) -> dict[str, os.stat_result]:

@@ -1,0 +1,553 @@
+"""
+Real mrsyncd daemons for the daemon tests: a CA, configuration files, and
+``twistd mrsyncd`` processes started, watched and killed like an operator
+would.
+
+Everything runs on this host's loopback: the master listens on 127.0.0.1 on
+a free port and sends on a multicast group and port pool of its own (random,
+checked free), so parallel runs do not hear each other.
+
+Several nodes on one host would all write the same destination path, since
+a job has one destination for every target.  As root, each node therefore
+runs in a mount namespace of its own (``unshare --mount``) in which its own
+directory ``base/nodes/NAME`` is bind-mounted over the shared path
+``base/shared``: a job to ``base/shared/x`` lands in ``base/nodes/NAME/x``
+of every node, and `Cluster.node_dir` says where to look.  The network is
+not namespaced: every daemon talks over the host's ``lo``.  Without root,
+nodes share ``base/shared`` itself and only one node may receive a given
+destination (`Cluster.mount_ns` says which mode is on).
+
+A daemon's stdout and stderr (twistd logs to stdout with ``-n``) go to
+``base/NAME.log``, appended across restarts; readiness is read from there:
+"master listening" in the master's log, "node NAME registered" in the
+master's log for a node.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from mrsyncd import certs
+
+REPO = str(Path(__file__).resolve().parent.parent)
+#: twistd on the running interpreter (``python -m twisted`` is ``twist``, not ``twistd``).
+TWISTD = "from twisted.scripts.twistd import run; run()"
+#: The mount-namespace wrapper: bind the node's directory over the shared path, then exec.
+_BIND_AND_EXEC = 'mount --bind "$1" "$2" && shift 2 && exec "$@"'
+
+_unset: Any = object()
+
+
+def can_unshare() -> bool:
+    """Can this process give a child a mount namespace of its own (root and unshare)?"""
+    return sys.platform.startswith("linux") and os.geteuid() == 0 and shutil.which("unshare") is not None
+
+
+def free_tcp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def free_multicast_pool(size: int) -> tuple[str, int]:
+    """A group (base of ``size`` consecutive ones) and ``size`` consecutive free UDP ports."""
+    rng = random.SystemRandom()
+    while True:
+        group = f"239.{rng.randrange(1, 255)}.{rng.randrange(0, 256)}.{rng.randrange(1, 200)}"
+        port = rng.randrange(20000, 32000 - size)
+        try:
+            for p in range(port, port + size):
+                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                    s.bind(("0.0.0.0", p))
+        except OSError:
+            continue
+        return group, port
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str | Path):
+        return json.dumps(str(value))
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def write_toml(path: str | Path, sections: dict[str, dict[str, Any]]) -> Path:
+    """Write ``{section: {key: value}}`` as a TOML file (values written raw if they are `Raw`)."""
+    lines = []
+    for section, values in sections.items():
+        lines.append(f"[{section}]")
+        for key, value in values.items():
+            lines.append(f"{key} = {value.text if isinstance(value, Raw) else _toml_value(value)}")
+        lines.append("")
+    Path(path).write_text("\n".join(lines))
+    return Path(path)
+
+
+class Raw:
+    """A value written into TOML verbatim, for deliberately bad configurations."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+
+class CA:
+    """A cluster CA in ``directory`` and the certificates it issues into ``out``."""
+
+    def __init__(self, directory: str | Path, out: str | Path, name: str = "mrsyncd test CA") -> None:
+        self.directory = str(directory)
+        self.out = str(out)
+        certs.create_ca(self.directory, name, 30)
+        self.cert = os.path.join(self.directory, certs.CA_CERT)
+
+    def issue(
+        self,
+        role: str,
+        name: str,
+        *,
+        dns: Sequence[str] = (),
+        ips: Sequence[str] = (),
+        out: str | Path | None = None,
+        expired: bool = False,
+    ) -> tuple[str, str]:
+        """Issue a certificate; ``expired`` makes one that ended yesterday. Returns (cert, key)."""
+        out = str(out or self.out)
+        when: dict[str, datetime.datetime] = {}
+        if expired:
+            now = certs.utcnow()
+            when = {
+                "not_before": now - datetime.timedelta(days=10),
+                "not_after": now - datetime.timedelta(days=1),
+            }
+        certs.issue(self.directory, role, name, out, 30, dns, ips, **when)
+        return os.path.join(out, name + ".crt"), os.path.join(out, name + ".key")
+
+
+class Daemon:
+    """One ``twistd mrsyncd --config FILE`` process, restartable, logging to ``log_path``."""
+
+    def __init__(
+        self,
+        name: str,
+        config: str | Path,
+        log_path: str | Path,
+        *,
+        python: str = sys.executable,
+        wrapper: Sequence[str] = (),
+        cwd: str | Path | None = None,
+    ) -> None:
+        self.name = name
+        self.config = str(config)
+        self.log_path = Path(log_path)
+        self.python = python
+        self.wrapper = list(wrapper)
+        self.cwd = str(cwd or self.log_path.parent)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    def __repr__(self) -> str:
+        pid = self.proc.pid if self.proc else None
+        return f"<Daemon {self.name} pid {pid} {'alive' if self.alive else 'down'}>"
+
+    @property
+    def argv(self) -> list[str]:
+        return [
+            *self.wrapper,
+            self.python,
+            "-c",
+            TWISTD,
+            "-n",
+            "--pidfile=",
+            "mrsyncd",
+            "--config",
+            self.config,
+        ]
+
+    def start(self) -> int:
+        """Start the process; returns the log offset from which its new lines start."""
+        if self.alive:
+            raise RuntimeError(f"{self.name} is already running")
+        offset = self.mark()
+        env = dict(os.environ)
+        env["PYTHONPATH"] = REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        env["PYTHONUNBUFFERED"] = "1"
+        with open(self.log_path, "ab") as log:
+            log.write(f"==== test: starting {self.name}: {' '.join(self.argv)}\n".encode())
+            log.flush()
+            self.proc = subprocess.Popen(
+                self.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=self.cwd,
+                start_new_session=True,
+            )
+        self.starts += 1
+        return offset
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    @property
+    def returncode(self) -> int | None:
+        return None if self.proc is None else self.proc.poll()
+
+    def mark(self) -> int:
+        """The log's length now: pass it as ``since`` to wait only for newer lines."""
+        try:
+            return self.log_path.stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def log(self, since: int = 0) -> str:
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(since)
+                return f.read().decode("utf-8", "replace")
+        except FileNotFoundError:
+            return ""
+
+    def tail(self, lines: int = 30) -> str:
+        return "\n".join(self.log().splitlines()[-lines:])
+
+    def wait_log(self, pattern: str, timeout: float = 15.0, since: int = 0) -> re.Match[str]:
+        """Wait for ``pattern`` (a regex) in the log after offset ``since``."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        while True:
+            found = regex.search(self.log(since))
+            if found:
+                return found
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"{self.name}: no {pattern!r} in its log within {timeout} s; "
+                    f"process {'alive' if self.alive else f'exited {self.returncode}'}; "
+                    f"log tail:\n{self.tail()}"
+                )
+            if not self.alive:
+                # One more look: the line may have been written just before it died.
+                found = regex.search(self.log(since))
+                if found:
+                    return found
+                raise AssertionError(
+                    f"{self.name} exited with {self.returncode} before {pattern!r}; log tail:\n{self.tail()}"
+                )
+            time.sleep(0.05)
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Send ``sig`` to this daemon's own process (it was started by us) and, for SIGKILL, reap it."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.send_signal(sig)
+        if sig == signal.SIGKILL:
+            self.proc.wait(10)
+
+    def stop(self, timeout: float = 8.0) -> int | None:
+        """SIGTERM, then SIGKILL after ``timeout``; returns the exit status."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.kill(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill(signal.SIGKILL)
+        return self.proc.wait()
+
+
+class Cluster:
+    """
+    A CA, a master and nodes under ``base``, and the operator's `cli`.
+
+    The master's certificate names 127.0.0.1 and localhost; the operator's
+    certificate is ``operator``.  Options for ``[master]`` may be overridden
+    with ``master_options``.
+    """
+
+    def __init__(
+        self,
+        base: str | Path,
+        *,
+        python: str = sys.executable,
+        mount_ns: bool | None = None,
+        max_jobs: int = 4,
+        **master_options: Any,
+    ) -> None:
+        self.base = Path(base)
+        self.python = python
+        self.mount_ns = can_unshare() if mount_ns is None else mount_ns
+        self.ca = CA(self.base / "ca", self.base / "certs")
+        self.port = free_tcp_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.max_jobs = max_jobs
+        self.group, self.port_base = free_multicast_pool(max_jobs)
+        self.master_cert = self.ca.issue("master", "master", dns=["localhost"], ips=["127.0.0.1"])
+        self.operator = self.ca.issue("operator", "operator")
+        self.state_dir = self.base / "state"
+        self.shared = self.base / "shared"
+        self.shared.mkdir(parents=True, exist_ok=True)
+        self.master_options = master_options
+        self.master: Daemon | None = None
+        self.nodes: dict[str, Daemon] = {}
+        self.others: list[Daemon] = []
+
+    # Configuration.
+
+    def master_config(self, path: str | Path | None = None, **overrides: Any) -> Path:
+        cert, key = self.master_cert
+        master = {
+            "address": "127.0.0.1",
+            "port": self.port,
+            "state_dir": str(self.state_dir),
+            "interface": "lo",
+            "group": self.group,
+            "port_base": self.port_base,
+            "max_jobs": self.max_jobs,
+            "loopback": True,
+            "rate": "400M",
+            "grace": 20,
+            **self.master_options,
+            **overrides,
+        }
+        return write_toml(
+            path or self.base / "master.toml",
+            {"tls": {"ca": self.ca.cert, "certificate": cert, "key": key}, "master": master},
+        )
+
+    def node_config(
+        self,
+        name: str,
+        *,
+        roots: Iterable[str | Path] | None = None,
+        tags: Sequence[str] = (),
+        identity: tuple[str, str] | None = None,
+        **overrides: Any,
+    ) -> Path:
+        cert, key = identity or self.ca.issue("node", name)
+        node = {
+            "master": self.address,
+            "interface": "lo",
+            "roots": [str(r) for r in (roots if roots is not None else [self.shared])],
+            "tags": list(tags),
+            **overrides,
+        }
+        return write_toml(
+            self.base / f"{name}.toml",
+            {"tls": {"ca": self.ca.cert, "certificate": cert, "key": key}, "node": node},
+        )
+
+    def node_dir(self, name: str) -> Path:
+        """Where ``shared`` of node ``name`` is, seen from here."""
+        return self.base / "nodes" / name if self.mount_ns else self.shared
+
+    # Daemons.
+
+    def start_master(self, timeout: float = 20.0) -> Daemon:
+        if self.master is None:
+            self.master = Daemon("master", self.master_config(), self.base / "master.log", python=self.python)
+        since = self.master.start()
+        self.master.wait_log(r"master listening on", timeout, since)
+        return self.master
+
+    def add_node(
+        self,
+        name: str,
+        *,
+        start: bool = True,
+        wait: bool = True,
+        mount_ns: bool | None = None,
+        **config: Any,
+    ) -> Daemon:
+        """Configure node ``name`` (see `node_config`) and start it; wait until the master has it."""
+        path = self.node_config(name, **config)
+        wrapper: list[str] = []
+        if self.mount_ns if mount_ns is None else mount_ns:
+            mine = self.node_dir(name)
+            mine.mkdir(parents=True, exist_ok=True)
+            wrapper = [
+                "unshare",
+                "--mount",
+                "--propagation",
+                "private",
+                "sh",
+                "-c",
+                _BIND_AND_EXEC,
+                "sh",
+                str(mine),
+                str(self.shared),
+            ]
+        daemon = Daemon(name, path, self.base / f"{name}.log", python=self.python, wrapper=wrapper)
+        self.nodes[name] = daemon
+        if start:
+            self.start_node(name, wait=wait)
+        return daemon
+
+    def start_node(self, name: str, wait: bool = True, timeout: float = 20.0) -> None:
+        assert self.master is not None
+        since = self.master.mark()
+        self.nodes[name].start()
+        if wait:
+            self.wait_registered(name, since, timeout)
+
+    def wait_registered(self, name: str, since: int, timeout: float = 20.0) -> None:
+        """Wait for the master to log that ``name`` registered (after log offset ``since``)."""
+        assert self.master is not None
+        deadline = time.monotonic() + timeout
+        while True:
+            if re.search(rf"node {re.escape(name)} registered from", self.master.log(since)):
+                return
+            node = self.nodes.get(name)
+            if node is not None and not node.alive:
+                raise AssertionError(f"node {name} exited with {node.returncode}:\n{node.tail()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"node {name} did not register within {timeout} s\n{self.diagnostics([name])}"
+                )
+            time.sleep(0.05)
+
+    def restart_master(self, sig: int = signal.SIGTERM) -> None:
+        assert self.master is not None
+        if sig == signal.SIGKILL:
+            self.master.kill(signal.SIGKILL)
+        else:
+            self.master.stop()
+        self.start_master()
+
+    def close(self) -> None:
+        """Stop every daemon this cluster started: nodes first, then the master."""
+        for daemon in [*self.others, *self.nodes.values()]:
+            daemon.stop(5)
+        if self.master is not None:
+            self.master.stop(5)
+
+    def diagnostics(self, names: Iterable[str] | None = None, lines: int = 25) -> str:
+        """The tails of the master's and the nodes' logs, for assertion messages."""
+        daemons = [self.master] if self.master else []
+        daemons += [d for n, d in self.nodes.items() if names is None or n in names]
+        return "\n".join(f"--- {d.name} ({d!r}):\n{d.tail(lines)}" for d in daemons)
+
+    # The operator's command line.
+
+    def cli(
+        self,
+        *args: str,
+        identity: tuple[str, str] | None = _unset,
+        ca: str | None = None,
+        master: str | None = None,
+        timeout: float = 120.0,
+    ) -> subprocess.CompletedProcess[str]:
+        """
+        Run ``mrsync ARGS`` on this interpreter as the operator (or as
+        ``identity``: (cert, key), or None for no certificate at all).
+        """
+        if identity is _unset:
+            identity = self.operator
+        argv = [self.python, "-m", "mrsyncd.cli", "--master", master or self.address]
+        argv += ["--ca", ca or self.ca.cert]
+        if identity is not None:
+            argv += ["--cert", identity[0], "--key", identity[1]]
+        return subprocess.run(
+            [*argv, *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=cli_env(),
+            cwd=str(self.base),
+        )
+
+    def cli_popen(self, *args: str) -> subprocess.Popen[str]:
+        cert, key = self.operator
+        argv = [self.python, "-m", "mrsyncd.cli", "--master", self.address, "--ca", self.ca.cert]
+        argv += ["--cert", cert, "--key", key, *args]
+        return subprocess.Popen(
+            argv,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=cli_env(),
+            cwd=str(self.base),
+        )
+
+    def cli_ok(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
+        result = self.cli(*args, timeout=timeout)
+        if result.returncode != 0:
+            raise AssertionError(
+                f"mrsync {' '.join(args)} exited {result.returncode}\nstdout: {result.stdout}\n"
+                f"stderr: {result.stderr}\n{self.diagnostics()}"
+            )
+        return result
+
+    def cli_json(self, *args: str, timeout: float = 120.0) -> Any:
+        return json.loads(self.cli_ok(*args, "--json", timeout=timeout).stdout)
+
+    def status(self, job: int, files: bool = False) -> dict[str, Any]:
+        args = ["status", str(job), *(["--files"] if files else [])]
+        result: dict[str, Any] = self.cli_json(*args)
+        return result
+
+    def node_states(self) -> dict[str, str]:
+        return {n["name"]: n["state"] for n in self.cli_json("nodes")}
+
+    def wait_node_states(self, want: dict[str, str], timeout: float = 20.0) -> dict[str, str]:
+        """Poll ``mrsync nodes`` until each named node is in the wanted state."""
+        return wait_for(
+            self.node_states,
+            lambda states: all(states.get(name) == state for name, state in want.items()),
+            timeout,
+            f"nodes in states {want}",
+            self.diagnostics,
+        )
+
+    def detach(self, *args: str) -> int:
+        """``mrsync push --detach --json ARGS``: the job id."""
+        return int(self.cli_json("push", "--detach", *args)["job"])
+
+
+def cli_env() -> dict[str, str]:
+    """The environment for the CLI: this repository first, no stray MRSYNC_* settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MRSYNC_")}
+    env["PYTHONPATH"] = REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    # No client.toml from the real home directory.
+    env["HOME"] = "/nonexistent"
+    return env
+
+
+def wait_for(
+    probe: Callable[[], Any],
+    done: Callable[[Any], bool],
+    timeout: float,
+    what: str,
+    diagnostics: Callable[[], str] | None = None,
+    interval: float = 0.1,
+) -> Any:
+    """Call ``probe`` until ``done(value)``; the last value, or AssertionError after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if done(value):
+            return value
+        if time.monotonic() > deadline:
+            extra = f"\n{diagnostics()}" if diagnostics else ""
+            raise AssertionError(f"no {what} within {timeout} s; last: {value!r}{extra}")
+        time.sleep(interval)
