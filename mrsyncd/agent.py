@@ -9,9 +9,10 @@ receivers in one process without a control network.
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from twisted.internet import defer, utils
@@ -20,12 +21,9 @@ from mrsyncd import logs
 from mrsyncd.blockset import RangeSet
 from mrsyncd.manifest import Manifest
 from mrsyncd.multicast import DEFAULT_RCVBUF
+from mrsyncd.ratecontrol import Feedback
 from mrsyncd.receiver import OK, MissingReport, Outcome, Receiver
-from mrsyncd.transfer import Offer, UnknownTransfer
-
-
-class Refused(Exception):
-    """This host will not take a transfer; the message says why."""
+from mrsyncd.transfer import Offer, Refused, UnknownTransfer
 
 
 def _check_space(needs: dict[int, RangeSet], manifest: Manifest, destination: str) -> dict[int, RangeSet]:
@@ -110,6 +108,8 @@ class ReceiverAgent:
         self.roots = [os.path.realpath(root) for root in roots]
         self.rcvbuf = rcvbuf
         self.post_receive = list(post_receive)
+        #: Where this host's loss and delay reports go (its control connection).
+        self.on_feedback: Callable[[bytes, Feedback], None] | None = None
         self.receivers: dict[bytes, Receiver] = {}
 
     def destination(self, requested: str) -> str:
@@ -127,8 +127,28 @@ class ReceiverAgent:
         return real
 
     def prepare(self, offer: Offer) -> defer.Deferred:
-        if offer.transfer_id in self.receivers:
-            raise ValueError("transfer already prepared")
+        """
+        Take a transfer, or say why not: every failure here is a `Refused`
+        carrying its reason, which the sender reports and does not retry.
+        A transfer offered again (its sender restarted, or gave up waiting
+        for the first answer) starts afresh and resumes from its part files.
+        """
+        old = self.receivers.pop(offer.transfer_id, None)
+        if old is not None:
+            old.close()
+        d = defer.maybeDeferred(self._prepare, offer)
+
+        def refused(failure: Any) -> Any:
+            receiver = self.receivers.pop(offer.transfer_id, None)
+            if receiver is not None:
+                receiver.close()
+            if not failure.check(Refused):
+                raise Refused(str(failure.value) or failure.getErrorMessage())
+            return failure
+
+        return d.addErrback(refused)
+
+    def _prepare(self, offer: Offer) -> defer.Deferred:
         channel = offer.channel
         if self.interface:
             channel = type(channel)(
@@ -137,6 +157,7 @@ class ReceiverAgent:
         destination = self.destination(offer.destination)
         receiver = Receiver(self.reactor, destination, channel, options=offer.options, rcvbuf=self.rcvbuf)
         self.receivers[offer.transfer_id] = receiver
+        receiver.on_feedback = functools.partial(self._feedback, offer.transfer_id)
         d = defer.maybeDeferred(receiver.prepare, offer.transfer_id, offer.key, offer.manifest)
         d.addCallback(_check_space, offer.manifest, destination)
 
@@ -150,15 +171,11 @@ class ReceiverAgent:
             )
             return needs
 
-        d.addCallback(accepted)
+        return d.addCallback(accepted)
 
-        def refused(failure: Any) -> Any:
-            self.receivers.pop(offer.transfer_id, None)
-            receiver.close()
-            return failure
-
-        d.addErrback(refused)
-        return d
+    def _feedback(self, transfer_id: bytes, report: Feedback) -> None:
+        if self.on_feedback is not None:
+            self.on_feedback(transfer_id, report)
 
     def _receiver(self, transfer_id: bytes) -> Receiver:
         try:

@@ -214,3 +214,53 @@ def union_maps(maps: Iterable[Mapping[int, RangeSet]]) -> dict[int, RangeSet]:
         for file_index, ranges in m.items():
             result[file_index] = result.get(file_index, RangeSet()) | ranges
     return {k: v for k, v in result.items() if v}
+
+
+def repair_plan(
+    reports: Iterable[Mapping[int, RangeSet]], group: int
+) -> tuple[dict[int, RangeSet], dict[int, RangeSet]]:
+    """
+    What to send so that every reporter gets what it misses, as ``(blocks,
+    parities)``: block numbers, and numbers of the groups of ``group``
+    consecutive blocks whose XOR parity to send, per file.
+
+    Receivers lose different blocks, so resending the union of their losses
+    grows with their number.  A receiver missing one block of a group
+    rebuilds it from the group's parity and the blocks it holds, so one
+    parity datagram repairs that group at every such receiver at once; a
+    receiver missing more gets all but one of its blocks directly (the
+    parity is sent after them).  Per group, whichever of that and the plain
+    union is cheaper is chosen.  The work is bounded by the number of ranges
+    reported, not blocks: the groups inside a long range are sent as blocks
+    outright.
+    """
+    per_group: dict[tuple[int, int], list[list[int]]] = {}
+    blocks: dict[int, list[tuple[int, int]]] = {}
+    for report in reports:
+        for file_index, ranges in report.items():
+            by_group: dict[int, list[int]] = {}
+            for start, end in ranges.ranges:
+                first, last = start // group, (end - 1) // group
+                if last - first > 1:
+                    blocks.setdefault(file_index, []).append(((first + 1) * group, last * group))
+                    edges = [(start, (first + 1) * group), (last * group, end)]
+                else:
+                    edges = [(start, end)]
+                for a, b in edges:
+                    for block in range(a, b):
+                        by_group.setdefault(block // group, []).append(block)
+            for g, lost in by_group.items():
+                per_group.setdefault((file_index, g), []).append(lost)
+    parities: dict[int, list[tuple[int, int]]] = {}
+    for (file_index, g), losses in per_group.items():
+        union = set().union(*losses)
+        direct = set().union(*(lost[:-1] for lost in losses))
+        if 1 + len(direct) < len(union):
+            parities.setdefault(file_index, []).append((g, g + 1))
+        else:
+            direct = union
+        blocks.setdefault(file_index, []).extend((b, b + 1) for b in direct)
+    return (
+        {f: RangeSet(r) for f, r in blocks.items()},
+        {f: RangeSet(r) for f, r in parities.items()},
+    )

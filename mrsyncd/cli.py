@@ -13,9 +13,10 @@ environment (``MRSYNC_MASTER``, ``MRSYNC_CA``, ``MRSYNC_CERT``,
 ``~/.config/mrsync/client.toml``, else ``/etc/mrsyncd/client.toml``).
 
 Exit codes, for scripts: 0 every target succeeded; 1 the job failed on at
-least one target; 2 a wrong command line; 3 the master could not be reached
-or refused the certificate; 4 the master refused the request; 5 the job was
-cancelled.
+least one target; 2 a wrong command line or client configuration; 3 the
+master could not be reached, or the certificate is not one it accepts
+(checked here first, then by the master); 4 the master refused the request;
+5 the job was cancelled.
 """
 
 from __future__ import annotations
@@ -195,11 +196,16 @@ def settings(options: Options, environ: dict[str, str]) -> dict[str, str]:
 def connect(reactor: Any, found: dict[str, str]) -> Any:
     try:
         host, port = split_address(found["master"])
+    except ValueError as e:
+        raise CommandError(f"master {found['master']!r}: {e}", EXIT_USAGE) from None
+    try:
+        # The same checks the master makes, made first here so that a wrong
+        # certificate says why, instead of a bare TLS alert.
         options = tls.client_options(
             found["ca"], found["certificate"], found["key"], found.get("master_name") or host
         )
     except Exception as e:
-        raise CommandError(str(e), EXIT_USAGE) from None
+        raise CommandError(str(e), EXIT_UNREACHABLE) from None
     endpoint = endpoints.wrapClientTLS(options, endpoints.HostnameEndpoint(reactor, host, port, timeout=10))
     factory = Factory.forProtocol(amp.AMP)
     factory.noisy = False

@@ -28,6 +28,7 @@ from mrsyncd.agent import ReceiverAgent, Refused
 from mrsyncd.blockset import decode_map, encode_map
 from mrsyncd.manifest import Manifest
 from mrsyncd.multicast import Channel
+from mrsyncd.ratecontrol import Feedback
 from mrsyncd.receiver import MissingReport, Outcome, TransferOptions
 from mrsyncd.transfer import Offer, UnknownTransfer
 
@@ -115,6 +116,22 @@ class Register(amp.Command):
         (b"free", JSONArgument(optional=True)),
     ]
     errors = {Forbidden: b"FORBIDDEN", Refused: b"REFUSED"}
+
+
+class Congestion(amp.Command):
+    """
+    A receiver's loss and queueing delay over its last report interval,
+    sent only when there is loss or a queue, so that the sender's rate
+    controller hears more from trouble than from the number of receivers.
+    """
+
+    arguments = [
+        (b"transfer_id", amp.String()),
+        (b"loss", amp.Float()),
+        (b"delay", amp.Float()),
+        (b"received", amp.Integer()),
+    ]
+    requiresAnswer = False
 
 
 class Heartbeat(amp.Command):
@@ -249,8 +266,19 @@ class ReceiverControl(amp.AMP):
 
     def connectionMade(self) -> None:
         super().connectionMade()
+        self.agent.on_feedback = self._feedback
         d = self.callRemote(Register, name=self.name, tags=self.tags, free=self.free() if self.free else None)
         d.addErrback(self._refused)
+
+    def _feedback(self, transfer_id: bytes, report: Feedback) -> None:
+        if self.transport is not None and self.agent.on_feedback == self._feedback:
+            self.callRemote(
+                Congestion,
+                transfer_id=transfer_id,
+                loss=report.loss,
+                delay=report.delay,
+                received=report.received,
+            )
 
     def _refused(self, failure: Failure) -> None:
         log.error("the sender refused registration: {why}", why=failure.getErrorMessage())
@@ -304,10 +332,21 @@ class ReceiverControl(amp.AMP):
 class SenderControl(amp.AMP):
     """The sender's end of one receiver's connection."""
 
-    def __init__(self, on_register: Callable[[AMPPeer], None]) -> None:
+    def __init__(
+        self,
+        on_register: Callable[[AMPPeer], None],
+        on_feedback: Callable[[bytes, str, Feedback], None] | None = None,
+    ) -> None:
         super().__init__()
         self.on_register = on_register
+        self.on_feedback = on_feedback
         self.peer: AMPPeer | None = None
+
+    @Congestion.responder
+    def congestion(self, transfer_id: bytes, loss: float, delay: float, received: int) -> dict[str, Any]:
+        if self.peer is not None and self.on_feedback is not None:
+            self.on_feedback(transfer_id, self.peer.name, Feedback(loss, delay, received))
+        return {}
 
     @Register.responder
     def register(self, name: str, tags: list[str] | None, free: dict[str, int] | None) -> dict[str, Any]:

@@ -11,12 +11,18 @@ Layout (all integers big-endian), see docs/PROTOCOL.md::
 
     0   2  magic  b"MR"
     2   1  version (1)
-    3   1  kind    (1 = DATA)
+    3   1  kind    (1 = DATA: one block; 2 = PARITY: the XOR of a group of
+           blocks, each padded with zeros to the block size; the block index
+           is the group's first block)
     4   8  transfer id
     12  4  file index in the manifest
     16  4  block index in the file
-    20 16  tag = BLAKE2b-128(key, bytes 0..20 + payload)
-    36  -  payload (one block; the last block of a file may be shorter)
+    20  4  sequence number: counts the transfer's datagrams, so receivers
+           measure loss as it happens, not only once a pass is over
+    24  4  send time, microseconds modulo 2**32 on the sender's clock, so
+           receivers measure queueing delay (one-way delay above its minimum)
+    28 16  tag = BLAKE2b-128(key, bytes 0..28 + payload)
+    44  -  payload (one block; the last block of a file may be shorter)
 
 Decoding is pure and never raises for any input: a malformed datagram is a
 `Rejected` value with a reason, so the protocol can count it.
@@ -33,17 +39,18 @@ from enum import StrEnum
 MAGIC = b"MR"
 VERSION = 1
 KIND_DATA = 1
+KIND_PARITY = 2
 
-_PREFIX = struct.Struct(">2sBB8sII")
+_PREFIX = struct.Struct(">2sBB8sIIII")
 TAG_SIZE = 16
 HEADER_SIZE = _PREFIX.size + TAG_SIZE
 KEY_SIZE = 32
 TRANSFER_ID_SIZE = 8
+MASK32 = 0xFFFFFFFF
 
 #: Payload bytes per datagram that keep the whole IP packet inside a
 #: 1500-byte Ethernet MTU for both IPv4 (20+8 header bytes) and IPv6 (40+8):
-#: 1500 - 48 - HEADER_SIZE = 1416, less 8 bytes of headroom for a tunnel or
-#: VLAN tag.
+#: 1500 - 48 - HEADER_SIZE.
 DEFAULT_BLOCK_SIZE = 1408
 #: The largest payload that fits one UDP datagram over IPv6 with a 9000-byte
 #: jumbo frame; larger values would be IP-fragmented.
@@ -68,6 +75,9 @@ class DataBlock:
     file_index: int
     block_index: int
     payload: bytes
+    sequence: int = 0
+    sent_us: int = 0
+    kind: int = KIND_DATA
 
 
 @dataclass(frozen=True)
@@ -81,9 +91,20 @@ def _tag(key: bytes, prefix: bytes, payload: bytes) -> bytes:
     return mac.digest()
 
 
-def encode(key: bytes, transfer_id: bytes, file_index: int, block_index: int, payload: bytes) -> bytes:
-    """Build one tagged DATA datagram."""
-    prefix = _PREFIX.pack(MAGIC, VERSION, KIND_DATA, transfer_id, file_index, block_index)
+def encode(
+    key: bytes,
+    transfer_id: bytes,
+    file_index: int,
+    block_index: int,
+    payload: bytes,
+    sequence: int = 0,
+    sent_us: int = 0,
+    kind: int = KIND_DATA,
+) -> bytes:
+    """Build one tagged datagram."""
+    prefix = _PREFIX.pack(
+        MAGIC, VERSION, kind, transfer_id, file_index, block_index, sequence & MASK32, sent_us & MASK32
+    )
     return prefix + _tag(key, prefix, payload) + payload
 
 
@@ -94,12 +115,12 @@ def peek_transfer_id(datagram: bytes) -> bytes | Rejected:
     """
     if len(datagram) < HEADER_SIZE:
         return Rejected(Reason.SHORT)
-    magic, version, kind, transfer_id, _, _ = _PREFIX.unpack_from(datagram)
+    magic, version, kind, transfer_id, *_ = _PREFIX.unpack_from(datagram)
     if magic != MAGIC:
         return Rejected(Reason.MAGIC)
     if version != VERSION:
         return Rejected(Reason.VERSION)
-    if kind != KIND_DATA:
+    if kind not in (KIND_DATA, KIND_PARITY):
         return Rejected(Reason.KIND)
     return bytes(transfer_id)
 
@@ -122,5 +143,5 @@ def decode(key: bytes, transfer_id: bytes, datagram: bytes) -> DataBlock | Rejec
     payload = datagram[HEADER_SIZE:]
     if not hmac.compare_digest(tag, _tag(key, prefix, payload)):
         return Rejected(Reason.TAG)
-    _, _, _, _, file_index, block_index = _PREFIX.unpack_from(datagram)
-    return DataBlock(transfer_id, file_index, block_index, bytes(payload))
+    _, _, kind, _, file_index, block_index, sequence, sent_us = _PREFIX.unpack_from(datagram)
+    return DataBlock(transfer_id, file_index, block_index, bytes(payload), sequence, sent_us, kind)

@@ -33,7 +33,7 @@ from mrsyncd.control import AMPPeer, ReceiverControl, SenderControl
 from mrsyncd.datagram import DEFAULT_BLOCK_SIZE
 from mrsyncd.manifest import scan
 from mrsyncd.multicast import Channel
-from mrsyncd.ratecontrol import parse_rate
+from mrsyncd.ratecontrol import Feedback, parse_rate
 from mrsyncd.receiver import TransferOptions
 from mrsyncd.transfer import Transfer, new_offer
 
@@ -108,7 +108,13 @@ class Options(usage.Options):
 def send(reactor: Any, options: SendOptions) -> Any:
     manifest, local_paths = yield threads.deferToThread(scan, options["sources"], options["block-size"])
     peers: list[AMPPeer] = []
-    factory = protocol.Factory.forProtocol(lambda: SenderControl(peers.append))
+    transfers: list[Transfer] = []
+
+    def feedback(transfer_id: bytes, node: str, report: Feedback) -> None:
+        for transfer in transfers:
+            transfer.feedback(node, report)
+
+    factory = protocol.Factory.forProtocol(lambda: SenderControl(peers.append, feedback))
     port = yield endpoints.serverFromString(reactor, options["listen"]).listen(factory)
     log.info("waiting for {n} receivers on {where}", n=options["receivers"], where=port.getHost())
     waited = 0.0
@@ -126,6 +132,7 @@ def send(reactor: Any, options: SendOptions) -> Any:
     transfer = Transfer(
         reactor, offer, local_paths, list(peers), rate_bps=options["rate"], grace=options["grace"]
     )
+    transfers.append(transfer)
     report = yield transfer.run()
     port.stopListening()
     document = asdict(report)

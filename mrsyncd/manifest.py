@@ -35,6 +35,7 @@ KINDS = (FILE, DIR, SYMLINK, HARDLINK)
 NAME_MAX = 255
 PATH_MAX = 4096
 FORMAT = 1
+DEFAULT_PARITY_GROUP = 16
 
 
 class DigestCacheLike(Protocol):
@@ -83,6 +84,8 @@ class Manifest:
     #: A source was sent by its contents (``dir/``), so the destination
     #: itself is one of the directories the transfer sends (for --delete).
     contents: bool = False
+    #: Blocks per parity group: a repair may send the XOR of such a group.
+    parity_group: int = DEFAULT_PARITY_GROUP
 
     def __post_init__(self) -> None:
         if not self.chunk_size:
@@ -125,6 +128,7 @@ class Manifest:
             "block_size": self.block_size,
             "chunk_size": self.chunk_size,
             "contents": self.contents,
+            "parity_group": self.parity_group,
             "entries": entries,
         }
         return json.dumps(doc, separators=(",", ":")).encode()
@@ -148,7 +152,8 @@ class Manifest:
         contents = doc.get("contents", False)
         if not isinstance(contents, bool):
             raise ManifestError("contents must be true or false")
-        manifest = cls([], block_size, chunk_size, contents)
+        parity_group = _integer(doc.get("parity_group", DEFAULT_PARITY_GROUP), "parity_group", 2, 256)
+        manifest = cls([], block_size, chunk_size, contents, parity_group)
         seen: dict[str, str] = {}
         for raw in raw_entries:
             entry = _entry(raw)

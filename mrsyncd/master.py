@@ -30,6 +30,7 @@ from mrsyncd.control import (
     AMPPeer,
     BadRequest,
     Cancel,
+    Congestion,
     Forbidden,
     Heartbeat,
     JobStatus,
@@ -43,6 +44,7 @@ from mrsyncd.control import (
 from mrsyncd.datagram import KEY_SIZE, TRANSFER_ID_SIZE
 from mrsyncd.manifest import Manifest, scan
 from mrsyncd.multicast import Channel
+from mrsyncd.ratecontrol import Feedback
 from mrsyncd.receiver import TransferOptions
 from mrsyncd.transfer import Offer, Transfer
 
@@ -262,11 +264,15 @@ class JobRunner:
     def _run(self, job: store.Job) -> Any:
         spec = job.spec
         try:
-            names = self.fleet.resolve(spec["targets"])
+            # A resumed job keeps the nodes it started with, whichever of
+            # them have registered again by now.
+            names = sorted(job.nodes) or self.fleet.resolve(spec["targets"])
         except BadRequest as e:
             self.jobs.finish(job.id, store.FAILED, str(e))
             self._release(job.id)
             return
+        for name in names:
+            self.jobs.set_node(job.id, name, store.RUNNING)
         transfer_id = job.transfer_id or os.urandom(TRANSFER_ID_SIZE)
         key = job.key or os.urandom(KEY_SIZE)
         slot = self._slot(job)
@@ -312,8 +318,6 @@ class JobRunner:
             grace=self.config.grace,
         )
         self.running[job.id] = transfer
-        for name in names:
-            self.jobs.set_node(job.id, name, store.RUNNING)
         report = yield transfer.run()
         if self._stopping:
             return  # the master is going down: the job resumes when it comes back
@@ -369,6 +373,11 @@ class JobRunner:
         if files:
             summary["files"] = self.jobs.files(job_id)
         return summary
+
+    def feedback(self, transfer_id: bytes, node: str, report: Feedback) -> None:
+        for transfer in self.running.values():
+            if transfer is not None and transfer.offer.transfer_id == transfer_id:
+                transfer.feedback(node, report)
 
     def cancel(self, job_id: int) -> str:
         job = self.jobs.get(job_id)
@@ -432,6 +441,12 @@ class MasterControl(amp.AMP):
         self.node_name = name
         self.master.fleet.attach(name, self, tuple(tags or ()), dict(free or {}))
         self.master.runner.kick()
+        return {}
+
+    @Congestion.responder
+    def congestion(self, transfer_id: bytes, loss: float, delay: float, received: int) -> dict[str, Any]:
+        if self.node_name is not None:
+            self.master.runner.feedback(transfer_id, self.node_name, Feedback(loss, delay, received))
         return {}
 
     @Heartbeat.responder

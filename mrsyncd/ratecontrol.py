@@ -9,6 +9,8 @@ flooding switch buffers.  Pure logic: tested with ``task.Clock``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from twisted.internet.interfaces import IReactorTime
 
 
@@ -74,3 +76,137 @@ def parse_rate(text: str) -> float:
     if not rate > 0:
         raise ValueError(f"rate must be positive: {text!r}")
     return rate
+
+
+@dataclass(frozen=True)
+class Feedback:
+    """One receiver's view of the last report interval."""
+
+    #: Share of the datagrams sent in the interval that did not arrive.
+    loss: float
+    #: Queueing delay: mean one-way delay above its minimum, seconds.
+    delay: float
+    #: Datagrams that arrived in the interval.
+    received: int
+
+
+class RateController:
+    """
+    Sets the sending rate from the receivers' reports, like LEDBAT does
+    from delay: queueing delay below ``target_delay`` means spare capacity,
+    so the rate grows; above it, a queue is building at the bottleneck, so
+    the rate shrinks in proportion.  The rate settles where the bottleneck
+    queue holds ``target_delay``: a full link, with room for TCP, which
+    fills queues until it loses and so takes its share from a sender that
+    yields to delay.  Loss without a queue (a flaky NIC, a filter) does not
+    slow the sender, since repairs recover it; congestion always builds a
+    queue before it drops, be it in a switch, a qdisc or a receiver's socket
+    buffer (the delay is measured when a datagram is read, so a receiver
+    short of CPU shows as a queue too).
+
+    The receiver with the worst delay is the *monitor*.  A receiver that
+    loses at least ``slow_loss`` of what is sent while the others' median
+    loss stays under ``others_loss`` gets what its own link can carry, not
+    what the LAN can: it is not a monitor, and after ``slow_after`` seconds
+    it is marked *slow*, so that repairs for it wait until the others are
+    done.  Once only slow receivers are incomplete, they drive the rate and
+    are served in catch-up passes.
+    """
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        max_rate: float,
+        *,
+        min_rate: float | None = None,
+        start_rate: float | None = None,
+        target_delay: float = 0.005,
+        interval: float = 0.1,
+        gain: float = 0.1,
+        boost: float = 1.25,
+        slow_loss: float = 0.5,
+        others_loss: float = 0.2,
+        slow_after: float = 1.0,
+    ) -> None:
+        self.clock = clock
+        self.max_rate = max_rate
+        self.min_rate = min_rate if min_rate is not None else min(max_rate, max(1e6, max_rate / 100))
+        self.rate = start_rate if start_rate is not None else max(self.min_rate, max_rate / 8)
+        self.target_delay = target_delay
+        self.interval = interval
+        self.gain = gain
+        self.boost = boost
+        self.others_loss = others_loss
+        self.slow_loss = slow_loss
+        self.slow_after = slow_after
+        self.monitor: str | None = None
+        self.slow: set[str] = set()
+        self.active: set[str] = set()
+        self._reports: dict[str, tuple[float, Feedback]] = {}
+        self._lossy_since: dict[str, float] = {}
+        self._blocked = False
+
+    def feedback(self, node: str, report: Feedback) -> None:
+        self._reports[node] = (self.clock.seconds(), report)
+
+    def blocked(self) -> None:
+        """The local send queue overflowed: the bottleneck is our own link."""
+        self._blocked = True
+
+    def set_active(self, nodes: set[str]) -> None:
+        """The receivers still missing something; only they count."""
+        self.active = set(nodes)
+
+    def _recent(self, now: float) -> dict[str, Feedback]:
+        return {
+            node: report
+            for node, (when, report) in self._reports.items()
+            if node in self.active and now - when <= 2 * self.interval
+        }
+
+    def _update_slow(self, now: float, recent: dict[str, Feedback]) -> set[str]:
+        """Mark slow receivers; returns those that lag now (not monitors)."""
+        lossy = {n for n in self.active if n in recent and recent[n].loss >= self.slow_loss}
+        others = [recent[n].loss if n in recent else 0.0 for n in self.active - lossy]
+        lagging = lossy if others and _median(others) < self.others_loss else set()
+        for node in list(self._lossy_since):
+            if node not in lagging:
+                del self._lossy_since[node]
+        for node in lagging:
+            since = self._lossy_since.setdefault(node, now)
+            if now - since >= self.slow_after:
+                self.slow.add(node)
+        self.slow &= self.active
+        if self.active and self.active <= self.slow | lagging:
+            self.slow.clear()  # catch-up: only slow receivers are left
+            return set()
+        return lagging
+
+    def update(self) -> float:
+        """Called every ``interval``: the rate for the next one, in bits per second."""
+        now = self.clock.seconds()
+        recent = self._recent(now)
+        lagging = self._update_slow(now, recent)
+        considered = (self.active - self.slow - lagging) or self.active
+        reports = {node: recent[node] for node in considered if node in recent}
+        delay = 0.0
+        self.monitor = None
+        if reports:
+            self.monitor = max(reports, key=lambda node: reports[node].delay)
+            delay = reports[self.monitor].delay
+        off = max(-1.0, min(1.0, (self.target_delay - delay) / self.target_delay))
+        if self._blocked:
+            off = -1.0
+        if off >= 0.75:
+            self.rate *= self.boost
+        else:
+            self.rate *= 1.0 + self.gain * off
+        self.rate = max(self.min_rate, min(self.max_rate, self.rate))
+        self._blocked = False
+        return self.rate
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2

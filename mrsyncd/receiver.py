@@ -24,15 +24,17 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from twisted.internet import defer, threads
+from twisted.internet import defer, task, threads
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import DatagramProtocol
 from twisted.python.failure import Failure
 
 from mrsyncd import datagram, fsutil, logs
 from mrsyncd.blockset import RangeSet, encode_map
+from mrsyncd.datagram import MASK32
 from mrsyncd.manifest import DIR, FILE, HARDLINK, SYMLINK, Entry, Manifest, digest
 from mrsyncd.multicast import DEFAULT_RCVBUF, Channel, adopt, receiver_socket
+from mrsyncd.ratecontrol import Feedback
 
 log = logs.logger(__name__)
 
@@ -44,6 +46,12 @@ OPEN_FILES = 32
 VERIFY_CONCURRENCY = 4
 #: A missing report holds at most this many ranges, about 50 KB encoded.
 REPORT_RANGES = 12000
+#: How often a receiver looks at its loss and delay, and reports them if
+#: there is anything to report: silence means all is well, so feedback grows
+#: with trouble, not with the number of receivers.
+FEEDBACK_INTERVAL = 0.1
+#: Queueing delay below this is not worth a report.
+FEEDBACK_DELAY = 0.002
 
 
 def part_name(transfer_id: bytes, index: int) -> str:
@@ -162,6 +170,16 @@ class Receiver(DatagramProtocol):
         self._transfer_id = b""
         self._key = b""
         self._pending_commits = 0
+        #: Set by the agent: where loss and delay reports go.
+        self.on_feedback: Callable[[Feedback], None] | None = None
+        self._feedback = task.LoopingCall(self._measured)
+        self._feedback.clock = reactor
+        self._seq_max = -1
+        self._seq_reported = -1
+        self._got = 0
+        self._owd_min = 1 << 62
+        self._owd_sum = 0
+        self._owd_count = 0
         self._threads = 0
         self._closing = False
 
@@ -206,6 +224,7 @@ class Receiver(DatagramProtocol):
         self._root_fd = fsutil.open_destination(self.destination)
         max_packet = datagram.HEADER_SIZE + manifest.block_size + 1
         self._port = adopt(self.reactor, receiver_socket(self.channel, self.rcvbuf), self, max_packet)
+        self._feedback.start(FEEDBACK_INTERVAL, now=False)
         d = self._in_thread(_survey, self._root_fd, manifest, transfer_id)
         d.addCallback(self._surveyed)
         return d
@@ -265,30 +284,102 @@ class Receiver(DatagramProtocol):
         if isinstance(block, datagram.Rejected):
             self.stats[block.reason.value] += 1
             return
+        self._measure(block.sequence, block.sent_us)
         f = self._files.get(block.file_index)
         if f is None or block.block_index >= f.nblocks:
             self.stats[datagram.Reason.RANGE.value] += 1
             return
+        if block.kind == datagram.KIND_PARITY:
+            self._rebuild(f, block.block_index, block.payload)
+            return
         if len(block.payload) != self._manifest.block_length(f.entry, block.block_index):
             self.stats[datagram.Reason.RANGE.value] += 1
             return
-        chunk = block.block_index // f.chunk_blocks
-        byte, bit = divmod(block.block_index, 8)
-        if f.result is not None or f.status[chunk] != NEEDED or f.bits[byte] & (1 << bit):
+        if f.result is not None or self._held(f, block.block_index):
             self.stats["duplicate"] += 1
             return
+        self._accept(f, block.block_index, block.payload)
+
+    def _held(self, f: _IncomingFile, block: int) -> bool:
+        """A block is held once received, or when its chunk is not needed."""
+        byte, bit = divmod(block, 8)
+        return f.status[block // f.chunk_blocks] != NEEDED or bool(f.bits[byte] & (1 << bit))
+
+    def _rebuild(self, f: _IncomingFile, first: int, parity: bytes) -> None:
+        """
+        A parity datagram repairs a group that lacks exactly one block: the
+        XOR of the parity and the blocks held (read back from the part
+        file) is the missing block.
+        """
+        size = self._manifest.block_size
+        group = self._manifest.parity_group
+        if first % group or len(parity) != size:
+            self.stats[datagram.Reason.RANGE.value] += 1
+            return
+        last = min(first + group, f.nblocks)
+        missing = [b for b in range(first, last) if not self._held(f, b)]
+        if f.result is not None or len(missing) != 1:
+            self.stats["parity_unused"] += 1
+            return
         try:
-            os.pwrite(self._fd(f), block.payload, block.block_index * self._manifest.block_size)
+            held = os.pread(self._fd(f), (last - first) * size, first * size)
+        except OSError as e:
+            self._fail(f, f"cannot read back: {e.strerror}")
+            return
+        rebuilt = int.from_bytes(parity, "big")
+        for b in range(first, last):
+            if b != missing[0]:
+                piece = held[(b - first) * size : (b - first + 1) * size]
+                rebuilt ^= int.from_bytes(piece.ljust(size, b"\0"), "big")
+        payload = rebuilt.to_bytes(size, "big")[: self._manifest.block_length(f.entry, missing[0])]
+        self.stats["rebuilt"] += 1
+        self._accept(f, missing[0], payload)
+
+    def _accept(self, f: _IncomingFile, block: int, payload: bytes) -> None:
+        chunk = block // f.chunk_blocks
+        byte, bit = divmod(block, 8)
+        try:
+            os.pwrite(self._fd(f), payload, block * self._manifest.block_size)
         except OSError as e:
             self._fail(f, f"cannot write: {e.strerror}")
             return
         f.bits[byte] |= 1 << bit
         f.counts[chunk] += 1
         self.stats["blocks"] += 1
-        self.stats["bytes"] += len(block.payload)
+        self.stats["bytes"] += len(payload)
         if f.counts[chunk] == f.blocks_in_chunk(chunk):
             f.status[chunk] = VERIFYING
             self._verify.run(self._check_chunk, f, chunk)
+
+    def _measure(self, sequence: int, sent_us: int) -> None:
+        """Count an authentic datagram for the loss and delay figures."""
+        if self._seq_max < 0:
+            self._seq_max = self._seq_reported = (sequence - 1) & MASK32
+        ahead = (sequence - self._seq_max) & MASK32
+        if 0 < ahead < 1 << 31:
+            self._seq_max = sequence
+        self._got += 1
+        now_us = int(self.reactor.seconds() * 1e6)
+        # Clocks of two hosts differ by a constant: only changes in the
+        # one-way delay matter, so a wrapped difference is fine.
+        owd = ((now_us - sent_us + (1 << 31)) & MASK32) - (1 << 31)
+        self._owd_min = min(self._owd_min, owd)
+        self._owd_sum += owd
+        self._owd_count += 1
+
+    def _measured(self) -> None:
+        expected = (self._seq_max - self._seq_reported) & MASK32 if self._seq_max >= 0 else 0
+        if not expected and not self._got:
+            return
+        loss = max(0.0, 1.0 - self._got / expected) if expected else 0.0
+        delay = 0.0
+        if self._owd_count:
+            delay = max(0.0, (self._owd_sum / self._owd_count - self._owd_min) / 1e6)
+        report = Feedback(loss, delay, self._got)
+        self._seq_reported = self._seq_max
+        self._got = self._owd_sum = self._owd_count = 0
+        if (loss > 0 or delay > FEEDBACK_DELAY) and self.on_feedback is not None:
+            self.on_feedback(report)
 
     def _fd(self, f: _IncomingFile) -> int:
         fd = self._open.get(f.index)
@@ -419,6 +510,8 @@ class Receiver(DatagramProtocol):
         self.results.update(results)
         self.changed.extend(changed)
         self.done = True
+        if self._feedback.running:
+            self._feedback.stop()
         if self._port is not None:
             self._port.stopListening()
         if self.on_done is not None:
@@ -466,6 +559,8 @@ class Receiver(DatagramProtocol):
         """Stop listening and let go of every descriptor; part files stay for a resume."""
         if self._port is not None and not self.done:
             self._port.stopListening()
+        if self._feedback.running:
+            self._feedback.stop()
         self._port = None
         while self._open:
             os.close(self._open.popitem()[1])

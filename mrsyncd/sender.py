@@ -12,9 +12,10 @@ verify.
 from __future__ import annotations
 
 import errno
+import heapq
 import os
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IListeningPort, IReactorTime
@@ -57,14 +58,17 @@ class Sender(DatagramProtocol):
         self.transfer_id = transfer_id
         self.key = key
         self.pacer = Pacer(reactor, rate_bps)
+        #: Called when the local send queue overflows (ENOBUFS, EAGAIN).
+        self.on_blocked: Callable[[], None] | None = None
+        self.sequence = 0
         self.stats: Counter[str] = Counter()
         #: Files abandoned because their source changed, by file index.
         self.abandoned: dict[int, str] = {}
         self._port: IListeningPort | None = None
         self._fds: dict[int, int] = {}
         self._chunk: tuple[int, int, bytes] = (-1, -1, b"")
-        self._queue: Iterator[tuple[int, int]] = iter(())
-        self._next: tuple[int, int] | None = None
+        self._queue: Iterator[tuple[int, int, int]] = iter(())
+        self._next: tuple[int, int, int] | None = None
         self._done: defer.Deferred | None = None
         self._timer: IDelayedCall | None = None
 
@@ -93,10 +97,28 @@ class Sender(DatagramProtocol):
         if done is not None:
             done.callback(None)
 
-    def send(self, blocks: Mapping[int, RangeSet]) -> defer.Deferred:
-        """Send each block once; fires when the last has been handed to the kernel."""
+    def send(
+        self, blocks: Mapping[int, RangeSet], parities: Mapping[int, RangeSet] | None = None
+    ) -> defer.Deferred:
+        """
+        Send each block once, and the parity of each group in ``parities``
+        (see `blockset.repair_plan`), in file order; fires when the last
+        datagram has been handed to the kernel.
+        """
         assert self._done is None, "one pass at a time"
-        self._queue = ((f, b) for f in sorted(blocks) for b in blocks[f])
+        parities = parities or {}
+        group = self.manifest.parity_group
+
+        def queue() -> Iterator[tuple[int, int, int]]:
+            for f in sorted(set(blocks) | set(parities)):
+                data = ((b, datagram.KIND_DATA, b) for b in blocks.get(f, ()))
+                # A group's parity goes after its blocks: a receiver uses it
+                # once it misses no more than one block of the group.
+                parity = (((g + 1) * group - 1, datagram.KIND_PARITY, g) for g in parities.get(f, ()))
+                for _, kind, index in heapq.merge(parity, data):
+                    yield f, kind, index
+
+        self._queue = queue()
         self._next = next(self._queue, None)
         self._done = defer.Deferred()
         self._tick()
@@ -106,18 +128,26 @@ class Sender(DatagramProtocol):
         self._timer = None
         assert self._port is not None
         allowance = self.pacer.allowance()
+        sent_us = int(self.reactor.seconds() * 1e6)
         while self._next is not None:
-            file_index, block = self._next
+            file_index, kind, index = self._next
             if file_index in self.abandoned:
                 self._next = next(self._queue, None)
                 continue
             try:
-                payload = self._read(file_index, block)
+                if kind == datagram.KIND_PARITY:
+                    block = index * self.manifest.parity_group
+                    payload = self._parity(file_index, block)
+                else:
+                    block = index
+                    payload = self._read(file_index, block)
             except (OSError, SourceChanged) as e:
                 self.abandoned[file_index] = str(e)
                 log.error("abandoning {path}: {why}", path=self.local_paths[file_index], why=e)
                 continue
-            packet = datagram.encode(self.key, self.transfer_id, file_index, block, payload)
+            packet = datagram.encode(
+                self.key, self.transfer_id, file_index, block, payload, self.sequence, sent_us, kind
+            )
             if len(packet) > allowance:
                 break
             try:
@@ -126,13 +156,16 @@ class Sender(DatagramProtocol):
                 if e.errno in (errno.EAGAIN, errno.ENOBUFS):
                     # The socket buffer is full: the kernel paces us.
                     self.stats["send_blocked"] += 1
+                    if self.on_blocked is not None:
+                        self.on_blocked()
                     break
                 raise
+            self.sequence += 1
             allowance -= len(packet)
             self.pacer.spend(len(packet))
             self.stats["datagrams"] += 1
             self.stats["bytes"] += len(packet)
-            self.stats["payload"] += len(payload)
+            self.stats["payload" if kind == datagram.KIND_DATA else "parity"] += len(payload)
             self._next = next(self._queue, None)
         if self._next is None:
             done, self._done = self._done, None
@@ -140,6 +173,17 @@ class Sender(DatagramProtocol):
             done.callback(None)
             return
         self._timer = self.reactor.callLater(TICK, self._tick)
+
+    def _parity(self, file_index: int, first: int) -> bytes:
+        """The XOR of a group of blocks, each padded with zeros to the block size."""
+        size = self.manifest.block_size
+        last = min(
+            first + self.manifest.parity_group, self.manifest.blocks(self.manifest.entries[file_index])
+        )
+        parity = 0
+        for block in range(first, last):
+            parity ^= int.from_bytes(self._read(file_index, block).ljust(size, b"\0"), "big")
+        return parity.to_bytes(size, "big")
 
     def _read(self, file_index: int, block: int) -> bytes:
         entry = self.manifest.entries[file_index]

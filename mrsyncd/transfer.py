@@ -31,13 +31,18 @@ from twisted.internet import defer, task
 from twisted.python.failure import Failure
 
 from mrsyncd import datagram, logs
-from mrsyncd.blockset import RangeSet, decode_map, union_maps
+from mrsyncd.blockset import RangeSet, decode_map, repair_plan, union_maps
 from mrsyncd.manifest import FILE, Manifest
 from mrsyncd.multicast import Channel
+from mrsyncd.ratecontrol import Feedback, RateController
 from mrsyncd.receiver import DEFAULT_OPTIONS, OK, MissingReport, Outcome, TransferOptions
 from mrsyncd.sender import Sender
 
 log = logs.logger(__name__)
+
+
+class Refused(Exception):
+    """A receiver will not take a transfer; the message says why."""
 
 
 class UnknownTransfer(Exception):
@@ -185,13 +190,24 @@ class Transfer:
         self.stalled_rounds = stalled_rounds
         self.drain = drain
         self.poll = poll
+        self.controller = RateController(reactor, rate_bps)
         self.sender = Sender(
-            reactor, offer.manifest, local_paths, offer.channel, offer.transfer_id, offer.key, rate_bps
+            reactor,
+            offer.manifest,
+            local_paths,
+            offer.channel,
+            offer.transfer_id,
+            offer.key,
+            self.controller.rate,
         )
+        self.sender.on_blocked = self.controller.blocked
+        self._control = task.LoopingCall(self._adjust_rate)
+        self._control.clock = reactor
         self.reports = {name: PeerReport(name) for name in self.peers}
         self._last_heard: dict[str, float] = {}
         self._stalled: dict[str, tuple[int, int]] = {}
         self._done: set[str] = set()
+        self._prepared: set[str] = set()
         self._pass_ended = 0.0
         self.passes = 0
         self.planned_bytes = 0
@@ -208,9 +224,26 @@ class Transfer:
             "sent_bytes": self.sender.stats["payload"],
             "passes": self.passes,
             "rate_bps": self.sender.pacer.rate_bps,
+            "monitor": self.controller.monitor,
+            "slow": sorted(self.controller.slow),
             "done": sorted(self._done & set(self.live)),
             "failed": {name: r.reason for name, r in self.reports.items() if not r.ok},
         }
+
+    def feedback(self, name: str, report: Feedback) -> None:
+        """A receiver's loss and delay report, for the rate controller."""
+        if name in self.peers:
+            self.controller.feedback(name, report)
+
+    def _adjust_rate(self) -> None:
+        self.controller.set_active({n for n in self.live if n not in self._done})
+        self.sender.pacer.rate_bps = self.controller.update()
+        log.debug(
+            "rate {rate:.1f} Mbit/s, monitor {monitor}, slow {slow}",
+            rate=self.controller.rate / 1e6,
+            monitor=self.controller.monitor,
+            slow=sorted(self.controller.slow),
+        )
 
     def cancel(self) -> None:
         """Stop sending; every receiver is told to let go of the transfer."""
@@ -258,29 +291,34 @@ class Transfer:
         self.sender.start()
         try:
             blocks = yield self._prepare(list(self.peers))
+            parities: dict[int, RangeSet] = {}
             self.planned_bytes = payload_bytes(self.offer.manifest, blocks)
+            self._control.start(self.controller.interval, now=False)
             while self.live and not self.cancelled and not self.offer.options.dry_run:
-                if blocks:
+                if blocks or parities:
                     log.debug(
-                        "transfer {tid}: pass {n}, {bytes} bytes to send",
+                        "transfer {tid}: pass {n}, {bytes} bytes and {parities} parities to send",
                         tid=self.offer.transfer_id.hex(),
                         n=self.passes + 1,
                         bytes=payload_bytes(self.offer.manifest, blocks),
+                        parities=sum(len(p) for p in parities.values()),
                     )
-                    yield self.sender.send(blocks)
+                    yield self.sender.send(blocks, parities)
                     self.passes += 1
                     self._pass_ended = self.reactor.seconds()
                     if self.cancelled:
                         break
                     # Let the last datagrams reach the receivers before asking.
                     yield task.deferLater(self.reactor, self.drain, lambda: None)
-                blocks = yield self._ask_missing()
-                if not blocks and set(self.live) <= self._done:
+                blocks, parities = yield self._ask_missing()
+                if not blocks and not parities and set(self.live) <= self._done:
                     break
-                if not blocks:
+                if not blocks and not parities:
                     yield task.deferLater(self.reactor, self.poll, lambda: None)
             yield self._collect_results()
         finally:
+            if self._control.running:
+                self._control.stop()
             self.sender.stop()
         if self.cancelled:
             for name in self.live:
@@ -294,11 +332,12 @@ class Transfer:
         )
 
     @defer.inlineCallbacks
-    def _prepare(self, names: list[str], again: bool = False) -> Any:
+    def _prepare(self, names: list[str]) -> Any:
         """
         Offer the transfer; fires with the blocks the union of needs covers.
-        A first refusal is final; a peer prepared ``again`` after a restart
-        is given its grace period instead.
+        A refusal is final.  A peer that cannot be reached (not connected
+        yet, or restarted) is given its grace period and offered the
+        transfer again in the next round.
         """
         answers = yield defer.DeferredList(
             [self._call(name, "prepare", self.offer) for name in names], consumeErrors=True
@@ -307,16 +346,17 @@ class Transfer:
         for name, (ok, value) in zip(names, answers, strict=True):
             if ok:
                 self._heard(name)
+                self._prepared.add(name)
                 self._done.discard(name)
                 value = clip(self.offer.manifest, value, chunks=True)
                 self.reports[name].needed_bytes = payload_bytes(
                     self.offer.manifest, chunks_to_blocks(self.offer.manifest, value)
                 )
                 needs.append(value)
-            elif again:
-                self._silent(name, value)
-            else:
+            elif value.check(Refused):
                 self._fail(name, f"refused the transfer: {value.getErrorMessage()}")
+            else:
+                self._silent(name, value)
         return chunks_to_blocks(self.offer.manifest, union_maps(needs))
 
     def _progressing(self, name: str, report: MissingReport) -> None:
@@ -330,14 +370,14 @@ class Transfer:
 
     @defer.inlineCallbacks
     def _ask_missing(self) -> Any:
-        names = [n for n in self.live if n not in self._done]
+        names = [n for n in self.live if n not in self._done and n in self._prepared]
+        unprepared = [n for n in self.live if n not in self._prepared]
         abandoned = dict(self.sender.abandoned)
         answers = yield defer.DeferredList(
             [self._call(name, "missing", self.offer.transfer_id, abandoned) for name in names],
             consumeErrors=True,
         )
-        wanted = []
-        restarted = []
+        wanted: dict[str, dict[int, RangeSet]] = {}
         for name, (ok, value) in zip(names, answers, strict=True):
             if not ok:
                 if value.check(UnknownTransfer):
@@ -346,7 +386,8 @@ class Transfer:
                         node=name,
                         tid=self.offer.transfer_id.hex(),
                     )
-                    restarted.append(name)
+                    self._prepared.discard(name)
+                    unprepared.append(name)
                 else:
                     self._silent(name, value)
                 continue
@@ -356,15 +397,24 @@ class Transfer:
             if report.done:
                 self._done.add(name)
             try:
-                wanted.append(clip(self.offer.manifest, decode_map(report.missing)))
+                wanted[name] = clip(self.offer.manifest, decode_map(report.missing))
             except ValueError as e:
                 self._fail(name, f"sent a malformed missing report: {e}")
                 continue
             self._progressing(name, report)
-        if restarted:
-            wanted.append((yield self._prepare(restarted, again=True)))
-        union = union_maps(wanted)
-        return {index: ranges for index, ranges in union.items() if index not in self.sender.abandoned}
+        # A slow receiver is served in catch-up passes once the others are
+        # done, instead of making them wait for repairs at its pace.
+        incomplete = {n for n in self.live if n not in self._done}
+        if incomplete - self.controller.slow:
+            wanted = {n: w for n, w in wanted.items() if n not in self.controller.slow}
+        blocks, parities = repair_plan(wanted.values(), self.offer.manifest.parity_group)
+        if unprepared:
+            blocks = union_maps([blocks, (yield self._prepare(unprepared))])
+        abandoned = self.sender.abandoned
+        return (
+            {index: ranges for index, ranges in blocks.items() if index not in abandoned},
+            {index: groups for index, groups in parities.items() if index not in abandoned},
+        )
 
     @defer.inlineCallbacks
     def _collect_results(self) -> Any:

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from mrsyncd.blockset import RangeSet, decode_map, encode_map, union_maps
+from mrsyncd.blockset import RangeSet, decode_map, encode_map, repair_plan, union_maps
 
 small_sets = st.sets(st.integers(min_value=0, max_value=300), max_size=120)
 range_lists = st.lists(
@@ -230,3 +230,53 @@ def test_union_maps_against_python_sets(ms):
         for k, v in m.items():
             want.setdefault(k, set()).update(v)
     assert {k: set(v) for k, v in got.items()} == {k: v for k, v in want.items() if v}
+
+
+@st.composite
+def reports(draw):
+    """Missing reports of several receivers over a few files."""
+    files = draw(st.integers(1, 3))
+    return draw(
+        st.lists(
+            st.dictionaries(st.integers(0, files - 1), range_lists.map(RangeSet), max_size=files),
+            min_size=1,
+            max_size=6,
+        )
+    )
+
+
+@given(reports(), st.integers(2, 16))
+def test_repair_plan_repairs_every_receiver(maps, group):
+    """
+    Every receiver gets each lost block directly, or misses exactly one
+    block of a group whose parity is sent (which it rebuilds).
+    """
+    blocks, parities = repair_plan(maps, group)
+    for report in maps:
+        for file_index, lost in report.items():
+            after = lost - blocks.get(file_index, RangeSet())
+            by_group: dict[int, list[int]] = {}
+            for b in after:
+                by_group.setdefault(b // group, []).append(b)
+            for g, left in by_group.items():
+                assert len(left) == 1, (g, left)
+                assert g in parities.get(file_index, RangeSet()), g
+
+
+@given(reports(), st.integers(2, 16))
+def test_repair_plan_never_sends_more_than_the_union(maps, group):
+    blocks, parities = repair_plan(maps, group)
+    union = union_maps(maps)
+    for file_index, sent in blocks.items():
+        assert sent - union.get(file_index, RangeSet()) == RangeSet()
+    sent = sum(len(r) for r in blocks.values()) + sum(len(r) for r in parities.values())
+    assert sent <= sum(len(r) for r in union.values())
+
+
+def test_parity_repairs_different_single_losses_with_one_datagram():
+    a = {0: RangeSet([(3, 4)])}
+    b = {0: RangeSet([(7, 8)])}
+    c = {0: RangeSet([(20, 22)])}
+    blocks, parities = repair_plan([a, b, c], 16)
+    assert parities == {0: RangeSet([(0, 1)])}
+    assert blocks == {0: RangeSet([(20, 22)])}

@@ -32,7 +32,7 @@ def expected_reason(data: bytes, transfer_id: bytes) -> Reason:
         return Reason.MAGIC
     if data[2] != datagram.VERSION:
         return Reason.VERSION
-    if data[3] != datagram.KIND_DATA:
+    if data[3] not in (datagram.KIND_DATA, datagram.KIND_PARITY):
         return Reason.KIND
     if data[4:12] != transfer_id:
         return Reason.FOREIGN
@@ -40,13 +40,15 @@ def expected_reason(data: bytes, transfer_id: bytes) -> Reason:
 
 
 def test_layout():
-    packet = encode(b"k" * 32, b"12345678", 7, 9, b"payload")
-    assert HEADER_SIZE == 36
+    packet = encode(b"k" * 32, b"12345678", 7, 9, b"payload", 11, (1 << 32) + 13)
+    assert HEADER_SIZE == 44
     assert packet[:4] == b"MR\x01\x01"
     assert packet[4:12] == b"12345678"
     assert packet[12:16] == (7).to_bytes(4, "big")
     assert packet[16:20] == (9).to_bytes(4, "big")
-    assert packet[36:] == b"payload"
+    assert packet[20:24] == (11).to_bytes(4, "big")
+    assert packet[24:28] == (13).to_bytes(4, "big"), "send time is kept modulo 2**32"
+    assert packet[44:] == b"payload"
     assert len(packet) == HEADER_SIZE + 7
     # The largest block still fits a 9000-byte jumbo frame over IPv6.
     assert HEADER_SIZE + datagram.MAX_BLOCK_SIZE + 48 <= 9000
