@@ -11,6 +11,9 @@ debian_packages=(
     python3-twisted python3-openssl python3-service-identity python3-cryptography
     python3-hypothesis python3-pytest python3-venv python3-pip
     iproute2 iptables
+    # tests/test_package.py: build the Debian package, check it, install it.
+    build-essential dpkg-dev debhelper dh-python pybuild-plugin-pyproject
+    python3-all python3-setuptools python3-wheel lintian systemd man-db adduser
 )
 missing=()
 for p in "${debian_packages[@]}"; do

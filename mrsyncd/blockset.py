@@ -234,23 +234,27 @@ def repair_plan(
     reported, not blocks: the groups inside a long range are sent as blocks
     outright.
     """
-    per_group: dict[tuple[int, int], list[list[int]]] = {}
-    blocks: dict[int, list[tuple[int, int]]] = {}
+    reports = list(reports)
+    outright: dict[int, list[tuple[int, int]]] = {}
     for report in reports:
         for file_index, ranges in report.items():
-            by_group: dict[int, list[int]] = {}
             for start, end in ranges.ranges:
                 first, last = start // group, (end - 1) // group
                 if last - first > 1:
-                    blocks.setdefault(file_index, []).append(((first + 1) * group, last * group))
-                    edges = [(start, (first + 1) * group), (last * group, end)]
-                else:
-                    edges = [(start, end)]
-                for a, b in edges:
-                    for block in range(a, b):
-                        by_group.setdefault(block // group, []).append(block)
+                    outright.setdefault(file_index, []).append(((first + 1) * group, last * group))
+    sent = {f: RangeSet(r) for f, r in outright.items()}
+    per_group: dict[tuple[int, int], list[list[int]]] = {}
+    for report in reports:
+        for file_index, ranges in report.items():
+            by_group: dict[int, list[int]] = {}
+            # What is left beside the long runs is at most two partial
+            # groups per range reported.
+            for start, end in (ranges - sent.get(file_index, RangeSet())).ranges:
+                for block in range(start, end):
+                    by_group.setdefault(block // group, []).append(block)
             for g, lost in by_group.items():
                 per_group.setdefault((file_index, g), []).append(lost)
+    blocks: dict[int, list[tuple[int, int]]] = {f: list(r) for f, r in outright.items()}
     parities: dict[int, list[tuple[int, int]]] = {}
     for (file_index, g), losses in per_group.items():
         union = set().union(*losses)

@@ -13,10 +13,11 @@ environment (``MRSYNC_MASTER``, ``MRSYNC_CA``, ``MRSYNC_CERT``,
 ``~/.config/mrsync/client.toml``, else ``/etc/mrsyncd/client.toml``).
 
 Exit codes, for scripts: 0 every target succeeded; 1 the job failed on at
-least one target; 2 a wrong command line or client configuration; 3 the
-master could not be reached, or the certificate is not one it accepts
-(checked here first, then by the master); 4 the master refused the request;
-5 the job was cancelled.
+least one target; 2 a wrong command line or client configuration (no
+master or certificate named); 3 the master could not be reached, or the
+certificate cannot be used: unreadable, from another CA, expired, or not an
+operator's (checked here first, then by the master); 4 the master refused the
+request; 5 the job was cancelled.
 """
 
 from __future__ import annotations

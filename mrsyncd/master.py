@@ -420,7 +420,7 @@ class MasterControl(amp.AMP):
     def _require(self, role: str) -> str:
         if self.identity is None or self.identity[1] != role:
             got = "no certificate" if self.identity is None else f"a {self.identity[1]} certificate"
-            log.warn("refused a {role} command from {got}", role=role, got=got)
+            log.warn("refused an {role} command from {got}", role=role, got=got)
             raise Forbidden(
                 f"this needs an {role} certificate; the connection has {got}"
                 if role == "operator"

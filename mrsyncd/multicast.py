@@ -146,7 +146,8 @@ def receiver_socket(channel: Channel, rcvbuf: int = DEFAULT_RCVBUF) -> socket.so
         if granted < rcvbuf:
             log.warn(
                 "receive buffer is {granted} bytes, not the {wanted} asked for: raise "
-                "net.core.rmem_max (see /etc/sysctl.d/60-mrsyncd.conf) or expect more repairs",
+                "net.core.rmem_max (the package sets it in /usr/lib/sysctl.d/60-mrsyncd.conf; "
+                "override it in /etc/sysctl.d/60-mrsyncd.conf) or expect more repairs",
                 granted=granted,
                 wanted=rcvbuf,
             )

@@ -20,7 +20,7 @@ from twisted.internet.protocol import Factory
 
 from mrsyncd import certs, logs, tls
 from mrsyncd.agent import ReceiverAgent
-from mrsyncd.config import NodeConfig, TLSConfig, split_address
+from mrsyncd.config import ConfigError, NodeConfig, TLSConfig, split_address
 from mrsyncd.control import Heartbeat, ReceiverControl
 
 log = logs.logger(__name__)
@@ -46,7 +46,12 @@ class NodeService(service.MultiService):
         self.config = config
         certificate = config.certificate or tls_config.certificate
         key = config.key or tls_config.key
-        self.name: str = certs.name_of(certs.load_certificate(certificate))
+        own = certs.load_certificate(certificate)
+        if certs.role_of(own) != "node":
+            raise ConfigError(
+                f"{certificate}: a {certs.role_of(own)} certificate; [node] needs a node certificate"
+            )
+        self.name: str = certs.name_of(own)
         host, port = split_address(config.master)
         options = tls.client_options(tls_config.ca, certificate, key, config.master_name or host)
         endpoint = endpoints.wrapClientTLS(options, endpoints.HostnameEndpoint(reactor, host, port))

@@ -120,7 +120,7 @@ class RateController:
         *,
         min_rate: float | None = None,
         start_rate: float | None = None,
-        target_delay: float = 0.005,
+        target_delay: float = 0.010,
         interval: float = 0.1,
         gain: float = 0.1,
         boost: float = 1.25,
@@ -145,6 +145,7 @@ class RateController:
         self._reports: dict[str, tuple[float, Feedback]] = {}
         self._lossy_since: dict[str, float] = {}
         self._blocked = False
+        self.starting = True
 
     def feedback(self, node: str, report: Feedback) -> None:
         self._reports[node] = (self.clock.seconds(), report)
@@ -197,8 +198,10 @@ class RateController:
         off = max(-1.0, min(1.0, (self.target_delay - delay) / self.target_delay))
         if self._blocked:
             off = -1.0
-        if off >= 0.75:
-            self.rate *= self.boost
+        if off < 0.75:
+            self.starting = False
+        if self.starting:
+            self.rate *= self.boost  # like TCP's slow start, until the first queue
         else:
             self.rate *= 1.0 + self.gain * off
         self.rate = max(self.min_rate, min(self.max_rate, self.rate))

@@ -14,7 +14,7 @@ from __future__ import annotations
 import errno
 import heapq
 import os
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterator, Mapping
 
 from twisted.internet import defer
@@ -68,6 +68,9 @@ class Sender(DatagramProtocol):
         self._fds: dict[int, int] = {}
         self._chunk: tuple[int, int, bytes] = (-1, -1, b"")
         self._queue: Iterator[tuple[int, int, int]] = iter(())
+        self._repairs: deque[tuple[int, int, int]] = deque()
+        self._position = (0, 0)
+        self._positions: deque[tuple[float, tuple[int, int]]] = deque(maxlen=512)
         self._next: tuple[int, int, int] | None = None
         self._done: defer.Deferred | None = None
         self._timer: IDelayedCall | None = None
@@ -106,33 +109,63 @@ class Sender(DatagramProtocol):
         datagram has been handed to the kernel.
         """
         assert self._done is None, "one pass at a time"
-        parities = parities or {}
-        group = self.manifest.parity_group
-
-        def queue() -> Iterator[tuple[int, int, int]]:
-            for f in sorted(set(blocks) | set(parities)):
-                data = ((b, datagram.KIND_DATA, b) for b in blocks.get(f, ()))
-                # A group's parity goes after its blocks: a receiver uses it
-                # once it misses no more than one block of the group.
-                parity = (((g + 1) * group - 1, datagram.KIND_PARITY, g) for g in parities.get(f, ()))
-                for _, kind, index in heapq.merge(parity, data):
-                    yield f, kind, index
-
-        self._queue = queue()
-        self._next = next(self._queue, None)
-        self._done = defer.Deferred()
+        self._queue = self._items(blocks, parities or {})
+        self._repairs.clear()
+        self._advance()
+        done = self._done = defer.Deferred()
         self._tick()
-        return self._done
+        return done
+
+    def repair(self, blocks: Mapping[int, RangeSet], parities: Mapping[int, RangeSet]) -> None:
+        """
+        Send these before the rest of the pass in progress: repairs of what
+        was lost earlier in it, so that the pass does not end with a tail of
+        repair rounds.
+        """
+        self._repairs.extend(self._items(blocks, parities))
+        if self._next is None and self._done is not None:
+            self._advance()
+
+    def position_at(self, when: float) -> tuple[int, int]:
+        """The (file, block) the pass had reached at ``when``: what is sent by then."""
+        reached = (0, 0)
+        for moment, position in self._positions:
+            if moment > when:
+                break
+            reached = position
+        return reached
+
+    def _items(
+        self, blocks: Mapping[int, RangeSet], parities: Mapping[int, RangeSet]
+    ) -> Iterator[tuple[int, int, int]]:
+        group = self.manifest.parity_group
+        for f in sorted(set(blocks) | set(parities)):
+            data = ((b, datagram.KIND_DATA, b) for b in blocks.get(f, ()))
+            # A group's parity goes after its blocks: a receiver uses it
+            # once it misses no more than one block of the group.
+            parity = (((g + 1) * group - 1, datagram.KIND_PARITY, g) for g in parities.get(f, ()))
+            for _, kind, index in heapq.merge(parity, data):
+                yield f, kind, index
+
+    def _advance(self) -> None:
+        if self._repairs:
+            self._next = self._repairs.popleft()
+            return
+        self._next = next(self._queue, None)
+        if self._next is not None and self._next[1] == datagram.KIND_DATA:
+            self._position = (self._next[0], self._next[2])
 
     def _tick(self) -> None:
         self._timer = None
         assert self._port is not None
         allowance = self.pacer.allowance()
-        sent_us = int(self.reactor.seconds() * 1e6)
+        now = self.reactor.seconds()
+        sent_us = int(now * 1e6)
+        self._positions.append((now, self._position))
         while self._next is not None:
             file_index, kind, index = self._next
             if file_index in self.abandoned:
-                self._next = next(self._queue, None)
+                self._advance()
                 continue
             try:
                 if kind == datagram.KIND_PARITY:
@@ -166,7 +199,7 @@ class Sender(DatagramProtocol):
             self.stats["datagrams"] += 1
             self.stats["bytes"] += len(packet)
             self.stats["payload" if kind == datagram.KIND_DATA else "parity"] += len(payload)
-            self._next = next(self._queue, None)
+            self._advance()
         if self._next is None:
             done, self._done = self._done, None
             assert done is not None

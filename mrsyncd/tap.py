@@ -36,7 +36,10 @@ class Options(usage.Options):
         try:
             self["parsed"] = load(self["config"])
         except ConfigError as e:
-            raise usage.UsageError(str(e)) from None
+            # Not a UsageError: twistd 22.4 (Debian 12) prints those after the
+            # whole usage text and then exits 0, which systemd takes for a
+            # clean stop.  SystemExit prints the message and exits 1.
+            raise SystemExit(f"mrsyncd: {e}") from None
 
 
 def build(config: Config, reactor: Any) -> service.MultiService:

@@ -121,18 +121,28 @@ def new_offer(
     )
 
 
-def clip(manifest: Manifest, wanted: Mapping[int, RangeSet], chunks: bool = False) -> dict[int, RangeSet]:
+def clip(
+    manifest: Manifest,
+    wanted: Mapping[int, RangeSet],
+    chunks: bool = False,
+    before: tuple[int, int] | None = None,
+) -> dict[int, RangeSet]:
     """
     Keep only what names a block (or chunk) of a regular file of the
     manifest: a report from a confused or hostile receiver must not send the
-    sender past the end of a file or into a directory.
+    sender past the end of a file or into a directory.  With ``before``, a
+    (file, block) position, keep only what lies before it.
     """
     clipped = {}
     for index, ranges in wanted.items():
         if not 0 <= index < len(manifest.entries) or manifest.entries[index].kind != FILE:
             continue
+        if before is not None and index > before[0]:
+            continue
         entry = manifest.entries[index]
         limit = manifest.chunks(entry) if chunks else manifest.blocks(entry)
+        if before is not None and index == before[0]:
+            limit = min(limit, before[1])
         inside = ranges & RangeSet.interval(0, limit)
         if inside:
             clipped[index] = inside
@@ -171,6 +181,7 @@ class Transfer:
         stalled_rounds: int = 50,
         drain: float = 0.05,
         poll: float = 0.1,
+        probe: float = 1.0,
     ) -> None:
         """
         ``prepare_timeout`` is long because preparing may digest old copies
@@ -190,6 +201,7 @@ class Transfer:
         self.stalled_rounds = stalled_rounds
         self.drain = drain
         self.poll = poll
+        self.probe = probe
         self.controller = RateController(reactor, rate_bps)
         self.sender = Sender(
             reactor,
@@ -303,7 +315,7 @@ class Transfer:
                         bytes=payload_bytes(self.offer.manifest, blocks),
                         parities=sum(len(p) for p in parities.values()),
                     )
-                    yield self.sender.send(blocks, parities)
+                    yield self._send_pass(blocks, parities)
                     self.passes += 1
                     self._pass_ended = self.reactor.seconds()
                     if self.cancelled:
@@ -330,6 +342,26 @@ class Transfer:
             self.passes,
             dict(self.sender.stats),
         )
+
+    @defer.inlineCallbacks
+    def _send_pass(self, blocks: dict[int, RangeSet], parities: dict[int, RangeSet]) -> Any:
+        """
+        Send a pass, asking every ``probe`` seconds what was lost of the part
+        already sent and repairing it within the pass, so that a long pass
+        does not end with a tail of repair rounds.
+        """
+        sending = self.sender.send(blocks, parities)
+        while not sending.called:
+            nap = task.deferLater(self.reactor, self.probe, lambda: None)
+            yield defer.DeferredList([sending, nap], fireOnOneCallback=True, consumeErrors=True)
+            if sending.called:
+                nap.cancel()
+                break
+            sent_by = self.sender.position_at(self.reactor.seconds() - self.drain)
+            repairs, repair_parities = yield self._ask_missing(before=sent_by)
+            if repairs or repair_parities:
+                self.sender.repair(repairs, repair_parities)
+        yield sending
 
     @defer.inlineCallbacks
     def _prepare(self, names: list[str]) -> Any:
@@ -369,7 +401,12 @@ class Transfer:
             self._fail(name, f"received nothing in {rounds} repair rounds (wrong interface? filtered?)")
 
     @defer.inlineCallbacks
-    def _ask_missing(self) -> Any:
+    def _ask_missing(self, before: tuple[int, int] | None = None) -> Any:
+        """
+        Ask the live receivers what they miss and plan the repairs; with
+        ``before`` (a file and block the pass in progress has reached),
+        only what was sent before that counts.
+        """
         names = [n for n in self.live if n not in self._done and n in self._prepared]
         unprepared = [n for n in self.live if n not in self._prepared]
         abandoned = dict(self.sender.abandoned)
@@ -397,7 +434,7 @@ class Transfer:
             if report.done:
                 self._done.add(name)
             try:
-                wanted[name] = clip(self.offer.manifest, decode_map(report.missing))
+                wanted[name] = clip(self.offer.manifest, decode_map(report.missing), before=before)
             except ValueError as e:
                 self._fail(name, f"sent a malformed missing report: {e}")
                 continue

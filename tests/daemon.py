@@ -17,6 +17,12 @@ not namespaced: every daemon talks over the host's ``lo``.  Without root,
 nodes share ``base/shared`` itself and only one node may receive a given
 destination (`Cluster.mount_ns` says which mode is on).
 
+The same `Cluster` runs across a LAN of network namespaces (tests/lan.py)
+when given the master's address, the LAN interface and the namespaces.
+
+Every daemon is started with PR_SET_PDEATHSIG, so that none outlives a test
+run that was killed; a test's teardown stops them all in any case.
+
 A daemon's stdout and stderr (twistd logs to stdout with ``-n``) go to
 ``base/NAME.log``, appended across restarts; readiness is read from there:
 "master listening" in the master's log, "node NAME registered" in the
@@ -50,6 +56,17 @@ TWISTD = "from twisted.scripts.twistd import run; run()"
 _BIND_AND_EXEC = 'mount --bind "$1" "$2" && shift 2 && exec "$@"'
 
 _unset: Any = object()
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL it if the test process dies, so no daemon outlives a run."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except Exception:
+        pass
 
 
 def can_unshare() -> bool:
@@ -200,6 +217,7 @@ class Daemon:
                 env=env,
                 cwd=self.cwd,
                 start_new_session=True,
+                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
             )
         self.starts += 1
         return offset
@@ -280,7 +298,13 @@ class Cluster:
     """
     A CA, a master and nodes under ``base``, and the operator's `cli`.
 
-    The master's certificate names 127.0.0.1 and localhost; the operator's
+    By default everything is on this host's loopback.  On a LAN of network
+    namespaces (tests/lan.py), ``host`` is the master's address,
+    ``interface`` the multicast interface of every daemon, ``loopback``
+    false, and ``master_netns`` (and each node's ``netns``) the namespace
+    its daemon runs in; `cli` then runs in ``master_netns`` too.
+
+    The master's certificate names ``host`` and localhost; the operator's
     certificate is ``operator``.  Options for ``[master]`` may be overridden
     with ``master_options``.
     """
@@ -292,17 +316,25 @@ class Cluster:
         python: str = sys.executable,
         mount_ns: bool | None = None,
         max_jobs: int = 4,
+        host: str = "127.0.0.1",
+        interface: str = "lo",
+        loopback: bool = True,
+        master_netns: str | None = None,
         **master_options: Any,
     ) -> None:
         self.base = Path(base)
+        self.host = host
+        self.interface = interface
+        self.loopback = loopback
+        self.master_netns = master_netns
         self.python = python
         self.mount_ns = can_unshare() if mount_ns is None else mount_ns
         self.ca = CA(self.base / "ca", self.base / "certs")
         self.port = free_tcp_port()
-        self.address = f"127.0.0.1:{self.port}"
+        self.address = f"{host}:{self.port}"
         self.max_jobs = max_jobs
         self.group, self.port_base = free_multicast_pool(max_jobs)
-        self.master_cert = self.ca.issue("master", "master", dns=["localhost"], ips=["127.0.0.1"])
+        self.master_cert = self.ca.issue("master", "master", dns=["localhost"], ips=[host])
         self.operator = self.ca.issue("operator", "operator")
         self.state_dir = self.base / "state"
         self.shared = self.base / "shared"
@@ -317,14 +349,14 @@ class Cluster:
     def master_config(self, path: str | Path | None = None, **overrides: Any) -> Path:
         cert, key = self.master_cert
         master = {
-            "address": "127.0.0.1",
+            "address": self.host,
             "port": self.port,
             "state_dir": str(self.state_dir),
-            "interface": "lo",
+            "interface": self.interface,
             "group": self.group,
             "port_base": self.port_base,
             "max_jobs": self.max_jobs,
-            "loopback": True,
+            "loopback": self.loopback,
             "rate": "400M",
             "grace": 20,
             **self.master_options,
@@ -347,7 +379,7 @@ class Cluster:
         cert, key = identity or self.ca.issue("node", name)
         node = {
             "master": self.address,
-            "interface": "lo",
+            "interface": self.interface,
             "roots": [str(r) for r in (roots if roots is not None else [self.shared])],
             "tags": list(tags),
             **overrides,
@@ -365,7 +397,13 @@ class Cluster:
 
     def start_master(self, timeout: float = 20.0) -> Daemon:
         if self.master is None:
-            self.master = Daemon("master", self.master_config(), self.base / "master.log", python=self.python)
+            self.master = Daemon(
+                "master",
+                self.master_config(),
+                self.base / "master.log",
+                python=self.python,
+                wrapper=_in_netns(self.master_netns),
+            )
         since = self.master.start()
         self.master.wait_log(r"master listening on", timeout, since)
         return self.master
@@ -377,15 +415,19 @@ class Cluster:
         start: bool = True,
         wait: bool = True,
         mount_ns: bool | None = None,
+        netns: str | None = None,
         **config: Any,
     ) -> Daemon:
-        """Configure node ``name`` (see `node_config`) and start it; wait until the master has it."""
+        """
+        Configure node ``name`` (see `node_config`) and start it (in network
+        namespace ``netns``, if given); wait until the master has it.
+        """
         path = self.node_config(name, **config)
-        wrapper: list[str] = []
+        wrapper = _in_netns(netns)
         if self.mount_ns if mount_ns is None else mount_ns:
             mine = self.node_dir(name)
             mine.mkdir(parents=True, exist_ok=True)
-            wrapper = [
+            wrapper += [
                 "unshare",
                 "--mount",
                 "--propagation",
@@ -463,7 +505,14 @@ class Cluster:
         """
         if identity is _unset:
             identity = self.operator
-        argv = [self.python, "-m", "mrsyncd.cli", "--master", master or self.address]
+        argv = [
+            *_in_netns(self.master_netns),
+            self.python,
+            "-m",
+            "mrsyncd.cli",
+            "--master",
+            master or self.address,
+        ]
         argv += ["--ca", ca or self.ca.cert]
         if identity is not None:
             argv += ["--cert", identity[0], "--key", identity[1]]
@@ -478,7 +527,16 @@ class Cluster:
 
     def cli_popen(self, *args: str) -> subprocess.Popen[str]:
         cert, key = self.operator
-        argv = [self.python, "-m", "mrsyncd.cli", "--master", self.address, "--ca", self.ca.cert]
+        argv = [
+            *_in_netns(self.master_netns),
+            self.python,
+            "-m",
+            "mrsyncd.cli",
+            "--master",
+            self.address,
+            "--ca",
+            self.ca.cert,
+        ]
         argv += ["--cert", cert, "--key", key, *args]
         return subprocess.Popen(
             argv,
@@ -522,6 +580,11 @@ class Cluster:
     def detach(self, *args: str) -> int:
         """``mrsync push --detach --json ARGS``: the job id."""
         return int(self.cli_json("push", "--detach", *args)["job"])
+
+
+def _in_netns(netns: str | None) -> list[str]:
+    """The prefix that runs a command in network namespace ``netns`` (it execs: same pid)."""
+    return ["ip", "netns", "exec", netns] if netns else []
 
 
 def cli_env() -> dict[str, str]:

@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet.task import Clock
 
-from mrsyncd.ratecontrol import Pacer
+from mrsyncd.ratecontrol import Feedback, Pacer, RateController
 
 MB = 8e6  # one megabyte per second, in bits per second
 
@@ -157,3 +157,119 @@ def test_allowance_formula(rate_bps, elapsed):
     clock, p = make(rate_bps)
     clock.advance(elapsed)
     assert p.allowance() == approx(min(p.burst, elapsed * rate_bps / 8))
+
+
+# The rate controller, over scripted scenarios on a fake clock.
+
+def drive(controller: RateController, clock: Clock, seconds: float, reports) -> list[float]:
+    """Step the controller; ``reports(t)`` gives the feedback heard at time t."""
+    rates = []
+    for _ in range(round(seconds / controller.interval)):
+        for node, feedback in reports(clock.seconds()).items():
+            controller.feedback(node, feedback)
+        clock.advance(controller.interval)
+        rates.append(controller.update())
+    return rates
+
+
+def quiet(t):
+    return {}
+
+
+def fleet(nodes=("a", "b", "c"), max_rate=100e6):
+    clock = Clock()
+    controller = RateController(clock, max_rate)
+    controller.set_active(set(nodes))
+    return clock, controller
+
+
+def test_rate_climbs_to_the_cap_when_no_one_complains():
+    clock, controller = fleet()
+    assert controller.rate < 100e6
+    rates = drive(controller, clock, 2.0, quiet)
+    assert rates == sorted(rates)
+    assert rates[-1] == 100e6
+
+
+def test_rate_settles_where_the_queue_holds_the_target_delay():
+    """A 60 Mbit/s bottleneck: the queue grows while the rate is above it."""
+    clock, controller = fleet()
+    queue = [0.0]
+
+    def bottleneck(t):
+        # Seconds of queue gained per interval: what is sent beyond 60 Mbit/s.
+        queue[0] = max(0.0, queue[0] + (controller.rate - 60e6) / 60e6 * controller.interval)
+        return {"b": Feedback(0.0, queue[0], 500)} if queue[0] > 0.002 else {}
+
+    rates = drive(controller, clock, 30.0, bottleneck)
+    settled = rates[-100:]
+    mean = sum(settled) / len(settled)
+    assert 51e6 < mean < 69e6, mean
+    assert 40e6 < min(settled) and max(settled) < 80e6, (min(settled), max(settled))
+    assert controller.monitor in (None, "b")
+
+
+def test_random_loss_without_a_queue_does_not_slow_the_sender():
+    clock, controller = fleet()
+    rates = drive(controller, clock, 3.0, lambda t: {n: Feedback(0.02, 0.0, 900) for n in "abc"})
+    assert rates[-1] == 100e6
+
+
+def test_loss_that_comes_and_goes_with_a_queue():
+    clock, controller = fleet()
+    drive(controller, clock, 2.0, quiet)
+    congested = drive(controller, clock, 1.0, lambda t: {"a": Feedback(0.1, 0.03, 400)})
+    assert congested[-1] < 0.5 * 100e6
+    recovered = drive(controller, clock, 2.0, quiet)
+    assert recovered[-1] == 100e6
+
+
+def test_a_receiver_far_slower_than_the_rest_is_marked_slow_and_ignored():
+    clock, controller = fleet()
+    drive(controller, clock, 2.0, quiet)
+
+    def one_slow(t):
+        return {"c": Feedback(0.9, 0.05, 80)}
+
+    rates = drive(controller, clock, 3.0, one_slow)
+    assert controller.slow == {"c"}
+    assert rates[-1] == 100e6, "the others are not held back"
+    assert controller.monitor is None
+
+
+def test_slow_receiver_drives_the_rate_once_it_is_the_only_one_left():
+    clock, controller = fleet()
+    drive(controller, clock, 2.0, quiet)
+    drive(controller, clock, 3.0, lambda t: {"c": Feedback(0.9, 0.05, 80)})
+    assert controller.slow == {"c"}
+    controller.set_active({"c"})  # a and b are done: catch-up passes for c
+    rates = drive(controller, clock, 2.0, lambda t: {"c": Feedback(0.5, 0.05, 80)})
+    assert controller.slow == set()
+    assert controller.monitor == "c"
+    assert rates[-1] < 20e6
+
+
+def test_a_dead_receiver_stops_counting():
+    """Reports older than two intervals are forgotten: a dead node's last complaint fades."""
+    clock, controller = fleet()
+    drive(controller, clock, 2.0, quiet)
+    drive(controller, clock, 0.5, lambda t: {"a": Feedback(0.0, 0.05, 100)})
+    low = controller.rate
+    rates = drive(controller, clock, 2.0, quiet)
+    assert rates[-1] > low and rates[-1] == 100e6
+
+
+def test_loss_at_every_receiver_with_a_queue_is_congestion_not_a_slow_node():
+    clock, controller = fleet()
+    drive(controller, clock, 2.0, quiet)
+    rates = drive(controller, clock, 3.0, lambda t: {n: Feedback(0.6, 0.04, 300) for n in "abc"})
+    assert controller.slow == set()
+    assert rates[-1] < 0.1 * 100e6
+
+
+def test_local_send_queue_overflow_slows_down():
+    clock, controller = fleet()
+    drive(controller, clock, 2.0, quiet)
+    controller.blocked()
+    clock.advance(controller.interval)
+    assert controller.update() < 100e6

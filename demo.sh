@@ -1,0 +1,16 @@
+#!/bin/bash
+# The main job on this one machine: a master and three nodes on a LAN of
+# network namespaces, throwaway certificates, a sample tree pushed with live
+# progress and verified on every node. Run as root on Debian 12.
+set -euo pipefail
+cd "$(dirname "$0")"
+packages=(python3-twisted python3-openssl python3-service-identity python3-cryptography iproute2)
+missing=()
+for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+exec env PYTHONPATH="$PWD" /usr/bin/python3 demo/run.py

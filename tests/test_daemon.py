@@ -1,0 +1,634 @@
+"""
+The daemons as an operator runs them: ``twistd mrsyncd`` processes (one
+master, three nodes) on this host's loopback, driven by the real ``mrsync``
+command line, with certificates made by `mrsyncd.certs`.
+
+See tests/daemon.py for the set-up.  As root every node has a mount
+namespace of its own, so that one job can write "the same" destination on
+several nodes of one host; tests that need it are marked ``lan`` and
+skipped without root, as is the one that runs the daemons across a LAN of
+network namespaces (tests/lan.py).
+
+Run: ``PYTHONPATH=. python3 -m pytest -q tests/test_daemon.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mrsyncd.datagram import DEFAULT_BLOCK_SIZE
+from mrsyncd.manifest import default_chunk_size
+from tests import support
+from tests.daemon import CA, REPO, TWISTD, Cluster, Daemon, can_unshare, wait_for, write_toml
+from tests.lan import lan_fixture  # noqa: F401
+
+MiB = 1 << 20
+#: node3 may write only beneath ``shared/pub``; node1 and node2 anywhere in ``shared``.
+NODES = {
+    "node1": {"tags": ["rack1"]},
+    "node2": {"tags": ["rack1", "big"]},
+    "node3": {"tags": ["rack2"], "narrow": True},
+}
+CA_NAME = "mrsyncd test CA"
+ALL_CONNECTED = {name: "connected" for name in NODES}
+#: Long enough for any one job here; a job still running then counts as hung.
+FOLLOW_TIMEOUT = 90.0
+
+#: Several nodes writing one destination on one host: each needs a mount namespace of its own.
+NEEDS_MOUNT_NS = pytest.mark.skipif(
+    not can_unshare(), reason="several nodes on one host need root (mount namespaces)"
+)
+
+
+class _Check:
+    """What `support.assert_same_tree` needs of a test case, for pytest."""
+
+    def assertEqual(self, first: Any, second: Any, msg: Any = None) -> None:  # noqa: N802
+        assert first == second, f"{msg}: {first!r} != {second!r}" if msg else f"{first!r} != {second!r}"
+
+
+def assert_same_tree(src: Path, dst: Path) -> None:
+    assert dst.is_dir(), f"{dst} was not made"
+    support.assert_same_tree(_Check(), str(src), str(dst))
+
+
+def random_file(path: Path, size: int, seed: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(random.Random(seed).randbytes(size))
+
+
+def part_files(top: Path) -> list[str]:
+    return [str(p) for p in top.rglob(".mrsync-*")] if top.exists() else []
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    c = Cluster(tmp_path_factory.mktemp("daemons"))
+    try:
+        c.start_master()
+        for name, spec in NODES.items():
+            (c.node_dir(name) / "pub").mkdir(parents=True, exist_ok=True)
+            roots = [c.shared / "pub"] if spec.get("narrow") else [c.shared]
+            c.add_node(name, roots=roots, tags=spec["tags"], wait=False)
+        for name in NODES:
+            c.wait_registered(name, 0)
+        yield c
+    finally:
+        c.close()
+
+
+@pytest.fixture
+def fleet(cluster: Cluster) -> Cluster:
+    """The cluster, with its master and every node running and connected (a test may have killed some)."""
+    assert cluster.master is not None
+    if not cluster.master.alive:
+        cluster.start_master()
+    for name, daemon in cluster.nodes.items():
+        if name in NODES and not daemon.alive:
+            cluster.start_node(name)
+    cluster.wait_node_states(ALL_CONNECTED)
+    return cluster
+
+
+def follow(c: Cluster, job: int) -> tuple[int, dict[str, Any]]:
+    """``mrsync status JOB --follow --json``: exit code and final status."""
+    result = c.cli("status", str(job), "--follow", "--json", timeout=FOLLOW_TIMEOUT)
+    try:
+        status = json.loads(result.stdout)
+    except ValueError:
+        raise AssertionError(
+            f"status --follow of job {job} exited {result.returncode} with no JSON\n"
+            f"stdout: {result.stdout}\nstderr: {result.stderr}\n{c.diagnostics()}"
+        ) from None
+    return result.returncode, status
+
+
+def wait_sent(c: Cluster, job: int, at_least: int, timeout: float = 30.0) -> int:
+    """Poll the job until the master has sent ``at_least`` payload bytes; returns what it had sent."""
+
+    def sent(status: dict[str, Any]) -> int:
+        return int((status.get("progress") or {}).get("sent_bytes", 0))
+
+    status = wait_for(
+        lambda: c.status(job),
+        lambda s: sent(s) >= at_least or s["state"] in ("done", "failed", "cancelled"),
+        timeout,
+        f"job {job} having sent {at_least} bytes",
+        c.diagnostics,
+        interval=0.05,
+    )
+    assert status["state"] == "running", f"job {job} ended before it could be interrupted: {status}"
+    return sent(status)
+
+
+# 1. A push to completion, again with nothing to send, and after one change.
+
+
+@pytest.mark.lan
+@NEEDS_MOUNT_NS
+def test_push_then_nothing_then_one_chunk(fleet: Cluster) -> None:
+    c = fleet
+    src = c.base / "src1"
+    support.make_full_tree(str(src))
+    destination = c.shared / "pub" / "t1"
+
+    first = c.cli("push", "--json", f"{src}/", f"all:{destination}", timeout=FOLLOW_TIMEOUT)
+    assert first.returncode == 0, f"{first.stdout}\n{first.stderr}\n{c.diagnostics()}"
+    report = json.loads(first.stdout)
+    assert report["state"] == "done"
+    assert sorted(report["nodes"]) == sorted(NODES)
+    assert all(n["state"] == "done" for n in report["nodes"].values()), report["nodes"]
+    # Every byte of the tree once: the hardlink's data is multi.bin's, sent once for all three nodes.
+    unique = sum(e.stat().st_size for e in src.rglob("*") if e.is_file() and not e.is_symlink())
+    unique -= (src / "hardlink.bin").stat().st_size
+    assert unique <= report["sent_bytes"] <= unique * 5 // 4, f"{report['sent_bytes']} bytes for {unique}"
+    for name in NODES:
+        assert_same_tree(src, c.node_dir(name) / "pub" / "t1")
+        assert part_files(c.node_dir(name) / "pub" / "t1") == []
+
+    # The same push again: every file is there already, so no file data moves.
+    again = c.cli("push", "--json", f"{src}/", f"all:{destination}", timeout=FOLLOW_TIMEOUT)
+    assert again.returncode == 0, f"{again.stdout}\n{again.stderr}"
+    job = json.loads(again.stdout)["id"]
+    status = c.status(job)
+    assert status["id"] == job and status["state"] == "done"
+    assert status["sent_bytes"] == 0, f"an unchanged tree was sent again: {status}"
+    for name in NODES:
+        assert_same_tree(src, c.node_dir(name) / "pub" / "t1")
+
+    # One byte of one chunk of one file changes: only that chunk is sent.
+    changed = src / "dir" / "multi.bin"
+    chunk = default_chunk_size(DEFAULT_BLOCK_SIZE)
+    offset = chunk + chunk // 2
+    with open(changed, "r+b") as f:
+        f.seek(offset)
+        old = f.read(1)
+        f.seek(offset)
+        f.write(bytes([old[0] ^ 0xFF]))
+    os.utime(changed, ns=(1_700_000_000_000_000_000,) * 2)
+    third = c.cli("push", "--json", f"{src}/", f"all:{destination}", timeout=FOLLOW_TIMEOUT)
+    assert third.returncode == 0, f"{third.stdout}\n{third.stderr}"
+    job = json.loads(third.stdout)["id"]
+    status = c.status(job)
+    assert status["state"] == "done"
+    assert chunk <= status["sent_bytes"] <= chunk * 5 // 4, (
+        f"one changed chunk of {chunk} bytes should cost about {chunk} bytes, not {status['sent_bytes']}"
+    )
+    for name in NODES:
+        assert_same_tree(src, c.node_dir(name) / "pub" / "t1")
+
+
+# 2. The fleet as the master sees it.
+
+
+def test_nodes_listed_and_reconnect(fleet: Cluster) -> None:
+    c = fleet
+    listing = c.cli_ok("nodes").stdout
+    for name in NODES:
+        line = next((row for row in listing.splitlines() if row.split()[:1] == [name]), None)
+        assert line is not None and "connected" in line.split(), f"{name} not listed as connected:\n{listing}"
+    nodes = {n["name"]: n for n in c.cli_json("nodes")}
+    assert sorted(nodes) == sorted(NODES)
+    for name, spec in NODES.items():
+        assert nodes[name]["state"] == "connected"
+        assert sorted(nodes[name]["tags"]) == sorted(spec["tags"])
+        assert nodes[name]["free"], f"{name} reported no free space: {nodes[name]}"
+
+    # A node killed outright shows as disconnected, the others stay connected.
+    c.nodes["node2"].kill(signal.SIGKILL)
+    c.wait_node_states({"node1": "connected", "node2": "disconnected", "node3": "connected"}, timeout=10)
+    c.start_node("node2")
+    c.wait_node_states(ALL_CONNECTED, timeout=10)
+
+    # The master goes away for a while: every node redials on its own, with backoff.
+    assert c.master is not None
+    marks = {name: c.nodes[name].mark() for name in NODES}
+    c.master.stop()
+    for name in NODES:
+        c.nodes[name].wait_log(r"Scheduling retry", 10, marks[name])
+    since = c.master.start()
+    c.master.wait_log("master listening", 20, since)
+    for name in NODES:
+        c.wait_registered(name, since, timeout=40)
+    c.wait_node_states(ALL_CONNECTED, timeout=10)
+    assert all(d.alive for d in c.nodes.values() if d.name in NODES), "a node died instead of redialling"
+
+
+# 3. Who may connect, and who may do what.
+
+
+def _amp_box(items: dict[bytes, bytes]) -> bytes:
+    out = b""
+    for key, value in items.items():
+        out += len(key).to_bytes(2, "big") + key + len(value).to_bytes(2, "big") + value
+    return out + b"\0\0"
+
+
+def raw_list_jobs(c: Cluster, identity: tuple[str, str] | None) -> tuple[bytes, str]:
+    """
+    Ask the master for ``ListJobs`` over TLS with Python's own ssl module,
+    with ``identity`` as the client certificate (or none): what came back,
+    and the error that ended the exchange, if any.  This bypasses every
+    check that ``mrsync`` makes on its own files, so only the master decides.
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.load_verify_locations(c.ca.cert)
+    if identity is not None:
+        context.load_cert_chain(*identity)
+    data, error = b"", ""
+    try:
+        with socket.create_connection(("127.0.0.1", c.port), timeout=10) as raw:
+            with context.wrap_socket(raw, server_hostname="127.0.0.1") as s:
+                s.sendall(_amp_box({b"_ask": b"1", b"_command": b"ListJobs", b"limit": b"5"}))
+                while not data.endswith(b"\0\0"):
+                    piece = s.recv(65536)
+                    if not piece:
+                        error = error or "connection closed"
+                        break
+                    data += piece
+    except (OSError, ssl.SSLError) as e:
+        error = f"{type(e).__name__}: {e}"
+    return data, error
+
+
+@pytest.fixture(scope="module")
+def identities(cluster: Cluster) -> dict[str, tuple[str, str]]:
+    """Client certificates the master must not take as an operator's."""
+    c = cluster
+    foreign = CA(c.base / "foreign-ca", c.base / "foreign", name=CA_NAME)
+    return {
+        # Another CA with the same name as the cluster's, so only the signature differs.
+        "foreign": foreign.issue("operator", "operator"),
+        "expired": c.ca.issue("operator", "expired-operator", expired=True),
+        "node": c.ca.issue("node", "some-node"),
+    }
+
+
+def test_master_refuses_clients_without_a_cluster_certificate(
+    fleet: Cluster, identities: dict[str, tuple[str, str]]
+) -> None:
+    """The master itself, asked by a client that makes none of mrsync's own checks."""
+    c = fleet
+    data, error = raw_list_jobs(c, c.operator)
+    assert b"_answer" in data and b"jobs" in data, f"the raw client itself is broken: {data!r} {error}"
+    for label, identity in (
+        ("no certificate", None),
+        ("a foreign CA's certificate", identities["foreign"]),
+        ("an expired certificate", identities["expired"]),
+    ):
+        data, error = raw_list_jobs(c, identity)
+        assert b"_answer" not in data, f"the master answered a client with {label}: {data!r}"
+        assert error, f"the connection with {label} did not end"
+    c.cli_ok("jobs")
+
+
+def test_cli_without_a_certificate(fleet: Cluster) -> None:
+    """No certificate anywhere (flags, environment, client.toml) is a wrong command line (2)."""
+    result = fleet.cli("jobs", identity=None)
+    assert result.returncode == 2, result
+    assert "no certificate" in result.stderr, result.stderr
+
+
+def test_cli_with_a_foreign_certificate(fleet: Cluster, identities: dict[str, tuple[str, str]]) -> None:
+    result = fleet.cli("jobs", identity=identities["foreign"])
+    assert "not issued by the cluster CA" in result.stderr, result.stderr
+    assert result.returncode == 3, f"exit {result.returncode}: {result.stderr}"
+
+
+def test_cli_with_an_expired_certificate(fleet: Cluster, identities: dict[str, tuple[str, str]]) -> None:
+    c = fleet
+    for args in (["jobs"], ["nodes"], ["push", str(c.base / "src-none"), f"node1:{c.shared}/nope"]):
+        result = c.cli(*args, identity=identities["expired"])
+        assert result.returncode == 3, f"{args}: exit {result.returncode}: {result.stderr}"
+        assert "expired" in result.stderr.lower(), result.stderr
+    assert not (c.node_dir("node1") / "nope").exists()
+
+
+def test_node_certificate_cannot_act_as_operator(
+    fleet: Cluster, identities: dict[str, tuple[str, str]]
+) -> None:
+    c = fleet
+    (c.base / "src-none").mkdir(exist_ok=True)
+    for args in (
+        ["jobs"],
+        ["nodes"],
+        ["status", "1"],
+        ["push", str(c.base / "src-none"), f"node1:{c.shared}/nope"],
+    ):
+        result = c.cli(*args, identity=identities["node"])
+        assert result.returncode == 4, f"{args}: exit {result.returncode}: {result.stderr}"
+        assert "needs an operator certificate" in result.stderr, result.stderr
+    assert not (c.node_dir("node1") / "nope").exists()
+    assert all(j["spec"]["destination"] != f"{c.shared}/nope" for j in c.cli_json("jobs"))
+
+
+def test_operator_certificate_cannot_register_as_node(fleet: Cluster) -> None:
+    """An operator's certificate named like a node cannot register, let alone displace that node."""
+    c = fleet
+    assert c.master is not None
+    master = c.master
+    since = master.mark()
+    identity = c.ca.issue("operator", "node1", out=c.base / "impostor")
+    impostor = c.add_node("impostor", identity=identity, wait=False, roots=[c.shared / "pub"])
+    del c.nodes["impostor"]
+    c.others.append(impostor)
+    try:
+        wait_for(
+            lambda: (master.log(since), impostor.alive, impostor.log()),
+            lambda got: (
+                bool(re.search(r"refused a node command from an? operator certificate", got[0]))
+                or (not got[1] and "operator" in got[2])
+            ),
+            15,
+            "a refusal of the operator certificate as a node's",
+            c.diagnostics,
+        )
+        nodes = {n["name"]: n for n in c.cli_json("nodes")}
+        assert sorted(nodes) == sorted(NODES), nodes
+        assert nodes["node1"]["state"] == "connected"
+        assert "node node1 registered" not in master.log(since), "the impostor registered as node1"
+        assert "node1 connected again" not in master.log(since), "the impostor displaced node1"
+    finally:
+        impostor.stop()
+
+
+# 4. A destination that one target does not allow.
+
+
+def test_destination_outside_one_nodes_roots(fleet: Cluster) -> None:
+    c = fleet
+    src = c.base / "src4"
+    random_file(src / "a.bin", 300_000, 4)
+    random_file(src / "sub" / "b.txt", 1234, 5)
+    destination = c.shared / "private" / "t4"
+    result = c.cli("push", f"{src}/", f"node2,node3:{destination}", timeout=FOLLOW_TIMEOUT)
+    assert result.returncode == 1, f"exit {result.returncode}\n{result.stdout}\n{result.stderr}"
+    root = os.path.realpath(c.shared / "pub")
+    assert "node3: failed" in result.stdout and root in result.stdout, result.stdout
+    assert "node2: done" in result.stdout, result.stdout
+
+    jobs = c.cli_json("jobs")
+    job = next(j for j in jobs if j["spec"]["destination"] == str(destination))
+    status = c.status(job["id"])
+    assert status["state"] == "failed"
+    assert status["nodes"]["node2"]["state"] == "done"
+    assert status["nodes"]["node3"]["state"] == "failed"
+    assert root in status["nodes"]["node3"]["reason"], status["nodes"]["node3"]
+    assert_same_tree(src, c.node_dir("node2") / "private" / "t4")
+    if c.mount_ns:
+        assert not (c.node_dir("node3") / "private").exists(), "node3 wrote outside its roots"
+
+
+# 5. Crashes mid-transfer.
+
+
+@pytest.mark.lan
+@NEEDS_MOUNT_NS
+def test_node_killed_mid_transfer_resumes(fleet: Cluster) -> None:
+    c = fleet
+    size = 48 * MiB
+    src = c.base / "src5a"
+    random_file(src / "big.bin", size, 51)
+    destination = c.shared / "pub" / "t5a"
+    job = c.detach("--rate", "100M", f"{src}/", f"node1,node2:{destination}")
+    sent_at_kill = wait_sent(c, job, size // 2)
+    c.nodes["node1"].kill(signal.SIGKILL)
+    final = c.node_dir("node1") / "pub" / "t5a" / "big.bin"
+    assert not final.exists(), "a half-received file appeared at its final path"
+    assert part_files(c.node_dir("node1") / "pub" / "t5a"), "no part file to resume from"
+    c.start_node("node1")
+
+    code, status = follow(c, job)
+    assert code == 0, f"exit {code}: {status}\n{c.diagnostics(['node1'])}"
+    assert status["id"] == job and status["state"] == "done"
+    assert {n: s["state"] for n, s in status["nodes"].items()} == {"node1": "done", "node2": "done"}
+    for name in ("node1", "node2"):
+        assert_same_tree(src, c.node_dir(name) / "pub" / "t5a")
+        assert part_files(c.node_dir(name) / "pub" / "t5a") == [], f"part files left on {name}"
+    # Starting over would cost the whole file again on top of everything
+    # sent so far; resuming re-sends only what node1 did not hold yet.
+    assert status["sent_bytes"] < 2 * size - sent_at_kill // 2, (
+        f"{status['sent_bytes']} bytes sent for a {size}-byte file, {sent_at_kill} of them before the kill:"
+        " node1 started over instead of resuming from its part file"
+    )
+
+
+@pytest.mark.lan
+@NEEDS_MOUNT_NS
+def test_master_killed_mid_job_resumes(fleet: Cluster) -> None:
+    c = fleet
+    assert c.master is not None
+    # History: a finished job before the crash.
+    small = c.base / "src5b-small"
+    random_file(small / "s.bin", 10_000, 52)
+    earlier = c.cli_json("push", f"{small}/", f"node3:{c.shared}/pub/t5b-earlier")
+    assert earlier["state"] == "done"
+    history_before = {j["id"]: (j["state"], j["spec"]["destination"]) for j in c.cli_json("jobs")}
+
+    size = 48 * MiB
+    src = c.base / "src5b"
+    random_file(src / "big.bin", size, 53)
+    random_file(src / "small.txt", 5000, 54)
+    destination = c.shared / "pub" / "t5b"
+    job = c.detach("--rate", "100M", f"{src}/", f"node1,node2:{destination}")
+    wait_sent(c, job, size // 2)
+    c.master.kill(signal.SIGKILL)
+    since = c.master.start()
+    c.master.wait_log("master listening", 20, since)
+    # Every node finds the master again by itself.
+    c.wait_node_states(ALL_CONNECTED, timeout=30)
+
+    history_after = {j["id"]: (j["state"], j["spec"]["destination"]) for j in c.cli_json("jobs")}
+    for old, (state, dest) in history_before.items():
+        if old != job:
+            assert history_after.get(old) == (state, dest), f"job {old} changed across the restart"
+    assert history_after[earlier["id"]] == ("done", f"{c.shared}/pub/t5b-earlier")
+
+    code, status = follow(c, job)
+    assert status["id"] == job
+    assert code == 0 and status["state"] == "done", (
+        f"job {job} after the master restart: exit {code}, {status['state']}: {status['message']}"
+        f" {status['nodes']}\n{c.diagnostics()}"
+    )
+    for name in ("node1", "node2"):
+        assert_same_tree(src, c.node_dir(name) / "pub" / "t5b")
+
+
+@pytest.mark.lan
+@NEEDS_MOUNT_NS
+def test_master_and_node_killed_node_back_later(fleet: Cluster) -> None:
+    """
+    The master and one target crash together; the job resumes when the
+    other target registers, and the late one, back well within the grace
+    period (20 s here), is waited for rather than failed.
+    """
+    c = fleet
+    assert c.master is not None
+    size = 24 * MiB
+    src = c.base / "src5c"
+    random_file(src / "big.bin", size, 55)
+    destination = c.shared / "pub" / "t5c"
+    job = c.detach("--rate", "100M", f"{src}/", f"node1,node2:{destination}")
+    wait_sent(c, job, size // 2)
+    c.nodes["node2"].kill(signal.SIGKILL)
+    c.master.kill(signal.SIGKILL)
+    since = c.master.start()
+    c.wait_registered("node1", since, timeout=30)
+    c.master.wait_log(rf"job {job} started \(resumed\)", 10, since)
+    time.sleep(1.0)
+    c.start_node("node2")
+
+    code, status = follow(c, job)
+    assert code == 0 and status["state"] == "done", (
+        f"job {job}: exit {code}, {status['state']}: {status['message']} {status['nodes']}\n{c.diagnostics()}"
+    )
+    for name in ("node1", "node2"):
+        assert_same_tree(src, c.node_dir(name) / "pub" / "t5c")
+
+
+# 6. Jobs side by side.
+
+
+@pytest.mark.lan
+@NEEDS_MOUNT_NS
+def test_four_concurrent_jobs(fleet: Cluster) -> None:
+    c = fleet
+    sources = []
+    for i in range(4):
+        src = c.base / f"src6-{i}"
+        random_file(src / "data.bin", 3 * MiB + i * 1000, 60 + i)
+        random_file(src / "d" / "small", 100 + i, 70 + i)
+        os.chmod(src / "d" / "small", 0o640)
+        sources.append(src)
+    # Submitted at once, each capped so that they overlap.
+    submits = [
+        c.cli_popen("push", "--detach", "--json", "--rate", "12M", f"{src}/", f"all:{c.shared}/pub/t6-{i}")
+        for i, src in enumerate(sources)
+    ]
+    jobs = []
+    for proc in submits:
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        jobs.append(int(json.loads(out)["job"]))
+    assert len(set(jobs)) == 4
+    followers = [c.cli_popen("status", str(job), "--follow", "--json") for job in jobs]
+    statuses = []
+    for job, proc in zip(jobs, followers, strict=True):
+        out, err = proc.communicate(timeout=FOLLOW_TIMEOUT)
+        assert proc.returncode == 0, f"job {job}: exit {proc.returncode}: {out} {err}\n{c.diagnostics()}"
+        status = json.loads(out)
+        assert status["id"] == job and status["state"] == "done", status
+        assert sorted(status["nodes"]) == sorted(NODES)
+        statuses.append(status)
+    assert max(s["started"] for s in statuses) < min(s["finished"] for s in statuses), (
+        "the four jobs did not run at the same time: "
+        f"{[(s['id'], s['started'], s['finished']) for s in statuses]}"
+    )
+    for i, src in enumerate(sources):
+        for name in NODES:
+            assert_same_tree(src, c.node_dir(name) / "pub" / f"t6-{i}")
+
+
+# The same daemons across hosts: a LAN of network namespaces.
+
+
+@pytest.mark.lan
+def test_push_across_a_lan(lan: Any, tmp_path: Path) -> None:
+    """
+    The deployment shape: the master on one host, three nodes on others,
+    multicast on eth0 across a bridge with loopback off, nodes dialling the
+    master by its address, the operator on the master's host.
+    """
+    net = lan(nodes=3)
+    c = Cluster(
+        tmp_path, host=net.master.ipv4, interface="eth0", loopback=False, master_netns=net.master.netns
+    )
+    try:
+        c.start_master()
+        for host in net.nodes:
+            c.add_node(host.name, netns=host.netns, wait=False)
+        for host in net.nodes:
+            c.wait_registered(host.name, 0)
+        nodes = {n["name"]: n for n in c.cli_json("nodes")}
+        assert {name: n["address"] for name, n in nodes.items()} == {h.name: h.ipv4 for h in net.nodes}
+        src = tmp_path / "src"
+        support.make_full_tree(str(src))
+        status = c.cli_json("push", f"{src}/", f"all:{c.shared}/tree")
+        assert status["state"] == "done", f"{status}\n{c.diagnostics()}"
+        assert sorted(status["nodes"]) == [h.name for h in net.nodes]
+        for host in net.nodes:
+            assert_same_tree(src, c.node_dir(host.name) / "tree")
+    finally:
+        c.close()
+
+
+# 7. Configuration errors stop the daemon at once, naming file and key.
+
+
+CONFIG_ERRORS = {
+    "unknown-key": (
+        {"node": {"master": "127.0.0.1:7718", "roots": ["/srv"], "colour": "blue"}},
+        ["colour", "[node]"],
+    ),
+    "bad-port": ({"master": {"port": 70000}}, ["port", "70000"]),
+    "bad-type": ({"node": {"master": "127.0.0.1:7718", "roots": "/srv"}}, ["roots"]),
+    "unknown-section": ({"nodes": {"roots": ["/srv"]}}, ["nodes"]),
+    "bad-group": ({"master": {"group": "10.1.2.3"}}, ["group", "10.1.2.3"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CONFIG_ERRORS))
+def test_config_error_stops_startup(tmp_path: Path, case: str) -> None:
+    sections, names = CONFIG_ERRORS[case]
+    path = write_toml(tmp_path / f"{case}.toml", sections)
+    daemon = Daemon(case, path, tmp_path / f"{case}.log")
+    daemon.start()
+    try:
+        assert daemon.proc is not None
+        code = daemon.proc.wait(30)
+    finally:
+        daemon.stop()
+    said = daemon.log()
+    assert "master listening" not in said and "connected to its master" not in said, said
+    assert str(path) in said, f"the message does not name the file:\n{said}"
+    for name in names:
+        assert name in said, f"the message does not name {name!r}:\n{said}"
+    assert code != 0, f"twistd exited 0 after a configuration error:\n{said}"
+
+
+def test_missing_certificate_file_stops_startup(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    missing = tmp_path / "nowhere" / "ca.crt"
+    path = write_toml(
+        tmp_path / "tls.toml",
+        {
+            "tls": {"ca": missing, "certificate": tmp_path / "m.crt", "key": tmp_path / "m.key"},
+            "master": {"address": "127.0.0.1", "port": 1, "state_dir": state},
+        },
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", TWISTD, "-n", "--pidfile=", "mrsyncd", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))},
+        cwd=tmp_path,
+    )
+    said = result.stdout + result.stderr
+    assert result.returncode != 0, said
+    assert str(path) in said and str(missing) in said, said
+    assert "master listening" not in said
