@@ -250,7 +250,7 @@ class Progress:
         self.clock = clock
         self.tty = out.isatty()
         self.samples: list[tuple[float, int]] = []
-        self.last_plain = 0.0
+        self.last_plain = float("-inf")
 
     def show(self, status: dict[str, Any]) -> None:
         progress = status.get("progress")

@@ -398,6 +398,31 @@ def test_destination_outside_one_nodes_roots(fleet: Cluster) -> None:
 
 @pytest.mark.lan
 @NEEDS_MOUNT_NS
+def test_cancel_mid_transfer(fleet: Cluster) -> None:
+    """A cancelled job stops sending, says so, and leaves no file half-written."""
+    c = fleet
+    size = 48 * MiB
+    src = c.base / "src5c"
+    random_file(src / "big.bin", size, 53)
+    destination = c.shared / "pub" / "t5c"
+    job = c.detach("--rate", "50M", f"{src}/", f"node1,node2:{destination}")
+    wait_sent(c, job, size // 8)
+    cancelled = c.cli("cancel", str(job))
+    assert cancelled.returncode == 0 and "cancelling" in cancelled.stdout, cancelled
+    code, status = follow(c, job)
+    assert code == 5, f"exit {code}: {status}"
+    assert status["state"] == "cancelled" and "cancelled by an operator" in status["message"]
+    assert status["sent_bytes"] < size, "it went on sending after the cancel"
+    for name in ("node1", "node2"):
+        assert not (c.node_dir(name) / "pub" / "t5c" / "big.bin").exists()
+    again = c.cli("cancel", str(job))
+    assert again.returncode == 0 and "cancelled" in again.stdout
+    missing = c.cli("cancel", "99999")
+    assert missing.returncode == 4 and "no job 99999" in missing.stderr
+
+
+@pytest.mark.lan
+@NEEDS_MOUNT_NS
 def test_node_killed_mid_transfer_resumes(fleet: Cluster) -> None:
     c = fleet
     size = 48 * MiB

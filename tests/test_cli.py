@@ -1,0 +1,135 @@
+"""The mrsync command line: parsing, where settings come from, the progress display."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from twisted.internet.task import Clock
+from twisted.python import usage
+
+from mrsyncd.cli import (
+    EXIT_CANCELLED,
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_USAGE,
+    CommandError,
+    Options,
+    Progress,
+    exit_code,
+    settings,
+)
+
+
+def parse(*argv: str) -> Options:
+    options = Options()
+    options.parseOptions(list(argv))
+    return options
+
+
+def test_push_options_may_follow_the_sources():
+    options = parse("push", "/data/a", "--exclude", "*.tmp", "/data/b/", "--rate", "50M", "@rack1:/srv/x")
+    sub = options.subOptions
+    assert sub["sources"] == ["/data/a", "/data/b/"], "a trailing slash means the contents"
+    assert sub["targets"] == "@rack1" and sub["destination"] == "/srv/x"
+    assert sub["exclude"] == ["*.tmp"]
+    assert sub["rate"] == 50e6
+
+
+def test_relative_sources_are_made_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    sub = parse("push", "tree/", "all:/srv/x").subOptions
+    assert sub["sources"] == [f"{tmp_path}/tree/"]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["push", "/a"],
+        ["push", "/a", "all"],
+        ["push", "/a", "all:relative/dest"],
+        ["push", "/a", ":/dest"],
+        ["push", "--rate", "fast", "/a", "all:/d"],
+        ["status", "seven"],
+        [],
+    ],
+)
+def test_bad_command_lines_are_usage_errors(argv):
+    with pytest.raises(usage.UsageError):
+        parse(*argv)
+
+
+def test_flags_beat_the_environment_which_beats_the_client_file(tmp_path):
+    client = tmp_path / "client.toml"
+    client.write_text('master = "file:1"\nca = "ca.crt"\ncertificate = "op.crt"\nkey = "op.key"\n')
+    found = settings(parse("--config", str(client), "jobs"), {})
+    assert found == {
+        "master": "file:1",
+        "ca": f"{tmp_path}/ca.crt",
+        "certificate": f"{tmp_path}/op.crt",
+        "key": f"{tmp_path}/op.key",
+    }, "paths in the file are relative to it"
+    found = settings(parse("--config", str(client), "jobs"), {"MRSYNC_MASTER": "env:2"})
+    assert found["master"] == "env:2"
+    found = settings(parse("--config", str(client), "--master", "flag:3", "jobs"), {"MRSYNC_MASTER": "env:2"})
+    assert found["master"] == "flag:3"
+
+
+def test_missing_settings_and_bad_client_files_say_so(tmp_path):
+    empty = tmp_path / "empty.toml"
+    empty.write_text("")
+    with pytest.raises(CommandError, match="no master, ca, certificate, key given") as caught:
+        settings(parse("--config", str(empty), "jobs"), {})
+    assert caught.value.code == EXIT_USAGE
+    with pytest.raises(CommandError, match="no such client configuration file"):
+        settings(parse("--config", str(tmp_path / "none.toml"), "jobs"), {})
+    bad = tmp_path / "bad.toml"
+    bad.write_text('master = "m:1"\ncolour = "blue"\n')
+    with pytest.raises(CommandError, match="unknown keys colour"):
+        settings(parse("--config", str(bad), "jobs"), {})
+
+
+def status(state="running", sent=0, planned=0, nodes=None, **extra):
+    return {
+        "id": 7,
+        "state": state,
+        "nodes": nodes or {"n1": {"state": "running"}, "n2": {"state": "running"}},
+        "progress": {"sent_bytes": sent, "planned_bytes": planned, "done": [], "failed": {}},
+        **extra,
+    }
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_on_a_terminal_redraws_one_line_with_rate_and_eta():
+    clock, out = Clock(), Terminal()
+    progress = Progress(out, clock)
+    progress.show(status(sent=0, planned=100_000_000))
+    clock.advance(1.0)
+    progress.show(status(sent=10_000_000, planned=100_000_000))
+    last = out.getvalue().split("\r\x1b[K")[-1]
+    assert "9.5 MiB of 95.4 MiB" in last
+    assert "80.0 Mbit/s" in last
+    assert "ETA 0:00:09" in last
+    assert "nodes: 0 done, 0 failed, 2 in all" in last
+    assert "\n" not in out.getvalue()
+
+
+def test_progress_elsewhere_prints_a_plain_line_every_few_seconds():
+    clock, out = Clock(), io.StringIO()
+    progress = Progress(out, clock)
+    for second in range(11):
+        progress.show(status(sent=second * 1_000_000, planned=20_000_000))
+        clock.advance(1.0)
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 3, lines
+    assert "\r" not in out.getvalue()
+
+
+def test_exit_codes_follow_the_job():
+    assert exit_code({"state": "done"}) == EXIT_OK
+    assert exit_code({"state": "failed"}) == EXIT_FAILED
+    assert exit_code({"state": "cancelled"}) == EXIT_CANCELLED
