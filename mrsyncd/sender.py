@@ -14,12 +14,14 @@ from __future__ import annotations
 import errno
 import heapq
 import os
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
-from twisted.internet import defer
-from twisted.internet.interfaces import IDelayedCall, IListeningPort, IReactorTime
+from twisted.internet import defer, threads
+from twisted.internet.interfaces import IDelayedCall, IListeningPort
 from twisted.internet.protocol import DatagramProtocol
+from twisted.python.failure import Failure
 
 from mrsyncd import datagram, logs
 from mrsyncd.blockset import RangeSet
@@ -32,6 +34,9 @@ log = logs.logger(__name__)
 #: Longest sleep between pacing ticks; the reactor wakes often enough that
 #: a tick's burst stays small.
 TICK = 0.002
+#: Chunks held in memory: the one being sent, the one read ahead, and a few
+#: for parities that straddle two.
+CACHED_CHUNKS = 4
 
 
 class SourceChanged(Exception):
@@ -43,7 +48,7 @@ class Sender(DatagramProtocol):
 
     def __init__(
         self,
-        reactor: IReactorTime,
+        reactor: Any,
         manifest: Manifest,
         local_paths: Mapping[int, str],
         channel: Channel,
@@ -66,7 +71,11 @@ class Sender(DatagramProtocol):
         self.abandoned: dict[int, str] = {}
         self._port: IListeningPort | None = None
         self._fds: dict[int, int] = {}
-        self._chunk: tuple[int, int, bytes] = (-1, -1, b"")
+        self._chunks: OrderedDict[tuple[int, int], bytes] = OrderedDict()
+        self._loading: set[tuple[int, int]] = set()
+        self._checked: dict[int, set[int]] = {}
+        self._identity: dict[int, tuple[int, ...]] = {}
+        self._fresh: dict[int, bool] = {}
         self._queue: Iterator[tuple[int, int, int]] = iter(())
         self._repairs: deque[tuple[int, int, int]] = deque()
         self._position = (0, 0)
@@ -162,6 +171,7 @@ class Sender(DatagramProtocol):
         now = self.reactor.seconds()
         sent_us = int(now * 1e6)
         self._positions.append((now, self._position))
+        self._fresh.clear()
         while self._next is not None:
             file_index, kind, index = self._next
             if file_index in self.abandoned:
@@ -175,9 +185,10 @@ class Sender(DatagramProtocol):
                     block = index
                     payload = self._read(file_index, block)
             except (OSError, SourceChanged) as e:
-                self.abandoned[file_index] = str(e)
-                log.error("abandoning {path}: {why}", path=self.local_paths[file_index], why=e)
+                self._abandon(file_index, str(e))
                 continue
+            if payload is None:
+                return  # a chunk is being read; _loaded() resumes the pass
             packet = datagram.encode(
                 self.key, self.transfer_id, file_index, block, payload, self.sequence, sent_us, kind
             )
@@ -207,7 +218,12 @@ class Sender(DatagramProtocol):
             return
         self._timer = self.reactor.callLater(TICK, self._tick)
 
-    def _parity(self, file_index: int, first: int) -> bytes:
+    def _abandon(self, file_index: int, why: str) -> None:
+        if file_index not in self.abandoned:
+            self.abandoned[file_index] = why
+            log.error("abandoning {path}: {why}", path=self.local_paths[file_index], why=why)
+
+    def _parity(self, file_index: int, first: int) -> bytes | None:
         """The XOR of a group of blocks, each padded with zeros to the block size."""
         size = self.manifest.block_size
         last = min(
@@ -215,23 +231,96 @@ class Sender(DatagramProtocol):
         )
         parity = 0
         for block in range(first, last):
-            parity ^= int.from_bytes(self._read(file_index, block).ljust(size, b"\0"), "big")
+            data = self._read(file_index, block)
+            if data is None:
+                return None
+            parity ^= int.from_bytes(data.ljust(size, b"\0"), "big")
         return parity.to_bytes(size, "big")
 
-    def _read(self, file_index: int, block: int) -> bytes:
-        entry = self.manifest.entries[file_index]
+    # Reading the sources.  A chunk is read whole and checked against its
+    # digest once, in a thread, with the next one read ahead; later reads of
+    # a checked chunk (repairs, parities) read just the block, after an
+    # fstat shows that the file has not changed since (any write changes
+    # its ctime).  So a source changed after the scan is caught, and the
+    # reactor never digests a chunk nor waits for the disk for one.
+
+    def _read(self, file_index: int, block: int) -> bytes | None:
+        """The block's bytes, or None while its chunk is being read."""
         chunk, first = divmod(block, self.manifest.chunk_blocks)
-        cached_file, cached_chunk, data = self._chunk
-        if (cached_file, cached_chunk) != (file_index, chunk):
-            offset, length = self.manifest.chunk_span(entry, chunk)
-            fd = self._fds.get(file_index)
-            if fd is None:
-                if len(self._fds) >= 16:
-                    os.close(self._fds.pop(next(iter(self._fds))))
-                fd = self._fds[file_index] = os.open(self.local_paths[file_index], os.O_RDONLY | os.O_CLOEXEC)
-            data = os.pread(fd, length, offset)
-            if len(data) != length or digest(data) != entry.chunk_digest(chunk):
-                raise SourceChanged(f"source changed since it was scanned (chunk {chunk})")
-            self._chunk = (file_index, chunk, data)
-        start = first * self.manifest.block_size
-        return data[start : start + self.manifest.block_size]
+        size = self.manifest.block_size
+        data = self._chunks.get((file_index, chunk))
+        if data is not None:
+            self._chunks.move_to_end((file_index, chunk))
+            return data[first * size : (first + 1) * size]
+        if chunk in self._checked.get(file_index, ()):
+            fd = self._fd(file_index)
+            if not self._fresh.get(file_index):
+                if _identity(os.fstat(fd)) != self._identity[file_index]:
+                    raise SourceChanged("source changed while it was being sent")
+                self._fresh[file_index] = True
+            return os.pread(
+                fd, self.manifest.block_length(self.manifest.entries[file_index], block), block * size
+            )
+        self._load(file_index, chunk)
+        if chunk + 1 < self.manifest.chunks(self.manifest.entries[file_index]):
+            self._load(file_index, chunk + 1)  # read ahead: passes go in order
+        return None
+
+    def _fd(self, file_index: int) -> int:
+        fd = self._fds.get(file_index)
+        if fd is None:
+            if len(self._fds) >= 16:
+                os.close(self._fds.pop(next(iter(self._fds))))
+            fd = self._fds[file_index] = os.open(self.local_paths[file_index], os.O_RDONLY | os.O_CLOEXEC)
+        return fd
+
+    def _load(self, file_index: int, chunk: int) -> None:
+        key = (file_index, chunk)
+        if key in self._loading or key in self._chunks:
+            return
+        entry = self.manifest.entries[file_index]
+        offset, length = self.manifest.chunk_span(entry, chunk)
+        self._loading.add(key)
+        d = threads.deferToThreadPool(
+            self.reactor,
+            self.reactor.getThreadPool(),
+            _read_chunk,
+            self.local_paths[file_index],
+            offset,
+            length,
+            entry.chunk_digest(chunk),
+        )
+        d.addBoth(self._loaded, file_index, chunk)
+
+    def _loaded(self, result: tuple[bytes, tuple[int, ...]] | Failure, file_index: int, chunk: int) -> None:
+        self._loading.discard((file_index, chunk))
+        if isinstance(result, Failure):
+            self._abandon(file_index, result.getErrorMessage())
+        else:
+            data, identity = result
+            known = self._identity.setdefault(file_index, identity)
+            if identity != known:
+                self._abandon(file_index, "source changed while it was being sent")
+            else:
+                self._chunks[(file_index, chunk)] = data
+                self._checked.setdefault(file_index, set()).add(chunk)
+                while len(self._chunks) > CACHED_CHUNKS:
+                    self._chunks.popitem(last=False)
+        if self._done is not None and self._timer is None and self._port is not None:
+            self._tick()
+
+
+def _identity(st: os.stat_result) -> tuple[int, ...]:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _read_chunk(path: str, offset: int, length: int, expected: bytes) -> tuple[bytes, tuple[int, ...]]:
+    """In a thread: a chunk of a source, checked against the manifest."""
+    with open(path, "rb", buffering=0) as f:
+        before = os.fstat(f.fileno())
+        data = os.pread(f.fileno(), length, offset)
+        if len(data) != length or digest(data) != expected:
+            raise SourceChanged(f"source changed since it was scanned (at byte {offset})")
+        if _identity(os.fstat(f.fileno())) != _identity(before):
+            raise SourceChanged("source changed while it was being read")
+        return data, _identity(before)
