@@ -19,6 +19,7 @@ from twisted.internet import defer, utils
 
 from mrsyncd import logs
 from mrsyncd.blockset import RangeSet
+from mrsyncd.datagram import Reason
 from mrsyncd.manifest import Manifest
 from mrsyncd.multicast import DEFAULT_RCVBUF
 from mrsyncd.ratecontrol import Feedback
@@ -47,6 +48,9 @@ def _check_space(needs: dict[int, RangeSet], manifest: Manifest, destination: st
 log = logs.logger(__name__)
 
 HOOK_OUTPUT = 4096
+#: The receiver's counters of datagrams it threw away (and of chunks that
+#: failed verification), logged when a transfer ends here.
+DROPPED = frozenset(r.value for r in Reason) | {"corrupt_chunks"}
 
 
 def run_hook(reactor: Any, argv: Sequence[str], receiver: Receiver, transfer_id: bytes) -> defer.Deferred:
@@ -210,6 +214,14 @@ class ReceiverAgent:
             )
         else:
             log.info("job {job}: done, {changed} paths changed", job=job, changed=outcome.changed)
+        dropped = {k: v for k, v in sorted(receiver.stats.items()) if k in DROPPED and v}
+        if dropped:
+            log.warn(
+                "job {job}: dropped {n} datagrams that failed checks: {counts}",
+                job=job,
+                n=sum(v for k, v in dropped.items() if k != "corrupt_chunks"),
+                counts=" ".join(f"{k}={v}" for k, v in dropped.items()),
+            )
         if not (self.post_receive and receiver.done and receiver.changed and not receiver.options.dry_run):
             return defer.succeed(outcome)
         d = run_hook(self.reactor, self.post_receive, receiver, transfer_id)

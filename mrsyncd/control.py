@@ -121,7 +121,7 @@ class Register(amp.Command):
 class Congestion(amp.Command):
     """
     A receiver's loss and queueing delay over its last report interval,
-    sent only when there is loss or a queue, so that the sender's rate
+    sent only when there is heavy loss or a queue, so that the sender's rate
     controller hears more from trouble than from the number of receivers.
     """
 
@@ -212,6 +212,70 @@ class Results(amp.Command):
     errors = _ERRORS
 
 
+#: The most keys one box may hold: one `BigBytes` at its largest and the
+#: handful of other arguments any command has.
+MAX_BOX_KEYS = MAX_PIECES + 64
+#: The most bytes one box may hold on the wire: one `BigBytes` at its largest
+#: plus 16 more values of the greatest size, each key at most 255 bytes.
+MAX_BOX_BYTES = (MAX_PIECES + 16) * (2 + 255 + 2 + PIECE)
+
+
+class BoundedAMP(amp.AMP):
+    """
+    `amp.AMP` with a bound on each box.  AMP buffers a whole box before it
+    parses it and puts no limit on its number of keys, so an authenticated
+    peer could make us buffer without end; a box past `MAX_BOX_KEYS` keys
+    or `MAX_BOX_BYTES` bytes, or a key longer than AMP allows, is logged
+    and the connection dropped.
+    """
+
+    _box_keys = 0
+    _box_bytes = 0
+    _dropped = False
+
+    def _drop(self, why: str) -> None:
+        transport: Any = self.transport
+        log.warn("dropping the connection from {peer}: {why}", peer=transport.getPeer(), why=why)
+        self._dropped = True
+        self._currentBox = None
+        getattr(transport, "abortConnection", transport.loseConnection)()
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self._dropped:
+            super().dataReceived(data)
+
+    def proto_key(self, string: bytes) -> str:
+        if self._dropped:
+            return "key"
+        if not string:
+            self._box_keys = self._box_bytes = 0
+            return str(super().proto_key(string))
+        self._box_keys += 1
+        self._box_bytes += 2 + len(string)
+        if self._box_keys > MAX_BOX_KEYS:
+            self._drop(f"a box of more than {MAX_BOX_KEYS} keys")
+            return "key"
+        return str(super().proto_key(string))
+
+    def proto_value(self, string: bytes) -> str:
+        if self._dropped:
+            return "key"
+        self._box_bytes += 2 + len(string)
+        if self._box_bytes > MAX_BOX_BYTES:
+            self._drop(f"a box of more than {MAX_BOX_BYTES} bytes")
+            return "key"
+        return str(super().proto_value(string))
+
+    def lengthLimitExceeded(self, length: int) -> None:
+        log.warn(
+            "dropping the connection from {peer}: a {length}-byte string where at most {limit} may be",
+            peer=self.transport.getPeer(),  # type: ignore[union-attr]
+            length=length,
+            limit=self.MAX_LENGTH,
+        )
+        super().lengthLimitExceeded(length)
+
+
 class AMPPeer:
     """A `transfer.ReceiverPeer` at the far end of an AMP connection."""
 
@@ -248,7 +312,7 @@ class AMPPeer:
         return d
 
 
-class ReceiverControl(amp.AMP):
+class ReceiverControl(BoundedAMP):
     """The receiving host's end: answers the sender's commands from an agent."""
 
     def __init__(
@@ -329,7 +393,7 @@ class ReceiverControl(amp.AMP):
         return d
 
 
-class SenderControl(amp.AMP):
+class SenderControl(BoundedAMP):
     """The sender's end of one receiver's connection."""
 
     def __init__(

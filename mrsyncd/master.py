@@ -20,7 +20,6 @@ from twisted.application import service
 from twisted.internet import defer, threads
 from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Factory, connectionDone
-from twisted.protocols import amp
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -29,6 +28,7 @@ from mrsyncd.config import MasterConfig
 from mrsyncd.control import (
     AMPPeer,
     BadRequest,
+    BoundedAMP,
     Cancel,
     Congestion,
     Forbidden,
@@ -401,7 +401,7 @@ class JobRunner:
 
 
 @implementer(IHandshakeListener)
-class MasterControl(amp.AMP):
+class MasterControl(BoundedAMP):
     """One TLS connection to the master, from a node or an operator."""
 
     def __init__(self, master: MasterService) -> None:

@@ -52,6 +52,10 @@ REPORT_RANGES = 12000
 FEEDBACK_INTERVAL = 0.1
 #: Queueing delay below this is not worth a report.
 FEEDBACK_DELAY = 0.002
+#: Nor is loss below this: the sender's rate follows delay, and loss counts
+#: only to tell a receiver far slower than the rest (which loses most of
+#: what is sent), so the random loss of a flaky link costs no feedback.
+FEEDBACK_LOSS = 0.1
 
 
 def part_name(transfer_id: bytes, index: int) -> str:
@@ -378,7 +382,7 @@ class Receiver(DatagramProtocol):
         report = Feedback(loss, delay, self._got)
         self._seq_reported = self._seq_max
         self._got = self._owd_sum = self._owd_count = 0
-        if (loss > 0 or delay > FEEDBACK_DELAY) and self.on_feedback is not None:
+        if (loss >= FEEDBACK_LOSS or delay > FEEDBACK_DELAY) and self.on_feedback is not None:
             self.on_feedback(report)
 
     def _fd(self, f: _IncomingFile) -> int:

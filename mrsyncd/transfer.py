@@ -93,6 +93,9 @@ class PeerReport:
     changed: int = 0
     #: Its post-receive hook's outcome, if it ran one.
     hook: dict[str, Any] | None = None
+    #: Seconds from the start of the transfer until it had every file
+    #: verified and in place (None if it never had).
+    seconds: float | None = None
 
 
 @dataclass
@@ -221,6 +224,7 @@ class Transfer:
         self._done: set[str] = set()
         self._prepared: set[str] = set()
         self._pass_ended = 0.0
+        self._started = 0.0
         self.passes = 0
         self.planned_bytes = 0
         self.cancelled = False
@@ -297,7 +301,7 @@ class Transfer:
 
     @defer.inlineCallbacks
     def run(self) -> Any:
-        started = self.reactor.seconds()
+        started = self._started = self.reactor.seconds()
         for name in self.peers:
             self._heard(name)
         self.sender.start()
@@ -431,8 +435,9 @@ class Transfer:
             self._heard(name)
             report: MissingReport = value
             self.reports[name].stats = report.stats
-            if report.done:
+            if report.done and name not in self._done:
                 self._done.add(name)
+                self.reports[name].seconds = self.reactor.seconds() - self._started
             try:
                 wanted[name] = clip(self.offer.manifest, decode_map(report.missing), before=before)
             except ValueError as e:
