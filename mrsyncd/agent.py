@@ -115,6 +115,9 @@ class ReceiverAgent:
         #: Where this host's loss and delay reports go (its control connection).
         self.on_feedback: Callable[[bytes, Feedback], None] | None = None
         self.receivers: dict[bytes, Receiver] = {}
+        #: Transfers whose closed receivers still have a commit or check in
+        #: a thread; taking one up again waits for them.
+        self._draining: dict[bytes, defer.Deferred] = {}
 
     def destination(self, requested: str) -> str:
         """Where an offer's destination is on this host, if it is allowed."""
@@ -139,13 +142,19 @@ class ReceiverAgent:
         """
         old = self.receivers.pop(offer.transfer_id, None)
         if old is not None:
-            old.close()
-        d = defer.maybeDeferred(self._prepare, offer)
+            self._retire(offer.transfer_id, old)
+        draining = self._draining.get(offer.transfer_id)
+        if draining is None:
+            d = defer.maybeDeferred(self._prepare, offer)
+        else:
+            d = defer.Deferred()
+            draining.addBoth(lambda _: d.callback(None))
+            d.addCallback(lambda _: self._prepare(offer))
 
         def refused(failure: Any) -> Any:
             receiver = self.receivers.pop(offer.transfer_id, None)
             if receiver is not None:
-                receiver.close()
+                self._retire(offer.transfer_id, receiver)
             if not failure.check(Refused):
                 raise Refused(str(failure.value) or failure.getErrorMessage())
             return failure
@@ -190,7 +199,7 @@ class ReceiverAgent:
     def missing(self, transfer_id: bytes, abandoned: Mapping[int, str]) -> MissingReport:
         return self._receiver(transfer_id).missing(abandoned)
 
-    def results(self, transfer_id: bytes) -> defer.Deferred:
+    def results(self, transfer_id: bytes, discard: bool = False) -> defer.Deferred:
         """
         End a transfer here and say how it went.  When it changed anything,
         the post-receive hook of this host's own configuration runs first,
@@ -199,7 +208,7 @@ class ReceiverAgent:
         receiver = self.receivers.pop(transfer_id, None)
         if receiver is None:
             raise UnknownTransfer(transfer_id.hex())
-        receiver.close()
+        self._retire(transfer_id, receiver, discard)
         outcome = Outcome(dict(receiver.results), len(receiver.changed))
         failed = {path: why for path, why in outcome.results.items() if why != OK}
         job = receiver.options.label or transfer_id.hex()
@@ -232,9 +241,24 @@ class ReceiverAgent:
 
         return d.addCallback(ran)
 
+    def _retire(self, transfer_id: bytes, receiver: Receiver, discard: bool = False) -> None:
+        """Close a receiver; the transfer may be taken up again once its threads are done."""
+        drained = receiver.close(discard)
+        if drained.called:
+            return
+        previous = self._draining.get(transfer_id)
+        both = drained if previous is None else defer.gatherResults([previous, drained])
+        self._draining[transfer_id] = both
+
+        def done(_: object) -> None:
+            if self._draining.get(transfer_id) is both:
+                del self._draining[transfer_id]
+
+        both.addBoth(done)
+
     def close(self) -> None:
-        for receiver in self.receivers.values():
-            receiver.close()
+        for transfer_id, receiver in list(self.receivers.items()):
+            self._retire(transfer_id, receiver)
         self.receivers.clear()
 
 
@@ -254,5 +278,5 @@ class LocalPeer:
     def missing(self, transfer_id: bytes, abandoned: Mapping[int, str]) -> defer.Deferred:
         return defer.maybeDeferred(self.agent.missing, transfer_id, abandoned)
 
-    def results(self, transfer_id: bytes) -> defer.Deferred:
-        return defer.maybeDeferred(self.agent.results, transfer_id)
+    def results(self, transfer_id: bytes, discard: bool = False) -> defer.Deferred:
+        return defer.maybeDeferred(self.agent.results, transfer_id, discard)

@@ -27,6 +27,7 @@ import os
 import sys
 import time
 import tomllib
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import defer, endpoints, task
@@ -319,6 +320,14 @@ def exit_code(status: dict[str, Any]) -> int:
     return EXIT_CANCELLED if status["state"] == "cancelled" else EXIT_FAILED
 
 
+def _json(out: Any, value: Any) -> None:
+    out.write(json.dumps(value, indent=1, sort_keys=True) + "\n")
+
+
+def _when(seconds: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(seconds))
+
+
 @defer.inlineCallbacks
 def follow(reactor: Any, protocol: amp.AMP, job: int, json_out: bool, out: Any) -> Any:
     progress = Progress(out, reactor)
@@ -335,78 +344,101 @@ def follow(reactor: Any, protocol: amp.AMP, job: int, json_out: bool, out: Any) 
     answer = yield call(protocol, JobStatus, job=job, files=True)
     status = answer["status"]
     if json_out:
-        out.write(json.dumps(status, indent=1, sort_keys=True) + "\n")
+        _json(out, status)
     else:
         report(status, out)
     return exit_code(status)
 
 
 @defer.inlineCallbacks
+def push(reactor: Any, protocol: amp.AMP, sub: PushOptions, out: Any) -> Any:
+    spec = {
+        "sources": sub["sources"],
+        "destination": sub["destination"],
+        "targets": sub["targets"],
+        "excludes": sub["exclude"],
+        "rate": sub["rate"],
+        "preserve_owner": bool(sub["preserve-owner"]),
+        "delete": bool(sub["delete"]),
+        "backup": bool(sub["backup"]),
+        "dry_run": bool(sub["dry-run"]),
+    }
+    answer = yield call(protocol, Submit, spec=spec)
+    job = answer["job"]
+    if sub["detach"]:
+        out.write(json.dumps({"job": job}) + "\n" if sub["json"] else f"{job}\n")
+        return EXIT_OK
+    if not sub["json"]:
+        out.write(f"job {job} submitted\n")
+    return (yield follow(reactor, protocol, job, sub["json"], out))
+
+
+@defer.inlineCallbacks
+def status(reactor: Any, protocol: amp.AMP, sub: StatusOptions, out: Any) -> Any:
+    if sub["follow"]:
+        return (yield follow(reactor, protocol, sub["job"], sub["json"], out))
+    answer = yield call(protocol, JobStatus, job=sub["job"], files=sub["files"])
+    if sub["json"]:
+        _json(out, answer["status"])
+    else:
+        report(answer["status"], out)
+    return EXIT_OK
+
+
+@defer.inlineCallbacks
+def cancel(reactor: Any, protocol: amp.AMP, sub: JobOptions, out: Any) -> Any:
+    answer = yield call(protocol, Cancel, job=sub["job"])
+    out.write(f"job {sub['job']}: {answer['state']}\n")
+    return EXIT_OK
+
+
+@defer.inlineCallbacks
+def nodes(reactor: Any, protocol: amp.AMP, sub: ListOptions, out: Any) -> Any:
+    answer = yield call(protocol, ListNodes)
+    if sub["json"]:
+        _json(out, answer["nodes"])
+        return EXIT_OK
+    out.write(f"{'NODE':20} {'STATE':13} {'LAST CONTACT':20} {'FREE':>10}  TAGS\n")
+    for node in answer["nodes"]:
+        free = _size(min(node["free"].values())) if node["free"] else "-"
+        out.write(
+            f"{node['name']:20} {node['state']:13} {_when(node['last_contact']):20} {free:>10}"
+            f"  {','.join(node['tags'])}\n"
+        )
+    return EXIT_OK
+
+
+@defer.inlineCallbacks
+def jobs(reactor: Any, protocol: amp.AMP, sub: ListOptions, out: Any) -> Any:
+    answer = yield call(protocol, ListJobs, limit=50)
+    if sub["json"]:
+        _json(out, answer["jobs"])
+        return EXIT_OK
+    out.write(f"{'JOB':>5} {'STATE':10} {'SUBMITTED':20} {'TARGETS':16} DESTINATION\n")
+    for job in answer["jobs"]:
+        spec = job["spec"]
+        out.write(
+            f"{job['id']:>5} {job['state']:10} {_when(job['submitted']):20} {spec['targets']:16}"
+            f" {spec['destination']}\n"
+        )
+    return EXIT_OK
+
+
+COMMANDS: dict[str, Callable[..., defer.Deferred]] = {
+    "push": push,
+    "status": status,
+    "cancel": cancel,
+    "nodes": nodes,
+    "jobs": jobs,
+}
+
+
+@defer.inlineCallbacks
 def run(reactor: Any, options: Options, out: Any) -> Any:
     protocol = yield connect(reactor, settings(options, dict(os.environ)))
-    sub = options.subOptions
     try:
-        if options.subCommand == "push":
-            spec = {
-                "sources": sub["sources"],
-                "destination": sub["destination"],
-                "targets": sub["targets"],
-                "excludes": sub["exclude"],
-                "rate": sub["rate"],
-                "preserve_owner": bool(sub["preserve-owner"]),
-                "delete": bool(sub["delete"]),
-                "backup": bool(sub["backup"]),
-                "dry_run": bool(sub["dry-run"]),
-            }
-            answer = yield call(protocol, Submit, spec=spec)
-            job = answer["job"]
-            if sub["detach"]:
-                out.write(json.dumps({"job": job}) + "\n" if sub["json"] else f"{job}\n")
-                return EXIT_OK
-            if not sub["json"]:
-                out.write(f"job {job} submitted\n")
-            return (yield follow(reactor, protocol, job, sub["json"], out))
-        if options.subCommand == "status":
-            if sub["follow"]:
-                return (yield follow(reactor, protocol, sub["job"], sub["json"], out))
-            answer = yield call(protocol, JobStatus, job=sub["job"], files=sub["files"])
-            status = answer["status"]
-            if sub["json"]:
-                out.write(json.dumps(status, indent=1, sort_keys=True) + "\n")
-            else:
-                report(status, out)
-            return EXIT_OK
-        if options.subCommand == "cancel":
-            answer = yield call(protocol, Cancel, job=sub["job"])
-            out.write(f"job {sub['job']}: {answer['state']}\n")
-            return EXIT_OK
-        if options.subCommand == "nodes":
-            answer = yield call(protocol, ListNodes)
-            nodes = answer["nodes"]
-            if sub["json"]:
-                out.write(json.dumps(nodes, indent=1, sort_keys=True) + "\n")
-                return EXIT_OK
-            out.write(f"{'NODE':20} {'STATE':13} {'LAST CONTACT':20} {'FREE':>10}  TAGS\n")
-            for node in nodes:
-                seen = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(node["last_contact"]))
-                free = _size(min(node["free"].values())) if node["free"] else "-"
-                out.write(
-                    f"{node['name']:20} {node['state']:13} {seen:20} {free:>10}  {','.join(node['tags'])}\n"
-                )
-            return EXIT_OK
-        answer = yield call(protocol, ListJobs, limit=50)
-        jobs = answer["jobs"]
-        if sub["json"]:
-            out.write(json.dumps(jobs, indent=1, sort_keys=True) + "\n")
-            return EXIT_OK
-        out.write(f"{'JOB':>5} {'STATE':10} {'SUBMITTED':20} {'TARGETS':16} DESTINATION\n")
-        for job in jobs:
-            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job["submitted"]))
-            spec = job["spec"]
-            out.write(
-                f"{job['id']:>5} {job['state']:10} {when:20} {spec['targets']:16} {spec['destination']}\n"
-            )
-        return EXIT_OK
+        command = COMMANDS[str(options.subCommand)]
+        return (yield command(reactor, protocol, options.subOptions, out))
     finally:
         protocol.transport.loseConnection()
 

@@ -224,8 +224,20 @@ def parse(text: str, path: str = "<config>") -> Config:
             raise ConfigError(f"{path}: [node] master = {node.master!r}: {e}") from None
         if not node.roots:
             raise ConfigError(f"{path}: [node] roots is required: where may jobs write?")
-    if master is not None and master.max_jobs > 256:
-        raise ConfigError(f"{path}: [master] max_jobs must be at most 256")
+    if master is not None:
+        if master.max_jobs > 256:
+            raise ConfigError(f"{path}: [master] max_jobs must be at most 256")
+        last_group = ipaddress.ip_address(master.group) + (master.max_jobs - 1)
+        if not last_group.is_multicast:
+            raise ConfigError(
+                f"{path}: [master] group = {master.group!r}: the pool of {master.max_jobs} jobs"
+                f" runs past the multicast range ({last_group})"
+            )
+        if master.port_base + master.max_jobs - 1 > 65535:
+            raise ConfigError(
+                f"{path}: [master] port_base = {master.port_base}: the pool of {master.max_jobs} jobs"
+                " runs past port 65535"
+            )
     return Config(
         path=path,
         tls=TLSConfig(**sections.get("tls", {})),

@@ -135,7 +135,7 @@ class Congestion(amp.Command):
 
 
 class Heartbeat(amp.Command):
-    """Either side checks that the other is alive; a node also refreshes its free space."""
+    """A node shows its master it is alive, and refreshes its free space."""
 
     arguments = [(b"free", JSONArgument(optional=True))]
     requiresAnswer = True
@@ -203,7 +203,8 @@ class Missing(amp.Command):
 
 
 class Results(amp.Command):
-    arguments = [(b"transfer_id", amp.String())]
+    #: ``discard``: the transfer was cancelled, so its part files go too.
+    arguments = [(b"transfer_id", amp.String()), (b"discard", amp.Boolean(optional=True))]
     response = [
         (b"results", JSONArgument()),
         (b"changed", amp.Integer()),
@@ -306,8 +307,8 @@ class AMPPeer:
         d.addCallback(lambda r: MissingReport(r["missing"], r["complete"], r["done"], dict(r["stats"])))
         return d
 
-    def results(self, transfer_id: bytes) -> defer.Deferred:
-        d = self.protocol.callRemote(Results, transfer_id=transfer_id)
+    def results(self, transfer_id: bytes, discard: bool = False) -> defer.Deferred:
+        d = self.protocol.callRemote(Results, transfer_id=transfer_id, discard=discard)
         d.addCallback(lambda r: Outcome(dict(r["results"]), r["changed"], r["hook"]))
         return d
 
@@ -332,7 +333,7 @@ class ReceiverControl(BoundedAMP):
         super().connectionMade()
         self.agent.on_feedback = self._feedback
         d = self.callRemote(Register, name=self.name, tags=self.tags, free=self.free() if self.free else None)
-        d.addErrback(self._refused)
+        d.addCallbacks(self._registered, self._refused)
 
     def _feedback(self, transfer_id: bytes, report: Feedback) -> None:
         if self.transport is not None and self.agent.on_feedback == self._feedback:
@@ -343,6 +344,10 @@ class ReceiverControl(BoundedAMP):
                 delay=report.delay,
                 received=report.received,
             )
+
+    def _registered(self, _: object) -> None:
+        assert self.transport is not None
+        log.info("registered as {name} with {peer}", name=self.name, peer=self.transport.getPeer())
 
     def _refused(self, failure: Failure) -> None:
         log.error("the sender refused registration: {why}", why=failure.getErrorMessage())
@@ -387,8 +392,8 @@ class ReceiverControl(BoundedAMP):
         }
 
     @Results.responder
-    def results(self, transfer_id: bytes) -> defer.Deferred:
-        d = self.agent.results(transfer_id)
+    def results(self, transfer_id: bytes, discard: bool | None) -> defer.Deferred:
+        d = self.agent.results(transfer_id, bool(discard))
         d.addCallback(lambda o: {"results": o.results, "changed": o.changed, "hook": o.hook})
         return d
 

@@ -35,6 +35,7 @@ KINDS = (FILE, DIR, SYMLINK, HARDLINK)
 NAME_MAX = 255
 PATH_MAX = 4096
 FORMAT = 1
+MAX_BLOCKS = (1 << 32) - 1
 DEFAULT_PARITY_GROUP = 16
 
 
@@ -160,6 +161,7 @@ class Manifest:
             if entry.path in seen:
                 raise ManifestError(f"duplicate path {entry.path!r}")
             if entry.kind == FILE:
+                _check_size(manifest, entry)
                 expected = manifest.chunks(entry) * DIGEST_SIZE
                 if len(entry.digests) != expected:
                     raise ManifestError(f"{entry.path!r}: wrong number of digests")
@@ -176,6 +178,14 @@ class Manifest:
             seen[entry.path] = entry.kind
             manifest.entries.append(entry)
         return manifest
+
+
+def _check_size(manifest: Manifest, entry: Entry) -> None:
+    """Block numbers are 32 bits on the wire (5.5 TiB at the default block size)."""
+    if manifest.blocks(entry) > MAX_BLOCKS:
+        raise ManifestError(
+            f"{entry.path!r}: {entry.size} bytes is more than {MAX_BLOCKS} blocks of {manifest.block_size}"
+        )
 
 
 def _integer(value: object, name: str, low: int, high: int) -> int:
@@ -335,6 +345,7 @@ def _scan_one(
         if st.st_nlink > 1:
             first_path_of_inode[st.st_dev, st.st_ino] = rel
         entry.size = st.st_size
+        _check_size(manifest, entry)
         key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, manifest.chunk_size)
         cached = cache.get(key) if cache is not None else None
         if cached is not None and len(cached) == manifest.chunks(entry) * DIGEST_SIZE:

@@ -17,7 +17,7 @@ from ipaddress import ip_address
 from typing import Any
 
 from twisted.application import service
-from twisted.internet import defer, threads
+from twisted.internet import defer, task, threads
 from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Factory, connectionDone
 from twisted.python.failure import Failure
@@ -44,11 +44,16 @@ from mrsyncd.control import (
 from mrsyncd.datagram import KEY_SIZE, TRANSFER_ID_SIZE
 from mrsyncd.manifest import Manifest, scan
 from mrsyncd.multicast import Channel
+from mrsyncd.node import HEARTBEAT
 from mrsyncd.ratecontrol import Feedback
 from mrsyncd.receiver import TransferOptions
 from mrsyncd.transfer import Offer, Transfer
 
 log = logs.logger(__name__)
+
+#: Nodes send a heartbeat every HEARTBEAT seconds; one silent for
+#: NODE_SILENCE is taken for gone.
+NODE_SILENCE = 3 * HEARTBEAT
 
 #: What ``--backup`` appends to the name of a file it keeps, as rsync does.
 BACKUP_SUFFIX = "~"
@@ -106,6 +111,23 @@ class Fleet:
             node.connection = None
             log.info("node {node} disconnected", node=name)
 
+    def drop_silent(self, silence: float) -> None:
+        """
+        Drop the connection of a node not heard from in ``silence`` seconds:
+        a half-open connection (the node's host died, a cable was pulled)
+        would otherwise keep it 'connected' and in every job for good.
+        """
+        now = self.clock.seconds()
+        for node in self.nodes.values():
+            if node.connection is not None and now - node.last_contact > silence:
+                log.warn(
+                    "node {node} silent for {seconds:.0f} s: dropping its connection",
+                    node=node.name,
+                    seconds=now - node.last_contact,
+                )
+                node.connection.transport.abortConnection()  # type: ignore[union-attr]
+                node.connection = None
+
     def touch(self, name: str, free: dict[str, int] | None) -> None:
         node = self.nodes[name]
         node.last_contact = self.clock.seconds()
@@ -151,8 +173,8 @@ class FleetPeer:
     def missing(self, transfer_id: bytes, abandoned: Mapping[int, str]) -> defer.Deferred:
         return defer.maybeDeferred(lambda: self._peer().missing(transfer_id, abandoned))
 
-    def results(self, transfer_id: bytes) -> defer.Deferred:
-        return defer.maybeDeferred(lambda: self._peer().results(transfer_id))
+    def results(self, transfer_id: bytes, discard: bool = False) -> defer.Deferred:
+        return defer.maybeDeferred(lambda: self._peer().results(transfer_id, discard))
 
 
 SPEC_DEFAULTS: dict[str, Any] = {
@@ -306,6 +328,7 @@ class JobRunner:
             backup_suffix=BACKUP_SUFFIX if spec["backup"] else "",
             dry_run=spec["dry_run"],
             label=str(job.id),
+            protect=tuple(spec["excludes"]),
         )
         offer = Offer(transfer_id, key, manifest, self.channel(slot), spec["destination"], options)
         rate = min(self.config.rate, spec["rate"] or self.config.rate)
@@ -400,6 +423,10 @@ class JobRunner:
                 transfer.cancel()
 
 
+def _a(word: str) -> str:
+    return f"an {word}" if word[0] in "aeiou" else f"a {word}"
+
+
 @implementer(IHandshakeListener)
 class MasterControl(BoundedAMP):
     """One TLS connection to the master, from a node or an operator."""
@@ -419,13 +446,9 @@ class MasterControl(BoundedAMP):
 
     def _require(self, role: str) -> str:
         if self.identity is None or self.identity[1] != role:
-            got = "no certificate" if self.identity is None else f"a {self.identity[1]} certificate"
-            log.warn("refused an {role} command from {got}", role=role, got=got)
-            raise Forbidden(
-                f"this needs an {role} certificate; the connection has {got}"
-                if role == "operator"
-                else f"this needs a {role} certificate; the connection has {got}"
-            )
+            got = "no certificate" if self.identity is None else f"{_a(self.identity[1])} certificate"
+            log.warn("refused {a_role} command from {got}", a_role=_a(role), got=got)
+            raise Forbidden(f"this needs {_a(role)} certificate; the connection has {got}")
         return self.identity[0]
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
@@ -458,7 +481,12 @@ class MasterControl(BoundedAMP):
     @Submit.responder
     def submit(self, spec: Any) -> dict[str, Any]:
         operator = self._require("operator")
-        return {"job": self.master.runner.submit(spec, operator)}
+        try:
+            job = self.master.runner.submit(spec, operator)
+        except BadRequest as e:
+            log.warn("refused a job from {operator}: {why}", operator=operator, why=e)
+            raise
+        return {"job": job}
 
     @ListJobs.responder
     def list_jobs(self, limit: int) -> dict[str, Any]:
@@ -501,6 +529,8 @@ class MasterService(service.Service):
         self.fleet = Fleet(reactor)
         self.jobs = store.JobStore(os.path.join(config.state_dir, "jobs.sqlite"))
         self.runner = JobRunner(reactor, config, self.jobs, self.fleet)
+        self._watch = task.LoopingCall(self.fleet.drop_silent, NODE_SILENCE)
+        self._watch.clock = reactor
         self._port: Any = None
 
     def startService(self) -> None:
@@ -508,6 +538,7 @@ class MasterService(service.Service):
 
         factory = Factory.forProtocol(lambda: MasterControl(self))
         factory.noisy = False
+        self._watch.start(HEARTBEAT, now=False)
         d = self.endpoint_factory().listen(factory)
 
         def listening(port: Any) -> None:
@@ -526,6 +557,8 @@ class MasterService(service.Service):
 
     def stopService(self) -> defer.Deferred | None:  # type: ignore[override]
         super().stopService()
+        if self._watch.running:
+            self._watch.stop()
         self.runner.stop()
         self.jobs.close()
         if self._port is not None:

@@ -49,7 +49,8 @@ class NodeService(service.MultiService):
         own = certs.load_certificate(certificate)
         if certs.role_of(own) != "node":
             raise ConfigError(
-                f"{certificate}: a {certs.role_of(own)} certificate; [node] needs a node certificate"
+                f"{certificate} has the {certs.role_of(own)} role;"
+                " [node] needs a certificate with the node role"
             )
         self.name: str = certs.name_of(own)
         host, port = split_address(config.master)
@@ -75,7 +76,6 @@ class NodeService(service.MultiService):
         self.heartbeat.clock = reactor
 
     def _protocol(self) -> ReceiverControl:
-        log.info("node {name} connected to its master {master}", name=self.name, master=self.config.master)
         return ReceiverControl(self.agent, self.name, self.config.tags, lambda: free_space(self.config.roots))
 
     def startService(self) -> None:

@@ -19,7 +19,7 @@ import os
 import shutil
 import stat
 from array import array
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -32,7 +32,7 @@ from twisted.python.failure import Failure
 from mrsyncd import datagram, fsutil, logs
 from mrsyncd.blockset import RangeSet, encode_map
 from mrsyncd.datagram import MASK32
-from mrsyncd.manifest import DIR, FILE, HARDLINK, SYMLINK, Entry, Manifest, digest
+from mrsyncd.manifest import DIR, FILE, HARDLINK, SYMLINK, Entry, Manifest, digest, excluded
 from mrsyncd.multicast import DEFAULT_RCVBUF, Channel, adopt, receiver_socket
 from mrsyncd.ratecontrol import Feedback
 
@@ -50,6 +50,9 @@ REPORT_RANGES = 12000
 #: there is anything to report: silence means all is well, so feedback grows
 #: with trouble, not with the number of receivers.
 FEEDBACK_INTERVAL = 0.1
+#: The base one-way delay is the least seen in BASE_SPANS spans of BASE_SPAN seconds.
+BASE_SPAN = 10.0
+BASE_SPANS = 12
 #: Queueing delay below this is not worth a report.
 FEEDBACK_DELAY = 0.002
 #: Nor is loss below this: the sender's rate follows delay, and loss counts
@@ -77,15 +80,21 @@ class TransferOptions:
     dry_run: bool = False
     #: The job this transfer belongs to, for logs and the post-receive hook.
     label: str = ""
+    #: The job's exclude patterns: what they match is not deleted either,
+    #: as with rsync (``manifest.excluded`` says what matches).
+    protect: tuple[str, ...] = ()
 
     @classmethod
     def from_dict(cls, raw: Any) -> TransferOptions:
         """Options as they arrive over the control channel, checked."""
         if not isinstance(raw, dict) or set(raw) - {f.name for f in fields(cls)}:
             raise ValueError("unknown transfer options")
+        raw = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
         for f in fields(cls):
             if f.name in raw and type(raw[f.name]) is not type(f.default):
                 raise ValueError(f"transfer option {f.name} has the wrong type")
+        if not all(isinstance(p, str) for p in raw.get("protect", ())):
+            raise ValueError("transfer option protect holds patterns (strings)")
         options = cls(**raw)
         if "/" in options.backup_suffix or "\0" in options.backup_suffix:
             raise ValueError("a backup suffix cannot hold / or NUL")
@@ -132,6 +141,7 @@ class _IncomingFile:
     remaining: int = 0
     result: str | None = None
     unchanged: bool = False
+    has_part: bool = False
 
     def blocks_in_chunk(self, chunk: int) -> int:
         return min(self.chunk_blocks, self.nblocks - chunk * self.chunk_blocks)
@@ -182,10 +192,16 @@ class Receiver(DatagramProtocol):
         self._seq_reported = -1
         self._got = 0
         self._owd_min = 1 << 62
+        #: Minima of earlier 10-second spans: the base delay is the least of
+        #: the last two minutes, so that drift between the two hosts' clocks
+        #: (and a step of either) is forgotten instead of taken for a queue.
+        self._owd_mins: deque[int] = deque(maxlen=BASE_SPANS)
+        self._intervals = 0
         self._owd_sum = 0
         self._owd_count = 0
         self._threads = 0
         self._closing = False
+        self._drained: list[defer.Deferred] = []
 
     def _in_thread(self, f: Callable[..., Any], *args: object) -> defer.Deferred:
         """
@@ -204,9 +220,13 @@ class Receiver(DatagramProtocol):
         return d.addBoth(finished)
 
     def _close_root(self) -> None:
-        if self._closing and not self._threads and self._root_fd >= 0:
-            os.close(self._root_fd)
-            self._root_fd = -1
+        if self._closing and not self._threads:
+            if self._root_fd >= 0:
+                os.close(self._root_fd)
+                self._root_fd = -1
+            waiters, self._drained = self._drained, []
+            for waiter in waiters:
+                waiter.callback(None)
 
     # Setting up.
 
@@ -268,6 +288,7 @@ class Receiver(DatagramProtocol):
                 status=bytearray(done),
                 counts=array("I", bytes(4 * nchunks)),
                 unchanged=held.unchanged,
+                has_part=held.has_part,
             )
             f.remaining = nchunks - sum(1 for s in done if s == DONE)
             self._files[index] = f
@@ -378,7 +399,12 @@ class Receiver(DatagramProtocol):
         loss = max(0.0, 1.0 - self._got / expected) if expected else 0.0
         delay = 0.0
         if self._owd_count:
-            delay = max(0.0, (self._owd_sum / self._owd_count - self._owd_min) / 1e6)
+            base = min(self._owd_min, *self._owd_mins) if self._owd_mins else self._owd_min
+            delay = max(0.0, (self._owd_sum / self._owd_count - base) / 1e6)
+        self._intervals += 1
+        if self._intervals % round(BASE_SPAN / FEEDBACK_INTERVAL) == 0 and self._owd_min < 1 << 62:
+            self._owd_mins.append(self._owd_min)
+            self._owd_min = 1 << 62
         report = Feedback(loss, delay, self._got)
         self._seq_reported = self._seq_max
         self._got = self._owd_sum = self._owd_count = 0
@@ -391,6 +417,7 @@ class Receiver(DatagramProtocol):
             self._open.move_to_end(f.index)
             return fd
         fd = _open_part(self._root_fd, f.entry, f.part)
+        f.has_part = True
         self._open[f.index] = fd
         if len(self._open) > OPEN_FILES:
             os.close(self._open.popitem(last=False)[1])
@@ -463,6 +490,7 @@ class Receiver(DatagramProtocol):
             self._owner(),
             f.unchanged,
             self.options.backup_suffix,
+            f.has_part,
         )
 
         def placed(_: object) -> None:
@@ -498,6 +526,7 @@ class Receiver(DatagramProtocol):
             self._owner(),
             self.options.delete,
             self.options.backup_suffix,
+            self.options.protect,
         )
         d.addErrback(self._unfinished)
         d.addCallback(self._finished)
@@ -559,8 +588,23 @@ class Receiver(DatagramProtocol):
         data, complete = encode_map(found)
         return MissingReport(data, complete and budget > 0, self.done, dict(self.stats))
 
-    def close(self) -> None:
-        """Stop listening and let go of every descriptor; part files stay for a resume."""
+    def close(self, discard: bool = False) -> defer.Deferred:
+        """
+        Stop listening and let go of every descriptor; part files stay for
+        a resume unless ``discard``.  Fires once the last blocking call in a thread (a commit,
+        say) has returned: until then the same transfer must not be taken
+        up again, or two receivers would work on the same part files.
+        """
+        drained: defer.Deferred = defer.Deferred()
+        self._drained.append(drained)
+        if discard and self._root_fd >= 0:
+            for f in self._files.values():
+                if f.result is None:
+                    f.result = "cancelled"
+                    fd = self._release(f)
+                    if fd is not None:
+                        os.close(fd)
+                    _discard_part(self._root_fd, f.entry.path, f.part)
         if self._port is not None and not self.done:
             self._port.stopListening()
         if self._feedback.running:
@@ -570,6 +614,7 @@ class Receiver(DatagramProtocol):
             os.close(self._open.popitem()[1])
         self._closing = True
         self._close_root()
+        return drained
 
 
 def _zero_runs(bits: bytearray, first: int, last: int) -> list[tuple[int, int]]:
@@ -632,6 +677,8 @@ class Held:
     status: bytes
     #: The final path already holds this file (same size and mtime).
     unchanged: bool = False
+    #: A part file exists (left by an earlier run, or seeded just now).
+    has_part: bool = False
 
 
 def _zero_chunks(manifest: Manifest, entry: Entry) -> bytes:
@@ -712,16 +759,22 @@ def _chunks_held(root_fd: int, manifest: Manifest, entry: Entry, part: str, dry_
             finally:
                 os.close(old_fd)
     finally:
-        if part_fd >= 0:
+        has_part = part_fd >= 0
+        if has_part:
             os.close(part_fd)
         os.close(fd)
-    return Held(bytes(status))
+    return Held(bytes(status), has_part=has_part)
 
 
-def _open_part(root_fd: int, entry: Entry, part: str) -> int:
+def _open_part(root_fd: int, entry: Entry, part: str, create: bool = True) -> int:
+    """
+    Open (or make, all holes) a part file.  One that should exist is never
+    made afresh: its data would be lost zeros behind verified chunks.
+    """
     fd, _ = fsutil.open_parent(root_fd, entry.path)
+    flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_CREAT if create else 0)
     try:
-        part_fd = os.open(part, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=fd)
+        part_fd = os.open(part, flags, 0o600, dir_fd=fd)
     finally:
         os.close(fd)
     if os.fstat(part_fd).st_size != entry.size:
@@ -762,6 +815,7 @@ def _place_file(
     owner: bool,
     unchanged: bool = False,
     backup_suffix: str = "",
+    has_part: bool = False,
 ) -> None:
     """
     fsync, set metadata and rename a verified part file over its final path;
@@ -781,7 +835,7 @@ def _place_file(
             os.close(final_fd)
         return
     if part_fd is None:
-        part_fd = _open_part(root_fd, entry, part)
+        part_fd = _open_part(root_fd, entry, part, create=not has_part)
     try:
         os.fsync(part_fd)
         _set_metadata(part_fd, entry, owner)
@@ -801,12 +855,12 @@ def _place_file(
 
 
 def _delete_extraneous(
-    root_fd: int, manifest: Manifest, backup_suffix: str
+    root_fd: int, manifest: Manifest, backup_suffix: str, protect: tuple[str, ...] = ()
 ) -> tuple[list[str], dict[str, str]]:
     """
     Remove (or, with backups, rename aside) what the directories a transfer
-    sends hold but the source does not.  Part files of transfers in flight
-    and earlier backups are left alone.
+    sends hold but the source does not.  Part files of transfers in flight,
+    earlier backups and what the job's excludes match are left alone.
     """
     children: dict[str, set[str]] = {}
     for entry in manifest.entries:
@@ -835,6 +889,8 @@ def _delete_extraneous(
                 if backup_suffix and name.endswith(backup_suffix):
                     continue
                 path = f"{directory}/{name}" if directory else name
+                if excluded(path, protect):
+                    continue
                 try:
                     st = os.stat(name, dir_fd=fd, follow_symlinks=False)
                     if backup_suffix:
@@ -866,6 +922,7 @@ def _finish_tree(
     owner: bool,
     delete: bool = False,
     backup_suffix: str = "",
+    protect: tuple[str, ...] = (),
 ) -> tuple[dict[str, str], list[str]]:
     """
     Delete what the source does not have (if asked), make symlinks and
@@ -876,7 +933,7 @@ def _finish_tree(
     changed: list[str] = []
     done: dict[str, str] = {}
     if delete:
-        changed, done = _delete_extraneous(root_fd, manifest, backup_suffix)
+        changed, done = _delete_extraneous(root_fd, manifest, backup_suffix, protect)
     for entry in manifest.entries:
         if entry.kind not in (SYMLINK, HARDLINK):
             continue
@@ -884,9 +941,9 @@ def _finish_tree(
             done[entry.path] = f"link target {entry.target!r} was not received"
             continue
         try:
-            _place_link(root_fd, entry, owner)
+            if _place_link(root_fd, entry, owner):
+                changed.append(entry.path)
             done[entry.path] = OK
-            changed.append(entry.path)
         except OSError as e:
             done[entry.path] = f"cannot link: {e.strerror or e}"
     for entry in sorted(
@@ -913,10 +970,33 @@ def _finish_tree(
     return done, changed
 
 
-def _place_link(root_fd: int, entry: Entry, owner: bool) -> None:
+def _link_in_place(fd: int, name: str, root_fd: int, entry: Entry, owner: bool) -> bool:
+    """Is the link already there as the manifest has it?  (Its metadata is then set.)"""
+    st = fsutil.lstat_at(fd, name)
+    if st is None:
+        return False
+    if entry.kind == SYMLINK:
+        if not stat.S_ISLNK(st.st_mode) or os.readlink(name, dir_fd=fd) != entry.target:
+            return False
+        if owner:
+            os.chown(name, entry.uid, entry.gid, dir_fd=fd, follow_symlinks=False)
+        os.utime(name, ns=(entry.mtime_ns, entry.mtime_ns), dir_fd=fd, follow_symlinks=False)
+        return True
+    target_fd, target_name = fsutil.open_parent(root_fd, entry.target, create=False)
+    try:
+        target = fsutil.lstat_at(target_fd, target_name)
+    finally:
+        os.close(target_fd)
+    return target is not None and (st.st_dev, st.st_ino) == (target.st_dev, target.st_ino)
+
+
+def _place_link(root_fd: int, entry: Entry, owner: bool) -> bool:
+    """Make a symlink or hardlink; False if it was already in place."""
     fd, name = fsutil.open_parent(root_fd, entry.path)
     temporary = f".mrsync-link-{os.getpid()}-{digest(name.encode('utf-8', 'surrogateescape'))[:8].hex()}"
     try:
+        if _link_in_place(fd, name, root_fd, entry, owner):
+            return False
         if entry.kind == SYMLINK:
             os.symlink(entry.target, temporary, dir_fd=fd)
             if owner:
@@ -937,6 +1017,7 @@ def _place_link(root_fd: int, entry: Entry, owner: bool) -> None:
                 os.unlink(temporary, dir_fd=fd)
             except FileNotFoundError:
                 pass
+        return True
     except BaseException:
         try:
             os.unlink(temporary, dir_fd=fd)

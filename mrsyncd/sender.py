@@ -135,6 +135,10 @@ class Sender(DatagramProtocol):
         if self._next is None and self._done is not None:
             self._advance()
 
+    @property
+    def repairs_pending(self) -> int:
+        return len(self._repairs)
+
     def position_at(self, when: float) -> tuple[int, int]:
         """The (file, block) the pass had reached at ``when``: what is sent by then."""
         reached = (0, 0)

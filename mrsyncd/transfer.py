@@ -76,8 +76,11 @@ class ReceiverPeer(Protocol):
     def missing(self, transfer_id: bytes, abandoned: Mapping[int, str]) -> defer.Deferred:
         """Fires with a `MissingReport`; ``abandoned`` files are to be given up."""
 
-    def results(self, transfer_id: bytes) -> defer.Deferred:
-        """Fires with a `receiver.Outcome`; ends the transfer there."""
+    def results(self, transfer_id: bytes, discard: bool = False) -> defer.Deferred:
+        """
+        Fires with a `receiver.Outcome`; ends the transfer there, and with
+        ``discard`` (it was cancelled) removes its part files.
+        """
 
 
 @dataclass
@@ -180,7 +183,7 @@ class Transfer:
         rate_bps: float,
         grace: float = 30.0,
         call_timeout: float = 10.0,
-        prepare_timeout: float = 120.0,
+        prepare_timeout: float = 600.0,
         stalled_rounds: int = 50,
         drain: float = 0.05,
         poll: float = 0.1,
@@ -221,6 +224,7 @@ class Transfer:
         self.reports = {name: PeerReport(name) for name in self.peers}
         self._last_heard: dict[str, float] = {}
         self._stalled: dict[str, tuple[int, int]] = {}
+        self._received_at_probe: dict[str, int] = {}
         self._done: set[str] = set()
         self._prepared: set[str] = set()
         self._pass_ended = 0.0
@@ -267,8 +271,8 @@ class Transfer:
             self.cancelled = True
             self.sender.abort()
 
-    def _call(self, name: str, method: str, *args: object) -> defer.Deferred:
-        d = defer.maybeDeferred(getattr(self.peers[name], method), *args)
+    def _call(self, name: str, method: str, *args: object, **kwargs: object) -> defer.Deferred:
+        d = defer.maybeDeferred(getattr(self.peers[name], method), *args, **kwargs)
         # Preparing may digest old copies of large files, and results may
         # wait for a post-receive hook: those get the long timeout.
         d.addTimeout(self.call_timeout if method == "missing" else self.prepare_timeout, self.reactor)
@@ -291,8 +295,8 @@ class Transfer:
     def _silent(self, name: str, failure: Failure) -> None:
         """
         A call failed: fatal once the peer has been silent for ``grace``.
-        Nobody is asked anything during a pass, so silence counts from the
-        later of its last answer and the end of the last pass.
+        Silence counts from the later of its last answer and the end of the
+        last pass, so that time spent sending is never held against it.
         """
         since = max(self._last_heard[name], self._pass_ended)
         silent_for = self.reactor.seconds() - since
@@ -361,6 +365,8 @@ class Transfer:
             if sending.called:
                 nap.cancel()
                 break
+            if self.sender.repairs_pending:
+                continue  # the last probe's repairs are still going out
             sent_by = self.sender.position_at(self.reactor.seconds() - self.drain)
             repairs, repair_parities = yield self._ask_missing(before=sent_by)
             if repairs or repair_parities:
@@ -438,6 +444,14 @@ class Transfer:
             if report.done and name not in self._done:
                 self._done.add(name)
                 self.reports[name].seconds = self.reactor.seconds() - self._started
+            received = report.stats.get("blocks", 0)
+            if before is not None and received == self._received_at_probe.get(name):
+                # It took nothing since the last probe (its link is down, or
+                # it listens on the wrong interface): repairing it in the
+                # pass would only pile up what it cannot take either.
+                self._progressing(name, report)
+                continue
+            self._received_at_probe[name] = received
             try:
                 wanted[name] = clip(self.offer.manifest, decode_map(report.missing), before=before)
             except ValueError as e:
@@ -463,7 +477,13 @@ class Transfer:
         """Ask every live peer for its results; this also ends the transfer there."""
         names = self.live
         answers = yield defer.DeferredList(
-            [self._call(name, "results", self.offer.transfer_id) for name in names], consumeErrors=True
+            [
+                self._call(
+                    name, "results", self.offer.transfer_id, **({"discard": True} if self.cancelled else {})
+                )
+                for name in names
+            ],
+            consumeErrors=True,
         )
         for name, (ok, value) in zip(names, answers, strict=True):
             report = self.reports[name]

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import hashlib
 import json
 import os
 import random
@@ -42,6 +43,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -614,3 +616,237 @@ def wait_for(
             extra = f"\n{diagnostics()}" if diagnostics else ""
             raise AssertionError(f"no {what} within {timeout} s; last: {value!r}{extra}")
         time.sleep(interval)
+
+
+class FinalPaths:
+    """
+    Watches final paths while a job runs, from a thread: whenever one of
+    them exists it must hold one of its accepted contents whole (the old
+    file or the new one), never a partial or corrupt file.  A file is read
+    and digested once per identity (inode, size, mtime, ctime), so a file
+    written in place would be read again and caught.
+    ``accepted`` maps a path to the (size, BLAKE2b hex digest) pairs it may
+    hold (see `content`).
+    """
+
+    def __init__(self, accepted: dict[Path, set[tuple[int, str]]], interval: float = 0.02) -> None:
+        self.accepted = {Path(p): set(v) for p, v in accepted.items()}
+        self.interval = interval
+        self.polls = 0
+        #: Path -> how many times it was seen absent, and whole.
+        self.absent: dict[Path, int] = dict.fromkeys(self.accepted, 0)
+        self.whole: dict[Path, int] = dict.fromkeys(self.accepted, 0)
+        self.violations: list[str] = []
+        self._known: dict[tuple[Path, int, int, int, int], bool] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="final-paths", daemon=True)
+
+    def __enter__(self) -> FinalPaths:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(30)
+
+    def _look(self, path: Path) -> None:
+        try:
+            f = open(path, "rb")
+        except FileNotFoundError:
+            self.absent[path] += 1
+            return
+        except OSError as e:
+            self.violations.append(f"{path}: cannot open: {e}")
+            return
+        with f:
+            st = os.fstat(f.fileno())
+            identity = (path, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+            if identity not in self._known:
+                self._known[identity] = content_of(f) in self.accepted[path]
+            if self._known[identity]:
+                self.whole[path] += 1
+            else:
+                self.violations.append(f"{path}: {st.st_size} bytes, neither the old nor the new file")
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for path in self.accepted:
+                self._look(path)
+            self.polls += 1
+            self._stop.wait(self.interval)
+
+    def check(self) -> str:
+        """Stop; fail if any path was ever seen partial or corrupt.  Returns a summary."""
+        self.stop()
+        assert not self.violations, f"partial or corrupt files at final paths: {self.violations[:5]}"
+        assert self.polls > 1, "the final paths were not polled during the job"
+        return f"{self.polls} polls: " + ", ".join(
+            f"{'/'.join(p.parts[-4:])} absent {self.absent[p]} whole {self.whole[p]}" for p in self.accepted
+        )
+
+
+def content_of(f: Any) -> tuple[int, str]:
+    h = hashlib.blake2b()
+    size = 0
+    while piece := f.read(1 << 20):
+        h.update(piece)
+        size += len(piece)
+    return size, h.hexdigest()
+
+
+def content(path: str | Path) -> tuple[int, str]:
+    """(size, digest) of a file, as `FinalPaths` compares them."""
+    with open(path, "rb") as f:
+        return content_of(f)
+
+
+class AmpError(Exception):
+    """An AMP error answer: ``code`` and ``description`` as the peer sent them."""
+
+    def __init__(self, code: str, description: str) -> None:
+        super().__init__(f"{code}: {description}")
+        self.code = code
+        self.description = description
+
+
+def amp_box(items: Iterable[tuple[bytes, bytes]]) -> bytes:
+    """AMP's wire form of one box: 16-bit-length-prefixed keys and values, then an empty key."""
+    out = bytearray()
+    for key, value in items:
+        out += len(key).to_bytes(2, "big") + key + len(value).to_bytes(2, "big") + value
+    return bytes(out + b"\0\0")
+
+
+def big_value(name: bytes, value: bytes) -> list[tuple[bytes, bytes]]:
+    """A `control.BigBytes` argument: ``name``, ``name.1``, ... of at most 65535 bytes each."""
+    pieces = [value[i : i + 0xFFFF] for i in range(0, len(value), 0xFFFF)] or [b""]
+    return [(name if i == 0 else name + b".%d" % i, piece) for i, piece in enumerate(pieces)]
+
+
+def joined(box: dict[bytes, bytes], name: bytes) -> bytes:
+    """The value of a `control.BigBytes` argument of ``box``."""
+    pieces = [box[name]]
+    while (key := name + b".%d" % len(pieces)) in box:
+        pieces.append(box[key])
+    return b"".join(pieces)
+
+
+class AmpClient:
+    """
+    A blocking AMP peer over TLS made with Python's own ssl module: it
+    sends whatever boxes it is given, well-formed or not, and makes none of
+    mrsync's own checks, so only the far end decides.  ``server_side``
+    wraps an accepted socket instead (a stand-in master).
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buffer = b""
+        self.asked = 0
+
+    @classmethod
+    def connect(
+        cls,
+        host: str,
+        port: int,
+        ca: str,
+        identity: tuple[str, str] | None,
+        timeout: float = 30.0,
+    ) -> AmpClient:
+        import ssl
+
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.load_verify_locations(ca)
+        if identity is not None:
+            context.load_cert_chain(*identity)
+        raw = socket.create_connection((host, port), timeout=timeout)
+        try:
+            return cls(context.wrap_socket(raw, server_hostname=host))
+        except BaseException:
+            raw.close()
+            raise
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+    def __enter__(self) -> AmpClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def _need(self, n: int) -> bytes:
+        while len(self.buffer) < n:
+            piece = self.sock.recv(1 << 16)
+            if not piece:
+                raise ConnectionError("the peer closed the connection")
+            self.buffer += piece
+        data, self.buffer = self.buffer[:n], self.buffer[n:]
+        return data
+
+    def read_box(self) -> dict[bytes, bytes]:
+        box: dict[bytes, bytes] = {}
+        while True:
+            length = int.from_bytes(self._need(2), "big")
+            if not length:
+                return box
+            key = self._need(length)
+            box[key] = self._need(int.from_bytes(self._need(2), "big"))
+
+    def closed(self, timeout: float = 10.0) -> bool:
+        """Wait until the peer closes the connection (True), or ``timeout`` passes (False)."""
+        self.sock.settimeout(timeout)
+        try:
+            while self.sock.recv(1 << 16):
+                pass
+            return True
+        except TimeoutError:
+            return False
+        except OSError:
+            return True
+
+    def call(self, command: str, args: Iterable[tuple[bytes, bytes]] = ()) -> dict[bytes, bytes]:
+        """Ask, and return the answer box; an error answer raises `AmpError`."""
+        self.asked += 1
+        tag = b"%d" % self.asked
+        self.send(amp_box([(b"_ask", tag), (b"_command", command.encode()), *args]))
+        while True:
+            box = self.read_box()
+            if box.get(b"_answer") == tag:
+                return box
+            if box.get(b"_error") == tag:
+                raise AmpError(box[b"_error_code"].decode(), box[b"_error_description"].decode())
+
+    # The operator's commands, as the master's control contract has them.
+
+    def submit(self, spec: Any) -> int:
+        return int(self.call("Submit", big_value(b"spec", json.dumps(spec).encode()))[b"job"])
+
+    def status(self, job: int, files: bool = False) -> Any:
+        answer = self.call("JobStatus", [(b"job", b"%d" % job), (b"files", b"True" if files else b"False")])
+        return json.loads(joined(answer, b"status"))
+
+    def nodes(self) -> Any:
+        return json.loads(joined(self.call("ListNodes"), b"nodes"))
+
+    def wait_job(self, job: int, timeout: float, interval: float = 0.1) -> Any:
+        """Poll until the job ends; its final status with files."""
+        deadline = time.monotonic() + timeout
+        while self.status(job)["state"] not in ("done", "failed", "cancelled"):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"job {job} did not end within {timeout} s: {self.status(job)}")
+            time.sleep(interval)
+        return self.status(job, files=True)
+
+
+def operator_client(c: Cluster, timeout: float = 30.0) -> AmpClient:
+    """An `AmpClient` to the cluster's master with the operator's certificate."""
+    return AmpClient.connect(c.host, c.port, c.ca.cert, c.operator, timeout)

@@ -63,6 +63,8 @@ def test_example_as_shipped_runs_nothing_and_says_so():
         ("[nodes]\n", "unknown section \\[nodes\\]"),
         ("[log]\nlevel = \"loud\"\n", "level"),
         ("[master\n", "not valid TOML"),
+        ('[master]\ngroup = "239.255.255.254"\n', "runs past the multicast range"),
+        ("[master]\nport_base = 65534\n", "runs past port 65535"),
     ],
 )
 def test_errors_name_the_file_and_the_key(tmp_path, text, message):

@@ -33,7 +33,18 @@ import pytest
 from mrsyncd.datagram import DEFAULT_BLOCK_SIZE
 from mrsyncd.manifest import default_chunk_size
 from tests import support
-from tests.daemon import CA, REPO, TWISTD, Cluster, Daemon, can_unshare, wait_for, write_toml
+from tests.daemon import (
+    CA,
+    REPO,
+    TWISTD,
+    Cluster,
+    Daemon,
+    FinalPaths,
+    can_unshare,
+    content,
+    wait_for,
+    write_toml,
+)
 from tests.lan import lan_fixture  # noqa: F401
 
 MiB = 1 << 20
@@ -399,12 +410,12 @@ def test_destination_outside_one_nodes_roots(fleet: Cluster) -> None:
 @pytest.mark.lan
 @NEEDS_MOUNT_NS
 def test_cancel_mid_transfer(fleet: Cluster) -> None:
-    """A cancelled job stops sending, says so, and leaves no file half-written."""
+    """A cancelled job stops sending, says so, and leaves no file, whole or part."""
     c = fleet
     size = 48 * MiB
-    src = c.base / "src5c"
+    src = c.base / "src5x"
     random_file(src / "big.bin", size, 53)
-    destination = c.shared / "pub" / "t5c"
+    destination = c.shared / "pub" / "t5x"
     job = c.detach("--rate", "50M", f"{src}/", f"node1,node2:{destination}")
     wait_sent(c, job, size // 8)
     cancelled = c.cli("cancel", str(job))
@@ -414,7 +425,8 @@ def test_cancel_mid_transfer(fleet: Cluster) -> None:
     assert status["state"] == "cancelled" and "cancelled by an operator" in status["message"]
     assert status["sent_bytes"] < size, "it went on sending after the cancel"
     for name in ("node1", "node2"):
-        assert not (c.node_dir(name) / "pub" / "t5c" / "big.bin").exists()
+        assert not (c.node_dir(name) / "pub" / "t5x" / "big.bin").exists()
+        assert part_files(c.node_dir(name) / "pub" / "t5x") == [], "a cancelled job's part files stay"
     again = c.cli("cancel", str(job))
     assert again.returncode == 0 and "cancelled" in again.stdout
     missing = c.cli("cancel", "99999")
@@ -429,15 +441,21 @@ def test_node_killed_mid_transfer_resumes(fleet: Cluster) -> None:
     src = c.base / "src5a"
     random_file(src / "big.bin", size, 51)
     destination = c.shared / "pub" / "t5a"
-    job = c.detach("--rate", "100M", f"{src}/", f"node1,node2:{destination}")
-    sent_at_kill = wait_sent(c, job, size // 2)
-    c.nodes["node1"].kill(signal.SIGKILL)
-    final = c.node_dir("node1") / "pub" / "t5a" / "big.bin"
-    assert not final.exists(), "a half-received file appeared at its final path"
-    assert part_files(c.node_dir("node1") / "pub" / "t5a"), "no part file to resume from"
-    c.start_node("node1")
+    # Polled all along: a final path holds nothing, or the whole file.
+    watcher = FinalPaths(
+        {c.node_dir(n) / "pub" / "t5a" / "big.bin": {content(src / "big.bin")} for n in ("node1", "node2")}
+    )
+    with watcher:
+        job = c.detach("--rate", "100M", f"{src}/", f"node1,node2:{destination}")
+        sent_at_kill = wait_sent(c, job, size // 2)
+        c.nodes["node1"].kill(signal.SIGKILL)
+        final = c.node_dir("node1") / "pub" / "t5a" / "big.bin"
+        assert not final.exists(), "a half-received file appeared at its final path"
+        assert part_files(c.node_dir("node1") / "pub" / "t5a"), "no part file to resume from"
+        c.start_node("node1")
 
-    code, status = follow(c, job)
+        code, status = follow(c, job)
+    print(watcher.check())
     assert code == 0, f"exit {code}: {status}\n{c.diagnostics(['node1'])}"
     assert status["id"] == job and status["state"] == "done"
     assert {n: s["state"] for n, s in status["nodes"].items()} == {"node1": "done", "node2": "done"}
@@ -469,21 +487,31 @@ def test_master_killed_mid_job_resumes(fleet: Cluster) -> None:
     random_file(src / "big.bin", size, 53)
     random_file(src / "small.txt", 5000, 54)
     destination = c.shared / "pub" / "t5b"
-    job = c.detach("--rate", "100M", f"{src}/", f"node1,node2:{destination}")
-    wait_sent(c, job, size // 2)
-    c.master.kill(signal.SIGKILL)
-    since = c.master.start()
-    c.master.wait_log("master listening", 20, since)
-    # Every node finds the master again by itself.
-    c.wait_node_states(ALL_CONNECTED, timeout=30)
+    # Polled all along: a final path holds nothing, or the whole file.
+    watcher = FinalPaths(
+        {
+            c.node_dir(n) / "pub" / "t5b" / name: {content(src / name)}
+            for n in ("node1", "node2")
+            for name in ("big.bin", "small.txt")
+        }
+    )
+    with watcher:
+        job = c.detach("--rate", "100M", f"{src}/", f"node1,node2:{destination}")
+        wait_sent(c, job, size // 2)
+        c.master.kill(signal.SIGKILL)
+        since = c.master.start()
+        c.master.wait_log("master listening", 20, since)
+        # Every node finds the master again by itself.
+        c.wait_node_states(ALL_CONNECTED, timeout=30)
 
-    history_after = {j["id"]: (j["state"], j["spec"]["destination"]) for j in c.cli_json("jobs")}
-    for old, (state, dest) in history_before.items():
-        if old != job:
-            assert history_after.get(old) == (state, dest), f"job {old} changed across the restart"
-    assert history_after[earlier["id"]] == ("done", f"{c.shared}/pub/t5b-earlier")
+        history_after = {j["id"]: (j["state"], j["spec"]["destination"]) for j in c.cli_json("jobs")}
+        for old, (state, dest) in history_before.items():
+            if old != job:
+                assert history_after.get(old) == (state, dest), f"job {old} changed across the restart"
+        assert history_after[earlier["id"]] == ("done", f"{c.shared}/pub/t5b-earlier")
 
-    code, status = follow(c, job)
+        code, status = follow(c, job)
+    print(watcher.check())
     assert status["id"] == job
     assert code == 0 and status["state"] == "done", (
         f"job {job} after the master restart: exit {code}, {status['state']}: {status['message']}"
@@ -628,7 +656,7 @@ def test_config_error_stops_startup(tmp_path: Path, case: str) -> None:
     finally:
         daemon.stop()
     said = daemon.log()
-    assert "master listening" not in said and "connected to its master" not in said, said
+    assert "master listening" not in said and "registered as" not in said, said
     assert str(path) in said, f"the message does not name the file:\n{said}"
     for name in names:
         assert name in said, f"the message does not name {name!r}:\n{said}"

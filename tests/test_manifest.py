@@ -464,3 +464,12 @@ def test_sparse_file_digests_match_reading_every_byte(tmp_path):
     with open(path, "rb") as f:
         read = [digest(f.read(chunk)) for _ in range(0, size, chunk)]
     assert list(file_digests(path, chunk, size)) == read
+
+
+def test_a_file_of_more_blocks_than_the_wire_can_number_is_refused():
+    """Block numbers are 32 bits: a manifest naming a file past that is refused."""
+    size = (1 << 32) * 512
+    m = Manifest([Entry("huge", FILE, 0o644, 0, size=size)], block_size=512, chunk_size=1 << 30)
+    m.entries[0].digests = b"\0" * (m.chunks(m.entries[0]) * DIGEST_SIZE)
+    with pytest.raises(ManifestError, match="more than 4294967295 blocks"):
+        Manifest.from_bytes(m.to_bytes())

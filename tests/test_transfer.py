@@ -15,7 +15,8 @@ from twisted.trial import unittest
 from mrsyncd import agent as agent_module
 from mrsyncd.agent import LocalPeer, ReceiverAgent
 from mrsyncd.manifest import scan
-from mrsyncd.receiver import OK, Receiver
+from mrsyncd.receiver import OK, Receiver, TransferOptions
+from mrsyncd.transfer import Transfer, new_offer
 
 from .support import (
     assert_same_tree,
@@ -30,6 +31,24 @@ from .support import (
 
 class FullTreeTests(unittest.TestCase):
     timeout = 60
+
+    @defer.inlineCallbacks
+    def test_pushing_the_same_tree_again_changes_nothing(self):
+        """No data is sent, and no path counts as changed: not even links."""
+        base = temp_dir(self)
+        src = os.path.join(base, "src")
+        make_full_tree(src)
+        manifest, local = scan([src + "/"])
+        dests = [os.path.join(base, f"dst{i}") for i in range(2)]
+        first = yield run_transfer(self, reactor, manifest, local, make_peers(self, reactor, dests))
+        self.assertTrue(first.ok)
+        self.assertTrue(all(p.changed > 0 for p in first.peers.values()))
+        again = yield run_transfer(self, reactor, manifest, local, make_peers(self, reactor, dests))
+        self.assertTrue(again.ok, {n: p.reason for n, p in again.peers.items()})
+        self.assertEqual(again.sender_stats.get("payload", 0), 0)
+        self.assertEqual({n: p.changed for n, p in again.peers.items()}, {"node0": 0, "node1": 0})
+        for dst in dests:
+            assert_same_tree(self, src, dst)
 
     @defer.inlineCallbacks
     def test_every_kind_of_entry_to_three_receivers(self):
@@ -263,3 +282,28 @@ class ChannelTests(unittest.TestCase):
             self.assertEqual(c.interface, "lo")
             self.assertTrue(c.group.startswith("239."))
             self.assertEqual(c.ttl, 1)
+
+
+class DeleteTests(unittest.TestCase):
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_delete_removes_what_the_source_lacks_but_not_what_excludes_match(self):
+        base = temp_dir(self)
+        src, dst = os.path.join(base, "src"), os.path.join(base, "dst")
+        os.makedirs(os.path.join(src, "d"))
+        for name in ("a", "d/b"):
+            with open(os.path.join(src, name), "w") as f:
+                f.write(name)
+        os.makedirs(os.path.join(dst, "d", "gone-dir"))
+        for name in ("stale", "d/stale", "d/gone-dir/x", "notes.keep", "d/more.keep"):
+            with open(os.path.join(dst, name), "w") as f:
+                f.write("old")
+        manifest, local = scan([src + "/"], excludes=["*.keep"])
+        (peer,) = make_peers(self, reactor, [dst])
+        options = TransferOptions(delete=True, protect=("*.keep",))
+        offer = new_offer(manifest, unique_channel(), "/", options)
+        report = yield Transfer(reactor, offer, local, [peer], rate_bps=200e6, grace=5.0).run()
+        self.assertTrue(report.ok, report.peers["node0"].reason)
+        left = sorted(os.path.relpath(os.path.join(d, n), dst) for d, ds, fs in os.walk(dst) for n in ds + fs)
+        self.assertEqual(left, ["a", "d", "d/b", "d/more.keep", "notes.keep"])
