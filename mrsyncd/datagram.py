@@ -35,6 +35,7 @@ import hmac
 import struct
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any, NamedTuple
 
 MAGIC = b"MR"
 VERSION = 1
@@ -69,8 +70,9 @@ class Reason(StrEnum):
     RANGE = "range"
 
 
-@dataclass(frozen=True)
-class DataBlock:
+class DataBlock(NamedTuple):
+    """An authentic datagram's contents (a tuple: one is made per datagram)."""
+
     transfer_id: bytes
     file_index: int
     block_index: int
@@ -108,21 +110,26 @@ def encode(
     return prefix + _tag(key, prefix, payload) + payload
 
 
+def _header(datagram: bytes) -> tuple[Any, ...] | Rejected:
+    if len(datagram) < HEADER_SIZE:
+        return Rejected(Reason.SHORT)
+    fields = _PREFIX.unpack_from(datagram)
+    if fields[0] != MAGIC:
+        return Rejected(Reason.MAGIC)
+    if fields[1] != VERSION:
+        return Rejected(Reason.VERSION)
+    if fields[2] not in (KIND_DATA, KIND_PARITY):
+        return Rejected(Reason.KIND)
+    return fields
+
+
 def peek_transfer_id(datagram: bytes) -> bytes | Rejected:
     """
     Read the transfer id without checking the tag, so that a socket shared by
     several transfers can find the key to check it with.
     """
-    if len(datagram) < HEADER_SIZE:
-        return Rejected(Reason.SHORT)
-    magic, version, kind, transfer_id, *_ = _PREFIX.unpack_from(datagram)
-    if magic != MAGIC:
-        return Rejected(Reason.MAGIC)
-    if version != VERSION:
-        return Rejected(Reason.VERSION)
-    if kind not in (KIND_DATA, KIND_PARITY):
-        return Rejected(Reason.KIND)
-    return bytes(transfer_id)
+    header = _header(datagram)
+    return header if isinstance(header, Rejected) else bytes(header[3])
 
 
 def decode(key: bytes, transfer_id: bytes, datagram: bytes) -> DataBlock | Rejected:
@@ -131,17 +138,18 @@ def decode(key: bytes, transfer_id: bytes, datagram: bytes) -> DataBlock | Rejec
 
     Only a datagram that carries a valid tag is returned as a `DataBlock`;
     range checks against the manifest are the receiver's, since only it knows
-    the files.
+    the files.  This runs for every datagram received, so it unpacks the
+    header once.
     """
-    seen = peek_transfer_id(datagram)
-    if isinstance(seen, Rejected):
-        return seen
+    header = _header(datagram)
+    if isinstance(header, Rejected):
+        return header
+    _, _, kind, seen, file_index, block_index, sequence, sent_us = header
     if seen != transfer_id:
         return Rejected(Reason.FOREIGN)
-    prefix = datagram[: _PREFIX.size]
-    tag = datagram[_PREFIX.size : HEADER_SIZE]
     payload = datagram[HEADER_SIZE:]
-    if not hmac.compare_digest(tag, _tag(key, prefix, payload)):
+    if not hmac.compare_digest(
+        datagram[_PREFIX.size : HEADER_SIZE], _tag(key, datagram[: _PREFIX.size], payload)
+    ):
         return Rejected(Reason.TAG)
-    _, _, kind, _, file_index, block_index, sequence, sent_us = _PREFIX.unpack_from(datagram)
-    return DataBlock(transfer_id, file_index, block_index, bytes(payload), sequence, sent_us, kind)
+    return DataBlock(transfer_id, file_index, block_index, payload, sequence, sent_us, kind)

@@ -314,13 +314,18 @@ class JobRunner:
                 spec["excludes"],
             )
         except Exception as e:
+            for name in names:
+                self.jobs.set_node(job.id, name, store.FAILED, f"cannot read the sources: {e}")
             self.jobs.finish(job.id, store.FAILED, f"cannot read the sources: {e}")
             log.error("job {job} failed: cannot read the sources: {e}", job=job.id, e=e)
             self._release(job.id)
             return
         current = self.jobs.get(job.id)
         if self._stopping or current is None or current.state != store.RUNNING:
-            self._release(job.id)  # cancelled while its sources were scanned
+            if current is not None and current.state == store.CANCELLED:
+                for name in names:  # cancelled while its sources were scanned
+                    self.jobs.set_node(job.id, name, store.FAILED, "cancelled")
+            self._release(job.id)
             return
         options = TransferOptions(
             preserve_owner=spec["preserve_owner"],
