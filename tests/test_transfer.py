@@ -307,3 +307,64 @@ class DeleteTests(unittest.TestCase):
         self.assertTrue(report.ok, report.peers["node0"].reason)
         left = sorted(os.path.relpath(os.path.join(d, n), dst) for d, ds, fs in os.walk(dst) for n in ds + fs)
         self.assertEqual(left, ["a", "d", "d/b", "d/more.keep", "notes.keep"])
+
+
+class BackupAndHookTests(unittest.TestCase):
+    timeout = 60
+
+    def tree(self, base: str, content: str) -> str:
+        src = os.path.join(base, "src")
+        os.makedirs(src, exist_ok=True)
+        with open(os.path.join(src, "f"), "w") as f:
+            f.write(content)
+        return src
+
+    @defer.inlineCallbacks
+    def test_backup_keeps_overwritten_and_deleted_files(self):
+        base = temp_dir(self)
+        dst = os.path.join(base, "dst")
+        os.makedirs(dst)
+        with open(os.path.join(dst, "f"), "w") as f:
+            f.write("old contents")
+        with open(os.path.join(dst, "extra"), "w") as f:
+            f.write("not in the source")
+        src = self.tree(base, "new contents")
+        manifest, local = scan([src + "/"])
+        (peer,) = make_peers(self, reactor, [dst])
+        offer = new_offer(manifest, unique_channel(), "/", TransferOptions(delete=True, backup_suffix="~"))
+        report = yield Transfer(reactor, offer, local, [peer], rate_bps=200e6, grace=5.0).run()
+        self.assertTrue(report.ok, report.peers["node0"].reason)
+        read = {name: open(os.path.join(dst, name)).read() for name in sorted(os.listdir(dst))}
+        self.assertEqual(read, {"extra~": "not in the source", "f": "new contents", "f~": "old contents"})
+
+    @defer.inlineCallbacks
+    def test_post_receive_hook_runs_with_the_job_and_changed_paths(self):
+        base = temp_dir(self)
+        dst, out = os.path.join(base, "dst"), os.path.join(base, "hook.out")
+        src = self.tree(base, "data")
+        script = f'echo "$MRSYNC_JOB $MRSYNC_DESTINATION" > {out}; cat "$MRSYNC_CHANGED" >> {out}; exit 3'
+        agent = ReceiverAgent(
+            reactor, interface="lo", destination_root=dst, post_receive=["/bin/sh", "-c", script]
+        )
+        self.addCleanup(agent.close)
+        manifest, local = scan([src + "/"])
+        offer = new_offer(manifest, unique_channel(), "/", TransferOptions(label="42"))
+        report = yield Transfer(reactor, offer, local, [LocalPeer("node0", agent)], rate_bps=200e6).run()
+        peer = report.peers["node0"]
+        self.assertEqual(peer.hook["status"], 3)
+        self.assertFalse(peer.ok, "a hook that fails fails the node")
+        self.assertIn("post-receive hook", peer.reason)
+        with open(out) as f:
+            self.assertEqual(f.read().split(), ["42", os.path.realpath(dst), "f"])
+        # Nothing changed the second time: the hook does not run again.
+        os.unlink(out)
+        again = yield Transfer(
+            reactor,
+            new_offer(manifest, unique_channel(), "/"),
+            local,
+            [LocalPeer("node0", agent)],
+            rate_bps=200e6,
+        ).run()
+        self.assertTrue(again.ok)
+        self.assertIsNone(again.peers["node0"].hook)
+        self.assertFalse(os.path.exists(out))
