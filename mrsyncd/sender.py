@@ -14,6 +14,8 @@ from __future__ import annotations
 import errno
 import heapq
 import os
+import socket
+import struct
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -34,6 +36,10 @@ log = logs.logger(__name__)
 #: Longest sleep between pacing ticks; the reactor wakes often enough that
 #: a tick's burst stays small.
 TICK = 0.002
+#: Linux's UDP_SEGMENT socket option (not in every Python's socket module),
+#: and the most datagrams one call may carry: 64 KiB in all.
+UDP_SEGMENT = 103
+GSO_SEGMENTS = 44
 #: Chunks held in memory: the one being sent, the one read ahead, and a few
 #: for parities that straddle two.
 CACHED_CHUNKS = 4
@@ -66,6 +72,8 @@ class Sender(DatagramProtocol):
         #: Called when the local send queue overflows (ENOBUFS, EAGAIN).
         self.on_blocked: Callable[[], None] | None = None
         self.sequence = 0
+        self._gso = True
+        self._unsent: list[bytes] = []
         self.stats: Counter[str] = Counter()
         #: Files abandoned because their source changed, by file index.
         self.abandoned: dict[int, str] = {}
@@ -105,6 +113,7 @@ class Sender(DatagramProtocol):
             self._timer.cancel()
         self._timer = None
         self._next = None
+        self._unsent = []
         done, self._done = self._done, None
         if done is not None:
             done.callback(None)
@@ -171,11 +180,16 @@ class Sender(DatagramProtocol):
     def _tick(self) -> None:
         self._timer = None
         assert self._port is not None
+        if self._unsent and not self._send(self._unsent):
+            self._timer = self.reactor.callLater(TICK, self._tick)
+            return
         allowance = self.pacer.allowance()
         now = self.reactor.seconds()
         sent_us = int(now * 1e6)
         self._positions.append((now, self._position))
         self._fresh.clear()
+        batch: list[bytes] = []
+        reading = False
         while self._next is not None:
             file_index, kind, index = self._next
             if file_index in self.abandoned:
@@ -192,22 +206,19 @@ class Sender(DatagramProtocol):
                 self._abandon(file_index, str(e))
                 continue
             if payload is None:
-                return  # a chunk is being read; _loaded() resumes the pass
+                reading = True  # a chunk is being read; _loaded() resumes the pass
+                break
             packet = datagram.encode(
                 self.key, self.transfer_id, file_index, block, payload, self.sequence, sent_us, kind
             )
             if len(packet) > allowance:
                 break
-            try:
-                self._port.write(packet)  # type: ignore[attr-defined]
-            except OSError as e:
-                if e.errno in (errno.EAGAIN, errno.ENOBUFS):
-                    # The socket buffer is full: the kernel paces us.
-                    self.stats["send_blocked"] += 1
-                    if self.on_blocked is not None:
-                        self.on_blocked()
+            if batch and (len(packet) != len(batch[0]) or len(batch) >= GSO_SEGMENTS):
+                sent = self._send(batch)
+                batch = []
+                if not sent:
                     break
-                raise
+            batch.append(packet)
             self.sequence += 1
             allowance -= len(packet)
             self.pacer.spend(len(packet))
@@ -215,12 +226,51 @@ class Sender(DatagramProtocol):
             self.stats["bytes"] += len(packet)
             self.stats["payload" if kind == datagram.KIND_DATA else "parity"] += len(payload)
             self._advance()
-        if self._next is None:
+        if batch:
+            self._send(batch)
+        if reading and not self._unsent:
+            return
+        if self._next is None and not self._unsent:
             done, self._done = self._done, None
             assert done is not None
             done.callback(None)
             return
         self._timer = self.reactor.callLater(TICK, self._tick)
+
+    def _send(self, batch: list[bytes]) -> bool:
+        """
+        Hand datagrams of one size to the kernel: with UDP segmentation
+        offload (``UDP_SEGMENT``) as one call that leaves as many datagrams,
+        else one call each.  A batch the kernel has no room for is kept and
+        sent first on the next tick: it paces us, nothing is lost.
+        """
+        assert self._port is not None
+        sock = self._port.socket  # type: ignore[attr-defined]
+        done = 0
+        try:
+            if self._gso and len(batch) > 1:
+                sock.sendmsg(
+                    [b"".join(batch)], [(socket.SOL_UDP, UDP_SEGMENT, struct.pack("@H", len(batch[0])))]
+                )
+                done = len(batch)
+            else:
+                for packet in batch:
+                    sock.send(packet)
+                    done += 1
+        except OSError as e:
+            if e.errno in (errno.EAGAIN, errno.ENOBUFS):
+                self._unsent = batch[done:]
+                self.stats["send_blocked"] += 1
+                if self.on_blocked is not None:
+                    self.on_blocked()
+                return False
+            if self._gso and e.errno in (errno.EINVAL, errno.EIO, errno.ENOPROTOOPT, errno.EOPNOTSUPP):
+                log.info("no UDP segmentation offload here ({why}): one datagram per call", why=e.strerror)
+                self._gso = False
+                return self._send(batch)
+            raise
+        self._unsent = []
+        return True
 
     def _abandon(self, file_index: int, why: str) -> None:
         if file_index not in self.abandoned:
