@@ -166,10 +166,28 @@ class RateController:
         }
 
     def _update_slow(self, now: float, recent: dict[str, Feedback]) -> set[str]:
-        """Mark slow receivers; returns those that lag now (not monitors)."""
-        lossy = {n for n in self.active if n in recent and recent[n].loss >= self.slow_loss}
-        others = [recent[n].loss if n in recent else 0.0 for n in self.active - lossy]
-        lagging = lossy if others and _median(others) < self.others_loss else set()
+        """
+        Mark slow receivers; returns those that lag now (not monitors).  A
+        receiver lags when it loses most of what is sent, or has a queue
+        twice the target, while most of the others (a majority) lose little
+        and have no queue to speak of: then the bottleneck is its own link,
+        not the one they share.
+        """
+
+        def troubled(node: str) -> bool:
+            report = recent.get(node)
+            return report is not None and (
+                report.loss >= self.slow_loss or report.delay >= 2 * self.target_delay
+            )
+
+        candidates = {n for n in self.active if troubled(n)}
+        others = self.active - candidates
+        lagging: set[str] = set()
+        if len(others) > len(candidates):
+            losses = [recent[n].loss if n in recent else 0.0 for n in others]
+            delays = [recent[n].delay if n in recent else 0.0 for n in others]
+            if _median(losses) < self.others_loss and _median(delays) < self.target_delay / 2:
+                lagging = candidates
         for node in list(self._lossy_since):
             if node not in lagging:
                 del self._lossy_since[node]

@@ -199,14 +199,15 @@ def test_rate_settles_where_the_queue_holds_the_target_delay():
     def bottleneck(t):
         # Seconds of queue gained per interval: what is sent beyond 60 Mbit/s.
         queue[0] = max(0.0, queue[0] + (controller.rate - 60e6) / 60e6 * controller.interval)
-        return {"b": Feedback(0.0, queue[0], 500)} if queue[0] > 0.002 else {}
+        # The bottleneck is shared: every receiver sees its queue.
+        return {n: Feedback(0.0, queue[0], 500) for n in "abc"} if queue[0] > 0.002 else {}
 
     rates = drive(controller, clock, 30.0, bottleneck)
     settled = rates[-100:]
     mean = sum(settled) / len(settled)
     assert 51e6 < mean < 69e6, mean
     assert 40e6 < min(settled) and max(settled) < 80e6, (min(settled), max(settled))
-    assert controller.monitor in (None, "b")
+    assert controller.monitor in (None, "a", "b", "c")
 
 
 def test_random_loss_without_a_queue_does_not_slow_the_sender():
@@ -218,7 +219,7 @@ def test_random_loss_without_a_queue_does_not_slow_the_sender():
 def test_loss_that_comes_and_goes_with_a_queue():
     clock, controller = fleet()
     drive(controller, clock, 2.0, quiet)
-    congested = drive(controller, clock, 1.0, lambda t: {"a": Feedback(0.1, 0.03, 400)})
+    congested = drive(controller, clock, 1.0, lambda t: {n: Feedback(0.1, 0.03, 400) for n in "abc"})
     assert congested[-1] < 0.5 * 100e6
     recovered = drive(controller, clock, 2.0, quiet)
     assert recovered[-1] == 100e6
@@ -250,10 +251,10 @@ def test_slow_receiver_drives_the_rate_once_it_is_the_only_one_left():
 
 
 def test_a_dead_receiver_stops_counting():
-    """Reports older than two intervals are forgotten: a dead node's last complaint fades."""
+    """Reports older than two intervals are forgotten: dead nodes' last complaints fade."""
     clock, controller = fleet()
     drive(controller, clock, 2.0, quiet)
-    drive(controller, clock, 0.5, lambda t: {"a": Feedback(0.0, 0.05, 100)})
+    drive(controller, clock, 0.5, lambda t: {n: Feedback(0.0, 0.05, 100) for n in "abc"})
     low = controller.rate
     rates = drive(controller, clock, 2.0, quiet)
     assert rates[-1] > low and rates[-1] == 100e6
@@ -273,3 +274,21 @@ def test_local_send_queue_overflow_slows_down():
     controller.blocked()
     clock.advance(controller.interval)
     assert controller.update() < 100e6
+
+
+def test_a_receiver_behind_its_own_slow_link_does_not_set_the_pace():
+    """Its queue grows before it loses anything: that alone must not slow the others."""
+    clock, controller = fleet()
+    drive(controller, clock, 2.0, quiet)
+    rates = drive(controller, clock, 3.0, lambda t: {"c": Feedback(0.0, 0.04, 200)})
+    assert controller.slow == {"c"}
+    assert rates[-1] == 100e6
+    assert min(rates) == 100e6, "not even for the second it took to tell"
+
+
+def test_a_queue_at_most_receivers_is_the_shared_bottleneck():
+    clock, controller = fleet()
+    drive(controller, clock, 2.0, quiet)
+    rates = drive(controller, clock, 2.0, lambda t: {n: Feedback(0.0, 0.04, 700) for n in "ab"})
+    assert controller.slow == set()
+    assert rates[-1] < 0.5 * 100e6
