@@ -1,0 +1,1 @@
+"""The LAN benchmark (see bench/README.md)."""

@@ -1,0 +1,306 @@
+"""
+Figures from a run's JSON: the table, the issue's targets, and the chart.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+MiB = 1 << 20
+
+
+def derived(case: dict[str, Any], r: dict[str, Any]) -> dict[str, Any]:
+    """Throughput, efficiency and feedback share of one tool's result."""
+    out: dict[str, Any] = {}
+    wall = r.get("wall")
+    if r.get("ok") and wall:
+        out["payload_bps"] = case["size"] * 8 / wall
+        out["efficiency"] = out["payload_bps"] / case["link_bps"]
+    c = r.get("counters") or {}
+    if c.get("sent_udp_bytes"):
+        out["feedback_share"] = c.get("feedback_bytes", 0) / c["sent_udp_bytes"]
+    rx = r.get("receivers") or []
+    if rx:
+        cpus = [p["cpu"] for p in rx]
+        out["recv_cpu_mean"] = sum(cpus) / len(cpus)
+        out["recv_cpu_max"] = max(cpus)
+        out["recv_cpu_total"] = sum(cpus)
+        out["recv_hwm_max"] = max(p["hwm_bytes"] for p in rx)
+        # The share of one core a receiver would need to keep up with the
+        # full link: its CPU seconds over the transfer's time at link rate.
+        out["recv_core_at_link"] = out["recv_cpu_mean"] / (case["size"] * 8 / case["link_bps"])
+    return out
+
+
+def _f(value: float | None, fmt: str) -> str:
+    return "–" if value is None else format(value, fmt)
+
+
+def table(doc: dict[str, Any]) -> str:
+    """A Markdown table of one scenario run."""
+    head = (
+        "| case | tool | ok | time s | payload Mbit/s | efficiency | time ÷ mrsyncd | sender CPU s "
+        "| receiver CPU s mean (max) | receiver core at link rate | receiver peak RSS MiB "
+        "| feedback bytes (% of sent) | tbf drops | machine busy (others' CPU s) |"
+    )
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for c in doc["cases"]:
+        case = c["case"]
+        base = c["results"].get("mrsyncd", {})
+        for tool, r in c["results"].items():
+            d = derived(case, r)
+            ratio = None
+            if r.get("ok") and base.get("ok") and base.get("wall"):
+                ratio = r["wall"] / base["wall"]
+            cnt = r.get("counters") or {}
+            mc = r.get("machine_cpu") or {}
+            others = None if mc.get("others") is None else max(0.0, mc["others"])
+            fb = cnt.get("feedback_bytes")
+            share = d.get("feedback_share")
+            fb_text = (
+                "–" if fb is None else f"{fb:,} ({share * 100:.2f}%)" if share is not None else f"{fb:,}"
+            )
+            ok = "yes" if r.get("ok") else f"NO: {r.get('error', '')[:60]}"
+            lines.append(
+                f"| {case['label']} | {tool} | {ok} | {_f(r.get('wall'), '.1f')} "
+                f"| {_f(d.get('payload_bps') and d['payload_bps'] / 1e6, '.1f')} "
+                f"| {_f(d.get('efficiency') and d['efficiency'] * 100, '.1f')}% "
+                f"| {_f(ratio, '.2f')} | {_f((r.get('sender') or {}).get('cpu'), '.1f')} "
+                f"| {_f(d.get('recv_cpu_mean'), '.1f')} ({_f(d.get('recv_cpu_max'), '.1f')}) "
+                f"| {_f(d.get('recv_core_at_link') and d['recv_core_at_link'] * 100, '.0f')}% "
+                f"| {_f(d.get('recv_hwm_max') and d['recv_hwm_max'] / MiB, '.1f')} "
+                f"| {fb_text} | {(r.get('qdisc') or {}).get('drops', '–')} "
+                f"| {_f(mc.get('busy_share') and mc['busy_share'] * 100, '.0f')}% ({_f(others, '.1f')}) |"
+            )
+        if c.get("tcp_alone_bps"):
+            pad = " |" * 9
+            lines.append(f"| {case['label']} | iperf3 alone | | | {c['tcp_alone_bps'] / 1e6:.1f} |{pad}")
+            for tool, r in c["results"].items():
+                bps = (r.get("tcp") or {}).get("bps_during")
+                if bps:
+                    lines.append(
+                        f"| {case['label']} | iperf3 during {tool} | | | {bps / 1e6:.1f} "
+                        f"| {bps / case['link_bps'] * 100:.0f}% of link |" + " |" * 8
+                    )
+    return "\n".join(lines)
+
+
+def _tool(c: dict[str, Any], tool: str = "mrsyncd") -> dict[str, Any]:
+    return c["results"].get(tool) or {}
+
+
+def targets(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """The issue's targets for this scenario: met, missed, or None when not measurable."""
+    name, cases = doc["scenario"], doc["cases"]
+    out: list[dict[str, Any]] = []
+
+    def add(text: str, met: bool | None, evidence: str) -> None:
+        out.append({"target": text, "met": met, "evidence": evidence})
+
+    def eff(c: dict[str, Any], tool: str = "mrsyncd") -> float | None:
+        return derived(c["case"], _tool(c, tool)).get("efficiency")
+
+    def wall(c: dict[str, Any], tool: str = "mrsyncd") -> float | None:
+        r = _tool(c, tool)
+        return r.get("wall") if r.get("ok") else None
+
+    if name in ("A", "B"):
+        goal = 0.90 if name == "A" else 0.85
+        e = eff(cases[0])
+        add(
+            f"mrsyncd efficiency >= {goal:.0%}",
+            None if e is None else e >= goal,
+            f"{_f(e and e * 100, '.1f')}%",
+        )
+    if name in ("A", "C"):
+        peers = ("udpcast", "uftp") if name == "A" else ("udpcast",)
+        for peer in peers:
+            if peer in cases[0]["results"]:
+                m, p = wall(cases[0]), wall(cases[0], peer)
+                add(
+                    f"mrsyncd faster than {peer}" if name == "A" else f"mrsyncd >= {peer}",
+                    None if m is None else (p is None or m <= p),
+                    f"{_f(m, '.1f')} s vs {_f(p, '.1f')} s",
+                )
+    if name == "D" and len(cases) == 2:
+        one, many = wall(cases[0]), wall(cases[1])
+        ratio = many / one if one and many else None
+        add(
+            "24-node time <= 1.15 x 1-node time",
+            None if ratio is None else ratio <= 1.15,
+            f"{_f(many, '.1f')} s / {_f(one, '.1f')} s = {_f(ratio, '.2f')}",
+        )
+    if name == "E":
+        c = cases[0]
+        bps = (_tool(c).get("tcp") or {}).get("bps_during")
+        share = bps / c["case"]["link_bps"] if bps else None
+        add(
+            "TCP keeps >= 40% of the link",
+            None if share is None else share >= 0.40,
+            f"{_f(bps and bps / 1e6, '.1f')} Mbit/s ({_f(share and share * 100, '.0f')}%); "
+            f"alone {_f(c.get('tcp_alone_bps') and c['tcp_alone_bps'] / 1e6, '.1f')} Mbit/s",
+        )
+    if name == "F" and len(cases) == 2:
+        base, slow = cases[0], cases[1]
+        n_fast = base["case"]["nodes"]
+        b = _tool(base).get("node_seconds") or {}
+        s = _tool(slow).get("node_seconds") or {}
+        fast_names = [f"node{i}" for i in range(1, n_fast + 1)]
+        before = [b.get(n) for n in fast_names]
+        after = [s.get(n) for n in fast_names]
+        if all(before) and all(after):
+            ratio = max(after) / max(before)  # type: ignore[type-var,operator]
+            add("others within 1.25 x their time without the slow node", ratio <= 1.25,
+                f"{max(after):.1f} s vs {max(before):.1f} s = {ratio:.2f}")  # type: ignore[type-var] # fmt: skip
+        else:
+            add("others within 1.25 x their time without the slow node", None, "incomplete")
+        slow_name = f"node{slow['case']['nodes']}"
+        t = s.get(slow_name)
+        bound = slow["case"]["size"] * 8 / (slow["case"]["link_bps"] * slow["case"]["slow_factor"])
+        add(
+            "slow node within 1.25 x its own link's bound",
+            None if t is None else t <= 1.25 * bound,
+            f"{_f(t, '.1f')} s vs bound {bound:.1f} s = {_f(t and t / bound, '.2f')}",
+        )
+    if name == "G":
+        share = derived(cases[0]["case"], _tool(cases[0])).get("feedback_share")
+        add(
+            "feedback < 1% of data bytes",
+            None if share is None else share < 0.01,
+            f"{_f(share and share * 100, '.3f')}%",
+        )
+    return out
+
+
+def load(paths: Iterable[Path]) -> list[dict[str, Any]]:
+    docs = []
+    for p in paths:
+        try:
+            docs.append(json.loads(p.read_text()))
+        except (OSError, ValueError):
+            continue
+    return docs
+
+
+TOOL_STYLE = {
+    "mrsyncd": ("tab:blue", "o"),
+    "udpcast": ("tab:orange", "s"),
+    "udpcast-default": ("tab:brown", "v"),
+    "uftp": ("tab:green", "^"),
+    "uftp-tfmcc": ("tab:olive", "D"),
+}
+
+
+def chart(docs: list[dict[str, Any]], out: Path, title: str = "") -> Path:
+    """
+    Three panels: efficiency of each tool in each case; efficiency against
+    the number of nodes (cases without loss, slow nodes or competing TCP);
+    efficiency against loss.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    cases = [(d["scenario"], c) for d in docs for c in d["cases"]]
+    tools = [t for t in TOOL_STYLE if any(t in c["results"] for _, c in cases)]
+    # One case alone has nothing to plot against nodes or loss: bars only.
+    sides = len(cases) > 1
+    if sides:
+        fig, axes = plt.subplots(1, 3, figsize=(18, 6.6), gridspec_kw={"width_ratios": [2.2, 1, 1]})
+    else:
+        fig, bar_ax = plt.subplots(1, 1, figsize=(6.5, 5.5))
+        axes = [bar_ax]
+
+    ax = axes[0]
+    width = 0.8 / max(1, len(tools))
+    labels = [
+        f"{s}: {c['case']['label']}\n{c['case']['link_bps'] / 1e6:g} Mbit/s, {c['case']['size'] / MiB:g} MiB"
+        for s, c in cases
+    ]
+    for i, tool in enumerate(tools):
+        values = []
+        for _, c in cases:
+            r = c["results"].get(tool)
+            values.append((derived(c["case"], r).get("efficiency") or 0) * 100 if r else 0)
+        color, _ = TOOL_STYLE[tool]
+        xs = [j + (i - (len(tools) - 1) / 2) * width for j in range(len(cases))]
+        bars = ax.bar(xs, values, width, label=tool, color=color)
+        for bar, v in zip(bars, values, strict=True):
+            if v:
+                ax.annotate(
+                    f"{v:.0f}", (bar.get_x() + bar.get_width() / 2, v), ha="center", va="bottom", fontsize=7
+                )
+    ax.set_xticks(range(len(cases)))
+    ax.set_xticklabels(labels, fontsize=7, rotation=30, ha="right")
+    ax.set_ylabel("payload throughput, % of the master's link")
+    ax.set_ylim(0, 105)
+    ax.axhline(90, color="grey", lw=0.6, ls="--")
+    ax.set_title("efficiency by case (0 = failed or not run)")
+    ax.legend(fontsize=8, loc="lower left")
+
+    def series(x_of: Any, keep: Any, group_of: Any) -> dict[tuple[str, Any], list[tuple[float, float]]]:
+        """Points by tool and group (what else the cases share): only like is joined with like."""
+        found: dict[tuple[str, Any], list[tuple[float, float]]] = {}
+        for _, c in cases:
+            k = c["case"]
+            if not keep(k):
+                continue
+            for tool, r in c["results"].items():
+                e = derived(k, r).get("efficiency")
+                if e is not None:
+                    found.setdefault((tool, group_of(k)), []).append((x_of(k), e * 100))
+        return found
+
+    def plain(k: dict[str, Any]) -> bool:
+        return not k["slow_nodes"] and not k["tcp_competitor"]
+
+    dashes = ["-", "--", ":", "-."]
+    panels = [
+        (
+            lambda k: k["nodes"],
+            lambda k: plain(k) and not k["loss"],
+            lambda k: f"{k['link_bps'] / 1e6:g} Mbit/s, {k['size'] / MiB:g} MiB",
+            "nodes",
+            "against nodes (no loss)",
+        ),
+        (
+            lambda k: k["loss"] * 100,
+            plain,
+            lambda k: f"{k['nodes']} nodes, {k['link_bps'] / 1e6:g} Mbit/s, {k['size'] / MiB:g} MiB",
+            "random loss at every node, %",
+            "against loss",
+        ),
+    ]
+    for ax, (x_of, keep, group_of, xlabel, ttl) in zip(axes[1:], panels if sides else [], strict=True):
+        found = series(x_of, keep, group_of)
+        groups = sorted({g for _, g in found})
+        used_tools = set()
+        for (tool, group), points in sorted(found.items()):
+            points.sort()
+            color, marker = TOOL_STYLE.get(tool, ("black", "x"))
+            style = dashes[groups.index(group) % len(dashes)]
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker=marker, color=color, ls=style)
+            used_tools.add(tool)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("payload throughput, % of link")
+        ax.set_ylim(0, 105)
+        ax.grid(alpha=0.3)
+        ax.set_title(ttl)
+        handles = [
+            Line2D([], [], color=TOOL_STYLE[t][0], marker=TOOL_STYLE[t][1], label=t)
+            for t in tools
+            if t in used_tools
+        ] + [Line2D([], [], color="grey", ls=dashes[i % len(dashes)], label=g) for i, g in enumerate(groups)]
+        if handles:
+            ax.legend(handles=handles, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

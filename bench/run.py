@@ -1,0 +1,385 @@
+"""
+The LAN benchmark: mrsyncd against udpcast and UFTP on a LAN of namespaces.
+
+    sudo python3 bench/run.py --scenario A            # one scenario (see --list)
+    sudo python3 bench/run.py --scenario A --size 50M  # the same with a smaller file
+    sudo python3 bench/run.py --all                    # the issue's scenarios A-G
+
+Each case builds a fresh LAN (bench/netlan.py), then every tool sends the
+same file to every node in turn (bench/runners.py); every copy is checked
+against the source's sha256.  Results go to bench/results/ as JSON, a
+Markdown table and a PNG chart; see bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import hashlib
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import report  # noqa: E402
+from bench.netlan import Lan, sweep_dead_runs  # noqa: E402
+from bench.runners import RUNNERS, Competitor, Context, measure  # noqa: E402
+from bench.scenarios import ISSUE_SCENARIOS, SCENARIOS, MiB, Scenario, parse_size, resized  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+NEEDS = {
+    "ip": "iproute2",
+    "tc": "iproute2",
+    "iptables": "iptables",
+    "iperf3": "iperf3",
+    "udp-sender": "udpcast",
+    "udp-receiver": "udpcast",
+    "uftp": "uftp",
+    "uftpd": "uftp",
+}
+
+
+def interrupt_on_signals() -> None:
+    """SIGTERM and SIGHUP end the run like Ctrl-C: through the finally blocks that tear down."""
+
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, handler)
+    # Also when started where SIGINT is ignored (a background job of a script).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def make_source(workdir: Path, size: int, cache: dict[int, tuple[Path, str]]) -> tuple[Path, str]:
+    if size not in cache:
+        d = workdir / f"src-{size}"
+        d.mkdir(parents=True, exist_ok=True)
+        path = d / "payload.bin"
+        h = hashlib.sha256()
+        with open(path, "wb") as f:
+            left = size
+            while left:
+                chunk = os.urandom(min(left, 16 << 20))
+                h.update(chunk)
+                f.write(chunk)
+                left -= len(chunk)
+        cache[size] = (path, h.hexdigest())
+    return cache[size]
+
+
+def snapshot_code(workdir: Path, tree: Path) -> tuple[Path, str]:
+    """
+    Copy mrsyncd/ as it is now: others edit the work tree while a run goes
+    on, and every case of a run must test the same code.
+    """
+    code = workdir / "code"
+    shutil.copytree(tree / "mrsyncd", code / "mrsyncd", ignore=shutil.ignore_patterns("__pycache__"))
+    h = hashlib.sha256()
+    for p in sorted((code / "mrsyncd").rglob("*.py")):
+        h.update(p.name.encode() + b"\0" + p.read_bytes())
+    return code, h.hexdigest()[:16]
+
+
+def versions() -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "kernel": platform.release(),
+        "cpus": os.cpu_count(),
+        "python": sys.version.split()[0],
+        "python_executable": sys.executable,
+    }
+    out = subprocess.run(
+        ["dpkg-query", "-W", "-f", "${Package} ${Version}\n", "udpcast", "uftp", "iperf3", "python3-twisted"],
+        capture_output=True,
+        text=True,
+    ).stdout
+    info["packages"] = dict(line.split(" ", 1) for line in out.splitlines() if " " in line)
+    repo = HERE.parent
+    git = subprocess.run(
+        ["git", "-C", str(repo), "describe", "--always", "--dirty"], capture_output=True, text=True
+    )
+    info["mrsyncd_commit"] = git.stdout.strip()
+    return info
+
+
+def run_case(
+    scenario: Scenario,
+    case_index: int,
+    tools: list[str],
+    args: argparse.Namespace,
+    workdir: Path,
+    logdir: Path,
+    sources: dict[int, tuple[Path, str]],
+) -> dict[str, Any]:
+    case = scenario.cases[case_index]
+    source, digest = make_source(workdir, case.size, sources)
+    slowest = case.link_bps * (case.slow_factor if case.slow_nodes else 1)
+    timeout = args.timeout or (4 * case.size * 8 / slowest + 90)
+    doc: dict[str, Any] = {"case": asdict(case), "results": {}}
+    print(
+        f"\n== {scenario.name}: {case.label} ({case.nodes} nodes, {case.link_bps / 1e6:g} Mbit/s, "
+        f"{case.size / MiB:g} MiB, loss {case.loss:.1%}"
+        f"{f', {case.slow_nodes} slow' if case.slow_nodes else ''}"
+        f"{', TCP competitor' if case.tcp_competitor else ''})",
+        flush=True,
+    )
+    logdir.mkdir(parents=True, exist_ok=True)
+    lan = Lan(case.nodes)
+    competitor = None
+    try:
+        lan.shape_master(case.link_bps)
+        for node in lan.nodes[len(lan.nodes) - case.slow_nodes :]:
+            lan.shape_node(node, case.link_bps * case.slow_factor)
+        if case.loss:
+            for node in lan.nodes:
+                node.drop_udp(case.loss)
+        if case.tcp_competitor:
+            competitor = Competitor(lan, logdir, f"{scenario.name}{case_index}")
+            doc["tcp_alone_bps"] = competitor.alone()
+            print(f"   iperf3 alone: {doc['tcp_alone_bps'] / 1e6:.1f} Mbit/s", flush=True)
+        for tool in tools:
+            caselog = logdir / f"case{case_index}"
+            caselog.mkdir(parents=True, exist_ok=True)
+            profile = None
+            if args.profile and tool == "mrsyncd":
+                profile = caselog / "mrsyncd-sender.pyspy.txt"
+            ctx = Context(
+                lan,
+                case,
+                source,
+                digest,
+                workdir / "run",
+                caselog,
+                args.rate_factor,
+                timeout,
+                profile,
+                args.code,
+            )
+            runner = RUNNERS[tool](ctx)
+            result = measure(runner, competitor)
+            d = asdict(result)
+            doc["results"][tool] = d
+            x = report.derived(asdict(case), d)
+            eff = x.get("efficiency")
+            print(
+                f"   {tool:16} {'ok ' if result.ok else 'FAILED'} time {result.wall or 0:7.2f} s  "
+                f"eff {eff * 100 if eff else 0:5.1f}%  sender CPU {result.sender.get('cpu', 0):6.2f} s  "
+                f"recv CPU mean {x.get('recv_cpu_mean', 0):6.2f} s  feedback "
+                f"{result.counters.get('feedback_bytes', 0):,} B  tbf drops {result.qdisc.get('drops', '-')}"
+                f"  busy {result.machine_cpu.get('busy_share', 0):.0%}"
+                f" others {result.machine_cpu.get('others', 0):.1f} s"
+                f"{'  rate median ' + str(d['details'].get('rate_mbit_median')) if tool == 'mrsyncd' else ''}"
+                f"{'  ' + result.error if result.error else ''}",
+                flush=True,
+            )
+            if profile is not None:
+                for who, path in (
+                    ("sender", profile),
+                    ("receiver", profile.with_name("mrsyncd-receiver.pyspy.txt")),
+                ):
+                    if path.exists():
+                        d["details"][f"profile_{who}"] = str(path)
+                        d["details"][f"profile_{who}_top"] = summarize_profile(path)
+            time.sleep(1.0)
+    finally:
+        if competitor is not None:
+            competitor.close()
+        lan.close()
+    return doc
+
+
+def summarize_profile(path: Path, top: int = 25) -> dict[str, Any]:
+    """From py-spy's raw collapsed stacks: the functions with the most samples, self and total."""
+    self_counts: dict[str, int] = {}
+    total_counts: dict[str, int] = {}
+    samples = 0
+    for line in path.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        if not n.isdigit():
+            continue
+        count = int(n)
+        frames = [f for f in stack.split(";") if f]
+        if frames and frames[0].startswith(("thread", "process")):
+            frames = frames[1:]
+        if not frames:
+            continue
+        samples += count
+        self_counts[frames[-1]] = self_counts.get(frames[-1], 0) + count
+        for f in set(frames):
+            total_counts[f] = total_counts.get(f, 0) + count
+
+    def best(counts: dict[str, int], of: int) -> list[tuple[str, float]]:
+        return [(f, round(c / of, 4)) for f, c in sorted(counts.items(), key=lambda kv: -kv[1])[:top]]
+
+    # Waiting in epoll (the reactor asleep) is not work: the "busy" view leaves it out.
+    idle = sum(c for f, c in self_counts.items() if f.startswith(("EPollReactor.doPoll", "Condition.wait")))
+    busy = {
+        f: c for f, c in self_counts.items() if not f.startswith(("EPollReactor.doPoll", "Condition.wait"))
+    }
+    if not samples:
+        return {}
+    return {
+        "samples": samples,
+        "idle_share": round(idle / samples, 4),
+        "self": best(self_counts, samples),
+        "self_of_busy": best(busy, max(1, samples - idle)),
+        "total": best(total_counts, samples),
+    }
+
+
+def summary_chart() -> Path | None:
+    """One chart from the latest full-size result of every scenario (runs with --size are left out)."""
+    latest: dict[str, tuple[int, str, Path]] = {}
+    for p in sorted(RESULTS.glob("*.json")):
+        try:
+            doc = json.loads(p.read_text())
+        except ValueError:
+            continue
+        if doc.get("size_override") or str(doc.get("machine", {}).get("code_from", "")).startswith("/tmp"):
+            continue
+        key = (1, doc.get("started", ""), p)
+        if doc["scenario"] not in latest or key[:2] > latest[doc["scenario"]][:2]:
+            latest[doc["scenario"]] = key
+    if not latest:
+        return None
+    docs = report.load(v[2] for _, v in sorted(latest.items()))
+    return report.chart(
+        docs, RESULTS / "summary.png", "mrsyncd vs udpcast vs UFTP: latest result of each scenario"
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--scenario", "-s", action="append", default=[], help="scenario name (repeatable)")
+    parser.add_argument("--all", action="store_true", help=f"run {', '.join(ISSUE_SCENARIOS)}")
+    parser.add_argument("--list", action="store_true", help="list the scenarios and tools")
+    parser.add_argument("--size", help="file size for every case instead of the scenario's (e.g. 50M)")
+    parser.add_argument(
+        "--tools", help=f"comma-separated, from {', '.join(RUNNERS)} (default: the scenario's)"
+    )
+    parser.add_argument(
+        "--case", type=int, action="append", help="run only this case of the scenario (0-based)"
+    )
+    parser.add_argument(
+        "--rate-factor",
+        type=float,
+        default=0.98,
+        help="share of the link each fixed-rate tool is told to send at, counted in Ethernet "
+        "frames (default 0.98)",
+    )
+    parser.add_argument("--workdir", default="/dev/shm", help="where sources and copies go (default: tmpfs)")
+    parser.add_argument("--timeout", type=float, help="seconds one tool may take in one case")
+    parser.add_argument(
+        "--code-from",
+        default=str(HERE.parent),
+        help="a tree holding the mrsyncd/ to measure (default: this repository's), e.g. a patched copy",
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="py-spy the mrsyncd sender and node1's receiver (pip install py-spy)",
+    )
+    args = parser.parse_args()
+
+    if args.list:
+        for s in SCENARIOS.values():
+            print(f"{s.name:6} {s.title}\n       target: {s.target}\n       tools: {', '.join(s.tools)}")
+            for c in s.cases:
+                print(f"       case: {c}")
+        print("\ntools: " + ", ".join(f"{n} ({r.description})" for n, r in RUNNERS.items()))
+        return 0
+    names = list(ISSUE_SCENARIOS) if args.all else args.scenario
+    if not names:
+        parser.error("say --scenario NAME, --all or --list")
+    unknown = [n for n in names if n not in SCENARIOS]
+    if unknown:
+        parser.error(f"unknown scenario {unknown}; try --list")
+    if os.geteuid() != 0:
+        parser.error("run as root (network namespaces, tc, iptables)")
+    missing = sorted({pkg for cmd, pkg in NEEDS.items() if shutil.which(cmd) is None})
+    if missing:
+        parser.error(f"apt-get install {' '.join(missing)}")
+    tools_override = args.tools.split(",") if args.tools else None
+    for t in tools_override or []:
+        if t not in RUNNERS:
+            parser.error(f"unknown tool {t}; from {', '.join(RUNNERS)}")
+
+    interrupt_on_signals()
+    swept = sweep_dead_runs()
+    if swept:
+        print(f"swept {len(swept)} namespaces of dead runs")
+    RESULTS.mkdir(exist_ok=True)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    workdir = Path(args.workdir) / f"mrbench-{os.getpid()}"
+    workdir.mkdir(parents=True)
+    sources: dict[int, tuple[Path, str]] = {}
+    args.code, code_digest = snapshot_code(workdir, Path(args.code_from))
+    size = parse_size(args.size) if args.size else None
+    status = 0
+    try:
+        for name in names:
+            scenario = SCENARIOS[name]
+            if size:
+                scenario = resized(scenario, size)
+            tag = f"{name}-{size // MiB}MiB" if size else f"{name}-full"
+            tools = tools_override or list(scenario.tools)
+            if scenario.name == "E" and not tools_override:
+                tools = [*tools, "uftp-tfmcc"]
+            logdir = RESULTS / f"{tag}-{stamp}-logs"
+            doc: dict[str, Any] = {
+                "scenario": scenario.name,
+                "title": scenario.title,
+                "target": scenario.target,
+                "notes": scenario.notes,
+                "size_override": size,
+                "rate_factor": args.rate_factor,
+                "started": datetime.datetime.now().isoformat(timespec="seconds"),
+                "machine": {**versions(), "mrsyncd_code_sha256": code_digest, "code_from": args.code_from},
+                "tools": tools,
+                "cases": [],
+            }
+            print(f"\n#### scenario {scenario.name}: {scenario.title}\n     target: {scenario.target}")
+            out = RESULTS / f"{tag}-{stamp}.json"
+            for i in range(len(scenario.cases)):
+                if args.case and i not in args.case:
+                    continue
+                doc["cases"].append(run_case(scenario, i, tools, args, workdir, logdir, sources))
+                doc["targets"] = report.targets(doc)
+                out.write_text(json.dumps(doc, indent=1))
+            table = report.table(doc)
+            lines = [f"### {scenario.name}: {scenario.title}", "", table, ""]
+            for t in doc["targets"]:
+                mark = {True: "met", False: "MISSED", None: "n/a"}[t["met"]]
+                lines.append(f"- target {t['target']}: **{mark}** ({t['evidence']})")
+            text = "\n".join(lines)
+            print("\n" + text)
+            (RESULTS / f"{tag}-{stamp}.md").write_text(text + "\n")
+            report.chart([doc], RESULTS / f"{tag}-{stamp}.png", f"{scenario.name}: {scenario.title}")
+            if not all(r.get("ok") for c in doc["cases"] for r in c["results"].values()):
+                status = 1
+        chart = summary_chart()
+        print(f"\nresults in {RESULTS}" + (f"; summary chart {chart}" if chart else ""))
+    except KeyboardInterrupt as e:
+        print(f"\ninterrupted ({e}): tearing down", file=sys.stderr)
+        status = 130
+    finally:
+        with contextlib.suppress(Exception):
+            shutil.rmtree(workdir)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

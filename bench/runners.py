@@ -1,0 +1,800 @@
+"""
+The tools the benchmark runs, one `Runner` each, and the driver that times them.
+
+A runner starts the receivers (as a cluster would have them waiting), then
+*submits* the transfer (starts the sender: the clock starts here), and says
+where each node's copy lands.  `measure` does the rest for every tool alike:
+counters, per-node completion times (the copy at its final path with its
+full size), CPU and memory of every process, and the sha256 of every copy.
+
+To add a tool (e.g. the mrsyncd daemon with the ``mrsync`` CLI, once it can
+be driven here), subclass `Runner` and register it in `RUNNERS`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.netlan import IPERF_PORT, Host, Lan
+from bench.procs import Proc
+from bench.scenarios import Case
+
+REPO = Path(__file__).resolve().parent.parent
+GROUP_BASE = "239.255.88."
+#: The rate controller's debug line, every 0.1 s (mrsyncd/transfer.py).
+RATE_LINE = re.compile(r"rate ([0-9.]+) Mbit/s, monitor ([^,\s]+)")
+#: Bytes an Ethernet frame adds to a UDP payload (14 Ethernet + 20 IPv4 + 8 UDP):
+#: tbf counts the frame without its FCS.
+FRAME_OVERHEAD = 42
+
+
+@dataclass
+class Context:
+    lan: Lan
+    case: Case
+    source: Path
+    sha256: str
+    workdir: Path
+    logdir: Path
+    #: The share of the master's link each tool is told to use.
+    rate_factor: float
+    timeout: float
+    profile: Path | None = None
+    #: Where the snapshot of mrsyncd/ taken when the run started lives (PYTHONPATH for its processes).
+    code: Path = REPO
+
+    @property
+    def wire_bps(self) -> float:
+        """The rate on the wire (Ethernet frames) each tool is asked to keep."""
+        return self.case.link_bps * self.rate_factor
+
+
+@dataclass
+class ToolResult:
+    tool: str
+    ok: bool = False
+    error: str = ""
+    #: Submission to the last node's copy complete at its final path.
+    wall: float | None = None
+    #: Submission to the sender's exit.
+    sender_exit: float | None = None
+    node_seconds: dict[str, float | None] = field(default_factory=dict)
+    verified: dict[str, bool] = field(default_factory=dict)
+    sender: dict[str, Any] = field(default_factory=dict)
+    receivers: list[dict[str, Any]] = field(default_factory=list)
+    counters: dict[str, int] = field(default_factory=dict)
+    qdisc: dict[str, Any] = field(default_factory=dict)
+    snmp: dict[str, int] = field(default_factory=dict)
+    dropped_udp: int = 0
+    tcp: dict[str, Any] = field(default_factory=dict)
+    rate_arg: str = ""
+    #: Whole-machine CPU over the transfer, from /proc/stat (seconds by kind, and busy share of all cores).
+    machine_cpu: dict[str, float] = field(default_factory=dict)
+    #: The master's eth0 transmit counter: [seconds since submission, bytes], every ~0.1 s.
+    timeline: list[tuple[float, int]] = field(default_factory=list)
+    #: From the timeline: first data out, steady rate (10%..90% of bytes), tail after 99%.
+    phases: dict[str, float | None] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+def wait_quiet(limit: float = 0.15, window: float = 1.0, timeout: float = 180.0) -> float:
+    """
+    Wait until the machine's CPU is mostly idle (other work on a shared
+    machine skews every figure); returns the busy share last seen.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        a = machine_cpu()
+        time.sleep(window)
+        b = machine_cpu()
+        busy = cpu_delta(a, b, window)["busy_share"]
+        if busy <= limit or time.monotonic() > deadline:
+            return busy
+
+
+def process_cpu(our_netns: set[int]) -> dict[int, tuple[str, float]]:
+    """
+    CPU seconds of every process on the machine that is neither ours (the
+    benchmark, or anything in the LAN's namespaces) nor short-lived:
+    {pid: (kind, seconds)} with kind "kernel" for kernel threads (softirq
+    work in ksoftirqd lands there) or "other" for other people's work.
+    """
+    me = os.getpid()
+    out: dict[int, tuple[str, float]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        pid = int(entry.name)
+        if pid == me:
+            continue
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                head, _, rest = f.read().rpartition(")")
+            fields = rest.split()
+            ppid, flags = int(fields[1]), int(fields[6])
+            cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            if flags & 0x00200000 or pid == 2 or ppid == 2:  # PF_KTHREAD
+                out[pid] = ("kernel", cpu)
+                continue
+            if ppid == me or os.stat(f"/proc/{pid}/ns/net").st_ino in our_netns:
+                continue
+            out[pid] = ("other", cpu)
+        except (OSError, ValueError, IndexError):
+            continue
+    return out
+
+
+def foreign_cpu(
+    before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]
+) -> dict[str, float]:
+    total = {"kernel": 0.0, "other": 0.0}
+    for pid, (kind, cpu) in after.items():
+        total[kind] += cpu - before.get(pid, (kind, 0.0))[1]
+    return {k: round(v, 2) for k, v in total.items()}
+
+
+def self_cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+def machine_cpu() -> list[int]:
+    """Jiffies from /proc/stat's first line: user nice system idle iowait irq softirq steal."""
+    with open("/proc/stat") as f:
+        return [int(x) for x in f.readline().split()[1:9]]
+
+
+def cpu_delta(a: list[int], b: list[int], wall: float) -> dict[str, float]:
+    d = [(y - x) / os.sysconf("SC_CLK_TCK") for x, y in zip(a, b, strict=True)]
+    names = ["user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal"]
+    out = {k: round(v, 2) for k, v in zip(names, d, strict=True)}
+    total = sum(d)
+    out["busy_share"] = round(1 - (d[3] + d[4]) / total, 3) if total else 0.0
+    out["wall"] = round(wall, 2)
+    return out
+
+
+def tx_bytes(pid: int, ifname: str = "eth0") -> int | None:
+    """Bytes sent by ``ifname`` of the namespace that ``pid`` runs in."""
+    try:
+        with open(f"/proc/{pid}/net/dev") as f:
+            for line in f:
+                name, _, rest = line.partition(":")
+                if name.strip() == ifname:
+                    return int(rest.split()[8])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def phases(timeline: list[tuple[float, int]], wall: float | None) -> dict[str, float | None]:
+    if len(timeline) < 3 or timeline[-1][1] - timeline[0][1] <= 0:
+        return {}
+    base = timeline[0][1]
+    total = timeline[-1][1] - base
+
+    def when(share: float) -> float:
+        return next(t for t, b in timeline if b - base >= share * total)
+
+    first = next((t for t, b in timeline if b - base > 64 * 1024), None)
+    t10, t90, t99 = when(0.10), when(0.90), when(0.99)
+    steady = 0.8 * total * 8 / (t90 - t10) if t90 > t10 else None
+    return {
+        "first_data_s": first,
+        "steady_wire_bps": steady,
+        "t99_s": t99,
+        "tail_s": (wall - t99) if wall else None,
+        "wire_bytes": total,
+    }
+
+
+class Runner:
+    name = ""
+    description = ""
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self.lan = ctx.lan
+        self.receivers: list[Proc] = []
+        self.sender: Proc | None = None
+        self.dir = ctx.workdir / self.name
+        self.rate_arg = ""
+
+    # What a tool says.
+
+    def node_dir(self, node: Host) -> Path:
+        return self.dir / node.name
+
+    def node_path(self, node: Host) -> Path:
+        """Where a node's copy of the source ends up, complete."""
+        return self.node_dir(node) / self.ctx.source.name
+
+    def start_receivers(self) -> None:
+        raise NotImplementedError
+
+    def submit(self) -> Proc:
+        raise NotImplementedError
+
+    def details(self) -> dict[str, Any]:
+        return {}
+
+    # Shared.
+
+    def proc(self, host: Host, role: str, argv: list[str], **kwargs: Any) -> Proc:
+        p = Proc(host, role, argv, self.ctx.logdir / f"{self.name}-{host.name}-{role}.log", **kwargs)
+        if role == "sender":
+            self.sender = p
+        else:
+            self.receivers.append(p)
+        return p
+
+    def prepare_dirs(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+        for node in self.lan.nodes:
+            self.node_dir(node).mkdir(parents=True)
+
+    def stop(self) -> None:
+        for p in [*self.receivers, *([self.sender] if self.sender else [])]:
+            p.stop()
+
+    def clean(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def wait_idle(procs: list[Proc], timeout: float = 30.0, quiet: float = 0.02) -> None:
+    """Wait until started processes have loaded and sit waiting (CPU stops growing)."""
+    deadline = time.monotonic() + timeout
+    time.sleep(0.3)
+    last = None
+    while time.monotonic() < deadline:
+        for p in procs:
+            p.sample(force=True)
+            if not p.poll():
+                raise RuntimeError(f"{p.role} on {p.host.name} exited early ({p.rc}):\n{p.tail()}")
+        cpu = [p.cpu for p in procs]
+        if last is not None and all(now - then <= quiet for now, then in zip(cpu, last, strict=True)):
+            return
+        last = cpu
+        time.sleep(0.3)
+
+
+class MrsyncEngine(Runner):
+    """mrsyncd's data plane alone: ``mrsync-engine send`` and ``receive`` (python3 -m mrsyncd.enginecli)."""
+
+    name = "mrsyncd"
+    description = "mrsync-engine send/receive (data plane, fixed rate)"
+    DATA_PORT = 7717
+    CONTROL_PORT = 7718
+    #: The pacer counts datagram bytes (payload + mrsyncd's header); asked of the code under test.
+    DATAGRAM = 1452
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "mrsyncd.enginecli"]
+
+    def env(self) -> dict[str, str]:
+        # With the snapshot as the working directory too: ``python3 -m``
+        # puts the working directory first on sys.path.
+        env = dict(os.environ)
+        env["PYTHONPATH"] = str(self.ctx.code)
+        return env
+
+    def start_receivers(self) -> None:
+        probe = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "from mrsyncd import datagram as d; print(d.DEFAULT_BLOCK_SIZE + d.HEADER_SIZE, d.__file__)",
+            ],
+            capture_output=True,
+            text=True,
+            env=self.env(),
+            cwd=str(self.ctx.code),
+        )
+        size, _, where = probe.stdout.strip().partition(" ")
+        if probe.returncode != 0 or not where.startswith(str(self.ctx.code)):
+            raise RuntimeError(f"mrsyncd does not load from {self.ctx.code}: {probe.stdout} {probe.stderr}")
+        self.DATAGRAM = int(size)
+        m = self.lan.master
+        for node in self.lan.nodes:
+            self.proc(
+                node,
+                "receiver",
+                [
+                    *self.command(),
+                    "receive",
+                    "--connect",
+                    f"tcp:{m.ip}:{self.CONTROL_PORT}",
+                    "--name",
+                    node.name,
+                    "--root",
+                    str(self.node_dir(node)),
+                    "--interface",
+                    "eth0",
+                    "--wait",
+                    str(self.ctx.timeout),
+                ],
+                env=self.env(),
+                cwd=str(self.ctx.code),
+            )
+        wait_idle(self.receivers)
+
+    def submit(self) -> Proc:
+        m = self.lan.master
+        rate = self.ctx.wire_bps * self.DATAGRAM / (self.DATAGRAM + FRAME_OVERHEAD)
+        self.rate_arg = f"--rate {rate:.0f}"
+        self.report = self.ctx.logdir / f"{self.name}-report.json"
+        return self.proc(
+            m,
+            "sender",
+            [
+                *self.command(),
+                "--verbose",
+                "send",
+                "--listen",
+                f"tcp:{self.CONTROL_PORT}:interface={m.ip}",
+                "--receivers",
+                str(len(self.lan.nodes)),
+                "--wait",
+                "60",
+                "--rate",
+                f"{rate:.0f}",
+                "--destination",
+                "/",
+                "--interface",
+                "eth0",
+                "--group",
+                GROUP_BASE + "1",
+                "--port",
+                str(self.DATA_PORT),
+                "--no-loopback",
+                "--grace",
+                "30",
+                "--report",
+                str(self.report),
+                str(self.ctx.source),
+            ],
+            env=self.env(),
+            cwd=str(self.ctx.code),
+        )
+
+    def details(self) -> dict[str, Any]:
+        try:
+            report = json.loads(self.report.read_text())
+        except (OSError, ValueError) as e:
+            return {"report_error": str(e)}
+        peers = report.get("peers", {})
+        rates: list[float] = []
+        monitors: dict[str, int] = {}
+        assert self.sender is not None
+        for line in self.sender.log.read_text(errors="replace").splitlines():
+            m = RATE_LINE.search(line)
+            if m:
+                rates.append(float(m.group(1)))
+                monitors[m.group(2)] = monitors.get(m.group(2), 0) + 1
+        ordered = sorted(rates)
+        return {
+            "rate_samples": len(rates),
+            "rate_mbit_median": ordered[len(ordered) // 2] if ordered else None,
+            "rate_mbit_trace": rates,
+            "monitors": monitors,
+            "seconds": report.get("seconds"),
+            "passes": report.get("passes"),
+            "sender_stats": report.get("sender_stats"),
+            "ok": report.get("ok"),
+            "peer_stats": {name: p.get("stats") for name, p in peers.items()},
+            "failed": {name: p.get("reason") for name, p in peers.items() if not p.get("ok")},
+        }
+
+
+class Udpcast(Runner):
+    """Debian's udpcast: ``udp-sender`` / ``udp-receiver`` at a fixed --max-bitrate."""
+
+    name = "udpcast"
+    description = "udp-sender/udp-receiver, --max-bitrate fixed"
+    PORTBASE = 9000
+    #: udp-sender's --max-bitrate counts its datagrams: 1456 data + its header.
+    DATAGRAM = 1456 + 16
+    fixed_rate = True
+
+    def start_receivers(self) -> None:
+        for node in self.lan.nodes:
+            self.proc(
+                node,
+                "receiver",
+                [
+                    "udp-receiver",
+                    "--file",
+                    str(self.node_path(node)),
+                    "--interface",
+                    "eth0",
+                    "--portbase",
+                    str(self.PORTBASE),
+                    "--nokbd",
+                    "--no-progress",
+                    "--rcvbuf",
+                    str(4 << 20),
+                    "--start-timeout",
+                    str(int(self.ctx.timeout)),
+                ],
+            )
+        wait_idle(self.receivers)
+
+    def submit(self) -> Proc:
+        argv = [
+            "udp-sender",
+            "--file",
+            str(self.ctx.source),
+            "--interface",
+            "eth0",
+            "--portbase",
+            str(self.PORTBASE),
+            "--nokbd",
+            "--no-progress",
+            "--min-receivers",
+            str(len(self.lan.nodes)),
+            "--mcast-data-address",
+            GROUP_BASE + "2",
+            # The sender says HELLO once; a receiver that lost it (loss at
+            # the nodes) would never join: repeat it every second.
+            "--rexmit-hello-interval",
+            "1000",
+        ]
+        if self.fixed_rate:
+            rate = self.ctx.wire_bps * self.DATAGRAM / (self.DATAGRAM + FRAME_OVERHEAD)
+            self.rate_arg = f"--max-bitrate {rate:.0f}"
+            argv += ["--max-bitrate", f"{rate:.0f}"]
+        else:
+            self.rate_arg = "(none: its defaults)"
+        return self.proc(self.lan.master, "sender", argv)
+
+
+class UdpcastDefaults(Udpcast):
+    name = "udpcast-default"
+    description = "udp-sender/udp-receiver with the sender's defaults (no rate limit)"
+    fixed_rate = False
+
+
+class Uftp(Runner):
+    """Debian's UFTP: ``uftp -R`` to a ``uftpd -d`` in every node, each with its own -D and -T."""
+
+    name = "uftp"
+    description = "uftp -R rate (fixed), uftpd -d per node"
+    PORT = 1044
+    BLOCK = 1400
+    #: -R counts its datagrams: the block plus UFTP's headers (about 36 bytes).
+    DATAGRAM = 1400 + 36
+    congestion = "none"
+
+    def node_id(self, node: Host) -> str:
+        return f"0x{int.from_bytes(bytes(int(b) for b in node.ip.split('.')), 'big'):08x}"
+
+    def start_receivers(self) -> None:
+        for node in self.lan.nodes:
+            temp = self.node_dir(node) / ".uftp-tmp"
+            temp.mkdir()
+            self.proc(
+                node,
+                "receiver",
+                [
+                    "uftpd",
+                    "-d",
+                    "-q",
+                    "-I",
+                    "eth0",
+                    "-M",
+                    GROUP_BASE + "3",
+                    "-p",
+                    str(self.PORT),
+                    "-U",
+                    self.node_id(node),
+                    "-B",
+                    str(4 << 20),
+                    "-D",
+                    str(self.node_dir(node)),
+                    "-T",
+                    str(temp),
+                    "-x",
+                    "1",
+                ],
+            )
+        wait_idle(self.receivers)
+
+    def submit(self) -> Proc:
+        ids = ",".join(self.node_id(n) for n in self.lan.nodes)
+        self.status = self.ctx.logdir / f"{self.name}-status.txt"
+        argv = [
+            "uftp",
+            "-I",
+            "eth0",
+            "-M",
+            GROUP_BASE + "3",
+            "-P",
+            GROUP_BASE + "4",
+            "-p",
+            str(self.PORT),
+            "-H",
+            ids,
+            "-B",
+            str(4 << 20),
+            "-b",
+            str(self.BLOCK),
+            "-x",
+            "1",
+            "-S",
+            str(self.status),
+        ]
+        if self.congestion == "none":
+            rate = self.ctx.wire_bps * self.DATAGRAM / (self.DATAGRAM + FRAME_OVERHEAD)
+            self.rate_arg = f"-R {rate / 1e3:.0f}"
+            argv += ["-R", f"{rate / 1e3:.0f}"]
+        else:
+            top = self.ctx.wire_bps / 1e3
+            self.rate_arg = f"-C tfmcc:max={top:.0f}"
+            argv += ["-C", f"tfmcc:max={top:.0f}"]
+        return self.proc(self.lan.master, "sender", [*argv, str(self.ctx.source)])
+
+    def details(self) -> dict[str, Any]:
+        try:
+            lines = self.status.read_text().splitlines()
+        except OSError:
+            return {}
+        return {"status": [line for line in lines if line.startswith(("STATS", "RESULT", "CONNECT"))][:64]}
+
+
+class UftpTfmcc(Uftp):
+    name = "uftp-tfmcc"
+    description = "uftp -C tfmcc (TCP-friendly congestion control), capped at the link rate"
+    congestion = "tfmcc"
+
+
+RUNNERS: dict[str, type[Runner]] = {
+    r.name: r for r in (MrsyncEngine, Udpcast, UdpcastDefaults, Uftp, UftpTfmcc)
+}
+
+
+def sha256(path: Path) -> str | None:
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(4 << 20):
+                h.update(chunk)
+    except OSError:
+        return None
+    return h.hexdigest()
+
+
+class Competitor:
+    """An iperf3 TCP flow from the master to node1, counted at node1."""
+
+    def __init__(self, lan: Lan, logdir: Path, tag: str) -> None:
+        self.lan = lan
+        self.node = lan.nodes[0]
+        self.logdir = logdir
+        self.tag = tag
+        self.node.iptables("-A", "INPUT", "-p", "tcp", "--dport", str(IPERF_PORT))
+        self.server = Proc(
+            self.node,
+            "iperf3-server",
+            ["iperf3", "-s", "-B", self.node.ip, "-p", str(IPERF_PORT)],
+            logdir / f"iperf3-{tag}-server.log",
+        )
+        self.client: Proc | None = None
+        time.sleep(0.5)
+
+    def bytes(self) -> int:
+        for line in self.node.iptables("-L", "INPUT", "-v", "-n", "-x").splitlines():
+            if "tcp" in line and f"dpt:{IPERF_PORT}" in line:
+                return int(line.split()[1])
+        return 0
+
+    def start(self, seconds: int = 3600) -> None:
+        self.client = Proc(
+            self.lan.master,
+            "iperf3-client",
+            ["iperf3", "-c", self.node.ip, "-p", str(IPERF_PORT), "-t", str(seconds)],
+            self.logdir / f"iperf3-{self.tag}-client.log",
+        )
+
+    def stop_client(self) -> None:
+        if self.client is not None:
+            self.client.stop()
+            self.client = None
+        time.sleep(0.5)
+
+    def alone(self, warmup: float = 2.0, window: float = 6.0) -> float:
+        """The flow's rate in bit/s with nothing else on the link."""
+        self.start()
+        time.sleep(warmup)
+        b0, t0 = self.bytes(), time.monotonic()
+        time.sleep(window)
+        rate = (self.bytes() - b0) * 8 / (time.monotonic() - t0)
+        self.stop_client()
+        return rate
+
+    def close(self) -> None:
+        self.stop_client()
+        self.server.stop()
+
+
+def measure(runner: Runner, competitor: Competitor | None = None) -> ToolResult:
+    ctx, lan = runner.ctx, runner.lan
+    result = ToolResult(runner.name)
+    size = ctx.case.size
+    try:
+        runner.prepare_dirs()
+        runner.start_receivers()
+        lan.zero_counters()
+        snmp0 = lan.master.snmp()
+        qd0 = lan.qdisc_stats()
+        busy_before = wait_quiet()
+        tcp0 = 0
+        if competitor is not None:
+            competitor.start()
+            time.sleep(3.0)
+            tcp0 = competitor.bytes()
+        netns = lan.netns_inodes()
+        cpu0, own0, procs0 = machine_cpu(), self_cpu(), process_cpu(netns)
+        t0 = time.monotonic()
+        sender = runner.submit()
+        tx0 = tx_bytes(lan.anchor.pid) or 0
+        last_tx = 0.0
+        result.rate_arg = runner.rate_arg
+        profilers = []
+        if ctx.profile is not None and runner.name == "mrsyncd":
+            profilers = [
+                start_profiler(sender, ctx.profile, ctx),
+                start_profiler(runner.receivers[0], ctx.profile.with_name("mrsyncd-receiver.pyspy.txt"), ctx),
+            ]
+        done: dict[str, float] = {}
+        sender_failed_at = None
+        procs = [sender, *runner.receivers]
+        while True:
+            now = time.monotonic()
+            if now - last_tx >= 0.1:
+                b = tx_bytes(lan.anchor.pid)
+                if b is not None:
+                    result.timeline.append((round(now - t0, 3), b - tx0))
+                    last_tx = now
+            for p in procs:
+                p.poll()
+            for node in lan.nodes:
+                if node.name not in done:
+                    try:
+                        if os.stat(runner.node_path(node)).st_size == size:
+                            done[node.name] = now - t0
+                    except OSError:
+                        pass
+            if not sender.running:
+                if result.sender_exit is None:
+                    result.sender_exit = sender.ended - t0  # type: ignore[operator]
+                if len(done) == len(lan.nodes):
+                    break
+                sender_failed_at = sender_failed_at or now
+                if now - sender_failed_at > 5.0:
+                    result.error = (
+                        f"sender exited {sender.rc} with {len(lan.nodes) - len(done)} nodes incomplete"
+                    )
+                    break
+            if now - t0 > ctx.timeout:
+                result.error = (
+                    f"timed out after {ctx.timeout:.0f} s ({len(done)}/{len(lan.nodes)} nodes done)"
+                )
+                break
+            time.sleep(0.02)
+        end = time.monotonic()
+        result.machine_cpu = cpu_delta(cpu0, machine_cpu(), end - t0)
+        result.machine_cpu["bench_self"] = round(self_cpu() - own0, 2)
+        fc = foreign_cpu(procs0, process_cpu(netns))
+        result.machine_cpu["kernel_threads"] = fc["kernel"]
+        result.machine_cpu["other_processes"] = fc["other"]
+        if competitor is not None:
+            moved = competitor.bytes() - tcp0
+            span = max(done.values()) if done else end - t0
+            result.tcp = {
+                "bytes_during": moved,
+                "seconds": span,
+                "bps_during": moved * 8 / span if span else None,
+            }
+            competitor.stop_client()
+        for profiler in profilers:
+            if profiler is not None:
+                stop_profiler(profiler)
+        result.counters = lan.read_counters()
+        snmp1 = lan.master.snmp()
+        result.snmp = {
+            k: snmp1[k] - snmp0.get(k, 0)
+            for k in ("IpFragCreates", "IpFragOKs", "UdpSndbufErrors")
+            if k in snmp1
+        }
+        qd1 = lan.qdisc_stats()
+        result.qdisc = {k: (qd1.get(k) or 0) - (qd0.get(k) or 0) for k in qd1}
+        result.dropped_udp = sum(n.dropped_udp() for n in lan.nodes)
+        for p in runner.receivers:
+            p.sample(force=True)
+        runner.stop()
+        result.node_seconds = {n.name: done.get(n.name) for n in lan.nodes}
+        result.wall = max(done.values()) if len(done) == len(lan.nodes) else None
+        result.phases = phases(result.timeline, result.wall)
+        result.sender = sender.usage()
+        result.receivers = [p.usage() for p in runner.receivers]
+        mc = result.machine_cpu
+        busy = sum(mc[k] for k in ("user", "nice", "system", "irq", "softirq", "steal"))
+        ours = result.sender["cpu"] + sum(p["cpu"] for p in result.receivers) + mc["bench_self"]
+        # What the machine did besides our processes: kernel threads (softirq
+        # packet work), other people's processes, and the rest (softirq
+        # charged to nobody, short-lived processes): rough figures.
+        mc["unaccounted"] = round(busy - ours - mc["kernel_threads"] - mc["other_processes"], 2)
+        mc["others"] = mc["other_processes"]
+        result.details = {"busy_before": busy_before, **runner.details()}
+        if sender.rc not in (0, None) and not result.error:
+            result.error = f"sender exited {sender.rc}"
+        with ThreadPoolExecutor(2) as pool:
+            digests = dict(
+                zip(
+                    [n.name for n in lan.nodes],
+                    pool.map(lambda n: sha256(runner.node_path(n)), lan.nodes),
+                    strict=True,
+                )
+            )
+        result.verified = {name: d == ctx.sha256 for name, d in digests.items()}
+        if not all(result.verified.values()) and not result.error:
+            bad = sorted(n for n, v in result.verified.items() if not v)
+            result.error = f"{len(bad)} copies do not match the source: {', '.join(bad[:5])}"
+        result.ok = not result.error and all(result.verified.values())
+        if not result.ok:
+            tails = {f"{p.host.name}-{p.role}": p.tail() for p in [sender, *runner.receivers[:2]]}
+            result.details["log_tails"] = tails
+    except Exception as e:
+        result.error = f"{type(e).__name__}: {e}"
+        result.ok = False
+    finally:
+        runner.stop()
+        runner.clean()
+    return result
+
+
+def start_profiler(proc: Proc, out: Path, ctx: Context) -> subprocess.Popen | None:
+    """py-spy on an mrsyncd process (raw collapsed stacks), if py-spy is installed."""
+    pyspy = shutil.which("py-spy") or next(
+        (p for p in ("/tmp/venvpypi/bin/py-spy", "/usr/local/bin/py-spy") if os.path.exists(p)), None
+    )
+    if pyspy is None:
+        print("  (py-spy not found: no profile)")
+        return None
+    # py-spy runs outside the namespace and attaches by pid; it ends when the sender does.
+    argv = [
+        pyspy,
+        "record",
+        "--pid",
+        str(proc.pid),
+        "--rate",
+        "250",
+        "--format",
+        "raw",
+        "--output",
+        str(out),
+        "--nonblocking",
+        "--threads",
+    ]
+    with open(out.with_suffix(".log"), "wb") as log:
+        return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def stop_profiler(p: subprocess.Popen) -> None:
+    try:
+        p.wait(30)
+    except subprocess.TimeoutExpired:
+        p.terminate()
+        p.wait()

@@ -1,0 +1,129 @@
+"""
+The benchmark's scenarios (issue 4), as a table.
+
+A scenario is one or more cases; a case is one LAN (nodes, master link rate,
+loss, slow nodes, a competing TCP flow) on which every tool sends the same
+file in turn.  Scenario D compares two node counts and F a LAN with and
+without its slow node, so they have two cases each.  Targets are reported,
+never asserted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+MiB = 1 << 20
+GiB = 1 << 30
+Mbit = 1_000_000
+Gbit = 1_000_000_000
+
+
+@dataclass(frozen=True)
+class Case:
+    label: str
+    nodes: int
+    link_bps: float
+    size: int
+    #: Share of UDP datagrams dropped at every node's INPUT.
+    loss: float = 0.0
+    #: The last ``slow_nodes`` nodes sit behind links of ``link_bps * slow_factor``.
+    slow_nodes: int = 0
+    slow_factor: float = 0.1
+    #: An iperf3 TCP flow from the master to node1 across the bottleneck, during each transfer.
+    tcp_competitor: bool = False
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    title: str
+    cases: tuple[Case, ...]
+    target: str
+    tools: tuple[str, ...] = ("mrsyncd", "udpcast", "uftp")
+    notes: str = ""
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+SCENARIOS: dict[str, Scenario] = {
+    s.name: s
+    for s in [
+        Scenario(
+            "A",
+            "100 Mbit/s, 8 nodes, 200 MiB, no loss",
+            (Case("8 nodes", 8, 100 * Mbit, 200 * MiB),),
+            "mrsyncd >= 90% efficiency and faster than udpcast and UFTP",
+        ),
+        Scenario(
+            "B",
+            "100 Mbit/s, 8 nodes, 200 MiB, 2% random loss at every node",
+            (Case("8 nodes, 2% loss", 8, 100 * Mbit, 200 * MiB, loss=0.02),),
+            "mrsyncd >= 85% efficiency",
+        ),
+        Scenario(
+            "C",
+            "1 Gbit/s, 3 nodes, 1 GiB",
+            (Case("3 nodes", 3, 1 * Gbit, 1 * GiB),),
+            "mrsyncd at least as fast as udpcast",
+        ),
+        Scenario(
+            "D",
+            "time flat in nodes: 1 vs 24 nodes, 50 Mbit/s, 100 MiB",
+            (Case("1 node", 1, 50 * Mbit, 100 * MiB), Case("24 nodes", 24, 50 * Mbit, 100 * MiB)),
+            "mrsyncd's 24-node time <= 1.15 x its 1-node time",
+            notes="100 MiB instead of 200 MiB keeps 25 copies in memory and the run short; "
+            "24 receivers share the machine's 2 cores, so their CPU is part of what is measured.",
+        ),
+        Scenario(
+            "E",
+            "TCP-friendliness: an iperf3 TCP flow across the 100 Mbit/s bottleneck, 8 nodes, 200 MiB",
+            (Case("8 nodes + TCP", 8, 100 * Mbit, 200 * MiB, tcp_competitor=True),),
+            "the TCP flow keeps >= 40% of the link during the transfer (alone it gets ~96 Mbit/s)",
+        ),
+        Scenario(
+            "F",
+            "a slow node: 8 nodes at 100 Mbit/s, one behind a 10 Mbit/s link, 50 MiB",
+            (
+                Case("7 nodes", 7, 100 * Mbit, 50 * MiB),
+                Case("7 nodes + 1 slow", 8, 100 * Mbit, 50 * MiB, slow_nodes=1),
+            ),
+            "the others finish within 1.25 x their time without the slow node; "
+            "the slow node within 1.25 x its own link's bound",
+            notes="50 MiB: the slow node's bound alone is 42 s at 10 Mbit/s.",
+        ),
+        Scenario(
+            "G",
+            "feedback: 24 nodes at 2% loss, 100 Mbit/s, 100 MiB",
+            (Case("24 nodes, 2% loss", 24, 100 * Mbit, 100 * MiB, loss=0.02),),
+            "feedback bytes (nodes -> master) < 1% of data bytes sent",
+        ),
+        # Sweeps for the chart: throughput against nodes and against loss.
+        Scenario(
+            "nodes",
+            "sweep: 1, 2, 4, 8, 16 nodes at 100 Mbit/s, 100 MiB, no loss",
+            tuple(Case(f"{n} nodes", n, 100 * Mbit, 100 * MiB) for n in (1, 2, 4, 8, 16)),
+            "flat",
+        ),
+        Scenario(
+            "loss",
+            "sweep: 0, 0.5, 1, 2, 5% loss, 8 nodes at 100 Mbit/s, 100 MiB",
+            tuple(Case(f"{p:g}% loss", 8, 100 * Mbit, 100 * MiB, loss=p / 100) for p in (0, 0.5, 1, 2, 5)),
+            "graceful",
+        ),
+    ]
+}
+
+#: What ``--all`` runs: the issue's scenarios (the sweeps are run by name).
+ISSUE_SCENARIOS = ("A", "B", "C", "D", "E", "F", "G")
+
+
+def resized(scenario: Scenario, size: int) -> Scenario:
+    """The same scenario with every case's file ``size`` bytes (a quick run)."""
+    return replace(scenario, cases=tuple(replace(c, size=size) for c in scenario.cases))
+
+
+def parse_size(text: str) -> int:
+    units = {"k": 1 << 10, "m": MiB, "g": GiB}
+    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    if t and t[-1] in units:
+        return int(float(t[:-1]) * units[t[-1]])
+    return int(t)
