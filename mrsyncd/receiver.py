@@ -403,9 +403,12 @@ class Receiver(DatagramProtocol):
             return True
         f = self._files[index]
         try:
-            os.pwrite(self._fd(f), pending[1], pending[0])
+            written = os.pwrite(self._fd(f), pending[1], pending[0])
         except OSError as e:
             self._fail(f, f"cannot write: {e.strerror}")
+            return False
+        if written != len(pending[1]):
+            self._fail(f, f"cannot write: {written} of {len(pending[1])} bytes written")
             return False
         return True
 

@@ -301,7 +301,8 @@ class Transfer:
         since = max(self._last_heard[name], self._pass_ended)
         silent_for = self.reactor.seconds() - since
         if silent_for >= self.grace:
-            self._fail(name, f"no answer for {silent_for:.0f} s (last error: {failure.getErrorMessage()})")
+            error = "timed out" if failure.check(defer.TimeoutError) else failure.getErrorMessage()
+            self._fail(name, f"no answer for {silent_for:.0f} s (last call: {error})")
 
     @defer.inlineCallbacks
     def run(self) -> Any:
@@ -474,7 +475,15 @@ class Transfer:
 
     @defer.inlineCallbacks
     def _collect_results(self) -> Any:
-        """Ask every live peer for its results; this also ends the transfer there."""
+        """
+        Ask every live peer for its results; this also ends the transfer
+        there.  A failed peer is told too, in case it can still hear: its
+        receiver leaves the group and its part files go, since no later job
+        resumes this transfer.
+        """
+        for name in self.peers:
+            if not self.reports[name].ok:
+                self._call(name, "results", self.offer.transfer_id, discard=True).addErrback(lambda _: None)
         names = self.live
         answers = yield defer.DeferredList(
             [
