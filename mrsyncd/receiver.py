@@ -402,13 +402,18 @@ class Receiver(DatagramProtocol):
         if pending is None:
             return True
         f = self._files[index]
+        offset, data = pending
+        view = memoryview(data)
         try:
-            written = os.pwrite(self._fd(f), pending[1], pending[0])
+            while view:
+                # A short write (the disk just filled) is followed by one
+                # that says why.
+                written = os.pwrite(self._fd(f), view, offset)
+                if not written:
+                    raise OSError(errno.EIO, "no progress writing")
+                view, offset = view[written:], offset + written
         except OSError as e:
             self._fail(f, f"cannot write: {e.strerror}")
-            return False
-        if written != len(pending[1]):
-            self._fail(f, f"cannot write: {written} of {len(pending[1])} bytes written")
             return False
         return True
 
