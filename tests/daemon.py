@@ -45,11 +45,12 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from mrsyncd import certs
+from tests import support
 
 REPO = str(Path(__file__).resolve().parent.parent)
 #: twistd on the running interpreter (``python -m twisted`` is ``twist``, not ``twistd``).
@@ -850,3 +851,42 @@ class AmpClient:
 def operator_client(c: Cluster, timeout: float = 30.0) -> AmpClient:
     """An `AmpClient` to the cluster's master with the operator's certificate."""
     return AmpClient.connect(c.host, c.port, c.ca.cert, c.operator, timeout)
+
+
+# Helpers the daemon, fault, hostile-input and load tests share.
+
+
+class _Check:
+    def assertEqual(self, first: Any, second: Any, msg: Any = None) -> None:  # noqa: N802
+        assert first == second, f"{msg}: {first!r} != {second!r}" if msg else f"{first!r} != {second!r}"
+
+
+def same_tree(src: Path, dst: Path) -> None:
+    """``dst`` holds what ``src`` does: contents, kinds, modes, mtimes, links."""
+    assert dst.is_dir(), f"{dst} was not made"
+    support.assert_same_tree(_Check(), str(src), str(dst))
+
+
+def random_file(path: Path, size: int, seed: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(random.Random(seed).randbytes(size))
+
+
+def part_files(top: Path) -> list[str]:
+    return sorted(str(p) for p in top.rglob(".mrsync-*")) if top.exists() else []
+
+
+@contextlib.contextmanager
+def time_limit(seconds: int, what: str = "the test") -> Iterator[None]:
+    """A hard bound: SIGALRM raises in the test once ``seconds`` have passed."""
+
+    def expired(signum: int, frame: object) -> None:
+        raise TimeoutError(f"{what} ran for more than {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)

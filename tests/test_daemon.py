@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import signal
 import socket
@@ -42,6 +41,9 @@ from tests.daemon import (
     FinalPaths,
     can_unshare,
     content,
+    part_files,
+    random_file,
+    same_tree,
     wait_for,
     write_toml,
 )
@@ -63,27 +65,6 @@ FOLLOW_TIMEOUT = 90.0
 NEEDS_MOUNT_NS = pytest.mark.skipif(
     not can_unshare(), reason="several nodes on one host need root (mount namespaces)"
 )
-
-
-class _Check:
-    """What `support.assert_same_tree` needs of a test case, for pytest."""
-
-    def assertEqual(self, first: Any, second: Any, msg: Any = None) -> None:  # noqa: N802
-        assert first == second, f"{msg}: {first!r} != {second!r}" if msg else f"{first!r} != {second!r}"
-
-
-def assert_same_tree(src: Path, dst: Path) -> None:
-    assert dst.is_dir(), f"{dst} was not made"
-    support.assert_same_tree(_Check(), str(src), str(dst))
-
-
-def random_file(path: Path, size: int, seed: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(random.Random(seed).randbytes(size))
-
-
-def part_files(top: Path) -> list[str]:
-    return [str(p) for p in top.rglob(".mrsync-*")] if top.exists() else []
 
 
 @pytest.fixture(scope="module")
@@ -168,7 +149,7 @@ def test_push_then_nothing_then_one_chunk(fleet: Cluster) -> None:
     unique -= (src / "hardlink.bin").stat().st_size
     assert unique <= report["sent_bytes"] <= unique * 5 // 4, f"{report['sent_bytes']} bytes for {unique}"
     for name in NODES:
-        assert_same_tree(src, c.node_dir(name) / "pub" / "t1")
+        same_tree(src, c.node_dir(name) / "pub" / "t1")
         assert part_files(c.node_dir(name) / "pub" / "t1") == []
 
     # The same push again: every file is there already, so no file data moves.
@@ -179,7 +160,7 @@ def test_push_then_nothing_then_one_chunk(fleet: Cluster) -> None:
     assert status["id"] == job and status["state"] == "done"
     assert status["sent_bytes"] == 0, f"an unchanged tree was sent again: {status}"
     for name in NODES:
-        assert_same_tree(src, c.node_dir(name) / "pub" / "t1")
+        same_tree(src, c.node_dir(name) / "pub" / "t1")
 
     # One byte of one chunk of one file changes: only that chunk is sent.
     changed = src / "dir" / "multi.bin"
@@ -200,7 +181,7 @@ def test_push_then_nothing_then_one_chunk(fleet: Cluster) -> None:
         f"one changed chunk of {chunk} bytes should cost about {chunk} bytes, not {status['sent_bytes']}"
     )
     for name in NODES:
-        assert_same_tree(src, c.node_dir(name) / "pub" / "t1")
+        same_tree(src, c.node_dir(name) / "pub" / "t1")
 
 
 # 2. The fleet as the master sees it.
@@ -399,7 +380,7 @@ def test_destination_outside_one_nodes_roots(fleet: Cluster) -> None:
     assert status["nodes"]["node2"]["state"] == "done"
     assert status["nodes"]["node3"]["state"] == "failed"
     assert root in status["nodes"]["node3"]["reason"], status["nodes"]["node3"]
-    assert_same_tree(src, c.node_dir("node2") / "private" / "t4")
+    same_tree(src, c.node_dir("node2") / "private" / "t4")
     if c.mount_ns:
         assert not (c.node_dir("node3") / "private").exists(), "node3 wrote outside its roots"
 
@@ -460,7 +441,7 @@ def test_node_killed_mid_transfer_resumes(fleet: Cluster) -> None:
     assert status["id"] == job and status["state"] == "done"
     assert {n: s["state"] for n, s in status["nodes"].items()} == {"node1": "done", "node2": "done"}
     for name in ("node1", "node2"):
-        assert_same_tree(src, c.node_dir(name) / "pub" / "t5a")
+        same_tree(src, c.node_dir(name) / "pub" / "t5a")
         assert part_files(c.node_dir(name) / "pub" / "t5a") == [], f"part files left on {name}"
     # Starting over would cost the whole file again on top of everything
     # sent so far; resuming re-sends only what node1 did not hold yet.
@@ -518,7 +499,7 @@ def test_master_killed_mid_job_resumes(fleet: Cluster) -> None:
         f" {status['nodes']}\n{c.diagnostics()}"
     )
     for name in ("node1", "node2"):
-        assert_same_tree(src, c.node_dir(name) / "pub" / "t5b")
+        same_tree(src, c.node_dir(name) / "pub" / "t5b")
 
 
 @pytest.mark.lan
@@ -550,7 +531,7 @@ def test_master_and_node_killed_node_back_later(fleet: Cluster) -> None:
         f"job {job}: exit {code}, {status['state']}: {status['message']} {status['nodes']}\n{c.diagnostics()}"
     )
     for name in ("node1", "node2"):
-        assert_same_tree(src, c.node_dir(name) / "pub" / "t5c")
+        same_tree(src, c.node_dir(name) / "pub" / "t5c")
 
 
 # 6. Jobs side by side.
@@ -593,7 +574,7 @@ def test_four_concurrent_jobs(fleet: Cluster) -> None:
     )
     for i, src in enumerate(sources):
         for name in NODES:
-            assert_same_tree(src, c.node_dir(name) / "pub" / f"t6-{i}")
+            same_tree(src, c.node_dir(name) / "pub" / f"t6-{i}")
 
 
 # The same daemons across hosts: a LAN of network namespaces.
@@ -624,7 +605,7 @@ def test_push_across_a_lan(lan: Any, tmp_path: Path) -> None:
         assert status["state"] == "done", f"{status}\n{c.diagnostics()}"
         assert sorted(status["nodes"]) == [h.name for h in net.nodes]
         for host in net.nodes:
-            assert_same_tree(src, c.node_dir(host.name) / "tree")
+            same_tree(src, c.node_dir(host.name) / "tree")
     finally:
         c.close()
 

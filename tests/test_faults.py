@@ -27,7 +27,6 @@ import json
 import os
 import random
 import re
-import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -36,7 +35,6 @@ from typing import Any
 
 import pytest
 
-from tests import support
 from tests.daemon import (
     AmpClient,
     Cluster,
@@ -44,6 +42,10 @@ from tests.daemon import (
     can_unshare,
     content,
     operator_client,
+    part_files,
+    random_file,
+    same_tree,
+    time_limit,
     wait_for,
 )
 from tests.lan import lan_fixture  # noqa: F401
@@ -62,38 +64,9 @@ JOB_TIMEOUT = 90.0
 
 
 @pytest.fixture(autouse=True)
-def time_limit() -> Iterator[None]:
-    """A hard bound on each test: SIGALRM raises in the test after 240 s."""
-
-    def expired(signum: int, frame: object) -> None:
-        raise TimeoutError("the test ran for more than 240 s")
-
-    previous = signal.signal(signal.SIGALRM, expired)
-    signal.alarm(240)
-    try:
+def bounded() -> Iterator[None]:
+    with time_limit(240):
         yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
-
-
-class _Check:
-    def assertEqual(self, first: Any, second: Any, msg: Any = None) -> None:  # noqa: N802
-        assert first == second, f"{msg}: {first!r} != {second!r}" if msg else f"{first!r} != {second!r}"
-
-
-def same_tree(src: Path, dst: Path) -> None:
-    assert dst.is_dir(), f"{dst} was not made"
-    support.assert_same_tree(_Check(), str(src), str(dst))
-
-
-def random_file(path: Path, size: int, seed: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(random.Random(seed).randbytes(size))
-
-
-def part_files(top: Path) -> list[str]:
-    return sorted(str(p) for p in top.rglob(".mrsync-*")) if top.exists() else []
 
 
 def spec(src: Path, targets: str, destination: Path, rate: float | None = None) -> dict[str, Any]:

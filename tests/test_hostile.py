@@ -27,7 +27,6 @@ import json
 import os
 import random
 import re
-import signal
 import socket
 import sqlite3
 import ssl
@@ -60,6 +59,9 @@ from tests.daemon import (
     free_tcp_port,
     joined,
     operator_client,
+    random_file,
+    same_tree,
+    time_limit,
     wait_for,
 )
 
@@ -68,19 +70,9 @@ JOB_TIMEOUT = 90.0
 
 
 @pytest.fixture(autouse=True)
-def time_limit() -> Iterator[None]:
-    """A hard bound on each test: SIGALRM raises in the test after 180 s."""
-
-    def expired(signum: int, frame: object) -> None:
-        raise TimeoutError("the test ran for more than 180 s")
-
-    previous = signal.signal(signal.SIGALRM, expired)
-    signal.alarm(180)
-    try:
+def bounded() -> Iterator[None]:
+    with time_limit(180):
         yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 # The bound on AMP boxes, in one process.
@@ -209,21 +201,6 @@ def fleet(cluster: Cluster) -> Iterator[tuple[Cluster, AmpClient]]:
         dead = [n for n, d in c.nodes.items() if not d.alive]
         assert not dead, f"nodes died: {dead}\n{c.diagnostics(dead)}"
         assert list((c.base / "outside").iterdir()) == [], "something was written outside"
-
-
-class _Check:
-    def assertEqual(self, first: Any, second: Any, msg: Any = None) -> None:  # noqa: N802
-        assert first == second, f"{msg}: {first!r} != {second!r}" if msg else f"{first!r} != {second!r}"
-
-
-def same_tree(src: Path, dst: Path) -> None:
-    assert dst.is_dir(), f"{dst} was not made"
-    support.assert_same_tree(_Check(), str(src), str(dst))
-
-
-def random_file(path: Path, size: int, seed: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(random.Random(seed).randbytes(size))
 
 
 def spec(src: Path | str, targets: str, destination: Path | str, **options: Any) -> dict[str, Any]:

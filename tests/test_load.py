@@ -18,7 +18,6 @@ import json
 import os
 import random
 import shutil
-import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,8 +25,7 @@ from typing import Any
 
 import pytest
 
-from tests import support
-from tests.daemon import Cluster, can_unshare, operator_client
+from tests.daemon import Cluster, can_unshare, operator_client, same_tree, time_limit
 
 pytestmark = [
     pytest.mark.lan,
@@ -53,25 +51,10 @@ RSS_SAMPLES = 30
 
 
 @pytest.fixture(autouse=True)
-def time_limit() -> Iterator[None]:
-    """A hard bound: SIGALRM raises in the test once the load and five minutes more have passed."""
-    budget = int(SECONDS) + 300
-
-    def expired(signum: int, frame: object) -> None:
-        raise TimeoutError(f"the load test ran for more than {budget} s")
-
-    previous = signal.signal(signal.SIGALRM, expired)
-    signal.alarm(budget)
-    try:
+def bounded() -> Iterator[None]:
+    """The load, and five minutes more."""
+    with time_limit(int(SECONDS) + 300, "the load test"):
         yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
-
-
-class _Check:
-    def assertEqual(self, first: Any, second: Any, msg: Any = None) -> None:  # noqa: N802
-        assert first == second, f"{msg}: {first!r} != {second!r}" if msg else f"{first!r} != {second!r}"
 
 
 def make_tree(root: Path, rng: random.Random) -> Path:
@@ -159,9 +142,7 @@ def test_load(tmp_path: Path) -> None:
             )
             assert sorted(status["nodes"]) == sorted(info["targets"]), status["nodes"]
             for name in info["targets"]:
-                support.assert_same_tree(
-                    _Check(), str(info["tree"]), str(c.node_dir(name) / "load" / f"d{info['slot']}")
-                )
+                same_tree(info["tree"], c.node_dir(name) / "load" / f"d{info['slot']}")
             info["sent"] = status["sent_bytes"]
             info["wall"] = time.monotonic() - info["at"]
             info["window"] = (status["started"], status["finished"])
