@@ -890,3 +890,33 @@ def time_limit(seconds: int, what: str = "the test") -> Iterator[None]:
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
+
+
+@contextlib.contextmanager
+def operator_fleet(c: Cluster) -> Iterator[AmpClient]:
+    """
+    Every daemon of ``c`` up (restarting any a test killed) and connected,
+    and an operator's AMP connection to the master; afterwards, none may
+    have died.
+    """
+    assert c.master is not None
+    if not c.master.alive:
+        c.start_master()
+    for name, daemon in c.nodes.items():
+        if not daemon.alive:
+            c.start_node(name)
+    client = operator_client(c)
+    try:
+        wait_for(
+            lambda: {n["name"]: n["state"] for n in client.nodes()},
+            lambda states: all(states.get(n) == "connected" for n in c.nodes),
+            20,
+            "every node connected",
+            c.diagnostics,
+        )
+        yield client
+    finally:
+        client.close()
+        assert c.master.alive, f"the master died:\n{c.master.tail()}"
+        dead = [n for n, d in c.nodes.items() if not d.alive]
+        assert not dead, f"nodes died: {dead}\n{c.diagnostics(dead)}"

@@ -58,7 +58,7 @@ from tests.daemon import (
     content,
     free_tcp_port,
     joined,
-    operator_client,
+    operator_fleet,
     random_file,
     same_tree,
     time_limit,
@@ -178,29 +178,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 @pytest.fixture
 def fleet(cluster: Cluster) -> Iterator[tuple[Cluster, AmpClient]]:
     """Everything up and connected, and an operator's connection to the master."""
-    c = cluster
-    assert c.master is not None
-    if not c.master.alive:
-        c.start_master()
-    for name, daemon in c.nodes.items():
-        if not daemon.alive:
-            c.start_node(name)
-    client = operator_client(c)
-    try:
-        wait_for(
-            lambda: {n["name"]: n["state"] for n in client.nodes()},
-            lambda states: all(states.get(n) == "connected" for n in c.nodes),
-            20,
-            "every node connected",
-            c.diagnostics,
-        )
-        yield c, client
-    finally:
-        client.close()
-        assert c.master.alive, f"the master died:\n{c.master.tail()}"
-        dead = [n for n, d in c.nodes.items() if not d.alive]
-        assert not dead, f"nodes died: {dead}\n{c.diagnostics(dead)}"
-        assert list((c.base / "outside").iterdir()) == [], "something was written outside"
+    with operator_fleet(cluster) as client:
+        yield cluster, client
+    assert list((cluster.base / "outside").iterdir()) == [], "something was written outside"
 
 
 def spec(src: Path | str, targets: str, destination: Path | str, **options: Any) -> dict[str, Any]:
