@@ -130,6 +130,7 @@ class Congestion(amp.Command):
         (b"loss", amp.Float()),
         (b"delay", amp.Float()),
         (b"received", amp.Integer()),
+        (b"backlog", amp.Float(optional=True)),
     ]
     requiresAnswer = False
 
@@ -343,6 +344,7 @@ class ReceiverControl(BoundedAMP):
                 loss=report.loss,
                 delay=report.delay,
                 received=report.received,
+                backlog=report.backlog,
             )
 
     def _registered(self, _: object) -> None:
@@ -412,9 +414,11 @@ class SenderControl(BoundedAMP):
         self.peer: AMPPeer | None = None
 
     @Congestion.responder
-    def congestion(self, transfer_id: bytes, loss: float, delay: float, received: int) -> dict[str, Any]:
+    def congestion(
+        self, transfer_id: bytes, loss: float, delay: float, received: int, backlog: float | None = None
+    ) -> dict[str, Any]:
         if self.peer is not None and self.on_feedback is not None:
-            self.on_feedback(transfer_id, self.peer.name, Feedback(loss, delay, received))
+            self.on_feedback(transfer_id, self.peer.name, Feedback(loss, delay, received, backlog or 0.0))
         return {}
 
     @Register.responder

@@ -472,9 +472,13 @@ class MasterControl(BoundedAMP):
         return {}
 
     @Congestion.responder
-    def congestion(self, transfer_id: bytes, loss: float, delay: float, received: int) -> dict[str, Any]:
+    def congestion(
+        self, transfer_id: bytes, loss: float, delay: float, received: int, backlog: float | None = None
+    ) -> dict[str, Any]:
         if self.node_name is not None:
-            self.master.runner.feedback(transfer_id, self.node_name, Feedback(loss, delay, received))
+            self.master.runner.feedback(
+                transfer_id, self.node_name, Feedback(loss, delay, received, backlog or 0.0)
+            )
         return {}
 
     @Heartbeat.responder

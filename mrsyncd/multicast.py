@@ -30,6 +30,13 @@ log = logs.logger(__name__)
 IP_MULTICAST_ALL = 49
 IPV6_MULTICAST_ALL = 29
 SIOCGIFADDR = 0x8915
+#: The kernel's arrival time of the last datagram read (a struct timeval).
+SIOCGSTAMP = 0x8906
+#: The socket's memory figures (SK_MEMINFO_*): receive queue and drops among them.
+SO_MEMINFO = 55
+_TIMEVAL = struct.Struct("@ll")
+_MEMINFO = struct.Struct("@9I")
+_RMEM_ALLOC, _RCVBUF, _DROPS = 0, 1, 8
 
 DEFAULT_RCVBUF = 4 << 20
 DEFAULT_SNDBUF = 4 << 20
@@ -175,3 +182,35 @@ def adopt(
         return reactor.adoptDatagramPort(sock.fileno(), sock.family, protocol, max_packet)
     finally:
         sock.close()
+
+
+# Telling a network queue from a receiver that is short of CPU.  Time spent
+# in the socket's receive queue is the reader's delay, not the network's:
+# one-way delay is measured from when the kernel took the datagram, and the
+# receive queue is watched on its own (how full it is, and what it dropped).
+
+
+def arrival_time(fd: int) -> float | None:
+    """
+    When the kernel received the datagram last read from socket ``fd`` (seconds
+    since the epoch), or None where it cannot say.  The first call turns on
+    time-stamping for the socket (a moment later for the whole host), so
+    call it once before the data flows.
+    """
+    try:
+        seconds, micros = _TIMEVAL.unpack(fcntl.ioctl(fd, SIOCGSTAMP, bytes(_TIMEVAL.size)))
+    except OSError:
+        return None
+    return seconds + micros / 1e6
+
+
+def receive_queue(s: socket.socket) -> tuple[float, int] | None:
+    """
+    ``(share of the receive buffer in use, datagrams dropped since the
+    socket opened)``, or None where the kernel does not say (before 4.6).
+    """
+    try:
+        info = _MEMINFO.unpack(s.getsockopt(socket.SOL_SOCKET, SO_MEMINFO, _MEMINFO.size))
+    except (OSError, struct.error):
+        return None
+    return info[_RMEM_ALLOC] / max(1, info[_RCVBUF]), info[_DROPS]

@@ -34,7 +34,7 @@ from mrsyncd import datagram, fsutil, logs
 from mrsyncd.blockset import RangeSet, encode_map
 from mrsyncd.datagram import MASK32
 from mrsyncd.manifest import DIR, FILE, HARDLINK, SYMLINK, Entry, Manifest, digest, excluded
-from mrsyncd.multicast import DEFAULT_RCVBUF, Channel, adopt, receiver_socket
+from mrsyncd.multicast import DEFAULT_RCVBUF, Channel, adopt, arrival_time, receive_queue, receiver_socket
 from mrsyncd.ratecontrol import Feedback
 
 log = logs.logger(__name__)
@@ -63,6 +63,10 @@ FEEDBACK_DELAY = 0.002
 #: only to tell a receiver far slower than the rest (which loses most of
 #: what is sent), so the random loss of a flaky link costs no feedback.
 FEEDBACK_LOSS = 0.1
+#: Nor is a receive queue less than this full (a share of its buffer).
+FEEDBACK_BACKLOG = 0.25
+#: One datagram in this many has its one-way delay measured.
+DELAY_SAMPLE = 8
 
 
 def part_name(transfer_id: bytes, index: int) -> str:
@@ -204,6 +208,7 @@ class Receiver(DatagramProtocol):
         self._intervals = 0
         self._owd_sum = 0
         self._owd_count = 0
+        self._drops = 0
         self._threads = 0
         self._closing = False
         self._drained: list[defer.Deferred] = []
@@ -253,6 +258,7 @@ class Receiver(DatagramProtocol):
         self._root_fd = fsutil.open_destination(self.destination)
         max_packet = datagram.HEADER_SIZE + manifest.block_size + 1
         self._port = adopt(self.reactor, receiver_socket(self.channel, self.rcvbuf), self, max_packet)
+        arrival_time(self._port.fileno())  # type: ignore[attr-defined]  # turns time-stamping on
         self._feedback.start(FEEDBACK_INTERVAL, now=False)
         d = self._in_thread(_survey, self._root_fd, manifest, transfer_id)
         d.addCallback(self._surveyed)
@@ -422,14 +428,22 @@ class Receiver(DatagramProtocol):
             self._flush(index)
 
     def _measure(self, sequence: int, sent_us: int) -> None:
-        """Count an authentic datagram for the loss and delay figures."""
+        """
+        Count an authentic datagram for the loss and delay figures.  The
+        delay of one datagram in ``DELAY_SAMPLE`` is measured, from when the
+        kernel took it (so that a wait in our own receive queue, a lack of
+        CPU here, is not taken for a queue in the network).
+        """
         if self._seq_max < 0:
             self._seq_max = self._seq_reported = (sequence - 1) & MASK32
         ahead = (sequence - self._seq_max) & MASK32
         if 0 < ahead < 1 << 31:
             self._seq_max = sequence
         self._got += 1
-        now_us = int(self.reactor.seconds() * 1e6)
+        if self._got % DELAY_SAMPLE:
+            return
+        arrived = arrival_time(self._port.fileno()) if self._port is not None else None  # type: ignore[attr-defined]
+        now_us = int((self.reactor.seconds() if arrived is None else arrived) * 1e6)
         # Clocks of two hosts differ by a constant: only changes in the
         # one-way delay matter, so a wrapped difference is fine.
         owd = ((now_us - sent_us + (1 << 31)) & MASK32) - (1 << 31)
@@ -450,10 +464,19 @@ class Receiver(DatagramProtocol):
         if self._intervals % round(BASE_SPAN / FEEDBACK_INTERVAL) == 0 and self._owd_min < 1 << 62:
             self._owd_mins.append(self._owd_min)
             self._owd_min = 1 << 62
-        report = Feedback(loss, delay, self._got)
+        backlog = 0.0
+        queue = receive_queue(self._port.socket) if self._port is not None else None  # type: ignore[attr-defined]
+        if queue is not None:
+            backlog, drops = queue
+            if drops > self._drops:
+                backlog = 1.0  # it overflowed in the interval
+            self._drops = drops
+        report = Feedback(loss, delay, self._got, backlog)
         self._seq_reported = self._seq_max
         self._got = self._owd_sum = self._owd_count = 0
-        if (loss >= FEEDBACK_LOSS or delay > FEEDBACK_DELAY) and self.on_feedback is not None:
+        if (
+            loss >= FEEDBACK_LOSS or delay > FEEDBACK_DELAY or backlog >= FEEDBACK_BACKLOG
+        ) and self.on_feedback is not None:
             self.on_feedback(report)
 
     def _fd(self, f: _IncomingFile) -> int:

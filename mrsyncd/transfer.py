@@ -259,9 +259,10 @@ class Transfer:
         self.controller.set_active({n for n in self.live if n not in self._done})
         self.sender.pacer.rate_bps = self.controller.update()
         log.debug(
-            "rate {rate:.1f} Mbit/s, monitor {monitor}, slow {slow}",
+            "rate {rate:.1f} Mbit/s, monitor {monitor}, queue {queue:.1f} ms, slow {slow}",
             rate=self.controller.rate / 1e6,
             monitor=self.controller.monitor,
+            queue=self.controller.monitor_queue * 1e3,
             slow=sorted(self.controller.slow),
         )
 

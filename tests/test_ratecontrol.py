@@ -292,3 +292,46 @@ def test_a_queue_at_most_receivers_is_the_shared_bottleneck():
     rates = drive(controller, clock, 2.0, lambda t: {n: Feedback(0.0, 0.04, 700) for n in "ab"})
     assert controller.slow == set()
     assert rates[-1] < 0.5 * 100e6
+
+
+def test_slow_start_reaches_the_cap_within_a_few_intervals():
+    clock, controller = fleet()
+    assert controller.rate == 25e6
+    rates = drive(controller, clock, 0.3, quiet)
+    assert rates == [50e6, 100e6, 100e6]
+
+
+def test_receivers_short_of_cpu_everywhere_slow_the_sender():
+    """Every receive buffer filling (24 readers on two cores): the readers set the pace."""
+    clock, controller = fleet()
+    drive(controller, clock, 2.0, quiet)
+    rates = drive(controller, clock, 2.0, lambda t: {n: Feedback(0.0, 0.0, 500, backlog=0.9) for n in "abc"})
+    assert controller.slow == set()
+    assert controller.monitor in {"a", "b", "c"}
+    assert rates == sorted(rates, reverse=True) and rates[-1] < 0.3 * 100e6
+
+
+def test_a_reader_that_stalls_briefly_costs_nothing():
+    """A buffer a quarter full (a reader's hiccup) is well within what the buffer is for."""
+    clock, controller = fleet()
+    drive(controller, clock, 2.0, quiet)
+    rates = drive(controller, clock, 2.0, lambda t: {n: Feedback(0.0, 0.0, 500, backlog=0.25) for n in "abc"})
+    assert min(rates) == 100e6
+
+
+def test_one_receiver_whose_buffer_overflows_is_slow_not_the_pace():
+    clock, controller = fleet()
+    drive(controller, clock, 2.0, quiet)
+    rates = drive(controller, clock, 3.0, lambda t: {"c": Feedback(0.0, 0.0, 200, backlog=1.0)})
+    assert controller.slow == {"c"}
+    assert min(rates) == 100e6
+
+
+def test_a_buffer_that_empties_again_lets_the_rate_climb_back():
+    clock, controller = fleet()
+    drive(controller, clock, 2.0, quiet)
+    drive(controller, clock, 1.0, lambda t: {n: Feedback(0.0, 0.0, 500, backlog=1.0) for n in "abc"})
+    low = controller.rate
+    assert low < 50e6
+    rates = drive(controller, clock, 3.0, lambda t: {n: Feedback(0.0, 0.0, 500, backlog=0.1) for n in "abc"})
+    assert rates == sorted(rates) and rates[-1] > 2 * low

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import random
 import stat
+import time
 
 from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
@@ -577,3 +578,82 @@ class SymlinkEscapeTests(unittest.TestCase):
         self.assert_outside_untouched()
         # Whatever did land, landed inside the destination.
         self.assertFalse(os.path.islink(os.path.join(self.dst, "a")))
+
+
+class FeedbackTests(unittest.TestCase):
+    """
+    What a receiver tells the sender's rate controller, from real datagrams
+    on a real socket: a network queue and a reader short of CPU are told
+    apart.
+    """
+
+    timeout = 30
+
+    @defer.inlineCallbacks
+    def start(self, rcvbuf):
+        base = temp_dir(self)
+        src = os.path.join(base, "src")
+        os.mkdir(src)
+        self.data = random.Random(3).randbytes(1000 * 1400)
+        write_file(os.path.join(src, "f"), self.data)
+        self.manifest, _ = scan([src + "/"], block_size=1400)
+        self.tid, self.key = os.urandom(8), os.urandom(32)
+        channel = unique_channel()
+        r = Receiver(reactor, os.path.join(base, "dst"), channel, rcvbuf=rcvbuf)
+        self.addCleanup(r.close)
+        self.reports = []
+        r.on_feedback = self.reports.append
+        yield r.prepare(self.tid, self.key, self.manifest)
+        self.out = sender_socket(channel)
+        self.addCleanup(self.out.close)
+        self.out.connect(channel.address)
+        # Time-stamping is turned on for the host a moment after it is asked for.
+        yield task.deferLater(reactor, 0.05, lambda: None)
+        self.sequence = 0
+        return r
+
+    def send(self, blocks, sent_at=None):
+        for b in blocks:
+            sent_us = int((time.time() if sent_at is None else sent_at) * 1e6)
+            payload = self.data[b * 1400 : (b + 1) * 1400]
+            self.out.send(datagram.encode(self.key, self.tid, 0, b, payload, self.sequence, sent_us))
+            self.sequence += 1
+
+    @defer.inlineCallbacks
+    def test_a_reader_that_falls_behind_reports_its_buffer_not_a_network_queue(self):
+        r = yield self.start(rcvbuf=64 << 10)
+        self.send(range(8))  # the base delay
+        yield task.deferLater(reactor, 0.15, lambda: None)
+        # The reactor does not read while this runs: datagrams wait in the
+        # socket buffer for 60 ms, and most do not fit.
+        self.send(range(8, 400))
+        time.sleep(0.06)
+        yield wait_until(lambda: self.reports, timeout=2)
+        report = self.reports[0]
+        self.assertEqual(report.backlog, 1.0)
+        # Read only after 60 ms, but the kernel took them at once.
+        self.assertLess(report.delay, 0.01)
+        self.assertLess(r.stats["blocks"], 390)
+
+    @defer.inlineCallbacks
+    def test_a_queue_on_the_way_shows_as_delay(self):
+        """Datagrams that left the sender 30 ms before they arrived (as if queued)."""
+        yield self.start(rcvbuf=4 << 20)
+        self.send(range(16))
+        yield task.deferLater(reactor, 0.15, lambda: None)
+        self.send(range(16, 80), sent_at=time.time() - 0.03)
+        yield wait_until(lambda: self.reports, timeout=2)
+        report = self.reports[0]
+        self.assertTrue(0.02 < report.delay < 0.04, report)
+        self.assertEqual(report.loss, 0.0)
+        self.assertLess(report.backlog, 0.25)
+
+    @defer.inlineCallbacks
+    def test_a_receiver_that_keeps_up_stays_silent(self):
+        r = yield self.start(rcvbuf=4 << 20)
+        for first in range(0, 400, 40):
+            self.send(range(first, first + 40))
+            yield task.deferLater(reactor, 0.03, lambda: None)
+        yield task.deferLater(reactor, 0.25, lambda: None)
+        self.assertEqual(r.stats["blocks"], 400)
+        self.assertEqual(self.reports, [])
