@@ -332,7 +332,11 @@ class MrsyncEngine(Runner):
 
     def submit(self) -> Proc:
         m = self.lan.master
-        rate = self.ctx.wire_bps * self.DATAGRAM / (self.DATAGRAM + FRAME_OVERHEAD)
+        # mrsyncd is told the link's speed, as an operator would write it in
+        # its configuration: its congestion control finds what the path
+        # carries (the fixed-rate tools are given a share of the link that
+        # their overheads leave room for, ``--rate-factor``).
+        rate = self.ctx.case.link_bps
         self.rate_arg = f"--rate {rate:.0f}"
         self.report = self.ctx.logdir / f"{self.name}-report.json"
         return self.proc(

@@ -106,7 +106,6 @@ class Options(usage.Options):
 
 @defer.inlineCallbacks
 def send(reactor: Any, options: SendOptions) -> Any:
-    manifest, local_paths = yield threads.deferToThread(scan, options["sources"], options["block-size"])
     peers: list[AMPPeer] = []
     transfers: list[Transfer] = []
 
@@ -116,13 +115,18 @@ def send(reactor: Any, options: SendOptions) -> Any:
 
     factory = protocol.Factory.forProtocol(lambda: SenderControl(peers.append, feedback))
     port = yield endpoints.serverFromString(reactor, options["listen"]).listen(factory)
+    # Receivers dial in while the sources are digested.
+    scanning = threads.deferToThread(scan, options["sources"], options["block-size"])
     log.info("waiting for {n} receivers on {where}", n=options["receivers"], where=port.getHost())
     waited = 0.0
     while len(peers) < options["receivers"]:
+        if scanning.called and isinstance(scanning.result, Failure):
+            yield scanning  # a source that cannot be read fails now, not once receivers came
         if waited >= options["wait"]:
             raise RuntimeError(f"only {len(peers)} of {options['receivers']} receivers came")
         yield task.deferLater(reactor, 0.05, lambda: None)
         waited += 0.05
+    manifest, local_paths = yield scanning
     offer = new_offer(
         manifest,
         options.channel(),
@@ -167,8 +171,8 @@ def receive(reactor: Any, options: ReceiveOptions) -> Any:
         except Exception:
             if waited >= options["wait"]:
                 raise
-            yield task.deferLater(reactor, 0.2, lambda: None)
-            waited += 0.2
+            yield task.deferLater(reactor, 0.05, lambda: None)
+            waited += 0.05
     yield lost
     agent.close()
     return 0
