@@ -221,16 +221,17 @@ def repair_plan(
 ) -> tuple[dict[int, RangeSet], dict[int, RangeSet]]:
     """
     What to send so that every reporter gets what it misses, as ``(blocks,
-    parities)``: block numbers, and numbers of the groups of ``group``
-    consecutive blocks whose XOR parity to send, per file.
+    parities)`` per file: block numbers, and parity numbers (parity j of
+    group g, the ``group`` consecutive blocks from ``g * group``, is number
+    ``g * group + j``; see `erasure`).
 
     Receivers lose different blocks, so resending the union of their losses
-    grows with their number.  A receiver missing one block of a group
-    rebuilds it from the group's parity and the blocks it holds, so one
-    parity datagram repairs that group at every such receiver at once; a
-    receiver missing more gets all but one of its blocks directly (the
-    parity is sent after them).  Per group, whichever of that and the plain
-    union is cheaper is chosen.  The work is bounded by the number of ranges
+    grows with their number.  But any m parities of a group rebuild any m
+    blocks of it, so m parities repair that group at every receiver that
+    lost at most m of its blocks, whichever they were: a group costs the
+    most any one receiver lost of it, not the union.  Per group, whichever
+    of that and the union is cheaper is chosen (equal: blocks, which cost a
+    receiver nothing to use).  The work is bounded by the number of ranges
     reported, not blocks: the groups inside a long range are sent as blocks
     outright.
     """
@@ -258,12 +259,11 @@ def repair_plan(
     parities: dict[int, list[tuple[int, int]]] = {}
     for (file_index, g), losses in per_group.items():
         union = set().union(*losses)
-        direct = set().union(*(lost[:-1] for lost in losses))
-        if 1 + len(direct) < len(union):
-            parities.setdefault(file_index, []).append((g, g + 1))
+        most = max(len(lost) for lost in losses)
+        if most < len(union):
+            parities.setdefault(file_index, []).append((g * group, g * group + most))
         else:
-            direct = union
-        blocks.setdefault(file_index, []).extend((b, b + 1) for b in direct)
+            blocks.setdefault(file_index, []).extend((b, b + 1) for b in union)
     return (
         {f: RangeSet(r) for f, r in blocks.items()},
         {f: RangeSet(r) for f, r in parities.items()},

@@ -26,6 +26,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
+from mrsyncd import erasure
 from mrsyncd.datagram import DEFAULT_BLOCK_SIZE, MAX_BLOCK_SIZE
 
 DIGEST_SIZE = 32
@@ -85,7 +86,8 @@ class Manifest:
     #: A source was sent by its contents (``dir/``), so the destination
     #: itself is one of the directories the transfer sends (for --delete).
     contents: bool = False
-    #: Blocks per parity group: a repair may send the XOR of such a group.
+    #: Blocks per parity group: a repair may send parities of such a group
+    #: (`erasure`), any m of which rebuild any m of its blocks.
     parity_group: int = DEFAULT_PARITY_GROUP
 
     def __post_init__(self) -> None:
@@ -153,7 +155,9 @@ class Manifest:
         contents = doc.get("contents", False)
         if not isinstance(contents, bool):
             raise ManifestError("contents must be true or false")
-        parity_group = _integer(doc.get("parity_group", DEFAULT_PARITY_GROUP), "parity_group", 2, 256)
+        parity_group = _integer(
+            doc.get("parity_group", DEFAULT_PARITY_GROUP), "parity_group", 2, erasure.MAX_GROUP
+        )
         manifest = cls([], block_size, chunk_size, contents, parity_group)
         seen: dict[str, str] = {}
         for raw in raw_entries:

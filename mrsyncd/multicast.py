@@ -199,7 +199,7 @@ def arrival_time(fd: int) -> float | None:
     """
     try:
         seconds, micros = _TIMEVAL.unpack(fcntl.ioctl(fd, SIOCGSTAMP, bytes(_TIMEVAL.size)))
-    except OSError:
+    except (OSError, ValueError):  # ValueError: the port was closed (fd -1)
         return None
     return seconds + micros / 1e6
 

@@ -30,7 +30,7 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import DatagramProtocol
 from twisted.python.failure import Failure
 
-from mrsyncd import datagram, fsutil, logs
+from mrsyncd import datagram, erasure, fsutil, logs
 from mrsyncd.blockset import RangeSet, encode_map
 from mrsyncd.datagram import MASK32
 from mrsyncd.manifest import DIR, FILE, HARDLINK, SYMLINK, Entry, Manifest, digest, excluded
@@ -65,6 +65,9 @@ FEEDBACK_DELAY = 0.002
 FEEDBACK_LOSS = 0.1
 #: Nor is a receive queue less than this full (a share of its buffer).
 FEEDBACK_BACKLOG = 0.25
+#: Parities kept for groups that lack more blocks than parities arrived
+#: (about 6 MB of them at most).
+KEPT_PARITIES = 4096
 #: One datagram in this many has its one-way delay measured.
 DELAY_SAMPLE = 8
 
@@ -209,6 +212,8 @@ class Receiver(DatagramProtocol):
         self._owd_sum = 0
         self._owd_count = 0
         self._drops = 0
+        self._kept: OrderedDict[tuple[int, int], dict[int, bytes]] = OrderedDict()
+        self._kept_count = 0
         self._threads = 0
         self._closing = False
         self._drained: list[defer.Deferred] = []
@@ -341,37 +346,58 @@ class Receiver(DatagramProtocol):
         byte, bit = divmod(block, 8)
         return f.status[block // f.chunk_blocks] != NEEDED or bool(f.bits[byte] & (1 << bit))
 
-    def _rebuild(self, f: _IncomingFile, first: int, parity: bytes) -> None:
+    def _rebuild(self, f: _IncomingFile, number: int, parity: bytes) -> None:
         """
-        A parity datagram repairs a group that lacks exactly one block: the
-        XOR of the parity and the blocks held (read back from the part
-        file) is the missing block.
+        Parities of a group rebuild as many blocks of it as there are
+        parities (see `erasure`): a parity is kept until the group has as
+        many as it lacks blocks, then the blocks held are read back from the
+        part file and the missing ones solved for, and accepted as if
+        received.  Kept parities are bounded (`KEPT_PARITIES`), oldest
+        group first.
         """
-        size = self._manifest.block_size
-        group = self._manifest.parity_group
-        if first % group or len(parity) != size:
+        size, count = self._manifest.block_size, self._manifest.parity_group
+        group, index = divmod(number, count)
+        if len(parity) != size:
             self.stats[datagram.Reason.RANGE.value] += 1
             return
-        last = min(first + group, f.nblocks)
+        first = group * count
+        last = min(first + count, f.nblocks)
         missing = [b for b in range(first, last) if not self._held(f, b)]
-        if f.result is not None or len(missing) != 1:
+        key = (f.index, group)
+        if f.result is not None or not missing:
+            self.stats["parity_unused"] += 1
+            self._kept_count -= len(self._kept.pop(key, ()))
+            return
+        kept = self._kept.setdefault(key, {})
+        self._kept.move_to_end(key)
+        if index in kept:
             self.stats["parity_unused"] += 1
             return
+        kept[index] = parity
+        self._kept_count += 1
+        if len(kept) < len(missing):
+            self.stats["parity_kept"] += 1
+            while self._kept_count > KEPT_PARITIES:
+                self._kept_count -= len(self._kept.popitem(last=False)[1])
+            return
+        del self._kept[key]
+        self._kept_count -= len(kept)
         if not self._flush(f.index):
             return
         try:
-            held = os.pread(self._fd(f), (last - first) * size, first * size)
+            data = os.pread(self._fd(f), (last - first) * size, first * size)
         except OSError as e:
             self._fail(f, f"cannot read back: {e.strerror}")
             return
-        rebuilt = int.from_bytes(parity, "big")
-        for b in range(first, last):
-            if b != missing[0]:
-                piece = held[(b - first) * size : (b - first + 1) * size]
-                rebuilt ^= int.from_bytes(piece.ljust(size, b"\0"), "big")
-        payload = rebuilt.to_bytes(size, "big")[: self._manifest.block_length(f.entry, missing[0])]
-        self.stats["rebuilt"] += 1
-        self._accept(f, missing[0], payload)
+        held = {b - first: data[(b - first) * size : (b - first + 1) * size] for b in range(first, last)}
+        for b in missing:
+            del held[b - first]
+        rebuilt = erasure.decode(size, held, kept, [b - first for b in missing])
+        for b in missing:
+            self.stats["rebuilt"] += 1
+            self._accept(f, b, rebuilt[b - first][: self._manifest.block_length(f.entry, b)])
+            if f.result is not None:
+                return
 
     def _accept(self, f: _IncomingFile, block: int, payload: bytes) -> None:
         """

@@ -15,7 +15,7 @@ import time
 from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
-from mrsyncd import datagram
+from mrsyncd import datagram, erasure
 from mrsyncd import receiver as receiver_module
 from mrsyncd.blockset import RangeSet, decode_map
 from mrsyncd.manifest import DIR, Manifest, scan
@@ -120,6 +120,64 @@ class DirectReceiverTests(unittest.TestCase):
         with open(os.path.join(self.dst, "f"), "rb") as f:
             self.assertEqual(f.read(), data)
         self.assertEqual(part_files(self.dst), [])
+
+    def parity(self, data, group, index):
+        """Parity ``index`` of group ``group`` of file 0, as the sender builds it."""
+        bs, count = self.manifest.block_size, self.manifest.parity_group
+        blocks = [data[b * bs : (b + 1) * bs] for b in range(group * count, (group + 1) * count)]
+        return datagram.encode(
+            self.key, self.tid, 0, group * count + index, erasure.encode([b for b in blocks if b], index, bs),
+            kind=datagram.KIND_PARITY,
+        )
+
+    @defer.inlineCallbacks
+    def test_any_m_parities_rebuild_m_lost_blocks_of_a_group(self):
+        """
+        Group 1 lost three blocks (the file's short last block among them):
+        parities 0, 5 and 2 rebuild them.
+        """
+        data = self.rng.randbytes(30 * 100 - 37)
+        write_file(os.path.join(self.src, "f"), data)
+        manifest, _ = scan([self.src + "/"], block_size=100, chunk_size=1000)
+        r, d = self.start(manifest)
+        yield d
+        lost = {17, 23, 29}
+        self.feed(r, 0, [b for b in range(30) if b not in lost], data)
+        r.datagramReceived(self.parity(data, 1, 0), None)
+        r.datagramReceived(self.parity(data, 1, 0), None)  # the same parity twice counts once
+        r.datagramReceived(self.parity(data, 1, 5), None)
+        self.assertEqual(r.stats["rebuilt"], 0)
+        self.assertEqual(r.stats["parity_kept"], 2)
+        self.assertEqual(set(decode_map(r.missing().missing)[0]), lost)
+        r.datagramReceived(self.parity(data, 1, 2), None)
+        self.assertEqual(r.stats["rebuilt"], 3)
+        yield wait_until(lambda: r.done)
+        self.assertEqual(r.results, {"f": OK})
+        with open(os.path.join(self.dst, "f"), "rb") as f:
+            self.assertEqual(f.read(), data)
+        # A parity of a group that lacks nothing is of no use.
+        r.datagramReceived(self.parity(data, 0, 0), None)
+        self.assertEqual(r.stats["parity_unused"], 2)
+
+    @defer.inlineCallbacks
+    def test_kept_parities_are_bounded(self):
+        self.patch(receiver_module, "KEPT_PARITIES", 5)
+        data = self.rng.randbytes(16 * 100 * 8)
+        write_file(os.path.join(self.src, "f"), data)
+        manifest, _ = scan([self.src + "/"], block_size=100, chunk_size=1600)
+        r, d = self.start(manifest)
+        yield d
+        # Every group lacks two blocks and gets one parity: each is kept.
+        for group in range(8):
+            self.feed(r, 0, [b for b in range(group * 16, group * 16 + 14)], data)
+            r.datagramReceived(self.parity(data, group, 0), None)
+        self.assertEqual(r._kept_count, 5)
+        self.assertEqual(sorted(g for _, g in r._kept), [3, 4, 5, 6, 7])
+        # A second parity of a group still kept repairs it; of one let go, not.
+        r.datagramReceived(self.parity(data, 7, 1), None)
+        r.datagramReceived(self.parity(data, 0, 1), None)
+        self.assertEqual(r.stats["rebuilt"], 2)
+        self.assertEqual(set(decode_map(r.missing().missing)[0]) & {126, 127, 14, 15}, {14, 15})
 
     @defer.inlineCallbacks
     def test_chunk_that_fails_verification_is_asked_again(self):

@@ -1,0 +1,204 @@
+"""
+Erasure code for repair datagrams: any m parities of a group rebuild any m of its blocks.
+
+A plain XOR parity repairs a group that lost exactly one block, but loss on a
+LAN comes in bursts, and a burst that takes two blocks of a group makes every
+XOR parity of that group useless.  Here parity ``j`` of a group is a different
+linear combination of the group's blocks over GF(2^8) for every ``j``, chosen
+so that any m distinct parities determine any m missing blocks: a sender can
+keep sending new parities of a group and each one a receiver gets is useful,
+whichever blocks and whichever parities the network dropped.
+
+The coefficients come from a Cauchy matrix ``C[j][i] = 1 / (x_j + y_i)`` with
+``x_j = j`` and ``y_i = 128 + i``; every square submatrix of a Cauchy matrix
+is invertible, and scaling each column keeps that true.  Columns are scaled
+so that row 0 is all ones, which makes parity 0 the plain XOR of the blocks:
+the single-parity repair already on the wire is the special case ``j = 0``.
+
+Everything runs in pure Python on the repair path, so the arithmetic is done
+a whole block at a time in C: a block times a constant is one
+``bytes.translate`` through a 256-byte product table, and a sum of blocks is
+an XOR of ``int``s.  The ints are little-endian so that a short last block
+needs no padding: its missing high-order zero bytes are the padding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from functools import reduce
+from itertools import repeat
+from operator import xor
+from typing import Final, Literal
+
+MAX_GROUP = 128
+"""Largest group, and number of distinct parities a group has: positions and parity indices are < 128."""
+
+_POLY = 0x11D
+_LITTLE: Final[Literal["little"]] = "little"
+
+_EXP = [0] * 510
+_LOG = [0] * 256
+_x = 1
+for _k in range(255):
+    _EXP[_k] = _EXP[_k + 255] = _x
+    _LOG[_x] = _k
+    _x <<= 1
+    if _x & 0x100:
+        _x ^= _POLY
+del _x, _k
+
+
+def _mul(a: int, b: int) -> int:
+    if a == 0 or b == 0:
+        return 0
+    return _EXP[_LOG[a] + _LOG[b]]
+
+
+def _inv(a: int) -> int:
+    if a == 0:
+        raise ZeroDivisionError("0 has no inverse in GF(256)")
+    return _EXP[255 - _LOG[a]]
+
+
+MUL: tuple[bytes, ...] = (bytes(256),) + tuple(
+    bytes([0] + [_EXP[_LOG[c] + _LOG[x]] for x in range(1, 256)]) for c in range(1, 256)
+)
+"""``block.translate(MUL[c])`` is the block times ``c``, byte by byte."""
+
+
+def _coefficient_row(parity: int) -> bytes:
+    # x_0 = 0, so C[0][i] = 1 / y_i and D[j][i] = C[j][i] / C[0][i] = y_i / (j ^ y_i).
+    return bytes(_mul(MAX_GROUP + i, _inv(parity ^ (MAX_GROUP + i))) for i in range(MAX_GROUP))
+
+
+_COEFFICIENTS: tuple[bytes, ...] = tuple(_coefficient_row(j) for j in range(MAX_GROUP))
+
+
+def coefficient(parity: int, position: int) -> int:
+    """The factor by which the block at ``position`` enters parity ``parity``: never 0, and 1 for parity 0."""
+    _check_index("parity", parity)
+    _check_index("position", position)
+    return _COEFFICIENTS[parity][position]
+
+
+def encode(blocks: Sequence[bytes], parity: int, size: int) -> bytes:
+    """
+    Parity ``parity`` of the group ``blocks`` (group positions 0, 1, ...),
+    each block zero-padded to ``size`` bytes.  Parity 0 is their XOR.
+    """
+    _check_index("parity", parity)
+    _check_size(size)
+    if len(blocks) > MAX_GROUP:
+        raise ValueError(f"a group has at most {MAX_GROUP} blocks, not {len(blocks)}")
+    for position, block in enumerate(blocks):
+        if len(block) > size:
+            raise ValueError(f"block at position {position} has {len(block)} bytes, more than {size}")
+    return _combine(blocks, _COEFFICIENTS[parity]).to_bytes(size, "little")
+
+
+def decode(
+    size: int, held: Mapping[int, bytes], parities: Mapping[int, bytes], missing: Sequence[int]
+) -> dict[int, bytes]:
+    """
+    The blocks at positions ``missing``, each ``size`` bytes (zero-padded:
+    the caller trims a file's short last block), from the blocks ``held``
+    and ``len(missing)`` of the ``parities`` received.
+
+    The group is positions ``0 .. len(held) + len(missing) - 1``, each one
+    either held or missing; anything else is a caller's bookkeeping error
+    that would otherwise rebuild garbage silently, so it is refused.  The
+    lowest parity indices are used, so a group that lost one block is
+    rebuilt from parity 0 by XOR alone whenever parity 0 arrived.
+    """
+    _check_size(size)
+    wanted = list(missing)
+    m = len(wanted)
+    wanted_set = set(wanted)
+    if len(wanted_set) != m:
+        raise ValueError(f"missing positions repeat: {sorted(wanted)}")
+    for position in wanted:
+        _check_index("missing position", position)
+    for position, block in held.items():
+        _check_index("held position", position)
+        if position in wanted_set:
+            raise ValueError(f"position {position} is both held and missing")
+        if len(block) > size:
+            raise ValueError(f"held block at position {position} has {len(block)} bytes, more than {size}")
+    group = len(held) + m
+    if any(position >= group for position in wanted) or any(position >= group for position in held):
+        raise ValueError(
+            f"held and missing positions must together be 0 .. {group - 1}, "
+            f"not held {sorted(held)} and missing {sorted(wanted)}"
+        )
+    for index, payload in parities.items():
+        _check_index("parity", index)
+        if len(payload) != size:
+            raise ValueError(f"parity {index} has {len(payload)} bytes, not {size}")
+    if len(parities) < m:
+        raise ValueError(f"{m} blocks missing but only {len(parities)} parities: need at least {m}")
+    if m == 0:
+        return {}
+    used = sorted(parities)[:m]
+
+    if used[0] == 0 and m == 1:
+        return {
+            wanted[0]: _xor(held.values(), int.from_bytes(parities[0], "little")).to_bytes(size, "little")
+        }
+
+    # One row per parity used: its coefficients on the missing blocks in the
+    # low m bytes, and above them the parity minus the held blocks' part.
+    # Gauss-Jordan elimination on whole rows then leaves row k as the unit
+    # vector k above the block at wanted[k]; each row operation is one
+    # translate and one XOR however large the block.  No row is ever
+    # swapped: the k-th pivot is the ratio of two leading principal minors of
+    # a (column-scaled) Cauchy matrix, and those are never 0.
+    width = m + size
+    rows: list[int] = []
+    for index in used:
+        row = _COEFFICIENTS[index]
+        factors = bytes(map(row.__getitem__, held))
+        syndrome = _combine(held.values(), factors, int.from_bytes(parities[index], "little"))
+        rows.append(int.from_bytes(bytes(row[p] for p in wanted), "little") | syndrome << (8 * m))
+    for col in range(m):
+        shift = 8 * col
+        lead = (rows[col] >> shift) & 0xFF
+        if not lead:  # pragma: no cover - see above
+            raise AssertionError(f"singular system for parities {used} and positions {wanted}")
+        pivot_bytes = rows[col].to_bytes(width, "little")
+        if lead != 1:
+            pivot_bytes = pivot_bytes.translate(MUL[_inv(lead)])
+            rows[col] = int.from_bytes(pivot_bytes, "little")
+        for r in range(m):
+            factor = (rows[r] >> shift) & 0xFF
+            if r != col and factor:
+                rows[r] ^= (
+                    rows[col] if factor == 1 else int.from_bytes(pivot_bytes.translate(MUL[factor]), "little")
+                )
+    return {position: (rows[k] >> (8 * m)).to_bytes(size, "little") for k, position in enumerate(wanted)}
+
+
+def _combine(blocks: Iterable[bytes], factors: bytes, start: int = 0) -> int:
+    """
+    ``start`` plus the sum of ``factors[k]`` times the k-th block, as a
+    little-endian int.  map and reduce keep the per-block loop in C, a few
+    per cent faster than a for loop, and this loop is the whole cost of
+    encoding and most of decoding.
+    """
+    if not factors.strip(b"\x01"):  # all ones: parity 0, a plain XOR
+        return _xor(blocks, start)
+    return _xor(map(bytes.translate, blocks, map(MUL.__getitem__, factors)), start)
+
+
+def _xor(blocks: Iterable[bytes], start: int = 0) -> int:
+    """``start`` XOR the blocks, each read as a little-endian int (so a short block is zero-padded)."""
+    return reduce(xor, map(int.from_bytes, blocks, repeat(_LITTLE)), start)
+
+
+def _check_index(what: str, value: int) -> None:
+    if not 0 <= value < MAX_GROUP:
+        raise ValueError(f"{what} {value} is outside 0 .. {MAX_GROUP - 1}")
+
+
+def _check_size(size: int) -> None:
+    if size <= 0:
+        raise ValueError(f"block size must be positive, not {size}")

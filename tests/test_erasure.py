@@ -1,0 +1,252 @@
+"""The GF(256) erasure code against an independent field and a brute-force solver."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mrsyncd.erasure import MAX_GROUP, MUL, _inv, _mul, coefficient, decode, encode
+
+
+def slow_mul(a: int, b: int) -> int:
+    """Carry-less multiply reduced by x^8 + x^4 + x^3 + x^2 + 1, bit by bit: independent of the tables."""
+    product = 0
+    while b:
+        if b & 1:
+            product ^= a
+        b >>= 1
+        a <<= 1
+        if a & 0x100:
+            a ^= 0x11D
+    return product
+
+
+SLOW_INV = {a: next(b for b in range(1, 256) if slow_mul(a, b) == 1) for a in range(1, 256)}
+
+
+def pad(block: bytes, size: int) -> bytes:
+    return block.ljust(size, b"\0")
+
+
+def xor(blocks, size: int) -> bytes:
+    out = bytearray(size)
+    for block in blocks:
+        for k, byte in enumerate(block):
+            out[k] ^= byte
+    return bytes(out)
+
+
+def determinant(matrix: list[list[int]]) -> int:
+    """Gaussian elimination over GF(256) with the slow field; 0 when singular."""
+    a = [row[:] for row in matrix]
+    n = len(a)
+    det = 1
+    for col in range(n):
+        pivot = next((r for r in range(col, n) if a[r][col]), None)
+        if pivot is None:
+            return 0
+        a[col], a[pivot] = a[pivot], a[col]  # a swap only flips the sign, and -1 == 1 here
+        det = slow_mul(det, a[col][col])
+        scale = SLOW_INV[a[col][col]]
+        for r in range(col + 1, n):
+            factor = slow_mul(a[r][col], scale)
+            for c in range(col, n):
+                a[r][c] ^= slow_mul(factor, a[col][c])
+    return det
+
+
+# A group: 1..40 blocks of `size` bytes but the last, which may be shorter (even empty).
+@st.composite
+def groups(draw, max_group: int = 40):
+    size = draw(st.integers(min_value=1, max_value=48))
+    count = draw(st.integers(min_value=1, max_value=max_group))
+    blocks = [draw(st.binary(min_size=size, max_size=size)) for _ in range(count - 1)]
+    blocks.append(draw(st.binary(min_size=0, max_size=size)))
+    return size, blocks
+
+
+# Field.
+
+
+def test_mul_matches_bitwise_multiply():
+    for a in range(256):
+        for b in range(256):
+            assert _mul(a, b) == slow_mul(a, b), (a, b)
+
+
+def test_every_nonzero_element_has_its_inverse():
+    for a in range(1, 256):
+        assert _mul(a, _inv(a)) == 1
+        assert _inv(a) == SLOW_INV[a]
+    with pytest.raises(ZeroDivisionError):
+        _inv(0)
+
+
+def test_mul_tables_agree_with_mul():
+    assert len(MUL) == 256
+    for c in range(256):
+        assert MUL[c] == bytes(_mul(c, x) for x in range(256)), c
+    assert bytes(range(256)).translate(MUL[1]) == bytes(range(256))
+
+
+# Coefficients.
+
+
+def test_coefficients_are_the_normalised_cauchy_matrix():
+    for j in range(MAX_GROUP):
+        for i in range(MAX_GROUP):
+            y = MAX_GROUP + i
+            cauchy = SLOW_INV[j ^ y]
+            assert coefficient(j, i) == slow_mul(cauchy, SLOW_INV[SLOW_INV[y]]), (j, i)
+            assert coefficient(j, i) != 0
+            assert (coefficient(j, i) == 1) == (j == 0)
+
+
+@settings(max_examples=300)
+@given(st.data())
+def test_square_submatrices_are_invertible(data):
+    m = data.draw(st.integers(min_value=1, max_value=3))
+    rows = data.draw(st.lists(st.integers(0, MAX_GROUP - 1), min_size=m, max_size=m, unique=True))
+    cols = data.draw(st.lists(st.integers(0, MAX_GROUP - 1), min_size=m, max_size=m, unique=True))
+    assert determinant([[coefficient(j, i) for i in cols] for j in rows]) != 0
+
+
+def test_all_two_by_two_submatrices_of_a_small_group_are_invertible():
+    for rows in itertools.combinations(range(16), 2):
+        for cols in itertools.combinations(range(16), 2):
+            assert determinant([[coefficient(j, i) for i in cols] for j in rows]) != 0, (rows, cols)
+
+
+# Encoding.
+
+
+@given(groups())
+def test_parity_zero_is_the_xor_of_the_padded_blocks(group):
+    size, blocks = group
+    assert encode(blocks, 0, size) == xor((pad(b, size) for b in blocks), size)
+
+
+@given(groups(), st.integers(0, MAX_GROUP - 1))
+def test_parity_is_the_coefficient_sum_byte_by_byte(group, j):
+    size, blocks = group
+    parity = encode(blocks, j, size)
+    assert len(parity) == size
+    for k in range(size):
+        want = 0
+        for i, block in enumerate(blocks):
+            want ^= slow_mul(coefficient(j, i), pad(block, size)[k])
+        assert parity[k] == want
+
+
+def test_parity_of_an_empty_group_is_zeros():
+    assert encode([], 5, 7) == bytes(7)
+
+
+# Decoding.
+
+
+@settings(max_examples=500, deadline=None)
+@given(groups(), st.data())
+def test_any_m_parities_rebuild_any_m_missing_blocks(group, data):
+    size, blocks = group
+    g = len(blocks)
+    m = data.draw(st.integers(min_value=1, max_value=min(g, 6)))
+    missing = data.draw(st.lists(st.integers(0, g - 1), min_size=m, max_size=m, unique=True))
+    chosen = data.draw(st.lists(st.integers(0, g - 1), min_size=m, max_size=m, unique=True))
+    held = {i: b for i, b in enumerate(blocks) if i not in missing}
+    parities = {j: encode(blocks, j, size) for j in chosen}
+    assert decode(size, held, parities, missing) == {i: pad(blocks[i], size) for i in missing}
+
+
+@settings(max_examples=50, deadline=None)
+@given(groups(), st.data())
+def test_lowest_parities_are_used(group, data):
+    """Parities beyond the m lowest are not read: garbage there changes nothing."""
+    size, blocks = group
+    g = len(blocks)
+    m = data.draw(st.integers(min_value=1, max_value=g))
+    missing = data.draw(st.lists(st.integers(0, g - 1), min_size=m, max_size=m, unique=True))
+    chosen = sorted(data.draw(st.lists(st.integers(0, MAX_GROUP - 2), min_size=m, max_size=m, unique=True)))
+    parities = {j: encode(blocks, j, size) for j in chosen}
+    parities[MAX_GROUP - 1] = b"\xa5" * size
+    held = {i: b for i, b in enumerate(blocks) if i not in missing}
+    assert decode(size, held, parities, missing) == {i: pad(blocks[i], size) for i in missing}
+
+
+def test_a_whole_group_of_128_from_its_128_parities():
+    rng = random.Random(128)
+    size = 24
+    blocks = [rng.randbytes(size) for _ in range(MAX_GROUP - 1)] + [rng.randbytes(5)]
+    parities = {j: encode(blocks, j, size) for j in range(MAX_GROUP)}
+    missing = list(range(MAX_GROUP))
+    rng.shuffle(missing)
+    assert decode(size, {}, parities, missing) == {i: pad(b, size) for i, b in enumerate(blocks)}
+
+
+def test_nothing_missing_rebuilds_nothing():
+    assert decode(4, {0: b"abcd", 1: b"ef"}, {}, []) == {}
+
+
+@given(groups(), st.data())
+def test_fewer_parities_than_missing_is_refused(group, data):
+    size, blocks = group
+    g = len(blocks)
+    m = data.draw(st.integers(min_value=1, max_value=g))
+    missing = data.draw(st.lists(st.integers(0, g - 1), min_size=m, max_size=m, unique=True))
+    chosen = data.draw(st.lists(st.integers(0, g - 1), max_size=m - 1, unique=True))
+    held = {i: b for i, b in enumerate(blocks) if i not in missing}
+    with pytest.raises(ValueError, match="only .* parities"):
+        decode(size, held, {j: encode(blocks, j, size) for j in chosen}, missing)
+
+
+# Bad input.
+
+
+@pytest.mark.parametrize(
+    ("blocks", "parity", "size", "message"),
+    [
+        ([b"ab"], -1, 2, "parity -1 is outside 0 .. 127"),
+        ([b"ab"], MAX_GROUP, 2, "parity 128 is outside 0 .. 127"),
+        ([b"ab"] * (MAX_GROUP + 1), 0, 2, "at most 128 blocks, not 129"),
+        ([b"ab", b"abc"], 1, 2, "block at position 1 has 3 bytes, more than 2"),
+        ([b""], 0, 0, "block size must be positive"),
+    ],
+)
+def test_encode_refuses(blocks, parity, size, message):
+    with pytest.raises(ValueError, match=message):
+        encode(blocks, parity, size)
+
+
+@pytest.mark.parametrize(("parity", "position"), [(-1, 0), (MAX_GROUP, 0), (0, -1), (0, MAX_GROUP)])
+def test_coefficient_refuses(parity, position):
+    with pytest.raises(ValueError, match="outside 0 .. 127"):
+        coefficient(parity, position)
+
+
+P = encode([b"ab", b"cd"], 0, 2)
+
+
+@pytest.mark.parametrize(
+    ("size", "held", "parities", "missing", "message"),
+    [
+        (2, {0: b"ab", 1: b"cd"}, {0: P}, [1], "position 1 is both held and missing"),
+        (2, {0: b"ab"}, {0: P, 1: P}, [1, 1], "missing positions repeat"),
+        (2, {0: b"abc"}, {0: P}, [1], "held block at position 0 has 3 bytes, more than 2"),
+        (2, {0: b"ab"}, {0: b"abc"}, [1], "parity 0 has 3 bytes, not 2"),
+        (2, {0: b"ab"}, {0: b"a"}, [1], "parity 0 has 1 bytes, not 2"),
+        (2, {0: b"ab"}, {MAX_GROUP: P}, [1], "parity 128 is outside"),
+        (2, {0: b"ab"}, {0: P}, [MAX_GROUP], "missing position 128 is outside"),
+        (2, {-1: b"ab"}, {0: P}, [0], "held position -1 is outside"),
+        (2, {0: b"ab"}, {0: P}, [2], "together be 0 .. 1"),
+        (2, {3: b"ab"}, {0: P}, [0], "together be 0 .. 1"),
+        (0, {0: b""}, {0: b""}, [1], "block size must be positive"),
+        (2, {}, {0: P}, [0, 1], "2 blocks missing but only 1 parities"),
+    ],
+)
+def test_decode_refuses(size, held, parities, missing, message):
+    with pytest.raises(ValueError, match=message):
+        decode(size, held, parities, missing)
