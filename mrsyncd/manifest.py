@@ -4,7 +4,7 @@ The manifest: what a transfer carries, and the digests that prove it arrived.
 The sender scans its sources into a list of entries; an entry's position in
 the list is the file index that datagrams carry.  Regular files are cut into
 chunks of ``chunk_size`` bytes (a whole number of blocks), each with a
-BLAKE2b-256 digest, so a receiver verifies and commits a file from the
+SHA-256 digest, so a receiver verifies and commits a file from the
 manifest alone, without trusting any single datagram.
 
 A manifest arrives from the network, so `Manifest.from_bytes` checks every
@@ -56,7 +56,14 @@ def default_chunk_size(block_size: int) -> int:
 
 
 def digest(data: bytes) -> bytes:
-    return hashlib.blake2b(data, digest_size=DIGEST_SIZE).digest()
+    """
+    A chunk's digest: SHA-256, which CPUs of the last years compute in
+    hardware (SHA-NI, ARMv8 SHA2) at twice BLAKE2b's speed; every byte sent
+    is digested at least three times (scan, the sender's check before
+    sending, the receiver's verification), so this is most of the CPU a
+    transfer spends beyond the network.
+    """
+    return hashlib.sha256(data).digest()
 
 
 @dataclass

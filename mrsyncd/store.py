@@ -68,15 +68,17 @@ class DigestCache:
     def __init__(self, path: str) -> None:
         self.db = sqlite3.connect(path, timeout=30)
         self.db.execute("PRAGMA journal_mode=WAL")
+        # "digests" held BLAKE2b chunk digests (before SHA-256): never reuse them.
+        self.db.execute("DROP TABLE IF EXISTS digests")
         self.db.execute(
-            "CREATE TABLE IF NOT EXISTS digests (dev INTEGER, ino INTEGER, size INTEGER, mtime_ns INTEGER,"
-            " ctime_ns INTEGER, chunk_size INTEGER, digests BLOB, used REAL,"
+            "CREATE TABLE IF NOT EXISTS sha256_digests (dev INTEGER, ino INTEGER, size INTEGER,"
+            " mtime_ns INTEGER, ctime_ns INTEGER, chunk_size INTEGER, digests BLOB, used REAL,"
             " PRIMARY KEY (dev, ino, size, mtime_ns, ctime_ns, chunk_size))"
         )
 
     def get(self, key: tuple[int, ...]) -> bytes | None:
         row = self.db.execute(
-            "SELECT digests FROM digests WHERE dev = ? AND ino = ? AND size = ? AND mtime_ns = ?"
+            "SELECT digests FROM sha256_digests WHERE dev = ? AND ino = ? AND size = ? AND mtime_ns = ?"
             " AND ctime_ns = ? AND chunk_size = ?",
             key,
         ).fetchone()
@@ -85,7 +87,8 @@ class DigestCache:
     def put(self, key: tuple[int, ...], digests: bytes) -> None:
         with self.db:
             self.db.execute(
-                "INSERT OR REPLACE INTO digests VALUES (?, ?, ?, ?, ?, ?, ?, ?)", (*key, digests, time.time())
+                "INSERT OR REPLACE INTO sha256_digests VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (*key, digests, time.time()),
             )
 
     def close(self) -> None:

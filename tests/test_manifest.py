@@ -473,3 +473,69 @@ def test_a_file_of_more_blocks_than_the_wire_can_number_is_refused():
     m.entries[0].digests = b"\0" * (m.chunks(m.entries[0]) * DIGEST_SIZE)
     with pytest.raises(ManifestError, match="more than 4294967295 blocks"):
         Manifest.from_bytes(m.to_bytes())
+
+
+# The master's digest cache (real SQLite): what it saves, and what it must never return.
+
+
+class CountingDigest:
+    """Counts how many bytes `manifest.digest` is asked to digest."""
+
+    def __init__(self, monkeypatch):
+        from mrsyncd import manifest as manifest_module
+
+        self.bytes = 0
+        real = manifest_module.digest
+
+        def counting(data):
+            self.bytes += len(data)
+            return real(data)
+
+        monkeypatch.setattr(manifest_module, "digest", counting)
+
+
+def test_digest_cache_skips_unchanged_files_and_notices_a_rewrite(tmp_path, monkeypatch):
+    from mrsyncd.store import DigestCache
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a").write_bytes(os.urandom(3 << 20))
+    cache = DigestCache(str(tmp_path / "cache.db"))
+    counter = CountingDigest(monkeypatch)
+    first, _ = scan([str(src) + "/"], cache=cache)
+    assert counter.bytes == 3 << 20
+    again, _ = scan([str(src) + "/"], cache=cache)
+    assert counter.bytes == 3 << 20, "an unchanged file is not read again"
+    assert again.entries == first.entries
+    data = bytearray((src / "a").read_bytes())
+    data[5] ^= 1
+    st = os.stat(src / "a")
+    (src / "a").write_bytes(bytes(data))
+    os.utime(src / "a", ns=(st.st_atime_ns, st.st_mtime_ns))  # the mtime put back: ctime still moves
+    changed, _ = scan([str(src) + "/"], cache=cache)
+    assert counter.bytes == 2 * (3 << 20)
+    assert changed.entries[0].chunk_digest(0) != first.entries[0].chunk_digest(0)
+    cache.close()
+
+
+def test_digest_cache_of_an_older_version_is_dropped(tmp_path):
+    """Its BLAKE2b digests would make every receiver reject every chunk."""
+    import sqlite3
+
+    from mrsyncd.store import DigestCache
+
+    path = str(tmp_path / "cache.db")
+    old = sqlite3.connect(path)
+    old.execute(
+        "CREATE TABLE digests (dev INTEGER, ino INTEGER, size INTEGER, mtime_ns INTEGER,"
+        " ctime_ns INTEGER, chunk_size INTEGER, digests BLOB, used REAL,"
+        " PRIMARY KEY (dev, ino, size, mtime_ns, ctime_ns, chunk_size))"
+    )
+    old.execute("INSERT INTO digests VALUES (1, 2, 3, 4, 5, 6, x'00', 0)")
+    old.commit()
+    old.close()
+    cache = DigestCache(path)
+    assert cache.get((1, 2, 3, 4, 5, 6)) is None
+    tables = {row[0] for row in cache.db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert "digests" not in tables
+    cache.close()
