@@ -138,18 +138,21 @@ def decode(key: bytes, transfer_id: bytes, datagram: bytes) -> DataBlock | Rejec
 
     Only a datagram that carries a valid tag is returned as a `DataBlock`;
     range checks against the manifest are the receiver's, since only it knows
-    the files.  This runs for every datagram received, so it unpacks the
-    header once.
+    the files.  This runs for every datagram received (up to 85,000 a second
+    at 1 Gbit/s), so it is written out in one function.
     """
-    header = _header(datagram)
-    if isinstance(header, Rejected):
+    if len(datagram) < HEADER_SIZE:
+        return Rejected(Reason.SHORT)
+    magic, version, kind, seen, file_index, block_index, sequence, sent_us = _PREFIX.unpack_from(datagram)
+    if magic != MAGIC or version != VERSION or (kind != KIND_DATA and kind != KIND_PARITY):
+        header = _header(datagram)
+        assert isinstance(header, Rejected)
         return header
-    _, _, kind, seen, file_index, block_index, sequence, sent_us = header
     if seen != transfer_id:
         return Rejected(Reason.FOREIGN)
     payload = datagram[HEADER_SIZE:]
-    if not hmac.compare_digest(
-        datagram[_PREFIX.size : HEADER_SIZE], _tag(key, datagram[: _PREFIX.size], payload)
-    ):
+    mac = hashlib.blake2b(datagram[: _PREFIX.size], key=key, digest_size=TAG_SIZE)
+    mac.update(payload)
+    if not hmac.compare_digest(datagram[_PREFIX.size : HEADER_SIZE], mac.digest()):
         return Rejected(Reason.TAG)
     return DataBlock(transfer_id, file_index, block_index, payload, sequence, sent_us, kind)

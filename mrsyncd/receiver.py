@@ -321,25 +321,41 @@ class Receiver(DatagramProtocol):
     # Data.
 
     def datagramReceived(self, data: bytes, addr: object) -> None:
+        # Once per datagram, up to 85,000 times a second at 1 Gbit/s: the
+        # sequence bookkeeping of `_measure`, `_held` and the length check
+        # are written out here.
         block = datagram.decode(self._key, self._transfer_id, data)
-        if isinstance(block, datagram.Rejected):
-            self.stats[block.reason.value] += 1
+        if block.__class__ is datagram.Rejected:
+            self.stats[block.reason.value] += 1  # type: ignore[union-attr]
             return
-        self._measure(block.sequence, block.sent_us)
-        f = self._files.get(block.file_index)
-        if f is None or block.block_index >= f.nblocks:
+        _, file_index, index, payload, sequence, sent_us, kind = block  # type: ignore[misc]
+        ahead = (sequence - self._seq_max) & MASK32
+        if 0 < ahead < 1 << 31 or self._seq_max < 0:
+            if self._seq_max < 0:
+                self._seq_reported = (sequence - 1) & MASK32
+            self._seq_max = sequence
+        self._got += 1
+        if not self._got % DELAY_SAMPLE:
+            self._measure(sent_us)
+        f = self._files.get(file_index)
+        if f is None or index >= f.nblocks:
             self.stats[datagram.Reason.RANGE.value] += 1
             return
-        if block.kind == datagram.KIND_PARITY:
-            self._rebuild(f, block.block_index, block.payload)
+        if kind == datagram.KIND_PARITY:
+            self._rebuild(f, index, payload)
             return
-        if len(block.payload) != self._manifest.block_length(f.entry, block.block_index):
+        size = self._manifest.block_size
+        if len(payload) != (size if index + 1 < f.nblocks else f.entry.size - index * size):
             self.stats[datagram.Reason.RANGE.value] += 1
             return
-        if f.result is not None or self._held(f, block.block_index):
+        if (
+            f.result is not None
+            or f.status[index // f.chunk_blocks] != NEEDED
+            or f.bits[index >> 3] & (1 << (index & 7))
+        ):
             self.stats["duplicate"] += 1
             return
-        self._accept(f, block.block_index, block.payload)
+        self._accept(f, index, payload)
 
     def _held(self, f: _IncomingFile, block: int) -> bool:
         """A block is held once received, or when its chunk is not needed."""
@@ -422,7 +438,7 @@ class Receiver(DatagramProtocol):
         f.counts[chunk] += 1
         self.stats["blocks"] += 1
         self.stats["bytes"] += len(payload)
-        if f.counts[chunk] == f.blocks_in_chunk(chunk):
+        if f.counts[chunk] == f.chunk_blocks or f.counts[chunk] == f.blocks_in_chunk(chunk):
             if not self._flush(f.index):
                 return
             f.status[chunk] = VERIFYING
@@ -453,21 +469,12 @@ class Receiver(DatagramProtocol):
         for index in list(self._pending):
             self._flush(index)
 
-    def _measure(self, sequence: int, sent_us: int) -> None:
+    def _measure(self, sent_us: int) -> None:
         """
-        Count an authentic datagram for the loss and delay figures.  The
-        delay of one datagram in ``DELAY_SAMPLE`` is measured, from when the
+        The one-way delay of one datagram in ``DELAY_SAMPLE``, from when the
         kernel took it (so that a wait in our own receive queue, a lack of
         CPU here, is not taken for a queue in the network).
         """
-        if self._seq_max < 0:
-            self._seq_max = self._seq_reported = (sequence - 1) & MASK32
-        ahead = (sequence - self._seq_max) & MASK32
-        if 0 < ahead < 1 << 31:
-            self._seq_max = sequence
-        self._got += 1
-        if self._got % DELAY_SAMPLE:
-            return
         arrived = arrival_time(self._port.fileno()) if self._port is not None else None  # type: ignore[attr-defined]
         now_us = int((self.reactor.seconds() if arrived is None else arrived) * 1e6)
         # Clocks of two hosts differ by a constant: only changes in the
