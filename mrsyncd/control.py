@@ -338,13 +338,15 @@ class ReceiverControl(BoundedAMP):
 
     def _feedback(self, transfer_id: bytes, report: Feedback) -> None:
         if self.transport is not None and self.agent.on_feedback == self._feedback:
+            # Rounded: AMP sends floats as their repr, and these reports are
+            # most of what nodes send while data flows.
             self.callRemote(
                 Congestion,
                 transfer_id=transfer_id,
-                loss=report.loss,
-                delay=report.delay,
+                loss=round(report.loss, 4),
+                delay=round(report.delay, 6),
                 received=report.received,
-                backlog=report.backlog,
+                backlog=round(report.backlog, 3),
             )
 
     def _registered(self, _: object) -> None:

@@ -40,6 +40,9 @@ TICK = 0.002
 #: and the most datagrams one call may carry: 64 KiB in all.
 UDP_SEGMENT = 103
 GSO_SEGMENTS = 44
+#: While a pass has datagrams of its own left, at most one repair goes out
+#: for every this many of them.
+REPAIR_EVERY = 3
 #: Chunks held in memory: the one being sent, the one read ahead, and a few
 #: for parities that straddle two.
 CACHED_CHUNKS = 4
@@ -86,6 +89,8 @@ class Sender(DatagramProtocol):
         self._fresh: dict[int, bool] = {}
         self._queue: Iterator[tuple[int, int, int]] = iter(())
         self._repairs: deque[tuple[int, int, int]] = deque()
+        self._since_repair = 0
+        self._queue_done = True
         self._position = (0, 0)
         self._positions: deque[tuple[float, tuple[int, int]]] = deque(maxlen=512)
         self._next: tuple[int, int, int] | None = None
@@ -129,6 +134,7 @@ class Sender(DatagramProtocol):
         """
         assert self._done is None, "one pass at a time"
         self._queue = self._items(blocks, parities or {})
+        self._queue_done = False
         self._repairs.clear()
         self._advance()
         done = self._done = defer.Deferred()
@@ -137,9 +143,10 @@ class Sender(DatagramProtocol):
 
     def repair(self, blocks: Mapping[int, RangeSet], parities: Mapping[int, RangeSet]) -> None:
         """
-        Send these before the rest of the pass in progress: repairs of what
-        was lost earlier in it, so that the pass does not end with a tail of
-        repair rounds.
+        Send these along with the rest of the pass in progress (one in
+        ``REPAIR_EVERY`` datagrams, all of them once the pass is sent):
+        repairs of what was lost earlier in it, so that the pass does not end
+        with a tail of repair rounds.
         """
         self._repairs.extend(self._items(blocks, parities))
         if self._next is None and self._done is not None:
@@ -171,11 +178,22 @@ class Sender(DatagramProtocol):
                 yield f, kind, index
 
     def _advance(self) -> None:
-        if self._repairs:
+        # Repairs go out between the pass's own datagrams, one in
+        # REPAIR_EVERY, not in a rush: every receiver works on the repairs it
+        # gets (reading back a group, solving for its blocks), and a rush of
+        # them at once on a busy host used to stall everyone, this sender too.
+        if self._repairs and (self._since_repair >= REPAIR_EVERY or self._queue_done):
+            self._since_repair = 0
             self._next = self._repairs.popleft()
             return
         self._next = next(self._queue, None)
-        if self._next is not None and self._next[1] == datagram.KIND_DATA:
+        if self._next is None:
+            self._queue_done = True
+            if self._repairs:
+                self._next = self._repairs.popleft()
+            return
+        self._since_repair += 1
+        if self._next[1] == datagram.KIND_DATA:
             self._position = (self._next[0], self._next[2])
 
     def _tick(self) -> None:
