@@ -192,26 +192,39 @@ class RateController:
     def _update_slow(self, now: float, recent: dict[str, Feedback]) -> set[str]:
         """
         Mark slow receivers; returns those that lag now (not monitors).  A
-        receiver lags when it loses most of what is sent, or has a queue
-        twice the target, while most of the others (a majority) lose little
-        and have no queue to speak of: then the bottleneck is its own link,
-        not the one they share.
+        receiver lags when it loses most of what is sent, or has a queue of
+        its own (twice the target beyond the others' median), while most of
+        the others (a majority) lose little and have no such queue: then the
+        bottleneck is its own link, not the one they share.  The others may
+        well hold a queue, near the target or above: that is the shared link,
+        which the rate is for.  A lagging receiver's last report counts for
+        ``slow_after``: its reports cross its congested link, so they come
+        late and in bursts, and a gap between them is no sign of health.
         """
 
-        def troubled(node: str) -> bool:
-            report = recent.get(node)
-            return report is not None and (
-                report.loss >= self.slow_loss or self.queue(report) >= 2 * self.target_delay
-            )
+        def latest(node: str) -> Feedback | None:
+            when, report = self._reports.get(node, (0.0, None))
+            fresh = self.slow_after if node in self._lossy_since else 2 * self.interval
+            return report if report is not None and now - when <= fresh else None
 
-        candidates = {n for n in self.active if troubled(n)}
-        others = self.active - candidates
+        reports = {node: report for node in self.active if (report := latest(node)) is not None}
+        troubled = {
+            node
+            for node, report in reports.items()
+            if report.loss >= self.slow_loss or self.queue(report) >= 2 * self.target_delay
+        }
+        others = self.active - troubled
         lagging: set[str] = set()
-        if len(others) > len(candidates):
+        if len(others) > len(troubled):
             losses = [recent[n].loss if n in recent else 0.0 for n in others]
-            delays = [self.queue(recent[n]) if n in recent else 0.0 for n in others]
-            if _median(losses) < self.others_loss and _median(delays) < self.target_delay / 2:
-                lagging = candidates
+            shared = _median([self.queue(recent[n]) if n in recent else 0.0 for n in others])
+            if _median(losses) < self.others_loss:
+                lagging = {
+                    node
+                    for node in troubled
+                    if reports[node].loss >= self.slow_loss
+                    or self.queue(reports[node]) >= shared + 2 * self.target_delay
+                }
         for node in list(self._lossy_since):
             if node not in lagging:
                 del self._lossy_since[node]

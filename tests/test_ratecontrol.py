@@ -335,3 +335,26 @@ def test_a_buffer_that_empties_again_lets_the_rate_climb_back():
     assert low < 50e6
     rates = drive(controller, clock, 3.0, lambda t: {n: Feedback(0.0, 0.0, 500, backlog=0.1) for n in "abc"})
     assert rates == sorted(rates) and rates[-1] > 2 * low
+
+
+def test_a_slow_link_is_told_apart_while_the_shared_link_is_kept_full():
+    """
+    The others hold the target queue (the shared link full, as the
+    controller keeps it); the slow receiver's reports cross its own
+    congested link, so they arrive one interval in three.
+    """
+    clock, controller = fleet(nodes=("a", "b", "c", "d"))
+    drive(controller, clock, 2.0, quiet)
+    step = [0]
+
+    def reports(t):
+        step[0] += 1
+        heard = {n: Feedback(0.0, 0.008, 800) for n in "abd"}
+        if step[0] % 3 == 1:
+            heard["c"] = Feedback(0.05, 0.065, 80)
+        return heard
+
+    rates = drive(controller, clock, 3.0, reports)
+    assert controller.slow == {"c"}
+    assert min(rates) > 0.9 * 100e6, "the slow link never set the pace"
+    assert controller.monitor != "c"
