@@ -126,7 +126,7 @@ class RateController:
         *,
         min_rate: float | None = None,
         start_rate: float | None = None,
-        target_delay: float = 0.010,
+        target_delay: float = 0.007,
         interval: float = 0.1,
         gain: float = 0.1,
         boost: float = 2.0,

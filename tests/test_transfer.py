@@ -229,6 +229,32 @@ class CodedRepairTests(unittest.TestCase):
         self.assertLess(repairs, 0.6 * sum(r.dropped for r in receivers))
 
 
+class BatchTests(unittest.TestCase):
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_a_batch_is_at_most_a_millisecond_of_the_rate(self):
+        """
+        A batch leaves back to back: at 100 Mbit/s more than 8 datagrams
+        would be a queue of mrsyncd's own; at 1 Gbit/s up to 44 go at once.
+        """
+        base = temp_dir(self)
+        src = os.path.join(base, "src")
+        os.mkdir(src)
+        write_file(os.path.join(src, "f"), random.Random(9).randbytes(4 << 20))
+        manifest, local = scan([src + "/"])
+        per_batch = {}
+        for rate in (100e6, 1e9):
+            peers = make_peers(self, reactor, [os.path.join(base, f"dst-{rate:.0f}")])
+            report = yield run_transfer(self, reactor, manifest, local, peers, rate_bps=rate)
+            self.assertTrue(report.ok)
+            stats = report.sender_stats
+            self.assertGreater(stats["batches"], 0, "no UDP segmentation offload here?")
+            per_batch[rate] = stats["datagrams"] / stats["batches"]
+        self.assertLessEqual(per_batch[100e6], 8.5)
+        self.assertGreater(per_batch[1e9], 2 * per_batch[100e6])
+
+
 class DeadPeer:
     """
     A receiver that takes the offer (its socket joins the group) and then
