@@ -35,7 +35,9 @@ KINDS = (FILE, DIR, SYMLINK, HARDLINK)
 #: Linux's NAME_MAX and PATH_MAX.
 NAME_MAX = 255
 PATH_MAX = 4096
-FORMAT = 1
+#: 2: chunk digests are SHA-256 (1 had BLAKE2b): a node of the other kind refuses
+#: the manifest rather than failing every chunk.
+FORMAT = 2
 MAX_BLOCKS = (1 << 32) - 1
 DEFAULT_PARITY_GROUP = 16
 
@@ -151,7 +153,10 @@ class Manifest:
         except (ValueError, UnicodeDecodeError) as e:
             raise ManifestError(f"manifest is not valid JSON: {e}") from None
         if not isinstance(doc, dict) or type(doc.get("format")) is not int or doc["format"] != FORMAT:
-            raise ManifestError("unknown manifest format")
+            raise ManifestError(
+                f"manifest format {doc.get('format') if isinstance(doc, dict) else None!r}, this node reads "
+                f"{FORMAT}: the master and this node run different versions of mrsyncd"
+            )
         block_size = _integer(doc.get("block_size"), "block_size", 1, MAX_BLOCK_SIZE)
         chunk_size = _integer(doc.get("chunk_size"), "chunk_size", block_size, 1 << 30)
         if chunk_size % block_size:

@@ -208,9 +208,13 @@ def receive_queue(s: socket.socket) -> tuple[float, int] | None:
     """
     ``(share of the receive buffer in use, datagrams dropped since the
     socket opened)``, or None where the kernel does not say (before 4.6).
+    Linux gives back the memory of datagrams already read a quarter of the
+    buffer at a time (``forward_threshold``), so that quarter is not
+    counted: a reader that keeps up shows 0, a full buffer 1.
     """
     try:
         info = _MEMINFO.unpack(s.getsockopt(socket.SOL_SOCKET, SO_MEMINFO, _MEMINFO.size))
     except (OSError, struct.error):
         return None
-    return info[_RMEM_ALLOC] / max(1, info[_RCVBUF]), info[_DROPS]
+    rcvbuf = max(1, info[_RCVBUF])
+    return max(0.0, info[_RMEM_ALLOC] - rcvbuf / 4) / (rcvbuf * 3 / 4), info[_DROPS]

@@ -230,8 +230,10 @@ class RateController:
             if node not in lagging:
                 del self._lossy_since[node]
         for node in lagging:
-            since = self._lossy_since.setdefault(node, now)
-            if now - since >= self.slow_after:
+            # Trouble reported at both ends of slow_after, not a blip that
+            # is still remembered: a receiver is silent while all is well.
+            heard = self._reports[node][0]
+            if heard - self._lossy_since.setdefault(node, heard) >= self.slow_after:
                 self.slow.add(node)
         self.slow &= self.active
         if self.active and self.active <= self.slow | lagging:

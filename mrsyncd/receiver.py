@@ -335,7 +335,7 @@ class Receiver(DatagramProtocol):
                 self._seq_reported = (sequence - 1) & MASK32
             self._seq_max = sequence
         self._got += 1
-        if not self._got % DELAY_SAMPLE:
+        if not sequence % DELAY_SAMPLE:
             self._measure(sent_us)
         f = self._files.get(file_index)
         if f is None or index >= f.nblocks:
@@ -366,21 +366,22 @@ class Receiver(DatagramProtocol):
         """
         Parities of a group rebuild as many blocks of it as there are
         parities (see `erasure`): a parity is kept until the group has as
-        many as it lacks blocks, then the blocks held are read back from the
-        part file and the missing ones solved for, and accepted as if
-        received.  Kept parities are bounded (`KEPT_PARITIES`), oldest
-        group first.
+        many as it lacks blocks (`_solve`).  Kept parities are bounded
+        (`KEPT_PARITIES`), oldest group first.
         """
         size, count = self._manifest.block_size, self._manifest.parity_group
         group, index = divmod(number, count)
         if len(parity) != size:
             self.stats[datagram.Reason.RANGE.value] += 1
             return
-        first = group * count
-        last = min(first + count, f.nblocks)
-        missing = [b for b in range(first, last) if not self._held(f, b)]
         key = (f.index, group)
-        if f.result is not None or not missing:
+        if f.result is not None:  # failed (its bitmap is gone) or committed
+            self.stats["parity_unused"] += 1
+            self._kept_count -= len(self._kept.pop(key, ()))
+            return
+        first = group * count
+        missing = [b for b in range(first, min(first + count, f.nblocks)) if not self._held(f, b)]
+        if not missing:
             self.stats["parity_unused"] += 1
             self._kept_count -= len(self._kept.pop(key, ()))
             return
@@ -396,8 +397,19 @@ class Receiver(DatagramProtocol):
             while self._kept_count > KEPT_PARITIES:
                 self._kept_count -= len(self._kept.popitem(last=False)[1])
             return
-        del self._kept[key]
+        self._solve(f, group, missing)
+
+    def _solve(self, f: _IncomingFile, group: int, missing: list[int]) -> None:
+        """
+        The group has as many kept parities as it lacks blocks: read back
+        the blocks held from the part file, solve for the missing ones and
+        accept them as if received.
+        """
+        size, count = self._manifest.block_size, self._manifest.parity_group
+        kept = self._kept.pop((f.index, group))
         self._kept_count -= len(kept)
+        first = group * count
+        last = min(first + count, f.nblocks)
         if not self._flush(f.index):
             return
         try:
@@ -443,6 +455,22 @@ class Receiver(DatagramProtocol):
                 return
             f.status[chunk] = VERIFYING
             self._verify.run(self._check_chunk, f, chunk)
+        if self._kept and f.result is None:
+            # After the chunk's own bookkeeping: solving accepts other blocks.
+            self._solve_if_ready(f, block // self._manifest.parity_group)
+
+    def _solve_if_ready(self, f: _IncomingFile, group: int) -> None:
+        """A block arrived for a group with kept parities: they may now be enough."""
+        kept = self._kept.get((f.index, group))
+        if kept is None:
+            return
+        count = self._manifest.parity_group
+        first = group * count
+        missing = [b for b in range(first, min(first + count, f.nblocks)) if not self._held(f, b)]
+        if not missing:
+            self._kept_count -= len(self._kept.pop((f.index, group)))
+        elif len(kept) >= len(missing):
+            self._solve(f, group, missing)
 
     def _flush(self, index: int) -> bool:
         """Write out what is gathered for a file; False if that failed it."""

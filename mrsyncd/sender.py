@@ -40,6 +40,8 @@ TICK = 0.002
 #: and the most datagrams one call may carry: 64 KiB in all.
 UDP_SEGMENT = 103
 GSO_SEGMENTS = 44
+#: A batch (one sendmsg) holds at most this much of the rate: its datagrams
+#: leave back to back, so a bigger one is a queue of the sender's own.
 BATCH_SECONDS = 0.001
 #: While a pass has datagrams of its own left, at most one repair goes out
 #: for every this many of them.
@@ -144,8 +146,9 @@ class Sender(DatagramProtocol):
 
     def repair(self, blocks: Mapping[int, RangeSet], parities: Mapping[int, RangeSet]) -> None:
         """
-        Send these along with the rest of the pass in progress (one in
-        ``REPAIR_EVERY`` datagrams, all of them once the pass is sent):
+        Send these along with the rest of the pass in progress (one after
+        every ``REPAIR_EVERY`` of its datagrams, all of them once the pass is
+        sent):
         repairs of what was lost earlier in it, so that the pass does not end
         with a tail of repair rounds.
         """
@@ -250,6 +253,8 @@ class Sender(DatagramProtocol):
             self.stats["datagrams"] += 1
             self.stats["bytes"] += len(packet)
             self.stats["payload" if kind == datagram.KIND_DATA else "parity"] += len(payload)
+            if kind == datagram.KIND_PARITY and index % self.manifest.parity_group:
+                self.stats["coded_parities"] += 1  # parity j >= 1: more than an XOR
             self._advance()
         if batch:
             self._send(batch)

@@ -358,3 +358,12 @@ def test_a_slow_link_is_told_apart_while_the_shared_link_is_kept_full():
     assert controller.slow == {"c"}
     assert min(rates) > 0.9 * 100e6, "the slow link never set the pace"
     assert controller.monitor != "c"
+
+
+def test_a_blip_of_trouble_is_not_a_slow_receiver():
+    """Three bad reports, then the silence of a receiver that is fine again."""
+    clock, controller = fleet()
+    drive(controller, clock, 2.0, quiet)
+    drive(controller, clock, 0.3, lambda t: {"c": Feedback(0.9, 0.05, 80)})
+    drive(controller, clock, 2.0, quiet)
+    assert controller.slow == set()

@@ -160,6 +160,41 @@ class DirectReceiverTests(unittest.TestCase):
         self.assertEqual(r.stats["parity_unused"], 2)
 
     @defer.inlineCallbacks
+    def test_a_block_that_arrives_after_parities_lets_them_solve_the_rest(self):
+        """Lacking three, two parities kept: the third block as DATA is enough."""
+        data = self.rng.randbytes(32 * 100)
+        write_file(os.path.join(self.src, "f"), data)
+        manifest, _ = scan([self.src + "/"], block_size=100, chunk_size=3200)
+        r, d = self.start(manifest)
+        yield d
+        self.feed(r, 0, [b for b in range(32) if b not in (2, 5, 9)], data)
+        r.datagramReceived(self.parity(data, 0, 1), None)
+        r.datagramReceived(self.parity(data, 0, 4), None)
+        self.assertEqual(r.stats["rebuilt"], 0)
+        self.feed(r, 0, [5], data)
+        self.assertEqual(r.stats["rebuilt"], 2)
+        self.assertEqual(r._kept_count, 0)
+        yield wait_until(lambda: r.done)
+        with open(os.path.join(self.dst, "f"), "rb") as f:
+            self.assertEqual(f.read(), data)
+
+    @defer.inlineCallbacks
+    def test_parities_for_a_failed_file_are_dropped(self):
+        data = self.rng.randbytes(32 * 100)
+        write_file(os.path.join(self.src, "f"), data)
+        manifest, _ = scan([self.src + "/"], block_size=100, chunk_size=1600)
+        r, d = self.start(manifest)
+        yield d
+        self.feed(r, 0, range(14), data)
+        r.datagramReceived(self.parity(data, 0, 0), None)
+        r.missing(abandoned={0: "source changed"})  # the file fails here
+        self.assertEqual(r.results, {"f": "sender gave up: source changed"})
+        r.datagramReceived(self.parity(data, 0, 1), None)
+        r.datagramReceived(self.parity(data, 1, 0), None)
+        self.assertEqual(r.stats["parity_unused"], 2)
+        self.assertEqual(r._kept_count, 0)
+
+    @defer.inlineCallbacks
     def test_kept_parities_are_bounded(self):
         self.patch(receiver_module, "KEPT_PARITIES", 5)
         data = self.rng.randbytes(16 * 100 * 8)
