@@ -149,9 +149,12 @@ class LossyReceiver(Receiver):
         self.arrived = 0
         self.dropped = 0
 
+    def lose(self) -> bool:
+        return self.arrived % 10 == 3
+
     def datagramReceived(self, data, addr):
         self.arrived += 1
-        if self.arrived % 10 == 3:
+        if self.lose():
             self.dropped += 1
             return
         super().datagramReceived(data, addr)
@@ -185,7 +188,7 @@ class LossTests(unittest.TestCase):
         self.assertLess(report.sender_stats["datagrams"], 2 * blocks)
 
 
-class RandomLossReceiver(Receiver):
+class RandomLossReceiver(LossyReceiver):
     """Test-only: drops 5% of what reaches the socket, differently at every receiver."""
 
     seeds = iter(range(1000))
@@ -193,13 +196,9 @@ class RandomLossReceiver(Receiver):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.rng = random.Random(next(self.seeds))
-        self.dropped = 0
 
-    def datagramReceived(self, data, addr):
-        if self.rng.random() < 0.05:
-            self.dropped += 1
-            return
-        super().datagramReceived(data, addr)
+    def lose(self) -> bool:
+        return self.rng.random() < 0.05
 
 
 class CodedRepairTests(unittest.TestCase):
