@@ -315,7 +315,14 @@ class Lan:
         }
 
     def shape_master(self, rate_bps: float) -> None:
-        """The master's link: everything it sends crosses this bucket."""
+        """
+        The master's link: everything it sends crosses this bucket.  Its
+        datagrams leave one per frame, as a NIC's segmentation offload puts
+        them on the wire: a veth would otherwise carry a batch sent with
+        UDP_SEGMENT (or a TCP super-packet) whole to every node, where the
+        loss rule would drop it whole, a burst instead of one datagram.
+        """
+        self.master.run(["ip", "link", "set", "dev", IFNAME, "gso_max_segs", "1"])
         self.master.run(["tc", "qdisc", "replace", "dev", IFNAME, "root", *tbf_args(rate_bps)])
 
     def shape_node(self, node: Host, rate_bps: float) -> None:
