@@ -246,6 +246,12 @@ class Lan:
                 self.switch,
             ]
         )
+        # A switch port puts one datagram in each frame, as a wire does: a
+        # veth would otherwise hand a node a batch sent with UDP_SEGMENT (or
+        # a TCP super-packet) whole, and the node's loss rule would drop it
+        # whole, a burst instead of one datagram.  (The node's UDP layer
+        # would cut it up anyway; here the port does, before the node.)
+        run(["ip", "-n", self.switch, "link", "set", port, "gso_max_segs", "1"])
         run(["ip", "-n", self.switch, "link", "set", port, "master", BRIDGE, "up"])
         ip = str(SUBNET[number])
         run(["ip", "-n", netns, "addr", "add", f"{ip}/{SUBNET.prefixlen}", "brd", "+", "dev", IFNAME])
@@ -315,14 +321,7 @@ class Lan:
         }
 
     def shape_master(self, rate_bps: float) -> None:
-        """
-        The master's link: everything it sends crosses this bucket.  Its
-        datagrams leave one per frame, as a NIC's segmentation offload puts
-        them on the wire: a veth would otherwise carry a batch sent with
-        UDP_SEGMENT (or a TCP super-packet) whole to every node, where the
-        loss rule would drop it whole, a burst instead of one datagram.
-        """
-        self.master.run(["ip", "link", "set", "dev", IFNAME, "gso_max_segs", "1"])
+        """The master's link: everything it sends crosses this bucket."""
         self.master.run(["tc", "qdisc", "replace", "dev", IFNAME, "root", *tbf_args(rate_bps)])
 
     def shape_node(self, node: Host, rate_bps: float) -> None:
