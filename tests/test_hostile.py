@@ -275,8 +275,9 @@ def forge(kind, i):
             return keyed(fi, nblocks + rng.randrange(1 << 20), body(bs))
         if which == 2:
             return keyed(fi, rng.randrange(nblocks - 1), body(bs + 1))
-        b = 1 + 16 * rng.randrange(nblocks // 16)
-        return keyed(fi, b, body(bs), datagram.KIND_PARITY)
+        # A parity numbered past the file's blocks (any number below is a
+        # parity of a real group: see the corrupt kind for wrong content).
+        return keyed(fi, nblocks + rng.randrange(1 << 20), body(bs), datagram.KIND_PARITY)
     if kind == "corrupt":
         # Tagged with the job's key, in range, wrong content: only the chunk digest catches these.
         return keyed(fi, nblocks - 2 - (i % 600), body(bs))
