@@ -110,7 +110,7 @@ class RateController:
     its own (`queue`), with more slack, since a buffer absorbs a stalled
     reader without loss.
 
-    The receiver with the worst delay is the *monitor*.  A receiver that
+    The receiver with the largest queue is the *monitor*.  A receiver that
     loses at least ``slow_loss`` of what is sent while the others' median
     loss stays under ``others_loss`` gets what its own link can carry, not
     what the LAN can: it is not a monitor, and after ``slow_after`` seconds

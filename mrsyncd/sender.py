@@ -148,9 +148,8 @@ class Sender(DatagramProtocol):
         """
         Send these along with the rest of the pass in progress (one after
         every ``REPAIR_EVERY`` of its datagrams, all of them once the pass is
-        sent):
-        repairs of what was lost earlier in it, so that the pass does not end
-        with a tail of repair rounds.
+        sent): repairs of what was lost earlier in it, so that the pass does
+        not end with a tail of repair rounds.
         """
         self._repairs.extend(self._items(blocks, parities))
         if self._next is None and self._done is not None:
