@@ -369,21 +369,17 @@ class Receiver(DatagramProtocol):
         many as it lacks blocks (`_solve`).  Kept parities are bounded
         (`KEPT_PARITIES`), oldest group first.
         """
-        size, count = self._manifest.block_size, self._manifest.parity_group
-        group, index = divmod(number, count)
+        size = self._manifest.block_size
+        group, index = divmod(number, self._manifest.parity_group)
         if len(parity) != size:
             self.stats[datagram.Reason.RANGE.value] += 1
             return
         key = (f.index, group)
-        if f.result is not None:  # failed (its bitmap is gone) or committed
-            self.stats["parity_unused"] += 1
-            self._kept_count -= len(self._kept.pop(key, ()))
-            return
-        first = group * count
-        missing = [b for b in range(first, min(first + count, f.nblocks)) if not self._held(f, b)]
+        # A failed file's bitmap is gone, and a committed one lacks nothing.
+        missing = self._group_missing(f, group) if f.result is None else []
         if not missing:
             self.stats["parity_unused"] += 1
-            self._kept_count -= len(self._kept.pop(key, ()))
+            self._take_kept(key)
             return
         kept = self._kept.setdefault(key, {})
         self._kept.move_to_end(key)
@@ -406,8 +402,7 @@ class Receiver(DatagramProtocol):
         accept them as if received.
         """
         size, count = self._manifest.block_size, self._manifest.parity_group
-        kept = self._kept.pop((f.index, group))
-        self._kept_count -= len(kept)
+        kept = self._take_kept((f.index, group))
         first = group * count
         last = min(first + count, f.nblocks)
         if not self._flush(f.index):
@@ -464,13 +459,26 @@ class Receiver(DatagramProtocol):
         kept = self._kept.get((f.index, group))
         if kept is None:
             return
-        count = self._manifest.parity_group
-        first = group * count
-        missing = [b for b in range(first, min(first + count, f.nblocks)) if not self._held(f, b)]
+        missing = self._group_missing(f, group)
         if not missing:
-            self._kept_count -= len(self._kept.pop((f.index, group)))
+            self._take_kept((f.index, group))
         elif len(kept) >= len(missing):
             self._solve(f, group, missing)
+
+    def _group_missing(self, f: _IncomingFile, group: int) -> list[int]:
+        """The blocks of a parity group that are not held yet."""
+        first = group * self._manifest.parity_group
+        return [
+            b
+            for b in range(first, min(first + self._manifest.parity_group, f.nblocks))
+            if not self._held(f, b)
+        ]
+
+    def _take_kept(self, key: tuple[int, int]) -> dict[int, bytes]:
+        """A group's kept parities, forgotten (none if it had none)."""
+        kept = self._kept.pop(key, {})
+        self._kept_count -= len(kept)
+        return kept
 
     def _flush(self, index: int) -> bool:
         """Write out what is gathered for a file; False if that failed it."""
