@@ -60,6 +60,8 @@ class Proc:
         self.cpu_system = 0.0
         self.hwm_bytes = 0
         self._last_sample = 0.0
+        #: User and system CPU seconds before the work measured (a daemon's start): see `baseline`.
+        self.before = (0.0, 0.0)
 
     @property
     def running(self) -> bool:
@@ -131,6 +133,11 @@ class Proc:
             if self.wait(grace):
                 return
 
+    def baseline(self) -> None:
+        """Count CPU from now on: a daemon's start and its wait are not the job's."""
+        self.sample(force=True)
+        self.before = (self.cpu_user, self.cpu_system)
+
     def tail(self, lines: int = 15) -> str:
         with contextlib.suppress(OSError):
             return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
@@ -142,8 +149,9 @@ class Proc:
             "role": self.role,
             "rc": self.rc,
             "seconds": self.seconds,
-            "cpu_user": round(self.cpu_user, 3),
-            "cpu_system": round(self.cpu_system, 3),
-            "cpu": round(self.cpu, 3),
+            "cpu_user": round(self.cpu_user - self.before[0], 3),
+            "cpu_system": round(self.cpu_system - self.before[1], 3),
+            "cpu": round(self.cpu - sum(self.before), 3),
+            "cpu_before": round(sum(self.before), 3),
             "hwm_bytes": self.hwm_bytes,
         }

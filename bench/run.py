@@ -86,6 +86,10 @@ def snapshot_code(workdir: Path, tree: Path) -> tuple[Path, str]:
     """
     code = workdir / "code"
     shutil.copytree(tree / "mrsyncd", code / "mrsyncd", ignore=shutil.ignore_patterns("__pycache__"))
+    # The twistd plugin, for the daemons (found on sys.path as twisted/plugins).
+    shutil.copytree(
+        tree / "twisted", code / "twisted", ignore=shutil.ignore_patterns("__pycache__", "dropin.cache")
+    )
     h = hashlib.sha256()
     for p in sorted((code / "mrsyncd").rglob("*.py")):
         h.update(p.name.encode() + b"\0" + p.read_bytes())
@@ -152,7 +156,7 @@ def run_case(
             caselog = logdir / f"case{case_index}"
             caselog.mkdir(parents=True, exist_ok=True)
             profile = None
-            if args.profile and tool == "mrsyncd":
+            if args.profile and tool.startswith("mrsyncd"):
                 profile = caselog / "mrsyncd-sender.pyspy.txt"
             ctx = Context(
                 lan,
@@ -169,6 +173,7 @@ def run_case(
             runner = RUNNERS[tool](ctx)
             result = measure(runner, competitor)
             d = asdict(result)
+            mrsyncd = tool.startswith("mrsyncd")
             doc["results"][tool] = d
             x = report.derived(asdict(case), d)
             eff = x.get("efficiency")
@@ -179,7 +184,7 @@ def run_case(
                 f"{result.counters.get('feedback_bytes', 0):,} B  tbf drops {result.qdisc.get('drops', '-')}"
                 f"  busy {result.machine_cpu.get('busy_share', 0):.0%}"
                 f" others {result.machine_cpu.get('others', 0):.1f} s"
-                f"{'  rate median ' + str(d['details'].get('rate_mbit_median')) if tool == 'mrsyncd' else ''}"
+                f"{'  rate median ' + str(d['details'].get('rate_mbit_median')) if mrsyncd else ''}"
                 f"{'  ' + result.error if result.error else ''}",
                 flush=True,
             )

@@ -7,8 +7,7 @@ where each node's copy lands.  `measure` does the rest for every tool alike:
 counters, per-node completion times (the copy at its final path with its
 full size), CPU and memory of every process, and the sha256 of every copy.
 
-To add a tool (e.g. the mrsyncd daemon with the ``mrsync`` CLI, once it can
-be driven here), subclass `Runner` and register it in `RUNNERS`.
+To add a tool, subclass `Runner` and register it in `RUNNERS`.
 """
 
 from __future__ import annotations
@@ -230,6 +229,17 @@ class Runner:
     def details(self) -> dict[str, Any]:
         return {}
 
+    def daemons(self) -> list[Proc]:
+        """The processes that wait for the job: their CPU counts from its submission."""
+        return self.receivers
+
+    def sending(self, submitted: Proc) -> Proc:
+        """The process that sends the data (for the profiler)."""
+        return submitted
+
+    def sender_usage(self, submitted: Proc) -> dict[str, Any]:
+        return submitted.usage()
+
     # Shared.
 
     def proc(self, host: Host, role: str, argv: list[str], **kwargs: Any) -> Proc:
@@ -273,8 +283,8 @@ def wait_idle(procs: list[Proc], timeout: float = 30.0, quiet: float = 0.02) -> 
 class MrsyncEngine(Runner):
     """mrsyncd's data plane alone: ``mrsync-engine send`` and ``receive`` (python3 -m mrsyncd.enginecli)."""
 
-    name = "mrsyncd"
-    description = "mrsync-engine send/receive (data plane, fixed rate)"
+    name = "mrsyncd-engine"
+    description = "mrsync-engine send/receive: the data plane alone, without the daemons"
     DATA_PORT = 7717
     CONTROL_PORT = 7718
     #: The pacer counts datagram bytes (payload + mrsyncd's header); asked of the code under test.
@@ -290,7 +300,8 @@ class MrsyncEngine(Runner):
         env["PYTHONPATH"] = str(self.ctx.code)
         return env
 
-    def start_receivers(self) -> None:
+    def probe_datagram(self) -> None:
+        """Check that mrsyncd loads from the snapshot, and read its datagram size."""
         probe = subprocess.run(
             [
                 sys.executable,
@@ -306,6 +317,9 @@ class MrsyncEngine(Runner):
         if probe.returncode != 0 or not where.startswith(str(self.ctx.code)):
             raise RuntimeError(f"mrsyncd does not load from {self.ctx.code}: {probe.stdout} {probe.stderr}")
         self.DATAGRAM = int(size)
+
+    def start_receivers(self) -> None:
+        self.probe_datagram()
         m = self.lan.master
         for node in self.lan.nodes:
             self.proc(
@@ -373,16 +387,15 @@ class MrsyncEngine(Runner):
             cwd=str(self.ctx.code),
         )
 
-    def details(self) -> dict[str, Any]:
-        try:
-            report = json.loads(self.report.read_text())
-        except (OSError, ValueError) as e:
-            return {"report_error": str(e)}
-        peers = report.get("peers", {})
+    def rate_log(self) -> Path:
+        """Where the rate controller's debug lines are."""
+        assert self.sender is not None
+        return self.sender.log
+
+    def rate_details(self) -> dict[str, Any]:
         rates: list[float] = []
         monitors: dict[str, int] = {}
-        assert self.sender is not None
-        for line in self.sender.log.read_text(errors="replace").splitlines():
+        for line in self.rate_log().read_text(errors="replace").splitlines():
             m = RATE_LINE.search(line)
             if m:
                 rates.append(float(m.group(1)))
@@ -393,6 +406,16 @@ class MrsyncEngine(Runner):
             "rate_mbit_median": ordered[len(ordered) // 2] if ordered else None,
             "rate_mbit_trace": rates,
             "monitors": monitors,
+        }
+
+    def details(self) -> dict[str, Any]:
+        try:
+            report = json.loads(self.report.read_text())
+        except (OSError, ValueError) as e:
+            return {"report_error": str(e)}
+        peers = report.get("peers", {})
+        return {
+            **self.rate_details(),
             "seconds": report.get("seconds"),
             "passes": report.get("passes"),
             "sender_stats": report.get("sender_stats"),
@@ -400,6 +423,175 @@ class MrsyncEngine(Runner):
             "peer_stats": {name: p.get("stats") for name, p in peers.items()},
             "failed": {name: p.get("reason") for name, p in peers.items() if not p.get("ok")},
         }
+
+
+class MrsyncDaemons(MrsyncEngine):
+    """
+    mrsyncd as a cluster runs it: ``twistd mrsyncd`` on the master and on
+    every node, waiting and registered before the clock starts, and the job
+    submitted with ``mrsync push``: the clock runs from that command's start.
+
+    Each node daemon runs in a mount namespace of its own with its directory
+    bound over the job's one destination (``ip netns exec`` already gives it
+    one), so every node writes its own copy.
+    """
+
+    name = "mrsyncd"
+    description = "twistd mrsyncd on the master and every node, the job submitted with mrsync push"
+    CONTROL_PORT = 7718
+    PORT_BASE = 7720
+    #: The node's directory bound over the shared destination, then the daemon.
+    BIND_AND_EXEC = 'mount --bind "$1" "$2" && shift 2 && exec "$@"'
+
+    def __init__(self, ctx: Context) -> None:
+        super().__init__(ctx)
+        self.master: Proc | None = None
+        self.etc = self.dir / "etc"
+        self.destination = self.dir / "shared"
+
+    def daemon_argv(self, config: Path) -> list[str]:
+        return [
+            sys.executable,
+            "-c",
+            "from twisted.scripts.twistd import run; run()",
+            "-n",
+            "--pidfile=",
+            "mrsyncd",
+            "--config",
+            str(config),
+        ]
+
+    def ca(self, *args: str) -> None:
+        subprocess.run(
+            [sys.executable, "-m", "mrsyncd.ca_cli", *args],
+            check=True,
+            capture_output=True,
+            env=self.env(),
+            cwd=str(self.ctx.code),
+        )
+
+    def config(self, host: Host, section: str, body: str) -> Path:
+        """``/etc/mrsyncd/mrsyncd.toml`` of ``host``: its certificate and its section."""
+        path = self.etc / f"{host.name}.toml"
+        path.write_text(
+            f'[log]\nlevel = "debug"\n\n[tls]\nca = "{self.etc}/ca.crt"\n'
+            f'certificate = "{self.etc}/{host.name}.crt"\nkey = "{self.etc}/{host.name}.key"\n\n'
+            f"[{section}]\n{body}"
+        )
+        return path
+
+    def start_receivers(self) -> None:
+        self.probe_datagram()
+        m = self.lan.master
+        self.etc.mkdir(parents=True)
+        self.destination.mkdir()
+        self.ca("init", str(self.etc), "--name", "mrsyncd benchmark CA")
+        self.ca("issue", str(self.etc), "--role", "master", m.name, "--ip", m.ip)
+        self.ca("issue", str(self.etc), "--role", "operator", "operator")
+        # The master is told the link's speed, as its operator would write
+        # it (see MrsyncEngine.submit).
+        rate = self.ctx.case.link_bps
+        self.rate_arg = f"rate = {rate:.0f}"
+        master = self.config(
+            m,
+            "master",
+            f'address = "{m.ip}"\nport = {self.CONTROL_PORT}\nstate_dir = "{self.dir}/state"\n'
+            f'interface = "eth0"\ngroup = "{GROUP_BASE}1"\nport_base = {self.PORT_BASE}\n'
+            f"max_jobs = 1\nrate = {rate:.0f}\ngrace = 30\n",
+        )
+        self.master = Proc(
+            m,
+            "master",
+            self.daemon_argv(master),
+            self.ctx.logdir / f"{self.name}-{m.name}-master.log",
+            env=self.env(),
+            cwd=str(self.ctx.code),
+        )
+        self.wait_log(self.master, "master listening on")
+        for node in self.lan.nodes:
+            self.ca("issue", str(self.etc), "--role", "node", node.name)
+            config = self.config(
+                node,
+                "node",
+                f'master = "{m.ip}:{self.CONTROL_PORT}"\ninterface = "eth0"\n'
+                f'roots = ["{self.destination}"]\n',
+            )
+            bind = ["sh", "-c", self.BIND_AND_EXEC, "sh", str(self.node_dir(node)), str(self.destination)]
+            self.proc(
+                node, "node", [*bind, *self.daemon_argv(config)], env=self.env(), cwd=str(self.ctx.code)
+            )
+        for node in self.lan.nodes:
+            self.wait_log(self.master, f"node {node.name} registered from")
+        wait_idle([self.master, *self.receivers])
+
+    def wait_log(self, proc: Proc, text: str, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in proc.log.read_text(errors="replace"):
+            if not proc.poll() or time.monotonic() > deadline:
+                raise RuntimeError(f"no {text!r} from the {proc.role} on {proc.host.name}:\n{proc.tail()}")
+            time.sleep(0.05)
+
+    def submit(self) -> Proc:
+        m = self.lan.master
+        return self.proc(
+            m,
+            "sender",
+            [
+                sys.executable,
+                "-m",
+                "mrsyncd.cli",
+                "--master",
+                f"{m.ip}:{self.CONTROL_PORT}",
+                "--ca",
+                f"{self.etc}/ca.crt",
+                "--cert",
+                f"{self.etc}/operator.crt",
+                "--key",
+                f"{self.etc}/operator.key",
+                "push",
+                "--json",
+                str(self.ctx.source),
+                f"all:{self.destination}/",
+            ],
+            env=self.env(),
+            cwd=str(self.ctx.code),
+        )
+
+    def daemons(self) -> list[Proc]:
+        return [*([self.master] if self.master else []), *self.receivers]
+
+    def sending(self, submitted: Proc) -> Proc:
+        assert self.master is not None
+        return self.master
+
+    def sender_usage(self, submitted: Proc) -> dict[str, Any]:
+        """The master daemon's work for this job, with the ``mrsync push`` that asked for it."""
+        assert self.master is not None
+        self.master.sample(force=True)
+        usage = self.master.usage()
+        cli = submitted.usage()
+        for key in ("cpu_user", "cpu_system", "cpu"):
+            usage[key] = round(usage[key] + cli[key], 3)
+        usage["cli"] = cli
+        return usage
+
+    def rate_log(self) -> Path:
+        assert self.master is not None
+        return self.master.log
+
+    def details(self) -> dict[str, Any]:
+        assert self.sender is not None
+        text = self.sender.log.read_text(errors="replace")
+        try:
+            status = json.loads(text[text.index("{") :])
+        except ValueError as e:
+            status = {"status_error": f"{e}: {text[-500:]}"}
+        return {**self.rate_details(), "job": status}
+
+    def stop(self) -> None:
+        super().stop()
+        if self.master is not None:
+            self.master.stop()
 
 
 class Udpcast(Runner):
@@ -564,7 +756,7 @@ class UftpTfmcc(Uftp):
 
 
 RUNNERS: dict[str, type[Runner]] = {
-    r.name: r for r in (MrsyncEngine, Udpcast, UdpcastDefaults, Uftp, UftpTfmcc)
+    r.name: r for r in (MrsyncDaemons, MrsyncEngine, Udpcast, UdpcastDefaults, Uftp, UftpTfmcc)
 }
 
 
@@ -649,6 +841,8 @@ def measure(runner: Runner, competitor: Competitor | None = None) -> ToolResult:
             time.sleep(3.0)
             tcp0 = competitor.bytes()
         netns = lan.netns_inodes()
+        for p in runner.daemons():
+            p.baseline()
         cpu0, own0, procs0 = machine_cpu(), self_cpu(), process_cpu(netns)
         t0 = time.monotonic()
         sender = runner.submit()
@@ -656,9 +850,9 @@ def measure(runner: Runner, competitor: Competitor | None = None) -> ToolResult:
         last_tx = 0.0
         result.rate_arg = runner.rate_arg
         profilers = []
-        if ctx.profile is not None and runner.name == "mrsyncd":
+        if ctx.profile is not None:
             profilers = [
-                start_profiler(sender, ctx.profile, ctx),
+                start_profiler(runner.sending(sender), ctx.profile, ctx),
                 start_profiler(runner.receivers[0], ctx.profile.with_name("mrsyncd-receiver.pyspy.txt"), ctx),
             ]
         done: dict[str, float] = {}
@@ -731,7 +925,7 @@ def measure(runner: Runner, competitor: Competitor | None = None) -> ToolResult:
         result.node_seconds = {n.name: done.get(n.name) for n in lan.nodes}
         result.wall = max(done.values()) if len(done) == len(lan.nodes) else None
         result.phases = phases(result.timeline, result.wall)
-        result.sender = sender.usage()
+        result.sender = runner.sender_usage(sender)
         result.receivers = [p.usage() for p in runner.receivers]
         mc = result.machine_cpu
         busy = sum(mc[k] for k in ("user", "nice", "system", "irq", "softirq", "steal"))
