@@ -23,6 +23,7 @@ import json
 import os
 import stat
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
@@ -40,6 +41,8 @@ PATH_MAX = 4096
 FORMAT = 2
 MAX_BLOCKS = (1 << 32) - 1
 DEFAULT_PARITY_GROUP = 16
+#: Threads that digest one large file's chunks at once.
+DIGEST_THREADS = min(8, os.cpu_count() or 1)
 
 
 class DigestCacheLike(Protocol):
@@ -375,27 +378,36 @@ def _scan_one(
 
 def file_digests(path: str, chunk_size: int, size: int) -> Iterator[bytes]:
     """
-    Digest a file chunk by chunk; memory stays at one chunk.  A chunk that
-    lies wholly in a hole of a sparse file is zeros: ``SEEK_DATA`` says so
-    without reading it, so a sparse disk image costs its data, not its size.
+    Digest a file chunk by chunk, on every core: ``pread`` and SHA-256
+    release the GIL, and a job cannot start before its sources are digested.
+    Memory stays at one chunk per core.  A chunk that lies wholly in a hole
+    of a sparse file is zeros: ``SEEK_DATA`` says so without reading it, so
+    a sparse disk image costs its data, not its size.
     """
     zero: dict[int, bytes] = {}
+
+    def chunk_digest(fd: int, offset: int) -> bytes:
+        length = min(chunk_size, size - offset)
+        try:
+            next_data = os.lseek(fd, offset, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno != errno.ENXIO:  # ENXIO: no data after offset
+                raise
+            next_data = size
+        if next_data >= offset + length:
+            if length not in zero:
+                zero[length] = digest(bytes(length))
+            return zero[length]
+        data = os.pread(fd, length, offset)
+        if len(data) != length:
+            raise ManifestError(f"{path}: file shrank while it was scanned")
+        return digest(data)
+
+    offsets = range(0, size, chunk_size)
     with open(path, "rb", buffering=0) as f:
         fd = f.fileno()
-        for offset in range(0, size, chunk_size):
-            length = min(chunk_size, size - offset)
-            try:
-                next_data = os.lseek(fd, offset, os.SEEK_DATA)
-            except OSError as e:
-                if e.errno != errno.ENXIO:  # ENXIO: no data after offset
-                    raise
-                next_data = size
-            if next_data >= offset + length:
-                if length not in zero:
-                    zero[length] = digest(bytes(length))
-                yield zero[length]
-                continue
-            data = os.pread(fd, length, offset)
-            if len(data) != length:
-                raise ManifestError(f"{path}: file shrank while it was scanned")
-            yield digest(data)
+        if len(offsets) < 2 or DIGEST_THREADS < 2:
+            yield from (chunk_digest(fd, offset) for offset in offsets)
+            return
+        with ThreadPoolExecutor(DIGEST_THREADS) as pool:
+            yield from pool.map(functools.partial(chunk_digest, fd), offsets)

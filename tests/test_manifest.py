@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from mrsyncd import manifest
 from mrsyncd.manifest import (
     DIGEST_SIZE,
     DIR,
@@ -451,8 +452,10 @@ def test_scan_empty_dir(tmp_path):
     assert m.entries == [] and local == {}
 
 
-def test_sparse_file_digests_match_reading_every_byte(tmp_path):
-    """Chunks skipped as holes digest the same as chunks read in full."""
+@pytest.mark.parametrize("threads", [1, 3])
+def test_sparse_file_digests_match_reading_every_byte(tmp_path, monkeypatch, threads):
+    """Chunks skipped as holes digest the same as chunks read in full, in order, on any number of threads."""
+    monkeypatch.setattr(manifest, "DIGEST_THREADS", threads)
     path = str(tmp_path / "sparse")
     with open(path, "wb") as f:
         f.truncate(40 << 20)
@@ -464,6 +467,16 @@ def test_sparse_file_digests_match_reading_every_byte(tmp_path):
     with open(path, "rb") as f:
         read = [digest(f.read(chunk)) for _ in range(0, size, chunk)]
     assert list(file_digests(path, chunk, size)) == read
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_a_file_that_shrinks_while_it_is_digested_is_an_error(tmp_path, monkeypatch, threads):
+    monkeypatch.setattr(manifest, "DIGEST_THREADS", threads)
+    chunk = default_chunk_size(1408)
+    path = tmp_path / "shrinking"
+    path.write_bytes(os.urandom(chunk * 5 // 2))
+    with pytest.raises(ManifestError, match="shrank while it was scanned"):
+        list(file_digests(str(path), chunk, chunk * 3))
 
 
 def test_a_file_of_more_blocks_than_the_wire_can_number_is_refused():
