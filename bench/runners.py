@@ -18,6 +18,7 @@ import os
 import re
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -971,7 +972,7 @@ def start_profiler(proc: Proc, out: Path, ctx: Context) -> subprocess.Popen | No
     if pyspy is None:
         print("  (py-spy not found: no profile)")
         return None
-    # py-spy runs outside the namespace and attaches by pid; it ends when the sender does.
+    # py-spy runs outside the namespace and attaches by pid; `stop_profiler` ends it.
     argv = [
         pyspy,
         "record",
@@ -991,6 +992,8 @@ def start_profiler(proc: Proc, out: Path, ctx: Context) -> subprocess.Popen | No
 
 
 def stop_profiler(p: subprocess.Popen) -> None:
+    """Stop py-spy as Control-C does, so that it writes what it sampled (a daemon it watches runs on)."""
+    p.send_signal(signal.SIGINT)
     try:
         p.wait(30)
     except subprocess.TimeoutExpired:
