@@ -472,13 +472,9 @@ class MasterControl(BoundedAMP):
         return {}
 
     @Congestion.responder
-    def congestion(
-        self, transfer_id: bytes, loss: float, delay: float, received: int, backlog: float | None = None
-    ) -> dict[str, Any]:
+    def congestion(self, report: tuple[bytes, Feedback]) -> dict[str, Any]:
         if self.node_name is not None:
-            self.master.runner.feedback(
-                transfer_id, self.node_name, Feedback(loss, delay, received, backlog or 0.0)
-            )
+            self.master.runner.feedback(report[0], self.node_name, report[1])
         return {}
 
     @Heartbeat.responder

@@ -86,8 +86,6 @@ class Feedback:
     loss: float
     #: Queueing delay: mean one-way delay above its minimum, seconds.
     delay: float
-    #: Datagrams that arrived in the interval.
-    received: int
     #: How full the receiver's socket buffer is (1.0: it overflowed): a
     #: receiver short of CPU, which the delay leaves out.
     backlog: float = 0.0

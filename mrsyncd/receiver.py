@@ -540,7 +540,7 @@ class Receiver(DatagramProtocol):
             if drops > self._drops:
                 backlog = 1.0  # it overflowed in the interval
             self._drops = drops
-        report = Feedback(loss, delay, self._got, backlog)
+        report = Feedback(loss, delay, backlog)
         self._seq_reported = self._seq_max
         self._got = self._owd_sum = self._owd_count = 0
         if (

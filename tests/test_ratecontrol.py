@@ -200,7 +200,7 @@ def test_rate_settles_where_the_queue_holds_the_target_delay():
         # Seconds of queue gained per interval: what is sent beyond 60 Mbit/s.
         queue[0] = max(0.0, queue[0] + (controller.rate - 60e6) / 60e6 * controller.interval)
         # The bottleneck is shared: every receiver sees its queue.
-        return {n: Feedback(0.0, queue[0], 500) for n in "abc"} if queue[0] > 0.002 else {}
+        return {n: Feedback(0.0, queue[0]) for n in "abc"} if queue[0] > 0.002 else {}
 
     rates = drive(controller, clock, 30.0, bottleneck)
     settled = rates[-100:]
@@ -212,14 +212,14 @@ def test_rate_settles_where_the_queue_holds_the_target_delay():
 
 def test_random_loss_without_a_queue_does_not_slow_the_sender():
     clock, controller = fleet()
-    rates = drive(controller, clock, 3.0, lambda t: {n: Feedback(0.02, 0.0, 900) for n in "abc"})
+    rates = drive(controller, clock, 3.0, lambda t: {n: Feedback(0.02, 0.0) for n in "abc"})
     assert rates[-1] == 100e6
 
 
 def test_loss_that_comes_and_goes_with_a_queue():
     clock, controller = fleet()
     drive(controller, clock, 2.0, quiet)
-    congested = drive(controller, clock, 1.0, lambda t: {n: Feedback(0.1, 0.03, 400) for n in "abc"})
+    congested = drive(controller, clock, 1.0, lambda t: {n: Feedback(0.1, 0.03) for n in "abc"})
     assert congested[-1] < 0.5 * 100e6
     recovered = drive(controller, clock, 2.0, quiet)
     assert recovered[-1] == 100e6
@@ -230,7 +230,7 @@ def test_a_receiver_far_slower_than_the_rest_is_marked_slow_and_ignored():
     drive(controller, clock, 2.0, quiet)
 
     def one_slow(t):
-        return {"c": Feedback(0.9, 0.05, 80)}
+        return {"c": Feedback(0.9, 0.05)}
 
     rates = drive(controller, clock, 3.0, one_slow)
     assert controller.slow == {"c"}
@@ -241,10 +241,10 @@ def test_a_receiver_far_slower_than_the_rest_is_marked_slow_and_ignored():
 def test_slow_receiver_drives_the_rate_once_it_is_the_only_one_left():
     clock, controller = fleet()
     drive(controller, clock, 2.0, quiet)
-    drive(controller, clock, 3.0, lambda t: {"c": Feedback(0.9, 0.05, 80)})
+    drive(controller, clock, 3.0, lambda t: {"c": Feedback(0.9, 0.05)})
     assert controller.slow == {"c"}
     controller.set_active({"c"})  # a and b are done: catch-up passes for c
-    rates = drive(controller, clock, 2.0, lambda t: {"c": Feedback(0.5, 0.05, 80)})
+    rates = drive(controller, clock, 2.0, lambda t: {"c": Feedback(0.5, 0.05)})
     assert controller.slow == set()
     assert controller.monitor == "c"
     assert rates[-1] < 20e6
@@ -254,7 +254,7 @@ def test_a_dead_receiver_stops_counting():
     """Reports older than two intervals are forgotten: dead nodes' last complaints fade."""
     clock, controller = fleet()
     drive(controller, clock, 2.0, quiet)
-    drive(controller, clock, 0.5, lambda t: {n: Feedback(0.0, 0.05, 100) for n in "abc"})
+    drive(controller, clock, 0.5, lambda t: {n: Feedback(0.0, 0.05) for n in "abc"})
     low = controller.rate
     rates = drive(controller, clock, 2.0, quiet)
     assert rates[-1] > low and rates[-1] == 100e6
@@ -263,7 +263,7 @@ def test_a_dead_receiver_stops_counting():
 def test_loss_at_every_receiver_with_a_queue_is_congestion_not_a_slow_node():
     clock, controller = fleet()
     drive(controller, clock, 2.0, quiet)
-    rates = drive(controller, clock, 3.0, lambda t: {n: Feedback(0.6, 0.04, 300) for n in "abc"})
+    rates = drive(controller, clock, 3.0, lambda t: {n: Feedback(0.6, 0.04) for n in "abc"})
     assert controller.slow == set()
     assert rates[-1] < 0.1 * 100e6
 
@@ -280,7 +280,7 @@ def test_a_receiver_behind_its_own_slow_link_does_not_set_the_pace():
     """Its queue grows before it loses anything: that alone must not slow the others."""
     clock, controller = fleet()
     drive(controller, clock, 2.0, quiet)
-    rates = drive(controller, clock, 3.0, lambda t: {"c": Feedback(0.0, 0.04, 200)})
+    rates = drive(controller, clock, 3.0, lambda t: {"c": Feedback(0.0, 0.04)})
     assert controller.slow == {"c"}
     assert rates[-1] == 100e6
     assert min(rates) == 100e6, "not even for the second it took to tell"
@@ -289,7 +289,7 @@ def test_a_receiver_behind_its_own_slow_link_does_not_set_the_pace():
 def test_a_queue_at_most_receivers_is_the_shared_bottleneck():
     clock, controller = fleet()
     drive(controller, clock, 2.0, quiet)
-    rates = drive(controller, clock, 2.0, lambda t: {n: Feedback(0.0, 0.04, 700) for n in "ab"})
+    rates = drive(controller, clock, 2.0, lambda t: {n: Feedback(0.0, 0.04) for n in "ab"})
     assert controller.slow == set()
     assert rates[-1] < 0.5 * 100e6
 
@@ -305,7 +305,7 @@ def test_receivers_short_of_cpu_everywhere_slow_the_sender():
     """Every receive buffer filling (24 readers on two cores): the readers set the pace."""
     clock, controller = fleet()
     drive(controller, clock, 2.0, quiet)
-    rates = drive(controller, clock, 2.0, lambda t: {n: Feedback(0.0, 0.0, 500, backlog=0.9) for n in "abc"})
+    rates = drive(controller, clock, 2.0, lambda t: {n: Feedback(0.0, 0.0, backlog=0.9) for n in "abc"})
     assert controller.slow == set()
     assert controller.monitor in {"a", "b", "c"}
     assert rates == sorted(rates, reverse=True) and rates[-1] < 0.3 * 100e6
@@ -315,14 +315,14 @@ def test_a_reader_that_stalls_briefly_costs_nothing():
     """A buffer a quarter full (a reader's hiccup) is well within what the buffer is for."""
     clock, controller = fleet()
     drive(controller, clock, 2.0, quiet)
-    rates = drive(controller, clock, 2.0, lambda t: {n: Feedback(0.0, 0.0, 500, backlog=0.25) for n in "abc"})
+    rates = drive(controller, clock, 2.0, lambda t: {n: Feedback(0.0, 0.0, backlog=0.25) for n in "abc"})
     assert min(rates) == 100e6
 
 
 def test_one_receiver_whose_buffer_overflows_is_slow_not_the_pace():
     clock, controller = fleet()
     drive(controller, clock, 2.0, quiet)
-    rates = drive(controller, clock, 3.0, lambda t: {"c": Feedback(0.0, 0.0, 200, backlog=1.0)})
+    rates = drive(controller, clock, 3.0, lambda t: {"c": Feedback(0.0, 0.0, backlog=1.0)})
     assert controller.slow == {"c"}
     assert min(rates) == 100e6
 
@@ -330,10 +330,10 @@ def test_one_receiver_whose_buffer_overflows_is_slow_not_the_pace():
 def test_a_buffer_that_empties_again_lets_the_rate_climb_back():
     clock, controller = fleet()
     drive(controller, clock, 2.0, quiet)
-    drive(controller, clock, 1.0, lambda t: {n: Feedback(0.0, 0.0, 500, backlog=1.0) for n in "abc"})
+    drive(controller, clock, 1.0, lambda t: {n: Feedback(0.0, 0.0, backlog=1.0) for n in "abc"})
     low = controller.rate
     assert low < 50e6
-    rates = drive(controller, clock, 3.0, lambda t: {n: Feedback(0.0, 0.0, 500, backlog=0.1) for n in "abc"})
+    rates = drive(controller, clock, 3.0, lambda t: {n: Feedback(0.0, 0.0, backlog=0.1) for n in "abc"})
     assert rates == sorted(rates) and rates[-1] > 2 * low
 
 
@@ -349,9 +349,9 @@ def test_a_slow_link_is_told_apart_while_the_shared_link_is_kept_full():
 
     def reports(t):
         step[0] += 1
-        heard = {n: Feedback(0.0, 0.008, 800) for n in "abd"}
+        heard = {n: Feedback(0.0, 0.008) for n in "abd"}
         if step[0] % 3 == 1:
-            heard["c"] = Feedback(0.05, 0.065, 80)
+            heard["c"] = Feedback(0.05, 0.065)
         return heard
 
     rates = drive(controller, clock, 3.0, reports)
@@ -364,6 +364,6 @@ def test_a_blip_of_trouble_is_not_a_slow_receiver():
     """Three bad reports, then the silence of a receiver that is fine again."""
     clock, controller = fleet()
     drive(controller, clock, 2.0, quiet)
-    drive(controller, clock, 0.3, lambda t: {"c": Feedback(0.9, 0.05, 80)})
+    drive(controller, clock, 0.3, lambda t: {"c": Feedback(0.9, 0.05)})
     drive(controller, clock, 2.0, quiet)
     assert controller.slow == set()

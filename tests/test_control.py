@@ -1,0 +1,94 @@
+"""
+The control contract's congestion reports, across a real TCP connection on
+loopback: what a receiver's report becomes at the sender, and what it costs
+on the wire (these reports are most of what nodes send while data flows).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import defer, endpoints, reactor
+from twisted.internet.protocol import Factory
+from twisted.trial import unittest
+
+from mrsyncd.agent import ReceiverAgent
+from mrsyncd.control import AMPPeer, BadRequest, CongestionReport, ReceiverControl, SenderControl
+from mrsyncd.ratecontrol import Feedback
+
+TRANSFER_ID = b"\x01" * 8
+
+
+class CountingSenderControl(SenderControl):
+    """The sender's end, counting the bytes that reach it."""
+
+    received_bytes = 0
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received_bytes += len(data)
+        super().dataReceived(data)
+
+
+class CongestionReports(unittest.TestCase):
+    @defer.inlineCallbacks
+    def setUp(self) -> Any:
+        self.heard: list[tuple[bytes, str, Feedback]] = []
+        self.registered: defer.Deferred[AMPPeer] = defer.Deferred()
+        self.sender: CountingSenderControl | None = None
+
+        def build() -> CountingSenderControl:
+            self.sender = CountingSenderControl(
+                self.registered.callback, lambda *report: self.heard.append(report)
+            )
+            return self.sender
+
+        self.port = yield endpoints.TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+            Factory.forProtocol(build)
+        )
+        self.addCleanup(self.port.stopListening)
+        self.agent = ReceiverAgent(reactor)
+        self.client = yield endpoints.TCP4ClientEndpoint(
+            reactor, "127.0.0.1", self.port.getHost().port
+        ).connect(Factory.forProtocol(lambda: ReceiverControl(self.agent, "node1")))
+        self.addCleanup(self.client.transport.loseConnection)
+        yield self.registered
+
+    @defer.inlineCallbacks
+    def report(self, feedback: Feedback) -> Any:
+        """Send one report as the receiver would; fires with (what arrived, its bytes)."""
+        assert self.sender is not None and self.agent.on_feedback is not None
+        before, count = self.sender.received_bytes, len(self.heard)
+        self.agent.on_feedback(TRANSFER_ID, feedback)
+        while len(self.heard) == count:
+            yield _later()
+        return self.heard[-1], self.sender.received_bytes - before
+
+    @defer.inlineCallbacks
+    def test_a_report_arrives_rounded_in_a_small_box(self) -> Any:
+        (transfer_id, name, feedback), size = yield self.report(Feedback(0.0213456, 0.00321987, 0.41234))
+        self.assertEqual((transfer_id, name), (TRANSFER_ID, "node1"))
+        self.assertEqual(feedback, Feedback(0.0213, 0.00322, 0.412))
+        # The command's name and one 16-byte value (50 bytes): as 5 AMP values it took 106.
+        self.assertLessEqual(size, 50)
+
+    @defer.inlineCallbacks
+    def test_values_out_of_range_are_clamped(self) -> Any:
+        (_, _, feedback), _ = yield self.report(Feedback(1.5, -0.001, 1.3))
+        self.assertEqual(feedback, Feedback(1.0, 0.0, 1.0))
+
+    def test_a_malformed_report_is_refused_with_its_reason(self) -> None:
+        argument = CongestionReport()
+        for raw, reason in [
+            (b"\x01" * 15, "16 bytes, not 15"),
+            (TRANSFER_ID + (10_001).to_bytes(2, "big") + bytes(6), "above 1"),
+            (TRANSFER_ID + bytes(6) + (1001).to_bytes(2, "big"), "above 1"),
+        ]:
+            with self.assertRaisesRegex(BadRequest, reason):
+                argument.fromString(raw)
+
+
+def _later() -> defer.Deferred[None]:
+    """A turn of the reactor, so that the report crosses the connection."""
+    d: defer.Deferred[None] = defer.Deferred()
+    reactor.callLater(0.001, d.callback, None)  # type: ignore[attr-defined]
+    return d
