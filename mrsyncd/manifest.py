@@ -22,8 +22,9 @@ import hashlib
 import json
 import os
 import stat
+from collections import deque
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
@@ -42,7 +43,7 @@ FORMAT = 2
 MAX_BLOCKS = (1 << 32) - 1
 DEFAULT_PARITY_GROUP = 16
 #: Threads that digest one large file's chunks at once.
-DIGEST_THREADS = min(8, os.cpu_count() or 1)
+DIGEST_THREADS = min(8, len(os.sched_getaffinity(0)))
 
 
 class DigestCacheLike(Protocol):
@@ -380,9 +381,10 @@ def file_digests(path: str, chunk_size: int, size: int) -> Iterator[bytes]:
     """
     Digest a file chunk by chunk, on every core: ``pread`` and SHA-256
     release the GIL, and a job cannot start before its sources are digested.
-    Memory stays at one chunk per core.  A chunk that lies wholly in a hole
-    of a sparse file is zeros: ``SEEK_DATA`` says so without reading it, so
-    a sparse disk image costs its data, not its size.
+    Memory stays at one chunk per thread, with at most two per thread
+    queued.  A chunk that lies wholly in a hole of a sparse file is zeros:
+    ``SEEK_DATA`` says so without reading it, so a sparse disk image costs
+    its data, not its size.
     """
     zero: dict[int, bytes] = {}
 
@@ -410,4 +412,12 @@ def file_digests(path: str, chunk_size: int, size: int) -> Iterator[bytes]:
             yield from (chunk_digest(fd, offset) for offset in offsets)
             return
         with ThreadPoolExecutor(DIGEST_THREADS) as pool:
-            yield from pool.map(functools.partial(chunk_digest, fd), offsets)
+            # A bounded window, not Executor.map: map queues every chunk at
+            # once, a future each, and a sparse image may have millions.
+            window: deque[Future[bytes]] = deque()
+            for offset in offsets:
+                window.append(pool.submit(chunk_digest, fd, offset))
+                if len(window) > 2 * DIGEST_THREADS:
+                    yield window.popleft().result()
+            while window:
+                yield window.popleft().result()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import time
 
 import pytest
 from hypothesis import given
@@ -467,6 +468,20 @@ def test_sparse_file_digests_match_reading_every_byte(tmp_path, monkeypatch, thr
     with open(path, "rb") as f:
         read = [digest(f.read(chunk)) for _ in range(0, size, chunk)]
     assert list(file_digests(path, chunk, size)) == read
+
+
+def test_digesting_queues_a_few_chunks_not_the_whole_file(tmp_path, monkeypatch):
+    """A huge (sparse) file must not become one queued task per chunk."""
+    monkeypatch.setattr(manifest, "DIGEST_THREADS", 2)
+    digested = []
+    monkeypatch.setattr(manifest, "digest", lambda data: digested.append(len(data)) or b"d" * 32)
+    path = tmp_path / "forty-chunks"
+    path.write_bytes(os.urandom(40 * 4096))
+    chunks = file_digests(str(path), 4096, 40 * 4096)
+    assert next(chunks) == b"d" * 32
+    time.sleep(0.2)  # time enough for the pool to digest whatever was queued
+    assert len(digested) <= 2 * 2 + 1
+    assert len(list(chunks)) == 39
 
 
 @pytest.mark.parametrize("threads", [1, 3])
