@@ -14,6 +14,7 @@ authenticated but hostile peer cannot make us buffer without limit).
 from __future__ import annotations
 
 import json
+import math
 import struct
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
@@ -27,7 +28,7 @@ from twisted.python.failure import Failure
 from mrsyncd import logs
 from mrsyncd.agent import ReceiverAgent, Refused
 from mrsyncd.blockset import decode_map, encode_map
-from mrsyncd.datagram import MASK32
+from mrsyncd.datagram import TRANSFER_ID_SIZE
 from mrsyncd.manifest import Manifest
 from mrsyncd.multicast import Channel
 from mrsyncd.ratecontrol import Feedback
@@ -40,6 +41,7 @@ PIECE = 0xFFFF
 #: 4096 pieces of 64 KiB: a 256 MiB manifest, about 4 million chunks.
 MAX_PIECES = 4096
 UNLIMITED = 1 << 62
+UINT32_MAX = (1 << 32) - 1
 
 
 class BigBytes(amp.Argument):
@@ -92,19 +94,22 @@ class CongestionReport(amp.Argument):
     ``(transfer id, Feedback)`` in 16 bytes: the transfer id, then loss in
     units of 10⁻⁴, delay in µs and backlog in units of 10⁻³ (unsigned,
     big-endian: 8s H I H).  These reports are most of what nodes send while
-    data flows, up to 10 a second from each node in trouble, and as four AMP
-    values they cost twice the bytes.  Loss and backlog are clamped to 1.
+    data flows, up to 10 a second from each node in trouble, and as five AMP
+    values they cost twice the bytes.  Values are clamped to their range (a
+    NaN counts as 0).
     """
 
-    _LAYOUT = struct.Struct(">8sHIH")
+    _LAYOUT = struct.Struct(f">{TRANSFER_ID_SIZE}sHIH")
 
     def toString(self, inObject: tuple[bytes, Feedback]) -> bytes:
         transfer_id, report = inObject
+        if len(transfer_id) != TRANSFER_ID_SIZE:
+            raise ValueError(f"a transfer id has {TRANSFER_ID_SIZE} bytes, not {len(transfer_id)}")
         return self._LAYOUT.pack(
             transfer_id,
-            round(min(max(report.loss, 0.0), 1.0) * 10_000),
-            round(min(max(report.delay, 0.0), MASK32 / 1e6) * 1e6),
-            round(min(max(report.backlog, 0.0), 1.0) * 1000),
+            _fixed(report.loss, 1.0, 10_000),
+            _fixed(report.delay, UINT32_MAX / 1e6, 1e6),
+            _fixed(report.backlog, 1.0, 1000),
         )
 
     def fromString(self, inString: bytes) -> tuple[bytes, Feedback]:
@@ -114,6 +119,11 @@ class CongestionReport(amp.Argument):
         if loss > 10_000 or backlog > 1000:
             raise BadRequest(f"a congestion report's loss or backlog is above 1: {loss}, {backlog}")
         return transfer_id, Feedback(loss / 10_000, delay / 1e6, backlog / 1000)
+
+
+def _fixed(value: float, most: float, scale: float) -> int:
+    """``value`` in [0, ``most``] as an integer number of 1/``scale`` (NaN: 0)."""
+    return 0 if math.isnan(value) else round(min(max(value, 0.0), most) * scale)
 
 
 _ERRORS = {Refused: b"REFUSED", UnknownTransfer: b"UNKNOWN_TRANSFER"}
@@ -270,6 +280,15 @@ class BoundedAMP(amp.AMP):
     def dataReceived(self, data: bytes) -> None:
         if not self._dropped:
             super().dataReceived(data)
+
+    def unhandledError(self, failure: Failure) -> None:  # type: ignore[override]
+        """
+        A command that has no answer failed, e.g. a malformed congestion
+        report: AMP drops the connection then, with a warning about its
+        own API; say what was wrong instead.
+        """
+        if self.transport is not None and not self._dropped:
+            self._drop(f"{type(failure.value).__name__}: {failure.getErrorMessage()}")
 
     def proto_key(self, string: bytes) -> str:
         if self._dropped:

@@ -6,27 +6,46 @@ on the wire (these reports are most of what nodes send while data flows).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from twisted.internet import defer, endpoints, reactor
-from twisted.internet.protocol import Factory
+from twisted.internet.protocol import Factory, connectionDone
+from twisted.logger import formatEvent, globalLogPublisher
+from twisted.protocols import amp
+from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from mrsyncd.agent import ReceiverAgent
-from mrsyncd.control import AMPPeer, BadRequest, CongestionReport, ReceiverControl, SenderControl
+from mrsyncd.control import (
+    UINT32_MAX,
+    AMPPeer,
+    BadRequest,
+    CongestionReport,
+    ReceiverControl,
+    SenderControl,
+)
 from mrsyncd.ratecontrol import Feedback
 
 TRANSFER_ID = b"\x01" * 8
 
 
 class CountingSenderControl(SenderControl):
-    """The sender's end, counting the bytes that reach it."""
+    """The sender's end, counting the bytes that reach it, and saying when its connection is gone."""
 
     received_bytes = 0
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.lost: defer.Deferred[None] = defer.Deferred()
 
     def dataReceived(self, data: bytes) -> None:
         self.received_bytes += len(data)
         super().dataReceived(data)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        super().connectionLost(reason)
+        self.lost.callback(None)
 
 
 class CongestionReports(unittest.TestCase):
@@ -50,8 +69,13 @@ class CongestionReports(unittest.TestCase):
         self.client = yield endpoints.TCP4ClientEndpoint(
             reactor, "127.0.0.1", self.port.getHost().port
         ).connect(Factory.forProtocol(lambda: ReceiverControl(self.agent, "node1")))
-        self.addCleanup(self.client.transport.loseConnection)
+        self.addCleanup(self.disconnect)
         yield self.registered
+
+    def disconnect(self) -> defer.Deferred[None]:
+        assert self.sender is not None
+        self.client.transport.loseConnection()
+        return self.sender.lost
 
     @defer.inlineCallbacks
     def report(self, feedback: Feedback) -> Any:
@@ -75,6 +99,22 @@ class CongestionReports(unittest.TestCase):
     def test_values_out_of_range_are_clamped(self) -> Any:
         (_, _, feedback), _ = yield self.report(Feedback(1.5, -0.001, 1.3))
         self.assertEqual(feedback, Feedback(1.0, 0.0, 1.0))
+        (_, _, feedback), _ = yield self.report(Feedback(math.nan, 1e9, math.inf))
+        self.assertEqual(feedback, Feedback(0.0, UINT32_MAX / 1e6, 1.0))
+
+    @defer.inlineCallbacks
+    def test_a_malformed_report_on_the_wire_drops_the_connection_and_says_why(self) -> Any:
+        assert self.sender is not None
+        warnings: list[str] = []
+        observer = lambda event: warnings.append(formatEvent(event))  # noqa: E731
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        self.client.sendBox(amp.AmpBox({b"_command": b"Congestion", b"report": b"\x01" * 15}))
+        yield self.sender.lost
+        self.assertEqual(self.heard, [])
+        self.assertTrue(
+            any("dropping the connection" in w and "16 bytes, not 15" in w for w in warnings), warnings
+        )
 
     def test_a_malformed_report_is_refused_with_its_reason(self) -> None:
         argument = CongestionReport()
