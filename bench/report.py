@@ -187,6 +187,7 @@ def load(paths: Iterable[Path]) -> list[dict[str, Any]]:
 
 TOOL_STYLE = {
     "mrsyncd": ("tab:blue", "o"),
+    "mrsyncd-engine": ("tab:cyan", "P"),
     "udpcast": ("tab:orange", "s"),
     "udpcast-default": ("tab:brown", "v"),
     "uftp": ("tab:green", "^"),

@@ -87,9 +87,10 @@ def snapshot_code(workdir: Path, tree: Path) -> tuple[Path, str]:
     code = workdir / "code"
     shutil.copytree(tree / "mrsyncd", code / "mrsyncd", ignore=shutil.ignore_patterns("__pycache__"))
     # The twistd plugin, for the daemons (found on sys.path as twisted/plugins).
-    shutil.copytree(
-        tree / "twisted", code / "twisted", ignore=shutil.ignore_patterns("__pycache__", "dropin.cache")
-    )
+    if (tree / "twisted").is_dir():
+        shutil.copytree(
+            tree / "twisted", code / "twisted", ignore=shutil.ignore_patterns("__pycache__", "dropin.cache")
+        )
     h = hashlib.sha256()
     for p in sorted((code / "mrsyncd").rglob("*.py")):
         h.update(p.name.encode() + b"\0" + p.read_bytes())
@@ -157,7 +158,7 @@ def run_case(
             caselog.mkdir(parents=True, exist_ok=True)
             profile = None
             if args.profile and tool.startswith("mrsyncd"):
-                profile = caselog / "mrsyncd-sender.pyspy.txt"
+                profile = caselog / f"{tool}-sender.pyspy.txt"
             ctx = Context(
                 lan,
                 case,
@@ -191,7 +192,7 @@ def run_case(
             if profile is not None:
                 for who, path in (
                     ("sender", profile),
-                    ("receiver", profile.with_name("mrsyncd-receiver.pyspy.txt")),
+                    ("receiver", profile.with_name(f"{tool}-receiver.pyspy.txt")),
                 ):
                     if path.exists():
                         d["details"][f"profile_{who}"] = str(path)

@@ -239,6 +239,7 @@ class Runner:
         return submitted
 
     def sender_usage(self, submitted: Proc) -> dict[str, Any]:
+        """What sending cost, as `Proc.usage` says it: the submitted process, for most tools."""
         return submitted.usage()
 
     # Shared.
@@ -463,13 +464,15 @@ class MrsyncDaemons(MrsyncEngine):
         ]
 
     def ca(self, *args: str) -> None:
-        subprocess.run(
+        done = subprocess.run(
             [sys.executable, "-m", "mrsyncd.ca_cli", *args],
-            check=True,
             capture_output=True,
+            text=True,
             env=self.env(),
             cwd=str(self.ctx.code),
         )
+        if done.returncode != 0:
+            raise RuntimeError(f"mrsync-ca {' '.join(args)} exited {done.returncode}: {done.stderr}")
 
     def config(self, host: Host, section: str, body: str) -> Path:
         """``/etc/mrsyncd/mrsyncd.toml`` of ``host``: its certificate and its section."""
@@ -526,9 +529,13 @@ class MrsyncDaemons(MrsyncEngine):
         wait_idle([self.master, *self.receivers])
 
     def wait_log(self, proc: Proc, text: str, timeout: float = 60.0) -> None:
+        """Wait for ``text`` in ``proc``'s log; a daemon that exits meanwhile is the error shown."""
         deadline = time.monotonic() + timeout
         while text not in proc.log.read_text(errors="replace"):
-            if not proc.poll() or time.monotonic() > deadline:
+            for p in self.daemons():
+                if not p.poll():
+                    raise RuntimeError(f"the {p.role} on {p.host.name} exited {p.rc}:\n{p.tail()}")
+            if time.monotonic() > deadline:
                 raise RuntimeError(f"no {text!r} from the {proc.role} on {proc.host.name}:\n{proc.tail()}")
             time.sleep(0.05)
 
@@ -574,6 +581,7 @@ class MrsyncDaemons(MrsyncEngine):
         for key in ("cpu_user", "cpu_system", "cpu"):
             usage[key] = round(usage[key] + cli[key], 3)
         usage["cli"] = cli
+        usage["seconds"] = cli["seconds"]
         return usage
 
     def rate_log(self) -> Path:
@@ -854,7 +862,9 @@ def measure(runner: Runner, competitor: Competitor | None = None) -> ToolResult:
         if ctx.profile is not None:
             profilers = [
                 start_profiler(runner.sending(sender), ctx.profile, ctx),
-                start_profiler(runner.receivers[0], ctx.profile.with_name("mrsyncd-receiver.pyspy.txt"), ctx),
+                start_profiler(
+                    runner.receivers[0], ctx.profile.with_name(f"{runner.name}-receiver.pyspy.txt"), ctx
+                ),
             ]
         done: dict[str, float] = {}
         sender_failed_at = None
@@ -893,6 +903,12 @@ def measure(runner: Runner, competitor: Competitor | None = None) -> ToolResult:
                 break
             time.sleep(0.02)
         end = time.monotonic()
+        # The processes' CPU now, as the machine's: daemons run on, and
+        # their shutdown (or a profiler's) is not the transfer's.
+        for p in runner.receivers:
+            p.sample(force=True)
+        result.sender = runner.sender_usage(sender)
+        result.receivers = [p.usage() for p in runner.receivers]
         result.machine_cpu = cpu_delta(cpu0, machine_cpu(), end - t0)
         result.machine_cpu["bench_self"] = round(self_cpu() - own0, 2)
         fc = foreign_cpu(procs0, process_cpu(netns))
@@ -920,14 +936,10 @@ def measure(runner: Runner, competitor: Competitor | None = None) -> ToolResult:
         qd1 = lan.qdisc_stats()
         result.qdisc = {k: (qd1.get(k) or 0) - (qd0.get(k) or 0) for k in qd1}
         result.dropped_udp = sum(n.dropped_udp() for n in lan.nodes)
-        for p in runner.receivers:
-            p.sample(force=True)
         runner.stop()
         result.node_seconds = {n.name: done.get(n.name) for n in lan.nodes}
         result.wall = max(done.values()) if len(done) == len(lan.nodes) else None
         result.phases = phases(result.timeline, result.wall)
-        result.sender = runner.sender_usage(sender)
-        result.receivers = [p.usage() for p in runner.receivers]
         mc = result.machine_cpu
         busy = sum(mc[k] for k in ("user", "nice", "system", "irq", "softirq", "steal"))
         ours = result.sender["cpu"] + sum(p["cpu"] for p in result.receivers) + mc["bench_self"]
@@ -953,7 +965,8 @@ def measure(runner: Runner, competitor: Competitor | None = None) -> ToolResult:
             result.error = f"{len(bad)} copies do not match the source: {', '.join(bad[:5])}"
         result.ok = not result.error and all(result.verified.values())
         if not result.ok:
-            tails = {f"{p.host.name}-{p.role}": p.tail() for p in [sender, *runner.receivers[:2]]}
+            shown = [runner.sending(sender), sender, *runner.receivers[:2]]
+            tails = {f"{p.host.name}-{p.role}": p.tail() for p in dict.fromkeys(shown)}
             result.details["log_tails"] = tails
     except Exception as e:
         result.error = f"{type(e).__name__}: {e}"
