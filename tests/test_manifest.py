@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import threading
 import time
 
 import pytest
@@ -482,6 +483,19 @@ def test_digesting_queues_a_few_chunks_not_the_whole_file(tmp_path, monkeypatch)
     time.sleep(0.2)  # time enough for the pool to digest whatever was queued
     assert len(digested) <= 2 * 2 + 1
     assert len(list(chunks)) == 39
+
+
+def test_a_digest_abandoned_halfway_stops_its_threads(tmp_path, monkeypatch):
+    """A scan that fails on another file closes this generator: its pool must not linger."""
+    monkeypatch.setattr(manifest, "DIGEST_THREADS", 3)
+    path = tmp_path / "forty-chunks"
+    path.write_bytes(os.urandom(40 * 4096))
+    before = threading.active_count()
+    chunks = file_digests(str(path), 4096, 40 * 4096)
+    next(chunks)
+    assert threading.active_count() > before
+    chunks.close()
+    assert threading.active_count() == before
 
 
 @pytest.mark.parametrize("threads", [1, 3])
