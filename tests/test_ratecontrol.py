@@ -296,9 +296,9 @@ def test_a_queue_at_most_receivers_is_the_shared_bottleneck():
 
 def test_slow_start_reaches_the_cap_within_a_few_intervals():
     clock, controller = fleet()
-    assert controller.rate == 25e6
+    assert controller.rate == 50e6
     rates = drive(controller, clock, 0.3, quiet)
-    assert rates == [50e6, 100e6, 100e6]
+    assert rates == [100e6, 100e6, 100e6]
 
 
 def test_receivers_short_of_cpu_everywhere_slow_the_sender():
