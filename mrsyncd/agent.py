@@ -23,7 +23,7 @@ from mrsyncd.datagram import Reason
 from mrsyncd.manifest import Manifest
 from mrsyncd.multicast import DEFAULT_RCVBUF
 from mrsyncd.ratecontrol import Feedback
-from mrsyncd.receiver import OK, MissingReport, Outcome, Receiver
+from mrsyncd.receiver import OK, Outcome, Receiver
 from mrsyncd.transfer import Offer, Refused, UnknownTransfer
 
 
@@ -196,8 +196,12 @@ class ReceiverAgent:
         except KeyError:
             raise UnknownTransfer(transfer_id.hex()) from None
 
-    def missing(self, transfer_id: bytes, abandoned: Mapping[int, str]) -> MissingReport:
-        return self._receiver(transfer_id).missing(abandoned)
+    def missing(
+        self, transfer_id: bytes, abandoned: Mapping[int, str], through: int | None = None
+    ) -> defer.Deferred:
+        """A `MissingReport`, once what was sent before ``through`` is in (see `Receiver.settled`)."""
+        receiver = self._receiver(transfer_id)
+        return receiver.settled(through).addCallback(lambda _: receiver.missing(abandoned))
 
     def results(self, transfer_id: bytes, discard: bool = False) -> defer.Deferred:
         """
@@ -275,8 +279,10 @@ class LocalPeer:
         copy = Offer(**{**vars(offer), "manifest": Manifest.from_bytes(offer.manifest.to_bytes())})
         return defer.maybeDeferred(self.agent.prepare, copy)
 
-    def missing(self, transfer_id: bytes, abandoned: Mapping[int, str]) -> defer.Deferred:
-        return defer.maybeDeferred(self.agent.missing, transfer_id, abandoned)
+    def missing(
+        self, transfer_id: bytes, abandoned: Mapping[int, str], through: int | None = None
+    ) -> defer.Deferred:
+        return defer.maybeDeferred(self.agent.missing, transfer_id, abandoned, through)
 
     def results(self, transfer_id: bytes, discard: bool = False) -> defer.Deferred:
         return defer.maybeDeferred(self.agent.results, transfer_id, discard)

@@ -227,7 +227,13 @@ class Prepare(amp.Command):
 
 
 class Missing(amp.Command):
-    arguments = [(b"transfer_id", amp.String()), (b"abandoned", JSONArgument())]
+    #: ``through``: the sequence number after the last datagram of the pass
+    #: just sent; the answer waits until those are in (`Receiver.settled`).
+    arguments = [
+        (b"transfer_id", amp.String()),
+        (b"abandoned", JSONArgument()),
+        (b"through", amp.Integer(optional=True)),
+    ]
     #: ``missing`` is a bounded `blockset.encode_map` of block numbers.
     response = [
         (b"missing", amp.String()),
@@ -345,9 +351,14 @@ class AMPPeer:
         d.addCallback(lambda response: decode_map(response["needs"]))
         return d
 
-    def missing(self, transfer_id: bytes, abandoned: Mapping[int, str]) -> defer.Deferred:
+    def missing(
+        self, transfer_id: bytes, abandoned: Mapping[int, str], through: int | None = None
+    ) -> defer.Deferred:
         d = self.protocol.callRemote(
-            Missing, transfer_id=transfer_id, abandoned={str(k): v for k, v in abandoned.items()}
+            Missing,
+            transfer_id=transfer_id,
+            abandoned={str(k): v for k, v in abandoned.items()},
+            through=through,
         )
         d.addCallback(lambda r: MissingReport(r["missing"], r["complete"], r["done"], dict(r["stats"])))
         return d
@@ -421,14 +432,16 @@ class ReceiverControl(BoundedAMP):
         return d
 
     @Missing.responder
-    def missing(self, transfer_id: bytes, abandoned: dict[str, str]) -> dict[str, Any]:
-        report = self.agent.missing(transfer_id, {int(k): str(v) for k, v in abandoned.items()})
-        return {
-            "missing": report.missing,
-            "complete": report.complete,
-            "done": report.done,
-            "stats": report.stats,
-        }
+    def missing(self, transfer_id: bytes, abandoned: dict[str, str], through: int | None) -> defer.Deferred:
+        d = self.agent.missing(transfer_id, {int(k): str(v) for k, v in abandoned.items()}, through)
+        return d.addCallback(
+            lambda report: {
+                "missing": report.missing,
+                "complete": report.complete,
+                "done": report.done,
+                "stats": report.stats,
+            }
+        )
 
     @Results.responder
     def results(self, transfer_id: bytes, discard: bool | None) -> defer.Deferred:

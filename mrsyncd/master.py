@@ -170,8 +170,10 @@ class FleetPeer:
     def prepare(self, offer: Offer) -> defer.Deferred:
         return defer.maybeDeferred(lambda: self._peer().prepare(offer))
 
-    def missing(self, transfer_id: bytes, abandoned: Mapping[int, str]) -> defer.Deferred:
-        return defer.maybeDeferred(lambda: self._peer().missing(transfer_id, abandoned))
+    def missing(
+        self, transfer_id: bytes, abandoned: Mapping[int, str], through: int | None = None
+    ) -> defer.Deferred:
+        return defer.maybeDeferred(lambda: self._peer().missing(transfer_id, abandoned, through))
 
     def results(self, transfer_id: bytes, discard: bool = False) -> defer.Deferred:
         return defer.maybeDeferred(lambda: self._peer().results(transfer_id, discard))

@@ -70,6 +70,11 @@ FEEDBACK_BACKLOG = 0.25
 KEPT_PARITIES = 4096
 #: One datagram in this many has its one-way delay measured.
 DELAY_SAMPLE = 8
+#: The longest a missing report waits to settle (`Receiver.settled`): the
+#: fixed pause a sender used to make after each pass.
+SETTLE_LIMIT = 0.05
+#: How often a report waiting to settle looks again.
+SETTLE_POLL = 0.002
 
 
 def part_name(transfer_id: bytes, index: int) -> str:
@@ -689,6 +694,39 @@ class Receiver(DatagramProtocol):
             self.on_done(self)
 
     # Feedback.
+
+    def settled(self, through: int | None, limit: float = SETTLE_LIMIT) -> defer.Deferred:
+        """
+        Fires once a missing report would say what was lost, not what is
+        on its way: once every datagram sent before sequence number
+        ``through`` has been read (or is gone: the last one read is at
+        least the one before ``through``), and no chunk is being verified
+        nor any file committed, which would make the report end with
+        ``done``.  A sender asks this right after a pass instead of pausing
+        for the datagrams still queued on the way and in our socket, so a
+        repair round costs a round trip, not a guess.  After ``limit``
+        seconds it fires anyway: the pass's last datagrams may all be lost.
+        """
+        deadline = self.reactor.seconds() + limit
+        settled: defer.Deferred = defer.Deferred()
+
+        def look() -> None:
+            if self._settled(through) or self.reactor.seconds() >= deadline:
+                settled.callback(None)
+            else:
+                self.reactor.callLater(SETTLE_POLL, look)
+
+        look()
+        return settled
+
+    def _settled(self, through: int | None) -> bool:
+        if self.done:
+            return True
+        if through is not None:
+            behind = (through - 1 - self._seq_max) & MASK32
+            if self._seq_max < 0 or 0 < behind < 1 << 31:
+                return False
+        return not self._threads and self._verify.tokens == self._verify.limit
 
     def missing(self, abandoned: Mapping[int, str] = {}) -> MissingReport:
         """

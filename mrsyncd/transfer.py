@@ -73,8 +73,14 @@ class ReceiverPeer(Protocol):
     def prepare(self, offer: Offer) -> defer.Deferred:
         """Fires with ``{file index: RangeSet of chunks needed}``."""
 
-    def missing(self, transfer_id: bytes, abandoned: Mapping[int, str]) -> defer.Deferred:
-        """Fires with a `MissingReport`; ``abandoned`` files are to be given up."""
+    def missing(
+        self, transfer_id: bytes, abandoned: Mapping[int, str], through: int | None = None
+    ) -> defer.Deferred:
+        """
+        Fires with a `MissingReport`; ``abandoned`` files are to be given
+        up.  With ``through`` (the sequence number after a pass's last
+        datagram) the answer waits, briefly, until the pass is in.
+        """
 
     def results(self, transfer_id: bytes, discard: bool = False) -> defer.Deferred:
         """
@@ -330,9 +336,8 @@ class Transfer:
                     self._pass_ended = self.reactor.seconds()
                     if self.cancelled:
                         break
-                    # Let the last datagrams reach the receivers before asking.
-                    yield task.deferLater(self.reactor, self.drain, lambda: None)
-                blocks, parities = yield self._ask_missing()
+                # Each receiver answers once the pass is in: no pause here.
+                blocks, parities = yield self._ask_missing(through=self.sender.sequence or None)
                 if not blocks and not parities and set(self.live) <= self._done:
                     break
                 if not blocks and not parities:
@@ -413,17 +418,19 @@ class Transfer:
             self._fail(name, f"received nothing in {rounds} repair rounds (wrong interface? filtered?)")
 
     @defer.inlineCallbacks
-    def _ask_missing(self, before: tuple[int, int] | None = None) -> Any:
+    def _ask_missing(self, before: tuple[int, int] | None = None, through: int | None = None) -> Any:
         """
         Ask the live receivers what they miss and plan the repairs; with
         ``before`` (a file and block the pass in progress has reached),
-        only what was sent before that counts.
+        only what was sent before that counts; with ``through`` (the
+        sequence number after the last datagram sent), each answers once
+        what was sent is in.
         """
         names = [n for n in self.live if n not in self._done and n in self._prepared]
         unprepared = [n for n in self.live if n not in self._prepared]
         abandoned = dict(self.sender.abandoned)
         answers = yield defer.DeferredList(
-            [self._call(name, "missing", self.offer.transfer_id, abandoned) for name in names],
+            [self._call(name, "missing", self.offer.transfer_id, abandoned, through) for name in names],
             consumeErrors=True,
         )
         wanted: dict[str, dict[int, RangeSet]] = {}

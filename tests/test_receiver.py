@@ -341,6 +341,65 @@ class DirectReceiverTests(unittest.TestCase):
         self.assertEqual(part_files(self.dst), [])
 
 
+    def numbered(self, r, blocks, data, first_sequence):
+        """Feed blocks of file 0 as one pass numbers them: one sequence number each."""
+        bs = self.manifest.block_size
+        for n, b in enumerate(blocks):
+            payload = data[b * bs : (b + 1) * bs]
+            r.datagramReceived(datagram.encode(self.key, self.tid, 0, b, payload, first_sequence + n), None)
+
+    @defer.inlineCallbacks
+    def test_a_report_waits_until_the_pass_is_in(self):
+        """
+        Asked with ``through`` = 30 after datagrams 0 .. 19 were read, the
+        report waits for datagram 29 (the last one sent), however long, if
+        the limit allows.  A later datagram will do too: those before it
+        are lost.
+        """
+        data = self.rng.randbytes(4000)
+        write_file(os.path.join(self.src, "f"), data)
+        manifest, _ = scan([self.src + "/"], block_size=100, chunk_size=1000)
+        r, d = self.start(manifest)
+        yield d
+        self.numbered(r, range(20), data, 0)
+        settled = r.settled(30, limit=60)
+        yield task.deferLater(reactor, 0.05, lambda: None)
+        self.assertFalse(settled.called)
+        self.numbered(r, range(20, 29), data, 20)  # up to 28: not yet
+        yield task.deferLater(reactor, 0.05, lambda: None)
+        self.assertFalse(settled.called)
+        self.numbered(r, [29], data, 29)
+        yield wait_until(lambda: settled.called)
+        # Datagrams 30 .. 34 sent, 34 lost: datagram 35 shows it is gone.
+        settled = r.settled(35, limit=60)
+        self.numbered(r, range(30, 34), data, 30)
+        yield task.deferLater(reactor, 0.05, lambda: None)
+        self.assertFalse(settled.called)
+        self.numbered(r, [35], data, 35)
+        yield wait_until(lambda: settled.called)
+        # Nothing at all: the report goes after the limit.
+        settled = r.settled(1000, limit=0.2)
+        started = reactor.seconds()
+        yield settled
+        self.assertGreaterEqual(reactor.seconds() - started, 0.2)
+        self.assertEqual(set(decode_map(r.missing().missing)[0]), {34, 36, 37, 38, 39})
+
+    @defer.inlineCallbacks
+    def test_a_report_asked_while_the_last_chunk_is_verified_says_done(self):
+        """The last block's chunk goes to a thread to be verified; the report waits for it and its commit."""
+        data = self.rng.randbytes(3000)
+        write_file(os.path.join(self.src, "f"), data)
+        manifest, _ = scan([self.src + "/"], block_size=100, chunk_size=1000)
+        r, d = self.start(manifest)
+        yield d
+        self.numbered(r, range(30), data, 0)
+        self.assertFalse(r.done)
+        yield r.settled(30, limit=60)
+        report = r.missing()
+        self.assertTrue(report.done)
+        self.assertEqual(decode_map(report.missing), {})
+        self.assertEqual(r.results, {"f": OK})
+
 class ForeignDatagramTests(unittest.TestCase):
     """Datagrams that are not this transfer's are counted and never written."""
 

@@ -271,7 +271,7 @@ class DeadPeer:
         self.calls.append("prepare")
         return self.live.prepare(offer)
 
-    def missing(self, transfer_id, abandoned):
+    def missing(self, transfer_id, abandoned, through=None):
         self.calls.append("missing")
         return defer.Deferred()
 
@@ -330,7 +330,7 @@ class DeadReceiverTests(unittest.TestCase):
             def prepare(self, offer):
                 return defer.Deferred()
 
-            def missing(self, transfer_id, abandoned):
+            def missing(self, transfer_id, abandoned, through=None):
                 raise AssertionError("a refused peer is not asked again")
 
             results = missing
