@@ -41,7 +41,7 @@ PATH_MAX = 4096
 #: the manifest rather than failing every chunk.
 FORMAT = 2
 MAX_BLOCKS = (1 << 32) - 1
-DEFAULT_PARITY_GROUP = 16
+DEFAULT_PARITY_GROUP = 32
 #: Threads that digest one large file's chunks at once.
 DIGEST_THREADS = min(8, len(os.sched_getaffinity(0)))
 

@@ -70,7 +70,10 @@ class DirectReceiverTests(unittest.TestCase):
         self.rng = random.Random(7)
         self.tid, self.key = os.urandom(8), os.urandom(32)
 
-    def start(self, manifest):
+    def start(self, manifest, parity_group=None):
+        """``parity_group``: the tests of parities are drawn for groups of that size, not the default."""
+        if parity_group is not None:
+            manifest.parity_group = parity_group
         r = Receiver(reactor, self.dst, unique_channel())
         self.addCleanup(r.close)
         self.manifest = manifest
@@ -139,7 +142,7 @@ class DirectReceiverTests(unittest.TestCase):
         data = self.rng.randbytes(30 * 100 - 37)
         write_file(os.path.join(self.src, "f"), data)
         manifest, _ = scan([self.src + "/"], block_size=100, chunk_size=1000)
-        r, d = self.start(manifest)
+        r, d = self.start(manifest, parity_group=16)
         yield d
         lost = {17, 23, 29}
         self.feed(r, 0, [b for b in range(30) if b not in lost], data)
@@ -165,7 +168,7 @@ class DirectReceiverTests(unittest.TestCase):
         data = self.rng.randbytes(32 * 100)
         write_file(os.path.join(self.src, "f"), data)
         manifest, _ = scan([self.src + "/"], block_size=100, chunk_size=3200)
-        r, d = self.start(manifest)
+        r, d = self.start(manifest, parity_group=16)
         yield d
         self.feed(r, 0, [b for b in range(32) if b not in (2, 5, 9)], data)
         r.datagramReceived(self.parity(data, 0, 1), None)
@@ -183,7 +186,7 @@ class DirectReceiverTests(unittest.TestCase):
         data = self.rng.randbytes(32 * 100)
         write_file(os.path.join(self.src, "f"), data)
         manifest, _ = scan([self.src + "/"], block_size=100, chunk_size=1600)
-        r, d = self.start(manifest)
+        r, d = self.start(manifest, parity_group=16)
         yield d
         self.feed(r, 0, range(14), data)
         r.datagramReceived(self.parity(data, 0, 0), None)
@@ -200,7 +203,7 @@ class DirectReceiverTests(unittest.TestCase):
         data = self.rng.randbytes(16 * 100 * 8)
         write_file(os.path.join(self.src, "f"), data)
         manifest, _ = scan([self.src + "/"], block_size=100, chunk_size=1600)
-        r, d = self.start(manifest)
+        r, d = self.start(manifest, parity_group=16)
         yield d
         # Every group lacks two blocks and gets one parity: each is kept.
         for group in range(8):
