@@ -194,6 +194,7 @@ class Transfer:
         drain: float = 0.05,
         poll: float = 0.1,
         probe: float = 1.0,
+        last_probe: float = 0.15,
     ) -> None:
         """
         ``prepare_timeout`` is long because preparing may digest old copies
@@ -214,6 +215,7 @@ class Transfer:
         self.drain = drain
         self.poll = poll
         self.probe = probe
+        self.last_probe = last_probe
         self.controller = RateController(reactor, rate_bps)
         self.sender = Sender(
             reactor,
@@ -363,11 +365,26 @@ class Transfer:
         """
         Send a pass, asking every ``probe`` seconds what was lost of the part
         already sent and repairing it within the pass, so that a long pass
-        does not end with a tail of repair rounds.
+        does not end with a tail of repair rounds.  The last probe is timed
+        to fall ``last_probe`` seconds before the pass's end at the present
+        rate, so that what the pass leaves to a round after it is that much
+        of its losses, not up to ``probe`` seconds of them.
         """
+        size = payload_bytes(self.offer.manifest, blocks) + self.offer.manifest.block_size * sum(
+            len(groups) for groups in parities.values()
+        )
+        stats = self.sender.stats
+        before = stats["payload"] + stats["parity"]
+        last = False
         sending = self.sender.send(blocks, parities)
         while not sending.called:
-            nap = task.deferLater(self.reactor, self.probe, lambda: None)
+            if last:
+                break
+            left = (size - (stats["payload"] + stats["parity"] - before)) * 8 / self.sender.pacer.rate_bps
+            wait = self.probe
+            if left < self.probe + self.last_probe:
+                wait, last = max(0.0, left - self.last_probe), True
+            nap = task.deferLater(self.reactor, wait, lambda: None)
             yield defer.DeferredList([sending, nap], fireOnOneCallback=True, consumeErrors=True)
             if sending.called:
                 nap.cancel()

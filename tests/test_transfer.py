@@ -439,3 +439,38 @@ class BackupAndHookTests(unittest.TestCase):
         self.assertTrue(again.ok)
         self.assertIsNone(again.peers["node0"].hook)
         self.assertFalse(os.path.exists(out))
+
+
+class ProbeTimingTests(unittest.TestCase):
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_the_last_probe_comes_just_before_the_pass_ends(self):
+        """
+        A pass of about 2 s with probes every second: the second probe is
+        timed to fall ``last_probe`` before the pass ends, instead of leaving
+        its last second of losses to the round after it.
+        """
+        base = temp_dir(self)
+        src = os.path.join(base, "src")
+        os.mkdir(src)
+        write_file(os.path.join(src, "f"), os.urandom(2_000_000))
+        manifest, local = scan([src + "/"])
+        [peer] = make_peers(self, reactor, [os.path.join(base, "dst")])
+        calls = []
+        missing = peer.missing
+
+        def recording(transfer_id, abandoned, through=None):
+            calls.append((reactor.seconds(), through))
+            return missing(transfer_id, abandoned, through)
+
+        peer.missing = recording
+        report = yield run_transfer(
+            self, reactor, manifest, local, [peer], rate_bps=8.5e6, probe=1.0, last_probe=0.15
+        )
+        self.assertTrue(report.ok, report)
+        probes = [when for when, through in calls if through is None]
+        ended = min(when for when, through in calls if through is not None)
+        self.assertEqual(len(probes), 2, calls)
+        self.assertGreater(probes[1] - probes[0], 0.5)
+        self.assertLess(ended - probes[1], 0.5)
