@@ -93,6 +93,8 @@ class Sender(DatagramProtocol):
         self._queue: Iterator[tuple[int, int, int]] = iter(())
         self._repairs: deque[tuple[int, int, int]] = deque()
         self._since_repair = 0
+        #: Datagrams of the pass in progress taken to be sent, repairs not counted.
+        self.taken = 0
         self._queue_done = True
         self._position = (0, 0)
         self._positions: deque[tuple[float, tuple[int, int]]] = deque(maxlen=512)
@@ -138,6 +140,7 @@ class Sender(DatagramProtocol):
         assert self._done is None, "one pass at a time"
         self._queue = self._items(blocks, parities or {})
         self._queue_done = False
+        self.taken = 0
         self._repairs.clear()
         self._advance()
         done = self._done = defer.Deferred()
@@ -149,9 +152,11 @@ class Sender(DatagramProtocol):
         Send these along with the rest of the pass in progress (one after
         every ``REPAIR_EVERY`` of its datagrams, all of them once the pass is
         sent): repairs of what was lost earlier in it, so that the pass does
-        not end with a tail of repair rounds.
+        not end with a tail of repair rounds.  What is still queued from an
+        earlier call is not queued twice.
         """
-        self._repairs.extend(self._items(blocks, parities))
+        queued = set(self._repairs)
+        self._repairs.extend(item for item in self._items(blocks, parities) if item not in queued)
         if self._next is None and self._done is not None:
             self._advance()
 
@@ -196,6 +201,7 @@ class Sender(DatagramProtocol):
                 self._next = self._repairs.popleft()
             return
         self._since_repair += 1
+        self.taken += 1
         if self._next[1] == datagram.KIND_DATA:
             self._position = (self._next[0], self._next[2])
 

@@ -370,31 +370,31 @@ class Transfer:
         rate, so that what the pass leaves to a round after it is that much
         of its losses, not up to ``probe`` seconds of them.
         """
-        size = payload_bytes(self.offer.manifest, blocks) + self.offer.manifest.block_size * sum(
-            len(groups) for groups in parities.values()
-        )
-        stats = self.sender.stats
-        before = stats["payload"] + stats["parity"]
-        last = False
+        count = sum(len(ranges) for ranges in blocks.values()) + sum(len(p) for p in parities.values())
+        datagram_bits = (self.offer.manifest.block_size + datagram.HEADER_SIZE) * 8
         sending = self.sender.send(blocks, parities)
         while not sending.called:
-            if last:
-                break
-            left = (size - (stats["payload"] + stats["parity"] - before)) * 8 / self.sender.pacer.rate_bps
-            wait = self.probe
-            if left < self.probe + self.last_probe:
-                wait, last = max(0.0, left - self.last_probe), True
+            # What is left to send, repairs queued along with the pass included.
+            left = (
+                (count - self.sender.taken + self.sender.repairs_pending)
+                * datagram_bits
+                / self.sender.pacer.rate_bps
+            )
+            last = left < self.probe + self.last_probe
+            wait = max(0.0, left - self.last_probe) if last else self.probe
             nap = task.deferLater(self.reactor, wait, lambda: None)
             yield defer.DeferredList([sending, nap], fireOnOneCallback=True, consumeErrors=True)
             if sending.called:
                 nap.cancel()
                 break
-            if self.sender.repairs_pending:
+            if self.sender.repairs_pending and not last:
                 continue  # the last probe's repairs are still going out
             sent_by = self.sender.position_at(self.reactor.seconds() - self.drain)
             repairs, repair_parities = yield self._ask_missing(before=sent_by)
             if repairs or repair_parities:
                 self.sender.repair(repairs, repair_parities)
+            if last:
+                break
         yield sending
 
     @defer.inlineCallbacks

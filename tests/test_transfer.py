@@ -14,11 +14,14 @@ from twisted.trial import unittest
 
 from mrsyncd import agent as agent_module
 from mrsyncd.agent import LocalPeer, ReceiverAgent
+from mrsyncd.blockset import RangeSet, encode_map
 from mrsyncd.manifest import scan
-from mrsyncd.receiver import OK, Receiver, TransferOptions
+from mrsyncd.receiver import OK, MissingReport, Receiver, TransferOptions
+from mrsyncd.sender import Sender
 from mrsyncd.transfer import Transfer, new_offer
 
 from .support import (
+    RATE,
     assert_same_tree,
     make_full_tree,
     make_peers,
@@ -445,11 +448,13 @@ class ProbeTimingTests(unittest.TestCase):
     timeout = 60
 
     @defer.inlineCallbacks
-    def test_the_last_probe_comes_just_before_the_pass_ends(self):
+    def probed_pass(self, lost_at_first_probe=0):
         """
-        A pass of about 2 s with probes every second: the second probe is
-        timed to fall ``last_probe`` before the pass ends, instead of leaving
-        its last second of losses to the round after it.
+        A pass of 1420 datagrams at 8.5 Mbit/s (about 2 s) to one node,
+        probed every second; the node's first probe answer may claim the
+        first ``lost_at_first_probe`` blocks lost, which are then repaired
+        within the pass.  Fires with the report, the times of the probes
+        and the time the transfer ended (its Results call).
         """
         base = temp_dir(self)
         src = os.path.join(base, "src")
@@ -462,15 +467,60 @@ class ProbeTimingTests(unittest.TestCase):
 
         def recording(transfer_id, abandoned, through=None):
             calls.append((reactor.seconds(), through))
-            return missing(transfer_id, abandoned, through)
+            d = missing(transfer_id, abandoned, through)
+            if len(calls) == 1 and lost_at_first_probe:
+                lost = encode_map({0: RangeSet.interval(0, lost_at_first_probe)})[0]
+                d.addCallback(lambda report: MissingReport(lost, True, False, report.stats))
+            return d
 
         peer.missing = recording
+        results = peer.results
+        ended = []
+
+        def ending(*args):
+            ended.append(reactor.seconds())
+            return results(*args)
+
+        peer.results = ending
         report = yield run_transfer(
             self, reactor, manifest, local, [peer], rate_bps=8.5e6, probe=1.0, last_probe=0.15
         )
         self.assertTrue(report.ok, report)
         probes = [when for when, through in calls if through is None]
-        ended = min(when for when, through in calls if through is not None)
-        self.assertEqual(len(probes), 2, calls)
+        return report, probes, ended[0]
+
+    @defer.inlineCallbacks
+    def test_the_last_probe_comes_just_before_the_pass_ends(self):
+        """
+        The second probe is timed to fall ``last_probe`` before the pass
+        ends, instead of leaving its last second of losses to the round
+        after it.
+        """
+        report, probes, ended = yield self.probed_pass()
+        self.assertEqual(len(probes), 2, probes)
         self.assertGreater(probes[1] - probes[0], 0.5)
         self.assertLess(ended - probes[1], 0.5)
+
+    @defer.inlineCallbacks
+    def test_repairs_sent_along_are_counted_in_what_is_left(self):
+        """
+        400 repairs (0.55 s) queued by the first probe make the pass that
+        much longer: the last probe still comes just before its end.
+        """
+        report, probes, ended = yield self.probed_pass(lost_at_first_probe=400)
+        self.assertEqual(report.sender_stats["datagrams"] - report.peers["node0"].stats["blocks"], 400)
+        self.assertLess(ended - probes[-1], 0.5, (probes, ended))
+
+
+class SenderRepairTests(unittest.TestCase):
+    def test_what_is_still_queued_is_not_queued_twice(self):
+        """A probe while repairs are still queued asks again for some of them: each goes out once."""
+        base = temp_dir(self)
+        src = os.path.join(base, "src")
+        os.mkdir(src)
+        write_file(os.path.join(src, "f"), os.urandom(100_000))
+        manifest, local = scan([src + "/"])
+        sender = Sender(reactor, manifest, local, unique_channel(), os.urandom(8), os.urandom(32), RATE)
+        sender.repair({0: RangeSet.interval(0, 10)}, {0: RangeSet([(32, 34)])})
+        sender.repair({0: RangeSet.interval(5, 15)}, {0: RangeSet([(32, 35)])})
+        self.assertEqual(sender.repairs_pending, 15 + 3)
