@@ -79,6 +79,15 @@ class DirectReceiverTests(unittest.TestCase):
         self.manifest = manifest
         return r, r.prepare(self.tid, self.key, manifest)
 
+    @defer.inlineCallbacks
+    def receiving(self, data, chunk_size=1000, parity_group=None):
+        """A receiver prepared for one file, ``data`` in blocks of 100 bytes."""
+        write_file(os.path.join(self.src, "f"), data)
+        manifest, _ = scan([self.src + "/"], block_size=100, chunk_size=chunk_size)
+        r, d = self.start(manifest, parity_group)
+        yield d
+        return r
+
     def feed(self, r, index, blocks, data, key=None, tid=None):
         bs = self.manifest.block_size
         for b in blocks:
@@ -140,10 +149,7 @@ class DirectReceiverTests(unittest.TestCase):
         parities 0, 5 and 2 rebuild them.
         """
         data = self.rng.randbytes(30 * 100 - 37)
-        write_file(os.path.join(self.src, "f"), data)
-        manifest, _ = scan([self.src + "/"], block_size=100, chunk_size=1000)
-        r, d = self.start(manifest, parity_group=16)
-        yield d
+        r = yield self.receiving(data, parity_group=16)
         lost = {17, 23, 29}
         self.feed(r, 0, [b for b in range(30) if b not in lost], data)
         r.datagramReceived(self.parity(data, 1, 0), None)
@@ -166,10 +172,7 @@ class DirectReceiverTests(unittest.TestCase):
     def test_a_block_that_arrives_after_parities_lets_them_solve_the_rest(self):
         """Lacking three, two parities kept: the third block as DATA is enough."""
         data = self.rng.randbytes(32 * 100)
-        write_file(os.path.join(self.src, "f"), data)
-        manifest, _ = scan([self.src + "/"], block_size=100, chunk_size=3200)
-        r, d = self.start(manifest, parity_group=16)
-        yield d
+        r = yield self.receiving(data, chunk_size=3200, parity_group=16)
         self.feed(r, 0, [b for b in range(32) if b not in (2, 5, 9)], data)
         r.datagramReceived(self.parity(data, 0, 1), None)
         r.datagramReceived(self.parity(data, 0, 4), None)
@@ -184,10 +187,7 @@ class DirectReceiverTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_parities_for_a_failed_file_are_dropped(self):
         data = self.rng.randbytes(32 * 100)
-        write_file(os.path.join(self.src, "f"), data)
-        manifest, _ = scan([self.src + "/"], block_size=100, chunk_size=1600)
-        r, d = self.start(manifest, parity_group=16)
-        yield d
+        r = yield self.receiving(data, chunk_size=1600, parity_group=16)
         self.feed(r, 0, range(14), data)
         r.datagramReceived(self.parity(data, 0, 0), None)
         r.missing(abandoned={0: "source changed"})  # the file fails here
@@ -201,10 +201,7 @@ class DirectReceiverTests(unittest.TestCase):
     def test_kept_parities_are_bounded(self):
         self.patch(receiver_module, "KEPT_PARITIES", 5)
         data = self.rng.randbytes(16 * 100 * 8)
-        write_file(os.path.join(self.src, "f"), data)
-        manifest, _ = scan([self.src + "/"], block_size=100, chunk_size=1600)
-        r, d = self.start(manifest, parity_group=16)
-        yield d
+        r = yield self.receiving(data, chunk_size=1600, parity_group=16)
         # Every group lacks two blocks and gets one parity: each is kept.
         for group in range(8):
             self.feed(r, 0, [b for b in range(group * 16, group * 16 + 14)], data)
@@ -221,10 +218,7 @@ class DirectReceiverTests(unittest.TestCase):
     def test_chunk_that_fails_verification_is_asked_again(self):
         """Authentic datagrams whose data does not match the manifest never reach the final path."""
         data = self.rng.randbytes(3000)
-        write_file(os.path.join(self.src, "f"), data)
-        manifest, _ = scan([self.src + "/"], block_size=100, chunk_size=1000)
-        r, d = self.start(manifest)
-        yield d
+        r = yield self.receiving(data)
         bad = bytearray(data)
         bad[1234] ^= 0x40  # chunk 1
         self.feed(r, 0, range(30), bytes(bad))
@@ -360,10 +354,7 @@ class DirectReceiverTests(unittest.TestCase):
         are lost.
         """
         data = self.rng.randbytes(4000)
-        write_file(os.path.join(self.src, "f"), data)
-        manifest, _ = scan([self.src + "/"], block_size=100, chunk_size=1000)
-        r, d = self.start(manifest)
-        yield d
+        r = yield self.receiving(data)
         self.numbered(r, range(20), data, 0)
         settled = r.settled(30, limit=60)
         yield task.deferLater(reactor, 0.05, lambda: None)
@@ -391,10 +382,7 @@ class DirectReceiverTests(unittest.TestCase):
     def test_a_report_asked_while_the_last_chunk_is_verified_says_done(self):
         """The last block's chunk goes to a thread to be verified; the report waits for it and its commit."""
         data = self.rng.randbytes(3000)
-        write_file(os.path.join(self.src, "f"), data)
-        manifest, _ = scan([self.src + "/"], block_size=100, chunk_size=1000)
-        r, d = self.start(manifest)
-        yield d
+        r = yield self.receiving(data)
         self.numbered(r, range(30), data, 0)
         self.assertFalse(r.done)
         yield r.settled(30, limit=60)
