@@ -23,7 +23,7 @@ from mrsyncd.datagram import Reason
 from mrsyncd.manifest import Manifest
 from mrsyncd.multicast import DEFAULT_RCVBUF
 from mrsyncd.ratecontrol import Feedback
-from mrsyncd.receiver import OK, Outcome, Receiver
+from mrsyncd.receiver import OK, MissingReport, Outcome, Receiver
 from mrsyncd.transfer import Offer, Refused, UnknownTransfer
 
 
@@ -201,7 +201,13 @@ class ReceiverAgent:
     ) -> defer.Deferred:
         """A `MissingReport`, once what was sent before ``through`` is in (see `Receiver.settled`)."""
         receiver = self._receiver(transfer_id)
-        return receiver.settled(through).addCallback(lambda _: receiver.missing(abandoned))
+
+        def report(_: object) -> MissingReport:
+            if self.receivers.get(transfer_id) is not receiver:  # ended while it settled
+                raise UnknownTransfer(transfer_id.hex())
+            return receiver.missing(abandoned)
+
+        return receiver.settled(through).addCallback(report)
 
     def results(self, transfer_id: bytes, discard: bool = False) -> defer.Deferred:
         """

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from twisted.internet import defer, task, threads
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.interfaces import IDelayedCall, IListeningPort
 from twisted.internet.protocol import DatagramProtocol
 from twisted.python.failure import Failure
 
@@ -222,6 +222,8 @@ class Receiver(DatagramProtocol):
         self._threads = 0
         self._closing = False
         self._drained: list[defer.Deferred] = []
+        #: Missing reports waiting to settle, and their next look.
+        self._settling: dict[defer.Deferred, IDelayedCall] = {}
 
     def _in_thread(self, f: Callable[..., Any], *args: object) -> defer.Deferred:
         """
@@ -706,26 +708,31 @@ class Receiver(DatagramProtocol):
         for the datagrams still queued on the way and in our socket, so a
         repair round costs a round trip, not a guess.  After ``limit``
         seconds it fires anyway: the pass's last datagrams may all be lost.
+        Without ``through`` (a probe during a pass, which counts only what
+        was sent well before, or a poll) it fires at once, as it does once
+        the receiver is done or closing.
         """
+        if through is None or self._settled(through):
+            return defer.succeed(None)
         deadline = self.reactor.seconds() + limit
         settled: defer.Deferred = defer.Deferred()
 
         def look() -> None:
+            del self._settling[settled]
             if self._settled(through) or self.reactor.seconds() >= deadline:
                 settled.callback(None)
             else:
-                self.reactor.callLater(SETTLE_POLL, look)
+                self._settling[settled] = self.reactor.callLater(SETTLE_POLL, look)
 
-        look()
+        self._settling[settled] = self.reactor.callLater(SETTLE_POLL, look)
         return settled
 
-    def _settled(self, through: int | None) -> bool:
-        if self.done:
+    def _settled(self, through: int) -> bool:
+        if self.done or self._closing:
             return True
-        if through is not None:
-            behind = (through - 1 - self._seq_max) & MASK32
-            if self._seq_max < 0 or 0 < behind < 1 << 31:
-                return False
+        behind = (through - 1 - self._seq_max) & MASK32
+        if self._seq_max < 0 or 0 < behind < 1 << 31:
+            return False
         return not self._threads and self._verify.tokens == self._verify.limit
 
     def missing(self, abandoned: Mapping[int, str] = {}) -> MissingReport:
@@ -792,6 +799,10 @@ class Receiver(DatagramProtocol):
         while self._open:
             os.close(self._open.popitem()[1])
         self._closing = True
+        for settled, look in list(self._settling.items()):
+            look.cancel()
+            settled.callback(None)
+        self._settling.clear()
         self._close_root()
         return drained
 

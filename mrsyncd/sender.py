@@ -142,6 +142,10 @@ class Sender(DatagramProtocol):
         self._queue_done = False
         self.taken = 0
         self._repairs.clear()
+        # Positions are of this pass: a probe must not take the last pass's
+        # for what this one has sent.
+        self._position = (0, 0)
+        self._positions.clear()
         self._advance()
         done = self._done = defer.Deferred()
         self._tick()

@@ -325,6 +325,7 @@ class Transfer:
             self.planned_bytes = payload_bytes(self.offer.manifest, blocks)
             self._control.start(self.controller.interval, now=False)
             while self.live and not self.cancelled and not self.offer.options.dry_run:
+                through = None
                 if blocks or parities:
                     log.debug(
                         "transfer {tid}: pass {n}, {bytes} bytes and {parities} parities to send",
@@ -338,8 +339,9 @@ class Transfer:
                     self._pass_ended = self.reactor.seconds()
                     if self.cancelled:
                         break
-                # Each receiver answers once the pass is in: no pause here.
-                blocks, parities = yield self._ask_missing(through=self.sender.sequence or None)
+                    # Each receiver answers once the pass is in: no pause here.
+                    through = self.sender.sequence
+                blocks, parities = yield self._ask_missing(through=through)
                 if not blocks and not parities and set(self.live) <= self._done:
                     break
                 if not blocks and not parities:
@@ -368,7 +370,9 @@ class Transfer:
         does not end with a tail of repair rounds.  The last probe is timed
         to fall ``last_probe`` seconds before the pass's end at the present
         rate, so that what the pass leaves to a round after it is that much
-        of its losses, not up to ``probe`` seconds of them.
+        of its losses, not up to ``probe`` seconds of them.  A pass with no
+        more than ``last_probe`` + ``drain`` left (a repair pass, mostly) is
+        not probed: a probe would see nothing of it.
         """
         count = sum(len(ranges) for ranges in blocks.values()) + sum(len(p) for p in parities.values())
         datagram_bits = (self.offer.manifest.block_size + datagram.HEADER_SIZE) * 8
@@ -380,8 +384,10 @@ class Transfer:
                 * datagram_bits
                 / self.sender.pacer.rate_bps
             )
+            if left <= self.last_probe + self.drain:
+                break  # too little left for a probe to see any of it
             last = left < self.probe + self.last_probe
-            wait = max(0.0, left - self.last_probe) if last else self.probe
+            wait = left - self.last_probe if last else self.probe
             nap = task.deferLater(self.reactor, wait, lambda: None)
             yield defer.DeferredList([sending, nap], fireOnOneCallback=True, consumeErrors=True)
             if sending.called:
@@ -393,8 +399,6 @@ class Transfer:
             repairs, repair_parities = yield self._ask_missing(before=sent_by)
             if repairs or repair_parities:
                 self.sender.repair(repairs, repair_parities)
-            if last:
-                break
         yield sending
 
     @defer.inlineCallbacks

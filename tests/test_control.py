@@ -26,6 +26,7 @@ from mrsyncd.control import (
     SenderControl,
 )
 from mrsyncd.ratecontrol import Feedback
+from mrsyncd.receiver import MissingReport
 
 TRANSFER_ID = b"\x01" * 8
 
@@ -48,7 +49,9 @@ class CountingSenderControl(SenderControl):
         self.lost.callback(None)
 
 
-class CongestionReports(unittest.TestCase):
+class LoopbackControl(unittest.TestCase):
+    """A node's control connection to a sender, over TCP on loopback."""
+
     @defer.inlineCallbacks
     def setUp(self) -> Any:
         self.heard: list[tuple[bytes, str, Feedback]] = []
@@ -70,12 +73,35 @@ class CongestionReports(unittest.TestCase):
             reactor, "127.0.0.1", self.port.getHost().port
         ).connect(Factory.forProtocol(lambda: ReceiverControl(self.agent, "node1")))
         self.addCleanup(self.disconnect)
-        yield self.registered
+        self.peer = yield self.registered
 
     def disconnect(self) -> defer.Deferred[None]:
         assert self.sender is not None
         self.client.transport.loseConnection()
         return self.sender.lost
+
+
+class MissingCalls(LoopbackControl):
+    @defer.inlineCallbacks
+    def test_the_sequence_after_a_pass_reaches_the_node(self) -> Any:
+        """``through`` crosses the wire as it was given, absent included, and a large one whole."""
+        calls: list[tuple[bytes, dict[int, str], int | None]] = []
+
+        def missing(transfer_id: bytes, abandoned: dict[int, str], through: int | None = None) -> Any:
+            calls.append((transfer_id, dict(abandoned), through))
+            return defer.succeed(MissingReport(b"", True, False, {"blocks": 1}))
+
+        self.agent.missing = missing  # type: ignore[method-assign]
+        for through in (None, 7, 1 << 40):
+            report = yield self.peer.missing(TRANSFER_ID, {3: "source changed"}, through)
+            self.assertEqual(report.stats, {"blocks": 1})
+        self.assertEqual(
+            calls,
+            [(TRANSFER_ID, {3: "source changed"}, through) for through in (None, 7, 1 << 40)],
+        )
+
+
+class CongestionReports(LoopbackControl):
 
     @defer.inlineCallbacks
     def report(self, feedback: Feedback) -> Any:

@@ -379,6 +379,31 @@ class DirectReceiverTests(unittest.TestCase):
         self.assertEqual(set(decode_map(r.missing().missing)[0]), {34, 36, 37, 38, 39})
 
     @defer.inlineCallbacks
+    def test_a_report_waits_across_the_wrap_of_sequence_numbers(self):
+        """Datagrams carry sequence numbers mod 2**32; the master's count goes on past it."""
+        data = self.rng.randbytes(4000)
+        r = yield self.receiving(data)
+        self.numbered(r, range(3), data, (1 << 32) - 6)  # up to 2**32 - 4
+        settled = r.settled((1 << 32) + 6, limit=60)  # the last one sent: 2**32 + 5
+        self.numbered(r, range(3, 10), data, (1 << 32) - 3)  # up to 2**32 + 3
+        yield task.deferLater(reactor, 0.05, lambda: None)
+        self.assertFalse(settled.called)
+        self.numbered(r, [10], data, (1 << 32) + 5)
+        yield wait_until(lambda: settled.called)
+
+    @defer.inlineCallbacks
+    def test_a_report_waiting_to_settle_goes_when_the_receiver_closes(self):
+        data = self.rng.randbytes(4000)
+        r = yield self.receiving(data)
+        settled = r.settled(30, limit=60)
+        self.assertFalse(settled.called)
+        yield r.close()
+        self.assertTrue(settled.called)
+        self.assertEqual(r._settling, {})
+        # Without ``through`` (a probe in a pass), at once.
+        self.assertTrue(r.settled(None).called)
+
+    @defer.inlineCallbacks
     def test_a_report_asked_while_the_last_chunk_is_verified_says_done(self):
         """The last block's chunk goes to a thread to be verified; the report waits for it and its commit."""
         data = self.rng.randbytes(3000)

@@ -524,3 +524,49 @@ class SenderRepairTests(unittest.TestCase):
         sender.repair({0: RangeSet.interval(0, 10)}, {0: RangeSet([(32, 34)])})
         sender.repair({0: RangeSet.interval(5, 15)}, {0: RangeSet([(32, 35)])})
         self.assertEqual(sender.repairs_pending, 15 + 3)
+
+
+class ShortPassTests(unittest.TestCase):
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_a_short_repair_pass_is_not_probed(self):
+        """
+        At 5% loss the first pass (about 1.3 s) is probed, the repair passes
+        after it (a few hundredths of a second each) are not: a probe would
+        see nothing of them, and one that took the last pass's position for
+        theirs queued their own blocks again as repairs.
+        """
+        self.patch(agent_module, "Receiver", RandomLossReceiver)
+        base = temp_dir(self)
+        src = os.path.join(base, "src")
+        os.mkdir(src)
+        write_file(os.path.join(src, "f"), random.Random(3).randbytes(3 << 20))
+        manifest, local = scan([src + "/"])
+        [peer] = make_peers(self, reactor, [os.path.join(base, "dst")])
+        probes = []  # in-pass probes and polls: Missing without ``through``
+        missing = peer.missing
+
+        def recording(transfer_id, abandoned, through=None):
+            if through is None:
+                probes.append(reactor.seconds())
+            return missing(transfer_id, abandoned, through)
+
+        peer.missing = recording
+        passes = []
+        send_pass = Transfer._send_pass
+
+        def timed(transfer, blocks, parities):
+            started = reactor.seconds()
+            return send_pass(transfer, blocks, parities).addCallback(
+                lambda result: passes.append((started, reactor.seconds())) or result
+            )
+
+        self.patch(Transfer, "_send_pass", timed)
+        report = yield run_transfer(self, reactor, manifest, local, [peer], rate_bps=20e6)
+        self.assertTrue(report.ok, report)
+        assert_same_tree(self, src, os.path.join(base, "dst"))
+        self.assertGreater(len(passes), 1)
+        (first_start, first_end), *repairs = passes
+        self.assertTrue(any(first_start <= t <= first_end for t in probes), (probes, passes))
+        self.assertEqual([t for t in probes if any(start <= t <= end for start, end in repairs)], [])
