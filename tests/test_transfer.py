@@ -141,6 +141,16 @@ class SparseFileTests(unittest.TestCase):
             self.assertLess(os.stat(os.path.join(dst, "sparse.img")).st_blocks * 512, 64 << 20)
 
 
+def one_file(testcase, data):
+    """A directory holding one file ``f`` of ``data``, scanned: (base, source, manifest, local paths)."""
+    base = temp_dir(testcase)
+    src = os.path.join(base, "src")
+    os.mkdir(src)
+    write_file(os.path.join(src, "f"), data)
+    manifest, local = scan([src + "/"])
+    return base, src, manifest, local
+
+
 class LossyReceiver(Receiver):
     """
     Test-only loss injector: drops every tenth datagram that reaches the
@@ -210,11 +220,7 @@ class CodedRepairTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_different_losses_at_four_receivers_cost_less_than_their_union(self):
         self.patch(agent_module, "Receiver", RandomLossReceiver)
-        base = temp_dir(self)
-        src = os.path.join(base, "src")
-        os.mkdir(src)
-        write_file(os.path.join(src, "f"), random.Random(5).randbytes(3 << 20))
-        manifest, local = scan([src + "/"])
+        base, src, manifest, local = one_file(self, random.Random(5).randbytes(3 << 20))
         dests = [os.path.join(base, f"dst{i}") for i in range(4)]
         peers = make_peers(self, reactor, dests)
         report = yield run_transfer(self, reactor, manifest, local, peers)
@@ -240,11 +246,7 @@ class BatchTests(unittest.TestCase):
         A batch leaves back to back: at 100 Mbit/s more than 8 datagrams
         would be a queue of mrsyncd's own; at 1 Gbit/s up to 44 go at once.
         """
-        base = temp_dir(self)
-        src = os.path.join(base, "src")
-        os.mkdir(src)
-        write_file(os.path.join(src, "f"), random.Random(9).randbytes(4 << 20))
-        manifest, local = scan([src + "/"])
+        base, _, manifest, local = one_file(self, random.Random(9).randbytes(4 << 20))
         per_batch = {}
         for rate in (100e6, 1e9):
             peers = make_peers(self, reactor, [os.path.join(base, f"dst-{rate:.0f}")])
@@ -456,11 +458,7 @@ class ProbeTimingTests(unittest.TestCase):
         within the pass.  Fires with the report, the times of the probes
         and the time the transfer ended (its Results call).
         """
-        base = temp_dir(self)
-        src = os.path.join(base, "src")
-        os.mkdir(src)
-        write_file(os.path.join(src, "f"), os.urandom(2_000_000))
-        manifest, local = scan([src + "/"])
+        base, _, manifest, local = one_file(self, os.urandom(2_000_000))
         [peer] = make_peers(self, reactor, [os.path.join(base, "dst")])
         calls = []
         missing = peer.missing
@@ -515,11 +513,7 @@ class ProbeTimingTests(unittest.TestCase):
 class SenderRepairTests(unittest.TestCase):
     def test_what_is_still_queued_is_not_queued_twice(self):
         """A probe while repairs are still queued asks again for some of them: each goes out once."""
-        base = temp_dir(self)
-        src = os.path.join(base, "src")
-        os.mkdir(src)
-        write_file(os.path.join(src, "f"), os.urandom(100_000))
-        manifest, local = scan([src + "/"])
+        _, _, manifest, local = one_file(self, os.urandom(100_000))
         sender = Sender(reactor, manifest, local, unique_channel(), os.urandom(8), os.urandom(32), RATE)
         sender.repair({0: RangeSet.interval(0, 10)}, {0: RangeSet([(32, 34)])})
         sender.repair({0: RangeSet.interval(5, 15)}, {0: RangeSet([(32, 35)])})
@@ -538,11 +532,7 @@ class ShortPassTests(unittest.TestCase):
         theirs queued their own blocks again as repairs.
         """
         self.patch(agent_module, "Receiver", RandomLossReceiver)
-        base = temp_dir(self)
-        src = os.path.join(base, "src")
-        os.mkdir(src)
-        write_file(os.path.join(src, "f"), random.Random(3).randbytes(3 << 20))
-        manifest, local = scan([src + "/"])
+        base, src, manifest, local = one_file(self, random.Random(3).randbytes(3 << 20))
         [peer] = make_peers(self, reactor, [os.path.join(base, "dst")])
         probes = []  # in-pass probes and polls: Missing without ``through``
         missing = peer.missing
