@@ -270,10 +270,13 @@ class Progress:
         rate = (self.samples[-1][1] - self.samples[0][1]) * 8 / span if span > 0 else 0.0
         eta = (planned - sent) * 8 / rate if rate > 0 and planned > sent else 0.0
         state = status.get("phase") or status["state"]
+        # Until the source is scanned and the nodes have said what they
+        # need, there is no size to show: "0 B of 0 B" would be a wrong one.
+        figures = ""
+        if planned:
+            figures = f": {_size(sent)} of {_size(planned)}  {rate / 1e6:.1f} Mbit/s  ETA {_clock(eta)}"
         line = (
-            f"job {status['id']} {state}: {_size(sent)} of {_size(planned)}"
-            f"  {rate / 1e6:.1f} Mbit/s  ETA {_clock(eta)}"
-            f"  nodes: {done} done, {failed} failed, {len(nodes)} in all"
+            f"job {status['id']} {state}{figures}  nodes: {done} done, {failed} failed, {len(nodes)} in all"
         )
         if self.tty:
             self.out.write("\r\x1b[K" + line)

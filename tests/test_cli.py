@@ -118,6 +118,12 @@ def test_progress_on_a_terminal_redraws_one_line_with_rate_and_eta():
     assert "\n" not in out.getvalue()
 
 
+def test_progress_before_the_size_is_known_shows_no_figures():
+    clock, out = Clock(), io.StringIO()
+    Progress(out, clock).show(status(sent=0, planned=0, phase="scanning"))
+    assert out.getvalue() == "job 7 scanning  nodes: 0 done, 0 failed, 2 in all\n"
+
+
 def test_progress_elsewhere_prints_a_plain_line_every_few_seconds():
     clock, out = Clock(), io.StringIO()
     progress = Progress(out, clock)
