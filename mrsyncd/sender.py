@@ -43,9 +43,6 @@ GSO_SEGMENTS = 44
 #: A batch (one sendmsg) holds at most this much of the rate: its datagrams
 #: leave back to back, so a bigger one is a queue of the sender's own.
 BATCH_SECONDS = 0.001
-#: While a pass has datagrams of its own left, at most one repair goes out
-#: for every this many of them.
-REPAIR_EVERY = 3
 #: Chunks held in memory: the one being sent, the one read ahead, and a few
 #: for parities that straddle two.
 CACHED_CHUNKS = 4
@@ -93,6 +90,7 @@ class Sender(DatagramProtocol):
         self._queue: Iterator[tuple[int, int, int]] = iter(())
         self._repairs: deque[tuple[int, int, int]] = deque()
         self._since_repair = 0
+        self._repair_every = 1
         #: Datagrams of the pass in progress taken to be sent, repairs not counted.
         self.taken = 0
         self._queue_done = True
@@ -151,16 +149,24 @@ class Sender(DatagramProtocol):
         self._tick()
         return done
 
-    def repair(self, blocks: Mapping[int, RangeSet], parities: Mapping[int, RangeSet]) -> None:
+    def repair(
+        self, blocks: Mapping[int, RangeSet], parities: Mapping[int, RangeSet], among: int = 0
+    ) -> None:
         """
-        Send these along with the rest of the pass in progress (one after
-        every ``REPAIR_EVERY`` of its datagrams, all of them once the pass is
-        sent): repairs of what was lost earlier in it, so that the pass does
-        not end with a tail of repair rounds.  What is still queued from an
-        earlier call is not queued twice.
+        Send these along with the rest of the pass in progress: repairs of
+        what was lost earlier in it, so that the pass does not end with a
+        tail of repair rounds.  What is queued is spread evenly among the
+        pass's next ``among`` datagrams (at most one repair after each of
+        them; all that is left once the pass is sent).  Spread thin, repairs
+        cost every host little at a time: a receiver's work on a parity
+        (reading back its group, solving for a block) is several times a
+        block's, and the sender codes parities in its reactor thread (see
+        PROTOCOL.md §5.3 for what a rush cost).  What is still queued from
+        an earlier call is not queued twice.
         """
         queued = set(self._repairs)
         self._repairs.extend(item for item in self._items(blocks, parities) if item not in queued)
+        self._repair_every = max(1, among // len(self._repairs)) if self._repairs else 1
         if self._next is None and self._done is not None:
             self._advance()
 
@@ -190,11 +196,10 @@ class Sender(DatagramProtocol):
                 yield f, kind, index
 
     def _advance(self) -> None:
-        # Repairs go out between the pass's own datagrams, one in
-        # REPAIR_EVERY, not in a rush: every receiver works on the repairs it
-        # gets (reading back a group, solving for its blocks), and a rush of
-        # them at once on a busy host used to stall everyone, this sender too.
-        if self._repairs and (self._since_repair >= REPAIR_EVERY or self._queue_done):
+        # Repairs go out between the pass's own datagrams, spread as
+        # `repair` says, not in a rush: a rush of them at once on a busy host
+        # stalls every receiver, and this sender too.
+        if self._repairs and (self._since_repair >= self._repair_every or self._queue_done):
             self._since_repair = 0
             self._next = self._repairs.popleft()
             return

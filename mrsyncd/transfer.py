@@ -40,6 +40,10 @@ from mrsyncd.sender import Sender
 
 log = logs.logger(__name__)
 
+#: The repairs that a probe finds go out among the pass's datagrams of this
+#: share of the time to the next probe (`Sender.repair`).
+REPAIRS_WITHIN = 0.75
+
 
 class Refused(Exception):
     """A receiver will not take a transfer; the message says why."""
@@ -398,7 +402,10 @@ class Transfer:
             sent_by = self.sender.position_at(self.reactor.seconds() - self.drain)
             repairs, repair_parities = yield self._ask_missing(before=sent_by)
             if repairs or repair_parities:
-                self.sender.repair(repairs, repair_parities)
+                # Spread over the datagrams of most of the time to the next
+                # probe, which then finds them sent and can ask again.
+                ahead = self.probe * REPAIRS_WITHIN * self.sender.pacer.rate_bps / datagram_bits
+                self.sender.repair(repairs, repair_parities, int(min(count - self.sender.taken, ahead)))
         yield sending
 
     @defer.inlineCallbacks

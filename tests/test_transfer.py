@@ -9,13 +9,15 @@ import os
 import random
 import time
 
-from twisted.internet import defer, reactor
+from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
 from mrsyncd import agent as agent_module
+from mrsyncd import datagram
 from mrsyncd.agent import LocalPeer, ReceiverAgent
 from mrsyncd.blockset import RangeSet, encode_map
 from mrsyncd.manifest import scan
+from mrsyncd.multicast import receiver_socket
 from mrsyncd.receiver import OK, MissingReport, Receiver, TransferOptions
 from mrsyncd.sender import Sender
 from mrsyncd.transfer import Transfer, new_offer
@@ -518,6 +520,42 @@ class SenderRepairTests(unittest.TestCase):
         sender.repair({0: RangeSet.interval(0, 10)}, {0: RangeSet([(32, 34)])})
         sender.repair({0: RangeSet.interval(5, 15)}, {0: RangeSet([(32, 35)])})
         self.assertEqual(sender.repairs_pending, 15 + 3)
+
+
+class RepairSpreadTests(unittest.TestCase):
+    timeout = 30
+
+    @defer.inlineCallbacks
+    def test_repairs_are_spread_among_the_pass(self):
+        """
+        Ten repairs queued to go out among the pass's next 200 datagrams
+        leave one after every 20 of them, not in a rush; the pass's own
+        datagrams all go out too, each once.
+        """
+        _, _, manifest, local = one_file(self, os.urandom(300 * 1408))
+        channel = unique_channel()
+        listening = receiver_socket(channel)
+        self.addCleanup(listening.close)
+        listening.setblocking(False)
+        tid, key = os.urandom(8), os.urandom(32)
+        sender = Sender(reactor, manifest, local, channel, tid, key, RATE)
+        sender.start()
+        self.addCleanup(sender.stop)
+        sending = sender.send({0: RangeSet.interval(0, 300)})
+        sender.repair({0: RangeSet.interval(0, 10)}, {}, among=200)
+        yield sending
+        yield task.deferLater(reactor, 0.05, lambda: None)
+        arrived = []
+        while True:
+            try:
+                arrived.append(datagram.decode(key, tid, listening.recv(2048)))
+            except BlockingIOError:
+                break
+        self.assertEqual(len(arrived), 310)
+        blocks = [block.block_index for block in sorted(arrived, key=lambda block: block.sequence)]
+        repairs_at = [at for at, block in enumerate(blocks) if block in blocks[:at]]
+        self.assertEqual(repairs_at, [20 + 21 * k for k in range(10)])
+        self.assertEqual(sorted(blocks), sorted([*range(300), *range(10)]))
 
 
 class ShortPassTests(unittest.TestCase):
