@@ -19,12 +19,13 @@ from twisted.internet import defer, utils
 
 from mrsyncd import logs
 from mrsyncd.blockset import RangeSet
+from mrsyncd.commands import Refused, UnknownTransfer
 from mrsyncd.datagram import Reason
 from mrsyncd.manifest import Manifest
 from mrsyncd.multicast import DEFAULT_RCVBUF
 from mrsyncd.ratecontrol import Feedback
 from mrsyncd.receiver import OK, MissingReport, Outcome, Receiver
-from mrsyncd.transfer import Offer, Refused, UnknownTransfer
+from mrsyncd.transfer import Offer
 
 
 def _check_space(needs: dict[int, RangeSet], manifest: Manifest, destination: str) -> dict[int, RangeSet]:

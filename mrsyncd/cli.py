@@ -36,8 +36,8 @@ from twisted.protocols import amp
 from twisted.python import usage
 
 from mrsyncd import __version__, tls
+from mrsyncd.commands import BadRequest, Cancel, Forbidden, JobStatus, ListJobs, ListNodes, NoSuchJob, Submit
 from mrsyncd.config import split_address
-from mrsyncd.control import BadRequest, Cancel, Forbidden, JobStatus, ListJobs, ListNodes, NoSuchJob, Submit
 from mrsyncd.options import InterspersedOptions
 from mrsyncd.ratecontrol import parse_rate
 

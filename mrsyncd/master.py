@@ -24,9 +24,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mrsyncd import logs, store, tls
-from mrsyncd.config import MasterConfig
-from mrsyncd.control import (
-    AMPPeer,
+from mrsyncd.commands import (
     BadRequest,
     BoundedAMP,
     Cancel,
@@ -41,6 +39,8 @@ from mrsyncd.control import (
     Register,
     Submit,
 )
+from mrsyncd.config import MasterConfig
+from mrsyncd.control import AMPPeer
 from mrsyncd.datagram import KEY_SIZE, TRANSFER_ID_SIZE
 from mrsyncd.manifest import Manifest, scan
 from mrsyncd.multicast import Channel

@@ -20,8 +20,9 @@ from twisted.internet.protocol import Factory
 
 from mrsyncd import certs, logs, tls
 from mrsyncd.agent import ReceiverAgent
+from mrsyncd.commands import Heartbeat
 from mrsyncd.config import ConfigError, NodeConfig, TLSConfig, split_address
-from mrsyncd.control import Heartbeat, ReceiverControl
+from mrsyncd.control import ReceiverControl
 
 log = logs.logger(__name__)
 

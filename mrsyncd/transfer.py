@@ -32,6 +32,7 @@ from twisted.python.failure import Failure
 
 from mrsyncd import datagram, logs
 from mrsyncd.blockset import RangeSet, decode_map, repair_plan, union_maps
+from mrsyncd.commands import Refused, UnknownTransfer
 from mrsyncd.manifest import FILE, Manifest
 from mrsyncd.multicast import Channel
 from mrsyncd.ratecontrol import Feedback, RateController
@@ -43,18 +44,6 @@ log = logs.logger(__name__)
 #: The repairs that a probe finds go out among the pass's datagrams of this
 #: share of the time to the next probe (`Sender.repair`).
 REPAIRS_WITHIN = 0.75
-
-
-class Refused(Exception):
-    """A receiver will not take a transfer; the message says why."""
-
-
-class UnknownTransfer(Exception):
-    """
-    The receiver does not hold this transfer: it restarted since it was
-    prepared.  The sender prepares it again, and it resumes from its part
-    files.
-    """
 
 
 @dataclass

@@ -723,13 +723,13 @@ def amp_box(items: Iterable[tuple[bytes, bytes]]) -> bytes:
 
 
 def big_value(name: bytes, value: bytes) -> list[tuple[bytes, bytes]]:
-    """A `control.BigBytes` argument: ``name``, ``name.1``, ... of at most 65535 bytes each."""
+    """A `commands.BigBytes` argument: ``name``, ``name.1``, ... of at most 65535 bytes each."""
     pieces = [value[i : i + 0xFFFF] for i in range(0, len(value), 0xFFFF)] or [b""]
     return [(name if i == 0 else name + b".%d" % i, piece) for i, piece in enumerate(pieces)]
 
 
 def joined(box: dict[bytes, bytes], name: bytes) -> bytes:
-    """The value of a `control.BigBytes` argument of ``box``."""
+    """The value of a `commands.BigBytes` argument of ``box``."""
     pieces = [box[name]]
     while (key := name + b".%d" % len(pieces)) in box:
         pieces.append(box[key])

@@ -17,14 +17,8 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from mrsyncd.agent import ReceiverAgent
-from mrsyncd.control import (
-    UINT32_MAX,
-    AMPPeer,
-    BadRequest,
-    CongestionReport,
-    ReceiverControl,
-    SenderControl,
-)
+from mrsyncd.commands import UINT32_MAX, BadRequest, CongestionReport
+from mrsyncd.control import AMPPeer, ReceiverControl, SenderControl
 from mrsyncd.ratecontrol import Feedback
 from mrsyncd.receiver import MissingReport
 

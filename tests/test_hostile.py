@@ -42,7 +42,7 @@ from twisted.internet.testing import StringTransport
 from twisted.protocols import amp
 
 from mrsyncd import datagram
-from mrsyncd.control import MAX_BOX_BYTES, MAX_BOX_KEYS, MAX_PIECES, PIECE, BigBytes, BoundedAMP
+from mrsyncd.commands import MAX_BOX_BYTES, MAX_BOX_KEYS, MAX_PIECES, PIECE, BigBytes, BoundedAMP
 from mrsyncd.manifest import FILE, HARDLINK, SYMLINK, Manifest, digest, scan
 from mrsyncd.multicast import Channel, receiver_socket
 from tests import support

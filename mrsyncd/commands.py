@@ -1,0 +1,329 @@
+"""
+The wire vocabulary of mrsyncd's control channel: the AMP commands, their
+argument types and the errors they carry.
+
+Every end of the channel speaks these: the master and the nodes
+(`control`, `master`), and the operator's ``mrsync``, which needs nothing
+else of the engine, so importing this module must not load it.
+
+AMP values are at most 65535 bytes, so manifests, need sets and results use
+`BigBytes`, which splits a value over numbered keys (with a bound, so that an
+authenticated but hostile peer cannot make us buffer without limit).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from typing import Any
+
+from twisted.protocols import amp
+from twisted.python.failure import Failure
+
+from mrsyncd import logs
+from mrsyncd.datagram import TRANSFER_ID_SIZE
+from mrsyncd.ratecontrol import Feedback
+
+log = logs.logger(__name__)
+
+PIECE = 0xFFFF
+#: 4096 pieces of 64 KiB: a 256 MiB manifest, about 4 million chunks.
+MAX_PIECES = 4096
+UINT32_MAX = (1 << 32) - 1
+
+
+class BigBytes(amp.Argument):
+    """Bytes of any length up to ``MAX_PIECES`` AMP values, as ``name``, ``name.1``, ..."""
+
+    def toBox(self, name: bytes, strings: dict, objects: dict, proto: object) -> None:  # type: ignore[override]
+        value: bytes | None = objects.pop(amp._wireNameToPythonIdentifier(name), None)  # type: ignore[attr-defined]
+        if value is None:
+            if self.optional:
+                return
+            raise KeyError(name)
+        pieces = [value[i : i + PIECE] for i in range(0, len(value), PIECE)] or [b""]
+        if len(pieces) > MAX_PIECES:
+            raise amp.TooLong(False, True, name, None)
+        strings[name] = pieces[0]
+        for i, piece in enumerate(pieces[1:], 1):
+            strings[name + b".%d" % (i,)] = piece
+
+    def fromBox(self, name: bytes, strings: dict, objects: dict, proto: object) -> None:  # type: ignore[override]
+        if name not in strings and self.optional:
+            objects[amp._wireNameToPythonIdentifier(name)] = None  # type: ignore[attr-defined]
+            return
+        pieces = [strings.pop(name)]
+        while (key := name + b".%d" % (len(pieces),)) in strings:
+            if len(pieces) >= MAX_PIECES:
+                raise ValueError(f"{name!r} has more than {MAX_PIECES} pieces")
+            pieces.append(strings.pop(key))
+        objects[amp._wireNameToPythonIdentifier(name)] = b"".join(pieces)  # type: ignore[attr-defined]
+
+
+class JSONArgument(BigBytes):
+    def toBox(self, name: bytes, strings: dict, objects: dict, proto: object) -> None:  # type: ignore[override]
+        key = amp._wireNameToPythonIdentifier(name)  # type: ignore[attr-defined]
+        if objects.get(key) is not None:
+            objects[key] = json.dumps(objects[key], sort_keys=True).encode()
+        super().toBox(name, strings, objects, proto)
+
+    def fromBox(self, name: bytes, strings: dict, objects: dict, proto: object) -> None:  # type: ignore[override]
+        super().fromBox(name, strings, objects, proto)
+        key = amp._wireNameToPythonIdentifier(name)  # type: ignore[attr-defined]
+        if objects[key] is not None:
+            try:
+                objects[key] = json.loads(objects[key])
+            except ValueError as e:
+                raise BadRequest(f"{name.decode()} is not valid JSON: {e}") from None
+
+
+class CongestionReport(amp.Argument):
+    """
+    ``(transfer id, Feedback)`` in 16 bytes: the transfer id, then loss in
+    units of 10⁻⁴, delay in µs and backlog in units of 10⁻³ (unsigned,
+    big-endian: 8s H I H).  These reports are most of what nodes send while
+    data flows, up to 10 a second from each node in trouble, and as five AMP
+    values they cost twice the bytes.  Values are clamped to their range (a
+    NaN counts as 0).
+    """
+
+    _LAYOUT = struct.Struct(f">{TRANSFER_ID_SIZE}sHIH")
+
+    def toString(self, inObject: tuple[bytes, Feedback]) -> bytes:
+        transfer_id, report = inObject
+        if len(transfer_id) != TRANSFER_ID_SIZE:
+            raise ValueError(f"a transfer id has {TRANSFER_ID_SIZE} bytes, not {len(transfer_id)}")
+        return self._LAYOUT.pack(
+            transfer_id,
+            _fixed(report.loss, 1.0, 10_000),
+            _fixed(report.delay, UINT32_MAX / 1e6, 1e6),
+            _fixed(report.backlog, 1.0, 1000),
+        )
+
+    def fromString(self, inString: bytes) -> tuple[bytes, Feedback]:
+        if len(inString) != self._LAYOUT.size:
+            raise BadRequest(f"a congestion report has {self._LAYOUT.size} bytes, not {len(inString)}")
+        transfer_id, loss, delay, backlog = self._LAYOUT.unpack(inString)
+        if loss > 10_000 or backlog > 1000:
+            raise BadRequest(f"a congestion report's loss or backlog is above 1: {loss}, {backlog}")
+        return transfer_id, Feedback(loss / 10_000, delay / 1e6, backlog / 1000)
+
+
+def _fixed(value: float, most: float, scale: float) -> int:
+    """``value`` in [0, ``most``] as an integer number of 1/``scale`` (NaN: 0)."""
+    return 0 if math.isnan(value) else round(min(max(value, 0.0), most) * scale)
+
+
+class Refused(Exception):
+    """A receiver will not take a transfer; the message says why."""
+
+
+class UnknownTransfer(Exception):
+    """
+    The receiver does not hold this transfer: it restarted since it was
+    prepared.  The sender prepares it again, and it resumes from its part
+    files.
+    """
+
+
+_ERRORS = {Refused: b"REFUSED", UnknownTransfer: b"UNKNOWN_TRANSFER"}
+
+
+class Forbidden(Exception):
+    """The peer's certificate does not carry the role this command needs."""
+
+
+class BadRequest(Exception):
+    """A request that cannot be carried out; the message says why."""
+
+
+class NoSuchJob(Exception):
+    """The job id names no job."""
+
+
+_OPERATOR_ERRORS = {Forbidden: b"FORBIDDEN", BadRequest: b"BAD_REQUEST", NoSuchJob: b"NO_SUCH_JOB"}
+
+
+class Register(amp.Command):
+    """
+    A receiver introduces itself to the sender it dialled.  On the daemon
+    the name must be the one in the node's certificate, and ``free`` maps
+    each allowed root to its free bytes.
+    """
+
+    arguments = [
+        (b"name", amp.Unicode()),
+        (b"tags", amp.ListOf(amp.Unicode(), optional=True)),
+        (b"free", JSONArgument(optional=True)),
+    ]
+    errors = {Forbidden: b"FORBIDDEN", Refused: b"REFUSED"}
+
+
+class Congestion(amp.Command):
+    """
+    A receiver's loss and queueing delay over its last report interval,
+    sent only when there is heavy loss or a queue, so that the sender's rate
+    controller hears more from trouble than from the number of receivers.
+    """
+
+    arguments = [(b"report", CongestionReport())]
+    requiresAnswer = False
+
+
+class Heartbeat(amp.Command):
+    """A node shows its master it is alive, and refreshes its free space."""
+
+    arguments = [(b"free", JSONArgument(optional=True))]
+    requiresAnswer = True
+
+
+# Operator commands: only a certificate with the operator role may call them.
+
+
+class Submit(amp.Command):
+    arguments = [(b"spec", JSONArgument())]
+    response = [(b"job", amp.Integer())]
+    errors = _OPERATOR_ERRORS
+
+
+class ListJobs(amp.Command):
+    arguments = [(b"limit", amp.Integer())]
+    response = [(b"jobs", JSONArgument())]
+    errors = _OPERATOR_ERRORS
+
+
+class JobStatus(amp.Command):
+    arguments = [(b"job", amp.Integer()), (b"files", amp.Boolean())]
+    response = [(b"status", JSONArgument())]
+    errors = _OPERATOR_ERRORS
+
+
+class Cancel(amp.Command):
+    arguments = [(b"job", amp.Integer())]
+    response = [(b"state", amp.Unicode())]
+    errors = _OPERATOR_ERRORS
+
+
+class ListNodes(amp.Command):
+    response = [(b"nodes", JSONArgument())]
+    errors = _OPERATOR_ERRORS
+
+
+class Prepare(amp.Command):
+    arguments = [
+        (b"transfer_id", amp.String()),
+        (b"key", amp.String()),
+        (b"manifest", BigBytes()),
+        (b"group", amp.Unicode()),
+        (b"port", amp.Integer()),
+        (b"ttl", amp.Integer()),
+        (b"loopback", amp.Boolean()),
+        (b"destination", amp.Unicode()),
+        (b"options", JSONArgument()),
+    ]
+    #: ``needs`` is a `blockset.encode_map` of chunk numbers.
+    response = [(b"needs", BigBytes())]
+    errors = _ERRORS
+
+
+class Missing(amp.Command):
+    #: ``through``: the sequence number after the last datagram of the pass
+    #: just sent; the answer waits until those are in (`Receiver.settled`).
+    arguments = [
+        (b"transfer_id", amp.String()),
+        (b"abandoned", JSONArgument()),
+        (b"through", amp.Integer(optional=True)),
+    ]
+    #: ``missing`` is a bounded `blockset.encode_map` of block numbers.
+    response = [
+        (b"missing", amp.String()),
+        (b"complete", amp.Boolean()),
+        (b"done", amp.Boolean()),
+        (b"stats", JSONArgument()),
+    ]
+    errors = _ERRORS
+
+
+class Results(amp.Command):
+    #: ``discard``: the transfer was cancelled, so its part files go too.
+    arguments = [(b"transfer_id", amp.String()), (b"discard", amp.Boolean(optional=True))]
+    response = [
+        (b"results", JSONArgument()),
+        (b"changed", amp.Integer()),
+        (b"hook", JSONArgument(optional=True)),
+    ]
+    errors = _ERRORS
+
+
+#: The most keys one box may hold: one `BigBytes` at its largest and the
+#: handful of other arguments any command has.
+MAX_BOX_KEYS = MAX_PIECES + 64
+#: The most bytes one box may hold on the wire: one `BigBytes` at its largest
+#: plus 16 more values of the greatest size, each key at most 255 bytes.
+MAX_BOX_BYTES = (MAX_PIECES + 16) * (2 + 255 + 2 + PIECE)
+
+
+class BoundedAMP(amp.AMP):
+    """
+    `amp.AMP` with a bound on each box.  AMP buffers a whole box before it
+    parses it and puts no limit on its number of keys, so an authenticated
+    peer could make us buffer without end; a box past `MAX_BOX_KEYS` keys
+    or `MAX_BOX_BYTES` bytes, or a key longer than AMP allows, is logged
+    and the connection dropped.
+    """
+
+    _box_keys = 0
+    _box_bytes = 0
+    _dropped = False
+
+    def _drop(self, why: str) -> None:
+        transport: Any = self.transport
+        log.warn("dropping the connection from {peer}: {why}", peer=transport.getPeer(), why=why)
+        self._dropped = True
+        self._currentBox = None
+        getattr(transport, "abortConnection", transport.loseConnection)()
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self._dropped:
+            super().dataReceived(data)
+
+    def unhandledError(self, failure: Failure) -> None:  # type: ignore[override]
+        """
+        A command that has no answer failed, e.g. a malformed congestion
+        report: AMP drops the connection then, with a warning about its
+        own API; say what was wrong instead.
+        """
+        if self.transport is not None and not self._dropped:
+            self._drop(f"{type(failure.value).__name__}: {failure.getErrorMessage()}")
+
+    def proto_key(self, string: bytes) -> str:
+        if self._dropped:
+            return "key"
+        if not string:
+            self._box_keys = self._box_bytes = 0
+            return str(super().proto_key(string))
+        self._box_keys += 1
+        self._box_bytes += 2 + len(string)
+        if self._box_keys > MAX_BOX_KEYS:
+            self._drop(f"a box of more than {MAX_BOX_KEYS} keys")
+            return "key"
+        return str(super().proto_key(string))
+
+    def proto_value(self, string: bytes) -> str:
+        if self._dropped:
+            return "key"
+        self._box_bytes += 2 + len(string)
+        if self._box_bytes > MAX_BOX_BYTES:
+            self._drop(f"a box of more than {MAX_BOX_BYTES} bytes")
+            return "key"
+        return str(super().proto_value(string))
+
+    def lengthLimitExceeded(self, length: int) -> None:
+        log.warn(
+            "dropping the connection from {peer}: a {length}-byte string where at most {limit} may be",
+            peer=self.transport.getPeer(),  # type: ignore[union-attr]
+            length=length,
+            limit=self.MAX_LENGTH,
+        )
+        super().lengthLimitExceeded(length)
