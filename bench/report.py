@@ -77,7 +77,8 @@ def table(doc: dict[str, Any]) -> str:
             )
         if c.get("tcp_alone_bps"):
             pad = " |" * 9
-            lines.append(f"| {case['label']} | iperf3 alone | | | {c['tcp_alone_bps'] / 1e6:.1f} |{pad}")
+            cc = c.get("tcp_congestion_control", "")
+            lines.append(f"| {case['label']} | iperf3 alone {cc} | | | {c['tcp_alone_bps'] / 1e6:.1f} |{pad}")
             for tool, r in c["results"].items():
                 bps = (r.get("tcp") or {}).get("bps_during")
                 if bps:
@@ -141,7 +142,8 @@ def targets(doc: dict[str, Any]) -> list[dict[str, Any]]:
             "TCP keeps >= 40% of the link",
             None if share is None else share >= 0.40,
             f"{_f(bps and bps / 1e6, '.1f')} Mbit/s ({_f(share and share * 100, '.0f')}%); "
-            f"alone {_f(c.get('tcp_alone_bps') and c['tcp_alone_bps'] / 1e6, '.1f')} Mbit/s",
+            f"alone {_f(c.get('tcp_alone_bps') and c['tcp_alone_bps'] / 1e6, '.1f')} Mbit/s, "
+            f"TCP {c.get('tcp_congestion_control', '?')}",
         )
     if name == "F" and len(cases) == 2:
         base, slow = cases[0], cases[1]

@@ -151,8 +151,10 @@ def run_case(
                 node.drop_udp(case.loss)
         if case.tcp_competitor:
             competitor = Competitor(lan, logdir, f"{scenario.name}{case_index}")
+            doc["tcp_congestion_control"] = competitor.congestion_control
             doc["tcp_alone_bps"] = competitor.alone()
-            print(f"   iperf3 alone: {doc['tcp_alone_bps'] / 1e6:.1f} Mbit/s", flush=True)
+            alone = f"{doc['tcp_alone_bps'] / 1e6:.1f} Mbit/s"
+            print(f"   iperf3 alone (TCP {competitor.congestion_control}): {alone}", flush=True)
         for tool in tools:
             caselog = logdir / f"case{case_index}"
             caselog.mkdir(parents=True, exist_ok=True)

@@ -796,6 +796,12 @@ class Competitor:
             logdir / f"iperf3-{tag}-server.log",
         )
         self.client: Proc | None = None
+        #: The flow's TCP congestion control: the master namespace's default,
+        #: which is the host's (Debian's is cubic, some kernels' bbr).  The
+        #: share a delay-based sender leaves it depends on which.
+        self.congestion_control = lan.master.run(
+            ["sysctl", "-n", "net.ipv4.tcp_congestion_control"]
+        ).stdout.strip()
         time.sleep(0.5)
 
     def bytes(self) -> int:
