@@ -91,7 +91,9 @@ class Sender(DatagramProtocol):
         self._repairs: deque[tuple[int, int, int]] = deque()
         self._since_repair = 0
         self._repair_every = 1
-        #: Datagrams of the pass in progress taken to be sent, repairs not counted.
+        #: Datagrams of the pass in progress: all of them, and those taken to
+        #: be sent so far; repairs not counted.
+        self.planned = 0
         self.taken = 0
         self._queue_done = True
         self._position = (0, 0)
@@ -138,6 +140,9 @@ class Sender(DatagramProtocol):
         assert self._done is None, "one pass at a time"
         self._queue = self._items(blocks, parities or {})
         self._queue_done = False
+        self.planned = sum(len(ranges) for ranges in blocks.values()) + sum(
+            len(groups) for groups in (parities or {}).values()
+        )
         self.taken = 0
         self._repairs.clear()
         # Positions are of this pass: a probe must not take the last pass's
@@ -150,24 +155,32 @@ class Sender(DatagramProtocol):
         return done
 
     def repair(
-        self, blocks: Mapping[int, RangeSet], parities: Mapping[int, RangeSet], among: int = 0
+        self, blocks: Mapping[int, RangeSet], parities: Mapping[int, RangeSet], *, within: int
     ) -> None:
         """
         Send these along with the rest of the pass in progress: repairs of
         what was lost earlier in it, so that the pass does not end with a
-        tail of repair rounds.  What is queued is spread evenly among the
-        pass's next ``among`` datagrams (at most one repair after each of
-        them; all that is left once the pass is sent).  Spread thin, repairs
-        cost every host little at a time: a receiver's work on a parity
-        (reading back its group, solving for a block) is several times a
-        block's, and the sender codes parities in its reactor thread (see
-        PROTOCOL.md §5.3 for what a rush cost).  What is still queued from
-        an earlier call is not queued twice.
+        tail of repair rounds.  What is queued is spread evenly over the next
+        ``within`` datagrams sent, itself included, or over what is left of
+        the pass if that is less (at most one repair after each of the
+        pass's own datagrams; all that is left once the pass is sent).
+        Spread thin, repairs cost every host little at a time: a receiver's
+        work on a parity (reading back its group, solving for a block) is
+        several times a block's, and the sender codes parities in its
+        reactor thread (see PROTOCOL.md §5.3 for what a rush cost).  What is
+        still queued from an earlier call is not queued twice.  Once the
+        pass is sent there is nothing to send them with: the round after it
+        asks again.
         """
+        if self._done is None:
+            return
         queued = set(self._repairs)
         self._repairs.extend(item for item in self._items(blocks, parities) if item not in queued)
-        self._repair_every = max(1, among // len(self._repairs)) if self._repairs else 1
-        if self._next is None and self._done is not None:
+        if not self._repairs:
+            return
+        within = min(within, self.planned - self.taken + len(self._repairs))
+        self._repair_every = max(1, within // len(self._repairs) - 1)
+        if self._next is None:
             self._advance()
 
     @property

@@ -41,8 +41,8 @@ from mrsyncd.sender import Sender
 
 log = logs.logger(__name__)
 
-#: The repairs that a probe finds go out among the pass's datagrams of this
-#: share of the time to the next probe (`Sender.repair`).
+#: The repairs that a probe finds go out spread over the datagrams sent in
+#: this share of the time to the next probe (`Sender.repair`).
 REPAIRS_WITHIN = 0.75
 
 
@@ -367,13 +367,13 @@ class Transfer:
         more than ``last_probe`` + ``drain`` left (a repair pass, mostly) is
         not probed: a probe would see nothing of it.
         """
-        count = sum(len(ranges) for ranges in blocks.values()) + sum(len(p) for p in parities.values())
         datagram_bits = (self.offer.manifest.block_size + datagram.HEADER_SIZE) * 8
         sending = self.sender.send(blocks, parities)
+        since, sent_since = self.reactor.seconds(), self.sender.stats["datagrams"]
         while not sending.called:
             # What is left to send, repairs queued along with the pass included.
             left = (
-                (count - self.sender.taken + self.sender.repairs_pending)
+                (self.sender.planned - self.sender.taken + self.sender.repairs_pending)
                 * datagram_bits
                 / self.sender.pacer.rate_bps
             )
@@ -390,11 +390,18 @@ class Transfer:
                 continue  # the last probe's repairs are still going out
             sent_by = self.sender.position_at(self.reactor.seconds() - self.drain)
             repairs, repair_parities = yield self._ask_missing(before=sent_by)
+            # Repairs are spread over the datagrams of most of the time to the
+            # next probe, which then finds them sent and can ask again: at the
+            # rate the sender reached since the last probe, since the pacer's
+            # is a cap that a host short of CPU falls behind.
+            now, sent = self.reactor.seconds(), self.sender.stats["datagrams"]
+            per_second = self.sender.pacer.rate_bps / datagram_bits
+            if now > since:
+                per_second = min(per_second, (sent - sent_since) / (now - since))
+            since, sent_since = now, sent
             if repairs or repair_parities:
-                # Spread over the datagrams of most of the time to the next
-                # probe, which then finds them sent and can ask again.
-                ahead = self.probe * REPAIRS_WITHIN * self.sender.pacer.rate_bps / datagram_bits
-                self.sender.repair(repairs, repair_parities, int(min(count - self.sender.taken, ahead)))
+                within = int(self.probe * REPAIRS_WITHIN * per_second)
+                self.sender.repair(repairs, repair_parities, within=within)
         yield sending
 
     @defer.inlineCallbacks

@@ -157,6 +157,17 @@ def test_mrsync_loads_none_of_the_engine():
         check=True,
         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
     ).stdout.split()
-    engine = {"mrsyncd.agent", "mrsyncd.erasure", "mrsyncd.receiver", "mrsyncd.sender", "mrsyncd.transfer"}
+    engine = {
+        "mrsyncd.agent",
+        "mrsyncd.blockset",
+        "mrsyncd.control",
+        "mrsyncd.erasure",
+        "mrsyncd.manifest",
+        "mrsyncd.master",
+        "mrsyncd.node",
+        "mrsyncd.receiver",
+        "mrsyncd.sender",
+        "mrsyncd.transfer",
+    }
     assert "mrsyncd.commands" in loaded
     assert engine.isdisjoint(loaded), sorted(engine & set(loaded))

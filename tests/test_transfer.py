@@ -10,6 +10,7 @@ import random
 import time
 
 from twisted.internet import defer, reactor, task
+from twisted.internet.protocol import DatagramProtocol
 from twisted.trial import unittest
 
 from mrsyncd import agent as agent_module
@@ -17,7 +18,7 @@ from mrsyncd import datagram
 from mrsyncd.agent import LocalPeer, ReceiverAgent
 from mrsyncd.blockset import RangeSet, encode_map
 from mrsyncd.manifest import scan
-from mrsyncd.multicast import receiver_socket
+from mrsyncd.multicast import adopt, receiver_socket
 from mrsyncd.receiver import OK, MissingReport, Receiver, TransferOptions
 from mrsyncd.sender import Sender
 from mrsyncd.transfer import Transfer, new_offer
@@ -516,46 +517,79 @@ class SenderRepairTests(unittest.TestCase):
     def test_what_is_still_queued_is_not_queued_twice(self):
         """A probe while repairs are still queued asks again for some of them: each goes out once."""
         _, _, manifest, local = one_file(self, os.urandom(100_000))
-        sender = Sender(reactor, manifest, local, unique_channel(), os.urandom(8), os.urandom(32), RATE)
-        sender.repair({0: RangeSet.interval(0, 10)}, {0: RangeSet([(32, 34)])})
-        sender.repair({0: RangeSet.interval(5, 15)}, {0: RangeSet([(32, 35)])})
+        # 1 Mbit/s: the pass's first datagram waits 11 ms, and this test is over by then.
+        sender = Sender(reactor, manifest, local, unique_channel(), os.urandom(8), os.urandom(32), 1e6)
+        sender.start()
+        self.addCleanup(sender.stop)
+        sender.send({0: RangeSet.interval(0, 60)})
+        sender.repair({0: RangeSet.interval(0, 10)}, {0: RangeSet([(32, 34)])}, within=100)
+        sender.repair({0: RangeSet.interval(5, 15)}, {0: RangeSet([(32, 35)])}, within=100)
         self.assertEqual(sender.repairs_pending, 15 + 3)
+
+
+class Collecting(DatagramProtocol):
+    def __init__(self):
+        self.arrived = []
+
+    def datagramReceived(self, data, addr):
+        self.arrived.append(data)
 
 
 class RepairSpreadTests(unittest.TestCase):
     timeout = 30
 
     @defer.inlineCallbacks
-    def test_repairs_are_spread_among_the_pass(self):
+    def spread(self, blocks, repairs, within):
         """
-        Ten repairs queued to go out among the pass's next 200 datagrams
-        leave one after every 20 of them, not in a rush; the pass's own
-        datagrams all go out too, each once.
+        Send a pass of ``blocks`` with the first ``repairs`` of them queued
+        again as repairs at its start, spread over ``within`` datagrams;
+        fires with where in the pass the repairs went out.  20 Mbit/s: at
+        most 17 datagrams a tick, read as they come.
         """
-        _, _, manifest, local = one_file(self, os.urandom(300 * 1408))
+        _, _, manifest, local = one_file(self, os.urandom(blocks * 1408))
         channel = unique_channel()
-        listening = receiver_socket(channel)
-        self.addCleanup(listening.close)
-        listening.setblocking(False)
+        collecting = Collecting()
+        port = adopt(reactor, receiver_socket(channel), collecting, 2048)
+        self.addCleanup(port.stopListening)
         tid, key = os.urandom(8), os.urandom(32)
-        sender = Sender(reactor, manifest, local, channel, tid, key, RATE)
+        sender = Sender(reactor, manifest, local, channel, tid, key, 20e6)
         sender.start()
         self.addCleanup(sender.stop)
-        sending = sender.send({0: RangeSet.interval(0, 300)})
-        sender.repair({0: RangeSet.interval(0, 10)}, {}, among=200)
+        sending = sender.send({0: RangeSet.interval(0, blocks)})
+        sender.repair({0: RangeSet.interval(0, repairs)}, {}, within=within)
         yield sending
         yield task.deferLater(reactor, 0.05, lambda: None)
-        arrived = []
-        while True:
-            try:
-                arrived.append(datagram.decode(key, tid, listening.recv(2048)))
-            except BlockingIOError:
-                break
-        self.assertEqual(len(arrived), 310)
-        blocks = [block.block_index for block in sorted(arrived, key=lambda block: block.sequence)]
-        repairs_at = [at for at, block in enumerate(blocks) if block in blocks[:at]]
+        arrived = [datagram.decode(key, tid, data) for data in collecting.arrived]
+        self.assertEqual(len(arrived), blocks + repairs)
+        sent = [block.block_index for block in sorted(arrived, key=lambda block: block.sequence)]
+        self.assertEqual(sorted(sent), sorted([*range(blocks), *range(repairs)]))
+        return [at for at, block in enumerate(sent) if block in sent[:at]]
+
+    @defer.inlineCallbacks
+    def test_repairs_are_spread_over_the_datagrams_given(self):
+        """
+        Ten repairs to be spread over the next 210 datagrams leave one after
+        every 20 of the pass's own, not in a rush.
+        """
+        repairs_at = yield self.spread(300, 10, within=210)
         self.assertEqual(repairs_at, [20 + 21 * k for k in range(10)])
-        self.assertEqual(sorted(blocks), sorted([*range(300), *range(10)]))
+
+    @defer.inlineCallbacks
+    def test_no_more_than_the_pass_has_left(self):
+        """Repairs spread over more datagrams than the pass has left all go out before it ends."""
+        repairs_at = yield self.spread(40, 5, within=1000)
+        self.assertEqual(repairs_at, [7 + 8 * k for k in range(5)])
+
+    @defer.inlineCallbacks
+    def test_after_the_pass_nothing_is_queued(self):
+        """A probe answered after its pass was sent queues nothing: the round after the pass asks again."""
+        _, _, manifest, local = one_file(self, os.urandom(20 * 1408))
+        sender = Sender(reactor, manifest, local, unique_channel(), os.urandom(8), os.urandom(32), RATE)
+        sender.start()
+        self.addCleanup(sender.stop)
+        yield sender.send({0: RangeSet.interval(0, 15)})
+        sender.repair({0: RangeSet.interval(0, 10)}, {}, within=100)
+        self.assertEqual(sender.repairs_pending, 0)
 
 
 class ShortPassTests(unittest.TestCase):
