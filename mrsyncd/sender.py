@@ -161,7 +161,7 @@ class Sender(DatagramProtocol):
         Send these along with the rest of the pass in progress: repairs of
         what was lost earlier in it, so that the pass does not end with a
         tail of repair rounds.  What is queued is spread evenly over the next
-        ``within`` datagrams sent, itself included, or over what is left of
+        ``within`` datagrams sent, these repairs included, or over what is left of
         the pass if that is less (at most one repair after each of the
         pass's own datagrams; all that is left once the pass is sent).
         Spread thin, repairs cost every host little at a time: a receiver's
