@@ -161,9 +161,9 @@ class Sender(DatagramProtocol):
         Send these along with the rest of the pass in progress: repairs of
         what was lost earlier in it, so that the pass does not end with a
         tail of repair rounds.  What is queued is spread evenly over the next
-        ``within`` datagrams sent, these repairs included, or over what is left of
-        the pass if that is less (at most one repair after each of the
-        pass's own datagrams; all that is left once the pass is sent).
+        ``within`` datagrams sent, these repairs included, or over what is
+        left of the pass if that is less (at most one repair after each of
+        the pass's own datagrams; all that is left once the pass is sent).
         Spread thin, repairs cost every host little at a time: a receiver's
         work on a parity (reading back its group, solving for a block) is
         several times a block's, and the sender codes parities in its
