@@ -115,6 +115,9 @@ class ReceiverAgent:
         self.post_receive = list(post_receive)
         #: Where this host's loss and delay reports go (its control connection).
         self.on_feedback: Callable[[bytes, Feedback], None] | None = None
+        #: This host's name at its sender, set with ``on_feedback``: the
+        #: sender's echo names the receiver it follows.
+        self.name: str | None = None
         self.receivers: dict[bytes, Receiver] = {}
         #: Transfers whose closed receivers still have a commit or check in
         #: a thread; taking one up again waits for them.
@@ -169,7 +172,9 @@ class ReceiverAgent:
                 channel.group, channel.port, self.interface, channel.ttl, channel.loopback
             )
         destination = self.destination(offer.destination)
-        receiver = Receiver(self.reactor, destination, channel, options=offer.options, rcvbuf=self.rcvbuf)
+        receiver = Receiver(
+            self.reactor, destination, channel, options=offer.options, rcvbuf=self.rcvbuf, name=self.name
+        )
         self.receivers[offer.transfer_id] = receiver
         receiver.on_feedback = functools.partial(self._feedback, offer.transfer_id)
         d = defer.maybeDeferred(receiver.prepare, offer.transfer_id, offer.key, offer.manifest)
@@ -279,6 +284,7 @@ class LocalPeer:
     def __init__(self, name: str, agent: ReceiverAgent) -> None:
         self.name = name
         self.agent = agent
+        agent.name = name
 
     def prepare(self, offer: Offer) -> defer.Deferred:
         # The manifest crosses the control channel as bytes; do the same here

@@ -103,6 +103,7 @@ class ReceiverControl(BoundedAMP):
     def connectionMade(self) -> None:
         super().connectionMade()
         self.agent.on_feedback = self._feedback
+        self.agent.name = self.name
         d = self.callRemote(Register, name=self.name, tags=self.tags, free=self.free() if self.free else None)
         d.addCallbacks(self._registered, self._refused)
 

@@ -1,8 +1,9 @@
 """
 The multicast datagram: the only thing mrsyncd puts on the bulk data path.
 
-Every datagram carries one block of one file of one transfer, and a keyed
-BLAKE2b tag over the header and payload.  The key is fresh for every transfer
+Every datagram carries one block of one file of one transfer (or, ten times
+a second, the sender's echo of its rate controller), and a keyed BLAKE2b tag
+over the header and payload.  The key is fresh for every transfer
 and travels only over the authenticated control channel, so a receiver can
 throw away anything forged, replayed from another transfer, or corrupted
 before a single byte of it reaches the disk.
@@ -11,9 +12,9 @@ Layout (all integers big-endian), see docs/PROTOCOL.md::
 
     0   2  magic  b"MR"
     2   1  version (1)
-    3   1  kind    (1 = DATA: one block; 2 = PARITY: the XOR of a group of
-           blocks, each padded with zeros to the block size; the block index
-           is the group's first block)
+    3   1  kind    (1 = DATA: one block; 2 = PARITY: a parity of a group of
+           blocks, see erasure.py; 3 = ECHO: the rate controller's view,
+           `ratecontrol.Echo`, with file index ECHO_FILE and block index 0)
     4   8  transfer id
     12  4  file index in the manifest
     16  4  block index in the file
@@ -41,6 +42,11 @@ MAGIC = b"MR"
 VERSION = 1
 KIND_DATA = 1
 KIND_PARITY = 2
+KIND_ECHO = 3
+#: An ECHO's file index: no file has it, so a receiver finds no file for it
+#: and looks at its kind only then, off the path of every data datagram.
+ECHO_FILE = 0xFFFFFFFF
+_KINDS = (KIND_DATA, KIND_PARITY, KIND_ECHO)
 
 _PREFIX = struct.Struct(">2sBB8sIIII")
 TAG_SIZE = 16
@@ -118,7 +124,7 @@ def _header(datagram: bytes) -> tuple[Any, ...] | Rejected:
         return Rejected(Reason.MAGIC)
     if fields[1] != VERSION:
         return Rejected(Reason.VERSION)
-    if fields[2] not in (KIND_DATA, KIND_PARITY):
+    if fields[2] not in _KINDS:
         return Rejected(Reason.KIND)
     return fields
 
@@ -144,7 +150,7 @@ def decode(key: bytes, transfer_id: bytes, datagram: bytes) -> DataBlock | Rejec
     if len(datagram) < HEADER_SIZE:
         return Rejected(Reason.SHORT)
     magic, version, kind, seen, file_index, block_index, sequence, sent_us = _PREFIX.unpack_from(datagram)
-    if magic != MAGIC or version != VERSION or (kind != KIND_DATA and kind != KIND_PARITY):
+    if magic != MAGIC or version != VERSION or kind not in _KINDS:
         header = _header(datagram)
         assert isinstance(header, Rejected)
         return header

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import errno
 import os
+import random
 import shutil
 import stat
 from array import array
@@ -35,7 +36,7 @@ from mrsyncd.blockset import RangeSet, encode_map
 from mrsyncd.datagram import MASK32
 from mrsyncd.manifest import DIR, FILE, HARDLINK, SYMLINK, Entry, Manifest, digest, excluded
 from mrsyncd.multicast import DEFAULT_RCVBUF, Channel, adopt, arrival_time, receive_queue, receiver_socket
-from mrsyncd.ratecontrol import Feedback
+from mrsyncd.ratecontrol import Echo, Feedback, node_id, report_due
 
 log = logs.logger(__name__)
 
@@ -51,8 +52,9 @@ VERIFY_CONCURRENCY = 4
 #: A missing report holds at most this many ranges, about 50 KB encoded.
 REPORT_RANGES = 12000
 #: How often a receiver looks at its loss and delay, and reports them if
-#: there is anything to report: silence means all is well, so feedback grows
-#: with trouble, not with the number of receivers.
+#: there is anything to report: silence means all is well, and a queue that
+#: many receivers share is reported by a sample of them (`ECHO_STALE`), so
+#: feedback grows with trouble, not with the number of receivers.
 FEEDBACK_INTERVAL = 0.1
 #: The base one-way delay is the least seen in BASE_SPANS spans of BASE_SPAN seconds.
 BASE_SPAN = 10.0
@@ -65,6 +67,10 @@ FEEDBACK_DELAY = 0.002
 FEEDBACK_LOSS = 0.1
 #: Nor is a receive queue less than this full (a share of its buffer).
 FEEDBACK_BACKLOG = 0.25
+#: An echo from the sender (`ratecontrol.Echo`) older than this is not
+#: trusted to keep a receiver quiet: three intervals, so one lost echo
+#: changes nothing and a sender that stopped echoing hears from everyone.
+ECHO_STALE = 3 * FEEDBACK_INTERVAL
 #: Parities kept for groups that lack more blocks than parities arrived
 #: (about 6 MB of them at most).
 KEPT_PARITIES = 4096
@@ -177,7 +183,12 @@ class Receiver(DatagramProtocol):
         options: TransferOptions = DEFAULT_OPTIONS,
         rcvbuf: int = DEFAULT_RCVBUF,
         on_done: Callable[[Receiver], None] | None = None,
+        name: str | None = None,
     ) -> None:
+        """
+        ``name`` is this host's name at the sender, by which the sender's
+        echo tells it that it is the monitor (see `ratecontrol.report_due`).
+        """
         self.reactor = reactor
         self.destination = destination
         self.channel = channel
@@ -205,6 +216,11 @@ class Receiver(DatagramProtocol):
         self.on_feedback: Callable[[Feedback], None] | None = None
         self._feedback = task.LoopingCall(self._measured)
         self._feedback.clock = reactor
+        self._node_id = node_id(name) if name is not None else None
+        #: The sender's last echo, and when it came.
+        self._echo: tuple[float, Echo] | None = None
+        #: Draws whether a report that is no news goes out (`Echo.share`).
+        self.random = random.Random()
         self._seq_max = -1
         self._seq_reported = -1
         self._got = 0
@@ -346,6 +362,12 @@ class Receiver(DatagramProtocol):
             self._measure(sent_us)
         f = self._files.get(file_index)
         if f is None or index >= f.nblocks:
+            if kind == datagram.KIND_ECHO:
+                # Only the newest datagram is the sender's current view: an
+                # older echo is late, or replayed by someone on the LAN.
+                if sequence == self._seq_max:
+                    self._heard_echo(payload)
+                return
             self.stats[datagram.Reason.RANGE.value] += 1
             return
         if kind == datagram.KIND_PARITY:
@@ -550,10 +572,25 @@ class Receiver(DatagramProtocol):
         report = Feedback(loss, delay, backlog)
         self._seq_reported = self._seq_max
         self._got = self._owd_sum = self._owd_count = 0
-        if (
-            loss >= FEEDBACK_LOSS or delay > FEEDBACK_DELAY or backlog >= FEEDBACK_BACKLOG
-        ) and self.on_feedback is not None:
+        if self.on_feedback is None:
+            return
+        if loss >= FEEDBACK_LOSS or (
+            (delay > FEEDBACK_DELAY or backlog >= FEEDBACK_BACKLOG) and self._report_due(report)
+        ):
             self.on_feedback(report)
+
+    def _heard_echo(self, payload: bytes) -> None:
+        echo = Echo.unpack(payload)
+        if echo is None:
+            self.stats[datagram.Reason.RANGE.value] += 1
+            return
+        self._echo = (self.reactor.seconds(), echo)
+
+    def _report_due(self, report: Feedback) -> bool:
+        """A queue is reported unless a recent echo says it is no news (`ratecontrol.report_due`)."""
+        if self._echo is None or self.reactor.seconds() - self._echo[0] > ECHO_STALE:
+            return True
+        return report_due(report, self._echo[1], self._node_id, self.random.random())
 
     def _fd(self, f: _IncomingFile) -> int:
         fd = self._open.get(f.index)

@@ -294,6 +294,31 @@ class Sender(DatagramProtocol):
             return
         self._timer = self.reactor.callLater(TICK, self._tick)
 
+    def echo(self, payload: bytes) -> None:
+        """
+        Multicast an ECHO (the rate controller's view) now, between passes
+        too.  It takes a sequence number like any datagram, so receivers
+        count it for loss and delay.  Skipped while the kernel's queue is
+        full: the next one is an interval away, and the batch waiting goes
+        first.
+        """
+        if self._port is None or self._unsent:
+            return
+        packet = datagram.encode(
+            self.key,
+            self.transfer_id,
+            datagram.ECHO_FILE,
+            0,
+            payload,
+            self.sequence,
+            int(self.reactor.seconds() * 1e6),
+            datagram.KIND_ECHO,
+        )
+        self.sequence += 1
+        self.pacer.spend(len(packet))
+        self.stats["echoes"] += 1
+        self._send([packet])
+
     def _send(self, batch: list[bytes]) -> bool:
         """
         Hand datagrams of one size to the kernel: with UDP segmentation

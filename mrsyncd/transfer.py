@@ -259,6 +259,7 @@ class Transfer:
     def _adjust_rate(self) -> None:
         self.controller.set_active({n for n in self.live if n not in self._done})
         self.sender.pacer.rate_bps = self.controller.update()
+        self.sender.echo(self.controller.echo().pack())
         log.debug(
             "rate {rate:.1f} Mbit/s, monitor {monitor}, queue {queue:.1f} ms, slow {slow}",
             rate=self.controller.rate / 1e6,

@@ -253,7 +253,7 @@ def forge(kind, i):
     if kind == "version":
         return b"MR" + bytes([rng.choice([0, 2, 3, 255])]) + body(rng.randrange(H, 1500))
     if kind == "kind":
-        return b"MR\x01" + bytes([rng.choice([0, 3, 7, 255])]) + tid + body(rng.randrange(32, 1500))
+        return b"MR\x01" + bytes([rng.choice([0, 4, 7, 255])]) + tid + body(rng.randrange(32, 1500))
     if kind == "foreign":
         size = rng.choice([0, 1, bs, bs + 1, rng.randrange(bs, 9000)])
         f, b = rng.randrange(1 << 32), rng.randrange(1 << 32)

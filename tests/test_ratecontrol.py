@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet.task import Clock
 
-from mrsyncd.ratecontrol import Feedback, Pacer, RateController
+from mrsyncd.ratecontrol import (
+    FEEDBACK_SAMPLE,
+    NEWS,
+    Echo,
+    Feedback,
+    Pacer,
+    RateController,
+    node_id,
+    queue,
+    report_due,
+)
 
 MB = 8e6  # one megabyte per second, in bits per second
 
@@ -160,6 +172,7 @@ def test_allowance_formula(rate_bps, elapsed):
 
 
 # The rate controller, over scripted scenarios on a fake clock.
+
 
 def drive(controller: RateController, clock: Clock, seconds: float, reports) -> list[float]:
     """Step the controller; ``reports(t)`` gives the feedback heard at time t."""
@@ -367,3 +380,158 @@ def test_a_blip_of_trouble_is_not_a_slow_receiver():
     drive(controller, clock, 0.3, lambda t: {"c": Feedback(0.9, 0.05)})
     drive(controller, clock, 2.0, quiet)
     assert controller.slow == set()
+
+
+# Feedback suppression: the sender echoes its monitor; the rest report a share.
+
+
+def test_an_echo_survives_the_wire():
+    echo = Echo(node_id("node7"), 0.0123, 0.25)
+    back = Echo.unpack(echo.pack())
+    assert back is not None
+    assert back.monitor == echo.monitor
+    assert back.queue == pytest.approx(0.0123, abs=1e-6)
+    assert back.share == pytest.approx(0.25, abs=1 / 65535)
+    assert len(echo.pack()) == 10
+
+
+def test_an_echo_of_the_wrong_size_is_none_and_values_are_clamped():
+    assert Echo.unpack(b"") is None
+    assert Echo.unpack(bytes(11)) is None
+    back = Echo.unpack(Echo(0, -1.0, 7.0).pack())
+    assert back == Echo(0, 0.0, 1.0)
+    assert Echo.unpack(Echo(0, float("inf"), 0.0).pack()).queue == pytest.approx(4294.0)
+
+
+def test_node_ids_differ_and_are_never_zero():
+    ids = {node_id(f"node{i}") for i in range(1000)}
+    assert len(ids) == 1000 and 0 not in ids
+    assert node_id("") != 0
+
+
+def test_a_report_is_due_from_the_monitor_with_news_or_by_draw():
+    echo = Echo(node_id("m"), 0.008, 0.25)
+    same = Feedback(0.0, 0.008)
+    assert report_due(same, echo, node_id("m"), draw=0.99), "the monitor always reports"
+    assert not report_due(same, echo, node_id("x"), draw=0.99)
+    assert not report_due(same, echo, None, draw=0.99)
+    assert report_due(same, echo, node_id("x"), draw=0.2), "a draw under the share"
+    assert not report_due(same, echo, node_id("x"), draw=0.25)
+    news = Feedback(0.0, 0.008 + NEWS + 1e-4)
+    assert report_due(news, echo, node_id("x"), draw=0.99)
+    assert not report_due(Feedback(0.0, 0.008 + NEWS), echo, node_id("x"), draw=0.99)
+    # A full receive buffer is a queue too.
+    assert report_due(Feedback(0.0, 0.0, backlog=1.0), echo, node_id("x"), draw=0.99)
+
+
+def echoed(controller: RateController, views: dict[str, Feedback], rng: random.Random) -> dict[str, Feedback]:
+    """What receivers with these views report after the controller's last echo."""
+    echo = Echo.unpack(controller.echo().pack())
+    assert echo is not None
+    return {n: f for n, f in views.items() if report_due(f, echo, node_id(n), rng.random())}
+
+
+def shared_queue(names: list[str], suppressed: bool) -> tuple[float, float, RateController]:
+    """
+    The shared bottleneck of test_rate_settles_where_the_queue_holds_the_target_delay,
+    behind which each receiver's reading differs a little: the mean rate and
+    reports an interval over the last 10 s of 30.
+    """
+    clock, controller = fleet(nodes=names)
+    rng = random.Random(4)
+    queued = [0.0]
+    sent = []
+
+    def bottleneck(t):
+        queued[0] = max(0.0, queued[0] + (controller.rate - 60e6) / 60e6 * controller.interval)
+        if queued[0] <= 0.002:
+            sent.append(0)
+            return {}
+        views = {n: Feedback(0.0, queued[0] * rng.uniform(0.95, 1.05)) for n in names}
+        heard = echoed(controller, views, rng) if suppressed else views
+        sent.append(len(heard))
+        return heard
+
+    rates = drive(controller, clock, 30.0, bottleneck)
+    return sum(rates[-100:]) / 100, sum(sent[-100:]) / 100, controller
+
+
+def test_a_queue_shared_by_a_hundred_receivers_costs_a_sample_of_reports():
+    """With the echo a handful report each interval, and the rate settles as it does when all do."""
+    names = [f"n{i}" for i in range(100)]
+    every_rate, every_reports, _ = shared_queue(names, suppressed=False)
+    rate, reports, controller = shared_queue(names, suppressed=True)
+    assert controller.slow == set()
+    assert 51e6 < rate < 69e6, rate
+    assert rate == pytest.approx(every_rate, rel=0.05)
+    assert every_reports > 50
+    assert reports < 2 * FEEDBACK_SAMPLE, reports
+
+
+def test_the_monitor_is_heard_every_interval_while_the_rest_report_by_sample():
+    """
+    The echo names the monitor, so the receiver whose queue sets the rate
+    never goes quiet, though its queue is no news once echoed.
+    """
+    names = [f"n{i}" for i in range(24)]
+    clock, controller = fleet(nodes=names)
+    drive(controller, clock, 2.0, quiet)
+    rng = random.Random(5)
+    heard = []
+
+    def reports(t):
+        views = {n: Feedback(0.0, 0.004) for n in names}
+        views["n3"] = Feedback(0.0, 0.009)
+        got = echoed(controller, views, rng)
+        heard.append("n3" in got)
+        return got
+
+    drive(controller, clock, 3.0, reports)
+    assert controller.share == pytest.approx(FEEDBACK_SAMPLE / 24)
+    assert controller.monitor == "n3" and controller.slow == set()
+    assert all(heard)
+
+
+def test_a_slow_link_is_told_apart_among_many_that_report_by_sample():
+    """
+    23 receivers share a queue below the target and report a sample of the time; one
+    behind its own slow link has a queue far above theirs, which is news
+    after every echo: it is marked slow and the shared link stays full.
+    """
+    names = [f"n{i}" for i in range(24)]
+    clock, controller = fleet(nodes=names)
+    drive(controller, clock, 2.0, quiet)
+    rng = random.Random(6)
+
+    def reports(t):
+        views = {n: Feedback(0.0, rng.uniform(0.004, 0.006)) for n in names}
+        views["n5"] = Feedback(0.05, 0.065)
+        return echoed(controller, views, rng)
+
+    rates = drive(controller, clock, 3.0, reports)
+    assert controller.slow == {"n5"}
+    assert controller.monitor != "n5"
+    assert controller.share < 0.5
+    assert rates[-1] == 100e6, "the others, below the target, set the pace"
+
+
+def test_the_share_is_the_sample_over_the_receivers_heard_lately():
+    names = [f"n{i}" for i in range(40)]
+    clock, controller = fleet(nodes=names)
+    assert controller.share == 1.0
+    drive(controller, clock, 0.1, lambda t: {n: Feedback(0.0, 0.004) for n in names})
+    assert controller.share == pytest.approx(FEEDBACK_SAMPLE / 40)
+    drive(controller, clock, 0.5, lambda t: {n: Feedback(0.0, 0.004) for n in names[:2]})
+    assert controller.share == pytest.approx(FEEDBACK_SAMPLE / 40), "heard within slow_after"
+    drive(controller, clock, 1.0, lambda t: {n: Feedback(0.0, 0.004) for n in names[:2]})
+    assert controller.share == 1.0
+    drive(controller, clock, 1.5, quiet)
+    assert controller.share == 1.0
+
+
+def test_the_queue_of_a_report():
+    assert queue(Feedback(0.0, 0.005)) == 0.005
+    assert queue(Feedback(0.0, 0.001, backlog=0.3)) == pytest.approx(0.007)
+    assert queue(Feedback(0.0, 0.001, backlog=0.6), target_delay=0.01, backlog_target=0.3) == pytest.approx(
+        0.02
+    )

@@ -20,6 +20,7 @@ from mrsyncd import receiver as receiver_module
 from mrsyncd.blockset import RangeSet, decode_map
 from mrsyncd.manifest import DIR, Manifest, scan
 from mrsyncd.multicast import sender_socket
+from mrsyncd.ratecontrol import Echo, node_id
 from mrsyncd.receiver import OK, Receiver, part_name
 
 from .support import (
@@ -758,7 +759,7 @@ class FeedbackTests(unittest.TestCase):
     timeout = 30
 
     @defer.inlineCallbacks
-    def start(self, rcvbuf):
+    def start(self, rcvbuf, name=None):
         base = temp_dir(self)
         src = os.path.join(base, "src")
         os.mkdir(src)
@@ -767,7 +768,7 @@ class FeedbackTests(unittest.TestCase):
         self.manifest, _ = scan([src + "/"], block_size=1400)
         self.tid, self.key = os.urandom(8), os.urandom(32)
         channel = unique_channel()
-        r = Receiver(reactor, os.path.join(base, "dst"), channel, rcvbuf=rcvbuf)
+        r = Receiver(reactor, os.path.join(base, "dst"), channel, rcvbuf=rcvbuf, name=name)
         self.addCleanup(r.close)
         self.reports = []
         r.on_feedback = self.reports.append
@@ -786,6 +787,84 @@ class FeedbackTests(unittest.TestCase):
             payload = self.data[b * 1400 : (b + 1) * 1400]
             self.out.send(datagram.encode(self.key, self.tid, 0, b, payload, self.sequence, sent_us))
             self.sequence += 1
+
+    def echo(self, payload):
+        self.out.send(
+            datagram.encode(
+                self.key,
+                self.tid,
+                datagram.ECHO_FILE,
+                0,
+                payload,
+                self.sequence,
+                int(time.time() * 1e6),
+                datagram.KIND_ECHO,
+            )
+        )
+        self.sequence += 1
+
+    @defer.inlineCallbacks
+    def queued(self, seconds, echo=None):
+        """
+        Datagrams that spent 30 ms in a queue on the way, for ``seconds``,
+        with the sender's ``echo`` every 0.05 s if one is given.
+        """
+        block = 16
+        for _ in range(round(seconds / 0.05)):
+            if echo is not None:
+                self.echo(echo.pack())
+            self.send(range(block, block + 8), sent_at=time.time() - 0.03)
+            block += 8
+            yield task.deferLater(reactor, 0.05, lambda: None)
+
+    @defer.inlineCallbacks
+    def test_a_queue_that_is_no_news_is_reported_only_when_the_echo_is_stale(self):
+        """The sender echoes a monitor elsewhere with the same queue and asks for no sample."""
+        r = yield self.start(rcvbuf=4 << 20, name="node1")
+        self.send(range(16))  # the base delay
+        yield task.deferLater(reactor, 0.15, lambda: None)
+        yield self.queued(0.6, echo=Echo(node_id("node2"), 0.03, 0.0))
+        self.assertEqual(self.reports, [])
+        self.assertEqual(r.stats[datagram.Reason.RANGE.value], 0)
+        yield self.queued(0.6)  # the echoes stop
+        self.assertGreater(len(self.reports), 0)
+        self.assertTrue(0.02 < self.reports[0].delay < 0.04, self.reports)
+
+    @defer.inlineCallbacks
+    def test_the_monitor_and_news_are_reported_whatever_the_share(self):
+        yield self.start(rcvbuf=4 << 20, name="node1")
+        self.send(range(16))
+        yield task.deferLater(reactor, 0.15, lambda: None)
+        yield self.queued(0.4, echo=Echo(node_id("node1"), 0.03, 0.0))
+        named = len(self.reports)
+        self.assertGreater(named, 0)
+        yield self.queued(0.4, echo=Echo(node_id("node2"), 0.01, 0.0))
+        self.assertGreater(len(self.reports), named, "30 ms against an echoed 10 ms is news")
+
+    @defer.inlineCallbacks
+    def test_an_echo_older_than_the_newest_datagram_is_ignored(self):
+        """An echo replayed by someone on the LAN (its tag is good) keeps nobody quiet."""
+        r = yield self.start(rcvbuf=4 << 20, name="node1")
+        self.send(range(16))
+        yield task.deferLater(reactor, 0.15, lambda: None)
+        for _ in range(8):
+            newest, self.sequence = self.sequence, 3  # numbered as one long gone
+            self.echo(Echo(node_id("node2"), 0.03, 0.0).pack())
+            self.sequence = newest
+            self.send(range(16, 24), sent_at=time.time() - 0.03)
+            yield task.deferLater(reactor, 0.05, lambda: None)
+        self.assertGreater(len(self.reports), 0)
+        self.assertEqual(r.stats[datagram.Reason.RANGE.value], 0)
+
+    @defer.inlineCallbacks
+    def test_a_malformed_echo_is_counted_and_ignored(self):
+        r = yield self.start(rcvbuf=4 << 20, name="node1")
+        self.send(range(16))
+        yield task.deferLater(reactor, 0.15, lambda: None)
+        self.echo(b"short")
+        yield self.queued(0.4)
+        self.assertEqual(r.stats[datagram.Reason.RANGE.value], 1)
+        self.assertGreater(len(self.reports), 0)
 
     @defer.inlineCallbacks
     def test_a_reader_that_falls_behind_reports_its_buffer_not_a_network_queue(self):

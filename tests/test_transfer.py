@@ -19,6 +19,7 @@ from mrsyncd.agent import LocalPeer, ReceiverAgent
 from mrsyncd.blockset import RangeSet, encode_map
 from mrsyncd.manifest import scan
 from mrsyncd.multicast import adopt, receiver_socket
+from mrsyncd.ratecontrol import Echo
 from mrsyncd.receiver import OK, MissingReport, Receiver, TransferOptions
 from mrsyncd.sender import Sender
 from mrsyncd.transfer import Transfer, new_offer
@@ -590,6 +591,36 @@ class RepairSpreadTests(unittest.TestCase):
         yield sender.send({0: RangeSet.interval(0, 15)})
         sender.repair({0: RangeSet.interval(0, 10)}, {}, within=100)
         self.assertEqual(sender.repairs_pending, 0)
+
+
+class EchoTests(unittest.TestCase):
+    timeout = 30
+
+    @defer.inlineCallbacks
+    def test_the_rate_controller_is_echoed_every_interval(self):
+        """
+        An ECHO leaves every 0.1 s of the transfer, read off a real socket
+        on the group, and takes a sequence number of its own.
+        """
+        base, _, manifest, local = one_file(self, os.urandom(2 << 20))
+        channel = unique_channel()
+        collecting = Collecting()
+        port = adopt(reactor, receiver_socket(channel), collecting, 2048)
+        self.addCleanup(port.stopListening)
+        offer = new_offer(manifest, channel, "/")
+        peers = make_peers(self, reactor, [os.path.join(base, "dst")])
+        report = yield Transfer(reactor, offer, local, peers, rate_bps=20e6).run()  # about 0.9 s
+        self.assertTrue(report.ok)
+        yield task.deferLater(reactor, 0.05, lambda: None)
+        got = [datagram.decode(offer.key, offer.transfer_id, data) for data in collecting.arrived]
+        echoes = [block for block in got if block.kind == datagram.KIND_ECHO]
+        self.assertEqual(len(echoes), report.sender_stats["echoes"])
+        self.assertGreaterEqual(len(echoes), 8)
+        self.assertLessEqual(len(echoes), report.seconds / 0.1 + 1)
+        for echo in echoes:
+            self.assertEqual(echo.file_index, datagram.ECHO_FILE)
+            self.assertIsInstance(Echo.unpack(echo.payload), Echo)
+        self.assertEqual(sorted(block.sequence for block in got), list(range(len(got))))
 
 
 class ShortPassTests(unittest.TestCase):
