@@ -14,7 +14,6 @@ authenticated but hostile peer cannot make us buffer without limit).
 from __future__ import annotations
 
 import json
-import math
 import struct
 from typing import Any
 
@@ -23,7 +22,7 @@ from twisted.python.failure import Failure
 
 from mrsyncd import logs
 from mrsyncd.datagram import TRANSFER_ID_SIZE
-from mrsyncd.ratecontrol import Feedback
+from mrsyncd.ratecontrol import Feedback, fixed
 
 log = logs.logger(__name__)
 
@@ -96,9 +95,9 @@ class CongestionReport(amp.Argument):
             raise ValueError(f"a transfer id has {TRANSFER_ID_SIZE} bytes, not {len(transfer_id)}")
         return self._LAYOUT.pack(
             transfer_id,
-            _fixed(report.loss, 1.0, 10_000),
-            _fixed(report.delay, UINT32_MAX / 1e6, 1e6),
-            _fixed(report.backlog, 1.0, 1000),
+            fixed(report.loss, 1.0, 10_000),
+            fixed(report.delay, UINT32_MAX / 1e6, 1e6),
+            fixed(report.backlog, 1.0, 1000),
         )
 
     def fromString(self, inString: bytes) -> tuple[bytes, Feedback]:
@@ -108,11 +107,6 @@ class CongestionReport(amp.Argument):
         if loss > 10_000 or backlog > 1000:
             raise BadRequest(f"a congestion report's loss or backlog is above 1: {loss}, {backlog}")
         return transfer_id, Feedback(loss / 10_000, delay / 1e6, backlog / 1000)
-
-
-def _fixed(value: float, most: float, scale: float) -> int:
-    """``value`` in [0, ``most``] as an integer number of 1/``scale`` (NaN: 0)."""
-    return 0 if math.isnan(value) else round(min(max(value, 0.0), most) * scale)
 
 
 class Refused(Exception):

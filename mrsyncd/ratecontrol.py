@@ -10,8 +10,10 @@ flooding switch buffers.  Pure logic: tested with ``task.Clock``.
 from __future__ import annotations
 
 import hashlib
+import math
 import struct
 from dataclasses import dataclass
+from typing import ClassVar
 
 from twisted.internet.interfaces import IReactorTime
 
@@ -20,11 +22,11 @@ TARGET_DELAY = 0.007
 #: The share of a receiver's socket buffer in use that counts as a queue of
 #: ``TARGET_DELAY`` (`RateController.backlog_target`).
 BACKLOG_TARGET = 0.3
-#: Reports an interval the controller asks for, at most and on average, from
-#: receivers whose queue is no news (`Echo.share`), once more than this many
-#: report: a queue shared by a hundred receivers costs this many reports, not
-#: a hundred.  The monitor's queue is the largest of a sample this size;
-#: with 4, its noise cost 1% of scenario B's rate (8 receivers, 2% loss).
+#: Reports an interval the controller asks for, on average, from receivers
+#: whose queue is no news (`Echo.share`): a queue shared by a hundred
+#: receivers costs this many reports, not a hundred.  The monitor's queue is
+#: the largest of a sample this size; with 4, its noise cost 1% of scenario
+#: B's rate (8 receivers, 2% loss).
 FEEDBACK_SAMPLE = 8
 #: A queue this much above the monitor's is news, which a receiver always
 #: reports: a quarter of the target, above the noise between receivers that
@@ -127,6 +129,11 @@ def node_id(name: str) -> int:
     return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=4).digest(), "big") or 1
 
 
+def fixed(value: float, most: float, scale: float) -> int:
+    """``value`` in [0, ``most``] as an integer number of 1/``scale`` (NaN: 0), for the wire."""
+    return 0 if math.isnan(value) else round(min(max(value, 0.0), most) * scale)
+
+
 @dataclass(frozen=True)
 class Echo:
     """
@@ -146,14 +153,12 @@ class Echo:
     #: The chance that a receiver whose queue is no news reports it.
     share: float
 
-    _LAYOUT = struct.Struct(">IIH")
+    _LAYOUT: ClassVar[struct.Struct] = struct.Struct(">IIH")
 
     def pack(self) -> bytes:
         """10 bytes: monitor, queue in µs, share in units of 1/65535 (unsigned, big-endian)."""
         return self._LAYOUT.pack(
-            self.monitor & 0xFFFFFFFF,
-            round(min(max(self.queue, 0.0), 4294.0) * 1e6),
-            round(min(max(self.share, 0.0), 1.0) * 65535),
+            self.monitor & 0xFFFFFFFF, fixed(self.queue, 0xFFFFFFFF / 1e6, 1e6), fixed(self.share, 1.0, 65535)
         )
 
     @classmethod
@@ -171,7 +176,9 @@ def report_due(report: Feedback, echo: Echo, own_id: int | None, draw: float) ->
     last `Echo`: always if it is the monitor (the rate follows its reports)
     or its queue is news (more than `NEWS` above the monitor's: it may be
     the next monitor, or a receiver with a bottleneck of its own); otherwise
-    when ``draw``, uniform in [0, 1), falls below the echo's share.
+    when ``draw``, uniform in [0, 1), falls below the echo's share.  The
+    queue is taken with the default targets, which are the sender's: a
+    `RateController` built with others would have to echo them.
     """
     return (
         (own_id is not None and own_id == echo.monitor)
@@ -248,8 +255,7 @@ class RateController:
         self.slow: set[str] = set()
         self.active: set[str] = set()
         #: The chance a receiver whose queue is no news reports it (`Echo`):
-        #: 1 while at most `FEEDBACK_SAMPLE` receivers are heard from in
-        #: ``slow_after``, else `FEEDBACK_SAMPLE` over the active receivers.
+        #: `FEEDBACK_SAMPLE` over the receivers with a queue, at most 1.
         self.share = 1.0
         self._reports: dict[str, tuple[float, Feedback]] = {}
         self._lossy_since: dict[str, float] = {}
@@ -310,9 +316,7 @@ class RateController:
         lagging: set[str] = set()
         if len(others) > len(troubled):
             losses = [recent[n].loss if n in recent else 0.0 for n in others]
-            # The shared queue is the median of those that report one: when
-            # many share a queue only a sample of them reports it (`Echo`).
-            shared = _median([self.queue(recent[n]) for n in others if n in recent] or [0.0])
+            shared = _median(self._queues_of(others, recent))
             if _median(losses) < self.others_loss:
                 lagging = {
                     node
@@ -335,6 +339,19 @@ class RateController:
             return set()
         return lagging
 
+    def _queues_of(self, nodes: set[str], recent: dict[str, Feedback]) -> list[float]:
+        """
+        The queues of ``nodes``, for a median: those reported, and 0 for each
+        silent one that has no queue.  Under the echo a receiver with a queue
+        reports it a share of the time, so of the silent ones only as many
+        count as 0 as the reports heard, over the chance of hearing one in
+        the two intervals that `recent` holds, leave over.
+        """
+        queues = [self.queue(recent[n]) for n in nodes if n in recent]
+        reach = 1.0 - (1.0 - self.share) ** 2
+        queued = min(len(nodes), round(len(queues) / reach))
+        return queues + [0.0] * (len(nodes) - queued) or [0.0]
+
     def update(self) -> float:
         """Called every ``interval``: the rate for the next one, in bits per second."""
         now = self.clock.seconds()
@@ -351,7 +368,10 @@ class RateController:
         heard = sum(
             1 for n, (when, _) in self._reports.items() if n in self.active and now - when <= self.slow_after
         )
-        self.share = FEEDBACK_SAMPLE / len(self.active) if heard > FEEDBACK_SAMPLE else 1.0
+        # Receivers with a queue: those heard from in slow_after, over the
+        # chance that one of them was, reporting a share of the time.
+        reach = 1.0 - (1.0 - self.share) ** round(self.slow_after / self.interval)
+        self.share = min(1.0, FEEDBACK_SAMPLE * reach / heard) if heard else 1.0
         # The queue a report shows is an interval old by the time the rate
         # it leads to takes effect: steer by where the queue is heading (its
         # last change carried on), so that a queue already draining is not

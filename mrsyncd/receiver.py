@@ -67,6 +67,10 @@ FEEDBACK_DELAY = 0.002
 FEEDBACK_LOSS = 0.1
 #: Nor is a receive queue less than this full (a share of its buffer).
 FEEDBACK_BACKLOG = 0.25
+#: Loss is judged over at least this many datagrams: between passes only
+#: the sender's echo comes, one an interval, and one lost of two is no sign
+#: of a link that loses half of what is sent.
+LOSS_SAMPLE = 20
 #: An echo from the sender (`ratecontrol.Echo`) older than this is not
 #: trusted to keep a receiver quiet: three intervals, so one lost echo
 #: changes nothing and a sender that stopped echoing hears from everyone.
@@ -370,8 +374,11 @@ class Receiver(DatagramProtocol):
                 return
             self.stats[datagram.Reason.RANGE.value] += 1
             return
-        if kind == datagram.KIND_PARITY:
-            self._rebuild(f, index, payload)
+        if kind != datagram.KIND_DATA:
+            if kind == datagram.KIND_PARITY:
+                self._rebuild(f, index, payload)
+            else:
+                self.stats[datagram.Reason.RANGE.value] += 1  # an ECHO names no file
             return
         size = self._manifest.block_size
         if len(payload) != (size if index + 1 < f.nblocks else f.entry.size - index * size):
@@ -553,7 +560,7 @@ class Receiver(DatagramProtocol):
         expected = (self._seq_max - self._seq_reported) & MASK32 if self._seq_max >= 0 else 0
         if not expected and not self._got:
             return
-        loss = max(0.0, 1.0 - self._got / expected) if expected else 0.0
+        loss = max(0.0, 1.0 - self._got / expected) if expected >= LOSS_SAMPLE else 0.0
         delay = 0.0
         if self._owd_count:
             base = min(self._owd_min, *self._owd_mins) if self._owd_mins else self._owd_min

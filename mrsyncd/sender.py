@@ -298,11 +298,14 @@ class Sender(DatagramProtocol):
         """
         Multicast an ECHO (the rate controller's view) now, between passes
         too.  It takes a sequence number like any datagram, so receivers
-        count it for loss and delay.  Skipped while the kernel's queue is
-        full: the next one is an interval away, and the batch waiting goes
-        first.
+        count it for loss and delay, and take only the newest for the
+        sender's view.  One that cannot leave at once is dropped, not kept
+        (`_unsent` waits for the next tick, which between passes may be
+        long, and a late echo would carry a stale send time): the next one
+        is an interval away.
         """
         if self._port is None or self._unsent:
+            self.stats["echoes_dropped"] += 1
             return
         packet = datagram.encode(
             self.key,
@@ -314,10 +317,17 @@ class Sender(DatagramProtocol):
             int(self.reactor.seconds() * 1e6),
             datagram.KIND_ECHO,
         )
+        try:
+            self._port.socket.send(packet)  # type: ignore[attr-defined]
+        except OSError as e:
+            self.stats["echoes_dropped"] += 1
+            self.stats["echo_errors"] += 1
+            if self.stats["echo_errors"] == 1:
+                log.info("an echo was not sent ({why}); the next one may be", why=e.strerror)
+            return
         self.sequence += 1
         self.pacer.spend(len(packet))
         self.stats["echoes"] += 1
-        self._send([packet])
 
     def _send(self, batch: list[bytes]) -> bool:
         """

@@ -400,7 +400,8 @@ def test_an_echo_of_the_wrong_size_is_none_and_values_are_clamped():
     assert Echo.unpack(bytes(11)) is None
     back = Echo.unpack(Echo(0, -1.0, 7.0).pack())
     assert back == Echo(0, 0.0, 1.0)
-    assert Echo.unpack(Echo(0, float("inf"), 0.0).pack()).queue == pytest.approx(4294.0)
+    assert Echo.unpack(Echo(0, float("inf"), 0.0).pack()).queue == pytest.approx(0xFFFFFFFF / 1e6)
+    assert Echo.unpack(Echo(0, float("nan"), float("nan")).pack()) == Echo(0, 0.0, 0.0)
 
 
 def test_node_ids_differ_and_are_never_zero():
@@ -487,7 +488,7 @@ def test_the_monitor_is_heard_every_interval_while_the_rest_report_by_sample():
         return got
 
     drive(controller, clock, 3.0, reports)
-    assert controller.share == pytest.approx(FEEDBACK_SAMPLE / 24)
+    assert controller.share == pytest.approx(FEEDBACK_SAMPLE / 24, rel=0.05)
     assert controller.monitor == "n3" and controller.slow == set()
     assert all(heard)
 
@@ -522,11 +523,49 @@ def test_the_share_is_the_sample_over_the_receivers_heard_lately():
     drive(controller, clock, 0.1, lambda t: {n: Feedback(0.0, 0.004) for n in names})
     assert controller.share == pytest.approx(FEEDBACK_SAMPLE / 40)
     drive(controller, clock, 0.5, lambda t: {n: Feedback(0.0, 0.004) for n in names[:2]})
-    assert controller.share == pytest.approx(FEEDBACK_SAMPLE / 40), "heard within slow_after"
+    assert controller.share < 0.25, "the 40 were heard within slow_after"
     drive(controller, clock, 1.0, lambda t: {n: Feedback(0.0, 0.004) for n in names[:2]})
     assert controller.share == 1.0
     drive(controller, clock, 1.5, quiet)
     assert controller.share == 1.0
+
+
+def test_a_few_of_many_with_a_queue_are_sampled_steadily():
+    """
+    12 of 100 receivers hold a queue: the share is about the sample over 12,
+    not over 100, and does not swing between that and 1.
+    """
+    names = [f"n{i}" for i in range(100)]
+    clock, controller = fleet(nodes=names)
+    rng = random.Random(8)
+    shares, sent = [], []
+
+    def reports(t):
+        views = {n: Feedback(0.0, rng.uniform(0.006, 0.008)) for n in names[:12]}
+        heard = echoed(controller, views, rng)
+        sent.append(len(heard))
+        shares.append(controller.share)
+        return heard
+
+    drive(controller, clock, 20.0, reports)
+    assert all(0.4 < share < 0.9 for share in shares[-100:]), sorted(shares[-100:])
+    assert FEEDBACK_SAMPLE - 2 < sum(sent[-100:]) / 100 < FEEDBACK_SAMPLE + 3
+
+
+def test_silent_receivers_count_as_no_queue_in_the_median_while_all_report():
+    """
+    Two of five report a queue near the target, two are silent (no queue),
+    one reports a queue of its own link: with nobody asked to keep quiet,
+    the silent ones count, and the one is told apart as slow.
+    """
+    clock, controller = fleet(nodes=("a", "b", "c", "d", "e"))
+    drive(controller, clock, 2.0, quiet)
+    views = {"a": Feedback(0.0, 0.020), "b": Feedback(0.0, 0.009), "c": Feedback(0.0, 0.009)}
+    rates = drive(controller, clock, 3.0, lambda t: views)
+    assert controller.share == 1.0
+    assert controller.slow == {"a"}
+    assert controller.monitor in ("b", "c")
+    assert rates[-1] > 0.5 * 100e6
 
 
 def test_the_queue_of_a_report():

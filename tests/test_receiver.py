@@ -857,6 +857,28 @@ class FeedbackTests(unittest.TestCase):
         self.assertEqual(r.stats[datagram.Reason.RANGE.value], 0)
 
     @defer.inlineCallbacks
+    def test_a_lost_echo_between_passes_is_not_heavy_loss(self):
+        """Between passes only echoes come, one an interval: one of two lost is too few to judge."""
+        yield self.start(rcvbuf=4 << 20, name="node1")
+        self.send(range(16))
+        yield task.deferLater(reactor, 0.15, lambda: None)
+        for _ in range(8):
+            self.sequence += 1  # this one was lost
+            self.echo(Echo(node_id("node2"), 0.0, 1.0).pack())
+            yield task.deferLater(reactor, 0.1, lambda: None)
+        self.assertEqual(self.reports, [])
+
+    @defer.inlineCallbacks
+    def test_an_echo_naming_a_file_is_not_data(self):
+        """Only the key's holder can send one, but an ECHO is never written as a block."""
+        r = yield self.start(rcvbuf=4 << 20, name="node1")
+        self.out.send(
+            datagram.encode(self.key, self.tid, 0, 0, self.data[:1400], 0, 0, datagram.KIND_ECHO)
+        )
+        yield wait_until(lambda: r.stats[datagram.Reason.RANGE.value], timeout=2)
+        self.assertEqual(r.stats["blocks"], 0)
+
+    @defer.inlineCallbacks
     def test_a_malformed_echo_is_counted_and_ignored(self):
         r = yield self.start(rcvbuf=4 << 20, name="node1")
         self.send(range(16))
