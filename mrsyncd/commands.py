@@ -157,8 +157,10 @@ class Register(amp.Command):
 class Congestion(amp.Command):
     """
     A receiver's loss and queueing delay over its last report interval,
-    sent only when there is heavy loss or a queue, so that the sender's rate
-    controller hears more from trouble than from the number of receivers.
+    sent only when there is heavy loss or a queue, and a queue that many
+    share only by a sample of them (the sender's echo, `ratecontrol.Echo`),
+    so that the sender's rate controller hears more from trouble than from
+    the number of receivers.
     """
 
     arguments = [(b"report", CongestionReport())]
