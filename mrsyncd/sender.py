@@ -52,6 +52,10 @@ class SourceChanged(Exception):
     """A source file no longer matches the manifest."""
 
 
+class _Refused(Exception):
+    """The kernel refused a datagram, and trying again will not change that."""
+
+
 class Sender(DatagramProtocol):
     noisy = False
 
@@ -75,6 +79,10 @@ class Sender(DatagramProtocol):
         #: Called when the local send queue overflows (ENOBUFS, EAGAIN).
         self.on_blocked: Callable[[], None] | None = None
         self.sequence = 0
+        #: Why sending stopped for good: the kernel refused a datagram for a
+        #: reason no retry mends (a firewall, no route).  The pass in
+        #: progress ended there; the transfer fails its nodes with this.
+        self.error: str | None = None
         self._gso = True
         self._unsent: list[bytes] = []
         self.stats: Counter[str] = Counter()
@@ -228,6 +236,14 @@ class Sender(DatagramProtocol):
             self._position = (self._next[0], self._next[2])
 
     def _tick(self) -> None:
+        try:
+            self._send_due()
+        except _Refused as e:
+            self.error = str(e)
+            log.error("{why}", why=self.error)
+            self.abort()
+
+    def _send_due(self) -> None:
         self._timer = None
         assert self._port is not None
         if self._unsent and not self._send(self._unsent):
@@ -357,11 +373,25 @@ class Sender(DatagramProtocol):
                 if self.on_blocked is not None:
                     self.on_blocked()
                 return False
+            if self._gso and e.errno == errno.EMSGSIZE:
+                # A batch's datagrams must each fit the link; one alone may
+                # be fragmented by IP.
+                log.warn(
+                    "datagrams of {size} bytes do not fit this link's MTU: one datagram per call, "
+                    "each in IP fragments, and a lost fragment loses its datagram; set block_size "
+                    "to the MTU less {v4} (IPv4) or {v6} (IPv6)",
+                    size=len(batch[0]),
+                    v4=datagram.HEADER_SIZE + 28,
+                    v6=datagram.HEADER_SIZE + 48,
+                )
+                self._gso = False
+                return self._send(batch)
             if self._gso and e.errno in (errno.EINVAL, errno.EIO, errno.ENOPROTOOPT, errno.EOPNOTSUPP):
                 log.info("no UDP segmentation offload here ({why}): one datagram per call", why=e.strerror)
                 self._gso = False
                 return self._send(batch)
-            raise
+            group, port = self.channel.address
+            raise _Refused(f"cannot send to {group} port {port}: {e.strerror}") from e
         self._unsent = []
         return True
 

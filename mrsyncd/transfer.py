@@ -330,6 +330,10 @@ class Transfer:
                     )
                     yield self._send_pass(blocks, parities)
                     self.passes += 1
+                    if self.sender.error is not None:
+                        for name in self.live:
+                            self._fail(name, self.sender.error)
+                        break
                     self._pass_ended = self.reactor.seconds()
                     if self.cancelled:
                         break

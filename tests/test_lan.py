@@ -76,12 +76,13 @@ def run_transfer(
     sender_interface: str = "eth0",
     extra: Sequence[str] = (),
     timeout: float = TRANSFER_TIMEOUT,
+    succeed: bool = True,
 ) -> Outcome:
     """
     Start the sender on the master and one receiver on each of ``receivers``
     (receiving under ``workdir/<name>/data``), wait for all of them and
     return the sender's JSON report.  Fails with the logs' tails if any
-    process fails or hangs.
+    process hangs, or (if ``succeed``) fails.
     """
     master = net.master
     workdir.mkdir(parents=True, exist_ok=True)
@@ -127,6 +128,8 @@ def run_transfer(
         outcome.report = json.loads(report_path.read_text())
     except (OSError, ValueError) as e:
         pytest.fail(f"no report from the sender (exit {sender.returncode}): {e}\n{_tails(logs)}")
+    if not succeed:
+        return outcome
     bad = {name: rc for name, (rc, _) in outcome.receivers.items() if rc != 0}
     assert not bad, f"receivers failed: {bad}\n{_tails(logs)}"
     report = json.dumps(outcome.report, indent=1)[:4000]
@@ -383,6 +386,66 @@ def test_tree_to_three_receivers_over_capped_lossy_link(lan: Any, tmp_path: Path
         assert tbf and tbf[0]["bytes"] >= report["payload_bytes"], qdisc
     finally:
         drop_tree(tmp_path / "src", *(tmp_path / "run" / n.name for n in net.nodes))
+
+
+def fragments_sent(host: Host) -> int:
+    """IPv4 fragments the host made (FragCreates of its namespace's /proc/net/snmp)."""
+    heads, values = [line.split() for line in host.run(["cat", "/proc/net/snmp"]).stdout.splitlines()
+                     if line.startswith("Ip:")][:2]  # fmt: skip
+    return int(values[heads.index("FragCreates")])
+
+
+def test_a_link_narrower_than_a_datagram_is_sent_one_datagram_a_call(lan: Any, tmp_path: Path) -> None:
+    """
+    Links with an MTU of 1400 (an overlay network, say) carry the default
+    1452-byte datagrams only as IP fragments, and the kernel refuses them in
+    a batch (UDP_SEGMENT needs each segment to fit the MTU): the sender falls
+    back to one datagram a call, which IP fragments, and says why.
+    """
+    rng = random.Random(0xF)
+    source = tmp_path / "src"
+    random_file(source / "f.bin", 3 * MiB + 5, rng)
+    net = lan(nodes=2)
+    for host in net.hosts.values():
+        host.run(["ip", "link", "set", "eth0", "mtu", "1400"])
+    try:
+        outcome = run_transfer(net, [source], tmp_path / "run", net.nodes, rate="50M")
+        stats = outcome.report["sender_stats"]
+        assert stats["datagrams"] > 2000 and not stats.get("batches"), stats
+        assert fragments_sent(net.master) >= stats["datagrams"], "the datagrams should leave as fragments"
+        log = (tmp_path / "run" / "sender.log").read_text()
+        assert "one datagram per call" in log and "block_size" in log, log[-2000:]
+        for node in net.nodes:
+            copy = tmp_path / "run" / node.name / "data" / "src" / "f.bin"
+            assert content_digest(copy) == content_digest(source / "f.bin"), node.name
+    finally:
+        drop_tree(source, *(tmp_path / "run" / n.name for n in net.nodes))
+
+
+def test_a_sender_that_may_not_send_fails_the_transfer_and_says_why(lan: Any, tmp_path: Path) -> None:
+    """
+    A firewall on the master that drops the data (netfilter's OUTPUT makes
+    the kernel refuse each datagram): the transfer fails at once, every node
+    with the sender's reason, instead of the nodes being blamed for hearing
+    nothing after rounds of repairs.
+    """
+    rng = random.Random(0x5)
+    source = tmp_path / "src"
+    random_file(source / "f.bin", 2 * MiB, rng)
+    net = lan(nodes=2)
+    net.master.run(["iptables", "-A", "OUTPUT", "-p", "udp", "--dport", str(DATA_PORT), "-j", "DROP"])
+    try:
+        outcome = run_transfer(net, [source], tmp_path / "run", net.nodes, timeout=60, succeed=False)
+        report = outcome.report
+        assert not report["ok"] and outcome.sender_rc != 0
+        for node in net.nodes:
+            reason = report["peers"][node.name]["reason"]
+            assert reason == f"cannot send to {GROUP4} port {DATA_PORT}: Operation not permitted", reason
+            left = [p for p in (tmp_path / "run" / node.name / "data").rglob("*") if not p.is_dir()]
+            assert not left, f"{node.name} kept {left}"
+        assert outcome.wall < 20, f"took {outcome.wall:.1f} s to give up"
+    finally:
+        drop_tree(source, *(tmp_path / "run" / n.name for n in net.nodes))
 
 
 def test_ipv6_group_interface_by_name(lan: Any, tmp_path: Path) -> None:
