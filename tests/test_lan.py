@@ -388,14 +388,20 @@ def test_tree_to_three_receivers_over_capped_lossy_link(lan: Any, tmp_path: Path
         drop_tree(tmp_path / "src", *(tmp_path / "run" / n.name for n in net.nodes))
 
 
-def fragments_sent(host: Host) -> int:
-    """IPv4 fragments the host made (FragCreates of its namespace's /proc/net/snmp)."""
+def fragments_sent(host: Host, version: int) -> int:
+    """IP fragments the host made (its namespace's FragCreates, /proc/net/snmp or snmp6)."""
+    if version == 6:
+        lines = host.run(["cat", "/proc/net/snmp6"]).stdout.splitlines()
+        return sum(int(line.split()[1]) for line in lines if line.split()[:1] == ["Ip6FragCreates"])
     heads, values = [line.split() for line in host.run(["cat", "/proc/net/snmp"]).stdout.splitlines()
                      if line.startswith("Ip:")][:2]  # fmt: skip
     return int(values[heads.index("FragCreates")])
 
 
-def test_a_link_narrower_than_a_datagram_is_sent_one_datagram_a_call(lan: Any, tmp_path: Path) -> None:
+@pytest.mark.parametrize("version", [4, 6])
+def test_a_link_narrower_than_a_datagram_is_sent_one_datagram_a_call(
+    lan: Any, tmp_path: Path, version: int
+) -> None:
     """
     Links with an MTU of 1400 (an overlay network, say) carry the default
     1452-byte datagrams only as IP fragments, and the kernel refuses them in
@@ -408,11 +414,15 @@ def test_a_link_narrower_than_a_datagram_is_sent_one_datagram_a_call(lan: Any, t
     net = lan(nodes=2)
     for host in net.hosts.values():
         host.run(["ip", "link", "set", "eth0", "mtu", "1400"])
+    group = GROUP6 if version == 6 else GROUP4
     try:
-        outcome = run_transfer(net, [source], tmp_path / "run", net.nodes, rate="50M")
+        outcome = run_transfer(
+            net, [source], tmp_path / "run", net.nodes, group=group, rate="50M", ipv6=version == 6
+        )
         stats = outcome.report["sender_stats"]
         assert stats["datagrams"] > 2000 and not stats.get("batches"), stats
-        assert fragments_sent(net.master) >= stats["datagrams"], "the datagrams should leave as fragments"
+        fragments = fragments_sent(net.master, version)
+        assert fragments >= stats["datagrams"], f"{fragments} fragments: the datagrams should be fragmented"
         log = (tmp_path / "run" / "sender.log").read_text()
         assert "one datagram per call" in log and "block_size" in log, log[-2000:]
         for node in net.nodes:
