@@ -296,6 +296,12 @@ def main() -> int:
         help="a tree holding the mrsyncd/ to measure (default: this repository's), e.g. a patched copy",
     )
     parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="run each scenario this many times and judge its targets by the median (default 1)",
+    )
+    parser.add_argument(
         "--profile",
         action="store_true",
         help="py-spy the mrsyncd sender and node1's receiver (pip install py-spy)",
@@ -320,6 +326,8 @@ def main() -> int:
     missing = sorted({pkg for cmd, pkg in NEEDS.items() if shutil.which(cmd) is None})
     if missing:
         parser.error(f"apt-get install {' '.join(missing)}")
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
     tools_override = args.tools.split(",") if args.tools else None
     for t in tools_override or []:
         if t not in RUNNERS:
@@ -334,7 +342,7 @@ def main() -> int:
     workdir = Path(args.workdir) / f"mrbench-{os.getpid()}"
     workdir.mkdir(parents=True)
     sources: dict[int, tuple[Path, str]] = {}
-    args.code, code_digest = snapshot_code(workdir, Path(args.code_from))
+    args.code, args.code_digest = snapshot_code(workdir, Path(args.code_from))
     size = parse_size(args.size) if args.size else None
     status = 0
     try:
@@ -342,42 +350,26 @@ def main() -> int:
             scenario = SCENARIOS[name]
             if size:
                 scenario = resized(scenario, size)
-            tag = f"{name}-{size // MiB}MiB" if size else f"{name}-full"
             tools = tools_override or list(scenario.tools)
             if scenario.name == "E" and not tools_override:
                 tools = [*tools, "uftp-tfmcc"]
-            logdir = RESULTS / f"{tag}-{stamp}-logs"
-            doc: dict[str, Any] = {
-                "scenario": scenario.name,
-                "title": scenario.title,
-                "target": scenario.target,
-                "notes": scenario.notes,
-                "size_override": size,
-                "rate_factor": args.rate_factor,
-                "started": datetime.datetime.now().isoformat(timespec="seconds"),
-                "machine": {**versions(), "mrsyncd_code_sha256": code_digest, "code_from": args.code_from},
-                "tools": tools,
-                "cases": [],
-            }
-            print(f"\n#### scenario {scenario.name}: {scenario.title}\n     target: {scenario.target}")
-            out = RESULTS / f"{tag}-{stamp}.json"
-            for i in range(len(scenario.cases)):
-                if args.case and i not in args.case:
-                    continue
-                doc["cases"].append(run_case(scenario, i, tools, args, workdir, logdir, sources))
-                doc["targets"] = report.targets(doc)
-                out.write_text(json.dumps(doc, indent=1))
-            table = report.table(doc)
-            lines = [f"### {scenario.name}: {scenario.title}", "", table, ""]
-            for t in doc["targets"]:
-                mark = {True: "met", False: "MISSED", None: "n/a"}[t["met"]]
-                lines.append(f"- target {t['target']}: **{mark}** ({t['evidence']})")
-            text = "\n".join(lines)
-            print("\n" + text)
-            (RESULTS / f"{tag}-{stamp}.md").write_text(text + "\n")
-            report.chart([doc], RESULTS / f"{tag}-{stamp}.png", f"{scenario.name}: {scenario.title}")
-            if not all(r.get("ok") for c in doc["cases"] for r in c["results"].values()):
-                status = 1
+            docs = []
+            for run in range(args.repeat):
+                tag = f"{name}-{size // MiB}MiB" if size else f"{name}-full"
+                if args.repeat > 1:
+                    tag += f"-run{run + 1}"
+                doc = run_scenario(scenario, tag, stamp, tools, args, workdir, sources, size)
+                docs.append(doc)
+                if not all(r.get("ok") for c in doc["cases"] for r in c["results"].values()):
+                    status = 1
+            if args.repeat > 1:
+                lines = [f"### {scenario.name} over {args.repeat} runs: {scenario.title}", ""]
+                for t in report.across(docs):
+                    mark = {True: "met", False: "MISSED", None: "n/a"}[t["met"]]
+                    lines.append(f"- target {t['target']}: **{mark}** by the median ({t['evidence']})")
+                text = "\n".join(lines)
+                print("\n" + text)
+                (RESULTS / f"{name}-{stamp}-median.md").write_text(text + "\n")
         chart = summary_chart()
         print(f"\nresults in {RESULTS}" + (f"; summary chart {chart}" if chart else ""))
     except KeyboardInterrupt as e:
@@ -387,6 +379,50 @@ def main() -> int:
         with contextlib.suppress(Exception):
             shutil.rmtree(workdir)
     return status
+
+
+def run_scenario(
+    scenario: Scenario,
+    tag: str,
+    stamp: str,
+    tools: list[str],
+    args: argparse.Namespace,
+    workdir: Path,
+    sources: dict[int, tuple[Path, str]],
+    size: int | None,
+) -> dict[str, Any]:
+    """Every case of a scenario with every tool: written as JSON, a table and a chart."""
+    logdir = RESULTS / f"{tag}-{stamp}-logs"
+    doc: dict[str, Any] = {
+        "scenario": scenario.name,
+        "title": scenario.title,
+        "target": scenario.target,
+        "notes": scenario.notes,
+        "size_override": size,
+        "rate_factor": args.rate_factor,
+        "started": datetime.datetime.now().isoformat(timespec="seconds"),
+        "machine": {**versions(), "mrsyncd_code_sha256": args.code_digest, "code_from": args.code_from},
+        "tools": tools,
+        "cases": [],
+    }
+    print(f"\n#### scenario {scenario.name}: {scenario.title}\n     target: {scenario.target}")
+    out = RESULTS / f"{tag}-{stamp}.json"
+    for i in range(len(scenario.cases)):
+        if args.case and i not in args.case:
+            continue
+        doc["cases"].append(run_case(scenario, i, tools, args, workdir, logdir, sources))
+        doc["targets"] = report.targets(doc)
+        out.write_text(json.dumps(doc, indent=1))
+    table = report.table(doc)
+    lines = [f"### {scenario.name}: {scenario.title}", "", table, ""]
+    for t in doc["targets"]:
+        mark = {True: "met", False: "MISSED", None: "n/a"}[t["met"]]
+        lines.append(f"- target {t['target']}: **{mark}** ({t['evidence']})")
+    text = "\n".join(lines)
+    print("\n" + text)
+    (RESULTS / f"{tag}-{stamp}.md").write_text(text + "\n")
+    report.chart([doc], RESULTS / f"{tag}-{stamp}.png", f"{scenario.name}: {scenario.title}")
+    return doc
 
 
 if __name__ == "__main__":
