@@ -61,7 +61,7 @@ def default_chunk_size(block_size: int) -> int:
     return max(1, (1 << 20) // block_size) * block_size
 
 
-def digest(data: bytes) -> bytes:
+def digest(data: bytes | bytearray | memoryview) -> bytes:
     """
     A chunk's digest: SHA-256, which CPUs of the last years compute in
     hardware (SHA-NI, ARMv8 SHA2) at twice BLAKE2b's speed; every byte sent

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import random
 import stat
+import threading
 import time
 
 from twisted.internet import defer, reactor, task
@@ -214,6 +215,67 @@ class DirectReceiverTests(unittest.TestCase):
         r.datagramReceived(self.parity(data, 0, 1), None)
         self.assertEqual(r.stats["rebuilt"], 2)
         self.assertEqual(set(decode_map(r.missing().missing)[0]) & {126, 127, 14, 15}, {14, 15})
+
+    def opened_in(self):
+        """Which threads make or open part files: ``_open_part`` is watched, not replaced."""
+        threads = []
+        real = receiver_module._open_part
+
+        def watched(*args, **kwargs):
+            threads.append(threading.current_thread() is threading.main_thread())
+            return real(*args, **kwargs)
+
+        self.patch(receiver_module, "_open_part", watched)
+        return threads
+
+    @defer.inlineCallbacks
+    def test_a_small_file_gets_its_part_file_in_a_thread_not_the_reactor(self):
+        """Making a file can take a millisecond: the reactor must go on reading the socket."""
+        data = self.rng.randbytes(3000)
+        r = yield self.receiving(data, chunk_size=10_000)
+        in_reactor = self.opened_in()
+        self.feed(r, 0, range(30), data)
+        yield wait_until(lambda: r.done)
+        self.assertEqual(r.results, {"f": OK})
+        self.assertTrue(in_reactor and not any(in_reactor), in_reactor)
+        with open(os.path.join(self.dst, "f"), "rb") as f:
+            self.assertEqual(f.read(), data)
+        self.assertEqual(part_files(self.dst), [])
+
+    @defer.inlineCallbacks
+    def test_small_files_past_the_memory_bound_are_written_from_the_reactor(self):
+        self.patch(receiver_module, "UNWRITTEN_BYTES", 2999)
+        data = self.rng.randbytes(3000)
+        r = yield self.receiving(data, chunk_size=10_000)
+        in_reactor = self.opened_in()
+        self.feed(r, 0, range(30), data)
+        yield wait_until(lambda: r.done)
+        self.assertEqual(r.results, {"f": OK})
+        self.assertTrue(in_reactor[0], in_reactor)
+        with open(os.path.join(self.dst, "f"), "rb") as f:
+            self.assertEqual(f.read(), data)
+
+    @defer.inlineCallbacks
+    def test_a_small_file_that_cannot_be_written_fails_and_leaves_nothing(self):
+        os.mkdir(os.path.join(self.src, "d"))
+        data = self.rng.randbytes(3000)
+        write_file(os.path.join(self.src, "d", "f"), data)
+        write_file(os.path.join(self.src, "g"), data)
+        manifest, _ = scan([self.src + "/"], block_size=100, chunk_size=10_000)
+        r, d = self.start(manifest)
+        yield d
+        # Once prepared, something not a directory takes the place of d.
+        os.rmdir(os.path.join(self.dst, "d"))
+        write_file(os.path.join(self.dst, "d"), b"in the way")
+        index = {e.path: i for i, e in enumerate(manifest.entries)}
+        self.feed(r, index["d/f"], range(30), data)
+        self.feed(r, index["g"], range(30), data)
+        yield wait_until(lambda: r.done)
+        self.assertTrue(r.results["d/f"].startswith("cannot write: "), r.results)
+        self.assertIn("not a directory", r.results["d/f"])
+        self.assertEqual(r.results["g"], OK)
+        self.assertFalse(os.path.lexists(os.path.join(self.dst, "d", "f")))
+        self.assertEqual(part_files(self.dst), [])
 
     @defer.inlineCallbacks
     def test_chunk_that_fails_verification_is_asked_again(self):
