@@ -216,44 +216,42 @@ class DirectReceiverTests(unittest.TestCase):
         self.assertEqual(r.stats["rebuilt"], 2)
         self.assertEqual(set(decode_map(r.missing().missing)[0]) & {126, 127, 14, 15}, {14, 15})
 
-    def opened_in(self):
-        """Which threads make or open part files: ``_open_part`` is watched, not replaced."""
-        threads = []
+    @defer.inlineCallbacks
+    def small_file_received(self):
+        """
+        A file of 3000 bytes received whole; returns, for each time a part
+        file was made or opened, whether the reactor's thread did it
+        (``_open_part`` is watched, not replaced).
+        """
+        data = self.rng.randbytes(3000)
+        r = yield self.receiving(data, chunk_size=10_000)
+        in_reactor = []
         real = receiver_module._open_part
 
         def watched(*args, **kwargs):
-            threads.append(threading.current_thread() is threading.main_thread())
+            in_reactor.append(threading.current_thread() is threading.main_thread())
             return real(*args, **kwargs)
 
         self.patch(receiver_module, "_open_part", watched)
-        return threads
+        self.feed(r, 0, range(30), data)
+        yield wait_until(lambda: r.done)
+        self.assertEqual(r.results, {"f": OK})
+        with open(os.path.join(self.dst, "f"), "rb") as f:
+            self.assertEqual(f.read(), data)
+        self.assertEqual(part_files(self.dst), [])
+        return in_reactor
 
     @defer.inlineCallbacks
     def test_a_small_file_gets_its_part_file_in_a_thread_not_the_reactor(self):
         """Making a file can take a millisecond: the reactor must go on reading the socket."""
-        data = self.rng.randbytes(3000)
-        r = yield self.receiving(data, chunk_size=10_000)
-        in_reactor = self.opened_in()
-        self.feed(r, 0, range(30), data)
-        yield wait_until(lambda: r.done)
-        self.assertEqual(r.results, {"f": OK})
+        in_reactor = yield self.small_file_received()
         self.assertTrue(in_reactor and not any(in_reactor), in_reactor)
-        with open(os.path.join(self.dst, "f"), "rb") as f:
-            self.assertEqual(f.read(), data)
-        self.assertEqual(part_files(self.dst), [])
 
     @defer.inlineCallbacks
     def test_small_files_past_the_memory_bound_are_written_from_the_reactor(self):
         self.patch(receiver_module, "UNWRITTEN_BYTES", 2999)
-        data = self.rng.randbytes(3000)
-        r = yield self.receiving(data, chunk_size=10_000)
-        in_reactor = self.opened_in()
-        self.feed(r, 0, range(30), data)
-        yield wait_until(lambda: r.done)
-        self.assertEqual(r.results, {"f": OK})
+        in_reactor = yield self.small_file_received()
         self.assertTrue(in_reactor[0], in_reactor)
-        with open(os.path.join(self.dst, "f"), "rb") as f:
-            self.assertEqual(f.read(), data)
 
     @defer.inlineCallbacks
     def test_a_small_file_that_cannot_be_written_fails_and_leaves_nothing(self):
