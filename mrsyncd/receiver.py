@@ -489,14 +489,13 @@ class Receiver(DatagramProtocol):
         self.stats["bytes"] += len(payload)
         if f.counts[chunk] == f.chunk_blocks or f.counts[chunk] == f.blocks_in_chunk(chunk):
             whole = self._whole_in_memory(f)
-            if whole is not None:
-                f.status[chunk] = VERIFYING
-                self._verify.run(self._write_whole, f, whole)
-                return
-            if not self._flush(f.index):
+            if whole is None and not self._flush(f.index):
                 return
             f.status[chunk] = VERIFYING
-            self._verify.run(self._check_chunk, f, chunk)
+            if whole is None:
+                self._verify.run(self._check_chunk, f, chunk)
+            else:
+                self._verify.run(self._write_whole, f, whole)
         if self._kept and f.result is None:
             # After the chunk's own bookkeeping: solving accepts other blocks.
             self._solve_if_ready(f, block // self._manifest.parity_group)
@@ -534,15 +533,8 @@ class Receiver(DatagramProtocol):
             return True
         f = self._files[index]
         offset, data = pending
-        view = memoryview(data)
         try:
-            while view:
-                # A short write (the disk just filled) is followed by one
-                # that says why.
-                written = os.pwrite(self._fd(f), view, offset)
-                if not written:
-                    raise OSError(errno.EIO, "no progress writing")
-                view, offset = view[written:], offset + written
+            _pwrite_all(self._fd(f), data, offset)
         except OSError as e:
             self._fail(f, f"cannot write: {e.strerror}")
             return False
@@ -1067,16 +1059,20 @@ def _write_part(root_fd: int, entry: Entry, part: str, data: bytearray) -> bytes
     got = digest(data)
     fd = _open_part(root_fd, entry, part)
     try:
-        view = memoryview(data)
-        offset = 0
-        while view:
-            written = os.pwrite(fd, view, offset)
-            if not written:
-                raise OSError(errno.EIO, "no progress writing")
-            view, offset = view[written:], offset + written
+        _pwrite_all(fd, data, 0)
     finally:
         os.close(fd)
     return got
+
+
+def _pwrite_all(fd: int, data: bytearray, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        # A short write (the disk just filled) is followed by one that says why.
+        written = os.pwrite(fd, view, offset)
+        if not written:
+            raise OSError(errno.EIO, "no progress writing")
+        view, offset = view[written:], offset + written
 
 
 def _digest_range(root_fd: int, path: str, part: str, offset: int, length: int) -> bytes:
