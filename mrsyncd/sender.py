@@ -48,6 +48,11 @@ BATCH_SECONDS = 0.001
 CACHED_CHUNKS = 4
 
 
+#: What the kernel says to a batch it will not send as one: it has no UDP
+#: segmentation offload, or the datagrams are larger than the link's MTU.
+_NO_BATCH = (errno.EMSGSIZE, errno.EINVAL, errno.EIO, errno.ENOPROTOOPT, errno.EOPNOTSUPP)
+
+
 class SourceChanged(Exception):
     """A source file no longer matches the manifest."""
 
@@ -373,21 +378,22 @@ class Sender(DatagramProtocol):
                 if self.on_blocked is not None:
                     self.on_blocked()
                 return False
-            if self._gso and e.errno == errno.EMSGSIZE:
-                # A batch's datagrams must each fit the link; one alone may
-                # be fragmented by IP.
-                log.warn(
-                    "datagrams of {size} bytes do not fit this link's MTU: one datagram per call, "
-                    "each in IP fragments, and a lost fragment loses its datagram; set block_size "
-                    "to the MTU less {v4} (IPv4) or {v6} (IPv6)",
-                    size=len(batch[0]),
-                    v4=datagram.HEADER_SIZE + 28,
-                    v6=datagram.HEADER_SIZE + 48,
-                )
-                self._gso = False
-                return self._send(batch)
-            if self._gso and e.errno in (errno.EINVAL, errno.EIO, errno.ENOPROTOOPT, errno.EOPNOTSUPP):
-                log.info("no UDP segmentation offload here ({why}): one datagram per call", why=e.strerror)
+            if self._gso and e.errno in _NO_BATCH:
+                if e.errno == errno.EMSGSIZE:
+                    # A batch's datagrams must each fit the link; one alone
+                    # may be fragmented by IP.
+                    log.warn(
+                        "datagrams of {size} bytes do not fit this link's MTU: one datagram per call, "
+                        "each in IP fragments, and a lost fragment loses its datagram; set block_size "
+                        "to the MTU less {v4} (IPv4) or {v6} (IPv6)",
+                        size=len(batch[0]),
+                        v4=datagram.HEADER_SIZE + 28,
+                        v6=datagram.HEADER_SIZE + 48,
+                    )
+                else:
+                    log.info(
+                        "no UDP segmentation offload here ({why}): one datagram per call", why=e.strerror
+                    )
                 self._gso = False
                 return self._send(batch)
             group, port = self.channel.address
