@@ -348,9 +348,12 @@ class RateController:
         the two intervals that `recent` holds, leave over.
         """
         queues = [self.queue(recent[n]) for n in nodes if n in recent]
-        reach = 1.0 - (1.0 - self.share) ** 2
-        queued = min(len(nodes), round(len(queues) / reach))
+        queued = min(len(nodes), round(len(queues) / self._reach(2)))
         return queues + [0.0] * (len(nodes) - queued) or [0.0]
+
+    def _reach(self, intervals: int) -> float:
+        """The chance of hearing, in ``intervals``, a receiver that reports a `share` of them."""
+        return 1.0 - (1.0 - self.share) ** intervals
 
     def update(self) -> float:
         """Called every ``interval``: the rate for the next one, in bits per second."""
@@ -369,8 +372,8 @@ class RateController:
             1 for n, (when, _) in self._reports.items() if n in self.active and now - when <= self.slow_after
         )
         # Receivers with a queue: those heard from in slow_after, over the
-        # chance that one of them was, reporting a share of the time.
-        reach = 1.0 - (1.0 - self.share) ** round(self.slow_after / self.interval)
+        # chance that one of them was.
+        reach = self._reach(round(self.slow_after / self.interval))
         self.share = min(1.0, FEEDBACK_SAMPLE * reach / heard) if heard else 1.0
         # The queue a report shows is an interval old by the time the rate
         # it leads to takes effect: steer by where the queue is heading (its
