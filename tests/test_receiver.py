@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import stat
+import subprocess
+import sys
 import threading
 import time
 
@@ -986,3 +989,59 @@ class FeedbackTests(unittest.TestCase):
         yield task.deferLater(reactor, 0.25, lambda: None)
         self.assertEqual(r.stats["blocks"], 400)
         self.assertEqual(self.reports, [])
+
+
+#: Where the package documents the drop-in for nodes that set owners.
+ROOT_DROP_INS = ("debian/README.Debian", "man/mrsyncd.8")
+REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def drop_in_capabilities(path: str) -> list[str]:
+    """The capabilities a document's drop-in keeps (its non-empty CapabilityBoundingSet=)."""
+    with open(os.path.join(REPOSITORY, path)) as f:
+        for line in f:
+            _, sep, value = line.partition("CapabilityBoundingSet=")
+            if sep and value.split():
+                return value.split()
+    raise AssertionError(f"{path} gives no CapabilityBoundingSet= with capabilities")
+
+
+class RootNodeDropInTests(unittest.TestCase):
+    """
+    A node that sets owners runs as root with only the capabilities its
+    documented drop-in keeps: those must be enough to set what a manifest
+    holds, set-id bits included, for any owner and group.
+    """
+
+    def setUp(self):
+        if os.geteuid() != 0:
+            raise unittest.SkipTest("needs root, to drop capabilities as systemd does")
+        if shutil.which("setpriv") is None:
+            raise unittest.SkipTest("needs setpriv (util-linux)")
+
+    def test_the_drop_in_keeps_set_id_bits_for_a_group_root_is_not_in(self):
+        documented = {path: drop_in_capabilities(path) for path in ROOT_DROP_INS}
+        self.assertEqual(len({tuple(c) for c in documented.values()}), 1, documented)
+        capabilities = documented[ROOT_DROP_INS[0]]
+        bounding = ",".join(["-all", *("+" + c.removeprefix("CAP_").lower() for c in capabilities)])
+        path = os.path.join(temp_dir(self), "tool")
+        write_file(path, b"#!/bin/sh\n")
+        # The receiver's own metadata step, in a process that has what
+        # systemd leaves a root unit with that drop-in: no supplementary
+        # groups beyond root's, and only the bounding set's capabilities.
+        script = (
+            "import os, sys\n"
+            "from mrsyncd.manifest import FILE, Entry\n"
+            "from mrsyncd.receiver import _set_metadata\n"
+            "fd = os.open(sys.argv[1], os.O_RDONLY)\n"
+            "_set_metadata(fd, Entry('tool', FILE, 0o6755, 10**18, uid=4242, gid=4242), True)\n"
+        )
+        subprocess.run(
+            ["setpriv", "--clear-groups", f"--bounding-set={bounding}", "--inh-caps=-all", "--"]
+            + [sys.executable, "-c", script, path],
+            check=True,
+            env={**os.environ, "PYTHONPATH": REPOSITORY},
+        )
+        st = os.stat(path)
+        self.assertEqual((st.st_uid, st.st_gid), (4242, 4242))
+        self.assertEqual(oct(stat.S_IMODE(st.st_mode)), oct(0o6755))
