@@ -427,7 +427,7 @@ class JobRunner:
         self._stopping = True
         for transfer in self.running.values():
             if transfer is not None:
-                transfer.cancel()
+                transfer.interrupt()
 
 
 def _a(word: str) -> str:

@@ -233,6 +233,8 @@ class Transfer:
         self.passes = 0
         self.planned_bytes = 0
         self.cancelled = False
+        #: Stopped by `interrupt`: the transfer stays as it is at every receiver.
+        self.interrupted = False
 
     @property
     def live(self) -> list[str]:
@@ -270,9 +272,24 @@ class Transfer:
 
     def cancel(self) -> None:
         """Stop sending; every receiver is told to let go of the transfer."""
-        if not self.cancelled:
+        if not (self.cancelled or self.interrupted):
             self.cancelled = True
             self.sender.abort()
+
+    def interrupt(self) -> None:
+        """
+        Stop sending and tell the receivers nothing: the master is going
+        down and resumes the job when it comes back.  A node lets go of the
+        transfer when its control connection drops, keeping its part files
+        to resume from, which `cancel` would have it remove.
+        """
+        if not (self.cancelled or self.interrupted):
+            self.interrupted = True
+            self.sender.abort()
+
+    @property
+    def _stopped(self) -> bool:
+        return self.cancelled or self.interrupted
 
     def _call(self, name: str, method: str, *args: object, **kwargs: object) -> defer.Deferred:
         d = defer.maybeDeferred(getattr(self.peers[name], method), *args, **kwargs)
@@ -318,7 +335,7 @@ class Transfer:
             parities: dict[int, RangeSet] = {}
             self.planned_bytes = payload_bytes(self.offer.manifest, blocks)
             self._control.start(self.controller.interval, now=False)
-            while self.live and not self.cancelled and not self.offer.options.dry_run:
+            while self.live and not self._stopped and not self.offer.options.dry_run:
                 through = None
                 if blocks or parities:
                     log.debug(
@@ -335,7 +352,7 @@ class Transfer:
                             self._fail(name, self.sender.error)
                         break
                     self._pass_ended = self.reactor.seconds()
-                    if self.cancelled:
+                    if self._stopped:
                         break
                     # Each receiver answers once the pass is in: no pause here.
                     through = self.sender.sequence
@@ -344,7 +361,8 @@ class Transfer:
                     break
                 if not blocks and not parities:
                     yield task.deferLater(self.reactor, self.poll, lambda: None)
-            yield self._collect_results()
+            if not self.interrupted:
+                yield self._collect_results()
         finally:
             if self._control.running:
                 self._control.stop()

@@ -18,7 +18,7 @@ import socket
 import stat
 import tempfile
 
-from twisted.internet import defer
+from twisted.internet import defer, reactor, task
 
 from mrsyncd.agent import LocalPeer, ReceiverAgent
 from mrsyncd.manifest import Manifest
@@ -250,3 +250,13 @@ def run_transfer(testcase, reactor, manifest: Manifest, local_paths, peers, chan
     transfer = Transfer(reactor, offer, local_paths, peers, **kwargs)
     report = yield transfer.run()
     return report
+
+
+@defer.inlineCallbacks
+def wait_until(predicate, timeout=10.0, step=0.01):
+    """Wait on the running reactor until ``predicate()`` holds; fail after ``timeout`` seconds."""
+    deadline = reactor.seconds() + timeout
+    while not predicate():
+        if reactor.seconds() > deadline:
+            raise AssertionError(f"timed out waiting for {predicate}")
+        yield task.deferLater(reactor, step, lambda: None)

@@ -37,17 +37,9 @@ from .support import (
     temp_dir,
     tree_entries,
     unique_channel,
+    wait_until,
     write_file,
 )
-
-
-@defer.inlineCallbacks
-def wait_until(predicate, timeout=10.0, step=0.01):
-    deadline = reactor.seconds() + timeout
-    while not predicate():
-        if reactor.seconds() > deadline:
-            raise AssertionError(f"timed out waiting for {predicate}")
-        yield task.deferLater(reactor, step, lambda: None)
 
 
 def without(manifest, local, paths):

@@ -34,6 +34,7 @@ from .support import (
     run_transfer,
     temp_dir,
     unique_channel,
+    wait_until,
     write_file,
 )
 
@@ -336,23 +337,77 @@ class DeadReceiverTests(unittest.TestCase):
 
         class Silent:
             name = "silent"
+            calls: list[str] = []
 
             def prepare(self, offer):
                 return defer.Deferred()
 
             def missing(self, transfer_id, abandoned, through=None):
-                raise AssertionError("a refused peer is not asked again")
+                self.calls.append("missing")
+                return defer.fail(ConnectionError("not listening"))
 
-            results = missing
+            def results(self, transfer_id, discard=False):
+                self.calls.append(f"results discard={discard}")
+                return defer.fail(ConnectionError("not listening"))
 
+        silent = Silent()
         report = yield run_transfer(
-            self, reactor, manifest, local, peers + [Silent()], call_timeout=0.3, prepare_timeout=0.5
+            self, reactor, manifest, local, peers + [silent], call_timeout=0.3, prepare_timeout=0.5
         )
         self.assertFalse(report.peers["silent"].ok)
+        # A call that raised would only count as silence: the calls are
+        # recorded instead.  Never asked for its missing blocks; told, at
+        # the end, to let go of the transfer and its part files.
+        self.assertEqual(silent.calls, ["results discard=True"])
         for peer in peers:
             self.assertTrue(report.peers[peer.name].ok, report.peers[peer.name].reason)
         for dst in dests:
             assert_same_tree(self, src, dst)
+
+
+class InterruptTests(unittest.TestCase):
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_an_interrupted_transfer_keeps_the_part_files_to_resume_from(self):
+        """
+        The master going down interrupts its transfers: the receivers are
+        told nothing, so their part files stay for the job to resume from
+        (a cancel would have them removed).
+        """
+        base = temp_dir(self)
+        src, dst = os.path.join(base, "src"), os.path.join(base, "dst")
+        os.makedirs(src)
+        os.makedirs(dst)
+        write_file(os.path.join(src, "big.bin"), random.Random(7).randbytes(16 << 20))
+        manifest, local = scan([src + "/"])
+        (peer,) = make_peers(self, reactor, [dst])
+        told = []
+        results = peer.results
+
+        def recorded(transfer_id, discard=False):
+            told.append(discard)
+            return results(transfer_id, discard)
+
+        peer.results = recorded
+        offer = new_offer(manifest, unique_channel(), "/")
+        transfer = Transfer(reactor, offer, local, [peer], rate_bps=40e6, grace=5.0)
+        finished = transfer.run()
+        receivers = peer.agent.receivers
+
+        def received():
+            receiver = receivers.get(offer.transfer_id)
+            return receiver is not None and receiver.stats["bytes"] >= 2 << 20
+
+        yield wait_until(received)
+        transfer.interrupt()
+        report = yield finished
+        self.assertEqual(told, [])
+        self.assertTrue(report.peers["node0"].ok, report.peers["node0"].reason)
+        self.assertIn(offer.transfer_id, receivers)
+        self.assertFalse(os.path.exists(os.path.join(dst, "big.bin")))
+        (part,) = part_files(dst)
+        self.assertGreaterEqual(os.stat(os.path.join(dst, part)).st_blocks * 512, 1 << 20)
 
 
 class ChannelTests(unittest.TestCase):
