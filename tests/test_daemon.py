@@ -504,6 +504,46 @@ def test_master_killed_mid_job_resumes(fleet: Cluster) -> None:
 
 @pytest.mark.lan
 @NEEDS_MOUNT_NS
+def test_master_stopped_cleanly_mid_job_resumes_from_part_files(fleet: Cluster) -> None:
+    """
+    A clean stop (systemctl restart, a package upgrade) interrupts the job
+    without a word to the nodes: they keep their part files, and the job,
+    resumed when the master is back, sends only what they lack.
+    """
+    c = fleet
+    assert c.master is not None
+    size = 48 * MiB
+    src = c.base / "src5d"
+    random_file(src / "big.bin", size, 56)
+    destination = c.shared / "pub" / "t5d"
+    job = c.detach("--rate", "100M", f"{src}/", f"node1,node2:{destination}")
+    sent_at_stop = wait_sent(c, job, size // 2)
+    # twistd shuts down on SIGTERM and then ends with that signal, as systemd expects.
+    assert c.master.stop() in (0, -signal.SIGTERM), "the master did not stop on SIGTERM"
+    for name in ("node1", "node2"):
+        assert part_files(c.node_dir(name) / "pub" / "t5d"), f"{name} has no part file to resume from"
+    since = c.master.start()
+    c.master.wait_log(rf"job {job} started \(resumed\)", 30, since)
+    code, status = follow(c, job)
+    assert code == 0 and status["state"] == "done", (
+        f"job {job} after the clean restart: exit {code}, {status['state']}: {status['message']}"
+        f" {status['nodes']}\n{c.diagnostics()}"
+    )
+    for name in ("node1", "node2"):
+        same_tree(src, c.node_dir(name) / "pub" / "t5d")
+        assert part_files(c.node_dir(name) / "pub" / "t5d") == [], f"part files left on {name}"
+    # What each node asked for when the job resumed: the part of the file it
+    # did not hold yet, not the whole file again.
+    for name in ("node1", "node2"):
+        needed = status["nodes"][name]["needed_bytes"]
+        assert needed < size - sent_at_stop // 2, (
+            f"{name} needed {needed} bytes of a {size}-byte file after the restart, {sent_at_stop} having"
+            f" been sent before the stop: it started over instead of resuming from its part file"
+        )
+
+
+@pytest.mark.lan
+@NEEDS_MOUNT_NS
 def test_master_and_node_killed_node_back_later(fleet: Cluster) -> None:
     """
     The master and one target crash together; the job resumes when the
