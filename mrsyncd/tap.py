@@ -7,6 +7,8 @@ here, so that tests build the very same services with their own reactor.
 
 from __future__ import annotations
 
+import os
+import sys
 from typing import Any
 
 from twisted.application import service
@@ -19,6 +21,15 @@ from mrsyncd.master import MasterService
 from mrsyncd.node import NodeService
 
 DEFAULT_CONFIG = "/etc/mrsyncd/mrsyncd.toml"
+#: The exit status of a configuration error (sysexits' EX_CONFIG), which
+#: the packaged units do not restart on (RestartPreventExitStatus=): the
+#: same file would fail again every 5 s, and the unit should show failed.
+EXIT_CONFIG = os.EX_CONFIG
+
+
+def _stop_for(error: ConfigError) -> SystemExit:
+    print(f"mrsyncd: {error}", file=sys.stderr)
+    return SystemExit(EXIT_CONFIG)
 
 
 class Options(usage.Options):
@@ -38,8 +49,8 @@ class Options(usage.Options):
         except ConfigError as e:
             # Not a UsageError: twistd 22.4 (Debian 12) prints those after the
             # whole usage text and then exits 0, which systemd takes for a
-            # clean stop.  SystemExit prints the message and exits 1.
-            raise SystemExit(f"mrsyncd: {e}") from None
+            # clean stop.
+            raise _stop_for(e) from None
 
 
 def build(config: Config, reactor: Any) -> service.MultiService:
@@ -75,4 +86,4 @@ def makeService(options: Options) -> service.MultiService:
     try:
         return build(options["parsed"], reactor)
     except ConfigError as e:
-        raise SystemExit(f"mrsyncd: {e}") from None
+        raise _stop_for(e) from None

@@ -31,6 +31,7 @@ import pytest
 
 from mrsyncd.datagram import DEFAULT_BLOCK_SIZE
 from mrsyncd.manifest import default_chunk_size
+from mrsyncd.tap import EXIT_CONFIG
 from tests import support
 from tests.daemon import (
     CA,
@@ -681,7 +682,18 @@ def test_config_error_stops_startup(tmp_path: Path, case: str) -> None:
     assert str(path) in said, f"the message does not name the file:\n{said}"
     for name in names:
         assert name in said, f"the message does not name {name!r}:\n{said}"
-    assert code != 0, f"twistd exited 0 after a configuration error:\n{said}"
+    assert code == EXIT_CONFIG, f"twistd exited {code} after a configuration error:\n{said}"
+
+
+def test_the_units_do_not_restart_a_daemon_stopped_by_its_configuration() -> None:
+    for unit in sorted(Path(REPO, "debian").glob("*.service")):
+        settings = dict(
+            line.split("=", 1) for line in unit.read_text().splitlines() if "=" in line and line[0] != "#"
+        )
+        assert settings.get("Restart") == "on-failure", unit
+        assert str(EXIT_CONFIG) in settings.get("RestartPreventExitStatus", "").split(), (
+            f"{unit.name} restarts every {settings.get('RestartSec')} s on a configuration error"
+        )
 
 
 def test_missing_certificate_file_stops_startup(tmp_path: Path) -> None:
@@ -703,6 +715,6 @@ def test_missing_certificate_file_stops_startup(tmp_path: Path) -> None:
         cwd=tmp_path,
     )
     said = result.stdout + result.stderr
-    assert result.returncode != 0, said
+    assert result.returncode == EXIT_CONFIG, said
     assert str(path) in said and str(missing) in said, said
     assert "master listening" not in said
