@@ -463,7 +463,7 @@ def test_sparse_file_digests_match_reading_every_byte(tmp_path, monkeypatch, thr
         f.truncate(40 << 20)
         os.pwrite(f.fileno(), os.urandom(3000), 5 << 20)
         os.pwrite(f.fileno(), b"x", (20 << 20) - 1)
-        os.pwrite(f.fileno(), b"y", 40 << 20 - 1)
+        os.pwrite(f.fileno(), b"y", (40 << 20) - 1)
     size = os.path.getsize(path)
     chunk = default_chunk_size(1408)
     with open(path, "rb") as f:
