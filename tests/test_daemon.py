@@ -110,6 +110,18 @@ def follow(c: Cluster, job: int) -> tuple[int, dict[str, Any]]:
     return result.returncode, status
 
 
+def half_sent_job(c: Cluster, tag: str, size: int, seed: int) -> tuple[Path, Path, int, int]:
+    """
+    A job pushing one random file of ``size`` bytes to node1 and node2, once
+    half of it is sent: its source, destination, id and the bytes sent.
+    """
+    src = c.base / f"src{tag}"
+    random_file(src / "big.bin", size, seed)
+    destination = c.shared / "pub" / f"t{tag}"
+    job = c.detach("--rate", "100M", f"{src}/", f"node1,node2:{destination}")
+    return src, destination, job, wait_sent(c, job, size // 2)
+
+
 def wait_sent(c: Cluster, job: int, at_least: int, timeout: float = 30.0) -> int:
     """Poll the job until the master has sent ``at_least`` payload bytes; returns what it had sent."""
 
@@ -514,11 +526,7 @@ def test_master_stopped_cleanly_mid_job_resumes_from_part_files(fleet: Cluster) 
     c = fleet
     assert c.master is not None
     size = 48 * MiB
-    src = c.base / "src5d"
-    random_file(src / "big.bin", size, 56)
-    destination = c.shared / "pub" / "t5d"
-    job = c.detach("--rate", "100M", f"{src}/", f"node1,node2:{destination}")
-    sent_at_stop = wait_sent(c, job, size // 2)
+    src, destination, job, sent_at_stop = half_sent_job(c, "5d", size, 56)
     # twistd shuts down on SIGTERM and then ends with that signal, as systemd expects.
     assert c.master.stop() in (0, -signal.SIGTERM), "the master did not stop on SIGTERM"
     for name in ("node1", "node2"):
@@ -553,12 +561,7 @@ def test_master_and_node_killed_node_back_later(fleet: Cluster) -> None:
     """
     c = fleet
     assert c.master is not None
-    size = 24 * MiB
-    src = c.base / "src5c"
-    random_file(src / "big.bin", size, 55)
-    destination = c.shared / "pub" / "t5c"
-    job = c.detach("--rate", "100M", f"{src}/", f"node1,node2:{destination}")
-    wait_sent(c, job, size // 2)
+    src, _, job, _ = half_sent_job(c, "5c", 24 * MiB, 55)
     c.nodes["node2"].kill(signal.SIGKILL)
     c.master.kill(signal.SIGKILL)
     since = c.master.start()
