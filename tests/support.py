@@ -260,3 +260,14 @@ def wait_until(predicate, timeout=10.0, step=0.01):
         if reactor.seconds() > deadline:
             raise AssertionError(f"timed out waiting for {predicate}")
         yield task.deferLater(reactor, step, lambda: None)
+
+
+def unit_settings(unit: str | os.PathLike[str]) -> dict[str, str]:
+    """A systemd unit file's settings, the last of each name (sections and comments left out)."""
+    settings: dict[str, str] = {}
+    with open(unit) as f:
+        for line in f:
+            key, sep, value = line.partition("=")
+            if sep and not line.startswith("#"):
+                settings[key.strip()] = value.strip()
+    return settings

@@ -690,9 +690,7 @@ def test_config_error_stops_startup(tmp_path: Path, case: str) -> None:
 
 def test_the_units_do_not_restart_a_daemon_stopped_by_its_configuration() -> None:
     for unit in sorted(Path(REPO, "debian").glob("*.service")):
-        settings = dict(
-            line.split("=", 1) for line in unit.read_text().splitlines() if "=" in line and line[0] != "#"
-        )
+        settings = support.unit_settings(unit)
         assert settings.get("Restart") == "on-failure", unit
         assert str(EXIT_CONFIG) in settings.get("RestartPreventExitStatus", "").split(), (
             f"{unit.name} restarts every {settings.get('RestartSec')} s on a configuration error"

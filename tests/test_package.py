@@ -45,7 +45,7 @@ from typing import Any
 import pytest
 
 from tests.lan import Host, lan_fixture  # noqa: F401
-from tests.support import assert_same_tree, make_full_tree
+from tests.support import assert_same_tree, make_full_tree, unit_settings
 
 pytestmark = [pytest.mark.package, pytest.mark.lan]
 
@@ -330,11 +330,7 @@ def test_package_contents_and_lintian(built: dict[str, Path]) -> None:
 
 def unit_command(unit: str) -> tuple[list[str], str]:
     """The ExecStart command line and User of an installed unit."""
-    settings: dict[str, str] = {}
-    for line in Path(unit).read_text().splitlines():
-        key, sep, value = line.partition("=")
-        if sep and not line.startswith("#"):
-            settings[key.strip()] = value.strip()
+    settings = unit_settings(unit)
     return shlex.split(settings["ExecStart"]), settings["User"]
 
 
