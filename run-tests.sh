@@ -1,7 +1,9 @@
 #!/bin/bash
-# Install what the tests need and run the whole suite twice: on Debian 12's
-# own libraries (python3-twisted 22.4, pyOpenSSL 23.0, cryptography 38) and on
-# the current PyPI releases in a virtualenv, then ruff and mypy.
+# Install what the tests need, build the data path's C module, and run the
+# whole suite twice: on Debian 12's own libraries (python3-twisted 22.4,
+# pyOpenSSL 23.0, cryptography 38) and on the current PyPI releases in a
+# virtualenv, after ruff and mypy; then the engine's tests once more on the
+# pure-Python data path.
 # Run as root on Debian 12: the LAN tests build network namespaces.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -11,9 +13,11 @@ debian_packages=(
     python3-twisted python3-openssl python3-service-identity python3-cryptography
     python3-hypothesis python3-pytest python3-venv python3-pip
     iproute2 iptables
+    # The data path's C module (setup.py): a compiler, Python's and OpenSSL's headers.
+    gcc python3-dev libssl-dev
     # tests/test_package.py: build the Debian package, check it, install it.
     build-essential dpkg-dev debhelper dh-python pybuild-plugin-pyproject
-    python3-all python3-setuptools python3-wheel lintian systemd man-db adduser
+    python3-all-dev python3-setuptools python3-wheel lintian systemd man-db adduser
 )
 missing=()
 for p in "${debian_packages[@]}"; do
@@ -32,6 +36,11 @@ fi
     'twisted[tls]' pyopenssl cryptography service_identity hypothesis pytest ruff mypy mypy-zope
 
 export PYTHONPATH=$PWD
+echo "== the data path's C module"
+# In place, for both runs below (the virtualenv is made from /usr/bin/python3,
+# so one build serves both); a failed build fails the run.
+MRSYNCD_REQUIRE_NATIVE=1 /usr/bin/python3 setup.py -q build_ext --inplace
+/usr/bin/python3 -c 'from mrsyncd import datagram; assert datagram.native(), "the C module did not load"'
 echo "== ruff and mypy"
 "$venv/bin/ruff" check mrsyncd tests
 "$venv/bin/ruff" format --check mrsyncd
@@ -42,3 +51,11 @@ echo "== Debian 12 libraries: $(/usr/bin/python3 -c 'import twisted, OpenSSL; pr
 
 echo "== current PyPI releases: $("$venv/bin/python" -c 'import twisted, OpenSSL; print("Twisted", twisted.__version__, "pyOpenSSL", OpenSSL.__version__)')"
 "$venv/bin/python" -m pytest -p no:cacheprovider -q "$@"
+
+if (($# == 0)); then
+    # The pure-Python data path, for hosts without the C module: the same
+    # contract (tests/test_datagram.py runs both paths side by side anyway).
+    echo "== pure-Python data path (MRSYNCD_PURE_PYTHON=1)"
+    MRSYNCD_PURE_PYTHON=1 /usr/bin/python3 -m pytest -p no:cacheprovider -q \
+        tests/test_receiver.py tests/test_transfer.py
+fi

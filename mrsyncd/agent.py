@@ -177,7 +177,7 @@ class ReceiverAgent:
         )
         self.receivers[offer.transfer_id] = receiver
         receiver.on_feedback = functools.partial(self._feedback, offer.transfer_id)
-        d = defer.maybeDeferred(receiver.prepare, offer.transfer_id, offer.key, offer.manifest)
+        d = defer.maybeDeferred(receiver.prepare, offer.transfer_id, offer.key, offer.manifest, offer.cipher)
         d.addCallback(_check_space, offer.manifest, destination)
 
         def accepted(needs: dict[int, RangeSet]) -> dict[int, RangeSet]:

@@ -21,10 +21,15 @@ from twisted.protocols import amp
 from twisted.python.failure import Failure
 
 from mrsyncd import logs
-from mrsyncd.datagram import TRANSFER_ID_SIZE
+from mrsyncd.datagram import TRANSFER_ID_SIZE, VERSION
 from mrsyncd.ratecontrol import Feedback, fixed
 
 log = logs.logger(__name__)
+
+#: The version of the whole protocol, control and datagrams, which change
+#: together: a sender and a receiver of different versions refuse each
+#: other at `Register` (1 had BLAKE2b-tagged clear datagrams, 2 seals them).
+PROTOCOL = VERSION
 
 PIECE = 0xFFFF
 #: 4096 pieces of 64 KiB: a 256 MiB manifest, about 4 million chunks.
@@ -150,8 +155,26 @@ class Register(amp.Command):
         (b"name", amp.Unicode()),
         (b"tags", amp.ListOf(amp.Unicode(), optional=True)),
         (b"free", JSONArgument(optional=True)),
+        # Absent from version 1, which did not say.
+        (b"version", amp.Integer(optional=True)),
     ]
+    response = [(b"version", amp.Integer(optional=True))]
     errors = {Forbidden: b"FORBIDDEN", Refused: b"REFUSED"}
+
+
+def version_mismatch(ours: str, theirs: str, version: int | None) -> str | None:
+    """
+    Why a peer of another protocol version cannot work with us, naming both
+    versions, or None if it can.  A datagram of another version is dropped
+    unread, so without this check a transfer would just never progress.
+    """
+    if version == PROTOCOL:
+        return None
+    said = "1 or older" if version is None else str(version)
+    return (
+        f"the {theirs} speaks mrsyncd protocol {said} and this {ours} protocol {PROTOCOL}: "
+        "run the same mrsyncd release on the master and its nodes"
+    )
 
 
 class Congestion(amp.Command):
@@ -217,6 +240,8 @@ class Prepare(amp.Command):
         (b"loopback", amp.Boolean()),
         (b"destination", amp.Unicode()),
         (b"options", JSONArgument()),
+        # `datagram.CIPHERS`: the sender's choice for its CPU.
+        (b"cipher", amp.Unicode()),
     ]
     #: ``needs`` is a `blockset.encode_map` of chunk numbers.
     response = [(b"needs", BigBytes())]

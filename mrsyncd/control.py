@@ -23,6 +23,7 @@ from mrsyncd import logs
 from mrsyncd.agent import ReceiverAgent
 from mrsyncd.blockset import decode_map, encode_map
 from mrsyncd.commands import (
+    PROTOCOL,
     BoundedAMP,
     Congestion,
     Missing,
@@ -30,6 +31,7 @@ from mrsyncd.commands import (
     Refused,
     Register,
     Results,
+    version_mismatch,
 )
 from mrsyncd.manifest import Manifest
 from mrsyncd.multicast import Channel
@@ -62,6 +64,7 @@ class AMPPeer:
             loopback=offer.channel.loopback,
             destination=offer.destination,
             options=asdict(offer.options),
+            cipher=offer.cipher,
         )
         d.addCallback(lambda response: decode_map(response["needs"]))
         return d
@@ -104,15 +107,26 @@ class ReceiverControl(BoundedAMP):
         super().connectionMade()
         self.agent.on_feedback = self._feedback
         self.agent.name = self.name
-        d = self.callRemote(Register, name=self.name, tags=self.tags, free=self.free() if self.free else None)
+        d = self.callRemote(
+            Register,
+            name=self.name,
+            tags=self.tags,
+            free=self.free() if self.free else None,
+            version=PROTOCOL,
+        )
         d.addCallbacks(self._registered, self._refused)
 
     def _feedback(self, transfer_id: bytes, report: Feedback) -> None:
         if self.transport is not None and self.agent.on_feedback == self._feedback:
             self.callRemote(Congestion, report=(transfer_id, report))
 
-    def _registered(self, _: object) -> None:
+    def _registered(self, response: dict[str, Any]) -> None:
         assert self.transport is not None
+        why = version_mismatch("node", "master", response.get("version"))
+        if why is not None:
+            log.error("cannot work with the master at {peer}: {why}", peer=self.transport.getPeer(), why=why)
+            self.transport.loseConnection()
+            return
         log.info("registered as {name} with {peer}", name=self.name, peer=self.transport.getPeer())
 
     def _refused(self, failure: Failure) -> None:
@@ -135,6 +149,7 @@ class ReceiverControl(BoundedAMP):
                 channel=Channel(kw["group"], kw["port"], "", kw["ttl"], kw["loopback"]),
                 destination=kw["destination"],
                 options=TransferOptions.from_dict(kw["options"]),
+                cipher=kw["cipher"],
             )
             d = self.agent.prepare(offer)
         except Exception as e:
@@ -186,9 +201,15 @@ class SenderControl(BoundedAMP):
         return {}
 
     @Register.responder
-    def register(self, name: str, tags: list[str] | None, free: dict[str, int] | None) -> dict[str, Any]:
+    def register(
+        self, name: str, tags: list[str] | None, free: dict[str, int] | None, version: int | None
+    ) -> dict[str, Any]:
+        why = version_mismatch("sender", "receiver", version)
+        if why is not None:
+            log.error("refused receiver {name}: {why}", name=name, why=why)
+            raise Refused(why)
         if self.peer is not None:
             raise Refused("already registered")
         self.peer = AMPPeer(name, self)
         self.on_register(self.peer)
-        return {}
+        return {"version": PROTOCOL}

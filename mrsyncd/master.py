@@ -25,6 +25,7 @@ from zope.interface import implementer
 
 from mrsyncd import logs, store, tls
 from mrsyncd.commands import (
+    PROTOCOL,
     BadRequest,
     BoundedAMP,
     Cancel,
@@ -38,10 +39,11 @@ from mrsyncd.commands import (
     Refused,
     Register,
     Submit,
+    version_mismatch,
 )
 from mrsyncd.config import MasterConfig
 from mrsyncd.control import AMPPeer
-from mrsyncd.datagram import KEY_SIZE, TRANSFER_ID_SIZE
+from mrsyncd.datagram import KEY_SIZE, RUN_SIZE, TRANSFER_ID_SIZE
 from mrsyncd.manifest import Manifest, scan
 from mrsyncd.multicast import Channel
 from mrsyncd.node import HEARTBEAT
@@ -300,7 +302,9 @@ class JobRunner:
         transfer_id = job.transfer_id or os.urandom(TRANSFER_ID_SIZE)
         key = job.key or os.urandom(KEY_SIZE)
         slot = self._slot(job)
-        self.jobs.start(job.id, transfer_id, key, slot)
+        # Every start is a run of its own, with a key of its own (`Transfer`).
+        run = os.urandom(RUN_SIZE)
+        self.jobs.start(job.id, transfer_id, key, slot, run)
         resumed = " (resumed)" if job.transfer_id else ""
         log.info(
             "job {job} started{resumed} for {nodes}", job=job.id, resumed=resumed, nodes=", ".join(names)
@@ -346,6 +350,7 @@ class JobRunner:
             [FleetPeer(name, self.fleet) for name in names],
             rate_bps=rate,
             grace=self.config.grace,
+            run=run,
         )
         self.running[job.id] = transfer
         report = yield transfer.run()
@@ -464,14 +469,20 @@ class MasterControl(BoundedAMP):
             self.master.fleet.detach(self.node_name, self)
 
     @Register.responder
-    def register(self, name: str, tags: list[str] | None, free: dict[str, int] | None) -> dict[str, Any]:
+    def register(
+        self, name: str, tags: list[str] | None, free: dict[str, int] | None, version: int | None
+    ) -> dict[str, Any]:
         certified = self._require("node")
         if name != certified:
             raise Refused(f"this certificate is for {certified!r}, not {name!r}")
+        why = version_mismatch("master", "node", version)
+        if why is not None:
+            log.error("refused node {name}: {why}", name=name, why=why)
+            raise Refused(why)
         self.node_name = name
         self.master.fleet.attach(name, self, tuple(tags or ()), dict(free or {}))
         self.master.runner.kick()
-        return {}
+        return {"version": PROTOCOL}
 
     @Congestion.responder
     def congestion(self, report: tuple[bytes, Feedback]) -> dict[str, Any]:

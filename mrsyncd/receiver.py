@@ -2,8 +2,8 @@
 The receiving side of one transfer: datagrams in, verified files out.
 
 A block is written with ``pwrite`` into a part file beside its destination
-(``.mrsync-<transfer>-<index>.part``) only after its datagram's tag checks
-out.  When every block of a chunk has arrived the chunk is read back and
+(``.mrsync-<transfer>-<index>.part``) only after its datagram opens under the
+run's key.  When every block of a chunk has arrived the chunk is read back and
 digested in a thread; a chunk that does not match its manifest digest is
 forgotten and asked for again.  When every chunk of a file is verified the
 part file is fsynced, given its owner, mode and mtime, and renamed over the
@@ -217,7 +217,7 @@ class Receiver(DatagramProtocol):
         self._verify = defer.DeferredSemaphore(VERIFY_CONCURRENCY)
         self._manifest = Manifest([])
         self._transfer_id = b""
-        self._key = b""
+        self._cipher: datagram.DatagramCipher | None = None
         self._pending_commits = 0
         self._pending: dict[int, tuple[int, bytearray]] = {}
         #: Bytes taken by `_whole_in_memory` and not yet written.
@@ -278,12 +278,16 @@ class Receiver(DatagramProtocol):
 
     # Setting up.
 
-    def prepare(self, transfer_id: bytes, key: bytes, manifest: Manifest) -> defer.Deferred:
+    def prepare(
+        self, transfer_id: bytes, key: bytes, manifest: Manifest, cipher: str = datagram.AES_256_GCM
+    ) -> defer.Deferred:
         """
         Join the group, survey the destination and answer with what this
-        host needs: ``{file index: RangeSet of chunk numbers}``.
+        host needs: ``{file index: RangeSet of chunk numbers}``.  ``key``
+        is the datagram key of the sender's run.
         """
-        self._transfer_id, self._key, self._manifest = transfer_id, key, manifest
+        self._transfer_id, self._manifest = transfer_id, manifest
+        self._cipher = datagram.DatagramCipher(transfer_id, key, cipher)
         if self.options.dry_run:
             self._root_fd = (
                 os.open(self.destination, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -294,7 +298,7 @@ class Receiver(DatagramProtocol):
             d.addCallback(self._surveyed_dry)
             return d
         self._root_fd = fsutil.open_destination(self.destination)
-        max_packet = datagram.HEADER_SIZE + manifest.block_size + 1
+        max_packet = datagram.OVERHEAD + manifest.block_size + 1
         self._port = adopt(self.reactor, receiver_socket(self.channel, self.rcvbuf), self, max_packet)
         arrival_time(self._port.fileno())  # type: ignore[attr-defined]  # turns time-stamping on
         self._feedback.start(FEEDBACK_INTERVAL, now=False)
@@ -357,7 +361,7 @@ class Receiver(DatagramProtocol):
         # Once per datagram, up to 85,000 times a second at 1 Gbit/s: the
         # sequence bookkeeping of `_measure`, `_held` and the length check
         # are written out here.
-        block = datagram.decode(self._key, self._transfer_id, data)
+        block = self._cipher.decode(data)  # type: ignore[union-attr]
         if block.__class__ is datagram.Rejected:
             self.stats[block.reason.value] += 1  # type: ignore[union-attr]
             return

@@ -73,13 +73,15 @@ class Sender(DatagramProtocol):
         transfer_id: bytes,
         key: bytes,
         rate_bps: float,
+        cipher: str = datagram.AES_256_GCM,
     ) -> None:
+        """``key`` is the run's (`datagram.run_key`): this sender numbers its datagrams from 0."""
         self.reactor = reactor
         self.manifest = manifest
         self.local_paths = local_paths
         self.channel = channel
         self.transfer_id = transfer_id
-        self.key = key
+        self._cipher = datagram.DatagramCipher(transfer_id, key, cipher)
         self.pacer = Pacer(reactor, rate_bps)
         #: Called when the local send queue overflows (ENOBUFS, EAGAIN).
         self.on_blocked: Callable[[], None] | None = None
@@ -284,16 +286,17 @@ class Sender(DatagramProtocol):
             if payload is None:
                 reading = True  # a chunk is being read; _loaded() resumes the pass
                 break
-            packet = datagram.encode(
-                self.key, self.transfer_id, file_index, block, payload, self.sequence, sent_us, kind
-            )
-            if len(packet) > allowance:
+            size = len(payload) + datagram.OVERHEAD
+            if size > allowance:
                 break
-            if batch and (len(packet) != len(batch[0]) or len(batch) >= segments):
+            if batch and (size != len(batch[0]) or len(batch) >= segments):
                 sent = self._send(batch)
                 batch = []
                 if not sent:
                     break
+            # Sealed only once it is sure to be sent: its sequence number,
+            # the nonce, then moves on, and is never sealed again.
+            packet = self._cipher.encode(file_index, block, payload, self.sequence, sent_us, kind)
             batch.append(packet)
             self.sequence += 1
             allowance -= len(packet)
@@ -328,9 +331,7 @@ class Sender(DatagramProtocol):
         if self._port is None or self._unsent:
             self.stats["echoes_dropped"] += 1
             return
-        packet = datagram.encode(
-            self.key,
-            self.transfer_id,
+        packet = self._cipher.encode(
             datagram.ECHO_FILE,
             0,
             payload,
@@ -338,6 +339,9 @@ class Sender(DatagramProtocol):
             int(self.reactor.seconds() * 1e6),
             datagram.KIND_ECHO,
         )
+        # Its sequence number is spent even if the kernel refuses it: a
+        # nonce is never sealed twice, and a receiver counts one loss.
+        self.sequence += 1
         try:
             self._port.socket.send(packet)  # type: ignore[attr-defined]
         except OSError as e:
@@ -346,7 +350,6 @@ class Sender(DatagramProtocol):
             if self.stats["echo_errors"] == 1:
                 log.info("an echo was not sent ({why}); the next one may be", why=e.strerror)
             return
-        self.sequence += 1
         self.pacer.spend(len(packet))
         self.stats["echoes"] += 1
 
@@ -387,8 +390,8 @@ class Sender(DatagramProtocol):
                         "each in IP fragments, and a lost fragment loses its datagram; set block_size "
                         "to the MTU less {v4} (IPv4) or {v6} (IPv6)",
                         size=len(batch[0]),
-                        v4=datagram.HEADER_SIZE + 28,
-                        v6=datagram.HEADER_SIZE + 48,
+                        v4=datagram.OVERHEAD + 28,
+                        v6=datagram.OVERHEAD + 48,
                     )
                 else:
                     log.info(

@@ -2,9 +2,10 @@
 The master's job store: SQLite, so that jobs outlive the master process.
 
 A job's row holds what it asks for and, once started, the transfer id and key
-it runs under.  A master killed mid-job restarts the job under the same id
-and key, so the nodes' part files of that transfer are found and verified
-instead of sent again.  Writes are small and few (state changes and final
+it runs under, and the salt of its latest run (`datagram.run_key`).  A master
+killed mid-job restarts the job under the same id and key, so the nodes' part
+files of that transfer are found and verified instead of sent again; the run,
+and so the datagram key, is new.  Writes are small and few (state changes and final
 results), so they are made on the reactor thread; WAL keeps them cheap.
 """
 
@@ -34,7 +35,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     slot INTEGER,
     payload_bytes INTEGER NOT NULL DEFAULT 0,
     sent_bytes INTEGER NOT NULL DEFAULT 0,
-    message TEXT NOT NULL DEFAULT ''
+    message TEXT NOT NULL DEFAULT '',
+    run BLOB
 );
 CREATE TABLE IF NOT EXISTS job_nodes (
     job INTEGER NOT NULL REFERENCES jobs(id),
@@ -110,6 +112,7 @@ class Job:
     payload_bytes: int = 0
     sent_bytes: int = 0
     message: str = ""
+    run: bytes | None = None
     nodes: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
@@ -138,6 +141,9 @@ class JobStore:
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute("PRAGMA foreign_keys=ON")
         self.db.executescript(_SCHEMA)
+        columns = {row[1] for row in self.db.execute("PRAGMA table_info(jobs)")}
+        if "run" not in columns:  # a store from before runs had keys of their own
+            self.db.execute("ALTER TABLE jobs ADD COLUMN run BLOB")
 
     def close(self) -> None:
         self.db.close()
@@ -169,6 +175,7 @@ class JobStore:
             payload_bytes=row[10],
             sent_bytes=row[11],
             message=row[12],
+            run=row[13],
         )
         for node, state, reason, needed, changed, hook in self.db.execute(
             "SELECT node, state, reason, needed_bytes, changed, hook"
@@ -194,11 +201,11 @@ class JobStore:
         ).fetchall()
         return [self._job(row) for row in rows]
 
-    def start(self, job_id: int, transfer_id: bytes, key: bytes, slot: int) -> None:
+    def start(self, job_id: int, transfer_id: bytes, key: bytes, slot: int, run: bytes) -> None:
         self.db.execute(
-            "UPDATE jobs SET state = ?, started = COALESCE(started, ?), transfer_id = ?, key = ?, slot = ?"
-            " WHERE id = ?",
-            (RUNNING, time.time(), transfer_id, key, slot, job_id),
+            "UPDATE jobs SET state = ?, started = COALESCE(started, ?), transfer_id = ?, key = ?, slot = ?,"
+            " run = ? WHERE id = ?",
+            (RUNNING, time.time(), transfer_id, key, slot, run, job_id),
         )
 
     def progress(self, job_id: int, payload_bytes: int, sent_bytes: int) -> None:

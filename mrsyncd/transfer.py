@@ -6,8 +6,8 @@ implementations: `agent.LocalPeer` calls a receiver agent in the same process
 (tests), and `control.AMPPeer` calls one over the daemon's AMP channel.  The
 loop is:
 
-1. ``prepare``: every peer gets the manifest and key and answers with the
-   chunks it needs; the sender sends the union, once.
+1. ``prepare``: every peer gets the manifest and this run's datagram key
+   and answers with the chunks it needs; the sender sends the union, once.
 2. ``missing``: every live peer answers with a bounded report of the blocks
    it still lacks; the sender sends the union of the reports.  Repeat until
    every live peer says it is done.
@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from twisted.internet import defer, task
@@ -51,11 +51,14 @@ class Offer:
     """Everything a receiver is told about a transfer before data flows."""
 
     transfer_id: bytes
+    #: The transfer's secret where a sender makes the offer; what receivers
+    #: are given is the datagram key of one run of it (`Transfer`).
     key: bytes
     manifest: Manifest
     channel: Channel
     destination: str
     options: TransferOptions = DEFAULT_OPTIONS
+    cipher: str = datagram.AES_256_GCM
 
 
 class ReceiverPeer(Protocol):
@@ -188,8 +191,13 @@ class Transfer:
         poll: float = 0.1,
         probe: float = 1.0,
         last_probe: float = 0.15,
+        run: bytes | None = None,
     ) -> None:
         """
+        ``run`` salts this run's datagram key (`datagram.run_key`); fresh
+        random bytes unless the caller keeps them (the master stores them
+        with the job).
+
         ``prepare_timeout`` is long because preparing may digest old copies
         of large files; ``stalled_rounds`` is how many repair rounds a peer
         may go without receiving a single block before it is failed (joined
@@ -199,7 +207,15 @@ class Transfer:
         if len(set(names)) != len(names):
             raise ValueError("two receivers have the same name")
         self.reactor = reactor
-        self.offer = offer
+        # A run of its own: a fresh key from the secret, so that this run's
+        # nonces (its sequence numbers, from 0) are new, and a datagram of
+        # an earlier run, replayed, does not open.
+        run = run or os.urandom(datagram.RUN_SIZE)
+        self.offer = offer = replace(
+            offer,
+            key=datagram.run_key(offer.key, offer.transfer_id, run),
+            cipher=datagram.preferred_cipher(),
+        )
         self.peers = {p.name: p for p in peers}
         self.grace = grace
         self.call_timeout = call_timeout
@@ -218,6 +234,7 @@ class Transfer:
             offer.transfer_id,
             offer.key,
             self.controller.rate,
+            offer.cipher,
         )
         self.sender.on_blocked = self.controller.blocked
         self._control = task.LoopingCall(self._adjust_rate)
@@ -390,7 +407,7 @@ class Transfer:
         more than ``last_probe`` + ``drain`` left (a repair pass, mostly) is
         not probed: a probe would see nothing of it.
         """
-        datagram_bits = (self.offer.manifest.block_size + datagram.HEADER_SIZE) * 8
+        datagram_bits = (self.offer.manifest.block_size + datagram.OVERHEAD) * 8
         sending = self.sender.send(blocks, parities)
         since, sent_since = self.reactor.seconds(), self.sender.stats["datagrams"]
         while not sending.called:

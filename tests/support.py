@@ -17,9 +17,11 @@ import shutil
 import socket
 import stat
 import tempfile
+from typing import Any
 
 from twisted.internet import defer, reactor, task
 
+from mrsyncd import datagram
 from mrsyncd.agent import LocalPeer, ReceiverAgent
 from mrsyncd.manifest import Manifest
 from mrsyncd.multicast import Channel
@@ -56,6 +58,11 @@ def unique_channel() -> Channel:
                 continue
         _used.add((group, port))
         return Channel(group, port, "lo")
+
+
+def seal(key: bytes, tid: bytes, *fields: Any, cipher: str = datagram.AES_256_GCM, **named: Any) -> bytes:
+    """One datagram as a run's sender with this key seals it (`datagram.DatagramCipher.encode`)."""
+    return datagram.DatagramCipher(tid, key, cipher).encode(*fields, **named)
 
 
 def write_file(path: str, data: bytes, mode: int | None = None, mtime_ns: int | None = None) -> None:

@@ -1,7 +1,8 @@
 """
-The control contract's congestion reports, across a real TCP connection on
-loopback: what a receiver's report becomes at the sender, and what it costs
-on the wire (these reports are most of what nodes send while data flows).
+The control contract across a real TCP connection on loopback: protocol
+versions at registration, and congestion reports (what a receiver's report
+becomes at the sender, and what it costs on the wire: these reports are most
+of what nodes send while data flows).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from mrsyncd.agent import ReceiverAgent
-from mrsyncd.commands import UINT32_MAX, BadRequest, CongestionReport
+from mrsyncd.commands import PROTOCOL, UINT32_MAX, BadRequest, CongestionReport, Refused, Register
 from mrsyncd.control import AMPPeer, ReceiverControl, SenderControl
 from mrsyncd.ratecontrol import Feedback
 from mrsyncd.receiver import MissingReport
@@ -92,6 +93,81 @@ class MissingCalls(LoopbackControl):
         self.assertEqual(
             calls,
             [(TRANSFER_ID, {3: "source changed"}, through) for through in (None, 7, 1 << 40)],
+        )
+
+
+class ProtocolVersions(unittest.TestCase):
+    """A sender and a receiver of different protocol versions refuse each other, naming both."""
+
+    def setUp(self) -> None:
+        self.logged: list[str] = []
+        observer = lambda event: self.logged.append(formatEvent(event))  # noqa: E731
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+
+    @defer.inlineCallbacks
+    def listen(self, protocol: Any) -> Any:
+        port = yield endpoints.TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+            Factory.forProtocol(protocol)
+        )
+        self.addCleanup(port.stopListening)
+        return port.getHost().port
+
+    @defer.inlineCallbacks
+    def register_as(self, **arguments: Any) -> Any:
+        """Register with a sender over loopback as a receiver that sends ``arguments``."""
+        registered: list[AMPPeer] = []
+        port = yield self.listen(lambda: SenderControl(registered.append))
+        client = yield endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(
+            Factory.forProtocol(amp.AMP)
+        )
+        self.addCleanup(client.transport.loseConnection)
+        try:
+            answer = yield client.callRemote(Register, name="node1", **arguments)
+        except Refused as e:
+            return registered, str(e)
+        return registered, answer
+
+    @defer.inlineCallbacks
+    def test_a_receiver_of_this_version_is_registered_and_told_ours(self) -> Any:
+        registered, answer = yield self.register_as(version=PROTOCOL)
+        self.assertEqual(answer, {"version": PROTOCOL})
+        self.assertEqual([p.name for p in registered], ["node1"])
+
+    @defer.inlineCallbacks
+    def test_a_receiver_of_another_version_is_refused(self) -> Any:
+        for version, said in [({}, "1 or older"), ({"version": PROTOCOL + 1}, str(PROTOCOL + 1))]:
+            registered, why = yield self.register_as(**version)
+            self.assertEqual(registered, [])
+            wanted = f"the receiver speaks mrsyncd protocol {said} and this sender protocol {PROTOCOL}"
+            self.assertIn(wanted, why)
+            self.assertTrue(any(why in line for line in self.logged), self.logged)
+
+    @defer.inlineCallbacks
+    def test_a_node_hangs_up_on_a_sender_of_another_version(self) -> Any:
+        """A sender of protocol 1 takes the registration and answers without a version."""
+        hung_up: defer.Deferred[None] = defer.Deferred()
+
+        class OldSender(amp.AMP):
+            @Register.responder
+            def register(self, **_: Any) -> dict[str, Any]:
+                return {}
+
+            def connectionLost(self, reason: Failure = connectionDone) -> None:
+                super().connectionLost(reason)
+                hung_up.callback(None)
+
+        port = yield self.listen(OldSender)
+        yield endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(
+            Factory.forProtocol(lambda: ReceiverControl(ReceiverAgent(reactor), "node1"))
+        )
+        yield hung_up
+        self.assertTrue(
+            any(
+                f"the master speaks mrsyncd protocol 1 or older and this node protocol {PROTOCOL}" in line
+                for line in self.logged
+            ),
+            self.logged,
         )
 
 

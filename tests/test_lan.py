@@ -519,31 +519,29 @@ def body(n):
 
 def forge(kind):
     if kind == "short":
-        return body(rng.randrange(0, datagram.HEADER_SIZE))
-    if kind == "magic":
-        data = body(rng.randrange(datagram.HEADER_SIZE, 1500))
-        return b"XX" + data[2:] if data[:2] == b"MR" else data
+        return body(rng.randrange(0, datagram.OVERHEAD))
     if kind == "version":
-        return b"MR" + bytes([rng.choice([0, 2, 3, 255])]) + body(rng.randrange(33, 1500))
+        return bytes([rng.choice([0, 1, 3, 0x4D, 255])]) + body(rng.randrange(datagram.OVERHEAD, 1500))
     if kind == "kind":
-        return b"MR\x01" + bytes([rng.choice([0, 2, 7, 255])]) + body(rng.randrange(32, 1500))
+        return b"\x02" + bytes([rng.choice([0, 4, 7, 255])]) + body(rng.randrange(datagram.OVERHEAD, 1500))
     if kind == "foreign":
         size = rng.choice([0, 1, 700, 1408, 1408, rng.randrange(1409, 8000)])
-        key, tid = os.urandom(32), os.urandom(8)
-        return datagram.encode(key, tid, rng.randrange(64), rng.randrange(100000), body(size))
+        cipher = datagram.DatagramCipher(os.urandom(8), os.urandom(32))
+        return cipher.encode(rng.randrange(64), rng.randrange(100000), body(size))
     tid, sample = learned["transfer_id"], learned["sample"]
     if kind == "tag-forged":
-        return datagram.encode(os.urandom(32), tid, rng.randrange(64), rng.randrange(1000), body(1408))
+        forger = datagram.DatagramCipher(tid, os.urandom(32), datagram.preferred_cipher())
+        return forger.encode(rng.randrange(64), rng.randrange(1000), body(1408))
     if kind == "tag-flipped":
         data = bytearray(sample)
-        i = rng.randrange(datagram.HEADER_SIZE - 16, len(data))
+        i = rng.randrange(datagram.HEADER_SIZE, len(data))
         data[i] ^= 1 << rng.randrange(8)
         return bytes(data)
     if kind == "tag-cut":
-        return sample[: rng.randrange(datagram.HEADER_SIZE, len(sample))]
+        return sample[: rng.randrange(datagram.OVERHEAD, len(sample))]
     raise ValueError(kind)
 
-plain = ["short", "magic", "version", "kind", "foreign"]
+plain = ["short", "version", "kind", "foreign"]
 tagged = ["tag-forged", "tag-flipped", "tag-cut"]
 print("spraying", flush=True)
 try:
@@ -564,6 +562,72 @@ finally:
     tid = learned["transfer_id"]
     print(json.dumps({"sent": sent, "transfer_id": tid.hex() if tid else None}), flush=True)
 '''
+
+
+SNIFFER = r"""
+# Keep every datagram heard on the group, as any host on the LAN can, until SIGTERM.
+import signal, sys
+from mrsyncd.multicast import Channel, receiver_socket
+
+sock = receiver_socket(Channel(sys.argv[1], int(sys.argv[2]), "eth0"))
+sock.settimeout(0.2)
+out = open(sys.argv[3], "wb")
+heard = 0
+
+def stop(signum, frame):
+    raise SystemExit(0)
+signal.signal(signal.SIGTERM, stop)
+print("listening", flush=True)
+try:
+    while True:
+        try:
+            data = sock.recv(65535)
+        except TimeoutError:
+            continue
+        out.write(len(data).to_bytes(2, "big") + data)
+        heard += 1
+finally:
+    out.close()
+    print(heard, flush=True)
+"""
+
+
+def test_a_passive_host_reads_no_file_data(lan: Any, tmp_path: Path) -> None:
+    """
+    A host on the LAN that joins the group hears every datagram of a push,
+    and finds none of the file's text in them: every payload is encrypted.
+    """
+    secret = b"CONFIDENTIAL: the root password is hunter2. "
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "secrets.txt").write_bytes(secret * (4 * MiB // len(secret)))
+    net = lan(nodes=2)
+    eavesdropper = net.add_host("eve")
+    net.wait_ready()
+    capture = tmp_path / "heard.bin"
+    sniffer = eavesdropper.python(
+        ["-c", SNIFFER, GROUP4, str(DATA_PORT), str(capture)], stdout=subprocess.PIPE
+    )
+    assert sniffer.stdout is not None and sniffer.stdout.readline().strip() == b"listening"
+    try:
+        outcome = run_transfer(net, [src / "secrets.txt"], tmp_path / "run", net.nodes, rate="80M")
+    finally:
+        sniffer.terminate()
+        out, _ = sniffer.communicate(timeout=10)
+    try:
+        heard = int(out.decode().split()[-1])
+        print(summary(outcome), f"; the eavesdropper heard {heard} datagrams")
+        for node in net.nodes:
+            received = tmp_path / "run" / node.name / "data" / "secrets.txt"
+            assert received.read_bytes() == (src / "secrets.txt").read_bytes()
+        # It heard the whole file's worth of datagrams, and not one word of it.
+        assert heard >= 4 * MiB // 1408, heard
+        wire = capture.read_bytes()
+        assert len(wire) > 4 * MiB
+        for words in (b"CONFIDENTIAL", b"hunter2", b"root password"):
+            assert words not in wire, f"{words!r} crossed the LAN in the clear"
+    finally:
+        drop_tree(src, *(tmp_path / "run" / n.name for n in net.nodes))
 
 
 def test_foreign_host_spraying_the_group(lan: Any, tmp_path: Path) -> None:
@@ -600,7 +664,7 @@ def test_foreign_host_spraying_the_group(lan: Any, tmp_path: Path) -> None:
             assert set(peer["results"].values()) == {"ok"}
             assert_same_tree(tree, tmp_path / "run" / node.name / "data" / "tree")
             stats = peer["stats"]
-            for reason in ("short", "magic", "version", "kind", "foreign", "tag"):
+            for reason in ("short", "version", "kind", "foreign", "tag"):
                 assert stats.get(reason, 0) > 0, f"{node.name} counted no {reason!r} drops: {stats}"
             counted = sum(stats.get(r.value, 0) for r in Reason)
             assert counted <= sum(spray["sent"].values()), (counted, spray)

@@ -91,6 +91,8 @@ NOT_OURS = [
     "/usr/lib/python3/dist-packages/twisted/plugins/__init__.py",
     "/usr/lib/python3/dist-packages/twisted/plugins/dropin.cache",
 ]
+#: The package holds a C module, so it is built for this architecture.
+ARCH = subprocess.run(["dpkg", "--print-architecture"], capture_output=True, text=True).stdout.strip()
 PLUGIN_CACHE = Path("/usr/lib/python3/dist-packages/twisted/plugins/dropin.cache")
 UNITS = {
     "master": "/lib/systemd/system/mrsyncd-master.service",
@@ -182,6 +184,7 @@ def copy_tree(destination: Path) -> None:
             "dropin.cache",
             ".pybuild",
             "results",
+            "*.so",
         ),
     )
 
@@ -215,7 +218,7 @@ def build(tree: Path) -> Path:
         pytest.skip(f"build dependencies missing: {missing.stderr.strip()}")
     run(["dpkg-buildpackage", "-us", "-uc", "-b"], cwd=tree, timeout=300)
     version = changelog_version(tree)
-    deb = tree.parent / f"{PACKAGE}_{version}_all.deb"
+    deb = tree.parent / f"{PACKAGE}_{version}_{ARCH}.deb"
     assert deb.exists(), sorted(p.name for p in tree.parent.iterdir())
     return deb
 
@@ -300,9 +303,12 @@ def test_package_contents_and_lintian(built: dict[str, Path]) -> None:
         assert wanted in paths, f"{wanted} not in the package:\n{listing}"
     for unwanted in NOT_OURS:
         assert unwanted not in paths, f"the package ships {unwanted}, which belongs to python3-twisted"
+    native = [p for p in paths if re.fullmatch(r"/usr/lib/python3/dist-packages/mrsyncd/_crypto\..*\.so", p)]
+    assert native, f"the data path's C module is not in the package:\n{listing}"
     fields = run(["dpkg-deb", "-f", str(built["deb"]), "Package", "Architecture", "Depends"]).stdout
-    assert "Package: mrsyncd" in fields and "Architecture: all" in fields, fields
+    assert "Package: mrsyncd" in fields and f"Architecture: {ARCH}" in fields, fields
     for dependency in (
+        "libssl3",  # the C module's libcrypto, found by dh_shlibdeps
         "python3-twisted",
         "python3-openssl",
         "python3-service-identity",

@@ -34,12 +34,14 @@ from .support import (
     make_peers,
     part_files,
     run_transfer,
+    seal,
     temp_dir,
     tree_entries,
     unique_channel,
     wait_until,
     write_file,
 )
+from .support import seal as support_seal
 
 
 def without(manifest, local, paths):
@@ -89,7 +91,7 @@ class DirectReceiverTests(unittest.TestCase):
         bs = self.manifest.block_size
         for b in blocks:
             r.datagramReceived(
-                datagram.encode(key or self.key, tid or self.tid, index, b, data[b * bs : (b + 1) * bs]), None
+                seal(key or self.key, tid or self.tid, index, b, data[b * bs : (b + 1) * bs]), None
             )
 
     @defer.inlineCallbacks
@@ -115,10 +117,10 @@ class DirectReceiverTests(unittest.TestCase):
         # A block is on disk before it is verified, but only in the part file.
         self.assertEqual(os.listdir(self.dst), [part_name(self.tid, 0)])
         # Wrong lengths and indices never touch the disk.
-        r.datagramReceived(datagram.encode(self.key, self.tid, 0, 0, data[:99]), None)
-        r.datagramReceived(datagram.encode(self.key, self.tid, 0, 99, data[:101]), None)
-        r.datagramReceived(datagram.encode(self.key, self.tid, 0, 100, data[:100]), None)
-        r.datagramReceived(datagram.encode(self.key, self.tid, 1, 0, data[:100]), None)
+        r.datagramReceived(seal(self.key, self.tid, 0, 0, data[:99]), None)
+        r.datagramReceived(seal(self.key, self.tid, 0, 99, data[:101]), None)
+        r.datagramReceived(seal(self.key, self.tid, 0, 100, data[:100]), None)
+        r.datagramReceived(seal(self.key, self.tid, 1, 0, data[:100]), None)
         self.assertEqual(r.stats["range"], 4)
 
         self.feed(r, 0, sorted(set(range(100)) - set(held)), data)
@@ -134,8 +136,12 @@ class DirectReceiverTests(unittest.TestCase):
         """Parity ``index`` of group ``group`` of file 0, as the sender builds it."""
         bs, count = self.manifest.block_size, self.manifest.parity_group
         blocks = [data[b * bs : (b + 1) * bs] for b in range(group * count, (group + 1) * count)]
-        return datagram.encode(
-            self.key, self.tid, 0, group * count + index, erasure.encode([b for b in blocks if b], index, bs),
+        return seal(
+            self.key,
+            self.tid,
+            0,
+            group * count + index,
+            erasure.encode([b for b in blocks if b], index, bs),
             kind=datagram.KIND_PARITY,
         )
 
@@ -298,7 +304,7 @@ class DirectReceiverTests(unittest.TestCase):
         needs = yield d
         self.assertEqual(needs, {})
         for index in (0, 1, 2, 2**32 - 1):
-            r.datagramReceived(datagram.encode(self.key, self.tid, index, 0, b""), None)
+            r.datagramReceived(seal(self.key, self.tid, index, 0, b""), None)
         self.assertEqual(r.stats["range"], 4)
         yield wait_until(lambda: r.done)
         self.assertEqual(r.results, {"d": OK, "e": OK})
@@ -393,13 +399,12 @@ class DirectReceiverTests(unittest.TestCase):
             self.assertEqual(f.read(), b"old")
         self.assertEqual(part_files(self.dst), [])
 
-
     def numbered(self, r, blocks, data, first_sequence):
         """Feed blocks of file 0 as one pass numbers them: one sequence number each."""
         bs = self.manifest.block_size
         for n, b in enumerate(blocks):
             payload = data[b * bs : (b + 1) * bs]
-            r.datagramReceived(datagram.encode(self.key, self.tid, 0, b, payload, first_sequence + n), None)
+            r.datagramReceived(seal(self.key, self.tid, 0, b, payload, first_sequence + n), None)
 
     @defer.inlineCallbacks
     def test_a_report_waits_until_the_pass_is_in(self):
@@ -472,15 +477,21 @@ class DirectReceiverTests(unittest.TestCase):
         self.assertEqual(decode_map(report.missing), {})
         self.assertEqual(r.results, {"f": OK})
 
+
 class ForeignDatagramTests(unittest.TestCase):
     """Datagrams that are not this transfer's are counted and never written."""
 
     timeout = 60
     N = 20
 
-    def spray(self, sock, channel, tid, key, manifest, rng, n):
+    def spray(self, sock, channel, offer, rng, n):
         """Send ``n`` datagrams of every unwanted kind; returns how many of each reason."""
         address = channel.address
+        tid, key, manifest = offer.transfer_id, offer.key, offer.manifest
+
+        def seal(key, tid, *fields):
+            return support_seal(key, tid, *fields, cipher=offer.cipher)
+
         index, entry = next((i, e) for i, e in manifest.files() if manifest.blocks(e) > 10)
         bs = manifest.block_size
         other_tid, other_key = os.urandom(8), os.urandom(32)
@@ -493,23 +504,22 @@ class ForeignDatagramTests(unittest.TestCase):
         for _ in range(n):
             block = rng.randrange(manifest.blocks(entry) - 1)
             payload = rng.randbytes(bs)
-            good = datagram.encode(key, tid, index, block, payload)
-            send("short", rng.randbytes(rng.randrange(0, datagram.HEADER_SIZE)))
-            send("magic", b"XX" + rng.randbytes(rng.randrange(40, 1400)))
-            send("version", good[:2] + b"\x07" + good[3:])
-            send("kind", good[:3] + b"\x09" + good[4:])
+            good = seal(key, tid, index, block, payload)
+            send("short", rng.randbytes(rng.randrange(0, datagram.OVERHEAD)))
+            send("version", b"\x07" + good[1:])
+            send("kind", good[:1] + b"\x09" + good[2:])
             # another transfer's perfectly valid datagram
-            send("foreign", datagram.encode(other_key, other_tid, index, block, payload))
+            send("foreign", seal(other_key, other_tid, index, block, payload))
             # this transfer's id, right place and length, another key
-            send("tag", datagram.encode(other_key, tid, index, block, payload))
+            send("tag", seal(other_key, tid, index, block, payload))
             # a valid header with a made-up tag
-            send("tag", good[:20] + os.urandom(16) + good[36:])
+            send("tag", good[:-16] + os.urandom(16))
             # a valid datagram with one payload bit flipped
             send("tag", good[:-1] + bytes([good[-1] ^ 1]))
             # valid tags (the key holder misbehaving) but out of range
-            send("range", datagram.encode(key, tid, len(manifest.entries) + 3, 0, payload))
-            send("range", datagram.encode(key, tid, index, 2**32 - 1, payload))
-            send("range", datagram.encode(key, tid, index, block, payload + b"x"))
+            send("range", seal(key, tid, len(manifest.entries) + 3, 0, payload))
+            send("range", seal(key, tid, index, 2**32 - 1, payload))
+            send("range", seal(key, tid, index, block, payload + b"x"))
         return sent
 
     @defer.inlineCallbacks
@@ -535,12 +545,8 @@ class ForeignDatagramTests(unittest.TestCase):
 
         def prepare(offer):
             def joined(needs):
-                burst.update(
-                    self.spray(sock, channel, offer.transfer_id, offer.key, offer.manifest, rng, self.N)
-                )
-                lc = task.LoopingCall(
-                    self.spray, sock, channel, offer.transfer_id, offer.key, offer.manifest, rng, 1
-                )
+                burst.update(self.spray(sock, channel, offer, rng, self.N))
+                lc = task.LoopingCall(self.spray, sock, channel, offer, rng, 1)
                 lc.start(0.005)
                 looping.append(lc)
                 return needs
@@ -840,12 +846,12 @@ class FeedbackTests(unittest.TestCase):
         for b in blocks:
             sent_us = int((time.time() if sent_at is None else sent_at) * 1e6)
             payload = self.data[b * 1400 : (b + 1) * 1400]
-            self.out.send(datagram.encode(self.key, self.tid, 0, b, payload, self.sequence, sent_us))
+            self.out.send(seal(self.key, self.tid, 0, b, payload, self.sequence, sent_us))
             self.sequence += 1
 
     def echo(self, payload):
         self.out.send(
-            datagram.encode(
+            seal(
                 self.key,
                 self.tid,
                 datagram.ECHO_FILE,
@@ -927,9 +933,7 @@ class FeedbackTests(unittest.TestCase):
     def test_an_echo_naming_a_file_is_not_data(self):
         """Only the key's holder can send one, but an ECHO is never written as a block."""
         r = yield self.start(rcvbuf=4 << 20, name="node1")
-        self.out.send(
-            datagram.encode(self.key, self.tid, 0, 0, self.data[:1400], 0, 0, datagram.KIND_ECHO)
-        )
+        self.out.send(seal(self.key, self.tid, 0, 0, self.data[:1400], 0, 0, datagram.KIND_ECHO))
         yield wait_until(lambda: r.stats[datagram.Reason.RANGE.value], timeout=2)
         self.assertEqual(r.stats["blocks"], 0)
 
