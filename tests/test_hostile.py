@@ -42,7 +42,7 @@ from twisted.internet.testing import StringTransport
 from twisted.protocols import amp
 
 from mrsyncd import datagram
-from mrsyncd.commands import MAX_BOX_BYTES, MAX_BOX_KEYS, MAX_PIECES, PIECE, BigBytes, BoundedAMP
+from mrsyncd.commands import MAX_BOX_BYTES, MAX_BOX_KEYS, MAX_PIECES, PIECE, PROTOCOL, BigBytes, BoundedAMP
 from mrsyncd.manifest import FILE, HARDLINK, SYMLINK, Manifest, digest, scan
 from mrsyncd.multicast import Channel, receiver_socket
 from tests import support
@@ -768,7 +768,8 @@ class StandInMaster:
     """
     A TLS listener with the master's certificate that a node dials: the
     test plays the master and sends the node whatever it likes.  It answers
-    every question the node asks (Register, Heartbeat) with an empty answer.
+    the node's Register with this protocol version, and every other question
+    (Heartbeat) with an empty answer.
     """
 
     def __init__(self, c: Cluster) -> None:
@@ -786,7 +787,7 @@ class StandInMaster:
         peer = AmpClient(self.context.wrap_socket(raw, server_side=True))
         register = peer.read_box()
         assert register.get(b"_command") == b"Register", register
-        peer.send(amp_box([(b"_answer", register[b"_ask"])]))
+        peer.send(amp_box([(b"_answer", register[b"_ask"]), (b"version", b"%d" % PROTOCOL)]))
         return peer
 
     def close(self) -> None:
@@ -831,6 +832,7 @@ def _prepare(
             (b"loopback", b"True"),
             (b"destination", destination.encode()),
             (b"options", json.dumps({"label": label}).encode()),
+            (b"cipher", datagram.AES_256_GCM.encode()),
         ],
     )
 
