@@ -15,9 +15,9 @@ found inside them) and deletes them, and is called from the fixture's
 teardown (also after SIGINT or SIGTERM) and on interpreter exit.  A run that died by SIGKILL
 leaves namespaces whose pid is gone: the next run sweeps those.
 
-Use the ``lan`` fixture (a factory; import `lan_fixture` to have it)::
-
-    from tests.lan import lan_fixture  # noqa: F401
+Use the ``lan`` fixture (a factory, in tests/conftest.py; this module does
+not import pytest, so that demo/ can use it on a machine without the test
+tools)::
 
     def test_x(lan):
         net = lan(nodes=3)
@@ -45,8 +45,6 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
-
-import pytest
 
 SUBNET4 = ipaddress.IPv4Network("10.231.77.0/24")
 SUBNET6 = ipaddress.IPv6Network("fd77:231::/64")
@@ -344,30 +342,6 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-@pytest.fixture(name="lan")
-def lan_fixture() -> Iterator[Any]:
-    """
-    A factory of LANs: ``lan(nodes=3)`` builds one (skipping the test where
-    the machine cannot); all are torn down when the test ends, pass or fail.
-    """
-    why = unavailable()
-    if why:
-        pytest.skip(why)
-    sweep_dead_runs()
-    made: list[Lan] = []
-
-    def make(nodes: int = 3, **kwargs: Any) -> Lan:
-        net = Lan(nodes, **kwargs)
-        made.append(net)
-        net.wait_ready()
-        return net
-
-    with _sigterm_as_interrupt():
-        try:
-            yield make
-        finally:
-            for net in reversed(made):
-                net.close()
 
 
 # Why a wrapper: Linux carries a process's peak RSS (ru_maxrss) across exec,

@@ -48,7 +48,6 @@ from tests.daemon import (
     wait_for,
     write_toml,
 )
-from tests.lan import lan_fixture  # noqa: F401
 
 MiB = 1 << 20
 #: node3 may write only beneath ``shared/pub``; node1 and node2 anywhere in ``shared``.

@@ -48,7 +48,6 @@ from tests.daemon import (
     time_limit,
     wait_for,
 )
-from tests.lan import lan_fixture  # noqa: F401
 
 pytestmark = [
     pytest.mark.lan,

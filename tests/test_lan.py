@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 
 from mrsyncd.datagram import Reason
-from tests.lan import Host, Lan, lan_fixture, read_rusage  # noqa: F401
+from tests.lan import Host, Lan, read_rusage
 
 pytestmark = pytest.mark.lan
 

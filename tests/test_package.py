@@ -44,7 +44,7 @@ from typing import Any
 
 import pytest
 
-from tests.lan import Host, lan_fixture  # noqa: F401
+from tests.lan import Host
 from tests.support import assert_same_tree, make_full_tree, unit_settings
 
 pytestmark = [pytest.mark.package, pytest.mark.lan]
