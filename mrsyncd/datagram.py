@@ -37,6 +37,7 @@ release 42, sets a context up for every call (about 9 us).
 
 from __future__ import annotations
 
+import functools
 import os
 import struct
 from dataclasses import dataclass
@@ -168,11 +169,13 @@ def new_aead(cipher: str, key: bytes, native_path: bool | None = None) -> AEAD:
     return PythonAEAD(cipher, key)
 
 
+@functools.cache
 def preferred_cipher(cpuinfo: str = "/proc/cpuinfo") -> str:
     """
     AES-256-GCM where the CPU has AES instructions (x86's ``aes`` flag,
     ARM's ``aes`` feature), else ChaCha20-Poly1305, which is faster in
-    software.  The sender chooses and tells its receivers in the offer.
+    software.  The sender chooses and tells its receivers in the offer;
+    the CPU does not change, so the file is read once.
     """
     try:
         with open(cpuinfo) as f:
@@ -240,10 +243,8 @@ class DatagramCipher:
         if len(datagram) < OVERHEAD:
             return Rejected(Reason.SHORT)
         version, kind, seen, high, low, file_index, block_index, sent_us = _HEADER.unpack_from(datagram)
-        if version != VERSION:
-            return Rejected(Reason.VERSION)
-        if kind not in _KINDS:
-            return Rejected(Reason.KIND)
+        if version != VERSION or kind not in _KINDS:
+            return _header(datagram)  # type: ignore[return-value]  # which of the two
         if seen != self.transfer_id:
             return Rejected(Reason.FOREIGN)
         sequence = high << 32 | low
@@ -253,11 +254,8 @@ class DatagramCipher:
         return DataBlock(seen, file_index, block_index, payload, sequence, sent_us, kind)
 
 
-def peek_transfer_id(datagram: bytes) -> bytes | Rejected:
-    """
-    Read the transfer id without opening the datagram, so that a socket
-    shared by several transfers can find the key to open it with.
-    """
+def _header(datagram: bytes) -> tuple[Any, ...] | Rejected:
+    """The clear header's fields, if the datagram is long enough and of a version and kind we know."""
     if len(datagram) < OVERHEAD:
         return Rejected(Reason.SHORT)
     fields: tuple[Any, ...] = _HEADER.unpack_from(datagram)
@@ -265,4 +263,13 @@ def peek_transfer_id(datagram: bytes) -> bytes | Rejected:
         return Rejected(Reason.VERSION)
     if fields[1] not in _KINDS:
         return Rejected(Reason.KIND)
-    return bytes(fields[2])
+    return fields
+
+
+def peek_transfer_id(datagram: bytes) -> bytes | Rejected:
+    """
+    Read the transfer id without opening the datagram, so that a socket
+    shared by several transfers can find the key to open it with.
+    """
+    header = _header(datagram)
+    return header if isinstance(header, Rejected) else bytes(header[2])

@@ -80,7 +80,6 @@ class Sender(DatagramProtocol):
         self.manifest = manifest
         self.local_paths = local_paths
         self.channel = channel
-        self.transfer_id = transfer_id
         self._cipher = datagram.DatagramCipher(transfer_id, key, cipher)
         self.pacer = Pacer(reactor, rate_bps)
         #: Called when the local send queue overflows (ENOBUFS, EAGAIN).

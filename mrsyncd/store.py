@@ -112,7 +112,6 @@ class Job:
     payload_bytes: int = 0
     sent_bytes: int = 0
     message: str = ""
-    run: bytes | None = None
     nodes: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
@@ -175,7 +174,6 @@ class JobStore:
             payload_bytes=row[10],
             sent_bytes=row[11],
             message=row[12],
-            run=row[13],
         )
         for node, state, reason, needed, changed, hook in self.db.execute(
             "SELECT node, state, reason, needed_bytes, changed, hook"
