@@ -289,7 +289,7 @@ class MrsyncEngine(Runner):
     description = "mrsync-engine send/receive: the data plane alone, without the daemons"
     DATA_PORT = 7717
     CONTROL_PORT = 7718
-    #: The pacer counts datagram bytes (payload + mrsyncd's header); asked of the code under test.
+    #: The pacer counts datagram bytes (payload, header and tag); asked of the code under test.
     DATAGRAM = 1452
 
     def command(self) -> list[str]:
@@ -308,7 +308,7 @@ class MrsyncEngine(Runner):
             [
                 sys.executable,
                 "-c",
-                "from mrsyncd import datagram as d; print(d.DEFAULT_BLOCK_SIZE + d.HEADER_SIZE, d.__file__)",
+                "from mrsyncd import datagram as d; print(d.DEFAULT_BLOCK_SIZE + d.OVERHEAD, d.__file__)",
             ],
             capture_output=True,
             text=True,
