@@ -62,6 +62,7 @@ def install_needs(tree: Path) -> None:
     be measured on its slow path.
     """
     wanted = sorted({*NEEDS.values(), *PACKAGES})
+
     def installed(package: str) -> bool:
         status = subprocess.run(["dpkg-query", "-W", "-f=${Status}", package], capture_output=True, text=True)
         return status.stdout.endswith("install ok installed")

@@ -7,7 +7,7 @@ import struct
 
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
-from hypothesis import example, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mrsyncd import datagram
@@ -93,22 +93,26 @@ def test_c_and_python_paths_agree(v, seal_native):
     assert other.decode(packet) == DataBlock(sealer.transfer_id, f, b, payload, seq, 99)
 
 
-@paths
-def test_round_trip(native):
-    @given(valid(native))
-    @example(
-        (c := DatagramCipher(b"\0" * 8, b"\0" * 32, AES_256_GCM, native), 0, 0, b"", 0, c.encode(0, 0, b""))
-    )
-    def check(v):
-        cipher, f, b, payload, seq, packet = v
-        assert peek_transfer_id(packet) == cipher.transfer_id
-        got = cipher.decode(packet)
-        assert got == DataBlock(cipher.transfer_id, f, b, payload, seq)
-        assert type(got.payload) is bytes
-        # bytearray input decodes the same (receivers may pass either).
-        assert cipher.decode(bytearray(packet)) == got
+def _round_trips(cipher: DatagramCipher, f: int, b: int, payload: bytes, seq: int, packet: bytes) -> None:
+    assert peek_transfer_id(packet) == cipher.transfer_id
+    got = cipher.decode(packet)
+    assert got == DataBlock(cipher.transfer_id, f, b, payload, seq)
+    assert type(got.payload) is bytes
+    # bytearray input decodes the same (receivers may pass either).
+    assert cipher.decode(bytearray(packet)) == got
 
-    check()
+
+@paths
+@given(data=st.data())
+def test_round_trip(native, data):
+    _round_trips(*data.draw(valid(native)))
+
+
+@paths
+def test_the_smallest_datagram_round_trips(native):
+    """An empty payload, every field 0."""
+    cipher = DatagramCipher(b"\0" * 8, b"\0" * 32, AES_256_GCM, native)
+    _round_trips(cipher, 0, 0, b"", 0, cipher.encode(0, 0, b""))
 
 
 @paths
@@ -121,30 +125,27 @@ def test_sequences_past_48_bits_are_refused(native):
 
 
 @paths
-def test_any_flipped_bit_is_rejected(native):
-    @settings(max_examples=200)
-    @given(valid(native), st.data())
-    def check(v, data):
-        cipher, _, _, _, _, packet = v
-        bit = data.draw(st.integers(min_value=0, max_value=len(packet) * 8 - 1), label="bit")
-        mutated = bytearray(packet)
-        mutated[bit // 8] ^= 1 << (bit % 8)
-        got = cipher.decode(bytes(mutated))
-        assert got == Rejected(expected_reason(bytes(mutated), cipher.transfer_id))
-        # Where the bit was decides the reason.
-        position = bit // 8
-        if position == 0:
-            assert got.reason is Reason.VERSION
-        elif position == 1:
-            # Another known kind still fails: the tag covers the kind.
-            known = mutated[1] in (datagram.KIND_DATA, datagram.KIND_PARITY, datagram.KIND_ECHO)
-            assert got.reason is (Reason.TAG if known else Reason.KIND)
-        elif position < 10:
-            assert got.reason is Reason.FOREIGN
-        else:
-            assert got.reason is Reason.TAG
-
-    check()
+@settings(max_examples=200)
+@given(data=st.data())
+def test_any_flipped_bit_is_rejected(native, data):
+    cipher, _, _, _, _, packet = data.draw(valid(native))
+    bit = data.draw(st.integers(min_value=0, max_value=len(packet) * 8 - 1), label="bit")
+    mutated = bytearray(packet)
+    mutated[bit // 8] ^= 1 << (bit % 8)
+    got = cipher.decode(bytes(mutated))
+    assert got == Rejected(expected_reason(bytes(mutated), cipher.transfer_id))
+    # Where the bit was decides the reason.
+    position = bit // 8
+    if position == 0:
+        assert got.reason is Reason.VERSION
+    elif position == 1:
+        # Another known kind still fails: the tag covers the kind.
+        known = mutated[1] in (datagram.KIND_DATA, datagram.KIND_PARITY, datagram.KIND_ECHO)
+        assert got.reason is (Reason.TAG if known else Reason.KIND)
+    elif position < 10:
+        assert got.reason is Reason.FOREIGN
+    else:
+        assert got.reason is Reason.TAG
 
 
 @given(valid(), keys)
@@ -209,19 +210,16 @@ def _check_total(data: bytes, cipher: DatagramCipher) -> None:
 
 
 @paths
-def test_arbitrary_bytes_never_raise(native):
-    @settings(max_examples=300)
-    @given(st.binary(max_size=2000), keys, transfer_ids)
-    def check(data, key, tid):
-        cipher = DatagramCipher(tid, key, AES_256_GCM, native)
-        _check_total(data, cipher)
-        # Past the cheap checks, down to the tag.
-        _check_total(b"\x02\x01" + tid + data, cipher)
-        _check_total(b"\x02\x01" + data, cipher)
-        _check_total(b"\x01\x01" + tid + data, cipher)
-        _check_total(b"\x02\x04" + tid + data, cipher)
-
-    check()
+@settings(max_examples=300)
+@given(data=st.binary(max_size=2000), key=keys, tid=transfer_ids)
+def test_arbitrary_bytes_never_raise(native, data, key, tid):
+    cipher = DatagramCipher(tid, key, AES_256_GCM, native)
+    _check_total(data, cipher)
+    # Past the cheap checks, down to the tag.
+    _check_total(b"\x02\x01" + tid + data, cipher)
+    _check_total(b"\x02\x01" + data, cipher)
+    _check_total(b"\x01\x01" + tid + data, cipher)
+    _check_total(b"\x02\x04" + tid + data, cipher)
 
 
 @paths
@@ -235,35 +233,29 @@ def test_every_length_up_to_2000(native):
 
 
 @paths
-def test_truncated_or_extended_is_rejected(native):
-    @settings(max_examples=200)
-    @given(valid(native), st.data(), st.binary(min_size=1, max_size=100))
-    def check(v, data, extra):
-        cipher, _, _, _, _, packet = v
-        n = data.draw(st.integers(min_value=0, max_value=len(packet) - 1), label="length")
-        assert cipher.decode(packet[:n]) == Rejected(Reason.SHORT if n < OVERHEAD else Reason.TAG)
-        assert cipher.decode(packet + extra) == Rejected(Reason.TAG)
-
-    check()
+@settings(max_examples=200)
+@given(data=st.data(), extra=st.binary(min_size=1, max_size=100))
+def test_truncated_or_extended_is_rejected(native, data, extra):
+    cipher, _, _, _, _, packet = data.draw(valid(native))
+    n = data.draw(st.integers(min_value=0, max_value=len(packet) - 1), label="length")
+    assert cipher.decode(packet[:n]) == Rejected(Reason.SHORT if n < OVERHEAD else Reason.TAG)
+    assert cipher.decode(packet + extra) == Rejected(Reason.TAG)
 
 
 @paths
-def test_flipped_bytes_are_rejected(native):
-    @settings(max_examples=200)
-    @given(valid(native), st.data())
-    def check(v, data):
-        cipher, _, _, _, _, packet = v
-        mutated = bytearray(packet)
-        flips = data.draw(
-            st.lists(st.tuples(st.integers(0, len(packet) - 1), st.integers(1, 255)), min_size=1, max_size=8),
-            label="flips",
-        )
-        for position, mask in flips:
-            mutated[position] ^= mask
-        got = cipher.decode(bytes(mutated))
-        if mutated == packet:  # two flips of one byte cancelled out
-            assert isinstance(got, DataBlock)
-        else:
-            assert got == Rejected(expected_reason(bytes(mutated), cipher.transfer_id))
-
-    check()
+@settings(max_examples=200)
+@given(data=st.data())
+def test_flipped_bytes_are_rejected(native, data):
+    cipher, _, _, _, _, packet = data.draw(valid(native))
+    mutated = bytearray(packet)
+    flips = data.draw(
+        st.lists(st.tuples(st.integers(0, len(packet) - 1), st.integers(1, 255)), min_size=1, max_size=8),
+        label="flips",
+    )
+    for position, mask in flips:
+        mutated[position] ^= mask
+    got = cipher.decode(bytes(mutated))
+    if mutated == packet:  # two flips of one byte cancelled out
+        assert isinstance(got, DataBlock)
+    else:
+        assert got == Rejected(expected_reason(bytes(mutated), cipher.transfer_id))

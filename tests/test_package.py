@@ -91,8 +91,6 @@ NOT_OURS = [
     "/usr/lib/python3/dist-packages/twisted/plugins/__init__.py",
     "/usr/lib/python3/dist-packages/twisted/plugins/dropin.cache",
 ]
-#: The package holds a C module, so it is built for this architecture.
-ARCH = subprocess.run(["dpkg", "--print-architecture"], capture_output=True, text=True).stdout.strip()
 PLUGIN_CACHE = Path("/usr/lib/python3/dist-packages/twisted/plugins/dropin.cache")
 UNITS = {
     "master": "/lib/systemd/system/mrsyncd-master.service",
@@ -211,6 +209,11 @@ def add_changelog_entry(tree: Path, version: str) -> None:
     path.write_text(entry + old)
 
 
+def architecture() -> str:
+    """This machine's: the package holds a C module, so it is built for it."""
+    return run(["dpkg", "--print-architecture"]).stdout.strip()
+
+
 def build(tree: Path) -> Path:
     """dpkg-buildpackage -us -uc -b in ``tree``; the .deb it made beside it."""
     missing = run(["dpkg-checkbuilddeps"], cwd=tree, check=False)
@@ -218,7 +221,7 @@ def build(tree: Path) -> Path:
         pytest.skip(f"build dependencies missing: {missing.stderr.strip()}")
     run(["dpkg-buildpackage", "-us", "-uc", "-b"], cwd=tree, timeout=300)
     version = changelog_version(tree)
-    deb = tree.parent / f"{PACKAGE}_{version}_{ARCH}.deb"
+    deb = tree.parent / f"{PACKAGE}_{version}_{architecture()}.deb"
     assert deb.exists(), sorted(p.name for p in tree.parent.iterdir())
     return deb
 
@@ -306,7 +309,7 @@ def test_package_contents_and_lintian(built: dict[str, Path]) -> None:
     native = [p for p in paths if re.fullmatch(r"/usr/lib/python3/dist-packages/mrsyncd/_crypto\..*\.so", p)]
     assert native, f"the data path's C module is not in the package:\n{listing}"
     fields = run(["dpkg-deb", "-f", str(built["deb"]), "Package", "Architecture", "Depends"]).stdout
-    assert "Package: mrsyncd" in fields and f"Architecture: {ARCH}" in fields, fields
+    assert "Package: mrsyncd" in fields and f"Architecture: {architecture()}" in fields, fields
     for dependency in (
         "libssl3",  # the C module's libcrypto, found by dh_shlibdeps
         "python3-twisted",

@@ -41,7 +41,6 @@ from .support import (
     wait_until,
     write_file,
 )
-from .support import seal as support_seal
 
 
 def without(manifest, local, paths):
@@ -487,14 +486,13 @@ class ForeignDatagramTests(unittest.TestCase):
     def spray(self, sock, channel, offer, rng, n):
         """Send ``n`` datagrams of every unwanted kind; returns how many of each reason."""
         address = channel.address
-        tid, key, manifest = offer.transfer_id, offer.key, offer.manifest
-
-        def seal(key, tid, *fields):
-            return support_seal(key, tid, *fields, cipher=offer.cipher)
-
+        manifest = offer.manifest
         index, entry = next((i, e) for i, e in manifest.files() if manifest.blocks(e) > 10)
         bs = manifest.block_size
-        other_tid, other_key = os.urandom(8), os.urandom(32)
+        ours = datagram.DatagramCipher(offer.transfer_id, offer.key, offer.cipher)
+        # another transfer, and this transfer's id under another key
+        other = datagram.DatagramCipher(os.urandom(8), os.urandom(32), offer.cipher)
+        forger = datagram.DatagramCipher(offer.transfer_id, os.urandom(32), offer.cipher)
         sent = {}
 
         def send(reason, packet):
@@ -504,22 +502,22 @@ class ForeignDatagramTests(unittest.TestCase):
         for _ in range(n):
             block = rng.randrange(manifest.blocks(entry) - 1)
             payload = rng.randbytes(bs)
-            good = seal(key, tid, index, block, payload)
+            good = ours.encode(index, block, payload)
             send("short", rng.randbytes(rng.randrange(0, datagram.OVERHEAD)))
             send("version", b"\x07" + good[1:])
             send("kind", good[:1] + b"\x09" + good[2:])
             # another transfer's perfectly valid datagram
-            send("foreign", seal(other_key, other_tid, index, block, payload))
+            send("foreign", other.encode(index, block, payload))
             # this transfer's id, right place and length, another key
-            send("tag", seal(other_key, tid, index, block, payload))
+            send("tag", forger.encode(index, block, payload))
             # a valid header with a made-up tag
             send("tag", good[:-16] + os.urandom(16))
             # a valid datagram with one payload bit flipped
             send("tag", good[:-1] + bytes([good[-1] ^ 1]))
             # valid tags (the key holder misbehaving) but out of range
-            send("range", seal(key, tid, len(manifest.entries) + 3, 0, payload))
-            send("range", seal(key, tid, index, 2**32 - 1, payload))
-            send("range", seal(key, tid, index, block, payload + b"x"))
+            send("range", ours.encode(len(manifest.entries) + 3, 0, payload))
+            send("range", ours.encode(index, 2**32 - 1, payload))
+            send("range", ours.encode(index, block, payload + b"x"))
         return sent
 
     @defer.inlineCallbacks
