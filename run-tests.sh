@@ -57,5 +57,5 @@ if (($# == 0)); then
     # contract (tests/test_datagram.py runs both paths side by side anyway).
     echo "== pure-Python data path (MRSYNCD_PURE_PYTHON=1)"
     MRSYNCD_PURE_PYTHON=1 /usr/bin/python3 -m pytest -p no:cacheprovider -q \
-        tests/test_receiver.py tests/test_transfer.py
+        tests/test_receiver.py tests/test_transfer.py tests/test_intake.py
 fi

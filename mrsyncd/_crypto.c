@@ -13,11 +13,25 @@
  * The nonce of a datagram is 4 zero bytes and its 64-bit sequence number,
  * big-endian: unique for as long as the key is, since a key serves one run
  * of one transfer and its sender numbers every datagram once.
+ *
+ * `receive` is a receiver's read loop: one recvmmsg for up to a batch of
+ * datagrams, each checked and opened into one buffer, and consecutive
+ * blocks of a file gathered into runs, so that Python does its bookkeeping
+ * and its write once per run, not once per datagram.  It knows the clear
+ * header's layout (mrsyncd/datagram.py, docs/PROTOCOL.md section 3); the
+ * pure-Python twin is `mrsyncd.intake.python_receive`, and the contract
+ * tests in tests/test_intake.py hold the two to the same answers.
  */
+#define _GNU_SOURCE
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <errno.h>
 #include <openssl/evp.h>
+#include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
+#include <time.h>
 
 #define TAG_SIZE 16
 #define NONCE_SIZE 12
@@ -28,6 +42,9 @@ typedef struct {
     EVP_CIPHER_CTX *seal_ctx;
     EVP_CIPHER_CTX *open_ctx;
 } AEADObject;
+
+static PyTypeObject AEADType;
+
 
 static void
 nonce_of(unsigned long long sequence, unsigned char nonce[NONCE_SIZE])
@@ -180,6 +197,210 @@ done:
     return out;
 }
 
+/* The clear header (mrsyncd/datagram.py). */
+#define VERSION 2
+#define KIND_DATA 1
+#define KIND_ECHO 3
+#define HEADER_SIZE 28
+#define OVERHEAD (HEADER_SIZE + TAG_SIZE)
+#define TRANSFER_ID_SIZE 8
+#define MAX_BATCH 256
+/* The order of `mrsyncd.intake.REJECTIONS`. */
+enum { R_SHORT, R_VERSION, R_KIND, R_FOREIGN, R_TAG, R_COUNT };
+
+static uint32_t
+be32(const unsigned char *p)
+{
+    return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
+}
+
+static int
+open_into(EVP_CIPHER_CTX *ctx, const unsigned char *in, int length, unsigned long long sequence,
+          unsigned char *out)
+{
+    unsigned char nonce[NONCE_SIZE];
+    unsigned char tag[TAG_SIZE];
+    int n;
+
+    memcpy(tag, in + HEADER_SIZE + length, TAG_SIZE);
+    nonce_of(sequence, nonce);
+    return EVP_CipherInit_ex(ctx, NULL, NULL, NULL, nonce, 0)
+        && EVP_CipherUpdate(ctx, NULL, &n, in, HEADER_SIZE)
+        && EVP_CipherUpdate(ctx, out, &n, in + HEADER_SIZE, length)
+        && EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_AEAD_SET_TAG, TAG_SIZE, tag)
+        && EVP_CipherFinal_ex(ctx, out + n, &n) > 0;
+}
+
+/* The kernel's arrival time of a message in microseconds, or now's. */
+static long long
+arrival_us(struct msghdr *msg)
+{
+    struct cmsghdr *c;
+    struct timespec ts;
+
+    for (c = CMSG_FIRSTHDR(msg); c != NULL; c = CMSG_NXTHDR(msg, c)) {
+        if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_TIMESTAMPNS
+            && c->cmsg_len >= CMSG_LEN(sizeof ts)) {
+            memcpy(&ts, CMSG_DATA(c), sizeof ts);
+            return (long long)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
+        }
+    }
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (long long)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
+}
+
+PyDoc_STRVAR(receive_doc,
+"receive(aead, fd, transfer_id, out, block_size, batch, sample)\n"
+"    -> (runs, got, seq_max, owd_sum, owd_min, owd_count, rejected, more)\n\n"
+"Read up to ``batch`` datagrams from the non-blocking socket ``fd`` and\n"
+"open those of ``transfer_id`` under ``aead`` into ``out``, one payload\n"
+"after another.  See `mrsyncd.intake.Batch` for the answer.");
+
+static PyObject *
+receive(PyObject *module, PyObject *args)
+{
+    AEADObject *aead;
+    int fd;
+    Py_buffer tid, out;
+    Py_ssize_t block_size;
+    int batch, sample;
+    PyObject *runs = NULL, *result = NULL;
+
+    if (!PyArg_ParseTuple(args, "O!iy*w*nii", &AEADType, &aead, &fd, &tid, &out, &block_size,
+                          &batch, &sample))
+        return NULL;
+    Py_ssize_t slot = OVERHEAD + block_size + 1;
+    if (tid.len != TRANSFER_ID_SIZE || block_size < 1 || block_size > 65535 || batch < 1
+        || batch > MAX_BATCH || sample < 1 || out.len < (Py_ssize_t)batch * (block_size + 1)) {
+        PyErr_SetString(PyExc_ValueError, "bad receive arguments");
+        goto done;
+    }
+    unsigned char *raw = malloc((size_t)batch * slot);
+    struct mmsghdr msgs[MAX_BATCH];
+    struct iovec iovs[MAX_BATCH];
+    char control[MAX_BATCH][CMSG_SPACE(sizeof(struct timespec)) + 64];
+    if (raw == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    memset(msgs, 0, sizeof(struct mmsghdr) * batch);
+    for (int i = 0; i < batch; i++) {
+        iovs[i].iov_base = raw + (size_t)i * slot;
+        iovs[i].iov_len = slot;
+        msgs[i].msg_hdr.msg_iov = &iovs[i];
+        msgs[i].msg_hdr.msg_iovlen = 1;
+        msgs[i].msg_hdr.msg_control = control[i];
+        msgs[i].msg_hdr.msg_controllen = sizeof control[i];
+    }
+    int count;
+    Py_BEGIN_ALLOW_THREADS
+    do {
+        count = recvmmsg(fd, msgs, batch, MSG_DONTWAIT, NULL);
+    } while (count < 0 && errno == EINTR);
+    Py_END_ALLOW_THREADS
+    if (count < 0) {
+        if (errno != EAGAIN && errno != EWOULDBLOCK) {
+            PyErr_SetFromErrno(PyExc_OSError);
+            free(raw);
+            goto done;
+        }
+        count = 0;
+    }
+    runs = PyList_New(0);
+    if (runs == NULL) {
+        free(raw);
+        goto done;
+    }
+    long long rejected[R_COUNT] = {0};
+    long long got = 0, seq_max = -1, owd_sum = 0, owd_min = 0, owd_count = 0;
+    Py_ssize_t offset = 0;
+    /* The open run: kind, file, first block, count, offset, bytes, sequence. */
+    long long run[7] = {0};
+    int have_run = 0, run_full = 0;
+    unsigned char *payloads = out.buf;
+
+    for (int i = 0; i < count; i++) {
+        const unsigned char *d = iovs[i].iov_base;
+        Py_ssize_t len = msgs[i].msg_len;
+        if (len < OVERHEAD) {
+            rejected[R_SHORT]++;
+            continue;
+        }
+        if (d[0] != VERSION) {
+            rejected[R_VERSION]++;
+            continue;
+        }
+        int kind = d[1];
+        if (kind < KIND_DATA || kind > KIND_ECHO) {
+            rejected[R_KIND]++;
+            continue;
+        }
+        if (memcmp(d + 2, tid.buf, TRANSFER_ID_SIZE) != 0) {
+            rejected[R_FOREIGN]++;
+            continue;
+        }
+        unsigned long long sequence = (unsigned long long)(d[10] << 8 | d[11]) << 32 | be32(d + 12);
+        int length = (int)(len - OVERHEAD);
+        if ((msgs[i].msg_hdr.msg_flags & MSG_TRUNC)
+            || !open_into(aead->open_ctx, d, length, sequence, payloads + offset)) {
+            rejected[R_TAG]++;
+            continue;
+        }
+        got++;
+        if ((long long)sequence > seq_max)
+            seq_max = (long long)sequence;
+        if (sequence % sample == 0) {
+            long long now = arrival_us(&msgs[i].msg_hdr);
+            /* The clocks differ by a constant: the difference modulo 2**32, signed. */
+            long long owd = (int32_t)(uint32_t)(now - be32(d + 24));
+            owd_min = owd_count ? (owd < owd_min ? owd : owd_min) : owd;
+            owd_sum += owd;
+            owd_count++;
+        }
+        long long file = be32(d + 16), block = be32(d + 20);
+        if (have_run && kind == KIND_DATA && run[0] == KIND_DATA && run_full && run[1] == file
+            && run[2] + run[3] == block) {
+            run[3]++;
+            run[5] += length;
+            run[6] = (long long)sequence;
+        } else {
+            if (have_run) {
+                PyObject *t = Py_BuildValue("(LLLLLLL)", run[0], run[1], run[2], run[3], run[4],
+                                            run[5], run[6]);
+                if (t == NULL || PyList_Append(runs, t) < 0) {
+                    Py_XDECREF(t);
+                    free(raw);
+                    goto done;
+                }
+                Py_DECREF(t);
+            }
+            run[0] = kind, run[1] = file, run[2] = block, run[3] = 1;
+            run[4] = offset, run[5] = length, run[6] = (long long)sequence;
+            have_run = 1;
+        }
+        run_full = length == block_size;
+        offset += length;
+    }
+    free(raw);
+    if (have_run) {
+        PyObject *t = Py_BuildValue("(LLLLLLL)", run[0], run[1], run[2], run[3], run[4], run[5],
+                                    run[6]);
+        if (t == NULL || PyList_Append(runs, t) < 0) {
+            Py_XDECREF(t);
+            goto done;
+        }
+        Py_DECREF(t);
+    }
+    result = Py_BuildValue("(OLLLLL(LLLLL)O)", runs, got, seq_max, owd_sum, owd_min, owd_count,
+                           rejected[R_SHORT], rejected[R_VERSION], rejected[R_KIND],
+                           rejected[R_FOREIGN], rejected[R_TAG], count == batch ? Py_True : Py_False);
+done:
+    Py_XDECREF(runs);
+    PyBuffer_Release(&tid);
+    PyBuffer_Release(&out);
+    return result;
+}
+
 static PyMethodDef AEAD_methods[] = {
     {"seal", (PyCFunction)AEAD_seal, METH_VARARGS, AEAD_seal_doc},
     {"open", (PyCFunction)AEAD_open, METH_VARARGS, AEAD_open_doc},
@@ -198,11 +419,17 @@ static PyTypeObject AEADType = {
     .tp_methods = AEAD_methods,
 };
 
+static PyMethodDef module_methods[] = {
+    {"receive", (PyCFunction)receive, METH_VARARGS, receive_doc},
+    {NULL, NULL, 0, NULL},
+};
+
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "mrsyncd._crypto",
-    .m_doc = "The datagram AEAD, with OpenSSL contexts kept per key.",
+    .m_doc = "The datagram AEAD, with OpenSSL contexts kept per key, and a receiver's read loop.",
     .m_size = -1,
+    .m_methods = module_methods,
 };
 
 PyMODINIT_FUNC

@@ -209,7 +209,8 @@ class DatagramCipher:
     ) -> None:
         self.transfer_id = transfer_id
         self.cipher = cipher
-        self._aead = new_aead(cipher, key, native_path)
+        #: The AEAD, which `mrsyncd.intake` hands to the C read loop.
+        self.aead = new_aead(cipher, key, native_path)
 
     def encode(
         self,
@@ -231,7 +232,7 @@ class DatagramCipher:
             block_index,
             sent_us & MASK32,
         )
-        return self._aead.seal(header, payload, sequence)
+        return self.aead.seal(header, payload, sequence)
 
     def decode(self, datagram: bytes) -> DataBlock | Rejected:
         """
@@ -248,7 +249,7 @@ class DatagramCipher:
         if seen != self.transfer_id:
             return Rejected(Reason.FOREIGN)
         sequence = high << 32 | low
-        payload = self._aead.open(datagram, HEADER_SIZE, sequence)
+        payload = self.aead.open(datagram, HEADER_SIZE, sequence)
         if payload is None:
             return Rejected(Reason.TAG)
         return DataBlock(seen, file_index, block_index, payload, sequence, sent_us, kind)

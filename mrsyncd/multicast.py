@@ -30,11 +30,8 @@ log = logs.logger(__name__)
 IP_MULTICAST_ALL = 49
 IPV6_MULTICAST_ALL = 29
 SIOCGIFADDR = 0x8915
-#: The kernel's arrival time of the last datagram read (a struct timeval).
-SIOCGSTAMP = 0x8906
 #: The socket's memory figures (SK_MEMINFO_*): receive queue and drops among them.
 SO_MEMINFO = 55
-_TIMEVAL = struct.Struct("@ll")
 _MEMINFO = struct.Struct("@9I")
 _RMEM_ALLOC, _RCVBUF, _DROPS = 0, 1, 8
 
@@ -188,20 +185,7 @@ def adopt(
 # in the socket's receive queue is the reader's delay, not the network's:
 # one-way delay is measured from when the kernel took the datagram, and the
 # receive queue is watched on its own (how full it is, and what it dropped).
-
-
-def arrival_time(fd: int) -> float | None:
-    """
-    When the kernel received the datagram last read from socket ``fd`` (seconds
-    since the epoch), or None where it cannot say.  The first call turns on
-    time-stamping for the socket (a moment later for the whole host), so
-    call it once before the data flows.
-    """
-    try:
-        seconds, micros = _TIMEVAL.unpack(fcntl.ioctl(fd, SIOCGSTAMP, bytes(_TIMEVAL.size)))
-    except (OSError, ValueError):  # ValueError: the port was closed (fd -1)
-        return None
-    return seconds + micros / 1e6
+# The kernel stamps each datagram with its arrival (`intake.enable_timestamps`).
 
 
 def receive_queue(s: socket.socket) -> tuple[float, int] | None:

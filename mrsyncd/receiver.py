@@ -1,9 +1,12 @@
 """
 The receiving side of one transfer: datagrams in, verified files out.
 
-A block is written with ``pwrite`` into a part file beside its destination
-(``.mrsync-<transfer>-<index>.part``) only after its datagram opens under the
-run's key.  When every block of a chunk has arrived the chunk is read back and
+Datagrams come a batch at a time from the intake (`mrsyncd.intake`), opened
+and gathered into runs of consecutive blocks; the receiver keeps its books
+(`mrsyncd.ledger`) and its delay and loss meter (`mrsyncd.meter`) a run and
+a batch at a time.  A block is written with ``pwrite`` into a part file
+beside its destination (``.mrsync-<transfer>-<index>.part``) only after its
+datagram opens under the run's key.  When every block of a chunk has arrived the chunk is read back and
 digested in a thread; a chunk that does not match its manifest digest is
 forgotten and asked for again.  When every chunk of a file is verified the
 part file is fsynced, given its owner, mode and mtime, and renamed over the
@@ -20,27 +23,26 @@ import os
 import random
 import shutil
 import stat
-from array import array
-from collections import Counter, OrderedDict, deque
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 from twisted.internet import defer, task, threads
-from twisted.internet.interfaces import IDelayedCall, IListeningPort
-from twisted.internet.protocol import DatagramProtocol
+from twisted.internet.interfaces import IDelayedCall
 from twisted.python.failure import Failure
 
-from mrsyncd import datagram, erasure, fsutil, logs
+from mrsyncd import datagram, erasure, fsutil, intake, logs
 from mrsyncd.blockset import RangeSet, encode_map
-from mrsyncd.datagram import MASK32
+from mrsyncd.datagram import KIND_DATA, KIND_ECHO, KIND_PARITY
+from mrsyncd.ledger import DONE, NEEDED, BlockLedger
 from mrsyncd.manifest import DIR, FILE, HARDLINK, SYMLINK, Entry, Manifest, digest, excluded
-from mrsyncd.multicast import DEFAULT_RCVBUF, Channel, adopt, arrival_time, receive_queue, receiver_socket
+from mrsyncd.meter import FEEDBACK_INTERVAL, DelayLossMeter
+from mrsyncd.multicast import DEFAULT_RCVBUF, Channel, receive_queue, receiver_socket
 from mrsyncd.ratecontrol import Echo, Feedback, node_id, report_due
 
 log = logs.logger(__name__)
 
-NEEDED, VERIFYING, DONE = 0, 1, 2
 OK = "ok"
 #: Part files held open at once; more are reopened on demand.
 OPEN_FILES = 32
@@ -55,14 +57,11 @@ VERIFY_CONCURRENCY = 4
 UNWRITTEN_BYTES = 32 << 20
 #: A missing report holds at most this many ranges, about 50 KB encoded.
 REPORT_RANGES = 12000
-#: How often a receiver looks at its loss and delay, and reports them if
-#: there is anything to report: silence means all is well, and a queue that
-#: many receivers share is reported by a sample of them (`ECHO_STALE`), so
-#: feedback grows with trouble, not with the number of receivers.
-FEEDBACK_INTERVAL = 0.1
-#: The base one-way delay is the least seen in BASE_SPANS spans of BASE_SPAN seconds.
-BASE_SPAN = 10.0
-BASE_SPANS = 12
+# Every `FEEDBACK_INTERVAL` a receiver reads its meter and reports what it
+# reads if there is anything to report: silence means all is well, and a
+# queue that many receivers share is reported by a sample of them
+# (`ECHO_STALE`), so feedback grows with trouble, not with the number of
+# receivers.
 #: Queueing delay below this is not worth a report.
 FEEDBACK_DELAY = 0.002
 #: Nor is loss below this: the sender's rate follows delay, and loss counts
@@ -71,10 +70,6 @@ FEEDBACK_DELAY = 0.002
 FEEDBACK_LOSS = 0.1
 #: Nor is a receive queue less than this full (a share of its buffer).
 FEEDBACK_BACKLOG = 0.25
-#: Loss is judged over at least this many datagrams: between passes only
-#: the sender's echo comes, one an interval, and one lost of two is no sign
-#: of a link that loses half of what is sent.
-LOSS_SAMPLE = 20
 #: An echo from the sender (`ratecontrol.Echo`) older than this is not
 #: trusted to keep a receiver quiet: three intervals, so one lost echo
 #: changes nothing and a sender that stopped echoing hears from everyone.
@@ -82,8 +77,6 @@ ECHO_STALE = 3 * FEEDBACK_INTERVAL
 #: Parities kept for groups that lack more blocks than parities arrived
 #: (about 6 MB of them at most).
 KEPT_PARITIES = 4096
-#: One datagram in this many has its one-way delay measured.
-DELAY_SAMPLE = 8
 #: The longest a missing report waits to settle (`Receiver.settled`): the
 #: fixed pause a sender used to make after each pass.
 SETTLE_LIMIT = 0.05
@@ -163,24 +156,14 @@ class _IncomingFile:
     index: int
     entry: Entry
     part: str
-    chunk_blocks: int
-    nblocks: int
-    status: bytearray
-    counts: array  # type: ignore[type-arg]
-    bits: bytearray = field(default_factory=bytearray)
-    remaining: int = 0
+    ledger: BlockLedger
     result: str | None = None
     unchanged: bool = False
     has_part: bool = False
 
-    def blocks_in_chunk(self, chunk: int) -> int:
-        return min(self.chunk_blocks, self.nblocks - chunk * self.chunk_blocks)
 
-
-class Receiver(DatagramProtocol):
+class Receiver:
     """One transfer into one destination directory on this host."""
-
-    noisy = False
 
     def __init__(
         self,
@@ -212,7 +195,7 @@ class Receiver(DatagramProtocol):
         self.done = False
         self._files: dict[int, _IncomingFile] = {}
         self._open: OrderedDict[int, int] = OrderedDict()
-        self._port: IListeningPort | None = None
+        self._port: intake.IntakePort | None = None
         self._root_fd = -1
         self._verify = defer.DeferredSemaphore(VERIFY_CONCURRENCY)
         self._manifest = Manifest([])
@@ -231,18 +214,7 @@ class Receiver(DatagramProtocol):
         self._echo: tuple[float, Echo] | None = None
         #: Draws whether a report that is no news goes out (`Echo.share`).
         self.random = random.Random()
-        self._seq_max = -1
-        self._seq_reported = -1
-        self._got = 0
-        self._owd_min = 1 << 62
-        #: Minima of earlier 10-second spans: the base delay is the least of
-        #: the last two minutes, so that drift between the two hosts' clocks
-        #: (and a step of either) is forgotten instead of taken for a queue.
-        self._owd_mins: deque[int] = deque(maxlen=BASE_SPANS)
-        self._intervals = 0
-        self._owd_sum = 0
-        self._owd_count = 0
-        self._drops = 0
+        self.meter = DelayLossMeter()
         self._kept: OrderedDict[tuple[int, int], dict[int, bytes]] = OrderedDict()
         self._kept_count = 0
         self._threads = 0
@@ -298,9 +270,9 @@ class Receiver(DatagramProtocol):
             d.addCallback(self._surveyed_dry)
             return d
         self._root_fd = fsutil.open_destination(self.destination)
-        max_packet = datagram.OVERHEAD + manifest.block_size + 1
-        self._port = adopt(self.reactor, receiver_socket(self.channel, self.rcvbuf), self, max_packet)
-        arrival_time(self._port.fileno())  # type: ignore[attr-defined]  # turns time-stamping on
+        sock = receiver_socket(self.channel, self.rcvbuf)
+        self._port = intake.IntakePort(self.reactor, sock, self._cipher, manifest.block_size, self.received)
+        self._port.startReading()
         self._feedback.start(FEEDBACK_INTERVAL, now=False)
         d = self._in_thread(_survey, self._root_fd, manifest, transfer_id)
         d.addCallback(self._surveyed)
@@ -329,25 +301,17 @@ class Receiver(DatagramProtocol):
             if isinstance(held, str):
                 self.results[entry.path] = held
                 continue
-            done = held.status
-            nblocks = self._manifest.blocks(entry)
-            nchunks = self._manifest.chunks(entry)
             f = _IncomingFile(
                 index=index,
                 entry=entry,
                 part=part_name(self._transfer_id, index),
-                chunk_blocks=self._manifest.chunk_blocks,
-                nblocks=nblocks,
-                status=bytearray(done),
-                counts=array("I", bytes(4 * nchunks)),
+                ledger=BlockLedger(self._manifest.blocks(entry), self._manifest.chunk_blocks, held.status),
                 unchanged=held.unchanged,
                 has_part=held.has_part,
             )
-            f.remaining = nchunks - sum(1 for s in done if s == DONE)
             self._files[index] = f
-            need = RangeSet((c, c + 1) for c in range(nchunks) if done[c] != DONE)
+            need = RangeSet((c, c + 1) for c, state in enumerate(held.status) if state != DONE)
             if need:
-                f.bits = bytearray(-(-nblocks // 8))
                 needs[index] = need
             else:
                 self._commit(f)
@@ -357,56 +321,62 @@ class Receiver(DatagramProtocol):
 
     # Data.
 
-    def datagramReceived(self, data: bytes, addr: object) -> None:
-        # Once per datagram, up to 85,000 times a second at 1 Gbit/s: the
-        # sequence bookkeeping of `_measure`, `_held` and the length check
-        # are written out here.
-        block = self._cipher.decode(data)  # type: ignore[union-attr]
-        if block.__class__ is datagram.Rejected:
-            self.stats[block.reason.value] += 1  # type: ignore[union-attr]
-            return
-        _, file_index, index, payload, sequence, sent_us, kind = block  # type: ignore[misc]
-        ahead = (sequence - self._seq_max) & MASK32
-        if 0 < ahead < 1 << 31 or self._seq_max < 0:
-            if self._seq_max < 0:
-                self._seq_reported = (sequence - 1) & MASK32
-            self._seq_max = sequence
-        self._got += 1
-        if not sequence % DELAY_SAMPLE:
-            self._measure(sent_us)
-        f = self._files.get(file_index)
-        if f is None or index >= f.nblocks:
-            if kind == datagram.KIND_ECHO:
-                # Only the newest datagram is the sender's current view: an
-                # older echo is late, or replayed by someone on the LAN.
-                if sequence == self._seq_max:
-                    self._heard_echo(payload)
-                return
-            self.stats[datagram.Reason.RANGE.value] += 1
-            return
-        if kind != datagram.KIND_DATA:
-            if kind == datagram.KIND_PARITY:
-                self._rebuild(f, index, payload)
-            else:
-                self.stats[datagram.Reason.RANGE.value] += 1  # an ECHO names no file
+    def received(self, batch: intake.Batch, payloads: memoryview) -> None:
+        """
+        A batch from the intake: up to 85,000 datagrams a second arrive at
+        1 Gbit/s, mostly as runs of a file's consecutive blocks, so the
+        books are kept once per run.  ``payloads`` is read over by the
+        next batch: what must stay is copied.
+        """
+        stats = self.stats
+        for reason, count in zip(intake.REJECTIONS, batch.rejected, strict=True):
+            if count:
+                stats[reason.value] += count
+        newest = self.meter.seq_max
+        if batch.got:
+            self.meter.count(batch.got, batch.seq_max, batch.owd_sum, batch.owd_min, batch.owd_count)
+        size = self._manifest.block_size
+        for kind, file_index, first, count, offset, length, sequence in batch.runs:
+            f = self._files.get(file_index)
+            if f is None or first + count > f.ledger.nblocks:
+                if kind == KIND_ECHO:
+                    # Only an echo newer than every earlier datagram is the
+                    # sender's current view: an older one is late, or
+                    # replayed by someone on the LAN.
+                    if sequence > newest:
+                        newest = sequence
+                        self._heard_echo(bytes(payloads[offset : offset + length]))
+                else:
+                    stats[datagram.Reason.RANGE.value] += count
+                continue
+            if kind != KIND_DATA:
+                if kind == KIND_PARITY:
+                    self._rebuild(f, first, bytes(payloads[offset : offset + length]))
+                else:
+                    stats[datagram.Reason.RANGE.value] += 1  # an ECHO names no file
+                continue
+            # Every block of a run but the last is whole (`intake.Run`): the
+            # last must be as long as the manifest says that block is.
+            last = first + count - 1
+            if length - (count - 1) * size != self._manifest.block_length(f.entry, last):
+                stats[datagram.Reason.RANGE.value] += 1
+                count -= 1
+                length = count * size
+                if not count:
+                    continue
+            self._take_run(f, first, count, payloads[offset : offset + length])
+
+    def _take_run(self, f: _IncomingFile, first: int, count: int, data: memoryview) -> None:
+        """Take a run of blocks, or those of it not held yet (the rest are duplicates)."""
+        if f.result is None and f.ledger.fresh(first, count):
+            self._accept(f, first, count, data)
             return
         size = self._manifest.block_size
-        if len(payload) != (size if index + 1 < f.nblocks else f.entry.size - index * size):
-            self.stats[datagram.Reason.RANGE.value] += 1
-            return
-        if (
-            f.result is not None
-            or f.status[index // f.chunk_blocks] != NEEDED
-            or f.bits[index >> 3] & (1 << (index & 7))
-        ):
-            self.stats["duplicate"] += 1
-            return
-        self._accept(f, index, payload)
-
-    def _held(self, f: _IncomingFile, block: int) -> bool:
-        """A block is held once received, or when its chunk is not needed."""
-        byte, bit = divmod(block, 8)
-        return f.status[block // f.chunk_blocks] != NEEDED or bool(f.bits[byte] & (1 << bit))
+        for i in range(count):
+            if f.result is not None or f.ledger.held(first + i):
+                self.stats["duplicate"] += 1
+            else:
+                self._accept(f, first + i, 1, data[i * size : (i + 1) * size])
 
     def _rebuild(self, f: _IncomingFile, number: int, parity: bytes) -> None:
         """
@@ -422,7 +392,8 @@ class Receiver(DatagramProtocol):
             return
         key = (f.index, group)
         # A failed file's bitmap is gone, and a committed one lacks nothing.
-        missing = self._group_missing(f, group) if f.result is None else []
+        first = group * self._manifest.parity_group
+        missing = f.ledger.missing(first, first + self._manifest.parity_group) if f.result is None else []
         if not missing:
             self.stats["parity_unused"] += 1
             self._take_kept(key)
@@ -450,7 +421,7 @@ class Receiver(DatagramProtocol):
         size, count = self._manifest.block_size, self._manifest.parity_group
         kept = self._take_kept((f.index, group))
         first = group * count
-        last = min(first + count, f.nblocks)
+        last = min(first + count, f.ledger.nblocks)
         if not self._flush(f.index):
             return
         try:
@@ -464,65 +435,56 @@ class Receiver(DatagramProtocol):
         rebuilt = erasure.decode(size, held, kept, [b - first for b in missing])
         for b in missing:
             self.stats["rebuilt"] += 1
-            self._accept(f, b, rebuilt[b - first][: self._manifest.block_length(f.entry, b)])
+            self._accept(f, b, 1, rebuilt[b - first][: self._manifest.block_length(f.entry, b)])
             if f.result is not None:
                 return
 
-    def _accept(self, f: _IncomingFile, block: int, payload: bytes) -> None:
+    def _accept(self, f: _IncomingFile, first: int, count: int, data: bytes | memoryview) -> None:
         """
-        Take a block.  Blocks that follow one another are gathered and
-        written together (one pwrite per ``COALESCE`` bytes instead of one
-        per datagram, the largest cost of receiving); whatever is read back
-        (a chunk to verify, a group to rebuild) is written out first.
+        Take a run of blocks that are not held yet.  Runs that follow one
+        another are gathered and written together (one pwrite per
+        ``COALESCE`` bytes); whatever is read back (a chunk to verify, a
+        group to rebuild) is written out first.
         """
-        chunk = block // f.chunk_blocks
-        byte, bit = divmod(block, 8)
-        offset = block * self._manifest.block_size
+        offset = first * self._manifest.block_size
         pending = self._pending.get(f.index)
         if pending is not None and pending[0] + len(pending[1]) == offset and len(pending[1]) < COALESCE:
-            pending[1].extend(payload)
+            pending[1].extend(data)
         else:
             if not self._flush(f.index):
                 return
             if len(self._pending) >= COALESCE_FILES:
                 self._flush(next(iter(self._pending)))
-            self._pending[f.index] = (offset, bytearray(payload))
-        f.bits[byte] |= 1 << bit
-        f.counts[chunk] += 1
-        self.stats["blocks"] += 1
-        self.stats["bytes"] += len(payload)
-        if f.counts[chunk] == f.chunk_blocks or f.counts[chunk] == f.blocks_in_chunk(chunk):
+            self._pending[f.index] = (offset, bytearray(data))
+        self.stats["blocks"] += count
+        self.stats["bytes"] += len(data)
+        for chunk in f.ledger.take(first, count):
             whole = self._whole_in_memory(f)
             if whole is None and not self._flush(f.index):
                 return
-            f.status[chunk] = VERIFYING
             if whole is None:
                 self._verify.run(self._check_chunk, f, chunk)
             else:
                 self._verify.run(self._write_whole, f, whole)
-        if self._kept and f.result is None:
-            # After the chunk's own bookkeeping: solving accepts other blocks.
-            self._solve_if_ready(f, block // self._manifest.parity_group)
+        if self._kept:
+            # After the chunks' own bookkeeping: solving accepts other blocks.
+            group = self._manifest.parity_group
+            for number in range(first // group, (first + count - 1) // group + 1):
+                if f.result is not None:
+                    return
+                self._solve_if_ready(f, number)
 
     def _solve_if_ready(self, f: _IncomingFile, group: int) -> None:
         """A block arrived for a group with kept parities: they may now be enough."""
         kept = self._kept.get((f.index, group))
         if kept is None:
             return
-        missing = self._group_missing(f, group)
+        first = group * self._manifest.parity_group
+        missing = f.ledger.missing(first, first + self._manifest.parity_group)
         if not missing:
             self._take_kept((f.index, group))
         elif len(kept) >= len(missing):
             self._solve(f, group, missing)
-
-    def _group_missing(self, f: _IncomingFile, group: int) -> list[int]:
-        """The blocks of a parity group that are not held yet."""
-        first = group * self._manifest.parity_group
-        return [
-            b
-            for b in range(first, min(first + self._manifest.parity_group, f.nblocks))
-            if not self._held(f, b)
-        ]
 
     def _take_kept(self, key: tuple[int, int]) -> dict[int, bytes]:
         """A group's kept parities, forgotten (none if it had none)."""
@@ -548,48 +510,13 @@ class Receiver(DatagramProtocol):
         for index in list(self._pending):
             self._flush(index)
 
-    def _measure(self, sent_us: int) -> None:
-        """
-        The one-way delay of one datagram in ``DELAY_SAMPLE``, from when the
-        kernel took it (so that a wait in our own receive queue, a lack of
-        CPU here, is not taken for a queue in the network).
-        """
-        arrived = arrival_time(self._port.fileno()) if self._port is not None else None  # type: ignore[attr-defined]
-        now_us = int((self.reactor.seconds() if arrived is None else arrived) * 1e6)
-        # Clocks of two hosts differ by a constant: only changes in the
-        # one-way delay matter, so a wrapped difference is fine.
-        owd = ((now_us - sent_us + (1 << 31)) & MASK32) - (1 << 31)
-        self._owd_min = min(self._owd_min, owd)
-        self._owd_sum += owd
-        self._owd_count += 1
-
     def _measured(self) -> None:
-        expected = (self._seq_max - self._seq_reported) & MASK32 if self._seq_max >= 0 else 0
-        if not expected and not self._got:
+        port = self._port
+        report = self.meter.reading(receive_queue(port.socket) if port is not None else None)
+        if report is None or self.on_feedback is None:
             return
-        loss = max(0.0, 1.0 - self._got / expected) if expected >= LOSS_SAMPLE else 0.0
-        delay = 0.0
-        if self._owd_count:
-            base = min(self._owd_min, *self._owd_mins) if self._owd_mins else self._owd_min
-            delay = max(0.0, (self._owd_sum / self._owd_count - base) / 1e6)
-        self._intervals += 1
-        if self._intervals % round(BASE_SPAN / FEEDBACK_INTERVAL) == 0 and self._owd_min < 1 << 62:
-            self._owd_mins.append(self._owd_min)
-            self._owd_min = 1 << 62
-        backlog = 0.0
-        queue = receive_queue(self._port.socket) if self._port is not None else None  # type: ignore[attr-defined]
-        if queue is not None:
-            backlog, drops = queue
-            if drops > self._drops:
-                backlog = 1.0  # it overflowed in the interval
-            self._drops = drops
-        report = Feedback(loss, delay, backlog)
-        self._seq_reported = self._seq_max
-        self._got = self._owd_sum = self._owd_count = 0
-        if self.on_feedback is None:
-            return
-        if loss >= FEEDBACK_LOSS or (
-            (delay > FEEDBACK_DELAY or backlog >= FEEDBACK_BACKLOG) and self._report_due(report)
+        if report.loss >= FEEDBACK_LOSS or (
+            (report.delay > FEEDBACK_DELAY or report.backlog >= FEEDBACK_BACKLOG) and self._report_due(report)
         ):
             self.on_feedback(report)
 
@@ -638,26 +565,19 @@ class Receiver(DatagramProtocol):
         if f.result is not None or self._closing:
             return
         if got == f.entry.chunk_digest(chunk):
-            f.status[chunk] = DONE
-            f.remaining -= 1
-            if f.remaining == 0:
+            if f.ledger.verified(chunk):
                 self._commit(f)
             return
         # Only a corrupted disk or a changed source gets here: datagrams are
         # authenticated.  Forget the chunk so that it is asked for again.
         self.stats["corrupt_chunks"] += 1
         log.warn("{path}: chunk {chunk} failed verification, asking again", path=f.entry.path, chunk=chunk)
-        f.status[chunk] = NEEDED
-        f.counts[chunk] = 0
-        first = chunk * f.chunk_blocks
-        for block in range(first, first + f.blocks_in_chunk(chunk)):
-            byte, bit = divmod(block, 8)
-            f.bits[byte] &= ~(1 << bit) & 0xFF
+        f.ledger.forget(chunk)
 
     def _whole_in_memory(self, f: _IncomingFile) -> bytearray | None:
         """
-        A small file's bytes, all gathered and not yet written, with no part
-        file of its own yet: taken out of the gathering.  Such a file is
+        A small file's bytes (one chunk), all gathered and not yet written,
+        with no part file of its own yet: taken out of the gathering.  Such a file is
         written, and its part file made, in a thread (`_write_whole`): a
         file's creation costs 10 µs to 1 ms by filesystem, a tree of small
         files pays it for every one, and in the reactor it stalls the
@@ -665,6 +585,8 @@ class Receiver(DatagramProtocol):
         """
         pending = self._pending.get(f.index)
         if f.has_part or pending is None or pending[0] != 0 or len(pending[1]) != f.entry.size:
+            return None
+        if len(f.ledger.status) > 1:  # its one digest is the file's
             return None
         if self._unwritten + f.entry.size > UNWRITTEN_BYTES:
             return None
@@ -698,7 +620,7 @@ class Receiver(DatagramProtocol):
         log.error("{path}: {reason}", path=f.entry.path, reason=reason)
         f.result = reason
         self.results[f.entry.path] = reason
-        f.bits = bytearray()
+        f.ledger.close()
         self._pending.pop(f.index, None)
         fd = self._release(f)
         if fd is not None:
@@ -710,7 +632,7 @@ class Receiver(DatagramProtocol):
     # Committing.
 
     def _commit(self, f: _IncomingFile) -> None:
-        f.bits = bytearray()
+        f.ledger.close()
         self._pending_commits += 1
         d = self._in_thread(
             _place_file,
@@ -816,8 +738,7 @@ class Receiver(DatagramProtocol):
     def _settled(self, through: int) -> bool:
         if self.done or self._closing:
             return True
-        behind = (through - 1 - self._seq_max) & MASK32
-        if self._seq_max < 0 or 0 < behind < 1 << 31:
+        if not self.meter.heard_through(through):
             return False
         return not self._threads and self._verify.tokens == self._verify.limit
 
@@ -830,25 +751,14 @@ class Receiver(DatagramProtocol):
             f = self._files.get(index)
             # A file whose every chunk is verified matches the manifest
             # whatever became of the source since: let its commit finish.
-            if f is not None and f.remaining:
+            if f is not None and f.ledger.remaining:
                 self._fail(f, f"sender gave up: {reason}")
         found: dict[int, RangeSet] = {}
         budget = REPORT_RANGES
         for f in self._files.values():
-            if f.result is not None or not f.remaining:
+            if f.result is not None or not f.ledger.remaining:
                 continue
-            ranges: list[tuple[int, int]] = []
-            for chunk, state in enumerate(f.status):
-                if state != NEEDED:
-                    continue
-                first = chunk * f.chunk_blocks
-                last = first + f.blocks_in_chunk(chunk)
-                if f.counts[chunk] == 0:
-                    ranges.append((first, last))
-                else:
-                    ranges.extend(_zero_runs(f.bits, first, last))
-                if len(ranges) >= budget:
-                    break
+            ranges = f.ledger.wanted(budget)
             if ranges:
                 found[f.index] = RangeSet(ranges)
                 budget -= len(ranges)
@@ -891,30 +801,6 @@ class Receiver(DatagramProtocol):
         self._settling.clear()
         self._close_root()
         return drained
-
-
-def _zero_runs(bits: bytearray, first: int, last: int) -> list[tuple[int, int]]:
-    runs: list[tuple[int, int]] = []
-    start = -1
-    block = first
-    while block < last:
-        byte = bits[block >> 3]
-        if byte == 0xFF and block & 7 == 0 and block + 8 <= last:
-            if start >= 0:
-                runs.append((start, block))
-                start = -1
-            block += 8
-            continue
-        have = byte >> (block & 7) & 1
-        if not have and start < 0:
-            start = block
-        elif have and start >= 0:
-            runs.append((start, block))
-            start = -1
-        block += 1
-    if start >= 0:
-        runs.append((start, last))
-    return runs
 
 
 # Blocking helpers, run in threads.  They take plain values and touch no

@@ -21,10 +21,11 @@ from typing import Any
 
 from twisted.internet import defer, reactor, task
 
-from mrsyncd import datagram
+from mrsyncd import datagram, intake
 from mrsyncd.agent import LocalPeer, ReceiverAgent
 from mrsyncd.manifest import Manifest
 from mrsyncd.multicast import Channel
+from mrsyncd.receiver import Receiver
 from mrsyncd.transfer import Transfer, new_offer
 
 #: Fast enough that every transfer here takes well under a second on lo.
@@ -63,6 +64,14 @@ def unique_channel() -> Channel:
 def seal(key: bytes, tid: bytes, *fields: Any, cipher: str = datagram.AES_256_GCM, **named: Any) -> bytes:
     """One datagram as a run's sender with this key seals it (`datagram.DatagramCipher.encode`)."""
     return datagram.DatagramCipher(tid, key, cipher).encode(*fields, **named)
+
+
+def deliver(receiver: Receiver, *datagrams: bytes) -> None:
+    """Hand datagrams to a receiver as its intake does: opened and gathered into one batch."""
+    size = receiver._manifest.block_size
+    out = intake.buffer_for(size, max(1, len(datagrams)))
+    batch = intake.assemble(receiver._cipher, [(d, None) for d in datagrams], out, size)
+    receiver.received(batch, memoryview(out))
 
 
 def write_file(path: str, data: bytes, mode: int | None = None, mtime_ns: int | None = None) -> None:

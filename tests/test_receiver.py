@@ -2,7 +2,8 @@
 The receiving side: what reaches the disk, when, and where.
 
 Real multicast sockets on ``lo``; some tests drive a `Receiver` directly by
-calling ``datagramReceived``, the others run a whole `Transfer`.
+handing it batches as its intake would (`support.deliver`), the others run
+a whole `Transfer`.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from mrsyncd.receiver import OK, Receiver, part_name
 
 from .support import (
     assert_same_tree,
+    deliver,
     file_digest,
     make_full_tree,
     make_peers,
@@ -88,10 +90,8 @@ class DirectReceiverTests(unittest.TestCase):
 
     def feed(self, r, index, blocks, data, key=None, tid=None):
         bs = self.manifest.block_size
-        for b in blocks:
-            r.datagramReceived(
-                seal(key or self.key, tid or self.tid, index, b, data[b * bs : (b + 1) * bs]), None
-            )
+        key, tid = key or self.key, tid or self.tid
+        deliver(r, *(seal(key, tid, index, b, data[b * bs : (b + 1) * bs]) for b in blocks))
 
     @defer.inlineCallbacks
     def test_blocks_in_reports_out_commit(self):
@@ -116,10 +116,10 @@ class DirectReceiverTests(unittest.TestCase):
         # A block is on disk before it is verified, but only in the part file.
         self.assertEqual(os.listdir(self.dst), [part_name(self.tid, 0)])
         # Wrong lengths and indices never touch the disk.
-        r.datagramReceived(seal(self.key, self.tid, 0, 0, data[:99]), None)
-        r.datagramReceived(seal(self.key, self.tid, 0, 99, data[:101]), None)
-        r.datagramReceived(seal(self.key, self.tid, 0, 100, data[:100]), None)
-        r.datagramReceived(seal(self.key, self.tid, 1, 0, data[:100]), None)
+        deliver(r, seal(self.key, self.tid, 0, 0, data[:99]))
+        deliver(r, seal(self.key, self.tid, 0, 99, data[:101]))
+        deliver(r, seal(self.key, self.tid, 0, 100, data[:100]))
+        deliver(r, seal(self.key, self.tid, 1, 0, data[:100]))
         self.assertEqual(r.stats["range"], 4)
 
         self.feed(r, 0, sorted(set(range(100)) - set(held)), data)
@@ -154,20 +154,20 @@ class DirectReceiverTests(unittest.TestCase):
         r = yield self.receiving(data, parity_group=16)
         lost = {17, 23, 29}
         self.feed(r, 0, [b for b in range(30) if b not in lost], data)
-        r.datagramReceived(self.parity(data, 1, 0), None)
-        r.datagramReceived(self.parity(data, 1, 0), None)  # the same parity twice counts once
-        r.datagramReceived(self.parity(data, 1, 5), None)
+        deliver(r, self.parity(data, 1, 0))
+        deliver(r, self.parity(data, 1, 0))  # the same parity twice counts once
+        deliver(r, self.parity(data, 1, 5))
         self.assertEqual(r.stats["rebuilt"], 0)
         self.assertEqual(r.stats["parity_kept"], 2)
         self.assertEqual(set(decode_map(r.missing().missing)[0]), lost)
-        r.datagramReceived(self.parity(data, 1, 2), None)
+        deliver(r, self.parity(data, 1, 2))
         self.assertEqual(r.stats["rebuilt"], 3)
         yield wait_until(lambda: r.done)
         self.assertEqual(r.results, {"f": OK})
         with open(os.path.join(self.dst, "f"), "rb") as f:
             self.assertEqual(f.read(), data)
         # A parity of a group that lacks nothing is of no use.
-        r.datagramReceived(self.parity(data, 0, 0), None)
+        deliver(r, self.parity(data, 0, 0))
         self.assertEqual(r.stats["parity_unused"], 2)
 
     @defer.inlineCallbacks
@@ -176,8 +176,8 @@ class DirectReceiverTests(unittest.TestCase):
         data = self.rng.randbytes(32 * 100)
         r = yield self.receiving(data, chunk_size=3200, parity_group=16)
         self.feed(r, 0, [b for b in range(32) if b not in (2, 5, 9)], data)
-        r.datagramReceived(self.parity(data, 0, 1), None)
-        r.datagramReceived(self.parity(data, 0, 4), None)
+        deliver(r, self.parity(data, 0, 1))
+        deliver(r, self.parity(data, 0, 4))
         self.assertEqual(r.stats["rebuilt"], 0)
         self.feed(r, 0, [5], data)
         self.assertEqual(r.stats["rebuilt"], 2)
@@ -191,11 +191,11 @@ class DirectReceiverTests(unittest.TestCase):
         data = self.rng.randbytes(32 * 100)
         r = yield self.receiving(data, chunk_size=1600, parity_group=16)
         self.feed(r, 0, range(14), data)
-        r.datagramReceived(self.parity(data, 0, 0), None)
+        deliver(r, self.parity(data, 0, 0))
         r.missing(abandoned={0: "source changed"})  # the file fails here
         self.assertEqual(r.results, {"f": "sender gave up: source changed"})
-        r.datagramReceived(self.parity(data, 0, 1), None)
-        r.datagramReceived(self.parity(data, 1, 0), None)
+        deliver(r, self.parity(data, 0, 1))
+        deliver(r, self.parity(data, 1, 0))
         self.assertEqual(r.stats["parity_unused"], 2)
         self.assertEqual(r._kept_count, 0)
 
@@ -207,12 +207,12 @@ class DirectReceiverTests(unittest.TestCase):
         # Every group lacks two blocks and gets one parity: each is kept.
         for group in range(8):
             self.feed(r, 0, [b for b in range(group * 16, group * 16 + 14)], data)
-            r.datagramReceived(self.parity(data, group, 0), None)
+            deliver(r, self.parity(data, group, 0))
         self.assertEqual(r._kept_count, 5)
         self.assertEqual(sorted(g for _, g in r._kept), [3, 4, 5, 6, 7])
         # A second parity of a group still kept repairs it; of one let go, not.
-        r.datagramReceived(self.parity(data, 7, 1), None)
-        r.datagramReceived(self.parity(data, 0, 1), None)
+        deliver(r, self.parity(data, 7, 1))
+        deliver(r, self.parity(data, 0, 1))
         self.assertEqual(r.stats["rebuilt"], 2)
         self.assertEqual(set(decode_map(r.missing().missing)[0]) & {126, 127, 14, 15}, {14, 15})
 
@@ -303,7 +303,7 @@ class DirectReceiverTests(unittest.TestCase):
         needs = yield d
         self.assertEqual(needs, {})
         for index in (0, 1, 2, 2**32 - 1):
-            r.datagramReceived(seal(self.key, self.tid, index, 0, b""), None)
+            deliver(r, seal(self.key, self.tid, index, 0, b""))
         self.assertEqual(r.stats["range"], 4)
         yield wait_until(lambda: r.done)
         self.assertEqual(r.results, {"d": OK, "e": OK})
@@ -401,9 +401,11 @@ class DirectReceiverTests(unittest.TestCase):
     def numbered(self, r, blocks, data, first_sequence):
         """Feed blocks of file 0 as one pass numbers them: one sequence number each."""
         bs = self.manifest.block_size
-        for n, b in enumerate(blocks):
-            payload = data[b * bs : (b + 1) * bs]
-            r.datagramReceived(seal(self.key, self.tid, 0, b, payload, first_sequence + n), None)
+        sealed = [
+            seal(self.key, self.tid, 0, b, data[b * bs : (b + 1) * bs], first_sequence + n)
+            for n, b in enumerate(blocks)
+        ]
+        deliver(r, *sealed)
 
     @defer.inlineCallbacks
     def test_a_report_waits_until_the_pass_is_in(self):

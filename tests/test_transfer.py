@@ -171,12 +171,20 @@ class LossyReceiver(Receiver):
     def lose(self) -> bool:
         return self.arrived % 10 == 3
 
-    def datagramReceived(self, data, addr):
-        self.arrived += 1
-        if self.lose():
-            self.dropped += 1
-            return
-        super().datagramReceived(data, addr)
+    def received(self, batch, payloads):
+        """Each datagram of the batch's runs, one run each, less those lost."""
+        size = self._manifest.block_size
+        runs = []
+        for kind, file, first, count, offset, length, sequence in batch.runs:
+            for i in range(count):
+                self.arrived += 1
+                if self.lose():
+                    self.dropped += 1
+                    continue
+                start = offset + i * size
+                runs.append((kind, file, first + i, 1, start, min(size, length - i * size), sequence))
+        lost = sum(run[3] for run in batch.runs) - len(runs)
+        super().received(batch._replace(runs=runs, got=batch.got - lost), payloads)
 
 
 class LossTests(unittest.TestCase):
