@@ -23,9 +23,9 @@ import socket
 import struct
 import time
 from collections.abc import Callable, Iterable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
-from twisted.internet.interfaces import IReactorFDSet, IReadDescriptor
+from twisted.internet.interfaces import IDelayedCall, IReadDescriptor
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -46,6 +46,20 @@ BATCH = 64
 #: Batches read in one wake-up before other events get their turn (as
 #: Twisted's own UDP port stops after 256 KB).
 BATCHES_PER_WAKE = 4
+#: Datagrams a wake-up should find.  A reader that wakes for every
+#: datagram (below a few hundred Mbit/s it is faster than the link) spends
+#: more on waking, the reactor's loop and a call into the receiver, than
+#: on the datagram.  So after emptying the socket it stops watching it for
+#: as long as this many take to arrive at the rate they came, at most
+#: `PAUSE_MAX`: the queue it lets build is this many datagrams (45 KB)
+#: whatever the rate.  Nothing is measured late for it: arrival times are
+#: the kernel's.
+GATHER = BATCH // 2
+#: 3 ms of datagrams at 1 Gbit/s, 370 KB, fit the receive buffer the
+#: package sets (4 MB) many times over.
+PAUSE_MAX = 0.003
+#: A shorter pause than this costs more than it saves.
+PAUSE_MIN = 0.0002
 #: The counters of `Batch.rejected`, in order.
 REJECTIONS = (Reason.SHORT, Reason.VERSION, Reason.KIND, Reason.FOREIGN, Reason.TAG)
 #: Linux's SO_TIMESTAMPNS (and SCM_TIMESTAMPNS), which the socket module
@@ -197,12 +211,13 @@ class IntakePort:
     """
     A joined multicast socket that the reactor watches, read a batch at a
     time (`receive`) into one buffer that ``deliver`` must consume before
-    it returns: the next batch is read over it.
+    it returns: the next batch is read over it.  After a wake-up that
+    emptied the socket it may stop watching it for a moment (`GATHER`).
     """
 
     def __init__(
         self,
-        reactor: IReactorFDSet,
+        reactor: Any,
         sock: socket.socket,
         cipher: DatagramCipher,
         block_size: int,
@@ -215,6 +230,8 @@ class IntakePort:
         self._deliver = deliver
         self._out = buffer_for(block_size)
         self._view = memoryview(self._out)
+        self._resume: IDelayedCall | None = None
+        self._woke = reactor.seconds()
         enable_timestamps(sock)
 
     def startReading(self) -> None:
@@ -222,6 +239,9 @@ class IntakePort:
 
     def stopListening(self) -> None:
         """Stop reading and close the socket (the name of Twisted's ports)."""
+        if self._resume is not None:
+            self._resume.cancel()
+            self._resume = None
         if self.socket.fileno() >= 0:
             self.reactor.removeReader(self)
             self.socket.close()
@@ -230,8 +250,10 @@ class IntakePort:
         return self.socket.fileno()
 
     def doRead(self) -> None:
+        read = 0
         for _ in range(BATCHES_PER_WAKE):
             batch = receive(self._cipher, self.socket, self._out, self._block_size)
+            read += batch.got + sum(batch.rejected)
             if batch.runs or any(batch.rejected):
                 try:
                     self._deliver(batch, self._view)
@@ -239,8 +261,22 @@ class IntakePort:
                     # As Twisted's UDP port does: one bad batch is logged,
                     # and the socket is still read.
                     log.failure("handling a batch of datagrams")
-            if not batch.more or self.socket.fileno() < 0:
+            if self.socket.fileno() < 0:
                 return
+            if not batch.more:
+                break
+        else:
+            return  # still more to read: the reactor calls again at once
+        now = self.reactor.seconds()
+        pause = min(PAUSE_MAX, GATHER * (now - self._woke) / read) if read else PAUSE_MAX
+        self._woke = now
+        if pause >= PAUSE_MIN:
+            self.reactor.removeReader(self)
+            self._resume = self.reactor.callLater(pause, self._resumed)
+
+    def _resumed(self) -> None:
+        self._resume = None
+        self.reactor.addReader(self)
 
     def connectionLost(self, reason: Failure) -> None:
         self.socket.close()

@@ -11,6 +11,7 @@ import time
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from twisted.internet.testing import MemoryReactorClock
 
 from mrsyncd import datagram, intake
 from mrsyncd.datagram import KIND_DATA, KIND_ECHO, KIND_PARITY, DatagramCipher
@@ -163,3 +164,52 @@ def test_a_socket_that_cannot_be_read_is_an_error_not_an_empty_batch(native):
     cipher = DatagramCipher(TID, KEY, native_path=native)
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as unconnected, pytest.raises(OSError):
         intake.receive(cipher, unconnected, intake.buffer_for(SIZE), SIZE)
+
+
+def test_the_port_pauses_for_as_long_as_a_few_datagrams_take_to_come():
+    """It waits as long as GATHER datagrams take to come at the rate they came, at most PAUSE_MAX."""
+    clock = MemoryReactorClock()
+    rx, tx = socket_pair()
+    delivered = []
+    port = intake.IntakePort(clock, rx, DatagramCipher(TID, KEY), SIZE, lambda b, _: delivered.append(b))
+    port.startReading()
+    with tx:
+        clock.advance(1.0)  # one datagram a second
+        tx.send(sealed(0, 0, 0))
+        port.doRead()
+        assert [b.got for b in delivered] == [1]
+        assert port not in clock.getReaders()
+        clock.advance(intake.PAUSE_MAX)  # the longest pause
+        assert port in clock.getReaders()
+        # Then 40 in those 3 ms: it waits as long as GATHER of them take.
+        for b in range(1, 41):
+            tx.send(sealed(0, b, b))
+        port.doRead()
+        assert [b.got for b in delivered] == [1, 40]
+        pause = intake.GATHER * intake.PAUSE_MAX / 40
+        clock.advance(pause - 1e-5)
+        assert port not in clock.getReaders()
+        clock.advance(2e-5)
+        assert port in clock.getReaders()
+    port.stopListening()
+    assert port not in clock.getReaders() and rx.fileno() == -1
+
+
+def test_the_port_reads_on_while_the_socket_holds_more():
+    """A wake-up that read its limit and left datagrams waiting does not pause."""
+    clock = MemoryReactorClock()
+    rx, tx = socket_pair()
+    delivered = []
+    port = intake.IntakePort(clock, rx, DatagramCipher(TID, KEY), SIZE, lambda b, _: delivered.append(b))
+    port.startReading()
+    with tx:
+        count = intake.BATCH * intake.BATCHES_PER_WAKE + 1
+        for b in range(count):
+            tx.send(sealed(0, b, b))
+        clock.advance(1.0)
+        port.doRead()
+        assert sum(b.got for b in delivered) == count - 1
+        assert port in clock.getReaders()
+        port.doRead()
+        assert sum(b.got for b in delivered) == count
+    port.stopListening()

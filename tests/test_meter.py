@@ -1,0 +1,79 @@
+"""The delay and loss meter, fed counts as the intake's batches give them: no sockets, no clock."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from mrsyncd.meter import BASE_SPAN, BASE_SPANS, FEEDBACK_INTERVAL, LOSS_SAMPLE, DelayLossMeter
+from mrsyncd.ratecontrol import Feedback
+
+INTERVALS_A_SPAN = round(BASE_SPAN / FEEDBACK_INTERVAL)
+
+
+def test_nothing_arrived_nor_expected_reads_nothing():
+    meter = DelayLossMeter()
+    assert meter.reading(None) is None
+    meter.count(1, 0, 0, 0, 0)
+    assert meter.reading(None) == Feedback(0.0, 0.0, 0.0)
+    assert meter.reading(None) is None  # the same sequence again: nothing new
+
+
+@given(st.integers(LOSS_SAMPLE, 5000), st.data())
+def test_loss_is_the_share_of_sequence_numbers_not_seen(expected, data):
+    meter = DelayLossMeter()
+    meter.count(1, 99, 0, 0, 0)  # the interval before: through 99
+    meter.reading(None)
+    got = data.draw(st.integers(0, expected))
+    meter.count(got, 99 + expected, 0, 0, 0)
+    assert meter.reading(None).loss == pytest.approx(1 - got / expected)
+
+
+def test_too_few_datagrams_are_no_sign_of_loss():
+    meter = DelayLossMeter()
+    meter.count(1, 0, 0, 0, 0)
+    meter.reading(None)
+    meter.count(1, LOSS_SAMPLE - 1, 0, 0, 0)  # one of 19 arrived
+    assert meter.reading(None).loss == 0.0
+
+
+def test_delay_is_the_mean_above_the_least_seen():
+    meter = DelayLossMeter()
+    meter.count(8, 7, 5_000_000 * 2, 5_000_000, 2)  # base: 5 s of clock offset
+    assert meter.reading(None).delay == 0.0
+    meter.count(8, 15, 5_010_000 + 5_030_000, 5_010_000, 2)
+    assert meter.reading(None).delay == pytest.approx(0.020)
+
+
+def test_the_base_forgets_a_clock_step_after_two_minutes():
+    meter = DelayLossMeter()
+    meter.count(1, 0, 1_000_000, 1_000_000, 1)
+    meter.reading(None)
+    sequence = 1
+    # The sender's clock steps back 1 s: every delay now reads 1 s more.
+    readings = []
+    for _ in range((BASE_SPANS + 1) * INTERVALS_A_SPAN):
+        meter.count(1, sequence, 2_000_000, 2_000_000, 1)
+        sequence += 1
+        readings.append(meter.reading(None).delay)
+    assert readings[0] == pytest.approx(1.0)
+    assert readings[-1] == 0.0
+
+
+def test_backlog_is_the_queue_or_full_when_it_dropped():
+    meter = DelayLossMeter()
+    meter.count(1, 0, 0, 0, 0)
+    assert meter.reading((0.3, 0)).backlog == 0.3
+    meter.count(1, 1, 0, 0, 0)
+    assert meter.reading((0.1, 5)).backlog == 1.0  # five dropped since the last look
+    meter.count(1, 2, 0, 0, 0)
+    assert meter.reading((0.1, 5)).backlog == 0.1  # none since
+
+
+def test_heard_through():
+    meter = DelayLossMeter()
+    assert not meter.heard_through(0)
+    meter.count(3, 9, 0, 0, 0)
+    assert meter.heard_through(10)
+    assert not meter.heard_through(11)
