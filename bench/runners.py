@@ -308,8 +308,7 @@ class MrsyncEngine(Runner):
             [
                 sys.executable,
                 "-c",
-                "from mrsyncd import datagram as d; "
-                f"print(d.default_block_size('{GROUP_BASE}1') + d.OVERHEAD, d.__file__)",
+                "from mrsyncd import datagram as d; print(d.DEFAULT_BLOCK_SIZE + d.OVERHEAD, d.__file__)",
             ],
             capture_output=True,
             text=True,

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from mrsyncd.datagram import MAX_BLOCK_SIZE
+from mrsyncd.datagram import DEFAULT_BLOCK_SIZE, MAX_BLOCK_SIZE
 from mrsyncd.ratecontrol import parse_rate
 
 
@@ -47,9 +47,7 @@ class MasterConfig:
     ttl: int = 1
     loopback: bool = False
     rate: float = 1e9
-    #: File bytes per datagram; None: the most a 1500-byte MTU takes for
-    #: the group's family (`datagram.default_block_size`).
-    block_size: int | None = None
+    block_size: int = DEFAULT_BLOCK_SIZE
     #: Seconds a silent node is waited for before it is reported failed.
     grace: float = 30.0
 

@@ -38,7 +38,6 @@ release 42, sets a context up for every call (about 9 us).
 from __future__ import annotations
 
 import functools
-import ipaddress
 import os
 import struct
 from dataclasses import dataclass
@@ -89,10 +88,6 @@ CIPHERS = tuple(_PYTHON_AEADS)
 #: 1500-byte Ethernet MTU for both IPv4 (20+8 header bytes) and IPv6 (40+8):
 #: 1500 - 48 - OVERHEAD.
 DEFAULT_BLOCK_SIZE = 1408
-#: The same for IPv4 alone (1500 - 28 - OVERHEAD): 1.4% more of the link
-#: is file data.  A master sending to an IPv4 group uses it unless told
-#: otherwise (`default_block_size`).
-IPV4_BLOCK_SIZE = 1428
 #: The largest payload that fits one UDP datagram over IPv6 with a 9000-byte
 #: jumbo frame; larger values would be IP-fragmented.
 MAX_BLOCK_SIZE = 9000 - 48 - OVERHEAD
@@ -191,11 +186,6 @@ def preferred_cipher(cpuinfo: str = "/proc/cpuinfo") -> str:
     except OSError:
         pass
     return AES_256_GCM
-
-
-def default_block_size(group: str) -> int:
-    """The largest block whose datagram to ``group`` fits a 1500-byte MTU unfragmented."""
-    return IPV4_BLOCK_SIZE if ipaddress.ip_address(group).version == 4 else DEFAULT_BLOCK_SIZE
 
 
 def run_key(secret: bytes, transfer_id: bytes, run: bytes) -> bytes:

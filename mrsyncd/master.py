@@ -43,7 +43,7 @@ from mrsyncd.commands import (
 )
 from mrsyncd.config import MasterConfig
 from mrsyncd.control import AMPPeer
-from mrsyncd.datagram import KEY_SIZE, RUN_SIZE, TRANSFER_ID_SIZE, default_block_size
+from mrsyncd.datagram import KEY_SIZE, RUN_SIZE, TRANSFER_ID_SIZE
 from mrsyncd.manifest import Manifest, scan
 from mrsyncd.multicast import Channel
 from mrsyncd.node import HEARTBEAT
@@ -316,7 +316,7 @@ class JobRunner:
                 scan_cached,
                 os.path.join(self.config.state_dir, "digests.sqlite"),
                 spec["sources"],
-                self.config.block_size or default_block_size(self.config.group),
+                self.config.block_size,
                 spec["excludes"],
             )
         except Exception as e:

@@ -8,7 +8,6 @@ import re
 import pytest
 
 from mrsyncd.config import ConfigError, MasterConfig, NodeConfig, defaults, load, parse
-from mrsyncd.datagram import default_block_size
 
 EXAMPLE = os.path.join(os.path.dirname(__file__), "..", "etc", "mrsyncd.toml")
 
@@ -36,8 +35,6 @@ def test_example_documents_every_key_with_its_default():
         "tls": vars(config.tls),
     }
     expected = defaults()
-    # The block size's default follows the group: the example shows the default group's.
-    expected["master"]["block_size"] = default_block_size(expected["master"]["group"])
     for section in expected:
         assert set(documented[section]) == set(expected[section]), section
         for key, value in expected[section].items():

@@ -259,8 +259,3 @@ def test_flipped_bytes_are_rejected(native, data):
         assert isinstance(got, DataBlock)
     else:
         assert got == Rejected(expected_reason(bytes(mutated), cipher.transfer_id))
-
-
-@pytest.mark.parametrize(("group", "ip_header"), [("239.255.77.1", 20), ("ff15::77:1", 40)])
-def test_the_default_block_fills_a_1500_byte_packet_of_the_groups_family(group, ip_header):
-    assert ip_header + 8 + OVERHEAD + datagram.default_block_size(group) == 1500
