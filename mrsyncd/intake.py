@@ -50,14 +50,14 @@ BATCHES_PER_WAKE = 4
 #: datagram (below a few hundred Mbit/s it is faster than the link) spends
 #: more on waking, the reactor's loop and a call into the receiver, than
 #: on the datagram.  So after emptying the socket it stops watching it for
-#: as long as this many take to arrive at the rate they came, at most
-#: `PAUSE_MAX`: the queue it lets build is this many datagrams (45 KB)
-#: whatever the rate.  Nothing is measured late for it: arrival times are
-#: the kernel's.
+#: as long as this many take to arrive at the rate they came: the queue it
+#: lets build is this many datagrams (45 KB) whatever the rate.  Nothing is
+#: measured late for it: arrival times are the kernel's.
 GATHER = BATCH // 2
-#: 3 ms of datagrams at 1 Gbit/s, 370 KB, fit the receive buffer the
-#: package sets (4 MB) many times over.
-PAUSE_MAX = 0.003
+#: The longest pause.  A pause is also never longer than a quarter of the
+#: receive buffer takes to fill at the fastest rate seen so far, for when
+#: the rate jumps (a new pass after a quiet moment).
+PAUSE_MAX = 0.010
 #: A shorter pause than this costs more than it saves.
 PAUSE_MIN = 0.0002
 #: The counters of `Batch.rejected`, in order.
@@ -206,6 +206,17 @@ def assemble(
     )
 
 
+def pause_after(read: int, elapsed: float, fastest: float, room: float) -> float:
+    """
+    How long to stop watching a socket emptied by a wake-up that read
+    ``read`` datagrams ``elapsed`` seconds after the one before: as long as
+    `GATHER` take to come at that rate, at most `PAUSE_MAX`, and never
+    longer than ``room`` datagrams take at the ``fastest`` rate seen.
+    """
+    pause = min(PAUSE_MAX, GATHER * elapsed / read) if read else PAUSE_MAX
+    return min(pause, room / fastest) if fastest else pause
+
+
 @implementer(IReadDescriptor)
 class IntakePort:
     """
@@ -232,6 +243,11 @@ class IntakePort:
         self._view = memoryview(self._out)
         self._resume: IDelayedCall | None = None
         self._woke = reactor.seconds()
+        #: Datagrams a quarter of the receive buffer holds (the kernel
+        #: counts about twice a datagram's size), and the fastest rate seen.
+        granted = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+        self._room = granted / 4 / (2 * (block_size + datagram.OVERHEAD))
+        self._fastest = 0.0
         enable_timestamps(sock)
 
     def startReading(self) -> None:
@@ -268,8 +284,10 @@ class IntakePort:
         else:
             return  # still more to read: the reactor calls again at once
         now = self.reactor.seconds()
-        pause = min(PAUSE_MAX, GATHER * (now - self._woke) / read) if read else PAUSE_MAX
-        self._woke = now
+        elapsed, self._woke = now - self._woke, now
+        if read and elapsed > 0:
+            self._fastest = max(self._fastest, read / elapsed)
+        pause = pause_after(read, elapsed, self._fastest, self._room)
         if pause >= PAUSE_MIN:
             self.reactor.removeReader(self)
             self._resume = self.reactor.callLater(pause, self._resumed)

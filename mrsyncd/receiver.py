@@ -18,11 +18,8 @@ flight, whatever their size; file data only passes through.
 
 from __future__ import annotations
 
-import errno
 import os
 import random
-import shutil
-import stat
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
@@ -32,18 +29,19 @@ from twisted.internet import defer, task, threads
 from twisted.internet.interfaces import IDelayedCall
 from twisted.python.failure import Failure
 
-from mrsyncd import datagram, erasure, fsutil, intake, logs
+from mrsyncd import datagram, erasure, fsutil, intake, logs, storage
 from mrsyncd.blockset import RangeSet, encode_map
 from mrsyncd.datagram import KIND_DATA, KIND_ECHO, KIND_PARITY
-from mrsyncd.ledger import DONE, NEEDED, BlockLedger
-from mrsyncd.manifest import DIR, FILE, HARDLINK, SYMLINK, Entry, Manifest, digest, excluded
+from mrsyncd.ledger import DONE, BlockLedger
+from mrsyncd.manifest import DIR, HARDLINK, SYMLINK, Entry, Manifest
 from mrsyncd.meter import FEEDBACK_INTERVAL, DelayLossMeter
 from mrsyncd.multicast import DEFAULT_RCVBUF, Channel, receive_queue, receiver_socket
+from mrsyncd.parities import KeptParities
 from mrsyncd.ratecontrol import Echo, Feedback, node_id, report_due
+from mrsyncd.storage import OK
 
 log = logs.logger(__name__)
 
-OK = "ok"
 #: Part files held open at once; more are reopened on demand.
 OPEN_FILES = 32
 #: Consecutive blocks gathered before one write, and files gathered for at once.
@@ -82,11 +80,6 @@ KEPT_PARITIES = 4096
 SETTLE_LIMIT = 0.05
 #: How often a report waiting to settle looks again.
 SETTLE_POLL = 0.002
-
-
-def part_name(transfer_id: bytes, index: int) -> str:
-    """Short, so that it fits whatever the final name's length is."""
-    return f".mrsync-{transfer_id.hex()}-{index}.part"
 
 
 @dataclass(frozen=True)
@@ -215,8 +208,7 @@ class Receiver:
         #: Draws whether a report that is no news goes out (`Echo.share`).
         self.random = random.Random()
         self.meter = DelayLossMeter()
-        self._kept: OrderedDict[tuple[int, int], dict[int, bytes]] = OrderedDict()
-        self._kept_count = 0
+        self._kept = KeptParities(KEPT_PARITIES)
         self._threads = 0
         self._closing = False
         self._drained: list[defer.Deferred] = []
@@ -266,7 +258,7 @@ class Receiver:
                 if os.path.isdir(self.destination)
                 else -1
             )
-            d = self._in_thread(_survey, self._root_fd, manifest, transfer_id, True)
+            d = self._in_thread(storage.survey, self._root_fd, manifest, transfer_id, True)
             d.addCallback(self._surveyed_dry)
             return d
         self._root_fd = fsutil.open_destination(self.destination)
@@ -274,11 +266,11 @@ class Receiver:
         self._port = intake.IntakePort(self.reactor, sock, self._cipher, manifest.block_size, self.received)
         self._port.startReading()
         self._feedback.start(FEEDBACK_INTERVAL, now=False)
-        d = self._in_thread(_survey, self._root_fd, manifest, transfer_id)
+        d = self._in_thread(storage.survey, self._root_fd, manifest, transfer_id)
         d.addCallback(self._surveyed)
         return d
 
-    def _surveyed_dry(self, survey: dict[int, Held | str]) -> dict[int, RangeSet]:
+    def _surveyed_dry(self, survey: dict[int, storage.Held | str]) -> dict[int, RangeSet]:
         """A dry run ends once it knows what it needs."""
         needs = {}
         for index, entry in self._manifest.files():
@@ -294,7 +286,7 @@ class Receiver:
         self.done = True
         return needs
 
-    def _surveyed(self, survey: dict[int, Held | str]) -> dict[int, RangeSet]:
+    def _surveyed(self, survey: dict[int, storage.Held | str]) -> dict[int, RangeSet]:
         needs: dict[int, RangeSet] = {}
         for index, entry in self._manifest.files():
             held = survey[index]
@@ -304,7 +296,7 @@ class Receiver:
             f = _IncomingFile(
                 index=index,
                 entry=entry,
-                part=part_name(self._transfer_id, index),
+                part=storage.part_name(self._transfer_id, index),
                 ledger=BlockLedger(self._manifest.blocks(entry), self._manifest.chunk_blocks, held.status),
                 unchanged=held.unchanged,
                 has_part=held.has_part,
@@ -396,19 +388,15 @@ class Receiver:
         missing = f.ledger.missing(first, first + self._manifest.parity_group) if f.result is None else []
         if not missing:
             self.stats["parity_unused"] += 1
-            self._take_kept(key)
+            self._kept.take(key)
             return
-        kept = self._kept.setdefault(key, {})
-        self._kept.move_to_end(key)
-        if index in kept:
+        kept = self._kept.keep(key, index, parity)
+        if kept is None:
             self.stats["parity_unused"] += 1
             return
-        kept[index] = parity
-        self._kept_count += 1
         if len(kept) < len(missing):
             self.stats["parity_kept"] += 1
-            while self._kept_count > KEPT_PARITIES:
-                self._kept_count -= len(self._kept.popitem(last=False)[1])
+            self._kept.trim()
             return
         self._solve(f, group, missing)
 
@@ -419,7 +407,7 @@ class Receiver:
         accept them as if received.
         """
         size, count = self._manifest.block_size, self._manifest.parity_group
-        kept = self._take_kept((f.index, group))
+        kept = self._kept.take((f.index, group))
         first = group * count
         last = min(first + count, f.ledger.nblocks)
         if not self._flush(f.index):
@@ -482,15 +470,9 @@ class Receiver:
         first = group * self._manifest.parity_group
         missing = f.ledger.missing(first, first + self._manifest.parity_group)
         if not missing:
-            self._take_kept((f.index, group))
+            self._kept.take((f.index, group))
         elif len(kept) >= len(missing):
             self._solve(f, group, missing)
-
-    def _take_kept(self, key: tuple[int, int]) -> dict[int, bytes]:
-        """A group's kept parities, forgotten (none if it had none)."""
-        kept = self._kept.pop(key, {})
-        self._kept_count -= len(kept)
-        return kept
 
     def _flush(self, index: int) -> bool:
         """Write out what is gathered for a file; False if that failed it."""
@@ -500,7 +482,7 @@ class Receiver:
         f = self._files[index]
         offset, data = pending
         try:
-            _pwrite_all(self._fd(f), data, offset)
+            storage.pwrite_all(self._fd(f), data, offset)
         except OSError as e:
             self._fail(f, f"cannot write: {e.strerror}")
             return False
@@ -538,7 +520,7 @@ class Receiver:
         if fd is not None:
             self._open.move_to_end(f.index)
             return fd
-        fd = _open_part(self._root_fd, f.entry, f.part)
+        fd = storage.open_part(self._root_fd, f.entry, f.part)
         f.has_part = True
         self._open[f.index] = fd
         if len(self._open) > OPEN_FILES:
@@ -551,7 +533,7 @@ class Receiver:
     def _check_chunk(self, f: _IncomingFile, chunk: int) -> defer.Deferred:
         offset, length = self._manifest.chunk_span(f.entry, chunk)
         d = self._in_thread(
-            _digest_range,
+            storage.digest_range,
             self._root_fd,
             f.entry.path,
             f.part,
@@ -597,7 +579,7 @@ class Receiver:
     def _write_whole(self, f: _IncomingFile, data: bytearray) -> defer.Deferred:
         """Verify what `_whole_in_memory` took, and write it to a new part file."""
         f.has_part = True  # from now on: a failure or a discard removes it
-        d = self._in_thread(_write_part, self._root_fd, f.entry, f.part, data)
+        d = self._in_thread(storage.write_part, self._root_fd, f.entry, f.part, data)
 
         def written(result: object) -> object:
             self._unwritten -= len(data)
@@ -626,7 +608,7 @@ class Receiver:
         if fd is not None:
             os.close(fd)
         if self._root_fd >= 0 and not self._closing:
-            _discard_part(self._root_fd, f.entry.path, f.part)
+            storage.discard_part(self._root_fd, f.entry.path, f.part)
         self._maybe_finish()
 
     # Committing.
@@ -635,7 +617,7 @@ class Receiver:
         f.ledger.close()
         self._pending_commits += 1
         d = self._in_thread(
-            _place_file,
+            storage.place_file,
             self._root_fd,
             f.entry,
             f.part,
@@ -672,7 +654,7 @@ class Receiver:
             return
         self._pending_commits += 1  # hold off re-entry while links are made
         d = self._in_thread(
-            _finish_tree,
+            storage.finish_tree,
             self._root_fd,
             self._manifest,
             dict(self.results),
@@ -785,7 +767,7 @@ class Receiver:
                     fd = self._release(f)
                     if fd is not None:
                         os.close(fd)
-                    _discard_part(self._root_fd, f.entry.path, f.part)
+                    storage.discard_part(self._root_fd, f.entry.path, f.part)
         if self._port is not None and not self.done:
             self._port.stopListening()
         if self._feedback.running:
@@ -803,414 +785,9 @@ class Receiver:
         return drained
 
 
-# Blocking helpers, run in threads.  They take plain values and touch no
-# receiver state.
-
-
-def _survey(
-    root_fd: int, manifest: Manifest, transfer_id: bytes, dry_run: bool = False
-) -> dict[int, Held | str]:
-    """
-    Make the directories, and for each file find what it already has (see
-    `_chunks_held`), or the reason it cannot be received at all.  A dry run
-    writes nothing, and its destination may not exist yet (``root_fd`` -1).
-    """
-    survey: dict[int, Held | str] = {}
-    for index, entry in enumerate(manifest.entries):
-        try:
-            if entry.kind == DIR and not dry_run:
-                fsutil.make_directory(root_fd, entry.path)
-            elif entry.kind == FILE:
-                survey[index] = _chunks_held(root_fd, manifest, entry, part_name(transfer_id, index), dry_run)
-        except FileNotFoundError:
-            if entry.kind == FILE and dry_run:
-                survey[index] = Held(_zero_chunks(manifest, entry))
-        except OSError as e:
-            if entry.kind == FILE:
-                survey[index] = f"cannot prepare: {e.strerror or e}"
-    return survey
-
-
-@dataclass
-class Held:
-    """What a host already has of one file, found before any data is sent."""
-
-    #: A status byte (`NEEDED` or `DONE`) per chunk.
-    status: bytes
-    #: The final path already holds this file (same size and mtime).
-    unchanged: bool = False
-    #: A part file exists (left by an earlier run, or seeded just now).
-    has_part: bool = False
-
-
-def _zero_chunks(manifest: Manifest, entry: Entry) -> bytes:
-    """The all-zero chunks are `DONE` in a fresh part file, which is all holes."""
-    zero: dict[int, bytes] = {}
-    status = bytearray(manifest.chunks(entry))
-    for chunk in range(len(status)):
-        _, length = manifest.chunk_span(entry, chunk)
-        if length not in zero:
-            zero[length] = digest(bytes(length))
-        if entry.chunk_digest(chunk) == zero[length]:
-            status[chunk] = DONE
-    return bytes(status)
-
-
 def _bytes_of(manifest: Manifest, needs: Mapping[int, RangeSet]) -> int:
     return sum(
         manifest.chunk_span(manifest.entries[index], chunk)[1]
         for index, chunks in needs.items()
         for chunk in chunks
     )
-
-
-def _chunks_held(root_fd: int, manifest: Manifest, entry: Entry, part: str, dry_run: bool = False) -> Held:
-    """
-    The chunks of ``entry`` that need not cross the network: all of them if
-    the final path holds the same size and mtime (rsync's quick check);
-    otherwise those a part file of this transfer already holds (a resume),
-    the all-zero chunks of a fresh part file, and the chunks the old copy at
-    the final path holds at the same offsets, which are copied into the part
-    file (an appended log, a disk image with a few changed blocks).
-    """
-    if root_fd < 0:
-        raise FileNotFoundError(entry.path)
-    nchunks = manifest.chunks(entry)
-    fd, name = fsutil.open_parent(root_fd, entry.path, create=not dry_run)
-    part_fd = -1
-    try:
-        final = fsutil.lstat_at(fd, name)
-        if final is not None and not stat.S_ISREG(final.st_mode):
-            final = None
-        if final is not None and (final.st_size, final.st_mtime_ns) == (entry.size, entry.mtime_ns):
-            return Held(bytes([DONE]) * nchunks, unchanged=True)
-        st = fsutil.lstat_at(fd, part)
-        if st is not None and (not stat.S_ISREG(st.st_mode) or st.st_size != entry.size):
-            if not dry_run:
-                os.unlink(part, dir_fd=fd)
-            st = None
-        if st is None:
-            status = bytearray(_zero_chunks(manifest, entry))
-        else:
-            status = bytearray(nchunks)
-            part_fd = os.open(part, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
-            for chunk in range(nchunks):
-                offset, length = manifest.chunk_span(entry, chunk)
-                if digest(os.pread(part_fd, length, offset)) == entry.chunk_digest(chunk):
-                    status[chunk] = DONE
-        if final is not None and NEEDED in status:
-            old_fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
-            try:
-                for chunk in range(nchunks):
-                    offset, length = manifest.chunk_span(entry, chunk)
-                    if status[chunk] == DONE or offset + length > final.st_size:
-                        continue
-                    data = os.pread(old_fd, length, offset)
-                    if digest(data) != entry.chunk_digest(chunk):
-                        continue
-                    if dry_run:
-                        status[chunk] = DONE
-                        continue
-                    if part_fd < 0:
-                        part_fd = os.open(
-                            part, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=fd
-                        )
-                        os.ftruncate(part_fd, entry.size)
-                    os.pwrite(part_fd, data, offset)
-                    status[chunk] = DONE
-            finally:
-                os.close(old_fd)
-    finally:
-        has_part = part_fd >= 0
-        if has_part:
-            os.close(part_fd)
-        os.close(fd)
-    return Held(bytes(status), has_part=has_part)
-
-
-def _open_part(root_fd: int, entry: Entry, part: str, create: bool = True) -> int:
-    """
-    Open (or make, all holes) a part file.  One that should exist is never
-    made afresh: its data would be lost zeros behind verified chunks.
-    """
-    fd, _ = fsutil.open_parent(root_fd, entry.path)
-    flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_CREAT if create else 0)
-    try:
-        part_fd = os.open(part, flags, 0o600, dir_fd=fd)
-    finally:
-        os.close(fd)
-    if os.fstat(part_fd).st_size != entry.size:
-        os.ftruncate(part_fd, entry.size)
-    return part_fd
-
-
-def _write_part(root_fd: int, entry: Entry, part: str, data: bytearray) -> bytes:
-    """In a thread: a whole file's bytes to its part file, and their digest."""
-    got = digest(data)
-    fd = _open_part(root_fd, entry, part)
-    try:
-        _pwrite_all(fd, data, 0)
-    finally:
-        os.close(fd)
-    return got
-
-
-def _pwrite_all(fd: int, data: bytearray, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        # A short write (the disk just filled) is followed by one that says why.
-        written = os.pwrite(fd, view, offset)
-        if not written:
-            raise OSError(errno.EIO, "no progress writing")
-        view, offset = view[written:], offset + written
-
-
-def _digest_range(root_fd: int, path: str, part: str, offset: int, length: int) -> bytes:
-    fd, _ = fsutil.open_parent(root_fd, path, create=False)
-    try:
-        part_fd = os.open(part, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
-    finally:
-        os.close(fd)
-    try:
-        return digest(os.pread(part_fd, length, offset))
-    finally:
-        os.close(part_fd)
-
-
-def _discard_part(root_fd: int, path: str, part: str) -> None:
-    try:
-        fd, _ = fsutil.open_parent(root_fd, path, create=False)
-    except OSError:
-        return
-    try:
-        os.unlink(part, dir_fd=fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _place_file(
-    root_fd: int,
-    entry: Entry,
-    part: str,
-    part_fd: int | None,
-    owner: bool,
-    unchanged: bool = False,
-    backup_suffix: str = "",
-    has_part: bool = False,
-) -> None:
-    """
-    fsync, set metadata and rename a verified part file over its final path;
-    for a file that is already there, only set its metadata.  A backup is a
-    second link to the old file, made before the rename, so the final path
-    is never empty.
-    """
-    if unchanged:
-        fd, name = fsutil.open_parent(root_fd, entry.path)
-        try:
-            final_fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
-        finally:
-            os.close(fd)
-        try:
-            _set_metadata(final_fd, entry, owner)
-        finally:
-            os.close(final_fd)
-        return
-    if part_fd is None:
-        part_fd = _open_part(root_fd, entry, part, create=not has_part)
-    try:
-        os.fsync(part_fd)
-        _set_metadata(part_fd, entry, owner)
-    finally:
-        os.close(part_fd)
-    fd, name = fsutil.open_parent(root_fd, entry.path)
-    try:
-        old = fsutil.lstat_at(fd, name)
-        if backup_suffix and old is not None and stat.S_ISREG(old.st_mode):
-            backup = name + backup_suffix
-            if (held := fsutil.lstat_at(fd, backup)) is not None and not stat.S_ISDIR(held.st_mode):
-                os.unlink(backup, dir_fd=fd)
-            os.link(name, backup, src_dir_fd=fd, dst_dir_fd=fd, follow_symlinks=False)
-        os.rename(part, name, src_dir_fd=fd, dst_dir_fd=fd)
-    finally:
-        os.close(fd)
-
-
-def _delete_extraneous(
-    root_fd: int, manifest: Manifest, backup_suffix: str, protect: tuple[str, ...] = ()
-) -> tuple[list[str], dict[str, str]]:
-    """
-    Remove (or, with backups, rename aside) what the directories a transfer
-    sends hold but the source does not.  Part files of transfers in flight,
-    earlier backups and what the job's excludes match are left alone.
-    """
-    children: dict[str, set[str]] = {}
-    for entry in manifest.entries:
-        parent, _, name = entry.path.rpartition("/")
-        children.setdefault(parent, set()).add(name)
-    synced = [e.path for e in manifest.entries if e.kind == DIR] + ([""] if manifest.contents else [])
-    deleted: list[str] = []
-    errors: dict[str, str] = {}
-    for directory in synced:
-        try:
-            if directory:
-                parent_fd, name = fsutil.open_parent(root_fd, directory, create=False)
-                try:
-                    fd = os.open(name, fsutil.DIR_FLAGS, dir_fd=parent_fd)
-                finally:
-                    os.close(parent_fd)
-            else:
-                fd = os.dup(root_fd)
-        except OSError as e:
-            errors[directory or "."] = f"cannot list for deletion: {e.strerror or e}"
-            continue
-        try:
-            for name in sorted(os.listdir(fd)):
-                if name in children.get(directory, ()) or name.startswith(".mrsync-"):
-                    continue
-                if backup_suffix and name.endswith(backup_suffix):
-                    continue
-                path = f"{directory}/{name}" if directory else name
-                if excluded(path, protect):
-                    continue
-                try:
-                    st = os.stat(name, dir_fd=fd, follow_symlinks=False)
-                    if backup_suffix:
-                        os.rename(name, name + backup_suffix, src_dir_fd=fd, dst_dir_fd=fd)
-                    elif stat.S_ISDIR(st.st_mode):
-                        shutil.rmtree(name, dir_fd=fd)
-                    else:
-                        os.unlink(name, dir_fd=fd)
-                    deleted.append(path)
-                except OSError as e:
-                    errors[path] = f"cannot delete: {e.strerror or e}"
-        finally:
-            os.close(fd)
-    return deleted, errors
-
-
-def _set_metadata(fd: int, entry: Entry, owner: bool) -> None:
-    """Owner first: changing it clears set-id bits that chmod then restores."""
-    if owner:
-        os.fchown(fd, entry.uid, entry.gid)
-    os.fchmod(fd, entry.mode)
-    os.utime(fd, ns=(entry.mtime_ns, entry.mtime_ns))
-
-
-def _finish_tree(
-    root_fd: int,
-    manifest: Manifest,
-    results: dict[str, str],
-    owner: bool,
-    delete: bool = False,
-    backup_suffix: str = "",
-    protect: tuple[str, ...] = (),
-) -> tuple[dict[str, str], list[str]]:
-    """
-    Delete what the source does not have (if asked), make symlinks and
-    hardlinks (once their files are in place), then give directories their
-    modes and mtimes, deepest first, since making entries inside a directory
-    changes its mtime.  Returns the results and the paths changed.
-    """
-    changed: list[str] = []
-    done: dict[str, str] = {}
-    if delete:
-        changed, done = _delete_extraneous(root_fd, manifest, backup_suffix, protect)
-    for entry in manifest.entries:
-        if entry.kind not in (SYMLINK, HARDLINK):
-            continue
-        if entry.kind == HARDLINK and results.get(entry.target) != OK:
-            done[entry.path] = f"link target {entry.target!r} was not received"
-            continue
-        try:
-            if _place_link(root_fd, entry, owner):
-                changed.append(entry.path)
-            done[entry.path] = OK
-        except OSError as e:
-            done[entry.path] = f"cannot link: {e.strerror or e}"
-    for entry in sorted(
-        (e for e in manifest.entries if e.kind == DIR), key=lambda e: e.path.count("/"), reverse=True
-    ):
-        try:
-            fd, name = fsutil.open_parent(root_fd, entry.path)
-            try:
-                # Swapped for a symlink while the transfer ran: say so (chmod
-                # of a symlink raises ValueError, not OSError).
-                st = fsutil.lstat_at(fd, name)
-                if st is None or not stat.S_ISDIR(st.st_mode):
-                    raise fsutil.UnsafePath(errno.ENOTDIR, f"{entry.path!r} is no longer a directory")
-                if owner:
-                    os.chown(name, entry.uid, entry.gid, dir_fd=fd, follow_symlinks=False)
-                os.chmod(name, entry.mode, dir_fd=fd, follow_symlinks=False)
-                os.utime(name, ns=(entry.mtime_ns, entry.mtime_ns), dir_fd=fd, follow_symlinks=False)
-                own = os.open(name, fsutil.DIR_FLAGS, dir_fd=fd)
-                try:
-                    os.fsync(own)
-                finally:
-                    os.close(own)
-            finally:
-                os.close(fd)
-            done[entry.path] = OK
-        except (OSError, NotImplementedError, ValueError) as e:
-            done[entry.path] = f"cannot set metadata: {getattr(e, 'strerror', None) or e}"
-    os.fsync(root_fd)
-    return done, changed
-
-
-def _link_in_place(fd: int, name: str, root_fd: int, entry: Entry, owner: bool) -> bool:
-    """Is the link already there as the manifest has it?  (Its metadata is then set.)"""
-    st = fsutil.lstat_at(fd, name)
-    if st is None:
-        return False
-    if entry.kind == SYMLINK:
-        if not stat.S_ISLNK(st.st_mode) or os.readlink(name, dir_fd=fd) != entry.target:
-            return False
-        if owner:
-            os.chown(name, entry.uid, entry.gid, dir_fd=fd, follow_symlinks=False)
-        os.utime(name, ns=(entry.mtime_ns, entry.mtime_ns), dir_fd=fd, follow_symlinks=False)
-        return True
-    target_fd, target_name = fsutil.open_parent(root_fd, entry.target, create=False)
-    try:
-        target = fsutil.lstat_at(target_fd, target_name)
-    finally:
-        os.close(target_fd)
-    return target is not None and (st.st_dev, st.st_ino) == (target.st_dev, target.st_ino)
-
-
-def _place_link(root_fd: int, entry: Entry, owner: bool) -> bool:
-    """Make a symlink or hardlink; False if it was already in place."""
-    fd, name = fsutil.open_parent(root_fd, entry.path)
-    temporary = f".mrsync-link-{os.getpid()}-{digest(name.encode('utf-8', 'surrogateescape'))[:8].hex()}"
-    try:
-        if _link_in_place(fd, name, root_fd, entry, owner):
-            return False
-        if entry.kind == SYMLINK:
-            os.symlink(entry.target, temporary, dir_fd=fd)
-            if owner:
-                os.chown(temporary, entry.uid, entry.gid, dir_fd=fd, follow_symlinks=False)
-            os.utime(temporary, ns=(entry.mtime_ns, entry.mtime_ns), dir_fd=fd, follow_symlinks=False)
-        else:
-            target_fd, target_name = fsutil.open_parent(root_fd, entry.target, create=False)
-            try:
-                os.link(target_name, temporary, src_dir_fd=target_fd, dst_dir_fd=fd, follow_symlinks=False)
-            finally:
-                os.close(target_fd)
-        os.rename(temporary, name, src_dir_fd=fd, dst_dir_fd=fd)
-        if entry.kind == HARDLINK:
-            # rename() does nothing when both names already link to one
-            # inode (the link is in place from an earlier run): the
-            # temporary name would be left behind.
-            try:
-                os.unlink(temporary, dir_fd=fd)
-            except FileNotFoundError:
-                pass
-        return True
-    except BaseException:
-        try:
-            os.unlink(temporary, dir_fd=fd)
-        except OSError:
-            pass
-        raise
-    finally:
-        os.close(fd)

@@ -213,3 +213,16 @@ def test_the_port_reads_on_while_the_socket_holds_more():
         port.doRead()
         assert sum(b.got for b in delivered) == count
     port.stopListening()
+
+
+def test_a_pause_gathers_a_few_datagrams_and_never_overfills_the_buffer():
+    gather, longest = intake.GATHER, intake.PAUSE_MAX
+    # 1000 a second: as long as GATHER take, up to the longest.
+    assert intake.pause_after(2, 0.002, 1000, 10**6) == pytest.approx(min(longest, gather / 1000))
+    # 100,000 a second: a third of a millisecond.
+    assert intake.pause_after(100, 0.001, 100_000, 10**6) == pytest.approx(gather / 100_000)
+    # Quiet for a second, then one: the longest, unless a quarter of the
+    # buffer (here 50 datagrams) fills sooner at the fastest rate seen.
+    assert intake.pause_after(1, 1.0, 1.0, 10**6) == longest
+    assert intake.pause_after(1, 1.0, 20_000, 50) == pytest.approx(50 / 20_000)
+    assert intake.pause_after(0, 1.0, 0.0, 50) == longest

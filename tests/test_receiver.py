@@ -20,13 +20,14 @@ import time
 from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
-from mrsyncd import datagram, erasure
+from mrsyncd import datagram, erasure, storage
 from mrsyncd import receiver as receiver_module
 from mrsyncd.blockset import RangeSet, decode_map
 from mrsyncd.manifest import DIR, Manifest, scan
 from mrsyncd.multicast import sender_socket
 from mrsyncd.ratecontrol import Echo, node_id
-from mrsyncd.receiver import OK, Receiver, part_name
+from mrsyncd.receiver import OK, Receiver
+from mrsyncd.storage import part_name
 
 from .support import (
     assert_same_tree,
@@ -181,7 +182,7 @@ class DirectReceiverTests(unittest.TestCase):
         self.assertEqual(r.stats["rebuilt"], 0)
         self.feed(r, 0, [5], data)
         self.assertEqual(r.stats["rebuilt"], 2)
-        self.assertEqual(r._kept_count, 0)
+        self.assertEqual(r._kept.count, 0)
         yield wait_until(lambda: r.done)
         with open(os.path.join(self.dst, "f"), "rb") as f:
             self.assertEqual(f.read(), data)
@@ -197,19 +198,19 @@ class DirectReceiverTests(unittest.TestCase):
         deliver(r, self.parity(data, 0, 1))
         deliver(r, self.parity(data, 1, 0))
         self.assertEqual(r.stats["parity_unused"], 2)
-        self.assertEqual(r._kept_count, 0)
+        self.assertEqual(r._kept.count, 0)
 
     @defer.inlineCallbacks
     def test_kept_parities_are_bounded(self):
-        self.patch(receiver_module, "KEPT_PARITIES", 5)
+        self.patch(receiver_module, "KEPT_PARITIES", 5)  # read when a receiver is made
         data = self.rng.randbytes(16 * 100 * 8)
         r = yield self.receiving(data, chunk_size=1600, parity_group=16)
         # Every group lacks two blocks and gets one parity: each is kept.
         for group in range(8):
             self.feed(r, 0, [b for b in range(group * 16, group * 16 + 14)], data)
             deliver(r, self.parity(data, group, 0))
-        self.assertEqual(r._kept_count, 5)
-        self.assertEqual(sorted(g for _, g in r._kept), [3, 4, 5, 6, 7])
+        self.assertEqual(r._kept.count, 5)
+        self.assertEqual(sorted(g for _, g in r._kept.groups()), [3, 4, 5, 6, 7])
         # A second parity of a group still kept repairs it; of one let go, not.
         deliver(r, self.parity(data, 7, 1))
         deliver(r, self.parity(data, 0, 1))
@@ -221,18 +222,18 @@ class DirectReceiverTests(unittest.TestCase):
         """
         A file of 3000 bytes received whole; returns, for each time a part
         file was made or opened, whether the reactor's thread did it
-        (``_open_part`` is watched, not replaced).
+        (``storage.open_part`` is watched, not replaced).
         """
         data = self.rng.randbytes(3000)
         r = yield self.receiving(data, chunk_size=10_000)
         in_reactor = []
-        real = receiver_module._open_part
+        real = storage.open_part
 
         def watched(*args, **kwargs):
             in_reactor.append(threading.current_thread() is threading.main_thread())
             return real(*args, **kwargs)
 
-        self.patch(receiver_module, "_open_part", watched)
+        self.patch(storage, "open_part", watched)
         self.feed(r, 0, range(30), data)
         yield wait_until(lambda: r.done)
         self.assertEqual(r.results, {"f": OK})
@@ -1028,9 +1029,9 @@ class RootNodeDropInTests(unittest.TestCase):
         script = (
             "import os, sys\n"
             "from mrsyncd.manifest import FILE, Entry\n"
-            "from mrsyncd.receiver import _set_metadata\n"
+            "from mrsyncd.storage import set_metadata\n"
             "fd = os.open(sys.argv[1], os.O_RDONLY)\n"
-            "_set_metadata(fd, Entry('tool', FILE, 0o6755, 10**18, uid=4242, gid=4242), True)\n"
+            "set_metadata(fd, Entry('tool', FILE, 0o6755, 10**18, uid=4242, gid=4242), True)\n"
         )
         subprocess.run(
             ["setpriv", "--clear-groups", f"--bounding-set={bounding}", "--inh-caps=-all", "--"]
