@@ -297,7 +297,9 @@ class IntakePort:
         self.reactor.addReader(self)
 
     def connectionLost(self, reason: Failure) -> None:
-        self.socket.close()
+        """The reactor gave up on the socket (a read failed): say so, as nothing more will arrive."""
+        log.failure("stopped reading multicast datagrams", reason)
+        self.stopListening()
 
     def logPrefix(self) -> str:
         return "IntakePort"

@@ -5,6 +5,7 @@ same datagrams off real sockets into the same runs, counts and payloads.
 
 from __future__ import annotations
 
+import errno
 import socket
 import time
 
@@ -12,6 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import formatEvent, globalLogPublisher
+from twisted.python.failure import Failure
 
 from mrsyncd import datagram, intake
 from mrsyncd.datagram import KIND_DATA, KIND_ECHO, KIND_PARITY, DatagramCipher
@@ -166,13 +169,19 @@ def test_a_socket_that_cannot_be_read_is_an_error_not_an_empty_batch(native):
         intake.receive(cipher, unconnected, intake.buffer_for(SIZE), SIZE)
 
 
-def test_the_port_pauses_for_as_long_as_a_few_datagrams_take_to_come():
-    """It waits as long as GATHER datagrams take to come at the rate they came, at most PAUSE_MAX."""
+def watched_port():
+    """An intake port on loopback, watched by a reactor with a fake clock; it keeps what it delivers."""
     clock = MemoryReactorClock()
     rx, tx = socket_pair()
-    delivered = []
+    delivered: list[intake.Batch] = []
     port = intake.IntakePort(clock, rx, DatagramCipher(TID, KEY), SIZE, lambda b, _: delivered.append(b))
     port.startReading()
+    return clock, port, rx, tx, delivered
+
+
+def test_the_port_pauses_for_as_long_as_a_few_datagrams_take_to_come():
+    """It waits as long as GATHER datagrams take to come at the rate they came, at most PAUSE_MAX."""
+    clock, port, rx, tx, delivered = watched_port()
     with tx:
         clock.advance(1.0)  # one datagram a second
         tx.send(sealed(0, 0, 0))
@@ -181,7 +190,7 @@ def test_the_port_pauses_for_as_long_as_a_few_datagrams_take_to_come():
         assert port not in clock.getReaders()
         clock.advance(intake.PAUSE_MAX)  # the longest pause
         assert port in clock.getReaders()
-        # Then 40 in those 3 ms: it waits as long as GATHER of them take.
+        # Then 40 during that pause: it waits as long as GATHER of them take.
         for b in range(1, 41):
             tx.send(sealed(0, b, b))
         port.doRead()
@@ -197,11 +206,7 @@ def test_the_port_pauses_for_as_long_as_a_few_datagrams_take_to_come():
 
 def test_the_port_reads_on_while_the_socket_holds_more():
     """A wake-up that read its limit and left datagrams waiting does not pause."""
-    clock = MemoryReactorClock()
-    rx, tx = socket_pair()
-    delivered = []
-    port = intake.IntakePort(clock, rx, DatagramCipher(TID, KEY), SIZE, lambda b, _: delivered.append(b))
-    port.startReading()
+    clock, port, rx, tx, delivered = watched_port()
     with tx:
         count = intake.BATCH * intake.BATCHES_PER_WAKE + 1
         for b in range(count):
@@ -226,3 +231,17 @@ def test_a_pause_gathers_a_few_datagrams_and_never_overfills_the_buffer():
     assert intake.pause_after(1, 1.0, 1.0, 10**6) == longest
     assert intake.pause_after(1, 1.0, 20_000, 50) == pytest.approx(50 / 20_000)
     assert intake.pause_after(0, 1.0, 0.0, 50) == longest
+
+
+def test_a_port_the_reactor_gave_up_on_says_so_and_lets_go_of_its_socket():
+    clock, port, rx, tx, _ = watched_port()
+    tx.close()
+    logged = []
+    observer = logged.append
+    globalLogPublisher.addObserver(observer)
+    try:
+        port.connectionLost(Failure(OSError(errno.EBADF, "gone")))
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    assert rx.fileno() == -1 and port not in clock.getReaders()
+    assert any("stopped reading multicast datagrams" in formatEvent(e) for e in logged), logged
