@@ -17,13 +17,14 @@ least one target; 2 a wrong command line or client configuration (no
 master or certificate named); 3 the master could not be reached, or the
 certificate cannot be used: unreadable, from another CA, expired, or not an
 operator's (checked here first, then by the master); 4 the master refused the
-request; 5 the job was cancelled.
+request; 5 the job was cancelled; 130 interrupted (Ctrl-C, see `Interruption`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 import tomllib
@@ -42,6 +43,8 @@ from mrsyncd.options import InterspersedOptions
 from mrsyncd.ratecontrol import parse_rate
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_REFUSED, EXIT_CANCELLED = range(6)
+#: What a shell reports for a command ended by Ctrl-C: 128 + SIGINT.
+EXIT_INTERRUPTED = 128 + signal.SIGINT
 FINISHED = ("done", "failed", "cancelled")
 
 
@@ -323,6 +326,59 @@ def exit_code(status: dict[str, Any]) -> int:
     return EXIT_CANCELLED if status["state"] == "cancelled" else EXIT_FAILED
 
 
+class Interruption:
+    """
+    Ctrl-C as the command at work hears it.  While `push` follows the job it
+    started, the first cancels that job, and the command waits for the nodes
+    to stop and reports what each completed, as rsync stops its transfer; a
+    second leaves at once.  At any other moment (connecting, ``status
+    --follow``) the first leaves at once: following a job is not running it.
+    """
+
+    def __init__(self, reactor: Any, err: Any) -> None:
+        self.reactor = reactor
+        self.err = err
+        #: How many Ctrl-Cs came.
+        self.heard = 0
+        #: Set while a push follows its own job: Ctrl-C then cancels it.
+        self.graceful = False
+        self._sleepers: list[defer.Deferred] = []
+
+    def install(self) -> None:
+        """Take SIGINT from the reactor, whose own handler would stop it mid-command."""
+        signal.signal(signal.SIGINT, lambda signum, frame: self.reactor.callFromThread(self.interrupted))
+
+    def interrupted(self) -> None:
+        self.heard += 1
+        if self.heard > 1 or not self.graceful:
+            sys.stdout.flush()
+            self.err.write("\nmrsync: interrupted\n")
+            self.err.flush()
+            os._exit(EXIT_INTERRUPTED)
+        sleepers, self._sleepers = self._sleepers, []
+        for sleeper in sleepers:
+            sleeper.callback(None)
+
+    def sleep(self, seconds: float) -> defer.Deferred:
+        """Fires after ``seconds``, or at once when Ctrl-C comes."""
+        sleeper: defer.Deferred = defer.Deferred()
+        self._sleepers.append(sleeper)
+
+        def wake() -> None:
+            if sleeper in self._sleepers:
+                self._sleepers.remove(sleeper)
+                sleeper.callback(None)
+
+        timer = self.reactor.callLater(seconds, wake)
+
+        def woken(result: object) -> object:
+            if timer.active():
+                timer.cancel()
+            return result
+
+        return sleeper.addBoth(woken)
+
+
 def _json(out: Any, value: Any) -> None:
     out.write(json.dumps(value, indent=1, sort_keys=True) + "\n")
 
@@ -332,17 +388,35 @@ def _when(seconds: float) -> str:
 
 
 @defer.inlineCallbacks
-def follow(reactor: Any, protocol: amp.AMP, job: int, json_out: bool, out: Any) -> Any:
+def follow(
+    reactor: Any, protocol: amp.AMP, job: int, json_out: bool, out: Any, interruption: Interruption
+) -> Any:
+    """
+    Show a job's progress until it ends, then its report.  A push's job
+    (``interruption.graceful``) is cancelled on Ctrl-C, and the command
+    exits 130 once it has ended.
+    """
     progress = Progress(out, reactor)
+    cancelled = False
     while True:
         answer = yield call(protocol, JobStatus, job=job, files=False)
         status = answer["status"]
         if status["state"] in FINISHED:
             break
+        if interruption.heard and not cancelled:
+            cancelled = True
+            if not json_out:
+                progress.end()
+            yield call(protocol, Cancel, job=job)
+            interruption.err.write(
+                f"mrsync: interrupted: cancelling job {job} (Ctrl-C again to leave without waiting)\n"
+            )
+            interruption.err.flush()
+            continue
         if not json_out:
             progress.show(status)
-        yield task.deferLater(reactor, 0.5, lambda: None)
-    if not json_out:
+        yield interruption.sleep(0.5)
+    if not json_out and not cancelled:
         progress.end()
     answer = yield call(protocol, JobStatus, job=job, files=True)
     status = answer["status"]
@@ -350,11 +424,11 @@ def follow(reactor: Any, protocol: amp.AMP, job: int, json_out: bool, out: Any) 
         _json(out, status)
     else:
         report(status, out)
-    return exit_code(status)
+    return EXIT_INTERRUPTED if cancelled else exit_code(status)
 
 
 @defer.inlineCallbacks
-def push(reactor: Any, protocol: amp.AMP, sub: PushOptions, out: Any) -> Any:
+def push(reactor: Any, protocol: amp.AMP, sub: PushOptions, out: Any, interruption: Interruption) -> Any:
     spec = {
         "sources": sub["sources"],
         "destination": sub["destination"],
@@ -366,6 +440,9 @@ def push(reactor: Any, protocol: amp.AMP, sub: PushOptions, out: Any) -> Any:
         "backup": bool(sub["backup"]),
         "dry_run": bool(sub["dry-run"]),
     }
+    # From the submission on, Ctrl-C cancels the job (one asked for while
+    # the submission is on its way cancels it as soon as its id is known).
+    interruption.graceful = not sub["detach"]
     answer = yield call(protocol, Submit, spec=spec)
     job = answer["job"]
     if sub["detach"]:
@@ -373,13 +450,13 @@ def push(reactor: Any, protocol: amp.AMP, sub: PushOptions, out: Any) -> Any:
         return EXIT_OK
     if not sub["json"]:
         out.write(f"job {job} submitted\n")
-    return (yield follow(reactor, protocol, job, sub["json"], out))
+    return (yield follow(reactor, protocol, job, sub["json"], out, interruption))
 
 
 @defer.inlineCallbacks
-def status(reactor: Any, protocol: amp.AMP, sub: StatusOptions, out: Any) -> Any:
+def status(reactor: Any, protocol: amp.AMP, sub: StatusOptions, out: Any, interruption: Interruption) -> Any:
     if sub["follow"]:
-        return (yield follow(reactor, protocol, sub["job"], sub["json"], out))
+        return (yield follow(reactor, protocol, sub["job"], sub["json"], out, interruption))
     answer = yield call(protocol, JobStatus, job=sub["job"], files=sub["files"])
     if sub["json"]:
         _json(out, answer["status"])
@@ -389,14 +466,14 @@ def status(reactor: Any, protocol: amp.AMP, sub: StatusOptions, out: Any) -> Any
 
 
 @defer.inlineCallbacks
-def cancel(reactor: Any, protocol: amp.AMP, sub: JobOptions, out: Any) -> Any:
+def cancel(reactor: Any, protocol: amp.AMP, sub: JobOptions, out: Any, interruption: Interruption) -> Any:
     answer = yield call(protocol, Cancel, job=sub["job"])
     out.write(f"job {sub['job']}: {answer['state']}\n")
     return EXIT_OK
 
 
 @defer.inlineCallbacks
-def nodes(reactor: Any, protocol: amp.AMP, sub: ListOptions, out: Any) -> Any:
+def nodes(reactor: Any, protocol: amp.AMP, sub: ListOptions, out: Any, interruption: Interruption) -> Any:
     answer = yield call(protocol, ListNodes)
     if sub["json"]:
         _json(out, answer["nodes"])
@@ -412,7 +489,7 @@ def nodes(reactor: Any, protocol: amp.AMP, sub: ListOptions, out: Any) -> Any:
 
 
 @defer.inlineCallbacks
-def jobs(reactor: Any, protocol: amp.AMP, sub: ListOptions, out: Any) -> Any:
+def jobs(reactor: Any, protocol: amp.AMP, sub: ListOptions, out: Any, interruption: Interruption) -> Any:
     answer = yield call(protocol, ListJobs, limit=50)
     if sub["json"]:
         _json(out, answer["jobs"])
@@ -437,13 +514,14 @@ COMMANDS: dict[str, Callable[..., defer.Deferred]] = {
 
 
 @defer.inlineCallbacks
-def run(reactor: Any, options: Options, out: Any) -> Any:
+def run(reactor: Any, options: Options, out: Any, interruption: Interruption) -> Any:
     protocol = yield connect(reactor, settings(options, dict(os.environ)))
     try:
         command = COMMANDS[str(options.subCommand)]
-        return (yield command(reactor, protocol, options.subOptions, out))
+        return (yield command(reactor, protocol, options.subOptions, out, interruption))
     finally:
-        protocol.transport.loseConnection()
+        if protocol.transport is not None:
+            protocol.transport.loseConnection()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -464,7 +542,9 @@ def main(argv: list[str] | None = None) -> None:
             sys.stderr.write(f"mrsync: {error}\n")
             raise SystemExit(error.code if isinstance(error, CommandError) else EXIT_FAILED)
 
-        return run(reactor, options, sys.stdout).addCallbacks(finished, failed)
+        interruption = Interruption(reactor, sys.stderr)
+        interruption.install()
+        return run(reactor, options, sys.stdout, interruption).addCallbacks(finished, failed)
 
     task.react(go)
 

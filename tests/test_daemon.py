@@ -50,6 +50,7 @@ from tests.daemon import (
 )
 
 MiB = 1 << 20
+FINISHED = ("done", "failed", "cancelled")
 #: node3 may write only beneath ``shared/pub``; node1 and node2 anywhere in ``shared``.
 NODES = {
     "node1": {"tags": ["rack1"]},
@@ -575,6 +576,78 @@ def test_master_and_node_killed_node_back_later(fleet: Cluster) -> None:
     )
     for name in ("node1", "node2"):
         same_tree(src, c.node_dir(name) / "pub" / "t5c")
+
+
+# 5b. Ctrl-C at the operator's terminal.
+
+
+def pushing(c: Cluster, tag: str, seed: int) -> tuple[subprocess.Popen[str], int, str]:
+    """
+    ``mrsync push`` of a 32 MiB file to node1 and node2 at 20 Mbit/s,
+    running: the process, its job and where the file goes, once some of it
+    is sent.
+    """
+    src = c.base / f"src{tag}"
+    random_file(src / "big.bin", 32 * MiB, seed)
+    proc = c.cli_popen("push", "--rate", "20M", f"{src}/", f"node1,node2:{c.shared}/pub/t{tag}")
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    submitted = re.match(r"job (\d+) submitted", line)
+    assert submitted, f"mrsync push printed {line!r} first"
+    job = int(submitted.group(1))
+    wait_sent(c, job, MiB)
+    return proc, job, f"pub/t{tag}/big.bin"
+
+
+@pytest.mark.lan
+@NEEDS_MOUNT_NS
+def test_ctrl_c_during_push_cancels_its_job_reports_and_exits_130(fleet: Cluster) -> None:
+    c = fleet
+    proc, job, path = pushing(c, "8a", 80)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=FOLLOW_TIMEOUT)
+    assert proc.returncode == 130, (proc.returncode, out, err)
+    assert "Traceback" not in err and f"cancelling job {job}" in err, err
+    assert f"job {job} cancelled" in out and "node1:" in out and "node2:" in out, out
+    assert c.status(job)["state"] == "cancelled"
+    for name in ("node1", "node2"):
+        assert not (c.node_dir(name) / path).exists(), f"a cancelled file appeared on {name}"
+
+
+@pytest.mark.lan
+@NEEDS_MOUNT_NS
+def test_a_second_ctrl_c_leaves_at_once_and_the_job_is_still_cancelled(fleet: Cluster) -> None:
+    c = fleet
+    proc, job, _ = pushing(c, "8b", 81)
+    assert proc.stderr is not None
+    proc.send_signal(signal.SIGINT)
+    heard = proc.stderr.readline()
+    assert f"cancelling job {job}" in heard, heard
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=5) == 130
+    assert "Traceback" not in proc.stderr.read()
+    cancelled = wait_for(
+        lambda: c.status(job), lambda s: s["state"] in FINISHED, 30, f"job {job} ended", c.diagnostics
+    )
+    assert cancelled["state"] == "cancelled", cancelled
+
+
+@pytest.mark.lan
+@NEEDS_MOUNT_NS
+def test_ctrl_c_during_status_follow_only_stops_following(fleet: Cluster) -> None:
+    c = fleet
+    src = c.base / "src8c"
+    random_file(src / "big.bin", 32 * MiB, 82)
+    job = c.detach("--rate", "20M", f"{src}/", f"node1,node2:{c.shared}/pub/t8c")
+    wait_sent(c, job, MiB)
+    proc = c.cli_popen("status", str(job), "--follow")
+    assert proc.stdout is not None and proc.stderr is not None
+    assert proc.stdout.readline().startswith(f"job {job}")
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=5) == 130
+    assert "Traceback" not in proc.stderr.read()
+    assert c.status(job)["state"] == "running"
+    c.cli_ok("cancel", str(job))
 
 
 # 6. Jobs side by side.
