@@ -22,6 +22,7 @@ request; 5 the job was cancelled; 130 interrupted (Ctrl-C, see `Interruption`).
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -247,7 +248,12 @@ def _clock(seconds: float) -> str:
 
 
 class Progress:
-    """A live line on a terminal, a plain line every few seconds elsewhere."""
+    """
+    A live line on a terminal, redrawn in place and never wider than the
+    terminal (the least useful parts go first: node names, the count of
+    slow nodes, the ETA, the rate, the bytes); elsewhere a plain line every
+    few seconds.
+    """
 
     def __init__(self, out: Any, clock: Any) -> None:
         self.out = out
@@ -255,49 +261,119 @@ class Progress:
         self.tty = out.isatty()
         self.samples: list[tuple[float, int]] = []
         self.last_plain = float("-inf")
+        self.shown = False
+
+    def width(self) -> int:
+        try:
+            return max(20, os.get_terminal_size(self.out.fileno()).columns)
+        except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+            return 80
 
     def show(self, status: dict[str, Any]) -> None:
-        progress = status.get("progress")
         now = self.clock.seconds()
-        nodes = status["nodes"]
-        done = sum(1 for n in nodes.values() if n["state"] == "done")
-        failed = sum(1 for n in nodes.values() if n["state"] == "failed")
-        if progress:
-            done = len(progress["done"])
-            failed = len(progress["failed"])
-            sent, planned = progress["sent_bytes"], progress["planned_bytes"]
-        else:
-            sent, planned = status.get("sent_bytes", 0), status.get("payload_bytes", 0)
+        sent, planned = _sent_and_planned(status)
         self.samples = [s for s in self.samples if now - s[0] <= 5.0] + [(now, sent)]
         span = self.samples[-1][0] - self.samples[0][0]
         rate = (self.samples[-1][1] - self.samples[0][1]) * 8 / span if span > 0 else 0.0
         eta = (planned - sent) * 8 / rate if rate > 0 and planned > sent else 0.0
-        state = status.get("phase") or status["state"]
+        head = f"job {status['id']} {status.get('phase') or status['state']}"
         # Until the source is scanned and the nodes have said what they
         # need, there is no size to show: "0 B of 0 B" would be a wrong one.
-        figures = ""
+        parts = []
         if planned:
-            figures = f": {_size(sent)} of {_size(planned)}  {rate / 1e6:.1f} Mbit/s  ETA {_clock(eta)}"
-        line = (
-            f"job {status['id']} {state}{figures}  nodes: {done} done, {failed} failed, {len(nodes)} in all"
-        )
+            parts = [
+                (0, f"{100 * sent // planned}%"),
+                (3, f"{_size(sent)} of {_size(planned)}"),
+                (4, f"{rate / 1e6:.1f} Mbit/s"),
+                (5, f"ETA {_clock(eta)}"),
+            ]
         if self.tty:
-            self.out.write("\r\x1b[K" + line)
-            self.out.flush()
+            self._draw(head, parts + _nodes(status))
         elif now - self.last_plain >= 5.0:
-            self.out.write(line + "\n")
+            self.out.write(_fit(head, parts + _nodes(status), None) + "\n")
             self.last_plain = now
 
-    def end(self) -> None:
-        if self.tty:
+    def end(self, status: dict[str, Any] | None = None) -> None:
+        """
+        The job ended (``status``, its final state): on a terminal the line
+        shows 100% (or where it stopped), the time taken and the average
+        rate.  None: the line is left as it is.
+        """
+        if not self.tty:
+            return
+        if status is not None:
+            sent, planned = _sent_and_planned(status)
+            elapsed = max(_elapsed(status), 1e-3)
+            parts = [
+                (0, f"{100 * sent // planned if planned else 100}%"),
+                (3, f"{_size(sent)} in {elapsed:.1f} s, {sent * 8 / elapsed / 1e6:.1f} Mbit/s"),
+            ]
+            self._draw(f"job {status['id']} {status['state']}", parts + _nodes(status))
+        if self.shown:
             self.out.write("\n")
+            self.shown = False
+
+    def _draw(self, head: str, parts: list[tuple[int, str]]) -> None:
+        self.out.write("\r\x1b[K" + _fit(head, parts, self.width() - 1))
+        self.out.flush()
+        self.shown = True
+
+
+def _elapsed(status: dict[str, Any]) -> float:
+    """Seconds from the job's start (or submission) to its end, or to now."""
+    return float((status.get("finished") or time.time()) - (status.get("started") or status["submitted"]))
+
+
+def _sent_and_planned(status: dict[str, Any]) -> tuple[int, int]:
+    progress = status.get("progress")
+    if progress:
+        return progress["sent_bytes"], progress["planned_bytes"]
+    return status.get("sent_bytes", 0), status.get("payload_bytes", 0)
+
+
+def _nodes(status: dict[str, Any]) -> list[tuple[int, str]]:
+    """
+    The nodes' part of a progress line, each with its rank in `_fit`: how
+    many are done, failed and slow, then the names of the failed and slow.
+    """
+    nodes = status["nodes"]
+    progress = status.get("progress")
+    if progress:
+        done, failed, slow = progress["done"], sorted(progress["failed"]), progress.get("slow", [])
+    else:
+        done = [n for n, v in nodes.items() if v["state"] == "done"]
+        failed = sorted(n for n, v in nodes.items() if v["state"] == "failed")
+        slow = []
+    parts = [(1, f"{len(done)}/{len(nodes)} done")]
+    if failed:
+        parts.append((2, f"{len(failed)} failed"))
+    if slow:
+        parts.append((6, f"{len(slow)} slow"))
+    if failed:
+        parts.append((7, "failed: " + ",".join(failed)))
+    if slow:
+        parts.append((8, "slow: " + ",".join(slow)))
+    return parts
+
+
+def _fit(head: str, parts: list[tuple[int, str]], width: int | None) -> str:
+    """
+    ``head`` and ``parts`` (each with a rank: 0 is kept longest), less the
+    highest-ranked parts until the line fits ``width`` (None: any), and cut
+    short if even the head does not.
+    """
+    kept = list(parts)
+    while True:
+        line = "  ".join([head, *(text for _, text in kept)])
+        if width is None or len(line) <= width or not kept:
+            return line if width is None else line[:width]
+        kept.remove(max(kept, key=lambda part: part[0]))
 
 
 def report(status: dict[str, Any], out: Any) -> None:
     """The human-readable end of a job: one line per node, failures first."""
-    elapsed = (status["finished"] or time.time()) - (status["started"] or status["submitted"])
     out.write(
-        f"job {status['id']} {status['state']} in {elapsed:.1f} s: {_size(status['payload_bytes'])} "
+        f"job {status['id']} {status['state']} in {_elapsed(status):.1f} s: {_size(status['payload_bytes'])} "
         f"in the tree, {_size(status['sent_bytes'])} sent\n"
     )
     if status["message"]:
@@ -416,10 +492,10 @@ def follow(
         if not json_out:
             progress.show(status)
         yield interruption.sleep(0.5)
-    if not json_out and not cancelled:
-        progress.end()
     answer = yield call(protocol, JobStatus, job=job, files=True)
     status = answer["status"]
+    if not json_out:
+        progress.end(status)
     if json_out:
         _json(out, status)
     else:

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import fcntl
 import io
 import os
+import pty
+import re
+import select
+import struct
 import subprocess
 import sys
+import termios
 
 import pytest
 from twisted.internet.task import Clock
@@ -114,17 +120,73 @@ def test_progress_on_a_terminal_redraws_one_line_with_rate_and_eta():
     clock.advance(1.0)
     progress.show(status(sent=10_000_000, planned=100_000_000))
     last = out.getvalue().split("\r\x1b[K")[-1]
-    assert "9.5 MiB of 95.4 MiB" in last
-    assert "80.0 Mbit/s" in last
-    assert "ETA 0:00:09" in last
-    assert "nodes: 0 done, 0 failed, 2 in all" in last
+    assert last == "job 7 running  10%  9.5 MiB of 95.4 MiB  80.0 Mbit/s  ETA 0:00:09  0/2 done"
     assert "\n" not in out.getvalue()
 
 
 def test_progress_before_the_size_is_known_shows_no_figures():
     clock, out = Clock(), io.StringIO()
     Progress(out, clock).show(status(sent=0, planned=0, phase="scanning"))
-    assert out.getvalue() == "job 7 scanning  nodes: 0 done, 0 failed, 2 in all\n"
+    assert out.getvalue() == "job 7 scanning  0/2 done\n"
+
+
+def on_a_terminal(columns: int, draw) -> list[str]:
+    """What ``draw(progress)`` puts on a pseudo-terminal ``columns`` wide, line by line as it redraws."""
+    controller, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+    attrs = termios.tcgetattr(terminal)
+    attrs[1] &= ~termios.OPOST  # no newline translation: what is written is what is read
+    termios.tcsetattr(terminal, termios.TCSANOW, attrs)
+    with open(terminal, "w", closefd=True) as out:
+        draw(Progress(out, Clock()))
+    written = b""
+    while select.select([controller], [], [], 0.1)[0]:
+        try:
+            chunk = os.read(controller, 65536)
+        except OSError:  # EIO: the terminal side is closed and all was read
+            break
+        if not chunk:
+            break
+        written += chunk
+    os.close(controller)
+    return [line for line in re.split(r"\r\x1b\[K|\n", written.decode()) if line]
+
+
+def busy(**progress):
+    nodes = {f"node{i}": {"state": "running"} for i in range(1, 9)}
+    base = {"sent_bytes": 70 << 20, "planned_bytes": 200 << 20, "done": ["node1", "node2"]}
+    base["failed"] = {"node13": "gone"}
+    base["slow"] = ["node7"]
+    return status(nodes=nodes, progress={**base, **progress}, submitted=1000.0, started=1000.0, finished=None)
+
+
+@pytest.mark.parametrize("columns", [80, 40])
+def test_progress_never_outgrows_the_terminal_and_ends_at_100_percent(columns):
+    def draw(progress):
+        for sent in (10, 70, 150):
+            progress.show(busy(sent_bytes=sent << 20))
+            progress.clock.advance(1.0)
+        final = busy(sent_bytes=200 << 20, done=[f"node{i}" for i in range(1, 8)])
+        progress.end({**final, "state": "done", "finished": 1020.0})
+
+    lines = on_a_terminal(columns, draw)
+    assert len(lines) == 4, lines
+    assert all(len(line) < columns for line in lines), [(len(line), line) for line in lines]
+    assert all(line.startswith("job 7 running  ") and "%" in line for line in lines[:3]), lines
+    assert all(" done  1 failed" in line for line in lines), lines
+    assert lines[-1].startswith("job 7 done  100%"), lines
+    if columns == 80:
+        assert "70.0 MiB of 200.0 MiB" in lines[1] and "Mbit/s" in lines[1], lines
+        assert "200.0 MiB in 20.0 s, 83.9 Mbit/s  7/8 done  1 failed" in lines[-1], lines
+
+
+def test_progress_names_slow_and_failed_nodes_when_there_is_room():
+    out = Terminal()
+    progress = Progress(out, Clock())
+    progress.width = lambda: 200
+    progress.show(busy())
+    last = out.getvalue().split("\r\x1b[K")[-1]
+    assert last.endswith("2/8 done  1 failed  1 slow  failed: node13  slow: node7"), last
 
 
 def test_progress_elsewhere_prints_a_plain_line_every_few_seconds():
