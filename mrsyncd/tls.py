@@ -26,8 +26,9 @@ alert on its first read.  A client must therefore not treat its own
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
+import OpenSSL
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
@@ -35,8 +36,6 @@ from OpenSSL import crypto
 from twisted.internet.ssl import (
     Certificate,
     CertificateOptions,
-    KeyPair,
-    PrivateCertificate,
     TLSVersion,
     optionsForClientTLS,
     trustRootFromCertificates,
@@ -107,7 +106,7 @@ def server_options(ca_cert_path: str, cert_path: str, key_path: str) -> Certific
     client certificate and to fail the handshake unless it chains to the CA.
     """
     ca = _load_ca(ca_cert_path)
-    cert, key = _load_own(ca, cert_path, key_path, ("master",))
+    cert, key = context_credentials(*_load_own(ca, cert_path, key_path, ("master",)))
     return CertificateOptions(
         privateKey=key,
         certificate=cert,
@@ -127,14 +126,26 @@ def client_options(
     ``service_identity``, and must chain to the cluster CA alone.
     """
     ca = _load_ca(ca_cert_path)
-    cert, key = _load_own(ca, cert_path, key_path, ("node", "operator"))
-    mine = PrivateCertificate.fromCertificateAndKeyPair(Certificate(cert), KeyPair(key))
+    cert, key = context_credentials(*_load_own(ca, cert_path, key_path, ("node", "operator")))
+    # The certificate and key go in as CertificateOptions' own arguments,
+    # not as a PrivateCertificate, whose pyOpenSSL objects Twisted would pass on.
     return optionsForClientTLS(
         hostname,
         trustRoot=Certificate(crypto.X509.from_cryptography(ca)),
-        clientCertificate=mine,
-        extraCertificateOptions={"raiseMinimumTo": MINIMUM_TLS},
+        extraCertificateOptions={"raiseMinimumTo": MINIMUM_TLS, "privateKey": key, "certificate": cert},
     )
+
+
+#: pyOpenSSL takes `cryptography`'s certificates and keys from 24.3 on, and
+#: deprecates its own X509 and PKey there (they are to go); Debian 12 has 23.0.
+_TAKES_CRYPTOGRAPHY = tuple(int(part) for part in OpenSSL.__version__.split(".")[:2]) >= (24, 3)
+
+
+def context_credentials(cert: x509.Certificate, key: Any) -> tuple[Any, Any]:
+    """A certificate and its key as this pyOpenSSL's ``Context`` takes them."""
+    if _TAKES_CRYPTOGRAPHY:
+        return cert, key
+    return crypto.X509.from_cryptography(cert), crypto.PKey.from_cryptography_key(key)
 
 
 def peer_identity(transport: object) -> PeerIdentity:
@@ -171,7 +182,7 @@ def _load_ca(path: str) -> x509.Certificate:
 
 def _load_own(
     ca: x509.Certificate, cert_path: str, key_path: str, roles: tuple[Role, ...]
-) -> tuple[crypto.X509, crypto.PKey]:
+) -> tuple[x509.Certificate, Any]:
     """
     Load this peer's certificate and key, and check them against each other,
     the CA and the role this side plays, so that a misconfiguration is
@@ -203,7 +214,7 @@ def _load_own(
             before=before,
             after=after,
         )
-    return crypto.X509.from_cryptography(cert), crypto.PKey.from_cryptography_key(key)
+    return cert, key
 
 
 def _issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:

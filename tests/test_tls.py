@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 
+import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -30,7 +31,6 @@ from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.ssl import (
     Certificate,
     CertificateOptions,
-    PrivateCertificate,
     TLSVersion,
     optionsForClientTLS,
 )
@@ -38,6 +38,10 @@ from twisted.trial import unittest
 from zope.interface import implementer
 
 from mrsyncd import certs, tls
+
+#: pyOpenSSL 24.3 and later deprecate being given their own X509 and PKey
+#: objects (they are to go): mrsyncd gives them `cryptography`'s.
+pytestmark = pytest.mark.filterwarnings("error:Passing pyOpenSSL:DeprecationWarning")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MASTER = "master.test"
@@ -63,10 +67,16 @@ class Cluster:
         return os.path.join(self.out, name + ".crt"), os.path.join(self.out, name + ".key")
 
 
-def raw_private(cert_path: str, key_path: str) -> PrivateCertificate:
-    """A PrivateCertificate straight from files, with none of mrsyncd.tls's checks."""
-    with open(cert_path, "rb") as c, open(key_path, "rb") as k:
-        return PrivateCertificate.loadPEM(c.read() + k.read())
+def raw_credentials(cert_path: str, key_path: str) -> dict[str, object]:
+    """A certificate and key from files for CertificateOptions, with none of mrsyncd.tls's checks."""
+    cert, key = tls.context_credentials(certs.load_certificate(cert_path), certs.load_private_key(key_path))
+    return {"certificate": cert, "privateKey": key}
+
+
+def raw_client(ca_path: str, cert_path: str, key_path: str, **extra: object) -> object:
+    """Client options to dial the master with a certificate from files, as they are."""
+    options = {**raw_credentials(cert_path, key_path), **extra}
+    return optionsForClientTLS(MASTER, trustRoot=raw_ca(ca_path), extraCertificateOptions=options)
 
 
 def raw_ca(path: str) -> Certificate:
@@ -207,9 +217,7 @@ class HandshakeTests(unittest.TestCase):
     def test_certificate_from_foreign_ca_is_refused(self):
         foreign = Cluster(temp_dir(self))
         cert, key = foreign.issue("node", "node1")
-        options = optionsForClientTLS(
-            MASTER, trustRoot=raw_ca(self.cluster.ca), clientCertificate=raw_private(cert, key)
-        )
+        options = raw_client(self.cluster.ca, cert, key)
         client_reason, server_reason = yield self.assert_refused(options)
         assert_tls_error(self, client_reason, "unknown ca")
         assert_tls_error(self, server_reason, "certificate verify failed")
@@ -232,9 +240,7 @@ class HandshakeTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_master_certificate_cannot_dial_in(self):
         # Only clientAuth certificates can be clients: OpenSSL checks the EKU.
-        options = optionsForClientTLS(
-            MASTER, trustRoot=raw_ca(self.cluster.ca), clientCertificate=raw_private(*self.master)
-        )
+        options = raw_client(self.cluster.ca, *self.master)
         client_reason, server_reason = yield self.assert_refused(options)
         assert_tls_error(self, client_reason, "unsupported certificate")
         assert_tls_error(self, server_reason, "certificate verify failed")
@@ -243,12 +249,7 @@ class HandshakeTests(unittest.TestCase):
     def test_node_certificate_cannot_serve(self):
         # A node certificate for the right name still lacks serverAuth.
         cert, key = self.cluster.issue("node", "impostor", dns_names=[MASTER])
-        impostor = raw_private(cert, key)
-        server = CertificateOptions(
-            privateKey=impostor.privateKey.original,
-            certificate=impostor.original,
-            trustRoot=raw_ca(self.cluster.ca),
-        )
+        server = CertificateOptions(trustRoot=raw_ca(self.cluster.ca), **raw_credentials(cert, key))
         options = tls.client_options(self.cluster.ca, *self.node, MASTER)
         client_reason, server_reason = yield self.assert_refused(options, server)
         assert_tls_error(self, client_reason, "certificate verify failed")
@@ -256,12 +257,7 @@ class HandshakeTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_tls_1_2_is_refused(self):
-        options = optionsForClientTLS(
-            MASTER,
-            trustRoot=raw_ca(self.cluster.ca),
-            clientCertificate=raw_private(*self.node),
-            extraCertificateOptions={"lowerMaximumSecurityTo": TLSVersion.TLSv1_2},
-        )
+        options = raw_client(self.cluster.ca, *self.node, lowerMaximumSecurityTo=TLSVersion.TLSv1_2)
         client_reason, server_reason = yield self.assert_refused(options)
         assert_tls_error(self, client_reason, "protocol version")
         assert_tls_error(self, server_reason, "unsupported protocol")
