@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from twisted.python import usage
 
 from mrsyncd import certs
-from mrsyncd.options import InterspersedOptions
+from mrsyncd.options import CommandOptions, InterspersedOptions, usage_error
 
 PROG = "mrsync-ca"
 
@@ -114,7 +114,7 @@ class ShowOptions(InterspersedOptions):
         self["path"] = path
 
 
-class Options(usage.Options):
+class Options(CommandOptions):
     """The ``mrsync-ca`` command line."""
 
     synopsis = f"Usage: {PROG}"
@@ -171,9 +171,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         options.parseOptions(list(argv) if argv is not None else sys.argv[1:])
     except usage.UsageError as e:
-        hint = f"{PROG} {options.subCommand} --help" if options.subCommand else f"{PROG} --help"
-        print(f"{PROG}: {e} (see {hint})", file=sys.stderr)
-        raise SystemExit(2) from None
+        usage_error(PROG, options, e)
     assert options.subCommand is not None
     try:
         print(COMMANDS[options.subCommand](options.subOptions))

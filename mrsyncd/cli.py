@@ -37,13 +37,14 @@ from twisted.internet.protocol import Factory
 from twisted.protocols import amp
 from twisted.python import usage
 
-from mrsyncd import __version__, tls
+from mrsyncd import tls
 from mrsyncd.commands import BadRequest, Cancel, Forbidden, JobStatus, ListJobs, ListNodes, NoSuchJob, Submit
 from mrsyncd.config import split_address
-from mrsyncd.options import InterspersedOptions
+from mrsyncd.options import EXIT_USAGE, CommandOptions, InterspersedOptions, usage_error
 from mrsyncd.ratecontrol import parse_rate
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_REFUSED, EXIT_CANCELLED = range(6)
+EXIT_OK, EXIT_FAILED = 0, 1
+EXIT_UNREACHABLE, EXIT_REFUSED, EXIT_CANCELLED = 3, 4, 5
 #: What a shell reports for a command ended by Ctrl-C: 128 + SIGINT.
 EXIT_INTERRUPTED = 128 + signal.SIGINT
 FINISHED = ("done", "failed", "cancelled")
@@ -55,7 +56,7 @@ class CommandError(Exception):
         self.code = code
 
 
-class Connection(usage.Options):
+class Connection(CommandOptions):
     optParameters = [
         ["master", "m", None, "host:port of the master (MRSYNC_MASTER)."],
         ["master-name", None, None, "Name in the master's certificate (default: its host)."],
@@ -131,7 +132,7 @@ class StatusOptions(JobOptions):
     ]
 
 
-class ListOptions(usage.Options):
+class ListOptions(CommandOptions):
     optFlags = [["json", None, "Print JSON."]]
 
 
@@ -145,10 +146,6 @@ class Options(Connection):
         ["status", None, StatusOptions, "Show (or follow) one job."],
         ["cancel", None, JobOptions, "Cancel a job."],
     ]
-
-    def opt_version(self) -> None:
-        print(f"mrsync {__version__}")
-        raise SystemExit(0)
 
     def postOptions(self) -> None:
         if self.subCommand is None:
@@ -605,8 +602,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         options.parseOptions(argv if argv is not None else sys.argv[1:])
     except usage.UsageError as e:
-        sys.stderr.write(f"mrsync: {e}\n{options}\n")
-        raise SystemExit(EXIT_USAGE) from None
+        usage_error("mrsync", options, e)
 
     def go(reactor: Any) -> defer.Deferred:
         def finished(result: int) -> None:

@@ -33,6 +33,7 @@ from mrsyncd.control import AMPPeer, ReceiverControl, SenderControl
 from mrsyncd.datagram import DEFAULT_BLOCK_SIZE
 from mrsyncd.manifest import scan
 from mrsyncd.multicast import Channel
+from mrsyncd.options import CommandOptions, usage_error
 from mrsyncd.ratecontrol import Feedback, parse_rate
 from mrsyncd.receiver import TransferOptions
 from mrsyncd.transfer import Transfer, new_offer
@@ -40,7 +41,7 @@ from mrsyncd.transfer import Transfer, new_offer
 log = logs.logger(__name__)
 
 
-class ChannelOptions(usage.Options):
+class ChannelOptions(CommandOptions):
     optParameters = [
         ["group", "g", "239.255.77.1", "Multicast group (IPv4 or IPv6)."],
         ["port", "p", 7717, "UDP port of the group.", int],
@@ -95,7 +96,7 @@ class ReceiveOptions(ChannelOptions):
             raise usage.UsageError("--connect and --name are required")
 
 
-class Options(usage.Options):
+class Options(CommandOptions):
     synopsis = "send|receive [options]"
     subCommands = [
         ["send", None, SendOptions, "Send sources to receivers that dial in."],
@@ -185,8 +186,7 @@ def main(argv: list[str] | None = None) -> None:
         if options.subCommand is None:
             raise usage.UsageError("say send or receive")
     except usage.UsageError as e:
-        print(f"{sys.argv[0]}: {e}\n{options}", file=sys.stderr)
-        raise SystemExit(2) from None
+        usage_error("mrsync-engine", options, e)
     level = LogLevel.debug if options["verbose"] else LogLevel.info
     logs.set_level(level.name)
     globalLogBeginner.beginLoggingTo(

@@ -17,6 +17,7 @@ import pytest
 from twisted.internet.task import Clock
 from twisted.python import usage
 
+from mrsyncd import __version__
 from mrsyncd.cli import (
     EXIT_CANCELLED,
     EXIT_FAILED,
@@ -28,6 +29,8 @@ from mrsyncd.cli import (
     exit_code,
     settings,
 )
+
+REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def parse(*argv: str) -> Options:
@@ -233,3 +236,47 @@ def test_mrsync_loads_none_of_the_engine():
     }
     assert "mrsyncd.commands" in loaded
     assert engine.isdisjoint(loaded), sorted(engine & set(loaded))
+
+
+PROGRAMS = {"mrsync": "mrsyncd.cli", "mrsync-ca": "mrsyncd.ca_cli", "mrsync-engine": "mrsyncd.enginecli"}
+
+
+def run_program(module: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": REPOSITORY, "HOME": "/nonexistent"}
+    env = {k: v for k, v in env.items() if not k.startswith("MRSYNC_")}
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, env=env)
+
+
+@pytest.mark.parametrize(
+    ("program", "args"),
+    [
+        ("mrsync", []),
+        ("mrsync", ["push"]),
+        ("mrsync", ["status"]),
+        ("mrsync-ca", []),
+        ("mrsync-ca", ["issue"]),
+        ("mrsync-engine", []),
+        ("mrsync-engine", ["send"]),
+    ],
+)
+def test_every_command_answers_version_with_mrsyncds(program, args):
+    answer = run_program(PROGRAMS[program], *args, "--version")
+    assert (answer.returncode, answer.stdout, answer.stderr) == (0, f"mrsyncd {__version__}\n", "")
+
+
+@pytest.mark.parametrize(
+    ("program", "args", "help"),
+    [
+        ("mrsync", ["--bogus"], "mrsync --help"),
+        ("mrsync", ["push", "--bogus", "/a", "all:/b"], "mrsync push --help"),
+        ("mrsync", ["status", "seven"], "mrsync status --help"),
+        ("mrsync-ca", ["frob"], "mrsync-ca --help"),
+        ("mrsync-ca", ["issue", "ca", "n1"], "mrsync-ca issue --help"),
+        ("mrsync-engine", [], "mrsync-engine --help"),
+    ],
+)
+def test_a_usage_error_is_one_line_and_where_the_help_is(program, args, help):
+    answer = run_program(PROGRAMS[program], *args)
+    assert answer.returncode == 2
+    (line,) = answer.stderr.splitlines()
+    assert line.startswith(f"{program}: ") and line.endswith(f" (see {help})"), answer.stderr
