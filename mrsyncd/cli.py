@@ -25,6 +25,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -73,19 +74,29 @@ class PushOptions(InterspersedOptions):
         "Send SRC (paths on the master; SRC/ sends its contents) to DEST on TARGETS: "
         "'all', a comma-separated list of node names, or @tag."
     )
+    # Short options mean what they mean to rsync's users, or are not given.
     optFlags = [
-        ["detach", "d", "Print the job id and return without following it."],
+        ["detach", None, "Print the job id and return without following it."],
+        ["recursive", "r", "Accepted as rsync has it: directories are always sent whole."],
         ["json", None, "Print a machine-readable final report."],
         ["preserve-owner", None, "Set owner and group on the nodes (nodes running as root)."],
         ["delete", None, "Delete what the source lacks from the directories sent."],
         ["backup", "b", "Keep each overwritten or deleted file as NAME~ on the nodes."],
         ["dry-run", "n", "Show what each node would receive; send nothing."],
     ]
-    optParameters = [["rate", "r", None, "Cap the sending rate, bits per second (k, M, G)."]]
+    optParameters = [["rate", None, None, "Cap the sending rate, bits per second (k, M, G)."]]
 
     def __init__(self) -> None:
         super().__init__()
         self["exclude"] = []
+
+    def opt_bwlimit(self, value: str) -> None:
+        """Cap the sending rate as rsync's --bwlimit does: KiB a second, or with a K, M or G suffix."""
+        match = re.fullmatch(r"(\d+(?:\.\d+)?)([KMG]?)(?:i?B)?", value.strip(), re.IGNORECASE)
+        if match is None:
+            raise usage.UsageError(f"--bwlimit takes KiB a second (or a K, M or G suffix), not {value!r}")
+        power = "KMG".index(match.group(2).upper()) + 1 if match.group(2) else 1
+        self["rate"] = f"{float(match.group(1)) * 1024**power * 8:.0f}"
 
     def opt_exclude(self, pattern: str) -> None:
         """Leave out names (or paths, with a /) matching PATTERN; repeatable."""

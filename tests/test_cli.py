@@ -280,3 +280,26 @@ def test_a_usage_error_is_one_line_and_where_the_help_is(program, args, help):
     assert answer.returncode == 2
     (line,) = answer.stderr.splitlines()
     assert line.startswith(f"{program}: ") and line.endswith(f" (see {help})"), answer.stderr
+
+
+@pytest.mark.parametrize(
+    ("limit", "bits"),
+    [
+        ("12500", 12500 * 1024 * 8),
+        ("10M", 10 * 1024**2 * 8),
+        ("1.5g", 1.5 * 1024**3 * 8),
+        ("800KiB", 800 * 1024 * 8),
+    ],
+)
+def test_bwlimit_caps_the_rate_as_rsync_reads_it(limit, bits):
+    assert parse("push", "--bwlimit", limit, "/a", "all:/d").subOptions["rate"] == bits
+
+
+def test_short_options_mean_what_they_mean_to_rsync():
+    """-r is recursive (a push always is), -n a dry run, -b a backup; -d (rsync's --dirs) is not detach."""
+    push = parse("push", "-r", "-n", "-b", "/a", "all:/d").subOptions
+    flags = (push["recursive"], push["dry-run"], push["backup"], push["detach"], push["rate"])
+    assert flags == (1, 1, 1, 0, None)
+    for wrong in (["-d"], ["--bwlimit", "fast"]):
+        with pytest.raises(usage.UsageError):
+            parse("push", *wrong, "/a", "all:/d")
