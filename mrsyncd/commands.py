@@ -309,6 +309,20 @@ class BoundedAMP(amp.AMP):
         if not self._dropped:
             super().dataReceived(data)
 
+    def makeConnection(self, transport: Any) -> None:
+        """
+        AMP's, less the line it logs for every connection made (and lost,
+        below): the master and the nodes say who registered and who left,
+        and every ``mrsync`` command would otherwise add two lines.
+        """
+        self._transportPeer = transport.getPeer()
+        self._transportHost = transport.getHost()
+        amp.BinaryBoxProtocol.makeConnection(self, transport)
+
+    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+        amp.BinaryBoxProtocol.connectionLost(self, reason)
+        self.transport = None  # as AMP does
+
     def unhandledError(self, failure: Failure) -> None:  # type: ignore[override]
         """
         A command that has no answer failed, e.g. a malformed congestion

@@ -371,6 +371,20 @@ def test_operator_certificate_cannot_register_as_node(fleet: Cluster) -> None:
         impostor.stop()
 
 
+@pytest.mark.lan
+@NEEDS_MOUNT_NS
+def test_connections_come_and_go_without_a_line_each(fleet: Cluster) -> None:
+    """The master logs who registered, not every TLS connection (each mrsync command made two lines)."""
+    c = fleet
+    since = c.master.mark()
+    c.cli_ok("jobs")
+    c.cli_ok("nodes")
+    time.sleep(0.5)  # the master notices the commands' connections close
+    log = c.master.log()
+    assert "registered from" in log
+    assert "connection established" not in log and "connection lost" not in log, c.master.log(since)
+
+
 # 4. A destination that one target does not allow.
 
 
