@@ -153,6 +153,27 @@ done:
     return out;
 }
 
+/*
+ * Open a datagram of a clear header of header_size bytes, length bytes of
+ * ciphertext and the tag, into out; 0 if it does not authenticate.
+ */
+static int
+open_into(EVP_CIPHER_CTX *ctx, const unsigned char *in, int header_size, int length,
+          unsigned long long sequence, unsigned char *out)
+{
+    unsigned char nonce[NONCE_SIZE];
+    unsigned char tag[TAG_SIZE];
+    int n;
+
+    memcpy(tag, in + header_size + length, TAG_SIZE);
+    nonce_of(sequence, nonce);
+    return EVP_CipherInit_ex(ctx, NULL, NULL, NULL, nonce, 0)
+        && EVP_CipherUpdate(ctx, NULL, &n, in, header_size)
+        && EVP_CipherUpdate(ctx, out, &n, in + header_size, length)
+        && EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_AEAD_SET_TAG, TAG_SIZE, tag)
+        && EVP_CipherFinal_ex(ctx, out + n, &n) > 0;
+}
+
 PyDoc_STRVAR(AEAD_open_doc,
 "open(datagram, header_size, sequence) -> payload, or None\n\n"
 "None when the datagram is shorter than a header and a tag, or does not\n"
@@ -164,10 +185,7 @@ AEAD_open(AEADObject *self, PyObject *args)
     Py_buffer data;
     Py_ssize_t header_size;
     unsigned long long sequence;
-    unsigned char nonce[NONCE_SIZE];
-    unsigned char tag[TAG_SIZE];
     PyObject *out = NULL;
-    int n;
 
     if (!PyArg_ParseTuple(args, "y*nK", &data, &header_size, &sequence))
         return NULL;
@@ -176,18 +194,11 @@ AEAD_open(AEADObject *self, PyObject *args)
         PyBuffer_Release(&data);
         Py_RETURN_NONE;
     }
-    const unsigned char *in = data.buf;
     out = PyBytes_FromStringAndSize(NULL, length);
     if (out == NULL)
         goto done;
-    memcpy(tag, in + header_size + length, TAG_SIZE);
-    nonce_of(sequence, nonce);
-    unsigned char *p = (unsigned char *)PyBytes_AS_STRING(out);
-    if (!EVP_CipherInit_ex(self->open_ctx, NULL, NULL, NULL, nonce, 0)
-        || !EVP_CipherUpdate(self->open_ctx, NULL, &n, in, (int)header_size)
-        || !EVP_CipherUpdate(self->open_ctx, p, &n, in + header_size, (int)length)
-        || !EVP_CIPHER_CTX_ctrl(self->open_ctx, EVP_CTRL_AEAD_SET_TAG, TAG_SIZE, tag)
-        || EVP_CipherFinal_ex(self->open_ctx, p + n, &n) <= 0) {
+    if (!open_into(self->open_ctx, data.buf, (int)header_size, (int)length, sequence,
+                   (unsigned char *)PyBytes_AS_STRING(out))) {
         Py_DECREF(out);
         out = Py_None;
         Py_INCREF(out);
@@ -214,21 +225,16 @@ be32(const unsigned char *p)
     return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
 }
 
+/* Append a run (kind, file, first block, count, offset, bytes, sequence) as a tuple; -1 on error. */
 static int
-open_into(EVP_CIPHER_CTX *ctx, const unsigned char *in, int length, unsigned long long sequence,
-          unsigned char *out)
+append_run(PyObject *runs, const long long run[7])
 {
-    unsigned char nonce[NONCE_SIZE];
-    unsigned char tag[TAG_SIZE];
-    int n;
-
-    memcpy(tag, in + HEADER_SIZE + length, TAG_SIZE);
-    nonce_of(sequence, nonce);
-    return EVP_CipherInit_ex(ctx, NULL, NULL, NULL, nonce, 0)
-        && EVP_CipherUpdate(ctx, NULL, &n, in, HEADER_SIZE)
-        && EVP_CipherUpdate(ctx, out, &n, in + HEADER_SIZE, length)
-        && EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_AEAD_SET_TAG, TAG_SIZE, tag)
-        && EVP_CipherFinal_ex(ctx, out + n, &n) > 0;
+    PyObject *t = Py_BuildValue("(LLLLLLL)", run[0], run[1], run[2], run[3], run[4], run[5], run[6]);
+    if (t == NULL)
+        return -1;
+    int failed = PyList_Append(runs, t);
+    Py_DECREF(t);
+    return failed;
 }
 
 /* The kernel's arrival time of a message in microseconds, or now's. */
@@ -265,6 +271,7 @@ receive(PyObject *module, PyObject *args)
     Py_ssize_t block_size;
     int batch, sample;
     PyObject *runs = NULL, *result = NULL;
+    unsigned char *raw = NULL;
 
     if (!PyArg_ParseTuple(args, "O!iy*w*nii", &AEADType, &aead, &fd, &tid, &out, &block_size,
                           &batch, &sample))
@@ -275,7 +282,7 @@ receive(PyObject *module, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "bad receive arguments");
         goto done;
     }
-    unsigned char *raw = malloc((size_t)batch * slot);
+    raw = malloc((size_t)batch * slot);
     struct mmsghdr msgs[MAX_BATCH];
     struct iovec iovs[MAX_BATCH];
     char control[MAX_BATCH][CMSG_SPACE(sizeof(struct timespec)) + 64];
@@ -301,16 +308,13 @@ receive(PyObject *module, PyObject *args)
     if (count < 0) {
         if (errno != EAGAIN && errno != EWOULDBLOCK) {
             PyErr_SetFromErrno(PyExc_OSError);
-            free(raw);
             goto done;
         }
         count = 0;
     }
     runs = PyList_New(0);
-    if (runs == NULL) {
-        free(raw);
+    if (runs == NULL)
         goto done;
-    }
     long long rejected[R_COUNT] = {0};
     long long got = 0, seq_max = -1, owd_sum = 0, owd_min = 0, owd_count = 0;
     Py_ssize_t offset = 0;
@@ -342,7 +346,7 @@ receive(PyObject *module, PyObject *args)
         unsigned long long sequence = (unsigned long long)(d[10] << 8 | d[11]) << 32 | be32(d + 12);
         int length = (int)(len - OVERHEAD);
         if ((msgs[i].msg_hdr.msg_flags & MSG_TRUNC)
-            || !open_into(aead->open_ctx, d, length, sequence, payloads + offset)) {
+            || !open_into(aead->open_ctx, d, HEADER_SIZE, length, sequence, payloads + offset)) {
             rejected[R_TAG]++;
             continue;
         }
@@ -364,16 +368,8 @@ receive(PyObject *module, PyObject *args)
             run[5] += length;
             run[6] = (long long)sequence;
         } else {
-            if (have_run) {
-                PyObject *t = Py_BuildValue("(LLLLLLL)", run[0], run[1], run[2], run[3], run[4],
-                                            run[5], run[6]);
-                if (t == NULL || PyList_Append(runs, t) < 0) {
-                    Py_XDECREF(t);
-                    free(raw);
-                    goto done;
-                }
-                Py_DECREF(t);
-            }
+            if (have_run && append_run(runs, run) < 0)
+                goto done;
             run[0] = kind, run[1] = file, run[2] = block, run[3] = 1;
             run[4] = offset, run[5] = length, run[6] = (long long)sequence;
             have_run = 1;
@@ -381,20 +377,13 @@ receive(PyObject *module, PyObject *args)
         run_full = length == block_size;
         offset += length;
     }
-    free(raw);
-    if (have_run) {
-        PyObject *t = Py_BuildValue("(LLLLLLL)", run[0], run[1], run[2], run[3], run[4], run[5],
-                                    run[6]);
-        if (t == NULL || PyList_Append(runs, t) < 0) {
-            Py_XDECREF(t);
-            goto done;
-        }
-        Py_DECREF(t);
-    }
+    if (have_run && append_run(runs, run) < 0)
+        goto done;
     result = Py_BuildValue("(OLLLLL(LLLLL)O)", runs, got, seq_max, owd_sum, owd_min, owd_count,
                            rejected[R_SHORT], rejected[R_VERSION], rejected[R_KIND],
                            rejected[R_FOREIGN], rejected[R_TAG], count == batch ? Py_True : Py_False);
 done:
+    free(raw);
     Py_XDECREF(runs);
     PyBuffer_Release(&tid);
     PyBuffer_Release(&out);
