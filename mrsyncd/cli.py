@@ -22,7 +22,6 @@ request; 5 the job was cancelled; 130 interrupted (Ctrl-C, see `Interruption`).
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
@@ -274,7 +273,7 @@ class Progress:
     def width(self) -> int:
         try:
             return max(20, os.get_terminal_size(self.out.fileno()).columns)
-        except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+        except (OSError, ValueError, AttributeError):  # not a terminal, or closed, or no file at all
             return 80
 
     def show(self, status: dict[str, Any]) -> None:
@@ -502,11 +501,10 @@ def follow(
         yield interruption.sleep(0.5)
     answer = yield call(protocol, JobStatus, job=job, files=True)
     status = answer["status"]
-    if not json_out:
-        progress.end(status)
     if json_out:
         _json(out, status)
     else:
+        progress.end(status)
         report(status, out)
     return EXIT_INTERRUPTED if cancelled else exit_code(status)
 

@@ -6,11 +6,12 @@ and gathered into runs of consecutive blocks; the receiver keeps its books
 (`mrsyncd.ledger`) and its delay and loss meter (`mrsyncd.meter`) a run and
 a batch at a time.  A block is written with ``pwrite`` into a part file
 beside its destination (``.mrsync-<transfer>-<index>.part``) only after its
-datagram opens under the run's key.  When every block of a chunk has arrived the chunk is read back and
-digested in a thread; a chunk that does not match its manifest digest is
-forgotten and asked for again.  When every chunk of a file is verified the
-part file is fsynced, given its owner, mode and mtime, and renamed over the
-final path, so a reader sees either the old file or the whole new one.
+datagram opens under the run's key.  When every block of a chunk has
+arrived the chunk is read back and digested in a thread; a chunk that does
+not match its manifest digest is forgotten and asked for again.  When every
+chunk of a file is verified the part file is fsynced, given its owner, mode
+and mtime, and renamed over the final path, so a reader sees either the old
+file or the whole new one.
 
 Memory is one bit per block and a few bytes per chunk of the files in
 flight, whatever their size; file data only passes through.
@@ -384,8 +385,7 @@ class Receiver:
             return
         key = (f.index, group)
         # A failed file's bitmap is gone, and a committed one lacks nothing.
-        first = group * self._manifest.parity_group
-        missing = f.ledger.missing(first, first + self._manifest.parity_group) if f.result is None else []
+        missing = self._group_missing(f, group) if f.result is None else []
         if not missing:
             self.stats["parity_unused"] += 1
             self._kept.take(key)
@@ -467,12 +467,16 @@ class Receiver:
         kept = self._kept.get((f.index, group))
         if kept is None:
             return
-        first = group * self._manifest.parity_group
-        missing = f.ledger.missing(first, first + self._manifest.parity_group)
+        missing = self._group_missing(f, group)
         if not missing:
             self._kept.take((f.index, group))
         elif len(kept) >= len(missing):
             self._solve(f, group, missing)
+
+    def _group_missing(self, f: _IncomingFile, group: int) -> list[int]:
+        """The blocks of a parity group that are not held yet."""
+        first = group * self._manifest.parity_group
+        return f.ledger.missing(first, first + self._manifest.parity_group)
 
     def _flush(self, index: int) -> bool:
         """Write out what is gathered for a file; False if that failed it."""
@@ -559,8 +563,8 @@ class Receiver:
     def _whole_in_memory(self, f: _IncomingFile) -> bytearray | None:
         """
         A small file's bytes (one chunk), all gathered and not yet written,
-        with no part file of its own yet: taken out of the gathering.  Such a file is
-        written, and its part file made, in a thread (`_write_whole`): a
+        with no part file of its own yet: taken out of the gathering.  Such a
+        file is written, and its part file made, in a thread (`_write_whole`): a
         file's creation costs 10 µs to 1 ms by filesystem, a tree of small
         files pays it for every one, and in the reactor it stalls the
         reading of the socket, whose buffer then overflows.
