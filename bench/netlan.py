@@ -105,13 +105,13 @@ def sweep_dead_runs() -> list[str]:
     return removed
 
 
-def tbf_args(rate_bps: float) -> list[str]:
+def tbf_args(rate_bps: float, queue_ms: float = 50.0, burst: int = 0) -> list[str]:
     """
-    A token bucket at ``rate_bps``: a burst of 1 ms of traffic (at least
-    16 KB, a few full frames) and a queue of 50 ms.
+    A token bucket at ``rate_bps``: a burst of ``burst`` bytes (0: 1 ms of
+    traffic, at least 16 KB, a few full frames) and a queue of ``queue_ms``.
     """
-    burst = max(16000, int(rate_bps / 8 * 0.001))
-    return ["tbf", "rate", f"{int(rate_bps)}bit", "burst", str(burst), "latency", "50ms"]
+    burst = burst or max(16000, int(rate_bps / 8 * 0.001))
+    return ["tbf", "rate", f"{int(rate_bps)}bit", "burst", str(burst), "latency", f"{queue_ms:g}ms"]
 
 
 @dataclass
@@ -320,9 +320,10 @@ class Lan:
             "sent_tcp_bytes": o[2][1],
         }
 
-    def shape_master(self, rate_bps: float) -> None:
+    def shape_master(self, rate_bps: float, queue_ms: float = 50.0, burst: int = 0) -> None:
         """The master's link: everything it sends crosses this bucket."""
-        self.master.run(["tc", "qdisc", "replace", "dev", IFNAME, "root", *tbf_args(rate_bps)])
+        bucket = tbf_args(rate_bps, queue_ms, burst)
+        self.master.run(["tc", "qdisc", "replace", "dev", IFNAME, "root", *bucket])
 
     def shape_node(self, node: Host, rate_bps: float) -> None:
         """A node behind a slower link: what the bridge sends toward it."""

@@ -202,9 +202,90 @@ def targets(doc: dict[str, Any]) -> list[dict[str, Any]]:
             1.25,
             f"{_f(t, '.1f')} s vs bound {bound:.1f} s = {_f(t and t / bound, '.2f')}",
         )
+    if name == "fair":
+        cells = fairness(doc)
+        tcp = [c["tcp"] for c in cells if c["tcp"] is not None]
+        push = [c["push"] for c in cells if c["push"] is not None]
+        complete = len(tcp) == len(push) == len(cells)
+        worst_tcp = min(tcp) if tcp and complete else None
+        worst_push = min(push) if push and complete else None
+        both = [c for c in cells if c["tcp"] is not None and c["push"] is not None]
+        off = sorted(abs(c["tcp"] - c["push"]) / 2 for c in both)
+        median_off = (off[(len(off) - 1) // 2] + off[len(off) // 2]) / 2 if off and complete else None
+        add("TCP keeps >= 40 Mbit/s in every cell", worst_tcp and worst_tcp / 1e6, ">=", 40.0,
+            f"least {_f(worst_tcp and worst_tcp / 1e6, '.1f')} Mbit/s of {len(cells)} cells")  # fmt: skip
+        add("the push keeps >= 30 Mbit/s in every cell", worst_push and worst_push / 1e6, ">=", 30.0,
+            f"least {_f(worst_push and worst_push / 1e6, '.1f')} Mbit/s")  # fmt: skip
+        add("the median cell within 10 Mbit/s of an even split", median_off and median_off / 1e6, "<=", 10.0,
+            f"median {_f(median_off and median_off / 1e6, '.1f')} Mbit/s off")  # fmt: skip
     if name in ("G", "H"):
         share = derived(cases[0]["case"], _tool(cases[0])).get("feedback_share")
         add("feedback < 1% of data bytes", share, "<", 0.01, f"{_f(share and share * 100, '.3f')}%")
+    return out
+
+
+def fairness(doc: dict[str, Any], tool: str = "mrsyncd") -> list[dict[str, Any]]:
+    """A tool's cells of the fairness matrix: TCP's and the push's bit/s while both ran."""
+    out = []
+    for c in doc["cases"]:
+        tcp = _tool(c, tool).get("tcp") or {}
+        out.append(
+            {
+                "label": c["case"]["label"],
+                "tcp": tcp.get("both_tcp_bps"),
+                "push": tcp.get("both_push_bps"),
+                "seconds": tcp.get("both_seconds"),
+            }
+        )
+    return out
+
+
+def fairness_table(doc: dict[str, Any]) -> str:
+    """The matrix: one row a cell, TCP / push in Mbit/s for each tool."""
+    tools = [t for t in TOOL_STYLE if any(t in c["results"] for c in doc["cases"])]
+    lines = [
+        "| TCP, start, queue, burst | " + " | ".join(f"{t}: TCP / push Mbit/s" for t in tools) + " |",
+        "|---|" + "---|" * len(tools),
+    ]
+    columns = {t: fairness(doc, t) for t in tools}
+    for i, c in enumerate(doc["cases"]):
+        row = [
+            f"{_f(cell['tcp'] and cell['tcp'] / 1e6, '.1f')} / "
+            f"{_f(cell['push'] and cell['push'] / 1e6, '.1f')}"
+            for cell in (columns[t][i] for t in tools)
+        ]
+        lines.append(f"| {c['case']['label']} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def fairness_chart(doc: dict[str, Any], out: Path) -> Path:
+    """TCP's and the push's Mbit/s in every cell, a panel a tool, with the targets' lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tools = [t for t in TOOL_STYLE if any(t in c["results"] for c in doc["cases"])]
+    fig, axes = plt.subplots(len(tools), 1, figsize=(14, 3.2 * len(tools)), sharex=True, squeeze=False)
+    labels = [c["case"]["label"] for c in doc["cases"]]
+    xs = range(len(labels))
+    for ax, tool in zip(axes[:, 0], tools, strict=True):
+        cells = fairness(doc, tool)
+        tcp = [(c["tcp"] or 0) / 1e6 for c in cells]
+        ax.bar([x - 0.2 for x in xs], tcp, 0.4, label="TCP", color="tab:red")
+        ax.bar([x + 0.2 for x in xs], [(c["push"] or 0) / 1e6 for c in cells], 0.4, label=tool,
+               color=TOOL_STYLE[tool][0])  # fmt: skip
+        ax.axhline(40, color="tab:red", linestyle=":", linewidth=1)
+        ax.axhline(30, color=TOOL_STYLE[tool][0], linestyle=":", linewidth=1)
+        ax.set_ylabel("Mbit/s")
+        ax.set_ylim(0, 100)
+        ax.legend(loc="upper right", fontsize=8)
+    axes[-1, 0].set_xticks(list(xs))
+    axes[-1, 0].set_xticklabels(labels, rotation=60, ha="right", fontsize=8)
+    fig.suptitle(doc["title"][:110])
+    fig.tight_layout()
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
     return out
 
 

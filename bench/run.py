@@ -179,18 +179,19 @@ def run_case(
     lan = Lan(case.nodes)
     competitor = None
     try:
-        lan.shape_master(case.link_bps)
+        lan.shape_master(case.link_bps, case.queue_ms, case.burst)
         for node in lan.nodes[len(lan.nodes) - case.slow_nodes :]:
             lan.shape_node(node, case.link_bps * case.slow_factor)
         if case.loss:
             for node in lan.nodes:
                 node.drop_udp(case.loss)
         if case.tcp_competitor:
-            competitor = Competitor(lan, logdir, f"{scenario.name}{case_index}")
+            competitor = Competitor(lan, logdir, f"{scenario.name}{case_index}", case.tcp_cc)
             doc["tcp_congestion_control"] = competitor.congestion_control
-            doc["tcp_alone_bps"] = competitor.alone()
-            alone = f"{doc['tcp_alone_bps'] / 1e6:.1f} Mbit/s"
-            print(f"   iperf3 alone (TCP {competitor.congestion_control}): {alone}", flush=True)
+            if not case.tcp_cc:  # the matrix's targets are in Mbit/s, not shares of this
+                doc["tcp_alone_bps"] = competitor.alone()
+                alone = f"{doc['tcp_alone_bps'] / 1e6:.1f} Mbit/s"
+                print(f"   iperf3 alone (TCP {competitor.congestion_control}): {alone}", flush=True)
         for tool in tools:
             caselog = logdir / f"case{case_index}"
             caselog.mkdir(parents=True, exist_ok=True)
@@ -448,6 +449,9 @@ def run_scenario(
         doc["targets"] = report.targets(doc)
         out.write_text(json.dumps(doc, indent=1))
     table = report.table(doc)
+    if scenario.name == "fair":
+        table += "\n\n" + report.fairness_table(doc)
+        report.fairness_chart(doc, RESULTS / f"{tag}-{stamp}-matrix.png")
     lines = [f"### {scenario.name}: {scenario.title}", "", table, ""]
     for t in doc["targets"]:
         mark = {True: "met", False: "MISSED", None: "n/a"}[t["met"]]

@@ -783,12 +783,14 @@ def sha256(path: Path) -> str | None:
 class Competitor:
     """An iperf3 TCP flow from the master to node1, counted at node1."""
 
-    def __init__(self, lan: Lan, logdir: Path, tag: str) -> None:
+    def __init__(self, lan: Lan, logdir: Path, tag: str, congestion_control: str = "") -> None:
         self.lan = lan
         self.node = lan.nodes[0]
         self.logdir = logdir
         self.tag = tag
         self.node.iptables("-A", "INPUT", "-p", "tcp", "--dport", str(IPERF_PORT))
+        # And the push's datagrams beside it (any tool's: all send UDP).
+        self.node.iptables("-A", "INPUT", "-p", "udp")
         self.server = Proc(
             self.node,
             "iperf3-server",
@@ -799,22 +801,34 @@ class Competitor:
         #: The flow's TCP congestion control: the master namespace's default,
         #: which is the host's (Debian's is cubic, some kernels' bbr).  The
         #: share a delay-based sender leaves it depends on which.
-        self.congestion_control = lan.master.run(
-            ["sysctl", "-n", "net.ipv4.tcp_congestion_control"]
-        ).stdout.strip()
+        self.congestion_control = (
+            congestion_control
+            or lan.master.run(["sysctl", "-n", "net.ipv4.tcp_congestion_control"]).stdout.strip()
+        )
+        self.chosen = bool(congestion_control)
         time.sleep(0.5)
 
     def bytes(self) -> int:
+        """IP bytes of the TCP flow that reached node1."""
+        return self.counts()[0]
+
+    def counts(self) -> tuple[int, int]:
+        """IP bytes that reached node1: of the TCP flow, and of UDP (the push)."""
+        tcp = udp = 0
         for line in self.node.iptables("-L", "INPUT", "-v", "-n", "-x").splitlines():
+            fields = line.split()
             if "tcp" in line and f"dpt:{IPERF_PORT}" in line:
-                return int(line.split()[1])
-        return 0
+                tcp = int(fields[1])
+            elif len(fields) == 8 and fields[2] in ("udp", "17"):  # no target, no match: the count
+                udp = int(fields[1])
+        return tcp, udp
 
     def start(self, seconds: int = 3600) -> None:
+        cc = ["-C", self.congestion_control] if self.chosen else []
         self.client = Proc(
             self.lan.master,
             "iperf3-client",
-            ["iperf3", "-c", self.node.ip, "-p", str(IPERF_PORT), "-t", str(seconds)],
+            ["iperf3", "-c", self.node.ip, "-p", str(IPERF_PORT), "-t", str(seconds), *cc],
             self.logdir / f"iperf3-{self.tag}-client.log",
         )
 
@@ -851,7 +865,12 @@ def measure(runner: Runner, competitor: Competitor | None = None) -> ToolResult:
         qd0 = lan.qdisc_stats()
         busy_before = wait_quiet()
         tcp0 = 0
-        if competitor is not None:
+        # When both the TCP flow and the push run, plus a second for the
+        # later one to get going: the window the matrix counts (`fair`).
+        after = ctx.case.tcp_after
+        both_from: float | None = None
+        both0 = (0, 0)
+        if competitor is not None and not after:
             competitor.start()
             time.sleep(3.0)
             tcp0 = competitor.bytes()
@@ -877,6 +896,12 @@ def measure(runner: Runner, competitor: Competitor | None = None) -> ToolResult:
         procs = [sender, *runner.receivers]
         while True:
             now = time.monotonic()
+            if competitor is not None and both_from is None:
+                if after and competitor.client is None and now - t0 >= after:
+                    competitor.start()
+                    tcp0 = competitor.bytes()
+                elif competitor.client is not None and now - t0 >= after + 1.0:
+                    both_from, both0 = now, competitor.counts()
             if now - last_tx >= 0.1:
                 b = tx_bytes(lan.anchor.pid)
                 if b is not None:
@@ -921,13 +946,23 @@ def measure(runner: Runner, competitor: Competitor | None = None) -> ToolResult:
         result.machine_cpu["kernel_threads"] = fc["kernel"]
         result.machine_cpu["other_processes"] = fc["other"]
         if competitor is not None:
-            moved = competitor.bytes() - tcp0
+            tcp1, udp1 = competitor.counts()
+            moved = tcp1 - tcp0
             span = max(done.values()) if done else end - t0
+            if after:  # the TCP flow's own time, not the push's
+                span -= after
             result.tcp = {
                 "bytes_during": moved,
                 "seconds": span,
-                "bps_during": moved * 8 / span if span else None,
+                "bps_during": moved * 8 / span if span > 0 else None,
+                "congestion_control": competitor.congestion_control,
             }
+            if both_from is not None:
+                window = t0 + (max(done.values()) if done else end - t0) - both_from
+                if window > 0:
+                    result.tcp["both_seconds"] = round(window, 2)
+                    result.tcp["both_tcp_bps"] = (tcp1 - both0[0]) * 8 / window
+                    result.tcp["both_push_bps"] = (udp1 - both0[1]) * 8 / window
             competitor.stop_client()
         for profiler in profilers:
             if profiler is not None:

@@ -31,6 +31,14 @@ class Case:
     slow_factor: float = 0.1
     #: An iperf3 TCP flow from the master to node1 across the bottleneck, during each transfer.
     tcp_competitor: bool = False
+    #: That flow's congestion control (iperf3 ``-C``); empty: the host's default.
+    tcp_cc: str = ""
+    #: Seconds after the push began that the flow starts; 0: 3 s before it.
+    tcp_after: float = 0.0
+    #: The master link's token bucket: its queue in milliseconds, and its
+    #: burst in bytes (0: 1 ms of traffic, at least 16 KB).
+    queue_ms: float = 50.0
+    burst: int = 0
 
 
 @dataclass(frozen=True)
@@ -43,6 +51,25 @@ class Scenario:
     notes: str = ""
     extra: dict[str, str] = field(default_factory=dict)
 
+
+#: Issue 20's cells: every pairing of a TCP variant, its start, the queue and the burst.
+FAIRNESS_CELLS = tuple(
+    Case(
+        f"{cc} {'after' if after else 'before'} {queue:g} ms {burst // 1000} KB",
+        4,
+        100 * Mbit,
+        100 * MiB,
+        tcp_competitor=True,
+        tcp_cc=cc,
+        tcp_after=after,
+        queue_ms=queue,
+        burst=burst,
+    )
+    for cc in ("cubic", "bbr")
+    for after in (0.0, 4.0)
+    for queue in (5.0, 20.0, 50.0)
+    for burst in (16_000, 256_000)
+)
 
 SCENARIOS: dict[str, Scenario] = {
     s.name: s
@@ -110,6 +137,16 @@ SCENARIOS: dict[str, Scenario] = {
             "every node verified; mrsyncd at most the faster peer's time and 1.5 x the link's bound; "
             "feedback < 1% of data",
             notes="64 receivers share the machine's 2 cores.",
+        ),
+        Scenario(
+            "fair",
+            "fairness matrix: a TCP flow (cubic, bbr) across the 100 Mbit/s bottleneck, started before or "
+            "after the push, behind a 5, 20 or 50 ms queue with a 16 KB or 256 KB burst; 4 nodes, 100 MiB",
+            FAIRNESS_CELLS,
+            "in every cell TCP keeps >= 40 Mbit/s and the push >= 30 Mbit/s while both run; "
+            "the median cell within 10 Mbit/s of an even split",
+            notes="Rates are counted at node1 (IP bytes of the TCP flow and of the push's UDP) from the "
+            "moment both run, plus 1 s, until the last node holds its copy.",
         ),
         # Sweeps for the chart: throughput against nodes and against loss.
         Scenario(
