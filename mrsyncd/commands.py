@@ -22,7 +22,7 @@ from twisted.python.failure import Failure
 
 from mrsyncd import logs
 from mrsyncd.datagram import TRANSFER_ID_SIZE, VERSION
-from mrsyncd.ratecontrol import Feedback, fixed
+from mrsyncd.ratecontrol import LOST_MARKS, Feedback, fixed
 
 log = logs.logger(__name__)
 
@@ -84,15 +84,18 @@ class JSONArgument(BigBytes):
 
 class CongestionReport(amp.Argument):
     """
-    ``(transfer id, Feedback)`` in 16 bytes: the transfer id, then loss in
-    units of 10⁻⁴, delay in µs and backlog in units of 10⁻³ (unsigned,
-    big-endian: 8s H I H).  These reports are most of what nodes send while
-    data flows, up to 10 a second from each node in trouble, and as five AMP
-    values they cost twice the bytes.  Values are clamped to their range (a
-    NaN counts as 0).
+    ``(transfer id, Feedback)`` in 28 bytes and 4 a lost datagram named:
+    the transfer id, then loss in units of 10⁻⁴, delay in µs, backlog in
+    units of 10⁻³, the loss event rate in units of 10⁻⁹, the one-way delay
+    in µs (signed: it is on two clocks) and the stamp in µs (big-endian:
+    8s H I H I i I), then up to `LOST_MARKS` sequence numbers (I each).
+    These reports are most of what nodes send while data flows, up to 10 a
+    second from each node in trouble, and as AMP values they would cost
+    twice the bytes.  Values are clamped to their range (a NaN counts as 0).
     """
 
-    _LAYOUT = struct.Struct(f">{TRANSFER_ID_SIZE}sHIH")
+    _LAYOUT = struct.Struct(f">{TRANSFER_ID_SIZE}sHIHIiI")
+    _SIZES = f"{_LAYOUT.size} to {_LAYOUT.size + 4 * LOST_MARKS}, by 4"
 
     def toString(self, inObject: tuple[bytes, Feedback]) -> bytes:
         transfer_id, report = inObject
@@ -103,15 +106,24 @@ class CongestionReport(amp.Argument):
             fixed(report.loss, 1.0, 10_000),
             fixed(report.delay, UINT32_MAX / 1e6, 1e6),
             fixed(report.backlog, 1.0, 1000),
-        )
+            fixed(report.events, 1.0, 1e9),
+            max(-(1 << 31), min((1 << 31) - 1, report.owd_us)),
+            report.stamp_us & UINT32_MAX,
+        ) + b"".join(struct.pack(">I", seq & UINT32_MAX) for seq in report.lost[:LOST_MARKS])
 
     def fromString(self, inString: bytes) -> tuple[bytes, Feedback]:
-        if len(inString) != self._LAYOUT.size:
-            raise BadRequest(f"a congestion report has {self._LAYOUT.size} bytes, not {len(inString)}")
-        transfer_id, loss, delay, backlog = self._LAYOUT.unpack(inString)
-        if loss > 10_000 or backlog > 1000:
-            raise BadRequest(f"a congestion report's loss or backlog is above 1: {loss}, {backlog}")
-        return transfer_id, Feedback(loss / 10_000, delay / 1e6, backlog / 1000)
+        marks, odd = divmod(len(inString) - self._LAYOUT.size, 4)
+        if marks < 0 or odd or marks > LOST_MARKS:
+            raise BadRequest(f"a congestion report has {self._SIZES} bytes, not {len(inString)}")
+        transfer_id, loss, delay, backlog, events, owd_us, stamp_us = self._LAYOUT.unpack_from(inString)
+        lost = struct.unpack_from(f">{marks}I", inString, self._LAYOUT.size)
+        if loss > 10_000 or backlog > 1000 or events > 1_000_000_000:
+            raise BadRequest(
+                f"a congestion report's loss, backlog or loss event rate is above 1: "
+                f"{loss}, {backlog}, {events}"
+            )
+        report = Feedback(loss / 10_000, delay / 1e6, backlog / 1000, events / 1e9, owd_us, stamp_us, lost)
+        return transfer_id, report
 
 
 class Refused(Exception):

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from collections import deque
 
-from mrsyncd.ratecontrol import Feedback
+from mrsyncd.ratecontrol import LOST_MARKS, Feedback
+from mrsyncd.tfrc import LossHistory
 
 #: How often a receiver looks at its loss and delay, and reports them if
 #: there is anything to report (see `mrsyncd.receiver`).
@@ -26,6 +27,12 @@ BASE_SPANS = 12
 LOSS_SAMPLE = 20
 #: One datagram in this many has its one-way delay measured.
 DELAY_SAMPLE = 8
+#: Lost datagrams whose sequence number is a multiple of this are named in
+#: a report (`Feedback.lost`), at most `LOST_MARKS` of them: every receiver
+#: names the same ones, so the sender can tell a loss that all of them saw
+#: (a shared link overflowing) from one that each saw alone (random loss,
+#: or a receiver's own link).
+LOST_MARK = 32
 _NONE = 1 << 62
 
 
@@ -46,15 +53,25 @@ class DelayLossMeter:
         self._owd_sum = 0
         self._owd_count = 0
         self._drops = 0
+        self.losses = LossHistory()
+        #: The queue of the last reading: the round trip a loss event spans.
+        self._queue = 0.0
+        self._last_arrived = -1
+        self._lost: list[int] = []
 
-    def count(self, got: int, seq_max: int, owd_sum: int, owd_min: int, owd_count: int) -> None:
+    def count(
+        self, got: int, seq_max: int, owd_sum: int, owd_min: int, owd_count: int, now: float = 0.0
+    ) -> None:
         """
-        ``got`` authentic datagrams arrived, the highest numbered
+        ``got`` authentic datagrams arrived by ``now``, the highest numbered
         ``seq_max``, and ``owd_count`` of them had their one-way delay
         measured (microseconds, on the two hosts' clocks).
         """
         if self.seq_max < 0:
             self._seq_reported = seq_max - 1
+        elif seq_max > self.seq_max:
+            expected = seq_max - self.seq_max
+            self.losses.count(expected, max(0, expected - got), now, self._queue)
         self.seq_max = max(self.seq_max, seq_max)
         self._got += got
         if owd_count:
@@ -62,24 +79,41 @@ class DelayLossMeter:
             self._owd_sum += owd_sum
             self._owd_count += owd_count
 
+    def arrived(self, first: int, last: int) -> None:
+        """
+        Datagrams ``first`` to ``last`` (sequence numbers) arrived, a run
+        of them: those between the last run and this one were lost, and the
+        marked ones among them are named in the next reading.
+        """
+        if self._last_arrived >= 0 and first > self._last_arrived + 1 and len(self._lost) < LOST_MARKS:
+            mark = -(-(self._last_arrived + 1) // LOST_MARK) * LOST_MARK
+            while mark < first and len(self._lost) < LOST_MARKS:
+                self._lost.append(mark & 0xFFFFFFFF)
+                mark += LOST_MARK
+        self._last_arrived = max(self._last_arrived, last)
+
     def heard_through(self, through: int) -> bool:
         """Every datagram numbered before ``through`` has arrived or is lost (a later one came)."""
         return self.seq_max >= max(0, through - 1)
 
-    def reading(self, queue: tuple[float, int] | None) -> Feedback | None:
+    def reading(self, queue: tuple[float, int] | None, now: float = 0.0) -> Feedback | None:
         """
         The interval's loss, delay and backlog, and a new interval begun;
         None if nothing arrived nor was expected.  ``queue`` is
-        `multicast.receive_queue`'s view of the socket (None: unknown).
+        `multicast.receive_queue`'s view of the socket (None: unknown);
+        ``now`` stamps the report (`Feedback.stamp_us`).
         """
         expected = self.seq_max - self._seq_reported if self.seq_max >= 0 else 0
         if not expected and not self._got:
             return None
         loss = max(0.0, 1.0 - self._got / expected) if expected >= LOSS_SAMPLE else 0.0
         delay = 0.0
+        owd_us = 0
         if self._owd_count:
             base = min(self._owd_min, *self._owd_mins) if self._owd_mins else self._owd_min
-            delay = max(0.0, (self._owd_sum / self._owd_count - base) / 1e6)
+            owd_us = round(self._owd_sum / self._owd_count)
+            delay = max(0.0, (owd_us - base) / 1e6)
+        self._queue = delay
         self._intervals += 1
         if self._intervals % round(BASE_SPAN / FEEDBACK_INTERVAL) == 0 and self._owd_min < _NONE:
             self._owd_mins.append(self._owd_min)
@@ -92,4 +126,6 @@ class DelayLossMeter:
             self._drops = drops
         self._seq_reported = self.seq_max
         self._got = self._owd_sum = self._owd_count = 0
-        return Feedback(loss, delay, backlog)
+        stamp_us = int(now * 1e6) & 0xFFFFFFFF
+        lost, self._lost = tuple(self._lost), []
+        return Feedback(loss, delay, backlog, self.losses.rate(), owd_us, stamp_us, lost)

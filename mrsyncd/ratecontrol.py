@@ -12,10 +12,13 @@ from __future__ import annotations
 import hashlib
 import math
 import struct
+from collections import Counter, deque
 from dataclasses import dataclass
 from typing import ClassVar
 
 from twisted.internet.interfaces import IReactorTime
+
+from mrsyncd import tfrc
 
 #: The queueing delay the rate steers for (`RateController.target_delay`).
 TARGET_DELAY = 0.007
@@ -32,6 +35,30 @@ FEEDBACK_SAMPLE = 8
 #: reports: a quarter of the target, above the noise between receivers that
 #: share one queue.
 NEWS = TARGET_DELAY / 4
+#: The controller competes (`RateController.competing`) once a queue of at
+#: least the target persists in the network though its rate has come down
+#: to this share of the most it sent without a queue: the queue is then
+#: held by others that do not yield to delay, to whom a sender that does
+#: would leave the whole link.
+COMPETE_SHARE = 0.5
+#: ... for this long: a queue of its own drains in a fraction of it.
+COMPETE_AFTER = 1.0
+#: It stops competing once the queue has been below this share of the
+#: target for `COMPETE_AFTER`: the others have left, or yield to delay.
+CALM_SHARE = 0.5
+#: Bytes of a datagram on the wire, for the TCP-friendly rate (`tfrc.throughput`).
+SEGMENT = 1500
+#: Lost datagrams a report names at most (`Feedback.lost`).
+LOST_MARKS = 8
+#: A receiver's loss is congestion of a link it shares with others when at
+#: least `SHARED_SHARE` of the lost datagrams it named in the last
+#: `SHARED_WINDOW` seconds, and at least `SHARED_SAMPLE` of them, were named
+#: by another receiver too: random loss, or loss on a receiver's own link,
+#: strikes each receiver's datagrams apart.  Only that share of its loss
+#: events counts toward the TCP-friendly rate.
+SHARED_WINDOW = 5.0
+SHARED_SHARE = 0.5
+SHARED_SAMPLE = 6
 
 
 class Pacer:
@@ -109,6 +136,15 @@ class Feedback:
     #: How full the receiver's socket buffer is (1.0: it overflowed): a
     #: receiver short of CPU, which the delay leaves out.
     backlog: float = 0.0
+    #: Its loss event rate (`tfrc.LossHistory`), for the TCP-friendly rate.
+    events: float = 0.0
+    #: The interval's mean one-way delay in µs on the two hosts' clocks, and
+    #: the receiver's clock when it sent the report (µs, modulo 2³²): with
+    #: the time the report arrives, a round trip (`RateController.feedback`).
+    owd_us: int = 0
+    stamp_us: int = 0
+    #: Marked sequence numbers (modulo 2³²) it lost in the interval (`meter.LOST_MARK`).
+    lost: tuple[int, ...] = ()
 
 
 def queue(
@@ -195,10 +231,14 @@ class RateController:
     the rate shrinks in proportion.  The rate settles where the bottleneck
     queue holds ``target_delay``: a full link, with room for TCP, which
     fills queues until it loses and so takes its share from a sender that
-    yields to delay.  Loss without a queue (a flaky NIC, a filter) does not
-    slow the sender, since repairs recover it; congestion always builds a
-    queue before it drops, be it in a switch, a qdisc or a receiver's socket
-    buffer.  The network's queue shows in the one-way delay (taken when the
+    yields to delay.  Two rules keep that share fair where delay alone does
+    not (issue 20): the rate never exceeds the TCP-friendly rate (`tfrc`)
+    of the most limited receiver, from the loss it shares with the others
+    (a shallow queue overflows before its delay shows), and a queue that
+    stays though the rate has come down to `COMPETE_SHARE` is others', no
+    longer yielded to (`competing`).  Loss that each receiver sees alone (a
+    flaky NIC, a filter, random loss) does not slow the sender, since
+    repairs recover it.  The network's queue shows in the one-way delay (taken when the
     receiver's kernel got the datagram); a receiver short of CPU shows in its
     socket buffer filling (``Feedback.backlog``), which counts as a queue of
     its own (`queue`), with more slack, since a buffer absorbs a stalled
@@ -261,9 +301,84 @@ class RateController:
         self._lossy_since: dict[str, float] = {}
         self._blocked = False
         self.starting = True
+        #: Following the TCP-friendly rate (`tfrc`) of the most limited
+        #: receiver, not the delay: see `COMPETE_SHARE`.
+        self.competing = False
+        #: The most sent in an interval without a queue of note, bit/s
+        #: (None: never without one, as when others held a queue before the
+        #: push began; the cap stands for it then).
+        self.capacity: float | None = None
+        #: The TCP-friendly rate of the last `update` (inf: no loss events).
+        self.friendly = math.inf
+        #: Each receiver's least round trip seen, seconds.
+        self._rtt_min: dict[str, float] = {}
+        #: The lost datagrams each receiver named, with when, and how many
+        #: named each (counted once an update, when first asked).
+        self._lost: dict[str, deque[tuple[float, int]]] = {}
+        self._namers: Counter[int] | None = None
+        #: Since when a queue has stood though the rate came down, or has
+        #: been calm while competing (`COMPETE_AFTER`).
+        self._flip_since: float | None = None
 
     def feedback(self, node: str, report: Feedback) -> None:
-        self._reports[node] = (self.clock.seconds(), report)
+        now = self.clock.seconds()
+        self._reports[node] = (now, report)
+        if report.lost:
+            self._lost.setdefault(node, deque()).extend((now, seq) for seq in report.lost)
+            self._namers = None
+        if report.stamp_us:
+            # Out on the data path, back with the report: each leg is on two
+            # clocks, but their offsets cancel in the sum.  Less the queue
+            # the report tells of, it is the path's own round trip; the least
+            # over the transfer leaves out the time reports wait in reactors.
+            back = ((int(now * 1e6) - report.stamp_us + (1 << 31)) & 0xFFFFFFFF) - (1 << 31)
+            rtt = (report.owd_us + back) / 1e6 - report.delay
+            if 0.0 < rtt < 10.0:
+                self._rtt_min[node] = min(rtt, self._rtt_min.get(node, rtt))
+
+    def rtt(self, node: str, report: Feedback) -> float:
+        """A receiver's round-trip time: the path's least, plus the queue it reports now."""
+        return self._rtt_min.get(node, 0.0) + report.delay
+
+    def shared(self, node: str) -> float:
+        """
+        The share of a receiver's loss that is congestion of a link it
+        shares (see `SHARED_SHARE`), 0 below it.  A receiver that is the
+        only one the sender ever heard from shares its path with nobody to
+        tell, and all its loss counts, as a TCP flow's does; one left alone
+        in a catch-up pass does not: its loss was its own link's.
+        """
+        mine = [seq for _, seq in self._lost.get(node, ())]
+        if len(mine) < SHARED_SAMPLE:
+            return 0.0
+        if len(self._reports) <= 1:  # only this one was ever heard
+            return 1.0
+        # How many receivers named each datagram: a receiver names one once.
+        if self._namers is None:
+            self._namers = Counter(seq for named in self._lost.values() for _, seq in named)
+        share = sum(self._namers[seq] > 1 for seq in mine) / len(mine)
+        return share if share >= SHARED_SHARE else 0.0
+
+    def _friendly(self, reports: dict[str, Feedback]) -> float:
+        """
+        The TCP-friendly rate of the most limited of these receivers, from
+        the loss events of theirs that are shared (inf: none are).
+        """
+        rates = []
+        for node, report in reports.items():
+            share = self.shared(node) if report.events > 0 else 0.0
+            if share:
+                rates.append(tfrc.throughput(SEGMENT, self.rtt(node, report), report.events * share))
+        return min(rates, default=math.inf)
+
+    def _forget_lost(self, now: float) -> None:
+        self._namers = None
+        for node in list(self._lost):
+            named = self._lost[node]
+            while named and now - named[0][0] > SHARED_WINDOW:
+                named.popleft()
+            if not named or node not in self.active:
+                del self._lost[node]
 
     def echo(self) -> Echo:
         """What the receivers are told after an `update`."""
@@ -390,8 +505,42 @@ class RateController:
             off = -1.0
         if off < 0.75:
             self.starting = False
+        self._forget_lost(now)
+        self.friendly = self._friendly(reports)
+        if delay < self.target_delay * CALM_SHARE:
+            self.capacity = max(self.capacity or 0.0, self.rate)
+        capacity = self.max_rate if self.capacity is None else self.capacity
+        # The network's queue: a receiver's own socket buffer (`queue`) is
+        # nobody else's, and is always yielded to.
+        network = max((report.delay for report in reports.values()), default=0.0)
+        held = (
+            network >= self.target_delay
+            and self.rate <= COMPETE_SHARE * capacity
+            and not self.starting
+            # Unless receivers are short of CPU: their kernels then stamp
+            # datagrams late, and that delay is theirs, not a queue to take.
+            and all(report.backlog < self.backlog_target / 2 for report in reports.values())
+        )
+        calm = network < self.target_delay * CALM_SHARE
+        if (calm if self.competing else held) and self._flip_since is None:
+            self._flip_since = now
+        elif not (calm if self.competing else held):
+            self._flip_since = None
+        if self._flip_since is not None and now - self._flip_since >= COMPETE_AFTER:
+            self.competing = not self.competing
+            self._flip_since = None
         if self.starting:
             self.rate *= self.boost  # like TCP's slow start, until the first queue
+        elif held and not self.competing:
+            pass  # yielded enough to tell whose the queue is: wait and see
+        elif self.competing:
+            # The queue is others': no more yielding to it.  With shared
+            # loss the TCP-friendly rate sets the rate (below), which it
+            # approaches as TCP would; without, others hold the queue but
+            # do not fill it to loss (they pace themselves, as BBR does), and
+            # the rate holds where it stopped yielding.
+            if self.friendly < math.inf:
+                self.rate *= 1.0 + self.gain
         else:
             # Gentle near the target, where a step shows in the delay only a
             # report later, so that a firm one swings around it (and the link,
@@ -399,6 +548,10 @@ class RateController:
             # it: +10% per interval with no queue, -15% with a queue of 2.5
             # times the target.
             self.rate *= 1.0 + self.gain * off * min(1.0, abs(off))
+        # Never above what TCP would get on the most limited receiver's
+        # round trip and shared loss: fair to TCP in a queue too shallow
+        # for the delay to show, or held by flows that fill it to loss.
+        self.rate = min(self.rate, self.friendly)
         self.rate = max(self.min_rate, min(self.max_rate, self.rate))
         self._blocked = False
         return self.rate

@@ -327,9 +327,12 @@ class Receiver:
                 stats[reason.value] += count
         newest = self.meter.seq_max
         if batch.got:
-            self.meter.count(batch.got, batch.seq_max, batch.owd_sum, batch.owd_min, batch.owd_count)
+            now = self.reactor.seconds()
+            self.meter.count(batch.got, batch.seq_max, batch.owd_sum, batch.owd_min, batch.owd_count, now)
         size = self._manifest.block_size
+        meter = self.meter
         for kind, file_index, first, count, offset, length, sequence in batch.runs:
+            meter.arrived(sequence - count + 1, sequence)
             f = self._files.get(file_index)
             if f is None or first + count > f.ledger.nblocks:
                 if kind == KIND_ECHO:
@@ -498,7 +501,9 @@ class Receiver:
 
     def _measured(self) -> None:
         port = self._port
-        report = self.meter.reading(receive_queue(port.socket) if port is not None else None)
+        report = self.meter.reading(
+            receive_queue(port.socket) if port is not None else None, self.reactor.seconds()
+        )
         if report is None or self.on_feedback is None:
             return
         if report.loss >= FEEDBACK_LOSS or (

@@ -8,6 +8,7 @@ of what nodes send while data flows).
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any
 
 from twisted.internet import defer, endpoints, reactor
@@ -20,7 +21,7 @@ from twisted.trial import unittest
 from mrsyncd.agent import ReceiverAgent
 from mrsyncd.commands import PROTOCOL, UINT32_MAX, BadRequest, CongestionReport, Refused, Register
 from mrsyncd.control import AMPPeer, ReceiverControl, SenderControl
-from mrsyncd.ratecontrol import Feedback
+from mrsyncd.ratecontrol import LOST_MARKS, Feedback
 from mrsyncd.receiver import MissingReport
 
 TRANSFER_ID = b"\x01" * 8
@@ -185,18 +186,24 @@ class CongestionReports(LoopbackControl):
 
     @defer.inlineCallbacks
     def test_a_report_arrives_rounded_in_a_small_box(self) -> Any:
-        (transfer_id, name, feedback), size = yield self.report(Feedback(0.0213456, 0.00321987, 0.41234))
+        sent = Feedback(0.0213456, 0.00321987, 0.41234, 0.00012345678912, -5_000_123, 0xFEDCBA98)
+        (transfer_id, name, feedback), size = yield self.report(sent)
         self.assertEqual((transfer_id, name), (TRANSFER_ID, "node1"))
-        self.assertEqual(feedback, Feedback(0.0213, 0.00322, 0.412))
-        # The command's name and one 16-byte value (50 bytes): as 5 AMP values it took 106.
-        self.assertLessEqual(size, 50)
+        self.assertEqual(feedback, Feedback(0.0213, 0.00322, 0.412, 0.000123457, -5_000_123, 0xFEDCBA98))
+        # The command's name and one 28-byte value (62 bytes): as 8 AMP values it took about 150.
+        self.assertLessEqual(size, 62)
+        # Lost datagrams named: 4 bytes each, the first LOST_MARKS of them.
+        named = tuple(range(64, 64 * 12, 64))
+        (_, _, feedback), more = yield self.report(replace(sent, lost=named))
+        self.assertEqual(feedback.lost, named[:LOST_MARKS])
+        self.assertEqual(more, size + 4 * LOST_MARKS)
 
     @defer.inlineCallbacks
     def test_values_out_of_range_are_clamped(self) -> Any:
-        (_, _, feedback), _ = yield self.report(Feedback(1.5, -0.001, 1.3))
-        self.assertEqual(feedback, Feedback(1.0, 0.0, 1.0))
-        (_, _, feedback), _ = yield self.report(Feedback(math.nan, 1e9, math.inf))
-        self.assertEqual(feedback, Feedback(0.0, UINT32_MAX / 1e6, 1.0))
+        (_, _, feedback), _ = yield self.report(Feedback(1.5, -0.001, 1.3, 2.0, 1 << 40, 1 << 33))
+        self.assertEqual(feedback, Feedback(1.0, 0.0, 1.0, 1.0, (1 << 31) - 1, 0))
+        (_, _, feedback), _ = yield self.report(Feedback(math.nan, 1e9, math.inf, math.nan, -(1 << 40)))
+        self.assertEqual(feedback, Feedback(0.0, UINT32_MAX / 1e6, 1.0, 0.0, -(1 << 31)))
 
     @defer.inlineCallbacks
     def test_a_malformed_report_on_the_wire_drops_the_connection_and_says_why(self) -> Any:
@@ -205,19 +212,22 @@ class CongestionReports(LoopbackControl):
         observer = lambda event: warnings.append(formatEvent(event))  # noqa: E731
         globalLogPublisher.addObserver(observer)
         self.addCleanup(globalLogPublisher.removeObserver, observer)
-        self.client.sendBox(amp.AmpBox({b"_command": b"Congestion", b"report": b"\x01" * 15}))
+        self.client.sendBox(amp.AmpBox({b"_command": b"Congestion", b"report": b"\x01" * 27}))
         yield self.sender.lost
         self.assertEqual(self.heard, [])
         self.assertTrue(
-            any("dropping the connection" in w and "16 bytes, not 15" in w for w in warnings), warnings
+            any("dropping the connection" in w and "by 4 bytes, not 27" in w for w in warnings), warnings
         )
 
     def test_a_malformed_report_is_refused_with_its_reason(self) -> None:
         argument = CongestionReport()
         for raw, reason in [
-            (b"\x01" * 15, "16 bytes, not 15"),
-            (TRANSFER_ID + (10_001).to_bytes(2, "big") + bytes(6), "above 1"),
-            (TRANSFER_ID + bytes(6) + (1001).to_bytes(2, "big"), "above 1"),
+            (b"\x01" * 15, "28 to 60, by 4 bytes, not 15"),
+            (b"\x01" * 30, "28 to 60, by 4 bytes, not 30"),
+            (b"\x01" * 64, "28 to 60, by 4 bytes, not 64"),
+            (TRANSFER_ID + (10_001).to_bytes(2, "big") + bytes(18), "above 1"),
+            (TRANSFER_ID + bytes(6) + (1001).to_bytes(2, "big") + bytes(12), "above 1"),
+            (TRANSFER_ID + bytes(8) + (10**9 + 1).to_bytes(4, "big") + bytes(8), "above 1"),
         ]:
             with self.assertRaisesRegex(BadRequest, reason):
                 argument.fromString(raw)

@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mrsyncd.meter import BASE_SPAN, BASE_SPANS, FEEDBACK_INTERVAL, LOSS_SAMPLE, DelayLossMeter
-from mrsyncd.ratecontrol import Feedback
+from mrsyncd.meter import BASE_SPAN, BASE_SPANS, FEEDBACK_INTERVAL, LOSS_SAMPLE, LOST_MARK, DelayLossMeter
+from mrsyncd.ratecontrol import LOST_MARKS, Feedback
 
 INTERVALS_A_SPAN = round(BASE_SPAN / FEEDBACK_INTERVAL)
 
@@ -77,3 +77,46 @@ def test_heard_through():
     meter.count(3, 9, 0, 0, 0)
     assert meter.heard_through(10)
     assert not meter.heard_through(11)
+
+
+def test_marked_losses_between_runs_are_named_once_each_reading():
+    m = LOST_MARK
+    meter = DelayLossMeter()
+    meter.arrived(0, 3 * m)
+    meter.arrived(3 * m + 1, 4 * m + 1)  # nothing lost
+    meter.arrived(6 * m + 3, 7 * m)  # 4m+2 to 6m+2 lost: 5m and 6m are marked
+    meter.arrived(5 * m, 5 * m)  # late (a reordering): nothing more lost
+    meter.count(1, 7 * m, 0, 0, 0)
+    assert meter.reading(None).lost == (5 * m, 6 * m)
+    far = 7 * m + (LOST_MARKS + 5) * m
+    meter.arrived(far, far)  # a long gap: the first LOST_MARKS marks
+    meter.count(1, far, 0, 0, 0)
+    assert meter.reading(None).lost == tuple(range(8 * m, 8 * m + m * LOST_MARKS, m))
+    meter.arrived(far + 1, far + 3 * m)
+    meter.count(1, far + 3 * m, 0, 0, 0)
+    assert meter.reading(None).lost == ()
+
+
+def test_receivers_that_lose_the_same_datagrams_name_the_same_ones():
+    """The sender tells shared loss by the names: every receiver marks by the sequence number alone."""
+    m = LOST_MARK
+    seen = []
+    one = [(0, m - 10), (m + 5, 10 * m)]
+    other = [(0, 10), (20, m - 1), (m + 1, 2 * m - 3), (2 * m + 2, 10 * m)]
+    for runs in (one, other):
+        meter = DelayLossMeter()
+        for first, last in runs:
+            meter.arrived(first, last)
+        meter.count(1, 10 * m, 0, 0, 0)
+        seen.append(set(meter.reading(None).lost))
+    assert seen == [{m}, {m, 2 * m}]
+
+
+def test_loss_events_feed_the_reading():
+    meter = DelayLossMeter()
+    meter.count(1, 0, 0, 0, 0, now=0.0)
+    sequence = 0
+    for i in range(1, 10):  # one lost in every 100, 50 ms apart
+        sequence += 100
+        meter.count(99, sequence, 0, 0, 0, now=i * 0.05)
+    assert meter.reading(None).events == pytest.approx(1 / 100)

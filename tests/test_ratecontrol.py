@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -12,6 +13,7 @@ from twisted.internet.task import Clock
 from mrsyncd.ratecontrol import (
     FEEDBACK_SAMPLE,
     NEWS,
+    SEGMENT,
     Echo,
     Feedback,
     Pacer,
@@ -20,6 +22,7 @@ from mrsyncd.ratecontrol import (
     queue,
     report_due,
 )
+from mrsyncd.tfrc import throughput
 
 MB = 8e6  # one megabyte per second, in bits per second
 
@@ -232,9 +235,10 @@ def test_random_loss_without_a_queue_does_not_slow_the_sender():
 def test_loss_that_comes_and_goes_with_a_queue():
     clock, controller = fleet()
     drive(controller, clock, 2.0, quiet)
-    congested = drive(controller, clock, 1.0, lambda t: {n: Feedback(0.1, 0.03) for n in "abc"})
+    congested = drive(controller, clock, 1.0, lambda t: {n: stamped(clock, 0.1, 0.03, 0.01) for n in "abc"})
     assert congested[-1] < 0.5 * 100e6
-    recovered = drive(controller, clock, 2.0, quiet)
+    # From TCP's rate at 10% loss events, +10% an interval.
+    recovered = drive(controller, clock, 5.0, quiet)
     assert recovered[-1] == 100e6
 
 
@@ -257,7 +261,8 @@ def test_slow_receiver_drives_the_rate_once_it_is_the_only_one_left():
     drive(controller, clock, 3.0, lambda t: {"c": Feedback(0.9, 0.05)})
     assert controller.slow == {"c"}
     controller.set_active({"c"})  # a and b are done: catch-up passes for c
-    rates = drive(controller, clock, 2.0, lambda t: {"c": Feedback(0.5, 0.05)})
+    # Alone, its loss is its path's, as a TCP flow's would be.
+    rates = drive(controller, clock, 2.0, lambda t: {"c": stamped(clock, 0.5, 0.05, 0.05, shared=False)})
     assert controller.slow == set()
     assert controller.monitor == "c"
     assert rates[-1] < 20e6
@@ -276,7 +281,7 @@ def test_a_dead_receiver_stops_counting():
 def test_loss_at_every_receiver_with_a_queue_is_congestion_not_a_slow_node():
     clock, controller = fleet()
     drive(controller, clock, 2.0, quiet)
-    rates = drive(controller, clock, 3.0, lambda t: {n: Feedback(0.6, 0.04) for n in "abc"})
+    rates = drive(controller, clock, 3.0, lambda t: {n: stamped(clock, 0.6, 0.04, 0.05) for n in "abc"})
     assert controller.slow == set()
     assert rates[-1] < 0.1 * 100e6
 
@@ -302,7 +307,7 @@ def test_a_receiver_behind_its_own_slow_link_does_not_set_the_pace():
 def test_a_queue_at_most_receivers_is_the_shared_bottleneck():
     clock, controller = fleet()
     drive(controller, clock, 2.0, quiet)
-    rates = drive(controller, clock, 2.0, lambda t: {n: Feedback(0.0, 0.04) for n in "ab"})
+    rates = drive(controller, clock, 1.0, lambda t: {n: Feedback(0.0, 0.04) for n in "ab"})
     assert controller.slow == set()
     assert rates[-1] < 0.5 * 100e6
 
@@ -574,3 +579,147 @@ def test_the_queue_of_a_report():
     assert queue(Feedback(0.0, 0.001, backlog=0.6), target_delay=0.01, backlog_target=0.3) == pytest.approx(
         0.02
     )
+
+
+# Sharing with TCP (issue 20): the TCP-friendly rate once others hold the queue.
+
+
+def stamped(
+    clock: Clock, loss: float, delay: float, events: float, rtt: float = 0.0002, shared: bool = True
+) -> Feedback:
+    """
+    A report as a receiver sends it: its one-way delay and stamp make
+    ``rtt`` plus the queue; with loss, it names a lost datagram that every
+    receiver lost (``shared``) or one of its own.
+    """
+    # Two clocks 3 s apart: the receiver's runs ahead, and the offsets cancel.
+    offset_us = 3_000_000
+    now_us = int(clock.seconds() * 1e6)
+    owd_us = round((rtt / 2 + delay) * 1e6) + offset_us
+    stamp_us = (now_us + offset_us - round(rtt / 2 * 1e6)) & 0xFFFFFFFF
+    lost: tuple[int, ...] = ()
+    if events:
+        interval = round(clock.seconds() * 10)
+        lost = (interval * 64,) if shared else (interval * 64 + random.randrange(1, 64) * 2**20,)
+    return Feedback(loss, delay, 0.0, events, owd_us, stamp_us, lost)
+
+
+def test_the_round_trip_is_the_least_seen_plus_the_queue_now():
+    clock, controller = fleet()
+    controller.feedback("a", stamped(clock, 0.0, 0.004, 0.0, rtt=0.0005))
+    controller.feedback("a", stamped(clock, 0.0, 0.000, 0.0, rtt=0.0005))
+    report = Feedback(0.0, 0.020)
+    assert controller.rtt("a", report) == pytest.approx(0.0205, abs=2e-6)
+
+
+def test_a_latecomer_that_fills_the_queue_to_loss_gets_a_tcp_share_not_the_link():
+    """
+    The push has the link; a loss-based TCP flow arrives and holds a 20 ms
+    queue, overflowing it now and then.  Yielding to delay would leave it
+    everything (the rate at its floor); the push competes at the rate TCP
+    would get on that round trip and loss event rate.
+    """
+    clock, controller = fleet()
+    drive(controller, clock, 2.0, quiet)
+    assert controller.rate == 100e6 and not controller.competing
+    rates = drive(controller, clock, 5.0, lambda t: {n: stamped(clock, 0.001, 0.020, 2e-4) for n in "abc"})
+    assert controller.competing
+    friendly = throughput(SEGMENT, 0.0202, 2e-4)
+    assert rates[-1] == pytest.approx(friendly, rel=0.01)
+    assert rates[-1] > 10 * controller.min_rate
+
+
+def test_a_queue_held_without_loss_is_competed_for():
+    """
+    A queue that stays though the push has yielded (a TCP flow that paces
+    itself, as BBR does, and never fills it to loss): yielding on would leave
+    it the whole link, so the push stops yielding.
+    """
+    clock, controller = fleet()
+    drive(controller, clock, 2.0, quiet)
+    rates = drive(controller, clock, 5.0, lambda t: {n: stamped(clock, 0.0, 0.020, 0.0) for n in "abc"})
+    assert controller.competing
+    assert 0.4 * 100e6 < rates[-1] <= 0.5 * 100e6
+    assert rates[-20:] == [rates[-1]] * 20
+
+
+def test_a_queue_with_receivers_short_of_cpu_is_not_competed_for():
+    """Their kernels stamp datagrams late: the delay is the receivers', and yielding to it is right."""
+    clock, controller = fleet()
+    drive(controller, clock, 2.0, quiet)
+    rates = drive(controller, clock, 5.0, lambda t: {n: Feedback(0.0, 0.020, 0.3) for n in "abc"})
+    assert not controller.competing
+    assert rates[-1] == controller.min_rate
+
+
+def test_loss_each_receiver_sees_alone_sets_no_tcp_share():
+    """Random loss, each receiver's own, with a queue the push holds: the delay rules, not the loss."""
+    clock, controller = fleet()
+    drive(controller, clock, 2.0, quiet)
+    own = lambda t: {n: stamped(clock, 0.02, 0.008, 0.02, shared=False) for n in "abc"}  # noqa: E731
+    drive(controller, clock, 5.0, own)
+    assert controller.friendly == math.inf
+    assert not any(controller.shared(n) for n in "abc")
+    assert controller.rate > 0.5 * 100e6
+
+
+def test_a_shallow_queue_that_overflows_before_the_delay_shows_gets_a_tcp_share():
+    """A 5 ms queue never reaches the 7 ms target: the shared loss alone holds the push to TCP's rate."""
+    clock, controller = fleet()
+    drive(controller, clock, 2.0, quiet)
+    rates = drive(controller, clock, 5.0, lambda t: {n: stamped(clock, 0.05, 0.005, 1e-3) for n in "abc"})
+    assert not controller.competing
+    assert rates[-1] == pytest.approx(throughput(SEGMENT, 0.0052, 1e-3), rel=0.01)
+
+
+def test_once_the_others_leave_the_queue_drains_and_the_push_takes_the_link_again():
+    clock, controller = fleet()
+    drive(controller, clock, 2.0, quiet)
+    drive(controller, clock, 5.0, lambda t: {n: stamped(clock, 0.001, 0.020, 2e-4) for n in "abc"})
+    assert controller.competing
+    rates = drive(controller, clock, 3.0, quiet)
+    assert not controller.competing
+    assert rates[-1] == 100e6
+
+
+def test_a_slow_receiver_with_losses_of_its_own_does_not_set_a_tcp_share():
+    clock, controller = fleet()
+    drive(controller, clock, 2.0, quiet)
+    rates = drive(controller, clock, 3.0, lambda t: {"c": stamped(clock, 0.9, 0.050, 0.05)})
+    assert controller.slow == {"c"} and not controller.competing
+    assert rates[-1] == 100e6
+
+
+def test_a_tcp_flow_that_was_there_first_is_competed_with_not_yielded_to():
+    """Its queue is there from the first report: the push never saw the link empty, and competes at once."""
+    clock, controller = fleet()
+    rates = drive(controller, clock, 5.0, lambda t: {n: stamped(clock, 0.001, 0.020, 2e-4) for n in "abc"})
+    assert controller.competing and controller.capacity is None
+    assert rates[-1] == pytest.approx(throughput(SEGMENT, 0.0202, 2e-4), rel=0.01)
+
+
+def test_only_the_shared_share_of_loss_events_counts():
+    """Half of what each receiver lost, the others lost too (a shared link), half alone (random loss)."""
+    clock, controller = fleet()
+    drive(controller, clock, 2.0, quiet)
+
+    def half_shared(t):
+        own = random.random() < 0.5
+        return {n: stamped(clock, 0.02, 0.005, 2e-3, shared=not own) for n in "abc"}
+
+    random.seed(20)
+    drive(controller, clock, 5.0, half_shared)
+    share = controller.shared("a")
+    assert 0.3 < share < 0.8
+    report = stamped(clock, 0.02, 0.005, 2e-3)
+    each = [throughput(SEGMENT, controller.rtt(n, report), 2e-3 * controller.shared(n)) for n in "abc"]
+    assert controller.friendly == pytest.approx(min(each), rel=0.05)
+
+
+def test_a_slow_receiver_left_alone_in_catch_up_keeps_its_loss_to_itself():
+    clock, controller = fleet()
+    drive(controller, clock, 1.0, lambda t: {n: stamped(clock, 0.0, 0.001, 0.0) for n in "abc"})
+    controller.set_active({"c"})
+    drive(controller, clock, 3.0, lambda t: {"c": stamped(clock, 0.05, 0.005, 0.01, shared=False)})
+    assert controller.shared("c") == 0.0
+    assert controller.friendly == math.inf
