@@ -28,7 +28,8 @@ log = logs.logger(__name__)
 
 #: The version of the whole protocol, control and datagrams, which change
 #: together: a sender and a receiver of different versions refuse each
-#: other at `Register` (1 had BLAKE2b-tagged clear datagrams, 2 seals them).
+#: other at `Register` (1 had BLAKE2b-tagged clear datagrams, 2 seals them,
+#: 3 has the congestion reports of issue 20).
 PROTOCOL = VERSION
 
 PIECE = 0xFFFF

@@ -54,7 +54,7 @@ try:
 except ImportError:  # not built: the pure-Python path
     _crypto = None  # type: ignore[assignment]
 
-VERSION = 2
+VERSION = 3
 KIND_DATA = 1
 KIND_PARITY = 2
 KIND_ECHO = 3
