@@ -14,6 +14,9 @@ from mrsyncd.ratecontrol import (
     FEEDBACK_SAMPLE,
     NEWS,
     SEGMENT,
+    SHARED_TARGET,
+    SHARING,
+    TARGET_DELAY,
     Echo,
     Feedback,
     Pacer,
@@ -570,7 +573,10 @@ def test_silent_receivers_count_as_no_queue_in_the_median_while_all_report():
     assert controller.share == 1.0
     assert controller.slow == {"a"}
     assert controller.monitor in ("b", "c")
-    assert rates[-1] > 0.5 * 100e6
+    # The rate is the one b's and c's queue gives, as if a were not there.
+    clock, without = fleet(nodes=("b", "c", "d", "e"))
+    drive(without, clock, 2.0, quiet)
+    assert drive(without, clock, 3.0, lambda t: {n: views[n] for n in "bc"})[-10:] == rates[-10:]
 
 
 def test_the_queue_of_a_report():
@@ -723,3 +729,28 @@ def test_a_slow_receiver_left_alone_in_catch_up_keeps_its_loss_to_itself():
     drive(controller, clock, 3.0, lambda t: {"c": stamped(clock, 0.05, 0.005, 0.01, shared=False)})
     assert controller.shared("c") == 0.0
     assert controller.friendly == math.inf
+
+
+def test_sharing_the_link_with_a_flow_it_can_see_it_steers_for_a_shorter_queue():
+    clock, controller = fleet()
+    drive(controller, clock, 2.0, quiet)
+    alone = drive(controller, clock, 2.0, lambda t: {n: Feedback(0.0, 0.0055) for n in "abc"})
+    assert alone[-1] == 100e6, "at the cap, a queue below the target is room to spare"
+    # A TCP flow arrives: the queue grows, and overflows now and then.
+    drive(controller, clock, 1.0, lambda t: {n: stamped(clock, 0.001, 0.02, 1e-5) for n in "abc"})
+    assert controller.rate < SHARING * 100e6 and controller.friendly < math.inf
+    drive(controller, clock, 1.0, lambda t: {n: stamped(clock, 0.001, 0.0055, 1e-5) for n in "abc"})
+    assert controller.steering == SHARED_TARGET
+
+
+def test_a_queue_without_shared_loss_is_no_flow_to_make_room_for():
+    """Receivers short of CPU stamp datagrams late, one or other in every interval: the full target stays."""
+    clock, controller = fleet()
+    drive(controller, clock, 2.0, quiet)
+    drive(controller, clock, 0.3, lambda t: {n: Feedback(0.0, 0.02) for n in "abc"})
+    assert controller.rate < SHARING * 100e6
+    steering = []
+    for _ in range(30):
+        drive(controller, clock, 0.1, lambda t: {n: Feedback(0.0, 0.006) for n in "abc"})
+        steering.append(controller.steering)
+    assert steering == [TARGET_DELAY] * 30
