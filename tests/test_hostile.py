@@ -246,14 +246,17 @@ def keyed(f, b, payload, kind=datagram.KIND_DATA):
     # slowest rate for the rest of it, which is the rate controller's business, not this test's.
     return insider.encode(f, b, payload, 0, int(time.time() * 1e6), kind)
 
+V = bytes([datagram.VERSION])
+
 def forge(kind, i):
     if kind == "short":
-        return (b"\x02\x01" + tid + body(40))[: rng.randrange(0, H)] if i % 2 else body(rng.randrange(0, H))
+        return (V + b"\x01" + tid + body(40))[: rng.randrange(0, H)] if i % 2 else body(rng.randrange(0, H))
     if kind == "version":
-        # 0x4D: the "M" that began every datagram of version 1.
-        return bytes([rng.choice([0, 1, 3, 0x4D, 255])]) + body(rng.randrange(H, 1500))
+        # Earlier versions, later ones, and 0x4D: the "M" that began every datagram of version 1.
+        versions = [v for v in (0, 1, 2, 3, 4, 0x4D, 255) if v != datagram.VERSION]
+        return bytes([rng.choice(versions)]) + body(rng.randrange(H, 1500))
     if kind == "kind":
-        return b"\x02" + bytes([rng.choice([0, 4, 7, 255])]) + tid + body(rng.randrange(H, 1500))
+        return V + bytes([rng.choice([0, 4, 7, 255])]) + tid + body(rng.randrange(H, 1500))
     if kind == "foreign":
         size = rng.choice([0, 1, bs, bs + 1, rng.randrange(bs, 9000)])
         f, b = rng.randrange(1 << 32), rng.randrange(1 << 32)

@@ -521,9 +521,11 @@ def forge(kind):
     if kind == "short":
         return body(rng.randrange(0, datagram.OVERHEAD))
     if kind == "version":
-        return bytes([rng.choice([0, 1, 3, 0x4D, 255])]) + body(rng.randrange(datagram.OVERHEAD, 1500))
+        versions = [v for v in (0, 1, 2, 3, 4, 0x4D, 255) if v != datagram.VERSION]
+        return bytes([rng.choice(versions)]) + body(rng.randrange(datagram.OVERHEAD, 1500))
     if kind == "kind":
-        return b"\x02" + bytes([rng.choice([0, 4, 7, 255])]) + body(rng.randrange(datagram.OVERHEAD, 1500))
+        kind = rng.choice([0, 4, 7, 255])
+        return bytes([datagram.VERSION, kind]) + body(rng.randrange(datagram.OVERHEAD, 1500))
     if kind == "foreign":
         size = rng.choice([0, 1, 700, 1408, 1408, rng.randrange(1409, 8000)])
         cipher = datagram.DatagramCipher(os.urandom(8), os.urandom(32))
