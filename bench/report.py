@@ -5,6 +5,7 @@ Figures from a run's JSON: the table, the issue's targets, and the chart.
 from __future__ import annotations
 
 import json
+import statistics
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -210,8 +211,8 @@ def targets(doc: dict[str, Any]) -> list[dict[str, Any]]:
         worst_tcp = min(tcp) if tcp and complete else None
         worst_push = min(push) if push and complete else None
         both = [c for c in cells if c["tcp"] is not None and c["push"] is not None]
-        off = sorted(abs(c["tcp"] - c["push"]) / 2 for c in both)
-        median_off = (off[(len(off) - 1) // 2] + off[len(off) // 2]) / 2 if off and complete else None
+        off = [abs(c["tcp"] - c["push"]) / 2 for c in both]
+        median_off = statistics.median(off) if off and complete else None
         add("TCP keeps >= 40 Mbit/s in every cell", worst_tcp and worst_tcp / 1e6, ">=", 40.0,
             f"least {_f(worst_tcp and worst_tcp / 1e6, '.1f')} Mbit/s of {len(cells)} cells")  # fmt: skip
         add("the push keeps >= 30 Mbit/s in every cell", worst_push and worst_push / 1e6, ">=", 30.0,

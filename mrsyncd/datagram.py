@@ -76,6 +76,16 @@ MASK32 = 0xFFFFFFFF
 #: A run numbers at most this many datagrams (8.9 years at 1 Gbit/s).
 MAX_SEQUENCE = (1 << 48) - 1
 
+
+def elapsed_us(now_us: int, then_us: int) -> int:
+    """
+    Microseconds from ``then_us`` to ``now_us``, two time stamps carried as
+    32 bits (they wrap every 71 minutes), possibly on two hosts' clocks:
+    signed, so that a clock behind the other reads as a negative time.
+    """
+    return ((now_us - then_us + (1 << 31)) & MASK32) - (1 << 31)
+
+
 AES_256_GCM = "aes-256-gcm"
 CHACHA20_POLY1305 = "chacha20-poly1305"
 _PYTHON_AEADS: dict[str, type[AESGCM] | type[ChaCha20Poly1305]] = {

@@ -174,7 +174,7 @@ def assemble(
         seq_max = max(seq_max, block.sequence)
         if not block.sequence % sample:
             now_us = int((time.time() if when is None else when) * 1e6)
-            owd = ((now_us - block.sent_us + (1 << 31)) & datagram.MASK32) - (1 << 31)
+            owd = datagram.elapsed_us(now_us, block.sent_us)
             owd_min = min(owd_min, owd) if owd_count else owd
             owd_sum += owd
             owd_count += 1

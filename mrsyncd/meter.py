@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections import deque
 
+from mrsyncd.datagram import MASK32
 from mrsyncd.ratecontrol import LOST_MARKS, Feedback
 from mrsyncd.tfrc import LossHistory
 
@@ -88,7 +89,7 @@ class DelayLossMeter:
         if self._last_arrived >= 0 and first > self._last_arrived + 1 and len(self._lost) < LOST_MARKS:
             mark = -(-(self._last_arrived + 1) // LOST_MARK) * LOST_MARK
             while mark < first and len(self._lost) < LOST_MARKS:
-                self._lost.append(mark & 0xFFFFFFFF)
+                self._lost.append(mark & MASK32)
                 mark += LOST_MARK
         self._last_arrived = max(self._last_arrived, last)
 
@@ -126,6 +127,6 @@ class DelayLossMeter:
             self._drops = drops
         self._seq_reported = self.seq_max
         self._got = self._owd_sum = self._owd_count = 0
-        stamp_us = int(now * 1e6) & 0xFFFFFFFF
+        stamp_us = int(now * 1e6) & MASK32
         lost, self._lost = tuple(self._lost), []
         return Feedback(loss, delay, backlog, self.losses.rate(), owd_us, stamp_us, lost)

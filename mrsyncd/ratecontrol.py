@@ -19,6 +19,7 @@ from typing import ClassVar
 from twisted.internet.interfaces import IReactorTime
 
 from mrsyncd import tfrc
+from mrsyncd.datagram import MASK32, elapsed_us
 
 #: The queueing delay the rate steers for (`RateController.target_delay`).
 TARGET_DELAY = 0.007
@@ -202,7 +203,7 @@ class Echo:
     def pack(self) -> bytes:
         """10 bytes: monitor, queue in µs, share in units of 1/65535 (unsigned, big-endian)."""
         return self._LAYOUT.pack(
-            self.monitor & 0xFFFFFFFF, fixed(self.queue, 0xFFFFFFFF / 1e6, 1e6), fixed(self.share, 1.0, 65535)
+            self.monitor & MASK32, fixed(self.queue, MASK32 / 1e6, 1e6), fixed(self.share, 1.0, 65535)
         )
 
     @classmethod
@@ -309,14 +310,14 @@ class RateController:
         self._lossy_since: dict[str, float] = {}
         self._blocked = False
         self.starting = True
-        #: Following the TCP-friendly rate (`tfrc`) of the most limited
-        #: receiver, not the delay: see `COMPETE_SHARE`.
+        #: No longer yielding to a queue that others hold (`COMPETE_SHARE`):
+        #: growing to the TCP-friendly rate if there is one, else holding.
         self.competing = False
         #: The most sent in an interval without a queue of note, bit/s
         #: (None: never without one, as when others held a queue before the
         #: push began; the cap stands for it then).
         self.capacity: float | None = None
-        #: The TCP-friendly rate of the last `update` (inf: no loss events).
+        #: The TCP-friendly rate of the last `update` (inf: no shared loss).
         self.friendly = math.inf
         #: Each receiver's least round trip seen, seconds.
         self._rtt_min: dict[str, float] = {}
@@ -341,7 +342,7 @@ class RateController:
             # clocks, but their offsets cancel in the sum.  Less the queue
             # the report tells of, it is the path's own round trip; the least
             # over the transfer leaves out the time reports wait in reactors.
-            back = ((int(now * 1e6) - report.stamp_us + (1 << 31)) & 0xFFFFFFFF) - (1 << 31)
+            back = elapsed_us(int(now * 1e6), report.stamp_us)
             rtt = (report.owd_us + back) / 1e6 - report.delay
             if 0.0 < rtt < 10.0:
                 self._rtt_min[node] = min(rtt, self._rtt_min.get(node, rtt))
