@@ -34,7 +34,7 @@ from mrsyncd import datagram, erasure, fsutil, intake, logs, storage
 from mrsyncd.blockset import RangeSet, encode_map
 from mrsyncd.datagram import KIND_DATA, KIND_ECHO, KIND_PARITY
 from mrsyncd.ledger import DONE, BlockLedger
-from mrsyncd.manifest import DIR, HARDLINK, SYMLINK, Entry, Manifest
+from mrsyncd.manifest import DIR, HARDLINK, SYMLINK, Entry, Manifest, digest
 from mrsyncd.meter import FEEDBACK_INTERVAL, DelayLossMeter
 from mrsyncd.multicast import DEFAULT_RCVBUF, Channel, receive_queue, receiver_socket
 from mrsyncd.parities import KeptParities
@@ -45,10 +45,9 @@ log = logs.logger(__name__)
 
 #: Part files held open at once; more are reopened on demand.
 OPEN_FILES = 32
-#: Consecutive blocks gathered before one write, and files gathered for at once.
-COALESCE = 64 << 10
+#: Files whose blocks are gathered at once (up to a chunk each, `Receiver._accept`).
 COALESCE_FILES = 16
-#: Chunks read back and digested at once (each holds one chunk in memory).
+#: Chunks digested at once (each holds one chunk in memory).
 VERIFY_CONCURRENCY = 4
 #: Bytes of small files held in memory while their part files are made in
 #: threads (`Receiver._whole_in_memory`); past this, they are written from
@@ -433,13 +432,23 @@ class Receiver:
     def _accept(self, f: _IncomingFile, first: int, count: int, data: bytes | memoryview) -> None:
         """
         Take a run of blocks that are not held yet.  Runs that follow one
-        another are gathered and written together (one pwrite per
-        ``COALESCE`` bytes); whatever is read back (a chunk to verify, a
-        group to rebuild) is written out first.
+        another within a chunk are gathered and written together, so a
+        chunk that arrives in order is one pwrite, and is digested from
+        memory instead of read back from its part file (`_check_chunk`).
+        Whatever is read back (a chunk gathered in pieces, a group to
+        rebuild) is written out first.
         """
-        offset = first * self._manifest.block_size
+        size, cb = self._manifest.block_size, self._manifest.chunk_blocks
+        split = (first // cb + 1) * cb
+        if first + count > split:  # gathered bytes never span two chunks
+            head = split - first
+            self._accept(f, first, head, data[: head * size])
+            if f.result is None:
+                self._accept(f, split, count - head, data[head * size :])
+            return
+        offset = first * size
         pending = self._pending.get(f.index)
-        if pending is not None and pending[0] + len(pending[1]) == offset and len(pending[1]) < COALESCE:
+        if pending is not None and pending[0] + len(pending[1]) == offset and first % cb:
             pending[1].extend(data)
         else:
             if not self._flush(f.index):
@@ -451,12 +460,13 @@ class Receiver:
         self.stats["bytes"] += len(data)
         for chunk in f.ledger.take(first, count):
             whole = self._whole_in_memory(f)
-            if whole is None and not self._flush(f.index):
-                return
-            if whole is None:
-                self._verify.run(self._check_chunk, f, chunk)
-            else:
+            if whole is not None:
                 self._verify.run(self._write_whole, f, whole)
+                continue
+            held = self._chunk_in_memory(f, chunk)
+            if not self._flush(f.index):
+                return
+            self._verify.run(self._check_chunk, f, chunk, held)
         if self._kept:
             # After the chunks' own bookkeeping: solving accepts other blocks.
             group = self._manifest.parity_group
@@ -464,6 +474,19 @@ class Receiver:
                 if f.result is not None:
                     return
                 self._solve_if_ready(f, number)
+
+    def _chunk_in_memory(self, f: _IncomingFile, chunk: int) -> bytearray | None:
+        """
+        The gathered bytes if they are the whole chunk and a digest can
+        start at once; a chunk that would wait for one is read back later
+        instead, so that at most `VERIFY_CONCURRENCY` chunks are held.
+        """
+        pending = self._pending.get(f.index)
+        if pending is None or not self._verify.tokens:
+            return None
+        if (pending[0], len(pending[1])) != self._manifest.chunk_span(f.entry, chunk):
+            return None
+        return pending[1]
 
     def _solve_if_ready(self, f: _IncomingFile, group: int) -> None:
         """A block arrived for a group with kept parities: they may now be enough."""
@@ -539,16 +562,13 @@ class Receiver:
     def _release(self, f: _IncomingFile) -> int | None:
         return self._open.pop(f.index, None)
 
-    def _check_chunk(self, f: _IncomingFile, chunk: int) -> defer.Deferred:
-        offset, length = self._manifest.chunk_span(f.entry, chunk)
-        d = self._in_thread(
-            storage.digest_range,
-            self._root_fd,
-            f.entry.path,
-            f.part,
-            offset,
-            length,
-        )
+    def _check_chunk(self, f: _IncomingFile, chunk: int, held: bytearray | None) -> defer.Deferred:
+        """Digest a chunk in a thread: the bytes ``held`` (already written), or else read back."""
+        if held is not None:
+            d = self._in_thread(digest, held)
+        else:
+            offset, length = self._manifest.chunk_span(f.entry, chunk)
+            d = self._in_thread(storage.digest_range, self._root_fd, f.entry.path, f.part, offset, length)
         d.addCallbacks(self._checked, self._unreadable, (f, chunk), errbackArgs=(f,))
         return d
 
