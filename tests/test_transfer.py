@@ -16,6 +16,7 @@ from twisted.trial import unittest
 
 from mrsyncd import agent as agent_module
 from mrsyncd import datagram
+from mrsyncd import transfer as transfer_module
 from mrsyncd.agent import LocalPeer, ReceiverAgent
 from mrsyncd.blockset import RangeSet, encode_map
 from mrsyncd.manifest import scan
@@ -23,7 +24,7 @@ from mrsyncd.multicast import adopt, receiver_socket
 from mrsyncd.ratecontrol import Echo
 from mrsyncd.receiver import OK, MissingReport, Receiver, TransferOptions
 from mrsyncd.sender import Sender
-from mrsyncd.transfer import Transfer, new_offer
+from mrsyncd.transfer import Transfer, new_offer, probe_interval
 
 from .support import (
     RATE,
@@ -576,6 +577,23 @@ class ProbeTimingTests(unittest.TestCase):
         report, probes, ended = yield self.probed_pass(lost_at_first_probe=400)
         self.assertEqual(report.sender_stats["datagrams"] - report.peers["node0"].stats["blocks"], 400)
         self.assertLess(ended - probes[-1], 0.5, (probes, ended))
+
+
+class ProbeIntervalTests(unittest.TestCase):
+    def test_a_few_receivers_are_probed_every_probe_seconds(self):
+        self.assertEqual(probe_interval(1.0, 8, 100e6), 1.0)
+        self.assertEqual(probe_interval(0.5, 1, 10e6), 0.5)
+
+    def test_many_receivers_are_probed_less_often_at_a_low_rate(self):
+        """Their answers cost bytes each, whatever they lost: together at most PROBE_SHARE of the data."""
+        interval = probe_interval(1.0, 64, 20e6)
+        answers = 64 * transfer_module.PROBE_ANSWER_BYTES * 8 / interval
+        self.assertAlmostEqual(answers / 20e6, transfer_module.PROBE_SHARE)
+        self.assertGreater(interval, 1.5)
+        self.assertGreater(probe_interval(1.0, 128, 20e6), interval)
+
+    def test_the_repairs_a_probe_finds_wait_a_few_seconds_at_most(self):
+        self.assertEqual(probe_interval(1.0, 1000, 1e6), transfer_module.PROBE_LONGEST)
 
 
 class SenderRepairTests(unittest.TestCase):
