@@ -12,6 +12,11 @@ export DEBIAN_FRONTEND=noninteractive
 debian_packages=(
     python3-twisted python3-openssl python3-service-identity python3-cryptography
     python3-hypothesis python3-pytest python3-venv python3-pip
+    # Readiness (Type=notify): python3-systemd, and what builds the
+    # virtualenv's systemd-python from source.
+    python3-systemd libsystemd-dev pkg-config
+    # The master's optional Prometheus endpoint.
+    python3-prometheus-client
     iproute2 iptables
     # The data path's C module (setup.py): a compiler, Python's and OpenSSL's headers.
     gcc python3-dev libssl-dev
@@ -33,7 +38,7 @@ if [ ! -x "$venv/bin/python" ]; then
     /usr/bin/python3 -m venv "$venv"
 fi
 "$venv/bin/pip" install -q --upgrade \
-    'twisted[tls]' pyopenssl cryptography service_identity hypothesis pytest ruff mypy mypy-zope
+    'twisted[tls]' pyopenssl cryptography service_identity systemd-python prometheus_client hypothesis pytest ruff mypy mypy-zope
 
 export PYTHONPATH=$PWD
 echo "== the data path's C module"

@@ -18,6 +18,7 @@ from typing import Any
 
 from mrsyncd.datagram import DEFAULT_BLOCK_SIZE, MAX_BLOCK_SIZE
 from mrsyncd.ratecontrol import parse_rate
+from mrsyncd.store import KEEP_DAYS, KEEP_JOBS
 
 
 class ConfigError(ValueError):
@@ -50,6 +51,12 @@ class MasterConfig:
     block_size: int = DEFAULT_BLOCK_SIZE
     #: Seconds a silent node is waited for before it is reported failed.
     grace: float = 30.0
+    #: Finished jobs the store keeps: the newest this many, none older than
+    #: this many days (`store.JobStore.prune`).
+    keep_jobs: int = KEEP_JOBS
+    keep_days: float = KEEP_DAYS
+    #: ``address:port`` of the Prometheus endpoint ("" = none).
+    metrics: str = ""
 
 
 @dataclass(frozen=True)
@@ -117,6 +124,20 @@ def _seconds(value: Any) -> float:
     return float(value)
 
 
+def _days(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise ValueError("must be a positive number of days")
+    return float(value)
+
+
+def _listen_address(value: Any) -> str:
+    """``address:port`` (``[v6addr]:port``), or "" for none."""
+    text = _string(value)
+    if text:
+        split_address(text)
+    return text
+
+
 def _rate(value: Any) -> float:
     if isinstance(value, int | float) and not isinstance(value, bool):
         value = str(value)
@@ -170,6 +191,9 @@ _CHECKS: dict[str, dict[str, Callable[[Any], Any]]] = {
         "rate": _rate,
         "block_size": _block_size,
         "grace": _seconds,
+        "keep_jobs": _positive_int,
+        "keep_days": _days,
+        "metrics": _listen_address,
     },
     "node": {
         "master": _string,

@@ -96,12 +96,14 @@ class ReceiverControl(BoundedAMP):
         name: str,
         tags: Sequence[str] = (),
         free: Callable[[], dict[str, int]] | None = None,
+        on_registered: Callable[[], None] | None = None,
     ) -> None:
         super().__init__()
         self.agent = agent
         self.name = name
         self.tags = list(tags)
         self.free = free
+        self.on_registered = on_registered
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -128,6 +130,8 @@ class ReceiverControl(BoundedAMP):
             self.transport.loseConnection()
             return
         log.info("registered as {name} with {peer}", name=self.name, peer=self.transport.getPeer())
+        if self.on_registered is not None:
+            self.on_registered()
 
     def _refused(self, failure: Failure) -> None:
         log.error("the sender refused registration: {why}", why=failure.getErrorMessage())

@@ -11,6 +11,7 @@ submit, list, follow and cancel.
 from __future__ import annotations
 
 import os
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from ipaddress import ip_address
@@ -23,7 +24,7 @@ from twisted.internet.protocol import Factory, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mrsyncd import logs, store, tls
+from mrsyncd import logs, readiness, store, tls
 from mrsyncd.commands import (
     PROTOCOL,
     BadRequest,
@@ -244,6 +245,14 @@ class JobRunner:
         self.running: dict[int, Transfer | None] = {}
         self._slots: dict[int, int] = {}
         self._stopping = False
+        #: What jobs did since the master started, for its metrics
+        #: (`mrsyncd.metrics`): ``("jobs", state)``, ``("node", name,
+        #: state)``, ``("sent", "data" | "parity")`` and ``("repaired",)``.
+        self.totals: Counter[tuple[str, ...]] = Counter()
+
+    def _finish(self, job_id: int, state: str, message: str = "") -> None:
+        self.jobs.finish(job_id, state, message)
+        self.totals["jobs", state] += 1
 
     def submit(self, spec: dict[str, Any], operator: str) -> int:
         job_id = self.jobs.add(check_spec(spec), operator)
@@ -263,7 +272,7 @@ class JobRunner:
 
     def _crashed(self, failure: Failure, job_id: int) -> None:
         log.failure("job {job} crashed", failure, job=job_id)
-        self.jobs.finish(job_id, store.FAILED, f"internal error: {failure.getErrorMessage()}")
+        self._finish(job_id, store.FAILED, f"internal error: {failure.getErrorMessage()}")
         self._release(job_id)
 
     def _release(self, job_id: int) -> None:
@@ -294,7 +303,7 @@ class JobRunner:
             # them have registered again by now.
             names = sorted(job.nodes) or self.fleet.resolve(spec["targets"])
         except BadRequest as e:
-            self.jobs.finish(job.id, store.FAILED, str(e))
+            self._finish(job.id, store.FAILED, str(e))
             self._release(job.id)
             return
         for name in names:
@@ -322,7 +331,7 @@ class JobRunner:
         except Exception as e:
             for name in names:
                 self.jobs.set_node(job.id, name, store.FAILED, f"cannot read the sources: {e}")
-            self.jobs.finish(job.id, store.FAILED, f"cannot read the sources: {e}")
+            self._finish(job.id, store.FAILED, f"cannot read the sources: {e}")
             log.error("job {job} failed: cannot read the sources: {e}", job=job.id, e=e)
             self._release(job.id)
             return
@@ -367,14 +376,23 @@ class JobRunner:
                 hook=peer.hook,
             )
             self.jobs.set_files(job.id, name, peer.results)
+            self.totals["node", name, store.DONE if peer.ok else store.FAILED] += 1
+            # One line a node, the same fields every time, for the journal's readers.
             level = log.info if peer.ok else log.error
             level(
-                "job {job} on {node}: {result}",
+                "job {job} on {node}: {result}; needed {needed} bytes, changed {changed} paths, {took}",
                 job=job.id,
                 node=name,
                 result="done" if peer.ok else peer.reason,
+                needed=peer.needed_bytes,
+                changed=peer.changed,
+                took="never complete" if peer.seconds is None else f"complete in {peer.seconds:.1f} s",
             )
-        self.jobs.progress(job.id, manifest.total_bytes(), report.sender_stats.get("payload", 0))
+        sent = report.sender_stats.get("payload", 0)
+        self.totals["sent", "data"] += sent
+        self.totals["sent", "parity"] += report.sender_stats.get("parity", 0)
+        self.totals["repaired",] += max(0, sent - transfer.planned_bytes)
+        self.jobs.progress(job.id, manifest.total_bytes(), sent)
         if transfer.cancelled:
             state, message = store.CANCELLED, "cancelled by an operator"
         elif report.ok:
@@ -385,7 +403,7 @@ class JobRunner:
                 store.FAILED,
                 f"failed on {len(failed)} of {len(names)} nodes: {', '.join(failed)}",
             )
-        self.jobs.finish(job.id, state, message)
+        self._finish(job.id, state, message)
         log.info(
             "job {job} {state} in {seconds:.1f} s {message}",
             job=job.id,
@@ -424,7 +442,7 @@ class JobRunner:
         if transfer is not None:
             transfer.cancel()
             return "cancelling"
-        self.jobs.finish(job_id, store.CANCELLED, "cancelled before it started sending")
+        self._finish(job_id, store.CANCELLED, "cancelled before it started sending")
         return store.CANCELLED
 
     def stop(self) -> None:
@@ -545,7 +563,8 @@ class MasterService(service.Service):
         self.config = config
         self.endpoint_factory = endpoint_factory
         self.fleet = Fleet(reactor)
-        self.jobs = store.JobStore(os.path.join(config.state_dir, "jobs.sqlite"))
+        path = os.path.join(config.state_dir, "jobs.sqlite")
+        self.jobs = store.JobStore(path, keep_jobs=config.keep_jobs, keep_days=config.keep_days)
         self.runner = JobRunner(reactor, config, self.jobs, self.fleet)
         self._watch = task.LoopingCall(self.fleet.drop_silent, NODE_SILENCE)
         self._watch.clock = reactor
@@ -562,6 +581,8 @@ class MasterService(service.Service):
         def listening(port: Any) -> None:
             self._port = port
             log.info("master listening on {address}", address=port.getHost())
+            host = port.getHost()
+            readiness.notify(ready=True, status=f"listening on {host.host} port {host.port}")
             unfinished = self.jobs.unfinished()
             if unfinished:
                 log.info("resuming {n} unfinished jobs once their nodes register", n=len(unfinished))
@@ -574,6 +595,7 @@ class MasterService(service.Service):
         self.reactor.stop()
 
     def stopService(self) -> defer.Deferred | None:  # type: ignore[override]
+        readiness.notify(stopping=True)
         super().stopService()
         if self._watch.running:
             self._watch.stop()

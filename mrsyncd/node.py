@@ -18,7 +18,7 @@ from twisted.application import internet, service
 from twisted.internet import defer, endpoints, task
 from twisted.internet.protocol import Factory
 
-from mrsyncd import certs, logs, tls
+from mrsyncd import certs, logs, readiness, tls
 from mrsyncd.agent import ReceiverAgent
 from mrsyncd.commands import Heartbeat
 from mrsyncd.config import ConfigError, NodeConfig, TLSConfig, split_address
@@ -77,13 +77,25 @@ class NodeService(service.MultiService):
         self.heartbeat.clock = reactor
 
     def _protocol(self) -> ReceiverControl:
-        return ReceiverControl(self.agent, self.name, self.config.tags, lambda: free_space(self.config.roots))
+        return ReceiverControl(
+            self.agent,
+            self.name,
+            self.config.tags,
+            lambda: free_space(self.config.roots),
+            on_registered=self._registered,
+        )
+
+    def _registered(self) -> None:
+        where = self.config.master
+        readiness.notify(ready=True, status=f"registered as {self.name} with the master at {where}")
 
     def startService(self) -> None:
         super().startService()
+        readiness.notify(status=f"dialling the master at {self.config.master} to register as {self.name}")
         self.heartbeat.start(HEARTBEAT, now=False)
 
     def stopService(self) -> defer.Deferred:
+        readiness.notify(stopping=True)
         if self.heartbeat.running:
             self.heartbeat.stop()
         self.agent.close()

@@ -21,6 +21,16 @@ from typing import Any
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
 FINISHED = (DONE, FAILED, CANCELLED)
 
+#: The job store's layout, in SQLite's ``user_version``: 0 is a store from
+#: before it had one (whose jobs may lack the ``run`` column).  A store of
+#: an older layout is brought up to this one when opened (`_MIGRATIONS`);
+#: one of a newer layout is refused, since an older release would misread it.
+SCHEMA_VERSION = 1
+#: Finished jobs kept by default (`JobStore.prune`): the newest this many ...
+KEEP_JOBS = 1000
+#: ... and none finished longer ago than this many days.
+KEEP_DAYS = 90.0
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -131,18 +141,91 @@ class Job:
         }
 
 
+class StoreError(Exception):
+    """The job store cannot be used (a newer release's, or not a store at all)."""
+
+
+def _add_run_column(db: sqlite3.Connection) -> None:
+    """0 to 1: jobs from before each run had a key of its own lack ``run``."""
+    columns = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
+    if "run" not in columns:
+        db.execute("ALTER TABLE jobs ADD COLUMN run BLOB")
+
+
+#: ``_MIGRATIONS[n]`` brings a store of layout ``n`` to ``n + 1``.
+_MIGRATIONS = [_add_run_column]
+
+
 class JobStore:
-    def __init__(self, path: str) -> None:
+    """
+    Jobs, their nodes' outcomes and their files' results.  Finished jobs
+    are kept while they are among the newest ``keep_jobs`` and finished
+    within ``keep_days`` (`prune`); their rows, job keys included, go after.
+    """
+
+    def __init__(self, path: str, keep_jobs: int = KEEP_JOBS, keep_days: float = KEEP_DAYS) -> None:
         if path != ":memory:":
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self.keep_jobs = keep_jobs
+        self.keep_days = keep_days
         self.db = sqlite3.connect(path, isolation_level=None)
+        try:
+            self._open(path)
+        except sqlite3.DatabaseError as e:
+            self.db.close()
+            raise StoreError(f"{path}: not a job store ({e})") from None
+        except StoreError:
+            self.db.close()
+            raise
+        self.prune()
+
+    def _open(self, path: str) -> None:
+        (version,) = self.db.execute("PRAGMA user_version").fetchone()
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"{path} was written by a newer mrsyncd (store layout {version}; this release "
+                f"reads up to {SCHEMA_VERSION}): upgrade mrsyncd, or move the file away to start "
+                "with no job history"
+            )
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute("PRAGMA foreign_keys=ON")
-        self.db.executescript(_SCHEMA)
-        columns = {row[1] for row in self.db.execute("PRAGMA table_info(jobs)")}
-        if "run" not in columns:  # a store from before runs had keys of their own
-            self.db.execute("ALTER TABLE jobs ADD COLUMN run BLOB")
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            # One statement at a time: executescript would commit first.
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    self.db.execute(statement)
+            for migrate in _MIGRATIONS[version:]:
+                migrate(self.db)
+            self.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    def prune(self, now: float | None = None) -> int:
+        """
+        Forget finished jobs past the newest ``keep_jobs`` or finished more
+        than ``keep_days`` ago, with their nodes' and files' rows; returns
+        how many.  Queued and running jobs are never forgotten.
+        """
+        cutoff = (time.time() if now is None else now) - self.keep_days * 86400
+        placeholders = ", ".join("?" * len(FINISHED))
+        doomed = [
+            job_id
+            for (job_id,) in self.db.execute(
+                f"SELECT id FROM jobs WHERE state IN ({placeholders}) AND (finished < ? OR id NOT IN"
+                f" (SELECT id FROM jobs WHERE state IN ({placeholders}) ORDER BY id DESC LIMIT ?))",
+                (*FINISHED, cutoff, *FINISHED, self.keep_jobs),
+            )
+        ]
+        if doomed:
+            self.db.execute("BEGIN")
+            for table, column in (("job_files", "job"), ("job_nodes", "job"), ("jobs", "id")):
+                self.db.executemany(f"DELETE FROM {table} WHERE {column} = ?", [(j,) for j in doomed])
+            self.db.execute("COMMIT")
+        return len(doomed)
 
     def close(self) -> None:
         self.db.close()
@@ -192,6 +275,12 @@ class JobStore:
     def jobs(self, limit: int = 50) -> list[Job]:
         rows = self.db.execute("SELECT * FROM jobs ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
         return [self._job(row) for row in rows]
+
+    def count_by_state(self) -> dict[str, int]:
+        """Jobs in the store, by state (every state named, 0 or not)."""
+        counts = dict.fromkeys((QUEUED, RUNNING, *FINISHED), 0)
+        counts.update(self.db.execute("SELECT state, count(*) FROM jobs GROUP BY state").fetchall())
+        return counts
 
     def unfinished(self) -> list[Job]:
         rows = self.db.execute(
@@ -252,3 +341,4 @@ class JobStore:
             "UPDATE jobs SET state = ?, finished = ?, message = ? WHERE id = ?",
             (state, time.time(), message, job_id),
         )
+        self.prune()

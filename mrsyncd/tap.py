@@ -15,8 +15,8 @@ from twisted.application import service
 from twisted.internet import endpoints
 from twisted.python import usage
 
-from mrsyncd import __version__, logs, tls
-from mrsyncd.config import Config, ConfigError, load
+from mrsyncd import __version__, logs, store, tls
+from mrsyncd.config import Config, ConfigError, load, split_address
 from mrsyncd.master import MasterService
 from mrsyncd.node import NodeService
 
@@ -68,7 +68,21 @@ def build(config: Config, reactor: Any) -> service.MultiService:
         def endpoint() -> Any:
             return endpoints.SSL4ServerEndpoint(reactor, master.port, options, interface=interface)
 
-        MasterService(reactor, master, endpoint).setServiceParent(top)
+        try:
+            master_service = MasterService(reactor, master, endpoint)
+        except store.StoreError as e:
+            raise ConfigError(f"{config.path}: [master] state_dir: {e}") from None
+        master_service.setServiceParent(top)
+        if master.metrics:
+            try:
+                from mrsyncd.metrics import MetricsService
+            except ImportError as e:
+                raise ConfigError(
+                    f"{config.path}: [master] metrics needs prometheus_client"
+                    f" (Debian: apt install python3-prometheus-client): {e}"
+                ) from None
+            host, port = split_address(master.metrics)
+            MetricsService(reactor, master_service, host, port).setServiceParent(top)
     if config.node is not None:
         try:
             node = NodeService(reactor, config.node, config.tls)

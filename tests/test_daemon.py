@@ -410,6 +410,16 @@ def test_destination_outside_one_nodes_roots(fleet: Cluster) -> None:
     same_tree(src, c.node_dir("node2") / "private" / "t4")
     if c.mount_ns:
         assert not (c.node_dir("node3") / "private").exists(), "node3 wrote outside its roots"
+    # The journal has one line a node at the job's end, with the same fields for each.
+    log = c.master.log()
+    done = re.search(
+        rf"job {job['id']} on node2: done; needed (\d+) bytes, changed (\d+) paths, complete in [\d.]+ s", log
+    )
+    assert done and int(done.group(1)) == 300_000 + 1234 and int(done.group(2)) >= 2, log
+    assert re.search(
+        rf"job {job['id']} on node3: .*{re.escape(root)}.*; needed 0 bytes, changed 0 paths, never complete",
+        log,
+    ), log
 
 
 # 5. Crashes mid-transfer.

@@ -33,6 +33,7 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -343,13 +344,46 @@ def unit_command(unit: str) -> tuple[list[str], str]:
     return shlex.split(settings["ExecStart"]), settings["User"]
 
 
+class NotifySocket:
+    """
+    What systemd gives a ``Type=notify`` unit: a datagram socket named in
+    ``NOTIFY_SOCKET``, on which the daemon says it is ready (sd_notify).
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.socket.bind(str(path))
+        os.chmod(path, 0o666)  # the unit's user sends to it
+
+    def wait_ready(self, timeout: float) -> dict[str, str]:
+        """The fields of the message that says READY=1 (and any sent before it)."""
+        fields: dict[str, str] = {}
+        self.socket.settimeout(timeout)
+        while fields.get("READY") != "1":
+            message = self.socket.recv(4096).decode()
+            fields.update(line.split("=", 1) for line in message.splitlines() if "=" in line)
+        return fields
+
+    def close(self) -> None:
+        self.socket.close()
+
+
 class Daemon:
     """A unit's ExecStart on a LAN host, as the unit's user, without privileges, logging to a file."""
 
-    def __init__(self, host: Host, unit: str, log: Path, bind: tuple[Path, Path] | None = None) -> None:
+    def __init__(
+        self,
+        host: Host,
+        unit: str,
+        log: Path,
+        bind: tuple[Path, Path] | None = None,
+        notify: NotifySocket | None = None,
+    ) -> None:
         self.host = host
         self.log = log
         argv, user = unit_command(unit)
+        assert unit_settings(unit)["Type"] == "notify", unit
         pw = pwd.getpwnam(user)
         # What systemd would do for User=, NoNewPrivileges=yes and an empty
         # CapabilityBoundingSet=: drop to the user with its groups, no way
@@ -363,6 +397,7 @@ class Daemon:
             f"USER={user}",
             f"LOGNAME={user}",
             f"SHELL={pw.pw_shell}",
+            *([f"NOTIFY_SOCKET={notify.path}"] if notify is not None else []),
             "setpriv",
             f"--reuid={user}",
             f"--regid={user}",
@@ -584,17 +619,27 @@ def push_over_lan(lan: Any, base: Path, netns_dirs: list[Path]) -> None:
     chown_tree(source, USER)
 
     daemons = []
+    sockets = {host.name: NotifySocket(base / f"notify-{host.name}") for host in [master_host, *nodes]}
     try:
-        master = Daemon(master_host, UNITS["master"], base / "master.log")
+        master = Daemon(master_host, UNITS["master"], base / "master.log", notify=sockets[master_host.name])
         daemons.append(master)
-        master.wait_for(r"master listening on", 30)
+        # Ready (Type=notify) once it listens: a push right after finds it.
+        ready = sockets[master_host.name].wait_ready(30)
+        assert ready["STATUS"] == f"listening on {master_host.ipv4} port {CONTROL_PORT}", ready
+        assert "master listening on" in master.text()
         for node in nodes:
             daemons.append(
                 Daemon(
-                    node, UNITS["node"], base / f"{node.name}.log", bind=(base / "nodes" / node.name, shared)
+                    node,
+                    UNITS["node"],
+                    base / f"{node.name}.log",
+                    bind=(base / "nodes" / node.name, shared),
+                    notify=sockets[node.name],
                 )
             )
         for node, daemon in zip(nodes, daemons[1:], strict=True):
+            ready = sockets[node.name].wait_ready(30)
+            assert ready["STATUS"].startswith(f"registered as {node.name} with the master at "), ready
             master.wait_for(rf"node {node.name} registered from", 30, other=daemon)
         for daemon in daemons:
             daemon.check_unprivileged()
@@ -640,6 +685,8 @@ def push_over_lan(lan: Any, base: Path, netns_dirs: list[Path]) -> None:
     finally:
         for daemon in reversed(daemons):
             daemon.stop()
+        for notify in sockets.values():
+            notify.close()
 
 
 def _config_path(unit: str) -> Path:

@@ -1,0 +1,180 @@
+"""The master's job store: its layout's version, migrations and retention, on real SQLite files."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+
+import pytest
+
+from mrsyncd import certs, store
+from mrsyncd.config import ConfigError, parse
+from mrsyncd.store import DONE, FAILED, RUNNING, SCHEMA_VERSION, JobStore, StoreError
+from mrsyncd.tap import build
+
+#: The store as releases before layout versions wrote it (42ed698): no
+#: ``user_version``, and jobs from before runs had keys lack ``run``.
+RELEASED_SCHEMA = """
+CREATE TABLE jobs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, state TEXT NOT NULL, spec TEXT NOT NULL,
+    operator TEXT NOT NULL DEFAULT '', submitted REAL NOT NULL, started REAL, finished REAL,
+    transfer_id BLOB, key BLOB, slot INTEGER, payload_bytes INTEGER NOT NULL DEFAULT 0,
+    sent_bytes INTEGER NOT NULL DEFAULT 0, message TEXT NOT NULL DEFAULT ''{run}
+);
+CREATE TABLE job_nodes (
+    job INTEGER NOT NULL REFERENCES jobs(id), node TEXT NOT NULL, state TEXT NOT NULL,
+    reason TEXT NOT NULL DEFAULT '', needed_bytes INTEGER NOT NULL DEFAULT 0,
+    changed INTEGER NOT NULL DEFAULT 0, hook TEXT, PRIMARY KEY (job, node)
+);
+CREATE TABLE job_files (
+    job INTEGER NOT NULL REFERENCES jobs(id), node TEXT NOT NULL, path TEXT NOT NULL,
+    result TEXT NOT NULL, PRIMARY KEY (job, node, path)
+);
+INSERT INTO jobs (state, spec, operator, submitted, started, finished, transfer_id, key, slot)
+    VALUES ('done', '{{"sources": ["/srv/a"]}}', 'alice', {now}, {now}, {now}, x'0102030405060708', x'aa', 0);
+INSERT INTO jobs (state, spec, operator, submitted)
+    VALUES ('queued', '{{"sources": ["/srv/b"]}}', 'bob', {now});
+INSERT INTO job_nodes (job, node, state, changed) VALUES (1, 'n1', 'done', 3);
+INSERT INTO job_files (job, node, path, result) VALUES (1, 'n1', 'a/x', 'ok');
+"""
+
+
+def released_store(path, with_run=True):
+    db = sqlite3.connect(path)
+    db.executescript(RELEASED_SCHEMA.format(run=",\n    run BLOB" if with_run else "", now=time.time()))
+    db.close()
+
+
+def user_version(path):
+    db = sqlite3.connect(path)
+    try:
+        return db.execute("PRAGMA user_version").fetchone()[0]
+    finally:
+        db.close()
+
+
+@pytest.mark.parametrize("with_run", [True, False])
+def test_a_store_of_the_released_layout_is_brought_up_to_date_with_its_jobs(tmp_path, with_run):
+    path = str(tmp_path / "jobs.sqlite")
+    released_store(path, with_run)
+    jobs = JobStore(path)
+    assert user_version(path) == SCHEMA_VERSION
+    done = jobs.get(1)
+    assert (done.state, done.operator, done.spec, done.transfer_id) == (
+        DONE,
+        "alice",
+        {"sources": ["/srv/a"]},
+        bytes(range(1, 9)),
+    )
+    assert done.nodes["n1"]["changed"] == 3
+    assert jobs.files(1) == {"n1": {"a/x": "ok"}}
+    [queued] = jobs.unfinished()
+    # The queued job starts as any other, its run kept for a resume.
+    jobs.start(queued.id, b"t" * 8, b"k" * 32, 1, b"r" * 16)
+    assert jobs.get(queued.id).state == RUNNING
+    jobs.close()
+    # Opened again, it is as it was left.
+    again = JobStore(path)
+    assert [j.id for j in again.jobs()] == [2, 1]
+    again.close()
+
+
+def test_a_store_of_a_newer_layout_is_refused_and_left_as_it_is(tmp_path):
+    path = str(tmp_path / "jobs.sqlite")
+    released_store(path)
+    db = sqlite3.connect(path)
+    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    db.close()
+    with pytest.raises(
+        StoreError,
+        match=f"newer mrsyncd \\(store layout {SCHEMA_VERSION + 1}; "
+        f"this release reads up to {SCHEMA_VERSION}\\)",
+    ):
+        JobStore(path)
+    assert user_version(path) == SCHEMA_VERSION + 1
+    db = sqlite3.connect(path)
+    assert db.execute("SELECT count(*) FROM jobs").fetchone()[0] == 2
+    db.close()
+
+
+def test_a_file_that_is_not_a_store_is_named(tmp_path):
+    path = tmp_path / "jobs.sqlite"
+    path.write_bytes(b"not a database, but long enough to be read as one's header" * 20)
+    with pytest.raises(StoreError, match=f"{path}: not a job store"):
+        JobStore(str(path))
+
+
+def test_the_daemon_refuses_to_start_on_a_newer_store_and_says_which(tmp_path):
+    state = tmp_path / "state"
+    state.mkdir()
+    released_store(str(state / "jobs.sqlite"))
+    db = sqlite3.connect(str(state / "jobs.sqlite"))
+    db.execute("PRAGMA user_version = 99")
+    db.close()
+    ca = str(tmp_path / "ca")
+    certs.create_ca(ca, "test CA", 30)
+    certs.issue(ca, "master", "master", str(tmp_path))
+    config = parse(
+        f'[tls]\nca = "{ca}/{certs.CA_CERT}"\ncertificate = "{tmp_path}/master.crt"\n'
+        f'key = "{tmp_path}/master.key"\n[master]\nstate_dir = "{state}"\n',
+        "/etc/mrsyncd/mrsyncd.toml",
+    )
+    with pytest.raises(
+        ConfigError, match="state_dir: .*jobs.sqlite was written by a newer mrsyncd"
+    ) as caught:
+        build(config, reactor=None)
+    assert str(caught.value).startswith("/etc/mrsyncd/mrsyncd.toml")
+
+
+def finished_jobs(jobs, count, finished_at):
+    ids = []
+    for n in range(count):
+        job_id = jobs.add({"n": n}, "op")
+        jobs.set_node(job_id, "n1", DONE, "", 10, 1)
+        jobs.set_files(job_id, "n1", {f"f{n}": "ok"})
+        jobs.db.execute("UPDATE jobs SET state = ?, finished = ? WHERE id = ?", (DONE, finished_at, job_id))
+        ids.append(job_id)
+    return ids
+
+
+def rows(jobs, table, column):
+    return sorted({row[0] for row in jobs.db.execute(f"SELECT {column} FROM {table}")})
+
+
+def test_only_the_newest_finished_jobs_are_kept_with_their_rows(tmp_path):
+    jobs = JobStore(str(tmp_path / "jobs.sqlite"), keep_jobs=2)
+    old = finished_jobs(jobs, 3, time.time())
+    running = jobs.add({"running": True}, "op")
+    jobs.start(running, b"t" * 8, b"k" * 32, 0, b"r" * 16)
+    newest = finished_jobs(jobs, 1, time.time())
+    assert jobs.prune() == 2
+    assert rows(jobs, "jobs", "id") == [old[2], running, newest[0]]
+    assert rows(jobs, "job_nodes", "job") == [old[2], newest[0]]
+    assert rows(jobs, "job_files", "job") == [old[2], newest[0]]
+    # Finishing a job prunes: the running one, once done, pushes out the oldest kept.
+    jobs.finish(running, FAILED, "a test")
+    assert rows(jobs, "jobs", "id") == [running, newest[0]]
+
+
+def test_jobs_that_finished_before_keep_days_go_whatever_their_number(tmp_path):
+    jobs = JobStore(str(tmp_path / "jobs.sqlite"), keep_days=30)
+    now = time.time()
+    stale = finished_jobs(jobs, 2, now - 31 * 86400)
+    fresh = finished_jobs(jobs, 1, now - 29 * 86400)
+    queued = jobs.add({"queued": True}, "op")
+    jobs.db.execute("UPDATE jobs SET submitted = ? WHERE id = ?", (now - 400 * 86400, queued))
+    assert jobs.prune(now) == len(stale)
+    assert rows(jobs, "jobs", "id") == [fresh[0], queued]
+
+
+def test_a_store_is_pruned_when_it_is_opened(tmp_path):
+    path = str(tmp_path / "jobs.sqlite")
+    jobs = JobStore(path)
+    finished_jobs(jobs, 5, time.time())
+    jobs.close()
+    assert len(JobStore(path, keep_jobs=3).jobs()) == 3
+
+
+def test_the_default_retention_is_documented_in_the_config():
+    config = parse("[master]\n", "x.toml")
+    assert (config.master.keep_jobs, config.master.keep_days) == (store.KEEP_JOBS, store.KEEP_DAYS)
