@@ -294,8 +294,13 @@ class DirectReceiverTests(unittest.TestCase):
         with open(os.path.join(self.dst, "f"), "rb") as f:
             self.assertEqual(f.read(), data)
 
-    def reading_back(self):
-        """The offsets of the chunks digested by reading them back from their part files."""
+    @defer.inlineCallbacks
+    def read_backs(self, *runs):
+        """
+        Feed a file of 3 chunks in ``runs`` of blocks, one batch each; once
+        it is whole and verified, the offsets of the chunks that were read
+        back from the part file to be digested.
+        """
         read_back = []
         real = storage.digest_range
 
@@ -304,48 +309,34 @@ class DirectReceiverTests(unittest.TestCase):
             return real(root_fd, path, part, offset, length)
 
         self.patch(storage, "digest_range", digest_range)
+        data = self.rng.randbytes(3000)
+        r = yield self.receiving(data)
+        for blocks in runs:
+            self.feed(r, 0, blocks, data)
+        yield wait_until(lambda: r.done)
+        self.assertEqual(r.results, {"f": OK})
+        with open(os.path.join(self.dst, "f"), "rb") as f:
+            self.assertEqual(f.read(), data)
         return read_back
 
     @defer.inlineCallbacks
     def test_a_chunk_gathered_in_order_is_digested_from_memory(self):
         """Reading a chunk back costs a copy and an open a chunk; only a chunk gathered in pieces needs it."""
-        read_back = self.reading_back()
-        data = self.rng.randbytes(3000)
-        r = yield self.receiving(data)
-        self.feed(r, 0, range(10), data)
-        self.feed(r, 0, [19, *range(10, 19)], data)  # chunk 1 gathered in two pieces
-        self.feed(r, 0, range(20, 30), data)
-        yield wait_until(lambda: r.done)
-        self.assertEqual(read_back, [1000])
-        self.assertEqual(r.results, {"f": OK})
-        with open(os.path.join(self.dst, "f"), "rb") as f:
-            self.assertEqual(f.read(), data)
+        read_back = yield self.read_backs(range(10), [19, *range(10, 19)], range(20, 30))
+        self.assertEqual(read_back, [1000])  # chunk 1, gathered in two pieces
 
     @defer.inlineCallbacks
     def test_a_run_across_chunks_is_digested_from_memory_chunk_by_chunk(self):
-        read_back = self.reading_back()
-        data = self.rng.randbytes(3000)
-        r = yield self.receiving(data)
-        self.feed(r, 0, range(5), data)
-        self.feed(r, 0, range(5, 25), data)  # the rest of chunk 0, chunk 1 and half of chunk 2
-        self.feed(r, 0, range(25, 30), data)
-        yield wait_until(lambda: r.done)
+        # The rest of chunk 0, chunk 1 and half of chunk 2 in one run.
+        read_back = yield self.read_backs(range(5), range(5, 25), range(25, 30))
         self.assertEqual(read_back, [])
-        with open(os.path.join(self.dst, "f"), "rb") as f:
-            self.assertEqual(f.read(), data)
 
     @defer.inlineCallbacks
     def test_chunks_that_would_wait_for_a_digest_are_read_back_not_held(self):
         """At most `VERIFY_CONCURRENCY` chunks are held in memory for their digests."""
         self.patch(receiver_module, "VERIFY_CONCURRENCY", 1)  # read when a receiver is made
-        read_back = self.reading_back()
-        data = self.rng.randbytes(3000)
-        r = yield self.receiving(data)
-        self.feed(r, 0, range(30), data)  # one batch: chunk 0 takes the only digest
-        yield wait_until(lambda: r.done)
+        read_back = yield self.read_backs(range(30))  # one batch: chunk 0 takes the only digest
         self.assertEqual(read_back, [1000, 2000])
-        with open(os.path.join(self.dst, "f"), "rb") as f:
-            self.assertEqual(f.read(), data)
 
     @defer.inlineCallbacks
     def test_datagrams_of_a_non_file_entry_are_out_of_range(self):
