@@ -743,14 +743,32 @@ def test_sharing_the_link_with_a_flow_it_can_see_it_steers_for_a_shorter_queue()
     assert controller.steering == SHARED_TARGET
 
 
-def test_a_queue_without_shared_loss_is_no_flow_to_make_room_for():
+def test_late_stamps_at_one_receiver_or_another_are_no_flow_to_make_room_for():
     """Receivers short of CPU stamp datagrams late, one or other in every interval: the full target stays."""
-    clock, controller = fleet()
+    clock, controller = fleet(nodes=("a", "b", "c", "d", "e"))
     drive(controller, clock, 2.0, quiet)
-    drive(controller, clock, 0.3, lambda t: {n: Feedback(0.0, 0.02) for n in "abc"})
+    drive(controller, clock, 0.3, lambda t: {n: Feedback(0.0, 0.02) for n in "abcde"})
     assert controller.rate < SHARING * 100e6
     steering = []
-    for _ in range(30):
-        drive(controller, clock, 0.1, lambda t: {n: Feedback(0.0, 0.006) for n in "abc"})
+    for step in range(30):
+        drive(controller, clock, 0.1, lambda t, late="abcde"[step % 5]: {late: Feedback(0.0, 0.006)})
         steering.append(controller.steering)
     assert steering == [TARGET_DELAY] * 30
+
+
+def test_a_queue_at_every_receiver_without_loss_is_a_flow_to_make_room_for():
+    """
+    A BBR flow that was there first holds a window of about twice its rate
+    times the round trip it measured without the push's queue: it never
+    fills the queue to loss, and a standing queue of the full target held
+    it to 20-30 Mbit/s of 100 in the fairness matrix.
+    """
+    clock, controller = fleet()
+    drive(controller, clock, 2.0, quiet)
+    drive(controller, clock, 0.5, lambda t: {n: Feedback(0.0, 0.02) for n in "abc"})
+    assert controller.rate < SHARING * 100e6 and controller.friendly == math.inf
+    steering = []
+    for _ in range(10):
+        drive(controller, clock, 0.1, lambda t: {n: Feedback(0.0, 0.006) for n in "abc"})
+        steering.append(controller.steering)
+    assert steering == [SHARED_TARGET] * 10
