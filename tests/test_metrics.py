@@ -83,15 +83,15 @@ def test_a_master_scraped_during_and_after_a_push(tmp_path: Path) -> None:
         size = 6 << 20
         random_file(tmp_path / "src" / "f.bin", size, 7)
         push = c.cli_popen("push", "--rate", "16M", f"{tmp_path / 'src'}/", f"all:{c.shared / 'dst'}")
-        during = {}
+        # The job runs once it is scanned; it has a rate once it sends.
+        during: dict[str, float] = {}
+        rates: list[float] = []
         deadline = time.monotonic() + 30
-        while push.poll() is None and time.monotonic() < deadline:
+        while push.poll() is None and time.monotonic() < deadline and not rates:
             during = scrape(url)
-            if during.get('mrsyncd_jobs{state="running"}') == 1:
-                break
-            time.sleep(0.1)
+            rates = [v for k, v in during.items() if k.startswith("mrsyncd_rate_bits_per_second{")]
+            time.sleep(0.05)
         assert during.get('mrsyncd_jobs{state="running"}') == 1, during
-        rates = [v for k, v in during.items() if k.startswith("mrsyncd_rate_bits_per_second{")]
         assert len(rates) == 1 and 0 < rates[0] <= 16e6, rates
         out, err = push.communicate(timeout=60)
         assert push.returncode == 0, f"{out}\n{err}"
