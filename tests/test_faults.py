@@ -269,6 +269,16 @@ def test_destination_subdirectory_made_read_only_mid_job(fleet: tuple[Cluster, A
         with FinalPaths(finals) as watcher:
             job = client.submit(spec(src, "node1,node2", destination, rate=24e6))
             wait_sent(client, job, 2 * MiB)
+            # big.bin's part file is open for writing before the directory is
+            # locked: one opened through the new bind mount would make the
+            # remount fail with EBUSY (a receiver opens a part file when it
+            # writes the file's first chunk).
+            wait_for(
+                lambda: part_files(c.node_dir("node2") / "ro" / "sub"),
+                bool,
+                20,
+                "node2's part file of sub/big.bin",
+            )
             for args in (["mount", "--bind", locked, locked], ["mount", "-o", "remount,bind,ro", locked]):
                 done = nsenter_mount(node2.proc.pid, *args)
                 assert done.returncode == 0, f"{args}: {done.stderr}"
