@@ -118,16 +118,15 @@ def _boolean(value: Any) -> bool:
     return value
 
 
-def _seconds(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-        raise ValueError("must be a positive number of seconds")
-    return float(value)
+def _positive(unit: str) -> Callable[[Any], float]:
+    """A check for a positive number of ``unit``."""
 
+    def check(value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+            raise ValueError(f"must be a positive number of {unit}")
+        return float(value)
 
-def _days(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-        raise ValueError("must be a positive number of days")
-    return float(value)
+    return check
 
 
 def _listen_address(value: Any) -> str:
@@ -190,9 +189,9 @@ _CHECKS: dict[str, dict[str, Callable[[Any], Any]]] = {
         "loopback": _boolean,
         "rate": _rate,
         "block_size": _block_size,
-        "grace": _seconds,
+        "grace": _positive("seconds"),
         "keep_jobs": _positive_int,
-        "keep_days": _days,
+        "keep_days": _positive("days"),
         "metrics": _listen_address,
     },
     "node": {

@@ -580,8 +580,8 @@ class MasterService(service.Service):
 
         def listening(port: Any) -> None:
             self._port = port
-            log.info("master listening on {address}", address=port.getHost())
             host = port.getHost()
+            log.info("master listening on {address}", address=host)
             readiness.notify(ready=True, status=f"listening on {host.host} port {host.port}")
             unfinished = self.jobs.unfinished()
             if unfinished:

@@ -54,14 +54,15 @@ class MasterCollector:
             finished.add_metric([state], totals["jobs", state])
         yield finished
 
-        running = [t for t in runner.running.values() if t is not None]
+        running = {job_id: t for job_id, t in runner.running.items() if t is not None}
         sent = CounterMetricFamily(
             "mrsyncd_sent_bytes",
             "File bytes multicast since the master started, repairs included.",
             labels=["kind"],
         )
         for kind, stat in (("data", "payload"), ("parity", "parity")):
-            sent.add_metric([kind], totals["sent", kind] + sum(t.sender.stats[stat] for t in running))
+            live = sum(t.sender.stats[stat] for t in running.values())
+            sent.add_metric([kind], totals["sent", kind] + live)
         yield sent
         yield CounterMetricFamily(
             "mrsyncd_repaired_bytes",
@@ -72,9 +73,8 @@ class MasterCollector:
         rate = GaugeMetricFamily(
             "mrsyncd_rate_bits_per_second", "The sending rate of each running job.", labels=["job"]
         )
-        for job_id, transfer in runner.running.items():
-            if transfer is not None:
-                rate.add_metric([str(job_id)], transfer.sender.pacer.rate_bps)
+        for job_id, transfer in running.items():
+            rate.add_metric([str(job_id)], transfer.sender.pacer.rate_bps)
         yield rate
 
         nodes = GaugeMetricFamily("mrsyncd_nodes", "Nodes that have registered, by state.", labels=["state"])
