@@ -33,10 +33,25 @@ BACKLOG_TARGET = 0.3
 #: the largest of a sample this size; with 4, its noise cost 1% of scenario
 #: B's rate (8 receivers, 2% loss).
 FEEDBACK_SAMPLE = 8
-#: A queue this much above the monitor's is news, which a receiver always
-#: reports: a quarter of the target, above the noise between receivers that
-#: share one queue.
+#: ... or fewer, down to `FEEDBACK_LEAST`, where that many would cost more
+#: than this share of the rate: a report is about `REPORT_BYTES` on the wire
+#: (TCP, TLS and AMP around 28 bytes), and on a slow link the sample of 8
+#: alone was 0.5% of the data (scenario H: 64 receivers at 20 Mbit/s).
+FEEDBACK_BUDGET = 0.002
+FEEDBACK_LEAST = 2
+REPORT_BYTES = 136
+#: A queue this much above the monitor's is news: a quarter of the target,
+#: above the noise between receivers that share one queue.
 NEWS = TARGET_DELAY / 4
+#: News is reported `NEWS_OVER` times as often as a queue that is no news
+#: (always, with few receivers).  Behind one bottleneck a queue that rises
+#: is news to every receiver at once, and reported by all, each rise cost a
+#: report from every one of them (a third of scenario H's reports) where a
+#: sample tells the same.  A receiver with a bottleneck of its own is still
+#: heard within a few intervals, and every interval once it is the monitor.
+#: Without a monitor nothing is news: a queue rising from nothing is heard
+#: from the sample.
+NEWS_OVER = 2
 #: The queue the rate steers for once it is below `SHARING` of the most it
 #: sent without a queue and other flows show (`RateController.steering`).
 #: With the full target a CUBIC flow arriving after the push kept 30-36
@@ -219,18 +234,18 @@ class Echo:
 def report_due(report: Feedback, echo: Echo, own_id: int | None, draw: float) -> bool:
     """
     Whether a receiver with a queue to report should, after the sender's
-    last `Echo`: always if it is the monitor (the rate follows its reports)
-    or its queue is news (more than `NEWS` above the monitor's: it may be
-    the next monitor, or a receiver with a bottleneck of its own); otherwise
-    when ``draw``, uniform in [0, 1), falls below the echo's share.  The
+    last `Echo`: always if it is the monitor (the rate follows its reports);
+    otherwise when ``draw``, uniform in [0, 1), falls below the echo's
+    share, or `NEWS_OVER` times it if its queue is news (more than `NEWS`
+    above the monitor's: it may be the next monitor, or a receiver with a
+    bottleneck of its own).  The
     queue is taken with the default targets, which are the sender's: a
     `RateController` built with others would have to echo them.
     """
-    return (
-        (own_id is not None and own_id == echo.monitor)
-        or queue(report) > echo.queue + NEWS
-        or draw < echo.share
-    )
+    if echo.monitor and own_id == echo.monitor:
+        return True
+    news = echo.monitor and queue(report) > echo.queue + NEWS
+    return draw < echo.share * (NEWS_OVER if news else 1)
 
 
 class RateController:
@@ -305,7 +320,7 @@ class RateController:
         self.slow: set[str] = set()
         self.active: set[str] = set()
         #: The chance a receiver whose queue is no news reports it (`Echo`):
-        #: `FEEDBACK_SAMPLE` over the receivers with a queue, at most 1.
+        #: the `sample` over the receivers with a queue, at most 1.
         self.share = 1.0
         self._reports: dict[str, tuple[float, Feedback]] = {}
         self._lossy_since: dict[str, float] = {}
@@ -392,6 +407,11 @@ class RateController:
             if not named or node not in self.active:
                 del self._lost[node]
 
+    def sample(self) -> float:
+        """Reports an interval to ask for of receivers with a queue that is no news (`FEEDBACK_BUDGET`)."""
+        affordable = FEEDBACK_BUDGET * self.rate / 8 * self.interval / REPORT_BYTES
+        return max(FEEDBACK_LEAST, min(FEEDBACK_SAMPLE, affordable))
+
     def echo(self) -> Echo:
         """What the receivers are told after an `update`."""
         return Echo(node_id(self.monitor) if self.monitor is not None else 0, self.monitor_queue, self.share)
@@ -407,6 +427,8 @@ class RateController:
     def set_active(self, nodes: set[str]) -> None:
         """The receivers still missing something; only they count."""
         self.active = set(nodes)
+        if not self._reports and nodes:  # the share an echo asks for before any is heard
+            self.share = min(1.0, self.sample() / len(nodes))
 
     def _recent(self, now: float) -> dict[str, Feedback]:
         return {
@@ -471,16 +493,26 @@ class RateController:
     ) -> list[float]:
         """
         The queues of ``nodes`` (`queue`, or the one given), for a median:
-        those reported, and 0 for each silent one that has no queue.  Under
-        the echo a receiver with a queue reports it a share of the time, so
-        of the silent ones only as many count as 0 as the reports heard,
-        over the chance of hearing one in the two intervals that `recent`
-        holds, leave over.
+        one for each that has a queue, and 0 for each silent one that has
+        none.  Under the echo a receiver with a queue reports it a share of
+        the time, so the reports heard stand for as many receivers with a
+        queue as there are over the chance of hearing one in the two
+        intervals that `recent` holds.  That count comes from every report
+        heard, less those from outside ``nodes``, and the queues heard from
+        ``nodes`` stand for the rest of theirs (those heard from anyone, if
+        none is): when ``nodes`` are the receivers not in trouble, the ones
+        heard may all be in trouble, and a silent one is then no sign of a
+        short queue.
         """
         queue = queue or self.queue
+        heard = [n for n in recent if n in self.active]
         queues = [queue(recent[n]) for n in nodes if n in recent]
-        queued = min(len(nodes), round(len(queues) / self._reach(2)))
-        return queues + [0.0] * (len(nodes) - queued) or [0.0]
+        outside = len(heard) - len(queues)
+        queued = min(len(nodes), max(len(queues), round(len(heard) / self._reach(2)) - outside))
+        sample = queues or [queue(recent[n]) for n in heard]
+        if not sample:
+            return [0.0]
+        return [sample[i % len(sample)] for i in range(queued)] + [0.0] * (len(nodes) - queued) or [0.0]
 
     def _reach(self, intervals: int) -> float:
         """The chance of hearing, in ``intervals``, a receiver that reports a `share` of them."""
@@ -505,7 +537,10 @@ class RateController:
         # Receivers with a queue: those heard from in slow_after, over the
         # chance that one of them was.
         reach = self._reach(round(self.slow_after / self.interval))
-        self.share = min(1.0, FEEDBACK_SAMPLE * reach / heard) if heard else 1.0
+        # Before any is heard, the sample over all (a queue rising from
+        # nothing is then news to every receiver: see `NEWS_OVER`).
+        ask = min(heard / reach, len(self.active)) if heard else len(self.active)
+        self.share = min(1.0, self.sample() / ask) if ask else 1.0
         # The queue a report shows is an interval old by the time the rate
         # it leads to takes effect: steer by where the queue is heading (its
         # last change carried on), so that a queue already draining is not

@@ -75,11 +75,22 @@ ECHO_STALE = 3 * FEEDBACK_INTERVAL
 #: Parities kept for groups that lack more blocks than parities arrived
 #: (about 6 MB of them at most).
 KEPT_PARITIES = 4096
-#: The longest a missing report waits to settle (`Receiver.settled`): the
-#: fixed pause a sender used to make after each pass.
-SETTLE_LIMIT = 0.05
+#: The longest a missing report waits for the datagrams on their way
+#: (`Receiver.settled`).  Only lost datagrams at a pass's end and the echo
+#: after them make it wait this long: an echo goes out every
+#: `meter.FEEDBACK_INTERVAL`, and once one is read all before it are in or
+#: lost.  It was 0.05 s, the fixed pause a sender used to make after each
+#: pass, and receivers short of CPU answered before reading what was in
+#: their sockets, which cost a pass and a round of asking every receiver.
+SETTLE_LIMIT = 0.25
 #: How often a report waiting to settle looks again.
 SETTLE_POLL = 0.002
+#: The longest a missing report that would ask for nothing waits for the
+#: chunks being verified and the files being committed, to say ``done``:
+#: the sender asks again once it answers, and a report that came while the
+#: last chunks were verified cost a round of asking every receiver (five
+#: such rounds ended scenario H, 64 receivers short of CPU).
+SETTLE_VERIFYING = 1.0
 
 
 @dataclass(frozen=True)
@@ -716,7 +727,9 @@ class Receiver:
 
     # Feedback.
 
-    def settled(self, through: int | None, limit: float = SETTLE_LIMIT) -> defer.Deferred:
+    def settled(
+        self, through: int | None, limit: float = SETTLE_LIMIT, verifying: float = SETTLE_VERIFYING
+    ) -> defer.Deferred:
         """
         Fires once a missing report would say what was lost, not what is
         on its way: once every datagram sent before sequence number
@@ -726,19 +739,23 @@ class Receiver:
         ``done``.  A sender asks this right after a pass instead of pausing
         for the datagrams still queued on the way and in our socket, so a
         repair round costs a round trip, not a guess.  After ``limit``
-        seconds it fires anyway: the pass's last datagrams may all be lost.
-        Without ``through`` (a probe during a pass, which counts only what
-        was sent well before, or a poll) it fires at once, as it does once
-        the receiver is done or closing.
+        seconds it fires anyway (the pass's last datagrams may all be
+        lost), and so it does once all is read and something is wanted
+        (a repair round need not wait for verifying); with all read and
+        nothing wanted, after ``verifying``.  Without ``through`` (a probe
+        during a pass, which counts only what was sent well before) it fires
+        at once, as it does once the receiver is done or closing.
         """
-        if through is None or self._settled(through):
+        if through is None or self._settled(through, False):
             return defer.succeed(None)
-        deadline = self.reactor.seconds() + limit
+        now = self.reactor.seconds()
+        deadline, verified_by = now + limit, now + verifying
         settled: defer.Deferred = defer.Deferred()
 
         def look() -> None:
             del self._settling[settled]
-            if self._settled(through) or self.reactor.seconds() >= deadline:
+            now = self.reactor.seconds()
+            if self._settled(through, now >= deadline) or now >= verified_by:
                 settled.callback(None)
             else:
                 self._settling[settled] = self.reactor.callLater(SETTLE_POLL, look)
@@ -746,12 +763,18 @@ class Receiver:
         self._settling[settled] = self.reactor.callLater(SETTLE_POLL, look)
         return settled
 
-    def _settled(self, through: int) -> bool:
+    def _settled(self, through: int, late: bool) -> bool:
+        """Whether to answer now; ``late``: past the wait for datagrams on the way."""
         if self.done or self._closing:
             return True
         if not self.meter.heard_through(through):
-            return False
-        return not self._threads and self._verify.tokens == self._verify.limit
+            return late
+        if not self._threads and self._verify.tokens == self._verify.limit:
+            return True
+        return late and self._wants_something()
+
+    def _wants_something(self) -> bool:
+        return any(f.result is None and f.ledger.wanted(1) for f in self._files.values())
 
     def missing(self, abandoned: Mapping[int, str] = {}) -> MissingReport:
         """

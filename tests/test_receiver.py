@@ -24,6 +24,7 @@ from mrsyncd import datagram, erasure, storage
 from mrsyncd import receiver as receiver_module
 from mrsyncd.blockset import RangeSet, decode_map
 from mrsyncd.manifest import DIR, Manifest, scan
+from mrsyncd.manifest import digest as manifest_digest
 from mrsyncd.multicast import sender_socket
 from mrsyncd.ratecontrol import Echo, node_id
 from mrsyncd.receiver import OK, Receiver
@@ -486,6 +487,37 @@ class DirectReceiverTests(unittest.TestCase):
         self.assertEqual(set(decode_map(r.missing().missing)[0]), {34, 36, 37, 38, 39})
 
     @defer.inlineCallbacks
+    def test_a_report_with_nothing_to_ask_for_waits_for_verifying(self):
+        """
+        Every datagram read and the last chunks still being digested: the
+        report waits to say ``done`` rather than send the sender asking
+        again; once it waits past ``verifying``, it goes, not yet done.
+        """
+        slow = threading.Event()
+
+        def digest_slowly(held):
+            slow.wait(5)
+            return manifest_digest(held)
+
+        self.patch(receiver_module, "digest", digest_slowly)
+        data = self.rng.randbytes(4000)
+        r = yield self.receiving(data)
+        blocks = -(-len(data) // self.manifest.block_size)
+        self.numbered(r, range(blocks), data, 0)
+        early = r.settled(blocks, limit=0.01, verifying=0.1)
+        yield task.deferLater(reactor, 0.05, lambda: None)
+        self.assertFalse(early.called)
+        yield wait_until(lambda: early.called)
+        self.assertFalse(r.missing().done)
+        self.assertEqual(decode_map(r.missing().missing), {})
+        settled = r.settled(blocks, limit=0.01, verifying=60)
+        yield task.deferLater(reactor, 0.2, lambda: None)
+        self.assertFalse(settled.called)
+        slow.set()
+        yield wait_until(lambda: settled.called)
+        self.assertTrue(r.missing().done)
+
+    @defer.inlineCallbacks
     def test_a_report_waits_across_the_wrap_of_sequence_numbers(self):
         """Datagrams carry sequence numbers mod 2**32; the master's count goes on past it."""
         data = self.rng.randbytes(4000)
@@ -937,14 +969,17 @@ class FeedbackTests(unittest.TestCase):
         self.assertTrue(0.02 < self.reports[0].delay < 0.04, self.reports)
 
     @defer.inlineCallbacks
-    def test_the_monitor_and_news_are_reported_whatever_the_share(self):
-        yield self.start(rcvbuf=4 << 20, name="node1")
+    def test_the_monitor_reports_whatever_the_share_and_news_at_twice_it(self):
+        r = yield self.start(rcvbuf=4 << 20, name="node1")
+        r.random.random = lambda: 0.7  # every draw: above a share of 0.5, below twice it
         self.send(range(16))
         yield task.deferLater(reactor, 0.15, lambda: None)
         yield self.queued(0.4, echo=Echo(node_id("node1"), 0.03, 0.0))
         named = len(self.reports)
         self.assertGreater(named, 0)
-        yield self.queued(0.4, echo=Echo(node_id("node2"), 0.01, 0.0))
+        yield self.queued(0.4, echo=Echo(node_id("node2"), 0.03, 0.5))
+        self.assertEqual(len(self.reports), named, "30 ms against an echoed 30 ms is no news")
+        yield self.queued(0.4, echo=Echo(node_id("node2"), 0.01, 0.5))
         self.assertGreater(len(self.reports), named, "30 ms against an echoed 10 ms is news")
 
     @defer.inlineCallbacks

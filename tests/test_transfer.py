@@ -519,13 +519,13 @@ class ProbeTimingTests(unittest.TestCase):
     timeout = 60
 
     @defer.inlineCallbacks
-    def probed_pass(self, lost_at_first_probe=0):
+    def probed_pass(self, lost_at_first_probe=0, lost_at_probe=1):
         """
         A pass of 1420 datagrams at 8.5 Mbit/s (about 2 s) to one node,
-        probed every second; the node's first probe answer may claim the
-        first ``lost_at_first_probe`` blocks lost, which are then repaired
-        within the pass.  Fires with the report, the times of the probes
-        and the time the transfer ended (its Results call).
+        probed every second; the node's answer to probe ``lost_at_probe``
+        may claim the first ``lost_at_first_probe`` blocks lost, which are
+        then repaired within the pass.  Fires with the report, the times of
+        the probes and the time the transfer ended (its Results call).
         """
         base, _, manifest, local = one_file(self, os.urandom(2_000_000))
         [peer] = make_peers(self, reactor, [os.path.join(base, "dst")])
@@ -535,7 +535,7 @@ class ProbeTimingTests(unittest.TestCase):
         def recording(transfer_id, abandoned, through=None):
             calls.append((reactor.seconds(), through))
             d = missing(transfer_id, abandoned, through)
-            if len(calls) == 1 and lost_at_first_probe:
+            if len(calls) == lost_at_probe and lost_at_first_probe:
                 lost = encode_map({0: RangeSet.interval(0, lost_at_first_probe)})[0]
                 d.addCallback(lambda report: MissingReport(lost, True, False, report.stats))
             return d
@@ -577,6 +577,18 @@ class ProbeTimingTests(unittest.TestCase):
         report, probes, ended = yield self.probed_pass(lost_at_first_probe=400)
         self.assertEqual(report.sender_stats["datagrams"] - report.peers["node0"].stats["blocks"], 400)
         self.assertLess(ended - probes[-1], 0.5, (probes, ended))
+
+
+    @defer.inlineCallbacks
+    def test_the_repairs_the_last_probe_finds_are_not_probed_again(self):
+        """
+        400 repairs (0.55 s) found by the last probe go out with the pass's
+        end, and the question after the pass finds what they lost: no third
+        probe, which would cost an answer from every receiver.
+        """
+        report, probes, ended = yield self.probed_pass(lost_at_first_probe=400, lost_at_probe=2)
+        self.assertEqual(report.sender_stats["datagrams"] - report.peers["node0"].stats["blocks"], 400)
+        self.assertEqual(len(probes), 2, probes)
 
 
 class ProbeIntervalTests(unittest.TestCase):
