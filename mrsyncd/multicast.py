@@ -73,6 +73,17 @@ class Channel:
     def address(self) -> tuple[str, int]:
         return (self.group, self.port)
 
+    @property
+    def frame_overhead(self) -> int:
+        """
+        Bytes a datagram takes on the link beyond its UDP payload: the UDP
+        and IP headers and the Ethernet header, which queues (and a
+        switch's buffers) count.  A rate is a rate on the wire: paced by
+        the payload alone, a 1452-byte datagram took 2.9% more of the link
+        than the rate said.
+        """
+        return 8 + (40 if self.family == socket.AF_INET6 else 20) + 14
+
 
 def interface_index(spec: str, family: socket.AddressFamily) -> int:
     """Resolve an interface name or address to its index (0: the kernel's choice)."""

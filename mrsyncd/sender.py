@@ -81,7 +81,9 @@ class Sender(DatagramProtocol):
         self.local_paths = local_paths
         self.channel = channel
         self._cipher = datagram.DatagramCipher(transfer_id, key, cipher)
+        #: The pacer counts what each datagram takes of the link.
         self.pacer = Pacer(reactor, rate_bps)
+        self._frame = channel.frame_overhead
         #: Called when the local send queue overflows (ENOBUFS, EAGAIN).
         self.on_blocked: Callable[[], None] | None = None
         self.sequence = 0
@@ -286,7 +288,7 @@ class Sender(DatagramProtocol):
                 reading = True  # a chunk is being read; _loaded() resumes the pass
                 break
             size = len(payload) + datagram.OVERHEAD
-            if size > allowance:
+            if size + self._frame > allowance:
                 break
             if batch and (size != len(batch[0]) or len(batch) >= segments):
                 sent = self._send(batch)
@@ -298,8 +300,8 @@ class Sender(DatagramProtocol):
             packet = self._cipher.encode(file_index, block, payload, self.sequence, sent_us, kind)
             batch.append(packet)
             self.sequence += 1
-            allowance -= len(packet)
-            self.pacer.spend(len(packet))
+            allowance -= len(packet) + self._frame
+            self.pacer.spend(len(packet) + self._frame)
             self.stats["datagrams"] += 1
             self.stats["bytes"] += len(packet)
             self.stats["payload" if kind == datagram.KIND_DATA else "parity"] += len(payload)
@@ -349,7 +351,7 @@ class Sender(DatagramProtocol):
             if self.stats["echo_errors"] == 1:
                 log.info("an echo was not sent ({why}); the next one may be", why=e.strerror)
             return
-        self.pacer.spend(len(packet))
+        self.pacer.spend(len(packet) + self._frame)
         self.stats["echoes"] += 1
 
     def _send(self, batch: list[bytes]) -> bool:

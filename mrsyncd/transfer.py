@@ -433,7 +433,9 @@ class Transfer:
         more than ``last_probe`` + ``drain`` left (a repair pass, mostly) is
         not probed: a probe would see nothing of it.
         """
-        datagram_bits = (self.offer.manifest.block_size + datagram.OVERHEAD) * 8
+        datagram_bits = (
+            self.offer.manifest.block_size + datagram.OVERHEAD + self.sender.channel.frame_overhead
+        ) * 8
         sending = self.sender.send(blocks, parities)
         since, sent_since = self.reactor.seconds(), self.sender.stats["datagrams"]
         while not sending.called:

@@ -20,7 +20,7 @@ from mrsyncd import transfer as transfer_module
 from mrsyncd.agent import LocalPeer, ReceiverAgent
 from mrsyncd.blockset import RangeSet, encode_map
 from mrsyncd.manifest import scan
-from mrsyncd.multicast import adopt, receiver_socket
+from mrsyncd.multicast import Channel, adopt, receiver_socket
 from mrsyncd.ratecontrol import Echo
 from mrsyncd.receiver import OK, MissingReport, Receiver, TransferOptions
 from mrsyncd.sender import Sender
@@ -685,6 +685,33 @@ class RepairSpreadTests(unittest.TestCase):
         yield sender.send({0: RangeSet.interval(0, 15)})
         sender.repair({0: RangeSet.interval(0, 10)}, {}, within=100)
         self.assertEqual(sender.repairs_pending, 0)
+
+
+class WireRateTests(unittest.TestCase):
+    timeout = 30
+
+    def test_a_datagram_takes_its_headers_of_the_link(self):
+        self.assertEqual(unique_channel().frame_overhead, 8 + 20 + 14)
+        self.assertEqual(Channel("ff02::1:2", 7000).frame_overhead, 8 + 40 + 14)
+
+    @defer.inlineCallbacks
+    def test_the_rate_is_a_rate_on_the_wire(self):
+        """
+        300 datagrams at 4 Mbit/s, each 1494 bytes on an Ethernet link: a
+        pass takes at least their frames' time less the pacer's burst (9000
+        bytes), 0.878 s; paced by UDP payloads, it took 0.871 s.
+        """
+        _, _, manifest, local = one_file(self, os.urandom(300 * 1408))
+        channel = unique_channel()
+        sender = Sender(reactor, manifest, local, channel, os.urandom(8), os.urandom(32), 4e6)
+        sender.start()
+        self.addCleanup(sender.stop)
+        started = reactor.seconds()
+        yield sender.send({0: RangeSet.interval(0, 300)})
+        elapsed = reactor.seconds() - started
+        frame = 1408 + datagram.OVERHEAD + channel.frame_overhead
+        self.assertEqual(frame, 1494)
+        self.assertGreaterEqual(elapsed, (300 * frame - 9000) * 8 / 4e6)
 
 
 class EchoTests(unittest.TestCase):
