@@ -289,7 +289,7 @@ class MrsyncEngine(Runner):
     description = "mrsync-engine send/receive: the data plane alone, without the daemons"
     DATA_PORT = 7717
     CONTROL_PORT = 7718
-    #: The pacer counts datagram bytes (payload, header and tag); asked of the code under test.
+    #: A data datagram's UDP payload (block, header and tag), asked of the code under test.
     DATAGRAM = 1452
 
     def command(self) -> list[str]:
