@@ -338,6 +338,10 @@ class Receiver:
         newest = self.meter.seq_max
         if batch.got:
             now = self.reactor.seconds()
+            port = self._port
+            socket_view = receive_queue(port.socket) if port is not None else None
+            if socket_view is not None:
+                self.meter.overflowed(socket_view[1])
             self.meter.count(batch.got, batch.seq_max, batch.owd_sum, batch.owd_min, batch.owd_count, now)
         size = self._manifest.block_size
         meter = self.meter

@@ -120,3 +120,33 @@ def test_loss_events_feed_the_reading():
         sequence += 100
         meter.count(99, sequence, 0, 0, 0, now=i * 0.05)
     assert meter.reading(None).events == pytest.approx(1 / 100)
+
+
+def test_what_our_own_socket_dropped_is_no_loss_event_and_named_not():
+    """
+    A reader short of CPU: the socket dropped the datagrams of a gap.  It
+    shows as a full backlog, not as a loss event nor as named losses, from
+    which the sender would take it for a congested path.  A gap beyond
+    what the socket dropped is the network's, as before.
+    """
+    m = LOST_MARK
+    meter = DelayLossMeter()
+    meter.overflowed(0)
+    meter.count(1, 0, 0, 0, 0, now=0.0)
+    meter.arrived(0, 0)
+    for i in range(1, 10):  # 3 m datagrams a batch, a gap of m after each: all dropped here
+        meter.overflowed(i * m)
+        meter.count(2 * m, i * 3 * m, 0, 0, 0, now=i * 0.05)
+        meter.arrived((i - 1) * 3 * m + m + 1, i * 3 * m)
+    reading = meter.reading((0.5, 9 * m))
+    assert reading.events == 0.0
+    assert reading.lost == ()
+    assert reading.backlog == 1.0
+    assert reading.loss > 0.3, "still loss to the receiver, which may be the slow one"
+    # Now a gap of m, of which the socket dropped only half: the rest is the network's.
+    meter.overflowed(9 * m + m // 2)
+    meter.count(2 * m, 30 * m, 0, 0, 0, now=0.6)
+    meter.arrived(28 * m + 1, 30 * m)
+    for i in range(11, 20):
+        meter.count(3 * m - 1, i * 3 * m, 0, 0, 0, now=i * 0.05)
+    assert meter.reading((0.0, 9 * m + m // 2)).events > 0
