@@ -242,9 +242,9 @@ def report_due(report: Feedback, echo: Echo, own_id: int | None, draw: float) ->
     otherwise when ``draw``, uniform in [0, 1), falls below the echo's
     share, or `NEWS_OVER` times it if its queue is news (more than `NEWS`
     above the monitor's: it may be the next monitor, or a receiver with a
-    bottleneck of its own).  The
-    queue is taken with the default targets, which are the sender's: a
-    `RateController` built with others would have to echo them.
+    bottleneck of its own).  The queue is taken with the default targets,
+    which are the sender's: a `RateController` built with others would
+    have to echo them.
     """
     if echo.monitor and own_id == echo.monitor:
         return True

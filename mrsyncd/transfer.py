@@ -396,8 +396,9 @@ class Transfer:
                     if self._stopped:
                         break
                 # Each receiver answers once the pass is in (no pause here),
-                # and with nothing to ask for, once it has verified what it
-                # holds, or a while: asked again at once, not polled.
+                # and wanting nothing, once it has verified what it holds
+                # (`receiver.SETTLE_VERIFYING`), rather than being asked
+                # again every `poll` while it verifies.
                 blocks, parities = yield self._ask_missing(through=self.sender.sequence)
                 if not blocks and not parities and set(self.live) <= self._done:
                     break
