@@ -277,7 +277,7 @@ class Receiver:
         self._port = intake.IntakePort(self.reactor, sock, self._cipher, manifest.block_size, self.received)
         self._port.startReading()
         self._feedback.start(FEEDBACK_INTERVAL, now=False)
-        d = self._in_thread(storage.survey, self._root_fd, manifest, transfer_id)
+        d = self._in_thread(storage.survey, self._root_fd, manifest, transfer_id, False, self._owner())
         d.addCallback(self._surveyed)
         return d
 
@@ -316,6 +316,9 @@ class Receiver:
             need = RangeSet((c, c + 1) for c, state in enumerate(held.status) if state != DONE)
             if need:
                 needs[index] = need
+            elif held.in_place:
+                f.ledger.close()
+                f.result = self.results[entry.path] = OK
             else:
                 self._commit(f)
         self.needed_bytes = _bytes_of(self._manifest, needs)

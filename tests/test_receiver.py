@@ -96,6 +96,33 @@ class DirectReceiverTests(unittest.TestCase):
         deliver(r, *(seal(key, tid, index, b, data[b * bs : (b + 1) * bs]) for b in blocks))
 
     @defer.inlineCallbacks
+    def test_a_file_already_in_place_is_left_alone(self):
+        """
+        Same size, mtime and mode at the final path: nothing is needed and
+        nothing is written, not even its metadata (its ctime stays); one
+        whose mode differs only has its mode set.
+        """
+        os.mkdir(self.dst)
+        for name, mode in (("same", 0o640), ("other", 0o600)):
+            write_file(os.path.join(self.src, name), b"x" * 500)
+            os.chmod(os.path.join(self.src, name), 0o640)
+            shutil.copy2(os.path.join(self.src, name), os.path.join(self.dst, name))
+            os.chmod(os.path.join(self.dst, name), mode)
+        manifest, _ = scan([self.src + "/"], block_size=100, chunk_size=1000)
+        before = {n: os.stat(os.path.join(self.dst, n)) for n in ("same", "other")}
+        time.sleep(0.01)  # a metadata write would move the ctime
+        r, d = self.start(manifest)
+        needs = yield d
+        self.assertEqual(needs, {})
+        yield wait_until(lambda: r.done)
+        self.assertEqual(r.results, {"same": OK, "other": OK})
+        self.assertEqual(r.changed, [])
+        after = {n: os.stat(os.path.join(self.dst, n)) for n in ("same", "other")}
+        self.assertEqual(after["same"].st_ctime_ns, before["same"].st_ctime_ns)
+        self.assertEqual(stat.S_IMODE(after["other"].st_mode), 0o640)
+        self.assertNotEqual(after["other"].st_ctime_ns, before["other"].st_ctime_ns)
+
+    @defer.inlineCallbacks
     def test_blocks_in_reports_out_commit(self):
         data = self.rng.randbytes(10_000)
         write_file(os.path.join(self.src, "f"), data)
