@@ -416,6 +416,10 @@ class RateController:
         affordable = FEEDBACK_BUDGET * self.rate / 8 * self.interval / REPORT_BYTES
         return max(FEEDBACK_LEAST, min(FEEDBACK_SAMPLE, affordable))
 
+    def _share_over(self, receivers: float) -> float:
+        """The share that asks the `sample` of this many receivers with a queue (1 for none)."""
+        return min(1.0, self.sample() / receivers) if receivers else 1.0
+
     def echo(self) -> Echo:
         """What the receivers are told after an `update`."""
         return Echo(node_id(self.monitor) if self.monitor is not None else 0, self.monitor_queue, self.share)
@@ -432,7 +436,7 @@ class RateController:
         """The receivers still missing something; only they count."""
         self.active = set(nodes)
         if not self._reports and nodes:  # the share an echo asks for before any is heard
-            self.share = min(1.0, self.sample() / len(nodes))
+            self.share = self._share_over(len(nodes))
 
     def _recent(self, now: float) -> dict[str, Feedback]:
         return {
@@ -543,8 +547,7 @@ class RateController:
         reach = self._reach(round(self.slow_after / self.interval))
         # Before any is heard, the sample over all (a queue rising from
         # nothing is then news to every receiver: see `NEWS_OVER`).
-        ask = min(heard / reach, len(self.active)) if heard else len(self.active)
-        self.share = min(1.0, self.sample() / ask) if ask else 1.0
+        self.share = self._share_over(min(heard / reach, len(self.active)) if heard else len(self.active))
         # The queue a report shows is an interval old by the time the rate
         # it leads to takes effect: steer by where the queue is heading (its
         # last change carried on), so that a queue already draining is not

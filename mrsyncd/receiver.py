@@ -33,7 +33,7 @@ from twisted.python.failure import Failure
 from mrsyncd import datagram, erasure, fsutil, intake, logs, storage
 from mrsyncd.blockset import RangeSet, encode_map
 from mrsyncd.datagram import KIND_DATA, KIND_ECHO, KIND_PARITY
-from mrsyncd.ledger import DONE, BlockLedger
+from mrsyncd.ledger import DONE, NEEDED, BlockLedger
 from mrsyncd.manifest import DIR, HARDLINK, SYMLINK, Entry, Manifest, digest
 from mrsyncd.meter import FEEDBACK_INTERVAL, DelayLossMeter
 from mrsyncd.multicast import DEFAULT_RCVBUF, Channel, receive_queue, receiver_socket
@@ -781,7 +781,8 @@ class Receiver:
         return late and self._wants_something()
 
     def _wants_something(self) -> bool:
-        return any(f.result is None and f.ledger.wanted(1) for f in self._files.values())
+        """Some chunk's blocks are still wanted (what `missing` would ask for), asked every `SETTLE_POLL`."""
+        return any(f.result is None and NEEDED in f.ledger.status for f in self._files.values())
 
     def missing(self, abandoned: Mapping[int, str] = {}) -> MissingReport:
         """
