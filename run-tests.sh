@@ -41,11 +41,11 @@ fi
     'twisted[tls]' pyopenssl cryptography service_identity systemd-python prometheus_client hypothesis pytest ruff mypy mypy-zope
 
 export PYTHONPATH=$PWD
-echo "== the data path's C module"
+echo "== the data path's C modules"
 # In place, for both runs below (the virtualenv is made from /usr/bin/python3,
 # so one build serves both); a failed build fails the run.
 MRSYNCD_REQUIRE_NATIVE=1 /usr/bin/python3 setup.py -q build_ext --inplace
-/usr/bin/python3 -c 'from mrsyncd import datagram; assert datagram.native(), "the C module did not load"'
+/usr/bin/python3 -c 'from mrsyncd import datagram, erasure; assert datagram.native() and erasure.native(), "a C module did not load"'
 echo "== ruff and mypy"
 "$venv/bin/ruff" check mrsyncd tests
 "$venv/bin/ruff" format --check mrsyncd
@@ -62,5 +62,5 @@ if (($# == 0)); then
     # contract (tests/test_datagram.py runs both paths side by side anyway).
     echo "== pure-Python data path (MRSYNCD_PURE_PYTHON=1)"
     MRSYNCD_PURE_PYTHON=1 /usr/bin/python3 -m pytest -p no:cacheprovider -q \
-        tests/test_receiver.py tests/test_transfer.py tests/test_intake.py
+        tests/test_receiver.py tests/test_transfer.py tests/test_intake.py tests/test_erasure.py
 fi

@@ -41,6 +41,8 @@ PATH_MAX = 4096
 #: the manifest rather than failing every chunk.
 FORMAT = 2
 MAX_BLOCKS = (1 << 32) - 1
+#: The group of a manifest that does not say (`erasure.preferred_group` is
+#: what a new one asks for).
 DEFAULT_PARITY_GROUP = 32
 #: Threads that digest one large file's chunks at once.
 DIGEST_THREADS = min(8, len(os.sched_getaffinity(0)))
@@ -293,7 +295,7 @@ def scan(
     Blocking: it reads and digests every file, so callers on the reactor run
     it with ``deferToThread``.
     """
-    manifest = Manifest([], block_size, chunk_size)
+    manifest = Manifest([], block_size, chunk_size, parity_group=erasure.preferred_group())
     local_paths: dict[int, str] = {}
     first_path_of_inode: dict[tuple[int, int], str] = {}
     seen: set[str] = set()

@@ -307,8 +307,10 @@ def test_package_contents_and_lintian(built: dict[str, Path]) -> None:
         assert wanted in paths, f"{wanted} not in the package:\n{listing}"
     for unwanted in NOT_OURS:
         assert unwanted not in paths, f"the package ships {unwanted}, which belongs to python3-twisted"
-    native = [p for p in paths if re.fullmatch(r"/usr/lib/python3/dist-packages/mrsyncd/_crypto\..*\.so", p)]
-    assert native, f"the data path's C module is not in the package:\n{listing}"
+    for module in ("_crypto", "_erasure"):
+        pattern = rf"/usr/lib/python3/dist-packages/mrsyncd/{module}\..*\.so"
+        native = [p for p in paths if re.fullmatch(pattern, p)]
+        assert native, f"the data path's C module {module} is not in the package:\n{listing}"
     fields = run(["dpkg-deb", "-f", str(built["deb"]), "Package", "Architecture", "Depends"]).stdout
     assert "Package: mrsyncd" in fields and f"Architecture: {architecture()}" in fields, fields
     for dependency in (
