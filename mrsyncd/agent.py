@@ -100,12 +100,14 @@ class ReceiverAgent:
         roots: Sequence[str] = (),
         rcvbuf: int = DEFAULT_RCVBUF,
         post_receive: Sequence[str] = (),
+        allow_setid: bool = False,
     ) -> None:
         """
         ``interface`` overrides the one in an offer: which of its interfaces
         a host receives on is the host's business.  ``destination_root``,
         when set, makes every offer's destination relative to it.  When
         ``roots`` are given, a destination must lie beneath one of them.
+        ``allow_setid`` is the host's too: no offer can ask for set-id bits.
         """
         self.reactor = reactor
         self.interface = interface
@@ -113,6 +115,7 @@ class ReceiverAgent:
         self.roots = [os.path.realpath(root) for root in roots]
         self.rcvbuf = rcvbuf
         self.post_receive = list(post_receive)
+        self.allow_setid = allow_setid
         #: Where this host's loss and delay reports go (its control connection).
         self.on_feedback: Callable[[bytes, Feedback], None] | None = None
         #: This host's name at its sender, set with ``on_feedback``: the
@@ -173,7 +176,13 @@ class ReceiverAgent:
             )
         destination = self.destination(offer.destination)
         receiver = Receiver(
-            self.reactor, destination, channel, options=offer.options, rcvbuf=self.rcvbuf, name=self.name
+            self.reactor,
+            destination,
+            channel,
+            options=offer.options,
+            rcvbuf=self.rcvbuf,
+            name=self.name,
+            allow_setid=self.allow_setid,
         )
         self.receivers[offer.transfer_id] = receiver
         receiver.on_feedback = functools.partial(self._feedback, offer.transfer_id)

@@ -73,6 +73,11 @@ class NodeConfig:
     #: paths in the environment (never sent by the job itself).
     post_receive: tuple[str, ...] = ()
     rcvbuf: int = 4 << 20
+    #: Keep a file's set-user-ID and set-group-ID bits when a job sets
+    #: owners (--preserve-owner, as root).  Off, they are cleared on arrival:
+    #: a user's own set-user-ID file would otherwise arrive root's and
+    #: set-user-ID on every node.
+    allow_setid: bool = False
     #: The node's own certificate and key, when the host also runs a master
     #: and [tls] holds the master's (default: those of [tls]).
     certificate: str = ""
@@ -202,6 +207,7 @@ _CHECKS: dict[str, dict[str, Callable[[Any], Any]]] = {
         "tags": _strings,
         "post_receive": _strings,
         "rcvbuf": _positive_int,
+        "allow_setid": _boolean,
         "certificate": _string,
         "key": _string,
     },

@@ -90,6 +90,7 @@ class ReceiveOptions(ChannelOptions):
         ["root", None, "/", "Directory that destinations are relative to."],
         ["wait", None, 60.0, "Seconds to keep trying to reach the sender.", float],
     ]
+    optFlags = [["allow-setid", None, "Keep set-id bits where owners are set (the node's allow_setid)."]]
 
     def postOptions(self) -> None:
         if not self["connect"] or not self["name"]:
@@ -155,7 +156,12 @@ def send(reactor: Any, options: SendOptions) -> Any:
 
 @defer.inlineCallbacks
 def receive(reactor: Any, options: ReceiveOptions) -> Any:
-    agent = ReceiverAgent(reactor, interface=options["interface"], destination_root=options["root"])
+    agent = ReceiverAgent(
+        reactor,
+        interface=options["interface"],
+        destination_root=options["root"],
+        allow_setid=bool(options["allow-setid"]),
+    )
     lost: defer.Deferred = defer.Deferred()
 
     class Control(ReceiverControl):

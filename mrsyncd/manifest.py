@@ -41,6 +41,9 @@ PATH_MAX = 4096
 #: the manifest rather than failing every chunk.
 FORMAT = 2
 MAX_BLOCKS = (1 << 32) - 1
+#: Names a node keeps for its part files (`storage.part_name`): no manifest
+#: may name one, so that no job can write, replace or link over another's.
+RESERVED_PREFIX = ".mrsync-"
 #: The group of a manifest that does not say (`erasure.preferred_group` is
 #: what a new one asks for).
 DEFAULT_PARITY_GROUP = 32
@@ -270,6 +273,8 @@ def check_path(path: str) -> None:
     for part in path.split("/"):
         if part in ("", ".", ".."):
             raise ManifestError(f"path {path!r} is not normalised or leaves the destination")
+        if part.startswith(RESERVED_PREFIX):
+            raise ManifestError(f"path {path!r}: names beginning {RESERVED_PREFIX} are kept for part files")
         if len(part.encode("utf-8", "surrogateescape")) > NAME_MAX:
             raise ManifestError(f"path {path!r} has a name longer than {NAME_MAX} bytes")
 

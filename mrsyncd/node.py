@@ -63,6 +63,7 @@ class NodeService(service.MultiService):
             roots=config.roots,
             rcvbuf=config.rcvbuf,
             post_receive=config.post_receive,
+            allow_setid=config.allow_setid,
         )
         factory = Factory.forProtocol(self._protocol)
         factory.noisy = False

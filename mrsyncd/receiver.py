@@ -179,10 +179,13 @@ class Receiver:
         rcvbuf: int = DEFAULT_RCVBUF,
         on_done: Callable[[Receiver], None] | None = None,
         name: str | None = None,
+        allow_setid: bool = False,
     ) -> None:
         """
         ``name`` is this host's name at the sender, by which the sender's
         echo tells it that it is the monitor (see `ratecontrol.report_due`).
+        ``allow_setid`` (the node's ``allow_setid``): files keep their
+        set-id bits when the transfer also sets owners; else they lose them.
         """
         self.reactor = reactor
         self.destination = destination
@@ -193,6 +196,7 @@ class Receiver:
         #: Bytes of file data this host needs, known once it is prepared.
         self.needed_bytes = 0
         self.rcvbuf = rcvbuf
+        self.allow_setid = allow_setid
         self.on_done = on_done
         self.stats: Counter[str] = Counter()
         self.results: dict[str, str] = {}
@@ -261,6 +265,8 @@ class Receiver:
         host needs: ``{file index: RangeSet of chunk numbers}``.  ``key``
         is the datagram key of the sender's run.
         """
+        if not (self.allow_setid and self._owner()):
+            manifest = storage.without_setid(manifest)
         self._transfer_id, self._manifest = transfer_id, manifest
         self._cipher = datagram.DatagramCipher(transfer_id, key, cipher)
         if self.options.dry_run:
@@ -570,7 +576,7 @@ class Receiver:
         if fd is not None:
             self._open.move_to_end(f.index)
             return fd
-        fd = storage.open_part(self._root_fd, f.entry, f.part)
+        fd = storage.open_part(self._root_fd, f.entry, f.part, create=not f.has_part)
         f.has_part = True
         self._open[f.index] = fd
         if len(self._open) > OPEN_FILES:

@@ -15,11 +15,21 @@ import errno
 import os
 import shutil
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from mrsyncd import fsutil
 from mrsyncd.ledger import DONE, NEEDED
-from mrsyncd.manifest import DIR, FILE, HARDLINK, SYMLINK, Entry, Manifest, digest, excluded
+from mrsyncd.manifest import (
+    DIR,
+    FILE,
+    HARDLINK,
+    RESERVED_PREFIX,
+    SYMLINK,
+    Entry,
+    Manifest,
+    digest,
+    excluded,
+)
 
 #: A path's result when it was received (or found unchanged) and placed.
 OK = "ok"
@@ -27,7 +37,46 @@ OK = "ok"
 
 def part_name(transfer_id: bytes, index: int) -> str:
     """Short, so that it fits whatever the final name's length is."""
-    return f".mrsync-{transfer_id.hex()}-{index}.part"
+    return f"{RESERVED_PREFIX}{transfer_id.hex()}-{index}.part"
+
+
+#: Part files are made anew only with O_EXCL, never through a name someone
+#: else made first: the transfer id is on the wire, so a local user who can
+#: write the destination directory could otherwise plant a hard link to
+#: another file at a part file's name and have the node write into it.
+_CREATE = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_REOPEN = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _create_part(dir_fd: int, part: str, size: int) -> int:
+    """
+    A new part file of ``size`` bytes, all holes.  A name already taken (it
+    appeared after the survey looked) is removed once and made again; if
+    it is taken again, the file fails with EEXIST.
+    """
+    try:
+        part_fd = os.open(part, _CREATE, 0o600, dir_fd=dir_fd)
+    except FileExistsError:
+        os.unlink(part, dir_fd=dir_fd)
+        part_fd = os.open(part, _CREATE, 0o600, dir_fd=dir_fd)
+    os.ftruncate(part_fd, size)
+    return part_fd
+
+
+def _reopen_part(dir_fd: int, part: str) -> int:
+    """
+    A part file this node made before (a resume, or a later write of this
+    transfer), refused unless it still is what the node made: a regular
+    file of its own with no other link.
+    """
+    part_fd = os.open(part, _REOPEN, dir_fd=dir_fd)
+    st = os.fstat(part_fd)
+    if stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_uid == os.geteuid():
+        return part_fd
+    os.close(part_fd)
+    raise OSError(
+        errno.EPERM, f"part file {part} is not this node's (owner {st.st_uid}, {st.st_nlink} links)"
+    )
 
 
 def survey(
@@ -112,16 +161,20 @@ def chunks_held(
                 not owner or (final.st_uid, final.st_gid) == (entry.uid, entry.gid)
             )
             return Held(bytes([DONE]) * nchunks, unchanged=True, in_place=in_place)
-        st = fsutil.lstat_at(fd, part)
-        if st is not None and (not stat.S_ISREG(st.st_mode) or st.st_size != entry.size):
-            if not dry_run:
+        if fsutil.lstat_at(fd, part) is not None:
+            try:
+                part_fd = _reopen_part(fd, part)
+            except OSError:
+                pass  # not one to resume from (a symlink, a link, not ours): removed
+            if part_fd >= 0 and os.fstat(part_fd).st_size != entry.size:
+                os.close(part_fd)
+                part_fd = -1
+            if part_fd < 0 and not dry_run:
                 os.unlink(part, dir_fd=fd)
-            st = None
-        if st is None:
+        if part_fd < 0:
             status = bytearray(zero_chunks(manifest, entry))
         else:
             status = bytearray(nchunks)
-            part_fd = os.open(part, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
             for chunk in range(nchunks):
                 offset, length = manifest.chunk_span(entry, chunk)
                 if digest(os.pread(part_fd, length, offset)) == entry.chunk_digest(chunk):
@@ -140,10 +193,7 @@ def chunks_held(
                         status[chunk] = DONE
                         continue
                     if part_fd < 0:
-                        part_fd = os.open(
-                            part, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=fd
-                        )
-                        os.ftruncate(part_fd, entry.size)
+                        part_fd = _create_part(fd, part, entry.size)
                     os.pwrite(part_fd, data, offset)
                     status[chunk] = DONE
             finally:
@@ -156,26 +206,23 @@ def chunks_held(
     return Held(bytes(status), has_part=has_part)
 
 
-def open_part(root_fd: int, entry: Entry, part: str, create: bool = True) -> int:
+def open_part(root_fd: int, entry: Entry, part: str, create: bool) -> int:
     """
-    Open (or make, all holes) a part file.  One that should exist is never
-    made afresh: its data would be lost zeros behind verified chunks.
+    Make a part file (``create``: all holes, with O_EXCL) or open the one
+    this transfer made.  One that should exist is never made afresh: its
+    data would be lost zeros behind verified chunks.
     """
     fd, _ = fsutil.open_parent(root_fd, entry.path)
-    flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_CREAT if create else 0)
     try:
-        part_fd = os.open(part, flags, 0o600, dir_fd=fd)
+        return _create_part(fd, part, entry.size) if create else _reopen_part(fd, part)
     finally:
         os.close(fd)
-    if os.fstat(part_fd).st_size != entry.size:
-        os.ftruncate(part_fd, entry.size)
-    return part_fd
 
 
 def write_part(root_fd: int, entry: Entry, part: str, data: bytearray) -> bytes:
     """In a thread: a whole file's bytes to its part file, and their digest."""
     got = digest(data)
-    fd = open_part(root_fd, entry, part)
+    fd = open_part(root_fd, entry, part, create=True)
     try:
         pwrite_all(fd, data, 0)
     finally:
@@ -295,7 +342,7 @@ def _delete_extraneous(
             continue
         try:
             for name in sorted(os.listdir(fd)):
-                if name in children.get(directory, ()) or name.startswith(".mrsync-"):
+                if name in children.get(directory, ()) or name.startswith(RESERVED_PREFIX):
                     continue
                 if backup_suffix and name.endswith(backup_suffix):
                     continue
@@ -316,6 +363,20 @@ def _delete_extraneous(
         finally:
             os.close(fd)
     return deleted, errors
+
+
+def without_setid(manifest: Manifest) -> Manifest:
+    """
+    The manifest with no set-user-ID or set-group-ID bit on a file: what a
+    node writes unless it sets owners and its config allows them.  (A
+    directory's set-group-ID bit only passes its group on to new entries,
+    and grants nothing; it stays.)
+    """
+    setid = stat.S_ISUID | stat.S_ISGID
+    if not any(e.kind == FILE and e.mode & setid for e in manifest.entries):
+        return manifest
+    entries = [replace(e, mode=e.mode & ~setid) if e.kind == FILE else e for e in manifest.entries]
+    return replace(manifest, entries=entries)
 
 
 def set_metadata(fd: int, entry: Entry, owner: bool) -> None:
@@ -409,7 +470,9 @@ def _link_in_place(fd: int, name: str, root_fd: int, entry: Entry, owner: bool) 
 def _place_link(root_fd: int, entry: Entry, owner: bool) -> bool:
     """Make a symlink or hardlink; False if it was already in place."""
     fd, name = fsutil.open_parent(root_fd, entry.path)
-    temporary = f".mrsync-link-{os.getpid()}-{digest(name.encode('utf-8', 'surrogateescape'))[:8].hex()}"
+    temporary = (
+        f"{RESERVED_PREFIX}link-{os.getpid()}-{digest(name.encode('utf-8', 'surrogateescape'))[:8].hex()}"
+    )
     try:
         if _link_in_place(fd, name, root_fd, entry, owner):
             return False

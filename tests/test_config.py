@@ -60,6 +60,7 @@ def test_example_as_shipped_runs_nothing_and_says_so():
         ("[node]\nroots = [\"/srv\"]\n", "\\[node\\] master is required"),
         ("[node]\nmaster = \"m\"\nroots = [\"/srv\"]\n", "must be host:port"),
         ("[node]\nmaster = \"m:1\"\nroots = [\"srv\"]\n", "not an absolute path"),
+        ('[node]\nmaster = "m:1"\nroots = ["/srv"]\nallow_setid = 1\n', "allow_setid = 1: must be true"),
         ("[nodes]\n", "unknown section \\[nodes\\]"),
         ("[log]\nlevel = \"loud\"\n", "level"),
         ("[master\n", "not valid TOML"),

@@ -20,6 +20,7 @@ import re
 import signal
 import socket
 import ssl
+import stat
 import subprocess
 import sys
 import time
@@ -54,7 +55,7 @@ FINISHED = ("done", "failed", "cancelled")
 #: node3 may write only beneath ``shared/pub``; node1 and node2 anywhere in ``shared``.
 NODES = {
     "node1": {"tags": ["rack1"]},
-    "node2": {"tags": ["rack1", "big"]},
+    "node2": {"tags": ["rack1", "big"], "config": {"allow_setid": True}},
     "node3": {"tags": ["rack2"], "narrow": True},
 }
 CA_NAME = "mrsyncd test CA"
@@ -76,7 +77,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         for name, spec in NODES.items():
             (c.node_dir(name) / "pub").mkdir(parents=True, exist_ok=True)
             roots = [c.shared / "pub"] if spec.get("narrow") else [c.shared]
-            c.add_node(name, roots=roots, tags=spec["tags"], wait=False)
+            c.add_node(name, roots=roots, tags=spec["tags"], wait=False, **spec.get("config", {}))
         for name in NODES:
             c.wait_registered(name, 0)
         yield c
@@ -420,6 +421,26 @@ def test_destination_outside_one_nodes_roots(fleet: Cluster) -> None:
         rf"job {job['id']} on node3: .*{re.escape(root)}.*; needed 0 bytes, changed 0 paths, never complete",
         log,
     ), log
+
+
+def test_set_id_bits_arrive_only_where_the_node_allows_them(fleet: Cluster) -> None:
+    """
+    A user's set-user-ID file, pushed with --preserve-owner to root nodes:
+    node2 (``allow_setid = true``) keeps the bit, node1 clears it.
+    """
+    c = fleet
+    src = c.base / "src-setid"
+    src.mkdir()
+    support.write_file(str(src / "tool"), b"#!/bin/sh\n", 0o4755)
+    destination = c.shared / "pub" / "setid"
+    targets = f"node1,node2:{destination}"
+    result = c.cli("push", "--preserve-owner", f"{src}/", targets, timeout=FOLLOW_TIMEOUT)
+    assert result.returncode == 0, f"{result.stdout}\n{result.stderr}\n{c.diagnostics()}"
+    modes = {
+        name: oct(stat.S_IMODE(os.stat(c.node_dir(name) / "pub" / "setid" / "tool").st_mode))
+        for name in ("node1", "node2")
+    }
+    assert modes == {"node1": "0o755", "node2": "0o4755"}, modes
 
 
 # 5. Crashes mid-transfer.

@@ -75,6 +75,7 @@ def run_transfer(
     ipv6: bool = False,
     sender_interface: str = "eth0",
     extra: Sequence[str] = (),
+    receiver_extra: Sequence[str] = (),
     timeout: float = TRANSFER_TIMEOUT,
     succeed: bool = True,
 ) -> Outcome:
@@ -109,7 +110,7 @@ def run_transfer(
         with open(logs[host.name], "wb") as log:
             procs[host.name] = host.python(
                 ["-m", "mrsyncd.enginecli", "receive", "-c", connect, "--name", host.name,
-                 "-i", "eth0", "--root", str(workdir / host.name)],
+                 "-i", "eth0", "--root", str(workdir / host.name), *receiver_extra],
                 stdout=log, stderr=subprocess.STDOUT, rusage=workdir / f"{host.name}.rusage",
             )  # fmt: skip
     outcome = Outcome(report={}, sender_rc=-1)
@@ -271,13 +272,19 @@ def snapshot(top: Path) -> dict[str, dict[str, Any]]:
     return found
 
 
-def assert_same_tree(source: Path, copy: Path) -> None:
+def assert_same_tree(source: Path, copy: Path, *, setid_cleared: bool = False) -> None:
     """
     ``copy`` is ``source`` byte for byte, with modes, owners, mtimes and
-    hardlinks, and nothing else (no part files) stands beside it.
+    hardlinks, and nothing else (no part files) stands beside it; with
+    ``setid_cleared``, files lack their set-id bits (a node that does not
+    ``--allow-setid``).
     """
     assert os.listdir(copy.parent) == [copy.name], f"{copy.parent} holds more: {os.listdir(copy.parent)}"
     want, got = snapshot(source), snapshot(copy)
+    if setid_cleared:
+        for info in want.values():
+            if "content" in info:
+                info["mode"] = oct(int(info["mode"], 8) & ~(stat.S_ISUID | stat.S_ISGID))
     assert sorted(got) == sorted(want), (
         f"{copy}: missing {sorted(set(want) - set(got))}, unexpected {sorted(set(got) - set(want))}"
     )
@@ -376,7 +383,10 @@ def test_tree_to_three_receivers_over_capped_lossy_link(lan: Any, tmp_path: Path
             assert peer["ok"] and not peer["reason"]
             assert len(peer["results"]) == n_entries and set(peer["results"].values()) == {"ok"}
             assert peer["stats"]["bytes"] >= tree.joinpath("big.bin").stat().st_size
-            assert_same_tree(tree, tmp_path / "run" / node.name / "data" / "tree")
+            # Owners set, but the receivers do not --allow-setid: modes/setgid-ish arrives 0o710.
+            copy = tmp_path / "run" / node.name / "data" / "tree"
+            assert_same_tree(tree, copy, setid_cleared=True)
+            assert stat.S_IMODE((copy / "modes" / "setgid-ish").stat().st_mode) == 0o710
         dropped = {node.name: node.dropped_udp(4) for node in net.nodes}
         print("datagrams dropped by iptables:", dropped)
         assert all(n > 0 for n in dropped.values()), dropped
@@ -469,7 +479,7 @@ def test_ipv6_group_interface_by_name(lan: Any, tmp_path: Path) -> None:
     try:
         outcome = run_transfer(
             net, [tree], tmp_path / "run", net.nodes, group=GROUP6, rate="80M", ipv6=True,
-            extra=["--preserve-owner"],
+            extra=["--preserve-owner"], receiver_extra=["--allow-setid"],
         )  # fmt: skip
         print(summary(outcome))
         assert outcome.report["passes"] > 1
@@ -650,7 +660,8 @@ def test_foreign_host_spraying_the_group(lan: Any, tmp_path: Path) -> None:
     assert sprayer.stdout is not None and sprayer.stdout.readline().strip() == b"spraying"
     try:
         outcome = run_transfer(
-            net, [tree], tmp_path / "run", net.nodes, rate="80M", extra=["--preserve-owner"]
+            net, [tree], tmp_path / "run", net.nodes, rate="80M", extra=["--preserve-owner"],
+            receiver_extra=["--allow-setid"],
         )
     finally:
         sprayer.terminate()

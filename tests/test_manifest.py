@@ -281,6 +281,7 @@ def mutations():
         ("kind not a string", field(0, "kind", ["dir"])),
         ("path absolute", field(0, "path", "/d")),
         ("path dotdot", field(1, "path", "d/../f")),
+        ("path of a part file", field(1, "path", "d/.mrsync-00112233aabbccdd-1.part")),
         ("path not a string", field(0, "path", 5)),
         ("path missing", drop(0, "path")),
         ("mode bool", field(0, "mode", True)),
@@ -364,6 +365,13 @@ def build_tree(root):
     os.symlink("sub", os.path.join(root, "top", "dirlink"))  # a link to a dir is not followed
     os.link(os.path.join(root, "top", "sub", "data"), os.path.join(root, "top", "zhard"))
     os.utime(os.path.join(root, "top", "sub", "deep", "tail"), ns=(123456789012345678, 123456789012345678))
+
+
+def test_scan_refuses_the_names_kept_for_part_files(tmp_path):
+    (tmp_path / "src" / "d").mkdir(parents=True)
+    (tmp_path / "src" / "d" / ".mrsync-notes").write_text("mine")
+    with pytest.raises(ManifestError, match=r"'d/\.mrsync-notes': names beginning .mrsync- are kept"):
+        scan([str(tmp_path / "src") + "/"])
 
 
 def test_scan_kinds_and_contents(tmp_path):

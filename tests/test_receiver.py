@@ -23,7 +23,7 @@ from twisted.trial import unittest
 from mrsyncd import datagram, erasure, storage
 from mrsyncd import receiver as receiver_module
 from mrsyncd.blockset import RangeSet, decode_map
-from mrsyncd.manifest import DIR, Manifest, scan
+from mrsyncd.manifest import DIR, FILE, Entry, Manifest, scan
 from mrsyncd.manifest import digest as manifest_digest
 from mrsyncd.multicast import sender_socket
 from mrsyncd.ratecontrol import Echo, node_id
@@ -412,6 +412,67 @@ class DirectReceiverTests(unittest.TestCase):
         r, d = self.start(manifest)
         needs = yield d
         self.assertEqual(needs, {0: RangeSet.interval(0, 3)})
+
+    @defer.inlineCallbacks
+    def test_a_part_file_name_planted_as_a_hard_link_is_not_written_through(self):
+        """
+        A local user who can write the destination plants, at the part
+        file's name (the transfer id is on the wire), a hard link to a file
+        of theirs choosing, of the right size: the node neither resumes from
+        it nor writes into it, and the file arrives whole.
+        """
+        data = self.rng.randbytes(2500)
+        write_file(os.path.join(self.src, "f"), data)
+        manifest, _ = scan([self.src + "/"], block_size=100, chunk_size=1000)
+        os.mkdir(self.dst)
+        victim = os.path.join(self.base, "victim")
+        write_file(victim, data)  # the right contents, even: it must not count
+        os.link(victim, os.path.join(self.dst, part_name(self.tid, 0)))
+        r, d = self.start(manifest)
+        needs = yield d
+        self.assertEqual(needs, {0: RangeSet.interval(0, 3)})
+        self.feed(r, 0, range(25), data)
+        yield wait_until(lambda: r.done)
+        self.assertEqual(r.results, {"f": OK})
+        # Resumed from, the planted link would have been renamed into place.
+        self.assertEqual(os.stat(victim).st_nlink, 1)
+        self.assertNotEqual(os.stat(os.path.join(self.dst, "f")).st_ino, os.stat(victim).st_ino)
+
+    def test_a_part_file_is_made_only_where_no_name_was(self):
+        """The name taken between the survey and the first write: the taker's file is not written."""
+        os.mkdir(self.dst)
+        entry = Entry("f", FILE, 0o644, 0, size=1000)
+        victim = os.path.join(self.base, "victim")
+        write_file(victim, b"v" * 1000)
+        os.link(victim, os.path.join(self.dst, "p"))
+        root = os.open(self.dst, os.O_RDONLY | os.O_DIRECTORY)
+        self.addCleanup(os.close, root)
+        fd = storage.open_part(root, entry, "p", create=True)
+        os.pwrite(fd, b"x" * 1000, 0)
+        os.close(fd)
+        with open(victim, "rb") as f:
+            self.assertEqual(f.read(), b"v" * 1000)
+        # Reopened later in the transfer, it must still be the node's own.
+        os.unlink(os.path.join(self.dst, "p"))
+        os.link(victim, os.path.join(self.dst, "p"))
+        with self.assertRaisesRegex(OSError, "not this node's"):
+            storage.open_part(root, entry, "p", create=False)
+
+    @defer.inlineCallbacks
+    def test_a_part_file_of_another_owner_is_not_resumed_from(self):
+        if os.geteuid() != 0:
+            raise unittest.SkipTest("only root can give a file away")
+        data = self.rng.randbytes(2500)
+        write_file(os.path.join(self.src, "f"), data)
+        manifest, _ = scan([self.src + "/"], block_size=100, chunk_size=1000)
+        os.mkdir(self.dst)
+        part = os.path.join(self.dst, part_name(self.tid, 0))
+        write_file(part, data)
+        os.chown(part, 4242, 4242)
+        r, d = self.start(manifest)
+        needs = yield d
+        self.assertEqual(needs, {0: RangeSet.interval(0, 3)})
+        self.assertFalse(os.path.exists(part) and os.stat(part).st_uid == 4242)
 
     @defer.inlineCallbacks
     def test_zero_chunks_are_never_asked_for(self):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import random
 import socket
+import stat
 import time
 
 from twisted.internet import defer, reactor, task
@@ -28,6 +29,7 @@ from mrsyncd.transfer import Transfer, new_offer, probe_interval
 
 from .support import (
     RATE,
+    RecordingAgent,
     assert_same_tree,
     make_full_tree,
     make_peers,
@@ -454,6 +456,66 @@ class DeleteTests(unittest.TestCase):
         self.assertEqual(left, ["a", "d", "d/b", "d/more.keep", "notes.keep"])
 
 
+class SetIdTests(unittest.TestCase):
+    """
+    A file's set-user-ID and set-group-ID bits arrive only where the node
+    allows them (``allow_setid``) and the job sets owners: otherwise a
+    user's own set-user-ID file would land root's and set-user-ID.
+    """
+
+    timeout = 60
+
+    def push(self, allow_setid: bool, preserve_owner: bool):
+        base = temp_dir(self)
+        src, dst = os.path.join(base, "src"), os.path.join(base, "dst")
+        os.makedirs(os.path.join(src, "shared"))
+        write_file(os.path.join(src, "tool"), b"#!/bin/sh\n", 0o4755)
+        write_file(os.path.join(src, "shared", "group-tool"), b"#!/bin/sh\n", 0o2750)
+        os.chmod(os.path.join(src, "shared"), 0o2775)
+        manifest, local = scan([src + "/"])
+        agent = RecordingAgent(reactor, interface="lo", destination_root=dst, allow_setid=allow_setid)
+        self.addCleanup(agent.close)
+        offer = new_offer(manifest, unique_channel(), "/", TransferOptions(preserve_owner=preserve_owner))
+        d = Transfer(reactor, offer, local, [LocalPeer("node0", agent)], rate_bps=200e6, grace=5.0).run()
+        return d.addCallback(lambda report: (report, agent, offer, local, dst))
+
+    def modes(self, dst: str) -> dict[str, str]:
+        return {
+            p: oct(stat.S_IMODE(os.lstat(os.path.join(dst, p)).st_mode))
+            for p in ("tool", "shared", "shared/group-tool")
+        }
+
+    @defer.inlineCallbacks
+    def test_cleared_by_default_even_with_owners(self):
+        report, agent, offer, local, dst = yield self.push(allow_setid=False, preserve_owner=True)
+        self.assertTrue(report.ok, report.peers["node0"].reason)
+        # The directory's set-group-ID bit only hands its group to new entries: it stays.
+        self.assertEqual(self.modes(dst), {"tool": "0o755", "shared": "0o2775", "shared/group-tool": "0o750"})
+        # The cleared modes are what the node compares with: the same push again changes nothing.
+        again = yield Transfer(
+            reactor, offer, local, [LocalPeer("node0", agent)], rate_bps=200e6, grace=5.0
+        ).run()
+        self.assertTrue(again.ok)
+        self.assertEqual(again.peers["node0"].changed, 0)
+        self.assertEqual(again.sender_stats.get("payload", 0), 0)
+
+    @defer.inlineCallbacks
+    def test_cleared_when_the_job_does_not_set_owners(self):
+        report, _, _, _, dst = yield self.push(allow_setid=True, preserve_owner=False)
+        self.assertTrue(report.ok, report.peers["node0"].reason)
+        self.assertEqual(self.modes(dst)["tool"], "0o755")
+
+    @defer.inlineCallbacks
+    def test_kept_where_allowed_and_owners_are_set(self):
+        if os.geteuid() != 0:
+            raise unittest.SkipTest("owners are set only as root")
+        report, _, _, _, dst = yield self.push(allow_setid=True, preserve_owner=True)
+        self.assertTrue(report.ok, report.peers["node0"].reason)
+        self.assertEqual(
+            self.modes(dst), {"tool": "0o4755", "shared": "0o2775", "shared/group-tool": "0o2750"}
+        )
+
+
 class BackupAndHookTests(unittest.TestCase):
     timeout = 60
 
@@ -577,7 +639,6 @@ class ProbeTimingTests(unittest.TestCase):
         report, probes, ended = yield self.probed_pass(lost_at_first_probe=400)
         self.assertEqual(report.sender_stats["datagrams"] - report.peers["node0"].stats["blocks"], 400)
         self.assertLess(ended - probes[-1], 0.5, (probes, ended))
-
 
     @defer.inlineCallbacks
     def test_the_repairs_the_last_probe_finds_are_not_probed_again(self):
