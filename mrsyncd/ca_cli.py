@@ -4,9 +4,10 @@
 ::
 
     mrsync-ca init DIR [--name NAME] [--days N] [--force]
-    mrsync-ca issue DIR --role master|node|operator NAME [--dns NAME]... [--ip ADDR]...
+    mrsync-ca issue DIR --role master|node|operator NAME [--dns NAME]... [--ip ADDR]... [--tag TAG]...
                         [--out DIR] [--days N] [--force]
     mrsync-ca show CERT
+    mrsync-ca revoke DIR NAME|SERIAL
 
 It is a thin shell around `mrsyncd.certs` that turns mistakes into one-line
 messages and exit codes a script can test: 2 for a wrong command line, 1 for
@@ -61,7 +62,10 @@ class InitOptions(InterspersedOptions):
 class IssueOptions(InterspersedOptions):
     """``issue DIR NAME``: issue a certificate for one peer."""
 
-    synopsis = "DIR --role master|node|operator NAME [--dns NAME]... [--ip ADDR]... [--out DIR] [--days N]"
+    synopsis = (
+        "DIR --role master|node|operator NAME [--dns NAME]... [--ip ADDR]... [--tag TAG]..."
+        " [--out DIR] [--days N]"
+    )
     longdesc = "Write NAME.crt and NAME.key (mode 0600), signed by the CA in DIR, for a peer in one role."
     optParameters = [
         ["role", "r", None, "The peer's role: " + ", ".join(certs.ROLES) + "."],
@@ -74,6 +78,7 @@ class IssueOptions(InterspersedOptions):
         super().__init__()
         self["dns"] = []
         self["ip"] = []
+        self["tag"] = []
 
     def opt_dns(self, name: str) -> None:
         """Another DNS name for the certificate (repeatable); NAME is always one."""
@@ -89,11 +94,20 @@ class IssueOptions(InterspersedOptions):
         except ValueError as e:
             raise usage.UsageError(str(e)) from None
 
+    def opt_tag(self, tag: str) -> None:
+        """A tag operators may target this node by (@TAG, repeatable; node certificates only)."""
+        try:
+            self["tag"].append(certs.check_name(tag, "tag"))
+        except certs.CertError as e:
+            raise usage.UsageError(str(e)) from None
+
     def parseArgs(self, directory: str, name: str) -> None:  # type: ignore[override]
         self["directory"] = directory
         self["name"] = name
 
     def postOptions(self) -> None:
+        if self["tag"] and self["role"] != "node":
+            raise usage.UsageError("--tag is for node certificates only")
         if self["role"] is None:
             raise usage.UsageError("--role is required: " + ", ".join(certs.ROLES))
         if self["role"] not in certs.ROLES:
@@ -114,6 +128,22 @@ class ShowOptions(InterspersedOptions):
         self["path"] = path
 
 
+class RevokeOptions(InterspersedOptions):
+    """``revoke DIR NAME|SERIAL``: add a certificate to the CA's revocation list."""
+
+    synopsis = "DIR NAME|SERIAL"
+    longdesc = (
+        "Add a certificate to DIR/crl.pem, the revocation list signed by the CA in DIR: by NAME "
+        "when DIR holds NAME.crt, else by its SERIAL in hex (as 'show' prints it). Masters and "
+        "nodes whose [tls] crl is that file refuse the certificate, and drop its connections, "
+        "within seconds of the file changing."
+    )
+
+    def parseArgs(self, directory: str, which: str) -> None:  # type: ignore[override]
+        self["directory"] = directory
+        self["which"] = which
+
+
 class Options(CommandOptions):
     """The ``mrsync-ca`` command line."""
 
@@ -123,11 +153,12 @@ class Options(CommandOptions):
         ["init", None, InitOptions, "Create a cluster CA in DIR."],
         ["issue", None, IssueOptions, "Issue a master, node or operator certificate."],
         ["show", None, ShowOptions, "Show a certificate's name, role and validity."],
+        ["revoke", None, RevokeOptions, "Revoke a certificate (the CA's crl.pem)."],
     ]
 
     def postOptions(self) -> None:
         if self.subCommand is None:
-            raise usage.UsageError("say init, issue or show")
+            raise usage.UsageError("say init, issue, show or revoke")
 
 
 def init(options: usage.Options) -> str:
@@ -151,6 +182,7 @@ def issue(options: usage.Options) -> str:
         options["dns"],
         options["ip"],
         force=options["force"],
+        tags=options["tag"],
     )
     return (
         f"issued {options['role']} certificate {name!r}: {os.path.join(out, name + '.crt')}, "
@@ -162,7 +194,29 @@ def show(options: usage.Options) -> str:
     return certs.describe(certs.load_certificate(options["path"]))
 
 
-COMMANDS = {"init": init, "issue": issue, "show": show}
+def revoke(options: usage.Options) -> str:
+    directory, which = options["directory"], options["which"]
+    named = os.path.join(directory, which + ".crt")
+    if os.path.isfile(named):
+        cert = certs.load_certificate(named)
+        serial, what = cert.serial_number, f"{which!r} (serial {cert.serial_number:x})"
+    else:
+        try:
+            serial = int(which.removeprefix("0x").replace(":", ""), 16)
+        except ValueError:
+            raise certs.CertError(
+                f"{named} does not exist, and {which!r} is no serial number (hex)"
+            ) from None
+        what = f"serial {serial:x}"
+    crl = certs.revoke(directory, [serial])
+    path = os.path.join(directory, certs.CRL)
+    return (
+        f"revoked {what}: {path} lists {len(crl)} certificates; "
+        "copy it to every master and node's [tls] crl (they reload it within seconds)"
+    )
+
+
+COMMANDS = {"init": init, "issue": issue, "show": show, "revoke": revoke}
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -73,6 +73,11 @@ ROLE_OIDS: Final[dict[Role, ObjectIdentifier]] = {
     "operator": ObjectIdentifier(ROLE_ARC + ".3"),
 }
 ROLES: Final[tuple[Role, ...]] = ("master", "node", "operator")
+#: A node certificate's tags (``mrsync-ca issue --tag``), a non-critical
+#: extension holding a DER SEQUENCE OF UTF8String: the tags operators may
+#: target the node by.  A node's own configuration may narrow them, never
+#: add to them, so a stolen node key cannot claim another group's jobs.
+TAGS_OID: Final = ObjectIdentifier(ROLE_ARC + ".10")
 _ROLE_BY_OID: Final[dict[ObjectIdentifier, Role]] = {oid: role for role, oid in ROLE_OIDS.items()}
 
 #: The TLS purpose each role needs: the master serves, the others dial it.
@@ -84,8 +89,15 @@ _TLS_PURPOSE: Final[dict[Role, ObjectIdentifier]] = {
 
 CA_CERT: Final = "ca.crt"
 CA_KEY: Final = "ca.key"
+#: The CA's revocation list, beside its key (`revoke`).
+CRL: Final = "crl.pem"
 DEFAULT_CA_DAYS: Final = 3650
-DEFAULT_DAYS: Final = 825
+#: A year and a month: a stolen key is good for at most that long even if
+#: nobody revokes it, and an operator reissues once a year.
+DEFAULT_DAYS: Final = 397
+#: The daemons read the revocation list whenever it changes and never judge
+#: it stale, but X.509 wants a next update: this far ahead.
+CRL_DAYS: Final = 3650
 #: Certificates start a little in the past, so that a peer whose clock is
 #: slightly behind does not reject a certificate issued a moment ago.
 CLOCK_SKEW: Final = datetime.timedelta(minutes=5)
@@ -181,6 +193,7 @@ def issue(
     force: bool = False,
     not_before: datetime.datetime | None = None,
     not_after: datetime.datetime | None = None,
+    tags: Sequence[str] = (),
 ) -> x509.Certificate:
     """
     Issue a certificate for ``name`` in ``role``, signed by the CA in ``ca_dir``.
@@ -203,6 +216,9 @@ def issue(
         raise CertError(f"unknown role {role!r}: say one of {', '.join(ROLES)}")
     the_role = cast(Role, role)
     check_name(name)
+    if tags and the_role != "node":
+        raise CertError(f"only node certificates carry tags, not {role} certificates")
+    tags = [check_name(t, "tag") for t in dict.fromkeys(tags)]
     extra_dns = [check_name(d, "DNS name") for d in dns_names]
     try:
         ips = [ipaddress.ip_address(a) for a in ip_addresses]
@@ -213,13 +229,7 @@ def issue(
     if not force:
         _refuse_existing(cert_path, key_path)
 
-    ca_cert = load_certificate(os.path.join(ca_dir, CA_CERT))
-    ca_key = load_private_key(os.path.join(ca_dir, CA_KEY))
-    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
-        raise CertError(f"{os.path.join(ca_dir, CA_KEY)}: not an EC key made by create_ca")
-    if public_key_der(ca_key.public_key()) != public_key_der(ca_cert.public_key()):
-        raise CertError(f"{ca_dir}: {CA_KEY} does not belong to {CA_CERT}")
-
+    ca_cert, ca_key = _load_ca(ca_dir)
     now = utcnow()
     ca_before, ca_after = validity(ca_cert)
     start = not_before if not_before is not None else max(now - CLOCK_SKEW, ca_before)
@@ -230,7 +240,7 @@ def issue(
     key = ec.generate_private_key(ec.SECP256R1())
     sans: list[x509.GeneralName] = [x509.DNSName(d) for d in dict.fromkeys([name, *extra_dns])]
     sans += [x509.IPAddress(ip) for ip in dict.fromkeys(ips)]
-    cert = (
+    builder = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
         .issuer_name(ca_cert.subject)
@@ -259,12 +269,127 @@ def issue(
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
         )
-        .sign(ca_key, hashes.SHA256())
     )
+    if tags:
+        builder = builder.add_extension(
+            x509.UnrecognizedExtension(TAGS_OID, _der_strings(tags)), critical=False
+        )
+    cert = builder.sign(ca_key, hashes.SHA256())
     os.makedirs(out_dir, exist_ok=True)
     _write_file(key_path, _key_pem(key), 0o600, force)
     _write_file(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644, force)
     return cert
+
+
+def _load_ca(ca_dir: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    ca_cert = load_certificate(os.path.join(ca_dir, CA_CERT))
+    ca_key = load_private_key(os.path.join(ca_dir, CA_KEY))
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
+        raise CertError(f"{os.path.join(ca_dir, CA_KEY)}: not an EC key made by create_ca")
+    if public_key_der(ca_key.public_key()) != public_key_der(ca_cert.public_key()):
+        raise CertError(f"{ca_dir}: {CA_KEY} does not belong to {CA_CERT}")
+    return ca_cert, ca_key
+
+
+def revoke(ca_dir: str, serials: Sequence[int] = ()) -> x509.CertificateRevocationList:
+    """
+    Add ``serials`` to the CA's revocation list ``ca_dir/crl.pem`` (made,
+    empty, if there is none) and sign it anew.  Revoking twice is harmless:
+    the first date stays.
+    """
+    ca_cert, ca_key = _load_ca(ca_dir)
+    path = os.path.join(ca_dir, CRL)
+    revoked: dict[int, datetime.datetime] = {}
+    if os.path.lexists(path):
+        for entry in load_revocation_list(path, ca_cert):
+            when = getattr(entry, "revocation_date_utc", None)  # cryptography >= 42
+            revoked[entry.serial_number] = when or entry.revocation_date.replace(tzinfo=datetime.UTC)
+    now = utcnow()
+    for serial in serials:
+        revoked.setdefault(serial, now)
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca_cert.subject)
+        .last_update(now)
+        .next_update(now + datetime.timedelta(days=CRL_DAYS))
+    )
+    for serial, when in sorted(revoked.items()):
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(when).build()
+        )
+    crl = builder.sign(ca_key, hashes.SHA256())
+    _write_file(path, crl.public_bytes(serialization.Encoding.PEM), 0o644, True)
+    return crl
+
+
+def load_revocation_list(path: str, ca: x509.Certificate) -> x509.CertificateRevocationList:
+    """A revocation list, refused unless the cluster CA signed it."""
+    try:
+        crl = x509.load_pem_x509_crl(_read(path))
+    except ValueError:
+        raise CertificateFileError(f"{path}: not a PEM revocation list") from None
+    public = ca.public_key()
+    signed = isinstance(public, ec.EllipticCurvePublicKey) and crl.is_signature_valid(public)
+    if crl.issuer != ca.subject or not signed:
+        raise CertificateFileError(
+            f"{path}: not a revocation list of the cluster CA {ca.subject.rfc4514_string()}"
+        )
+    return crl
+
+
+def revoked_serials(path: str, ca: x509.Certificate) -> frozenset[int]:
+    return frozenset(entry.serial_number for entry in load_revocation_list(path, ca))
+
+
+def tags_of(certificate: x509.Certificate) -> tuple[str, ...]:
+    """The tags a node certificate grants (none if it has no tags extension)."""
+    try:
+        value = certificate.extensions.get_extension_for_oid(TAGS_OID).value
+    except x509.ExtensionNotFound:
+        return ()
+    try:
+        return _strings_from_der(cast(x509.UnrecognizedExtension, value).value)
+    except ValueError as e:
+        raise CertError(f"{_describe(certificate)}: a malformed tags extension ({e})") from None
+
+
+def _der_length(n: int) -> bytes:
+    if n < 0x80:
+        return bytes([n])
+    body = n.to_bytes((n.bit_length() + 7) // 8, "big")
+    return bytes([0x80 | len(body)]) + body
+
+
+def _der_strings(strings: Sequence[str]) -> bytes:
+    """DER of a SEQUENCE OF UTF8String."""
+    items = b"".join(b"\x0c" + _der_length(len(b)) + b for b in (s.encode() for s in strings))
+    return b"\x30" + _der_length(len(items)) + items
+
+
+def _strings_from_der(data: bytes) -> tuple[str, ...]:
+    """The inverse of `_der_strings`; ValueError for anything else."""
+
+    def element(data: bytes, at: int, tag: int) -> tuple[bytes, int]:
+        if at + 2 > len(data) or data[at] != tag:
+            raise ValueError(f"expected tag {tag:#x} at byte {at}")
+        length, at = data[at + 1], at + 2
+        if length & 0x80:
+            size = length & 0x7F
+            if not 0 < size <= 4 or at + size > len(data):
+                raise ValueError("bad length")
+            length, at = int.from_bytes(data[at : at + size], "big"), at + size
+        if at + length > len(data):
+            raise ValueError("truncated")
+        return data[at : at + length], at + length
+
+    body, end = element(data, 0, 0x30)
+    if end != len(data):
+        raise ValueError("trailing bytes")
+    strings, at = [], 0
+    while at < len(body):
+        raw, at = element(body, at, 0x0C)
+        strings.append(raw.decode())
+    return tuple(strings)
 
 
 def role_of(certificate: x509.Certificate) -> Role:
@@ -363,6 +488,7 @@ def describe(certificate: x509.Certificate) -> str:
         f"issuer:      {certificate.issuer.rfc4514_string()}",
         f"serial:      {certificate.serial_number:x}",
         f"role:        {'CA' if is_ca else role}",
+        f"tags:        {', '.join(tags_of(certificate)) or '-'}",
         f"dns names:   {', '.join(dns) or '-'}",
         f"ip addrs:    {', '.join(ips) or '-'}",
         f"not before:  {before.isoformat()}",

@@ -30,6 +30,8 @@ class TLSConfig:
     ca: str = "/etc/mrsyncd/ca.crt"
     certificate: str = "/etc/mrsyncd/host.crt"
     key: str = "/etc/mrsyncd/host.key"
+    #: The CA's revocation list (``mrsync-ca revoke``); "" = none.
+    crl: str = ""
 
 
 @dataclass(frozen=True)
@@ -181,7 +183,7 @@ def _level(value: Any) -> str:
 
 
 _CHECKS: dict[str, dict[str, Callable[[Any], Any]]] = {
-    "tls": {"ca": _string, "certificate": _string, "key": _string},
+    "tls": {"ca": _string, "certificate": _string, "key": _string, "crl": _string},
     "master": {
         "address": _string,
         "port": _port,

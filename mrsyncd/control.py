@@ -90,6 +90,10 @@ class AMPPeer:
 class ReceiverControl(BoundedAMP):
     """The receiving host's end: answers the sender's commands from an agent."""
 
+    #: Register as soon as connected; a subclass that first judges the
+    #: sender's certificate calls `register` itself.
+    register_on_connect = True
+
     def __init__(
         self,
         agent: ReceiverAgent,
@@ -109,6 +113,10 @@ class ReceiverControl(BoundedAMP):
         super().connectionMade()
         self.agent.on_feedback = self._feedback
         self.agent.name = self.name
+        if self.register_on_connect:
+            self.register()
+
+    def register(self) -> None:
         d = self.callRemote(
             Register,
             name=self.name,

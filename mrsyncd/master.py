@@ -464,25 +464,54 @@ class MasterControl(BoundedAMP):
     def __init__(self, master: MasterService) -> None:
         super().__init__()
         self.master = master
-        self.identity: tuple[str, str] | None = None
+        self.identity: tls.PeerIdentity | None = None
         self.node_name: str | None = None
 
     def handshakeCompleted(self) -> None:
+        transport: Any = self.transport
         try:
-            self.identity = tls.peer_identity(self.transport)
+            identity = tls.peer_identity(transport)
         except Exception as e:
-            log.warn("refusing a connection from {peer}: {e}", peer=self.transport.getPeer(), e=e)  # type: ignore[union-attr]
-            self.transport.loseConnection()  # type: ignore[union-attr]
+            log.warn("refusing a connection from {peer}: {e}", peer=transport.getPeer(), e=e)
+            transport.loseConnection()
+            return
+        if self.master.revocations.revoked(identity.serial):
+            log.warn(
+                "refused {role} {name} from {peer}: its certificate (serial {serial:x}) is revoked",
+                role=identity.role,
+                name=identity.name,
+                peer=transport.getPeer().host,
+                serial=identity.serial,
+            )
+            transport.abortConnection()
+            return
+        self.identity = identity
+        self.master.connections.add(self)
+
+    def drop_if_revoked(self) -> None:
+        """The revocation list changed: a connection whose certificate it now lists goes."""
+        if self.identity is None or not self.master.revocations.revoked(self.identity.serial):
+            return
+        log.warn(
+            "dropping {role} {name}: its certificate (serial {serial:x}) was revoked",
+            role=self.identity.role,
+            name=self.identity.name,
+            serial=self.identity.serial,
+        )
+        self.identity = None  # no command of it runs meanwhile
+        transport: Any = self.transport
+        transport.abortConnection()
 
     def _require(self, role: str) -> str:
-        if self.identity is None or self.identity[1] != role:
-            got = "no certificate" if self.identity is None else f"{_a(self.identity[1])} certificate"
+        if self.identity is None or self.identity.role != role:
+            got = "no certificate" if self.identity is None else f"{_a(self.identity.role)} certificate"
             log.warn("refused {a_role} command from {got}", a_role=_a(role), got=got)
             raise Forbidden(f"this needs {_a(role)} certificate; the connection has {got}")
-        return self.identity[0]
+        return self.identity.name
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         super().connectionLost(reason)
+        self.master.connections.discard(self)
         if self.node_name is not None:
             self.master.fleet.detach(self.node_name, self)
 
@@ -498,9 +527,28 @@ class MasterControl(BoundedAMP):
             log.error("refused node {name}: {why}", name=name, why=why)
             raise Refused(why)
         self.node_name = name
-        self.master.fleet.attach(name, self, tuple(tags or ()), dict(free or {}))
+        self.master.fleet.attach(name, self, self._granted(name, tuple(tags or ())), dict(free or {}))
         self.master.runner.kick()
         return {"version": PROTOCOL}
+
+    def _granted(self, name: str, declared: tuple[str, ...]) -> tuple[str, ...]:
+        """
+        The tags a node is targeted by: those its certificate grants, or
+        the ones its configuration names of those; it can never add one.
+        """
+        assert self.identity is not None
+        granted = self.identity.tags
+        if not declared:
+            return granted
+        refused = [t for t in declared if t not in granted]
+        if refused:
+            log.warn(
+                "node {name} claims tags its certificate does not grant, ignored: {refused}"
+                " (mrsync-ca issue --role node {name} --tag TAG grants one)",
+                name=name,
+                refused=", ".join(refused),
+            )
+        return tuple(t for t in declared if t in granted)
 
     @Congestion.responder
     def congestion(self, report: tuple[bytes, Feedback]) -> dict[str, Any]:
@@ -558,10 +606,15 @@ class MasterService(service.Service):
         reactor: Any,
         config: MasterConfig,
         endpoint_factory: Callable[[], Any],
+        revocations: tls.Revocations | None = None,
     ) -> None:
         self.reactor = reactor
         self.config = config
         self.endpoint_factory = endpoint_factory
+        self.revocations = revocations = revocations or tls.Revocations()
+        revocations.on_change.append(self.drop_revoked)
+        #: Connections past their handshake, with a certificate not revoked.
+        self.connections: set[MasterControl] = set()
         self.fleet = Fleet(reactor)
         path = os.path.join(config.state_dir, "jobs.sqlite")
         self.jobs = store.JobStore(path, keep_jobs=config.keep_jobs, keep_days=config.keep_days)
@@ -589,6 +642,10 @@ class MasterService(service.Service):
 
         d.addCallback(listening)
         d.addErrback(self._cannot_listen)
+
+    def drop_revoked(self) -> None:
+        for connection in list(self.connections):
+            connection.drop_if_revoked()
 
     def _cannot_listen(self, failure: Failure) -> None:
         log.critical("master cannot listen: {why}", why=failure.getErrorMessage())

@@ -16,7 +16,10 @@ from typing import Any
 
 from twisted.application import internet, service
 from twisted.internet import defer, endpoints, task
-from twisted.internet.protocol import Factory
+from twisted.internet.interfaces import IHandshakeListener
+from twisted.internet.protocol import Factory, connectionDone
+from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from mrsyncd import certs, logs, readiness, tls
 from mrsyncd.agent import ReceiverAgent
@@ -41,10 +44,20 @@ def free_space(roots: tuple[str, ...]) -> dict[str, int]:
 
 
 class NodeService(service.MultiService):
-    def __init__(self, reactor: Any, config: NodeConfig, tls_config: TLSConfig) -> None:
+    def __init__(
+        self,
+        reactor: Any,
+        config: NodeConfig,
+        tls_config: TLSConfig,
+        revocations: tls.Revocations | None = None,
+    ) -> None:
         super().__init__()
         self.reactor = reactor
         self.config = config
+        self.revocations = revocations or tls.Revocations()
+        self.revocations.on_change.append(self.drop_revoked)
+        #: The connection to the master, once its certificate passed.
+        self.link: MasterLink | None = None
         certificate = config.certificate or tls_config.certificate
         key = config.key or tls_config.key
         own = certs.load_certificate(certificate)
@@ -55,7 +68,9 @@ class NodeService(service.MultiService):
             )
         self.name: str = certs.name_of(own)
         host, port = split_address(config.master)
-        options = tls.client_options(tls_config.ca, certificate, key, config.master_name or host)
+        options = tls.client_options(
+            tls_config.ca, certificate, key, config.master_name or host, refuse_expired=True
+        )
         endpoint = endpoints.wrapClientTLS(options, endpoints.HostnameEndpoint(reactor, host, port))
         self.agent = ReceiverAgent(
             reactor,
@@ -77,14 +92,25 @@ class NodeService(service.MultiService):
         self.heartbeat = task.LoopingCall(self._beat)
         self.heartbeat.clock = reactor
 
-    def _protocol(self) -> ReceiverControl:
-        return ReceiverControl(
+    def _protocol(self) -> MasterLink:
+        return MasterLink(
+            self,
             self.agent,
             self.name,
             self.config.tags,
             lambda: free_space(self.config.roots),
             on_registered=self._registered,
         )
+
+    def drop_revoked(self) -> None:
+        link = self.link
+        if link is not None and link.identity is not None and self.revocations.revoked(link.identity.serial):
+            log.error(
+                "dropping the master {name}: its certificate (serial {serial:x}) was revoked",
+                name=link.identity.name,
+                serial=link.identity.serial,
+            )
+            link.abort()
 
     def _registered(self) -> None:
         where = self.config.master
@@ -122,3 +148,46 @@ class NodeService(service.MultiService):
         d.addCallback(beat)
         d.addErrback(lambda failure: None)  # not connected now: ClientService is redialling
         return d
+
+
+@implementer(IHandshakeListener)
+class MasterLink(ReceiverControl):
+    """
+    A node's connection to its master: it registers only once the master's
+    certificate, already checked against the CA and the master's name by
+    the handshake, is also not revoked, so that a stolen master key learns
+    nothing of the node, not even its name.
+    """
+
+    register_on_connect = False
+
+    def __init__(self, node: NodeService, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.node = node
+        self.identity: tls.PeerIdentity | None = None
+
+    def handshakeCompleted(self) -> None:
+        transport: Any = self.transport
+        identity = tls.peer_identity(transport)
+        if self.node.revocations.revoked(identity.serial):
+            log.error(
+                "refusing the master {name} at {peer}: its certificate (serial {serial:x}) is revoked",
+                name=identity.name,
+                peer=transport.getPeer().host,
+                serial=identity.serial,
+            )
+            transport.abortConnection()
+            return
+        self.identity = identity
+        self.node.link = self
+        self.register()
+
+    def abort(self) -> None:
+        self.identity = None
+        transport: Any = self.transport
+        transport.abortConnection()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        super().connectionLost(reason)
+        if self.node.link is self:
+            self.node.link = None

@@ -57,6 +57,11 @@ def build(config: Config, reactor: Any) -> service.MultiService:
     """The services of one host, with an injected reactor."""
     logs.set_level(config.log_level)
     top = service.MultiService()
+    try:
+        revocations = tls.Revocations(config.tls.crl, config.tls.ca)
+    except Exception as e:
+        raise ConfigError(f"{config.path}: [tls] crl: {e}") from None
+    tls.RevocationWatch(reactor, revocations).setServiceParent(top)
     if config.master is not None:
         master = config.master
         try:
@@ -69,7 +74,7 @@ def build(config: Config, reactor: Any) -> service.MultiService:
             return endpoints.SSL4ServerEndpoint(reactor, master.port, options, interface=interface)
 
         try:
-            master_service = MasterService(reactor, master, endpoint)
+            master_service = MasterService(reactor, master, endpoint, revocations)
         except store.StoreError as e:
             raise ConfigError(f"{config.path}: [master] state_dir: {e}") from None
         master_service.setServiceParent(top)
@@ -85,7 +90,7 @@ def build(config: Config, reactor: Any) -> service.MultiService:
             MetricsService(reactor, master_service, host, port).setServiceParent(top)
     if config.node is not None:
         try:
-            node = NodeService(reactor, config.node, config.tls)
+            node = NodeService(reactor, config.node, config.tls, revocations)
         except ConfigError:
             raise
         except Exception as e:

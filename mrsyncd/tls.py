@@ -26,6 +26,9 @@ alert on its first read.  A client must therefore not treat its own
 
 from __future__ import annotations
 
+import os
+import signal
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import OpenSSL
@@ -33,6 +36,8 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from OpenSSL import crypto
+from twisted.application import service
+from twisted.internet import task
 from twisted.internet.ssl import (
     Certificate,
     CertificateOptions,
@@ -50,7 +55,9 @@ from mrsyncd.certs import (
     load_private_key,
     name_of,
     public_key_der,
+    revoked_serials,
     role_of,
+    tags_of,
     utcnow,
     validity,
 )
@@ -62,6 +69,8 @@ __all__ = [
     "CertificateFileError",
     "PeerIdentity",
     "PeerIdentityError",
+    "Revocations",
+    "RevocationWatch",
     "client_options",
     "peer_identity",
     "server_options",
@@ -90,10 +99,95 @@ class PeerIdentityError(Exception):
 
 
 class PeerIdentity(NamedTuple):
-    """Who is on the other end of a TLS connection: its name and its role."""
+    """Who is on the other end of a TLS connection: its name, its role and its certificate's serial."""
 
     name: str
     role: Role
+    serial: int = 0
+    #: What a node certificate grants (`certs.tags_of`).
+    tags: tuple[str, ...] = ()
+
+
+#: How often a daemon looks whether its revocation list changed.
+REVOCATION_POLL = 2.0
+
+
+class Revocations:
+    """
+    The serial numbers the cluster CA revoked (``[tls] crl``, made by
+    ``mrsync-ca revoke``), as this daemon last read them.  A list that is
+    missing or not signed by the CA stops the daemon at start-up; one that
+    goes bad later is logged and the last good one kept, so that a botched
+    copy neither lets revoked peers back in nor locks everyone out.
+    """
+
+    def __init__(self, path: str = "", ca_path: str = "") -> None:
+        """``path`` "": no list, nothing revoked."""
+        self.path = path
+        self._ca = _load_ca(ca_path) if path else None
+        self._stamp: tuple[int, int, int] | None = None
+        self.serials: frozenset[int] = frozenset()
+        #: Called after a reload that revoked more (`RevocationWatch`).
+        self.on_change: list[Callable[[], None]] = []
+        if path:
+            self.reload()
+
+    def revoked(self, serial: int) -> bool:
+        return serial in self.serials
+
+    def reload(self) -> bool:
+        """Read the list again if its file changed; True (and `on_change` called) if the serials changed."""
+        if self._ca is None:
+            return False
+        first = self._stamp is None
+        try:
+            st = os.stat(self.path)
+            stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+            if stamp == self._stamp:
+                return False
+            self._stamp = stamp
+            serials = revoked_serials(self.path, self._ca)
+        except (OSError, CertError) as e:
+            why = e if isinstance(e, CertError) else f"{self.path}: {e.strerror or e}"
+            if first:
+                raise CertificateFileError(f"revocation list {why}") from None
+            log.error("revocation list {why}: keeping the one read before", why=why)
+            return False
+        changed = serials != self.serials
+        self.serials = serials
+        if changed or first:
+            log.info("revocation list {path}: {n} certificates revoked", path=self.path, n=len(serials))
+        if changed:
+            for call in self.on_change:
+                call()
+        return changed
+
+
+class RevocationWatch(service.Service):
+    """
+    Reads the revocation list again every `REVOCATION_POLL` seconds and at
+    SIGHUP (``systemctl reload``), so that revoking a certificate reaches
+    every daemon within seconds, open connections included.
+    """
+
+    def __init__(self, reactor: Any, revocations: Revocations) -> None:
+        self.reactor = reactor
+        self.revocations = revocations
+        self._loop = task.LoopingCall(revocations.reload)
+        self._loop.clock = reactor
+
+    def startService(self) -> None:
+        super().startService()
+        self._loop.start(REVOCATION_POLL, now=False)
+        signal.signal(
+            signal.SIGHUP, lambda signum, frame: self.reactor.callFromThread(self.revocations.reload)
+        )
+
+    def stopService(self) -> None:  # type: ignore[override]
+        super().stopService()
+        if self._loop.running:
+            self._loop.stop()
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
 
 def server_options(ca_cert_path: str, cert_path: str, key_path: str) -> CertificateOptions:
@@ -106,7 +200,7 @@ def server_options(ca_cert_path: str, cert_path: str, key_path: str) -> Certific
     client certificate and to fail the handshake unless it chains to the CA.
     """
     ca = _load_ca(ca_cert_path)
-    cert, key = context_credentials(*_load_own(ca, cert_path, key_path, ("master",)))
+    cert, key = context_credentials(*_load_own(ca, cert_path, key_path, ("master",), refuse_expired=True))
     return CertificateOptions(
         privateKey=key,
         certificate=cert,
@@ -116,7 +210,7 @@ def server_options(ca_cert_path: str, cert_path: str, key_path: str) -> Certific
 
 
 def client_options(
-    ca_cert_path: str, cert_path: str, key_path: str, hostname: str
+    ca_cert_path: str, cert_path: str, key_path: str, hostname: str, refuse_expired: bool = False
 ) -> IOpenSSLClientConnectionCreator:
     """
     TLS options for a node or an operator dialling the master at ``hostname``.
@@ -124,9 +218,13 @@ def client_options(
     ``hostname`` is the name (or IP address) the client dials; the master's
     certificate must carry it as a subjectAltName, checked by
     ``service_identity``, and must chain to the cluster CA alone.
+    ``refuse_expired`` (a node daemon): an own certificate outside its
+    validity is an error, not a warning.
     """
     ca = _load_ca(ca_cert_path)
-    cert, key = context_credentials(*_load_own(ca, cert_path, key_path, ("node", "operator")))
+    cert, key = context_credentials(
+        *_load_own(ca, cert_path, key_path, ("node", "operator"), refuse_expired=refuse_expired)
+    )
     # The certificate and key go in as CertificateOptions' own arguments,
     # not as a PrivateCertificate, whose pyOpenSSL objects Twisted would pass on.
     return optionsForClientTLS(
@@ -164,7 +262,7 @@ def peer_identity(transport: object) -> PeerIdentity:
         raise PeerIdentityError("the peer presented no certificate")
     cert = peer.to_cryptography()
     try:
-        return PeerIdentity(name_of(cert), role_of(cert))
+        return PeerIdentity(name_of(cert), role_of(cert), cert.serial_number, tags_of(cert))
     except CertError as e:
         raise PeerIdentityError(str(e)) from None
 
@@ -181,13 +279,18 @@ def _load_ca(path: str) -> x509.Certificate:
 
 
 def _load_own(
-    ca: x509.Certificate, cert_path: str, key_path: str, roles: tuple[Role, ...]
+    ca: x509.Certificate,
+    cert_path: str,
+    key_path: str,
+    roles: tuple[Role, ...],
+    refuse_expired: bool = False,
 ) -> tuple[x509.Certificate, Any]:
     """
     Load this peer's certificate and key, and check them against each other,
     the CA and the role this side plays, so that a misconfiguration is
     reported at start-up with file names rather than as a handshake failure
-    on the peer.
+    on the peer.  A daemon (``refuse_expired``) does not start with a
+    certificate outside its validity: every peer would refuse it.
     """
     cert = load_certificate(cert_path)
     key = load_private_key(key_path)
@@ -208,6 +311,11 @@ def _load_own(
     before, after = validity(cert)
     now = utcnow()
     if not before <= now <= after:
+        if refuse_expired:
+            raise CertificateFileError(
+                f"{cert_path}: certificate valid only from {before} to {after} (now {now}):"
+                " issue a new one (mrsync-ca issue --force)"
+            )
         log.warn(
             "{path}: certificate valid only from {before} to {after}",
             path=cert_path,

@@ -147,6 +147,7 @@ class CA:
         ips: Sequence[str] = (),
         out: str | Path | None = None,
         expired: bool = False,
+        tags: Sequence[str] = (),
     ) -> tuple[str, str]:
         """Issue a certificate; ``expired`` makes one that ended yesterday. Returns (cert, key)."""
         out = str(out or self.out)
@@ -157,8 +158,13 @@ class CA:
                 "not_before": now - datetime.timedelta(days=10),
                 "not_after": now - datetime.timedelta(days=1),
             }
-        certs.issue(self.directory, role, name, out, 30, dns, ips, **when)
+        certs.issue(self.directory, role, name, out, 30, dns, ips, tags=tags, **when)
         return os.path.join(out, name + ".crt"), os.path.join(out, name + ".key")
+
+    def revoke(self, *cert_paths: str) -> str:
+        """Add these certificates to the CA's revocation list (made if missing): its path."""
+        certs.revoke(self.directory, [certs.load_certificate(p).serial_number for p in cert_paths])
+        return os.path.join(self.directory, certs.CRL)
 
 
 class Daemon:
@@ -323,6 +329,7 @@ class Cluster:
         interface: str = "lo",
         loopback: bool = True,
         master_netns: str | None = None,
+        crl: bool = False,
         **master_options: Any,
     ) -> None:
         self.base = Path(base)
@@ -333,6 +340,8 @@ class Cluster:
         self.python = python
         self.mount_ns = can_unshare() if mount_ns is None else mount_ns
         self.ca = CA(self.base / "ca", self.base / "certs")
+        #: ``crl``: every daemon reads the CA's revocation list (empty at first; `CA.revoke`).
+        self.tls_extra = {"crl": self.ca.revoke()} if crl else {}
         self.port = free_tcp_port()
         self.address = f"{host}:{self.port}"
         self.max_jobs = max_jobs
@@ -348,6 +357,9 @@ class Cluster:
         self.others: list[Daemon] = []
 
     # Configuration.
+
+    def tls(self, cert: str, key: str) -> dict[str, str]:
+        return {"ca": self.ca.cert, "certificate": cert, "key": key, **self.tls_extra}
 
     def master_config(self, path: str | Path | None = None, **overrides: Any) -> Path:
         cert, key = self.master_cert
@@ -367,7 +379,7 @@ class Cluster:
         }
         return write_toml(
             path or self.base / "master.toml",
-            {"tls": {"ca": self.ca.cert, "certificate": cert, "key": key}, "master": master},
+            {"tls": self.tls(cert, key), "master": master},
         )
 
     def node_config(
@@ -379,7 +391,8 @@ class Cluster:
         identity: tuple[str, str] | None = None,
         **overrides: Any,
     ) -> Path:
-        cert, key = identity or self.ca.issue("node", name)
+        # The certificate grants the tags the configuration names.
+        cert, key = identity or self.ca.issue("node", name, tags=tags)
         node = {
             "master": self.address,
             "interface": self.interface,
@@ -389,7 +402,7 @@ class Cluster:
         }
         return write_toml(
             self.base / f"{name}.toml",
-            {"tls": {"ca": self.ca.cert, "certificate": cert, "key": key}, "node": node},
+            {"tls": self.tls(cert, key), "node": node},
         )
 
     def node_dir(self, name: str) -> Path:

@@ -38,6 +38,7 @@ from tests.daemon import (
     CA,
     REPO,
     TWISTD,
+    AmpClient,
     Cluster,
     Daemon,
     FinalPaths,
@@ -443,6 +444,73 @@ def test_set_id_bits_arrive_only_where_the_node_allows_them(fleet: Cluster) -> N
     assert modes == {"node1": "0o755", "node2": "0o4755"}, modes
 
 
+def test_tags_come_from_the_node_certificate(tmp_path: Path) -> None:
+    """
+    A node is targeted by the tags its certificate grants; its own
+    configuration may narrow them, and a tag it claims beyond them is
+    ignored and logged: a stolen node key cannot claim @secrets.
+    """
+    c = Cluster(tmp_path, mount_ns=False)
+    try:
+        master = c.start_master()
+        c.add_node("n1", tags=["rack1"], identity=c.ca.issue("node", "n1", tags=["gpu", "rack1"]))
+        c.add_node("n2", tags=["secrets"], identity=c.ca.issue("node", "n2"))
+        c.add_node("n3", identity=c.ca.issue("node", "n3", tags=["gpu"]))
+        nodes = {n["name"]: sorted(n["tags"]) for n in c.cli_json("nodes")}
+        assert nodes == {"n1": ["rack1"], "n2": [], "n3": ["gpu"]}, nodes
+        assert "node n2 claims tags its certificate does not grant, ignored: secrets" in master.log()
+        src = c.base / "src-tags"
+        src.mkdir()
+        support.write_file(str(src / "f"), b"x")
+        refused = c.cli("push", f"{src}/", f"@secrets:{c.shared}/t")
+        said = refused.stdout + refused.stderr
+        assert refused.returncode != 0 and "no nodes match '@secrets'" in said, refused
+        gpu = c.cli_json("push", f"{src}/", f"@gpu:{c.shared}/t")
+        assert sorted(gpu["nodes"]) == ["n3"], gpu
+    finally:
+        c.close()
+
+
+def test_revoked_node_and_operator_are_dropped_while_connected(tmp_path: Path) -> None:
+    """
+    Every daemon reads the CA's revocation list ([tls] crl).  An operator and
+    a node, connected, are dropped within seconds of the CA revoking them
+    and refused when they dial again; the other node stays.  A node drops a
+    master whose certificate is revoked, and does not register with it.
+    """
+    c = Cluster(tmp_path, crl=True, mount_ns=False)
+    try:
+        assert c.start_master() is not None
+        for name in ("node1", "node2"):
+            c.add_node(name)
+        c.wait_node_states({"node1": "connected", "node2": "connected"})
+        assert c.master is not None
+        with AmpClient.connect("127.0.0.1", c.port, c.ca.cert, c.operator) as operator:
+            assert b"nodes" in operator.call("ListNodes")
+            since = c.master.mark()
+            c.ca.revoke(c.operator[0], str(c.base / "certs" / "node2.crt"))
+            serial = r"\(serial [0-9a-f]+\)"
+            c.master.wait_log(rf"dropping operator operator: its certificate {serial} was revoked", 10, since)
+            c.master.wait_log(r"dropping node node2: its certificate", 10, since)
+            assert operator.closed(10), "the revoked operator's connection stayed open"
+        # node2 dials again and again, and is refused each time; node1 stays.
+        c.master.wait_log(rf"refused node node2 from [^:]+: its certificate {serial} is revoked", 15, since)
+        fresh = c.ca.issue("operator", "fresh-operator")
+        states = {n["name"]: n["state"] for n in json.loads(c.cli("nodes", "--json", identity=fresh).stdout)}
+        assert states == {"node1": "connected", "node2": "disconnected"}, states
+        refused = c.cli("nodes", identity=c.operator)
+        assert refused.returncode != 0, refused.stdout
+        # The master's own certificate revoked: node1 drops it and does not register again.
+        node1 = c.nodes["node1"]
+        mark = node1.mark()
+        c.ca.revoke(c.master_cert[0])
+        node1.wait_log(r"dropping the master master: its certificate", 10, mark)
+        node1.wait_log(r"refusing the master master at [^:]+: its certificate .* is revoked", 15, mark)
+        assert "registered as node1" not in node1.log(mark)
+    finally:
+        c.close()
+
+
 # 5. Crashes mid-transfer.
 
 
@@ -836,3 +904,31 @@ def test_missing_certificate_file_stops_startup(tmp_path: Path) -> None:
     assert result.returncode == EXIT_CONFIG, said
     assert str(path) in said and str(missing) in said, said
     assert "master listening" not in said
+
+
+@pytest.mark.parametrize("case", ["expired-master", "expired-node", "missing-crl"])
+def test_an_expired_own_certificate_or_a_missing_crl_stops_startup(tmp_path: Path, case: str) -> None:
+    ca = CA(tmp_path / "ca", tmp_path / "certs")
+    if case == "expired-node":
+        cert, key = ca.issue("node", "n1", expired=True)
+        body: dict[str, Any] = {"node": {"master": "127.0.0.1:1", "roots": [str(tmp_path)]}}
+    else:
+        cert, key = ca.issue("master", "m", expired=case == "expired-master")
+        body = {"master": {"address": "127.0.0.1", "port": 1, "state_dir": str(tmp_path / "state")}}
+    tls_section = {"ca": ca.cert, "certificate": cert, "key": key}
+    if case == "missing-crl":
+        tls_section["crl"] = str(tmp_path / "ca" / "crl.pem")
+    path = write_toml(tmp_path / "daemon.toml", {"tls": tls_section, **body})
+    result = subprocess.run(
+        [sys.executable, "-c", TWISTD, "-n", "--pidfile=", "mrsyncd", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))},
+        cwd=tmp_path,
+    )
+    said = result.stdout + result.stderr
+    assert result.returncode == EXIT_CONFIG, said
+    wanted = "crl.pem: No such file" if case == "missing-crl" else "certificate valid only from"
+    assert wanted in said and str(path) in said, said
+

@@ -386,6 +386,8 @@ class Daemon:
         self.log = log
         argv, user = unit_command(unit)
         assert unit_settings(unit)["Type"] == "notify", unit
+        # systemctl reload: the daemon rereads its revocation list (mrsyncd.tls.RevocationWatch).
+        assert unit_settings(unit)["ExecReload"] == "/bin/kill -HUP $MAINPID", unit
         pw = pwd.getpwnam(user)
         # What systemd would do for User=, NoNewPrivileges=yes and an empty
         # CapabilityBoundingSet=: drop to the user with its groups, no way

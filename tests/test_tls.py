@@ -13,10 +13,12 @@ from __future__ import annotations
 import datetime
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import sys
 import tempfile
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -34,6 +36,7 @@ from twisted.internet.ssl import (
     TLSVersion,
     optionsForClientTLS,
 )
+from twisted.internet.task import Clock
 from twisted.trial import unittest
 from zope.interface import implementer
 
@@ -193,9 +196,11 @@ class HandshakeTests(unittest.TestCase):
         for (cert, key), expected in [(self.node, ("node1", "node")), (self.operator, ("alice", "operator"))]:
             options = tls.client_options(self.cluster.ca, cert, key, MASTER)
             client, client_reason, server_reason = yield self.exchange(factory, options)
-            self.assertEqual(factory.identities[-1], expected)
+            identity = factory.identities[-1]
+            self.assertEqual(identity, (*expected, certs.load_certificate(cert).serial_number, ()))
             self.assertEqual(client.received, "{} {}\n".format(*expected).encode())
-            self.assertEqual(client.server, (MASTER, "master"))
+            master_serial = certs.load_certificate(self.master[0]).serial_number
+            self.assertEqual(client.server, (MASTER, "master", master_serial, ()))
             client_reason.trap(ConnectionDone)
         self.assertEqual([i.role for i in factory.identities], ["node", "operator"])
 
@@ -330,6 +335,27 @@ class CertificateTests(unittest.SynchronousTestCase):
         self.base = temp_dir(self)
         self.cluster = Cluster(self.base)
 
+    def test_node_tags(self) -> None:
+        tagged = certs.issue(
+            self.cluster.ca_dir, "node", "n1", self.cluster.out, tags=["gpu", "rack-2", "gpu"]
+        )
+        self.assertEqual(certs.tags_of(tagged), ("gpu", "rack-2"))
+        self.assertIn("tags:        gpu, rack-2", certs.describe(tagged))
+        self.assertEqual(certs.tags_of(certs.issue(self.cluster.ca_dir, "node", "n2", self.cluster.out)), ())
+        with self.assertRaisesRegex(certs.CertError, "only node certificates carry tags"):
+            certs.issue(self.cluster.ca_dir, "operator", "o", self.cluster.out, tags=["gpu"])
+        with self.assertRaisesRegex(certs.CertError, "bad tag 'a b'"):
+            certs.issue(self.cluster.ca_dir, "node", "n3", self.cluster.out, tags=["a b"])
+        # Many tags (a long form DER length), and what is not our encoding.
+        many = [f"t{i:03d}" for i in range(60)]
+        self.assertEqual(
+            certs.tags_of(certs.issue(self.cluster.ca_dir, "node", "n4", self.cluster.out, tags=many)),
+            tuple(many),
+        )
+        for bad in (b"", b"\x31\x00", b"\x30\x05\x0c\x03gp", b"\x30\x02\x04\x00", b"\x30\x00\x00"):
+            with self.assertRaises(ValueError):
+                certs._strings_from_der(bad)
+
     def test_role_and_names(self) -> None:
         cert = certs.issue(
             self.cluster.ca_dir,
@@ -428,6 +454,76 @@ class CertificateTests(unittest.SynchronousTestCase):
         self.assertEqual(certs.validity(cert)[1], certs.validity(ca)[1])
 
 
+class ReactorFromThread:
+    """A clock whose callFromThread calls at once: what a signal handler needs of a reactor, and no more."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.clock, name)
+
+    def callFromThread(self, f: Any, *args: Any) -> None:  # noqa: N802
+        f(*args)
+
+
+class RevocationsTests(unittest.SynchronousTestCase):
+    """A daemon's view of the revocation list: read at start, reread when it changes."""
+
+    def setUp(self) -> None:
+        self.base = temp_dir(self)
+        self.ca_dir = os.path.join(self.base, "ca")
+        certs.create_ca(self.ca_dir, "test CA", 30)
+        self.ca = os.path.join(self.ca_dir, "ca.crt")
+        self.crl = os.path.join(self.ca_dir, certs.CRL)
+
+    def test_missing_or_foreign_list_stops_the_start(self) -> None:
+        with self.assertRaisesRegex(certs.CertificateFileError, "revocation list .*crl.pem: No such file"):
+            tls.Revocations(self.crl, self.ca)
+        other = os.path.join(self.base, "other")
+        certs.create_ca(other, "other CA", 30)
+        certs.revoke(other, [5])
+        with self.assertRaisesRegex(certs.CertificateFileError, "not a revocation list of the cluster CA"):
+            tls.Revocations(os.path.join(other, certs.CRL), self.ca)
+
+    def test_a_change_is_read_and_a_bad_copy_keeps_the_last_good_list(self) -> None:
+        certs.revoke(self.ca_dir, [7])
+        revocations = tls.Revocations(self.crl, self.ca)
+        calls: list[frozenset[int]] = []
+        revocations.on_change.append(lambda: calls.append(revocations.serials))
+        self.assertTrue(revocations.revoked(7) and not revocations.revoked(8))
+        self.assertFalse(revocations.reload())  # unchanged file: not even read
+        certs.revoke(self.ca_dir, [8])
+        self.assertTrue(revocations.reload())
+        self.assertEqual(calls, [frozenset({7, 8})])
+        with open(self.crl, "w") as f:
+            f.write("garbage")
+        self.assertFalse(revocations.reload())
+        self.assertTrue(revocations.revoked(8))
+        os.unlink(self.crl)
+        self.assertFalse(revocations.reload())
+        self.assertEqual(revocations.serials, frozenset({7, 8}))
+
+    def test_a_hangup_rereads_the_list_at_once(self) -> None:
+        """SIGHUP (``systemctl reload``) rereads the list without waiting for the next poll."""
+        certs.revoke(self.ca_dir, [7])
+        revocations = tls.Revocations(self.crl, self.ca)
+        clock = Clock()  # the poll never comes: only the signal can reread the list
+        watch = tls.RevocationWatch(ReactorFromThread(clock), revocations)
+        watch.startService()
+        self.addCleanup(watch.stopService)
+        certs.revoke(self.ca_dir, [9])
+        os.kill(os.getpid(), signal.SIGHUP)
+        self.assertTrue(revocations.revoked(9))
+        watch.stopService()
+        self.assertEqual(signal.getsignal(signal.SIGHUP), signal.SIG_DFL)
+
+    def test_no_list_revokes_nothing(self) -> None:
+        revocations = tls.Revocations()
+        self.assertFalse(revocations.reload())
+        self.assertFalse(revocations.revoked(1))
+
+
 class CommandLineTests(unittest.SynchronousTestCase):
     """``mrsync-ca`` as a user runs it, in a subprocess."""
 
@@ -453,6 +549,28 @@ class CommandLineTests(unittest.SynchronousTestCase):
         self.assertTrue(result.stderr.startswith("mrsync-ca: "), result.stderr)
         for fragment in fragments:
             self.assertIn(fragment, result.stderr)
+
+    def test_revoke_by_name_and_by_serial(self) -> None:
+        self.assertEqual(self.run_ca("init", "ca").returncode, 0)
+        self.assertEqual(self.run_ca("issue", "ca", "--role", "node", "n1").returncode, 0)
+        issued = self.run_ca("issue", "ca", "--role", "operator", "op", "--out", "elsewhere")
+        self.assertEqual(issued.returncode, 0, issued)
+        ca = certs.load_certificate(os.path.join(self.base, "ca", "ca.crt"))
+        crl = os.path.join(self.base, "ca", certs.CRL)
+        n1 = certs.load_certificate(os.path.join(self.base, "ca", "n1.crt")).serial_number
+        op = certs.load_certificate(os.path.join(self.base, "elsewhere", "op.crt")).serial_number
+        result = self.run_ca("revoke", "ca", "n1")
+        self.assertEqual(result.returncode, 0, result)
+        self.assertIn(f"revoked 'n1' (serial {n1:x})", result.stdout)
+        self.assertEqual(certs.revoked_serials(crl, ca), {n1})
+        # Not in the CA directory: by the serial 'show' prints.
+        shown = self.run_ca("show", os.path.join("elsewhere", "op.crt")).stdout
+        serial = next(line.split()[1] for line in shown.splitlines() if line.startswith("serial:"))
+        self.assertEqual(self.run_ca("revoke", "ca", serial).returncode, 0)
+        # Twice is harmless.
+        self.assertEqual(self.run_ca("revoke", "ca", "n1").returncode, 0)
+        self.assertEqual(certs.revoked_serials(crl, ca), {n1, op})
+        self.assert_fails(1, ["revoke", "ca", "nobody"], "no ", "nobody.crt", "is no serial number")
 
     def test_init_issue_show(self) -> None:
         result = self.run_ca("init", "ca", "--name", "Lab CA", "--days", "100")
@@ -489,7 +607,7 @@ class CommandLineTests(unittest.SynchronousTestCase):
         self.assert_fails(2, ["issue", "ca", "n1"], "--role is required")
         self.assert_fails(2, ["issue", "ca", "--role", "node", "../n1"], "bad name")
         self.assert_fails(2, ["init", "ca", "--days", "zero"], "whole number")
-        self.assert_fails(2, [], "say init, issue or show")
+        self.assert_fails(2, [], "say init, issue, show or revoke")
         self.assertFalse(os.path.exists(os.path.join(self.base, "ca")))
 
     def test_failures(self) -> None:
