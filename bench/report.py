@@ -10,6 +10,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from bench.scenarios import TREE_MASTER_RSS, TREE_NODE_RSS
+
 MiB = 1 << 20
 #: CPU is compared per this much payload, mrsyncd's datagram payload: the
 #: tools put different payloads in a datagram, so "per datagram" is per
@@ -43,11 +45,67 @@ def derived(case: dict[str, Any], r: dict[str, Any]) -> dict[str, Any]:
         # The share of one core a receiver would need to keep up with the
         # full link: its CPU seconds over the transfer's time at link rate.
         out["recv_core_at_link"] = out["recv_cpu_mean"] / (case["size"] * 8 / case["link_bps"])
+    if (r.get("sender") or {}).get("hwm_bytes"):
+        out["send_hwm"] = r["sender"]["hwm_bytes"]
+    details = r.get("details") or {}
+    changed = details.get("changed_1pct") or {}
+    if changed.get("sent_bytes") is not None and changed.get("changed_bytes"):
+        # A tree pushed again with some files changed: what it sent per changed byte.
+        out["changed_sent_ratio"] = changed["sent_bytes"] / changed["changed_bytes"]
     return out
+
+
+def push_text(push: dict[str, Any]) -> str:
+    """One of a tree's later pushes (``details["again"]``, ``["changed_1pct"]``) in a few words."""
+    sent = push.get("sent_bytes")
+    text = f"{_f(push.get('seconds'), '.2f')} s, {_n(sent)} B sent"
+    if push.get("changed_bytes") and sent is not None:
+        text += f" ({sent / push['changed_bytes']:.2f} x the changed files' bytes)"
+    verified = push.get("verified")
+    if verified:
+        text += f", {sum(verified.values())}/{len(verified)} nodes verified"
+    return text + (f"; {push['error']}" if push.get("error") else "")
+
+
+def tree_lines(doc: dict[str, Any]) -> list[str]:
+    """Under the table, for each tree case: peak RSS, and mrsyncd's later pushes of the tree."""
+    lines = []
+    for c in doc["cases"]:
+        case = c["case"]
+        if not case.get("files"):
+            continue
+        for tool, r in c["results"].items():
+            d = derived(case, r)
+            lines.append(
+                f"- {case['label']}, {tool}: {case['files']:,} files, {case['size']:,} B; peak RSS: sender "
+                f"{_f(d.get('send_hwm') and d['send_hwm'] / MiB, '.1f')} MiB, nodes up to "
+                f"{_f(d.get('recv_hwm_max') and d['recv_hwm_max'] / MiB, '.1f')} MiB"
+            )
+            details = r.get("details") or {}
+            if details.get("again"):
+                lines.append(f"  - the same push again: {push_text(details['again'])}")
+            changed = details.get("changed_1pct")
+            if changed:
+                lines.append(
+                    f"  - {_n(changed.get('files'))} files changed ({_n(changed.get('changed_bytes'))} B), "
+                    f"pushed: {push_text(changed)}"
+                )
+            after = details.get("hwm_after_pushes")
+            if after:
+                lines.append(
+                    f"  - peak RSS after those pushes: master {after['master'] / MiB:.1f} MiB, "
+                    f"nodes up to {after['nodes_max'] / MiB:.1f} MiB"
+                )
+    return lines
 
 
 def _f(value: float | None, fmt: str) -> str:
     return "–" if value is None else format(value, fmt)
+
+
+def _n(value: int | None) -> str:
+    """A count of bytes (or anything) with thousands separated; – for none."""
+    return "–" if value is None else f"{value:,}"
 
 
 def table(doc: dict[str, Any]) -> str:
@@ -99,6 +157,9 @@ def table(doc: dict[str, Any]) -> str:
                         f"| {case['label']} | iperf3 during {tool} | | | {bps / 1e6:.1f} "
                         f"| {bps / case['link_bps'] * 100:.0f}% of link |" + " |" * 9
                     )
+    trees = tree_lines(doc)
+    if trees:
+        lines += ["", *trees]
     return "\n".join(lines)
 
 
@@ -138,14 +199,14 @@ def targets(doc: dict[str, Any]) -> list[dict[str, Any]]:
         goal = 0.93 if name == "A" else 0.88
         e = eff(cases[0])
         add(f"mrsyncd efficiency >= {goal:.0%}", e, ">=", goal, f"{_f(e and e * 100, '.1f')}%")
-    if name in ("A", "B", "C", "N", "H"):
+    if name in ("A", "B", "C", "N", "H", "T"):
         for peer in ("udpcast", "uftp"):
             if peer in cases[0]["results"]:
                 m, p = wall(cases[0]), wall(cases[0], peer)
                 # The time against the peer's; 0 when the peer did not finish.
                 ratio = None if m is None else (m / p if p else 0.0)
-                add(f"mrsyncd faster than {peer}", ratio, "<=", 1.0, f"{_f(m, '.1f')} s vs {_f(p, '.1f')} s")
-    if name == "H":
+                add(f"mrsyncd faster than {peer}", ratio, "<=", 1.0, f"{_f(m, '.2f')} s vs {_f(p, '.2f')} s")
+    if name in ("H", "T"):
         c = cases[0]
         m = wall(c)
         bound = c["case"]["size"] * 8 / c["case"]["link_bps"]
@@ -155,6 +216,58 @@ def targets(doc: dict[str, Any]) -> list[dict[str, Any]]:
             "<=",
             1.5,
             f"{_f(m, '.1f')} s vs bound {bound:.1f} s",
+        )
+    if name == "T":
+        details = _tool(cases[0]).get("details") or {}
+        again = details.get("again") or {}
+        again_s = again.get("seconds") if again.get("rc") == 0 else None
+        add(
+            "the same push again, nothing changed, ends in < 1.5 s",
+            again_s,
+            "<",
+            1.5,
+            f"{_f(again_s, '.2f')} s, {_n(again.get('sent_bytes'))} B sent",
+        )
+        changed = details.get("changed_1pct") or {}
+        ratio = derived(cases[0]["case"], _tool(cases[0])).get("changed_sent_ratio")
+        if changed.get("rc") != 0 or not all((changed.get("verified") or {"": False}).values()):
+            ratio = None  # failed, or the nodes do not hold the changed tree
+        add(
+            "with 1% of the files changed, it sends <= 1.25 x their bytes",
+            ratio,
+            "<=",
+            1.25,
+            f"{_n(changed.get('sent_bytes'))} B sent for {_n(changed.get('files'))} files of "
+            f"{_n(changed.get('changed_bytes'))} B = {_f(ratio, '.2f')}, "
+            f"in {_f(changed.get('seconds'), '.2f')} s",
+        )
+    if name == "T100k":
+        c = cases[0]
+        r = _tool(c)
+        verified = r.get("verified") or {}
+        share = sum(verified.values()) / c["case"]["nodes"] if verified else None
+        add(
+            "every node's copy identical to the source",
+            share,
+            ">=",
+            1.0,
+            f"{sum(verified.values())}/{c['case']['nodes']} nodes verified",
+        )
+        d = derived(c["case"], r)
+        node, master = d.get("recv_hwm_max"), d.get("send_hwm")
+        add(
+            f"node peak RSS <= {TREE_NODE_RSS // MiB} MiB",
+            node and node / MiB,
+            "<=",
+            TREE_NODE_RSS / MiB,
+            f"{_f(node and node / MiB, '.1f')} MiB, the largest of {len(r.get('receivers') or [])} nodes",
+        )
+        add(
+            f"master peak RSS <= {TREE_MASTER_RSS // MiB} MiB",
+            master and master / MiB,
+            "<=",
+            TREE_MASTER_RSS / MiB,
+            f"{_f(master and master / MiB, '.1f')} MiB",
         )
     if name == "D" and len(cases) == 2:
         one, many = wall(cases[0]), wall(cases[1])
@@ -407,7 +520,7 @@ def chart(docs: list[dict[str, Any]], out: Path, title: str = "") -> Path:
         return found
 
     def plain(k: dict[str, Any]) -> bool:
-        return not k["slow_nodes"] and not k["tcp_competitor"]
+        return not k["slow_nodes"] and not k["tcp_competitor"] and not k.get("files")
 
     dashes = ["-", "--", ":", "-."]
     panels = [

@@ -4,11 +4,13 @@ The LAN benchmark: mrsyncd against udpcast and UFTP on a LAN of namespaces.
     sudo python3 bench/run.py --scenario A            # one scenario (see --list)
     sudo python3 bench/run.py --scenario A --size 50M  # the same with a smaller file
     sudo python3 bench/run.py --all                    # the issue's scenarios A-G
+    sudo python3 bench/run.py --scenario T --files 500 # a tree scenario with fewer files
 
 Each case builds a fresh LAN (bench/netlan.py), then every tool sends the
-same file to every node in turn (bench/runners.py); every copy is checked
-against the source's sha256.  Results go to bench/results/ as JSON, a
-Markdown table and a PNG chart; see bench/README.md.
+same file (or tree of files) to every node in turn (bench/runners.py); every
+copy is checked against the source's sha256 (or the tree's digest).  Results
+go to bench/results/ as JSON, a Markdown table and a PNG chart; see
+bench/README.md.
 """
 
 from __future__ import annotations
@@ -34,8 +36,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import report  # noqa: E402
 from bench.netlan import Lan, sweep_dead_runs  # noqa: E402
-from bench.runners import RUNNERS, Competitor, Context, measure  # noqa: E402
-from bench.scenarios import ISSUE_SCENARIOS, SCENARIOS, MiB, Scenario, parse_size, resized  # noqa: E402
+from bench.runners import RUNNERS, Competitor, Context, measure, tree_digest  # noqa: E402
+from bench.scenarios import (  # noqa: E402
+    ISSUE_SCENARIOS,
+    SCENARIOS,
+    Case,
+    MiB,
+    Scenario,
+    parse_size,
+    resized,
+    retreed,
+    tree_layout,
+)
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -50,6 +62,11 @@ NEEDS = {
     "uftpd": "uftp",
 }
 
+
+#: Seconds each file of a tree case adds to a tool's timeout, besides its
+#: bytes' time: UFTP announces and closes every file in turn (1.3-2.6 ms a
+#: file here).
+TREE_FILE_TIMEOUT = 0.01
 
 #: Debian packages the run needs besides the commands of `NEEDS`: the chart,
 #: and what builds mrsyncd's C module (setup.py).
@@ -99,7 +116,26 @@ def interrupt_on_signals() -> None:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
-def make_source(workdir: Path, size: int, cache: dict[int, tuple[Path, str]]) -> tuple[Path, str]:
+def make_source(workdir: Path, case: Case, cache: dict[Any, tuple[Path, str]]) -> tuple[Path, str]:
+    """
+    The case's source and its digest, made once a run: a file of random
+    bytes and its sha256, or, for a tree case, ``src-tree-<files>-…/tree``
+    laid out by `tree_layout` (random contents) and its `tree_digest`.
+    """
+    if case.files:
+        key: Any = ("tree", case.files, case.dirs, case.file_min, case.file_max)
+        if key not in cache:
+            root = workdir / f"src-tree-{case.files}-{case.dirs}-{case.file_min}-{case.file_max}" / "tree"
+            listing = {}
+            for rel, n in tree_layout(case.files, case.dirs, case.file_min, case.file_max):
+                path = root / rel
+                path.parent.mkdir(parents=True, exist_ok=True)
+                data = os.urandom(n)
+                path.write_bytes(data)
+                listing[rel] = (n, hashlib.sha256(data).hexdigest())
+            cache[key] = (root, tree_digest(listing))
+        return cache[key]
+    size = case.size
     if size not in cache:
         d = workdir / f"src-{size}"
         d.mkdir(parents=True, exist_ok=True)
@@ -166,16 +202,17 @@ def run_case(
     args: argparse.Namespace,
     workdir: Path,
     logdir: Path,
-    sources: dict[int, tuple[Path, str]],
+    sources: dict[Any, tuple[Path, str]],
 ) -> dict[str, Any]:
     case = scenario.cases[case_index]
-    source, digest = make_source(workdir, case.size, sources)
+    source, digest = make_source(workdir, case, sources)
     slowest = case.link_bps * (case.slow_factor if case.slow_nodes else 1)
-    timeout = args.timeout or (4 * case.size * 8 / slowest + 90)
+    # A tree's files cost each tool some time of their own besides their bytes.
+    timeout = args.timeout or (4 * case.size * 8 / slowest + 90 + case.files * TREE_FILE_TIMEOUT)
     doc: dict[str, Any] = {"case": asdict(case), "results": {}}
     print(
         f"\n== {scenario.name}: {case.label} ({case.nodes} nodes, {case.link_bps / 1e6:g} Mbit/s, "
-        f"{case.size / MiB:g} MiB, loss {case.loss:.1%}"
+        f"{case.size / MiB:g} MiB{f' in {case.files:,} files' if case.files else ''}, loss {case.loss:.1%}"
         f"{f', {case.slow_nodes} slow' if case.slow_nodes else ''}"
         f"{', TCP competitor' if case.tcp_competitor else ''})",
         flush=True,
@@ -233,6 +270,15 @@ def run_case(
                 f"{'  ' + result.error if result.error else ''}",
                 flush=True,
             )
+            again, changed = d["details"].get("again"), d["details"].get("changed_1pct")
+            if again:
+                print(f"   {'':16} the same push again: {report.push_text(again)}", flush=True)
+            if changed:
+                print(
+                    f"   {'':16} {changed['files']} files changed ({changed['changed_bytes']:,} B): "
+                    f"{report.push_text(changed)}",
+                    flush=True,
+                )
             if profile is not None:
                 for who, path in (
                     ("sender", profile),
@@ -296,7 +342,11 @@ def summary_chart() -> Path | None:
             doc = json.loads(p.read_text())
         except ValueError:
             continue
-        if doc.get("size_override") or str(doc.get("machine", {}).get("code_from", "")).startswith("/tmp"):
+        if (
+            doc.get("size_override")
+            or doc.get("files_override")
+            or str(doc.get("machine", {}).get("code_from", "")).startswith("/tmp")
+        ):
             continue
         key = (1, doc.get("started", ""), p)
         if doc["scenario"] not in latest or key[:2] > latest[doc["scenario"]][:2]:
@@ -317,6 +367,9 @@ def main() -> int:
     parser.add_argument("--all", action="store_true", help=f"run {', '.join(ISSUE_SCENARIOS)}")
     parser.add_argument("--list", action="store_true", help="list the scenarios and tools")
     parser.add_argument("--size", help="file size for every case instead of the scenario's (e.g. 50M)")
+    parser.add_argument(
+        "--files", type=int, help="files in every tree case instead of the scenario's (e.g. 500: a quick run)"
+    )
     parser.add_argument(
         "--tools", help=f"comma-separated, from {', '.join(RUNNERS)} (default: the scenario's)"
     )
@@ -381,21 +434,27 @@ def main() -> int:
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     workdir = Path(args.workdir) / f"mrbench-{os.getpid()}"
     workdir.mkdir(parents=True)
-    sources: dict[int, tuple[Path, str]] = {}
+    sources: dict[Any, tuple[Path, str]] = {}
     args.code, args.code_digest = snapshot_code(workdir, Path(args.code_from))
     size = parse_size(args.size) if args.size else None
+    if args.files is not None and args.files < 1:
+        parser.error("--files must be at least 1")
     status = 0
     try:
         for name in names:
             scenario = SCENARIOS[name]
             if size:
                 scenario = resized(scenario, size)
+            if args.files:
+                scenario = retreed(scenario, args.files)
             tools = tools_override or list(scenario.tools)
             if scenario.name == "E" and not tools_override:
                 tools = [*tools, "uftp-tfmcc"]
             docs = []
             for run in range(args.repeat):
                 tag = f"{name}-{size // MiB}MiB" if size else f"{name}-full"
+                if args.files and any(c.files for c in scenario.cases):
+                    tag = f"{name}-{args.files}files"
                 if args.repeat > 1:
                     tag += f"-run{run + 1}"
                 doc = run_scenario(scenario, tag, stamp, tools, args, workdir, sources, size)
@@ -428,7 +487,7 @@ def run_scenario(
     tools: list[str],
     args: argparse.Namespace,
     workdir: Path,
-    sources: dict[int, tuple[Path, str]],
+    sources: dict[Any, tuple[Path, str]],
     size: int | None,
 ) -> dict[str, Any]:
     """Every case of a scenario with every tool: written as JSON, a table and a chart."""
@@ -439,6 +498,7 @@ def run_scenario(
         "target": scenario.target,
         "notes": scenario.notes,
         "size_override": size,
+        "files_override": args.files,
         "rate_factor": args.rate_factor,
         "started": datetime.datetime.now().isoformat(timespec="seconds"),
         "machine": {**versions(), "mrsyncd_code_sha256": args.code_digest, "code_from": args.code_from},

@@ -6,6 +6,9 @@ A runner starts the receivers (as a cluster would have them waiting), then
 where each node's copy lands.  `measure` does the rest for every tool alike:
 counters, per-node completion times (the copy at its final path with its
 full size), CPU and memory of every process, and the sha256 of every copy.
+A tree case (`Case.files`) is complete at every node when its sender exits
+successfully, and each copy is walked and compared with the source's
+`tree_digest` afterwards.
 
 To add a tool, subclass `Runner` and register it in `RUNNERS`.
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import re
 import resource
 import shutil
@@ -241,6 +245,13 @@ class Runner:
     def sender_usage(self, submitted: Proc) -> dict[str, Any]:
         """What sending cost, as `Proc.usage` says it: the submitted process, for most tools."""
         return submitted.usage()
+
+    def after_first(self, result: ToolResult) -> None:
+        """
+        More work once the timed transfer is done and verified, before the
+        processes stop (figures go to ``result.details``; a failure sets
+        ``result.error`` and ``result.ok``): nothing, for most tools.
+        """
 
     # Shared.
 
@@ -539,31 +550,97 @@ class MrsyncDaemons(MrsyncEngine):
                 raise RuntimeError(f"no {text!r} from the {proc.role} on {proc.host.name}:\n{proc.tail()}")
             time.sleep(0.05)
 
+    def push_argv(self, source: Path) -> list[str]:
+        """``mrsync push --json SOURCE all:DEST/``: SOURCE (a file, or a tree without a slash) into DEST."""
+        return [
+            sys.executable,
+            "-m",
+            "mrsyncd.cli",
+            "--master",
+            f"{self.lan.master.ip}:{self.CONTROL_PORT}",
+            "--ca",
+            f"{self.etc}/ca.crt",
+            "--cert",
+            f"{self.etc}/operator.crt",
+            "--key",
+            f"{self.etc}/operator.key",
+            "push",
+            "--json",
+            str(source),
+            f"all:{self.destination}/",
+        ]
+
     def submit(self) -> Proc:
         m = self.lan.master
-        return self.proc(
-            m,
-            "sender",
-            [
-                sys.executable,
-                "-m",
-                "mrsyncd.cli",
-                "--master",
-                f"{m.ip}:{self.CONTROL_PORT}",
-                "--ca",
-                f"{self.etc}/ca.crt",
-                "--cert",
-                f"{self.etc}/operator.crt",
-                "--key",
-                f"{self.etc}/operator.key",
-                "push",
-                "--json",
-                str(self.ctx.source),
-                f"all:{self.destination}/",
-            ],
-            env=self.env(),
-            cwd=str(self.ctx.code),
-        )
+        return self.proc(m, "sender", self.push_argv(self.ctx.source), env=self.env(), cwd=str(self.ctx.code))
+
+    def push(self, source: Path, tag: str) -> dict[str, Any]:
+        """
+        One more ``mrsync push`` of ``source``, timed from the command's start
+        to its exit, once the machine is quiet: its seconds, exit status and
+        the job's status (`job_status`).
+        """
+        wait_quiet()
+        m = self.lan.master
+        log = self.ctx.logdir / f"{self.name}-{m.name}-push-{tag}.log"
+        p = Proc(m, f"push-{tag}", self.push_argv(source), log, env=self.env(), cwd=str(self.ctx.code))
+        if not p.wait(self.ctx.timeout):
+            p.stop()
+            return {"seconds": None, "rc": None, "error": f"timed out after {self.ctx.timeout:.0f} s"}
+        job = job_status(log)
+        out = {
+            "seconds": round(p.seconds or 0, 3),
+            "rc": p.rc,
+            "state": job.get("state"),
+            "sent_bytes": job.get("sent_bytes"),
+            "payload_bytes": job.get("payload_bytes"),
+            "changed_paths": {name: n.get("changed") for name, n in (job.get("nodes") or {}).items()},
+        }
+        if p.rc != 0:
+            out["error"] = f"exited {p.rc}: {job.get('message') or job.get('status_error') or p.tail()}"
+        return out
+
+    def after_first(self, result: ToolResult) -> None:
+        """
+        A tree's next pushes, while the daemons run: the same source again
+        (nothing changed: ``again_s``), then a copy of it with 1% of its
+        files changed (``changed_1pct``), after which every node must hold
+        that copy.  The copy is made beside the nodes' directories, never
+        in the cached source (other tools and runs use it), under the same
+        name, so that it lands where the source did.
+        """
+        if not self.ctx.case.files:
+            return
+        assert self.master is not None
+        details = result.details
+        again = self.push(self.ctx.source, "again")
+        details["again"] = again
+        details["again_s"] = again["seconds"]
+        copy = self.dir / "changed" / self.ctx.source.name
+        shutil.copytree(self.ctx.source, copy)  # copy2: the mtimes stay
+        changed = change_files(copy, 0.01)
+        pushed = self.push(copy, "changed")
+        details["changed_1pct"] = {
+            **pushed,
+            "files": len(changed),
+            "changed_bytes": sum(changed.values()),
+        }
+        verified, mismatch = verify(self, copy, tree_digest(tree_listing(copy)))
+        details["changed_1pct"]["verified"] = verified
+        for p in self.daemons():
+            p.sample(force=True)
+        details["hwm_after_pushes"] = {
+            "master": self.master.hwm_bytes,
+            "nodes_max": max(p.hwm_bytes for p in self.receivers),
+        }
+        problems = [
+            f"the push again {again['error']}" if again.get("error") else "",
+            f"the push of 1% changed {pushed['error']}" if pushed.get("error") else "",
+            f"after the push of 1% changed, {mismatch}" if mismatch else "",
+        ]
+        if any(problems):
+            result.error = "; ".join(p for p in problems if p)
+            result.ok = False
 
     def daemons(self) -> list[Proc]:
         return [*([self.master] if self.master else []), *self.receivers]
@@ -590,17 +667,32 @@ class MrsyncDaemons(MrsyncEngine):
 
     def details(self) -> dict[str, Any]:
         assert self.sender is not None
-        text = self.sender.log.read_text(errors="replace")
-        try:
-            status = json.loads(text[text.index("{") :])
-        except ValueError as e:
-            status = {"status_error": f"{e}: {text[-500:]}"}
-        return {**self.rate_details(), "job": status}
+        return {**self.rate_details(), "job": job_status(self.sender.log)}
 
     def stop(self) -> None:
         super().stop()
         if self.master is not None:
             self.master.stop()
+
+
+def job_status(log: Path) -> dict[str, Any]:
+    """
+    The job's status as ``mrsync push --json`` printed it in ``log``, with
+    each node's per-file results counted (a tree's would be every path at
+    every node).
+    """
+    text = log.read_text(errors="replace")
+    try:
+        status = json.loads(text[text.index("{") :])
+    except ValueError as e:
+        return {"status_error": f"{e}: {text[-500:]}"}
+    files = status.get("files")
+    if isinstance(files, dict):
+        status["files"] = {
+            node: {result: list(results.values()).count(result) for result in set(results.values())}
+            for node, results in files.items()
+        }
+    return status
 
 
 class Udpcast(Runner):
@@ -780,6 +872,89 @@ def sha256(path: Path) -> str | None:
     return h.hexdigest()
 
 
+def tree_listing(root: Path) -> dict[str, tuple[int, str]]:
+    """Every file under ``root``: its path relative to ``root`` -> (size, sha256 of its contents)."""
+    out: dict[str, tuple[int, str]] = {}
+    for top, _, names in os.walk(root):
+        for name in names:
+            path = Path(top, name)
+            out[str(path.relative_to(root))] = (path.stat().st_size, sha256(path) or "")
+    return out
+
+
+def tree_digest(listing: dict[str, tuple[int, str]]) -> str:
+    """A tree's digest: the sha256 of its sorted (relative path, size, sha256 of contents)."""
+    h = hashlib.sha256()
+    for rel in sorted(listing):
+        size, digest = listing[rel]
+        h.update(f"{rel}\0{size}\0{digest}\n".encode())
+    return h.hexdigest()
+
+
+def first_difference(source: dict[str, tuple[int, str]], copy: dict[str, tuple[int, str]]) -> str:
+    """The first path (in order) where a copy's listing differs from the source's, and how."""
+    for rel in sorted(source.keys() | copy.keys()):
+        if rel not in copy:
+            return f"{rel} missing ({len(copy)} of {len(source)} files there)"
+        if rel not in source:
+            return f"{rel} is not in the source"
+        if copy[rel] != source[rel]:
+            return f"{rel} differs ({copy[rel][0]} bytes, the source's {source[rel][0]})"
+    return "no difference"
+
+
+def verify(runner: Runner, source: Path, digest: str) -> tuple[dict[str, bool], str]:
+    """
+    Every node's copy against the source (its sha256, or for a tree its
+    `tree_digest`): verified by node, and an error naming the nodes that
+    differ (for a tree, with the first path that differs at the first of them).
+    """
+    nodes = runner.lan.nodes
+    tree = runner.ctx.case.files > 0
+
+    def check(node: Host) -> tuple[bool, dict[str, tuple[int, str]] | None]:
+        if not tree:
+            return sha256(runner.node_path(node)) == digest, None
+        listing = tree_listing(runner.node_path(node))
+        ok = tree_digest(listing) == digest
+        return ok, None if ok else listing
+
+    with ThreadPoolExecutor(2) as pool:
+        found = dict(zip([n.name for n in nodes], pool.map(check, nodes), strict=True))
+    verified = {name: ok for name, (ok, _) in found.items()}
+    bad = sorted(n for n, ok in verified.items() if not ok)
+    if not bad:
+        return verified, ""
+    error = f"{len(bad)} copies do not match the source: {', '.join(bad[:5])}"
+    if tree:
+        first = next(n.name for n in nodes if not verified[n.name])
+        error += f"; {first}: {first_difference(tree_listing(source), found[first][1] or {})}"
+    return verified, error
+
+
+def change_files(root: Path, share: float, seed: str = "mrsyncd bench change") -> dict[str, int]:
+    """
+    Change ``share`` of the non-empty files under ``root`` (a seeded choice):
+    new random contents of the same size, and a new mtime.  Returns their
+    relative paths and sizes.
+    """
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.stat().st_size)
+    chosen = random.Random(seed).sample(files, max(1, round(share * len(files))))
+    changed = {}
+    for path in chosen:
+        st = path.stat()
+        old = path.read_bytes()
+        new = old
+        while new == old:
+            new = os.urandom(st.st_size)
+        path.write_bytes(new)
+        # Written now, so its mtime is new; at least a second past the old one, whatever the clock did.
+        mtime = max(time.time_ns(), st.st_mtime_ns + 1_000_000_000)
+        os.utime(path, ns=(st.st_atime_ns, mtime))
+        changed[str(path.relative_to(root))] = st.st_size
+    return changed
+
+
 class Competitor:
     """An iperf3 TCP flow from the master to node1, counted at node1."""
 
@@ -857,6 +1032,8 @@ def measure(runner: Runner, competitor: Competitor | None = None) -> ToolResult:
     ctx, lan = runner.ctx, runner.lan
     result = ToolResult(runner.name)
     size = ctx.case.size
+    #: A tree's thousands of files are not polled: its copies are complete when the sender exits.
+    tree = ctx.case.files > 0
     try:
         runner.prepare_dirs()
         runner.start_receivers()
@@ -892,6 +1069,7 @@ def measure(runner: Runner, competitor: Competitor | None = None) -> ToolResult:
                 ),
             ]
         done: dict[str, float] = {}
+        polled = [] if tree else lan.nodes
         sender_failed_at = None
         procs = [sender, *runner.receivers]
         while True:
@@ -909,7 +1087,7 @@ def measure(runner: Runner, competitor: Competitor | None = None) -> ToolResult:
                     last_tx = now
             for p in procs:
                 p.poll()
-            for node in lan.nodes:
+            for node in polled:
                 if node.name not in done:
                     try:
                         if os.stat(runner.node_path(node)).st_size == size:
@@ -917,8 +1095,16 @@ def measure(runner: Runner, competitor: Competitor | None = None) -> ToolResult:
                     except OSError:
                         pass
             if not sender.running:
+                exited = sender.ended - t0  # type: ignore[operator]
                 if result.sender_exit is None:
-                    result.sender_exit = sender.ended - t0  # type: ignore[operator]
+                    result.sender_exit = exited
+                if tree:
+                    # mrsync push exits 0 once every node committed every
+                    # file, uftp once every receiver acknowledged the end:
+                    # each node's time is the sender's exit (checked below).
+                    if sender.rc == 0:
+                        done = {node.name: exited for node in lan.nodes}
+                    break
                 if len(done) == len(lan.nodes):
                     break
                 sender_failed_at = sender_failed_at or now
@@ -977,7 +1163,6 @@ def measure(runner: Runner, competitor: Competitor | None = None) -> ToolResult:
         qd1 = lan.qdisc_stats()
         result.qdisc = {k: (qd1.get(k) or 0) - (qd0.get(k) or 0) for k in qd1}
         result.dropped_udp = sum(n.dropped_udp() for n in lan.nodes)
-        runner.stop()
         result.node_seconds = {n.name: done.get(n.name) for n in lan.nodes}
         result.wall = max(done.values()) if len(done) == len(lan.nodes) else None
         result.phases = phases(result.timeline, result.wall)
@@ -992,19 +1177,13 @@ def measure(runner: Runner, competitor: Competitor | None = None) -> ToolResult:
         result.details = {"busy_before": busy_before, **runner.details()}
         if sender.rc not in (0, None) and not result.error:
             result.error = f"sender exited {sender.rc}"
-        with ThreadPoolExecutor(2) as pool:
-            digests = dict(
-                zip(
-                    [n.name for n in lan.nodes],
-                    pool.map(lambda n: sha256(runner.node_path(n)), lan.nodes),
-                    strict=True,
-                )
-            )
-        result.verified = {name: d == ctx.sha256 for name, d in digests.items()}
-        if not all(result.verified.values()) and not result.error:
-            bad = sorted(n for n, v in result.verified.items() if not v)
-            result.error = f"{len(bad)} copies do not match the source: {', '.join(bad[:5])}"
+        result.verified, mismatch = verify(runner, ctx.source, ctx.sha256)
+        if mismatch and not result.error:
+            result.error = mismatch
         result.ok = not result.error and all(result.verified.values())
+        if result.ok:
+            runner.after_first(result)
+        runner.stop()
         if not result.ok:
             shown = [runner.sending(sender), sender, *runner.receivers[:2]]
             tails = {f"{p.host.name}-{p.role}": p.tail() for p in dict.fromkeys(shown)}

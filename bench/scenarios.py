@@ -3,19 +3,23 @@ The benchmark's scenarios (issues 4 and 16), as a table.
 
 A scenario is one or more cases; a case is one LAN (nodes, master link rate,
 loss, slow nodes, a competing TCP flow) on which every tool sends the same
-file in turn.  Scenario D compares two node counts and F a LAN with and
-without its slow node, so they have two cases each.  Targets are reported,
-never asserted.
+file (or the same tree of files: `Case.files`) in turn.  Scenario D compares
+two node counts and F a LAN with and without its slow node, so they have two
+cases each.  Targets are reported, never asserted.
 """
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field, replace
 
 MiB = 1 << 20
 GiB = 1 << 30
 Mbit = 1_000_000
 Gbit = 1_000_000_000
+#: T100k's memory bounds: the peak RSS of any node daemon, and of the master's.
+TREE_NODE_RSS = 256 * MiB
+TREE_MASTER_RSS = 512 * MiB
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,13 @@ class Case:
     #: burst in bytes (0: 1 ms of traffic, at least 16 KB).
     queue_ms: float = 50.0
     burst: int = 0
+    #: A tree of ``files`` files (0: the one file of ``size`` bytes) in
+    #: ``dirs`` directories, each of ``file_min`` to ``file_max`` bytes, as
+    #: `tree_layout` lays it out; ``size`` is then their total (`tree_case`).
+    files: int = 0
+    dirs: int = 0
+    file_min: int = 0
+    file_max: int = 0
 
 
 @dataclass(frozen=True)
@@ -50,6 +61,24 @@ class Scenario:
     tools: tuple[str, ...] = ("mrsyncd", "udpcast", "uftp")
     notes: str = ""
     extra: dict[str, str] = field(default_factory=dict)
+
+
+def tree_layout(files: int, dirs: int, file_min: int, file_max: int) -> list[tuple[str, int]]:
+    """
+    A tree case's files: (relative path, size) for each, the same every time
+    (a seeded generator): file ``i`` is ``d<i % dirs>/f<i>``.
+    """
+    rng = random.Random(f"mrsyncd bench tree {files} {dirs} {file_min} {file_max}")
+    dw, fw = len(str(max(0, dirs - 1))), len(str(max(0, files - 1)))
+    return [(f"d{i % dirs:0{dw}d}/f{i:0{fw}d}", rng.randint(file_min, file_max)) for i in range(files)]
+
+
+def tree_case(
+    label: str, nodes: int, link_bps: float, files: int, dirs: int, file_min: int, file_max: int
+) -> Case:
+    """A case that sends a tree: its ``size`` is the total of its files' sizes."""
+    size = sum(n for _, n in tree_layout(files, dirs, file_min, file_max))
+    return Case(label, nodes, link_bps, size, files=files, dirs=dirs, file_min=file_min, file_max=file_max)
 
 
 #: Issue 20's cells: every pairing of a TCP variant, its start, the queue and the burst.
@@ -148,6 +177,28 @@ SCENARIOS: dict[str, Scenario] = {
             notes="Rates are counted at node1 (IP bytes of the TCP flow and of the push's UDP) from the "
             "moment both run, plus 1 s, until the last node holds its copy.",
         ),
+        Scenario(
+            "T",
+            "a tree: 10,000 files of 1-20 kB in 100 directories (about 100 MiB) to 8 nodes at 100 Mbit/s",
+            (tree_case("8 nodes, 10,000 files", 8, 100 * Mbit, 10_000, 100, 1_000, 20_000),),
+            "mrsyncd within 1.5 x the link's bound and faster than UFTP; the same push again, nothing "
+            "changed, ends in < 1.5 s; with 1% of the files changed it sends <= 1.25 x their bytes",
+            tools=("mrsyncd", "uftp"),
+            notes="udpcast sends one file, not a tree.  A node is done when the sender exits (mrsync push "
+            "once every node committed every file; uftp once every receiver acknowledged); every copy is "
+            "walked and compared with the source afterwards.  mrsyncd then pushes the same source again, "
+            "and a copy of it with 1% of its files changed, while its daemons run.",
+        ),
+        Scenario(
+            "T100k",
+            "many tiny files: 100,000 files of 0-100 bytes in 1,000 directories to 4 nodes at 100 Mbit/s",
+            (tree_case("4 nodes, 100,000 files", 4, 100 * Mbit, 100_000, 1_000, 0, 100),),
+            f"every node's copy identical to the source; node peak RSS <= {TREE_NODE_RSS // MiB} MiB "
+            f"and the master's <= {TREE_MASTER_RSS // MiB} MiB",
+            tools=("mrsyncd", "uftp"),
+            notes="Timed and verified as T.  The bytes are few (about 5 MB): what is measured is the "
+            "cost of a file, in time and in memory.",
+        ),
         # Sweeps for the chart: throughput against nodes and against loss.
         Scenario(
             "nodes",
@@ -169,8 +220,21 @@ ISSUE_SCENARIOS = ("A", "B", "C", "N", "D", "E", "F", "G", "H")
 
 
 def resized(scenario: Scenario, size: int) -> Scenario:
-    """The same scenario with every case's file ``size`` bytes (a quick run)."""
-    return replace(scenario, cases=tuple(replace(c, size=size) for c in scenario.cases))
+    """The same scenario with every case's file ``size`` bytes (a quick run); a tree keeps its own."""
+    return replace(scenario, cases=tuple(c if c.files else replace(c, size=size) for c in scenario.cases))
+
+
+def retreed(scenario: Scenario, files: int) -> Scenario:
+    """The same scenario with ``files`` files in every tree case, as many to a directory (a quick run)."""
+
+    def fewer(c: Case) -> Case:
+        if not c.files:
+            return c
+        dirs = max(1, round(c.dirs * files / c.files))
+        t = tree_case(c.label, c.nodes, c.link_bps, files, dirs, c.file_min, c.file_max)
+        return replace(c, label=f"{c.nodes} nodes, {files:,} files", files=t.files, dirs=t.dirs, size=t.size)
+
+    return replace(scenario, cases=tuple(fewer(c) for c in scenario.cases))
 
 
 def parse_size(text: str) -> int:
