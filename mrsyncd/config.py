@@ -53,6 +53,11 @@ class MasterConfig:
     block_size: int = DEFAULT_BLOCK_SIZE
     #: Seconds a silent node is waited for before it is reported failed.
     grace: float = 30.0
+    #: A node still missing something after this many passes of a job, or
+    #: whose chunks failed their digests this many times, is failed in it:
+    #: no one node holds a job for ever (`transfer.Transfer`).
+    max_passes: int = 100
+    max_corrupt_chunks: int = 16
     #: Finished jobs the store keeps: the newest this many, none older than
     #: this many days (`store.JobStore.prune`).
     keep_jobs: int = KEEP_JOBS
@@ -197,6 +202,8 @@ _CHECKS: dict[str, dict[str, Callable[[Any], Any]]] = {
         "rate": _rate,
         "block_size": _block_size,
         "grace": _positive("seconds"),
+        "max_passes": _positive_int,
+        "max_corrupt_chunks": _positive_int,
         "keep_jobs": _positive_int,
         "keep_days": _positive("days"),
         "metrics": _listen_address,

@@ -359,6 +359,8 @@ class JobRunner:
             [FleetPeer(name, self.fleet) for name in names],
             rate_bps=rate,
             grace=self.config.grace,
+            max_passes=self.config.max_passes,
+            max_corrupt_chunks=self.config.max_corrupt_chunks,
             run=run,
         )
         self.running[job.id] = transfer

@@ -204,6 +204,8 @@ class Transfer:
         call_timeout: float = 10.0,
         prepare_timeout: float = 600.0,
         stalled_rounds: int = 50,
+        max_passes: int = 100,
+        max_corrupt_chunks: int = 16,
         drain: float = 0.05,
         poll: float = 0.1,
         probe: float = 1.0,
@@ -219,6 +221,13 @@ class Transfer:
         of large files; ``stalled_rounds`` is how many repair rounds a peer
         may go without receiving a single block before it is failed (joined
         on the wrong interface, or behind a filter that drops everything).
+
+        Two bounds keep one node from holding a job for ever ([master]
+        ``max_passes`` and ``max_corrupt_chunks``): a node still missing
+        something after ``max_passes`` passes, or one whose chunks failed
+        their digests ``max_corrupt_chunks`` times (data forged by an insider
+        who holds the key, or a disk that corrupts what it is given), is
+        failed with the reason, and the others finish.
         """
         names = [p.name for p in peers]
         if len(set(names)) != len(names):
@@ -238,6 +247,8 @@ class Transfer:
         self.call_timeout = call_timeout
         self.prepare_timeout = prepare_timeout
         self.stalled_rounds = stalled_rounds
+        self.max_passes = max_passes
+        self.max_corrupt_chunks = max_corrupt_chunks
         self.drain = drain
         self.poll = poll
         self.probe = probe
@@ -402,6 +413,10 @@ class Transfer:
                 blocks, parities = yield self._ask_missing(through=self.sender.sequence)
                 if not blocks and not parities and set(self.live) <= self._done:
                     break
+                if (blocks or parities) and self.passes >= self.max_passes:
+                    for name in [n for n in self.live if n not in self._done]:
+                        self._fail(name, f"still incomplete after {self.passes} passes (max_passes)")
+                    break
                 if not blocks and not parities:
                     yield task.deferLater(self.reactor, self.poll, lambda: None)
             if not self.interrupted:
@@ -509,7 +524,14 @@ class Transfer:
         return chunks_to_blocks(self.offer.manifest, union_maps(needs))
 
     def _progressing(self, name: str, report: MissingReport) -> None:
-        """Fail a peer that keeps missing blocks but takes none of those sent."""
+        """Fail a peer that keeps missing blocks but takes none of those sent, or keeps getting bad ones."""
+        corrupt = report.stats.get("corrupt_chunks", 0)
+        if corrupt >= self.max_corrupt_chunks:
+            self._fail(
+                name,
+                f"{corrupt} chunks failed their digests (forged or corrupted data; max_corrupt_chunks)",
+            )
+            return
         received = report.stats.get("blocks", 0)
         last, rounds = self._stalled.get(name, (-1, 0))
         rounds = rounds + 1 if received == last and report.missing else 0

@@ -218,6 +218,61 @@ class LossTests(unittest.TestCase):
         self.assertLess(report.sender_stats["datagrams"], 2 * blocks)
 
 
+class DeafInDst0Receiver(LossyReceiver):
+    """Test-only: the receiver writing into ``dst0`` loses every datagram; the others none."""
+
+    def lose(self) -> bool:
+        return os.path.basename(self.destination.rstrip("/")) == "dst0"
+
+
+class CorruptingReceiver(Receiver):
+    """Test-only: a disk that flips a byte of every run written into ``dst0``."""
+
+    def _accept(self, f, first, count, data):
+        if os.path.basename(self.destination.rstrip("/")) == "dst0":
+            data = bytearray(data)
+            data[0] ^= 0xFF
+        super()._accept(f, first, count, data)
+
+
+class BoundTests(unittest.TestCase):
+    """No one node holds a job for ever: the others finish, and it fails with the reason."""
+
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def bounded(self, receiver_class, **bounds):
+        self.patch(agent_module, "Receiver", receiver_class)
+        base = temp_dir(self)
+        src = os.path.join(base, "src")
+        os.mkdir(src)
+        write_file(os.path.join(src, "f"), random.Random(5).randbytes(3_000_000))
+        manifest, local = scan([src + "/"])
+        dests = [os.path.join(base, f"dst{i}") for i in range(2)]
+        peers = make_peers(self, reactor, dests)
+        report = yield run_transfer(self, reactor, manifest, local, peers, **bounds)
+        self.assertTrue(report.peers["node1"].ok, report.peers["node1"].reason)
+        self.assertFalse(report.peers["node0"].ok)
+        with open(os.path.join(dests[1], "f"), "rb") as f, open(os.path.join(src, "f"), "rb") as g:
+            self.assertEqual(f.read(), g.read())
+        self.assertFalse(os.path.exists(os.path.join(dests[0], "f")))
+        return report
+
+    @defer.inlineCallbacks
+    def test_a_node_still_incomplete_after_max_passes_fails(self):
+        report = yield self.bounded(DeafInDst0Receiver, max_passes=3, stalled_rounds=10_000)
+        self.assertEqual(report.peers["node0"].reason, "still incomplete after 3 passes (max_passes)")
+        self.assertEqual(report.passes, 3)
+
+    @defer.inlineCallbacks
+    def test_a_node_whose_chunks_keep_failing_their_digests_fails(self):
+        report = yield self.bounded(CorruptingReceiver, max_corrupt_chunks=3)
+        self.assertRegex(
+            report.peers["node0"].reason,
+            r"^[3-9]\d* chunks failed their digests \(forged or corrupted data; max_corrupt_chunks\)$",
+        )
+
+
 class RandomLossReceiver(LossyReceiver):
     """Test-only: drops 5% of what reaches the socket, differently at every receiver."""
 
