@@ -10,6 +10,7 @@ submit, list, follow and cancel.
 
 from __future__ import annotations
 
+import difflib
 import os
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -143,6 +144,11 @@ class Fleet:
             raise NotConnected(f"{name} is not connected")
         return node.connection
 
+    def _nearest(self, name: str) -> str:
+        """An unknown name, and the known ones it may be a typo of."""
+        near = difflib.get_close_matches(name, self.nodes, n=3)
+        return f"{name} (did you mean {' or '.join(near)}?)" if near else name
+
     def resolve(self, targets: str) -> list[str]:
         """``all``, ``@tag`` or ``name,name``: the nodes a job is for."""
         if targets == "all":
@@ -154,7 +160,7 @@ class Fleet:
             names = [t for t in (t.strip() for t in targets.split(",")) if t]
             unknown = [n for n in names if n not in self.nodes]
             if unknown:
-                raise BadRequest(f"unknown nodes: {', '.join(unknown)}")
+                raise BadRequest(f"unknown nodes: {', '.join(map(self._nearest, unknown))}")
         if not names:
             raise BadRequest(f"no nodes match {targets!r}")
         return sorted(set(names))
@@ -255,7 +261,10 @@ class JobRunner:
         self.totals["jobs", state] += 1
 
     def submit(self, spec: dict[str, Any], operator: str) -> int:
-        job_id = self.jobs.add(check_spec(spec), operator)
+        """A new job, refused (`BadRequest`) before it exists if its targets name no node known now."""
+        spec = check_spec(spec)
+        self.fleet.resolve(spec["targets"])
+        job_id = self.jobs.add(spec, operator)
         log.info("job {job} submitted by {operator}: {spec}", job=job_id, operator=operator, spec=spec)
         self.reactor.callLater(0, self.kick)
         return job_id

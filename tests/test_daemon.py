@@ -424,6 +424,19 @@ def test_destination_outside_one_nodes_roots(fleet: Cluster) -> None:
     ), log
 
 
+def test_a_mistyped_node_name_is_refused_before_a_job_exists(fleet: Cluster) -> None:
+    c = fleet
+    src = c.base / "src-typo"
+    random_file(src / "a.bin", 1000, 6)
+    newest = max((j["id"] for j in c.cli_json("jobs")), default=0)
+    result = c.cli("push", f"{src}/", f"node1,nod3:{c.shared}/typo", timeout=FOLLOW_TIMEOUT)
+    assert result.returncode == 4, f"exit {result.returncode}\n{result.stdout}\n{result.stderr}"
+    assert "unknown nodes: nod3 (did you mean node3" in result.stderr, result.stderr
+    latest = max((j["id"] for j in c.cli_json("jobs")), default=0)
+    assert latest == newest, "a job was made for a mistyped node"
+    assert not (c.node_dir("node1") / "typo").exists()
+
+
 def test_set_id_bits_arrive_only_where_the_node_allows_them(fleet: Cluster) -> None:
     """
     A user's set-user-ID file, pushed with --preserve-owner to root nodes:
