@@ -212,7 +212,11 @@ class ReceiverAgent:
             raise UnknownTransfer(transfer_id.hex()) from None
 
     def missing(
-        self, transfer_id: bytes, abandoned: Mapping[int, str], through: int | None = None
+        self,
+        transfer_id: bytes,
+        abandoned: Mapping[int, str],
+        through: int | None = None,
+        before: tuple[int, int] | None = None,
     ) -> defer.Deferred:
         """A `MissingReport`, once what was sent before ``through`` is in (see `Receiver.settled`)."""
         receiver = self._receiver(transfer_id)
@@ -220,7 +224,7 @@ class ReceiverAgent:
         def report(_: object) -> MissingReport:
             if self.receivers.get(transfer_id) is not receiver:  # ended while it settled
                 raise UnknownTransfer(transfer_id.hex())
-            return receiver.missing(abandoned)
+            return receiver.missing(abandoned, before)
 
         return receiver.settled(through).addCallback(report)
 
@@ -302,9 +306,13 @@ class LocalPeer:
         return defer.maybeDeferred(self.agent.prepare, copy)
 
     def missing(
-        self, transfer_id: bytes, abandoned: Mapping[int, str], through: int | None = None
+        self,
+        transfer_id: bytes,
+        abandoned: Mapping[int, str],
+        through: int | None = None,
+        before: tuple[int, int] | None = None,
     ) -> defer.Deferred:
-        return defer.maybeDeferred(self.agent.missing, transfer_id, abandoned, through)
+        return defer.maybeDeferred(self.agent.missing, transfer_id, abandoned, through, before)
 
     def results(self, transfer_id: bytes, discard: bool = False) -> defer.Deferred:
         return defer.maybeDeferred(self.agent.results, transfer_id, discard)

@@ -268,6 +268,9 @@ class Missing(amp.Command):
         (b"transfer_id", amp.String()),
         (b"abandoned", JSONArgument()),
         (b"through", amp.Integer(optional=True)),
+        #: [file, block] a pass in progress has reached: report only what lies
+        #: before it (a node that ignores it is clipped by the sender anyway).
+        (b"before", amp.ListOf(amp.Integer(), optional=True)),
     ]
     #: ``missing`` is a bounded `blockset.encode_map` of block numbers.
     response = [

@@ -70,13 +70,18 @@ class AMPPeer:
         return d
 
     def missing(
-        self, transfer_id: bytes, abandoned: Mapping[int, str], through: int | None = None
+        self,
+        transfer_id: bytes,
+        abandoned: Mapping[int, str],
+        through: int | None = None,
+        before: tuple[int, int] | None = None,
     ) -> defer.Deferred:
         d = self.protocol.callRemote(
             Missing,
             transfer_id=transfer_id,
             abandoned={str(k): v for k, v in abandoned.items()},
             through=through,
+            before=list(before) if before is not None else None,
         )
         d.addCallback(lambda r: MissingReport(r["missing"], r["complete"], r["done"], dict(r["stats"])))
         return d
@@ -175,8 +180,11 @@ class ReceiverControl(BoundedAMP):
         return d
 
     @Missing.responder
-    def missing(self, transfer_id: bytes, abandoned: dict[str, str], through: int | None) -> defer.Deferred:
-        d = self.agent.missing(transfer_id, {int(k): str(v) for k, v in abandoned.items()}, through)
+    def missing(
+        self, transfer_id: bytes, abandoned: dict[str, str], through: int | None, before: list[int] | None
+    ) -> defer.Deferred:
+        position = (before[0], before[1]) if before is not None and len(before) == 2 else None
+        d = self.agent.missing(transfer_id, {int(k): str(v) for k, v in abandoned.items()}, through, position)
         return d.addCallback(
             lambda report: {
                 "missing": report.missing,

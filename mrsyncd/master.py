@@ -180,9 +180,13 @@ class FleetPeer:
         return defer.maybeDeferred(lambda: self._peer().prepare(offer))
 
     def missing(
-        self, transfer_id: bytes, abandoned: Mapping[int, str], through: int | None = None
+        self,
+        transfer_id: bytes,
+        abandoned: Mapping[int, str],
+        through: int | None = None,
+        before: tuple[int, int] | None = None,
     ) -> defer.Deferred:
-        return defer.maybeDeferred(lambda: self._peer().missing(transfer_id, abandoned, through))
+        return defer.maybeDeferred(lambda: self._peer().missing(transfer_id, abandoned, through, before))
 
     def results(self, transfer_id: bytes, discard: bool = False) -> defer.Deferred:
         return defer.maybeDeferred(lambda: self._peer().results(transfer_id, discard))
@@ -486,32 +490,17 @@ class MasterControl(BoundedAMP):
             log.warn("refusing a connection from {peer}: {e}", peer=transport.getPeer(), e=e)
             transport.loseConnection()
             return
-        if self.master.revocations.revoked(identity.serial):
-            log.warn(
-                "refused {role} {name} from {peer}: its certificate (serial {serial:x}) is revoked",
-                role=identity.role,
-                name=identity.name,
-                peer=transport.getPeer().host,
-                serial=identity.serial,
-            )
-            transport.abortConnection()
+        if self.master.revocations.shut_out(identity, transport):
             return
         self.identity = identity
         self.master.connections.add(self)
 
     def drop_if_revoked(self) -> None:
         """The revocation list changed: a connection whose certificate it now lists goes."""
-        if self.identity is None or not self.master.revocations.revoked(self.identity.serial):
-            return
-        log.warn(
-            "dropping {role} {name}: its certificate (serial {serial:x}) was revoked",
-            role=self.identity.role,
-            name=self.identity.name,
-            serial=self.identity.serial,
-        )
-        self.identity = None  # no command of it runs meanwhile
-        transport: Any = self.transport
-        transport.abortConnection()
+        if self.identity is not None and self.master.revocations.shut_out(
+            self.identity, self.transport, "was"
+        ):
+            self.identity = None  # no command of it runs meanwhile
 
     def _require(self, role: str) -> str:
         if self.identity is None or self.identity.role != role:

@@ -104,13 +104,9 @@ class NodeService(service.MultiService):
 
     def drop_revoked(self) -> None:
         link = self.link
-        if link is not None and link.identity is not None and self.revocations.revoked(link.identity.serial):
-            log.error(
-                "dropping the master {name}: its certificate (serial {serial:x}) was revoked",
-                name=link.identity.name,
-                serial=link.identity.serial,
-            )
-            link.abort()
+        if link is not None and link.identity is not None:
+            if self.revocations.shut_out(link.identity, link.transport, "was"):
+                link.identity = None
 
     def _registered(self) -> None:
         where = self.config.master
@@ -169,23 +165,11 @@ class MasterLink(ReceiverControl):
     def handshakeCompleted(self) -> None:
         transport: Any = self.transport
         identity = tls.peer_identity(transport)
-        if self.node.revocations.revoked(identity.serial):
-            log.error(
-                "refusing the master {name} at {peer}: its certificate (serial {serial:x}) is revoked",
-                name=identity.name,
-                peer=transport.getPeer().host,
-                serial=identity.serial,
-            )
-            transport.abortConnection()
+        if self.node.revocations.shut_out(identity, transport):
             return
         self.identity = identity
         self.node.link = self
         self.register()
-
-    def abort(self) -> None:
-        self.identity = None
-        transport: Any = self.transport
-        transport.abortConnection()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         super().connectionLost(reason)

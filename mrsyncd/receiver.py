@@ -790,9 +790,12 @@ class Receiver:
         """Some chunk's blocks are still wanted (what `missing` would ask for), asked every `SETTLE_POLL`."""
         return any(f.result is None and NEEDED in f.ledger.status for f in self._files.values())
 
-    def missing(self, abandoned: Mapping[int, str] = {}) -> MissingReport:
+    def missing(
+        self, abandoned: Mapping[int, str] = {}, before: tuple[int, int] | None = None
+    ) -> MissingReport:
         """
-        What this host still needs, bounded in size (see `REPORT_RANGES`).
+        What this host still needs, bounded in size (see `REPORT_RANGES`);
+        with ``before`` (a file and block), only what lies before it.
         Files the sender ``abandoned`` are failed with its reason first.
         """
         for index, reason in abandoned.items():
@@ -806,7 +809,12 @@ class Receiver:
         for f in self._files.values():
             if f.result is not None or not f.ledger.remaining:
                 continue
-            ranges = f.ledger.wanted(budget)
+            if before is not None and f.index >= before[0]:
+                if f.index > before[0]:
+                    continue
+                ranges = [(a, min(b, before[1])) for a, b in f.ledger.wanted(budget) if a < before[1]]
+            else:
+                ranges = f.ledger.wanted(budget)
             if ranges:
                 found[f.index] = RangeSet(ranges)
                 budget -= len(ranges)

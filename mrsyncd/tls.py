@@ -135,6 +135,26 @@ class Revocations:
     def revoked(self, serial: int) -> bool:
         return serial in self.serials
 
+    def shut_out(self, identity: PeerIdentity, transport: Any, since: str = "is") -> bool:
+        """
+        If ``identity``'s certificate is revoked, say so and abort its
+        connection: True.  ``since`` "was" for a connection dropped when the
+        list changed, "is" for one refused after its handshake.
+        """
+        if not self.revoked(identity.serial):
+            return False
+        log.warn(
+            "{verb} {role} {name} at {peer}: its certificate (serial {serial:x}) {since} revoked",
+            verb="refused" if since == "is" else "dropping",
+            role=identity.role,
+            name=identity.name,
+            peer=getattr(transport.getPeer(), "host", "?"),
+            serial=identity.serial,
+            since=since,
+        )
+        transport.abortConnection()
+        return True
+
     def reload(self) -> bool:
         """Read the list again if its file changed; True (and `on_change` called) if the serials changed."""
         if self._ca is None:

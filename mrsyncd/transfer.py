@@ -87,12 +87,20 @@ class ReceiverPeer(Protocol):
         """Fires with ``{file index: RangeSet of chunks needed}``."""
 
     def missing(
-        self, transfer_id: bytes, abandoned: Mapping[int, str], through: int | None = None
+        self,
+        transfer_id: bytes,
+        abandoned: Mapping[int, str],
+        through: int | None = None,
+        before: tuple[int, int] | None = None,
     ) -> defer.Deferred:
         """
         Fires with a `MissingReport`; ``abandoned`` files are to be given
         up.  With ``through`` (the sequence number after a pass's last
-        datagram) the answer waits, briefly, until the pass is in.
+        datagram) the answer waits, briefly, until the pass is in.  With
+        ``before`` (the file and block a pass in progress has reached), only
+        what lies before it is reported: a probe in the middle of a tree of
+        10,000 files would otherwise hear of every file not sent yet, from
+        every receiver, every time.
         """
 
     def results(self, transfer_id: bytes, discard: bool = False) -> defer.Deferred:
@@ -552,7 +560,10 @@ class Transfer:
         unprepared = [n for n in self.live if n not in self._prepared]
         abandoned = dict(self.sender.abandoned)
         answers = yield defer.DeferredList(
-            [self._call(name, "missing", self.offer.transfer_id, abandoned, through) for name in names],
+            [
+                self._call(name, "missing", self.offer.transfer_id, abandoned, through, before)
+                for name in names
+            ],
             consumeErrors=True,
         )
         wanted: dict[str, dict[int, RangeSet]] = {}

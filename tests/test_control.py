@@ -80,21 +80,24 @@ class LoopbackControl(unittest.TestCase):
 class MissingCalls(LoopbackControl):
     @defer.inlineCallbacks
     def test_the_sequence_after_a_pass_reaches_the_node(self) -> Any:
-        """``through`` crosses the wire as it was given, absent included, and a large one whole."""
-        calls: list[tuple[bytes, dict[int, str], int | None]] = []
+        """``through`` and ``before`` cross the wire as given, absent included, and large ones whole."""
+        calls: list[tuple[bytes, dict[int, str], int | None, tuple[int, int] | None]] = []
 
-        def missing(transfer_id: bytes, abandoned: dict[int, str], through: int | None = None) -> Any:
-            calls.append((transfer_id, dict(abandoned), through))
+        def missing(
+            transfer_id: bytes,
+            abandoned: dict[int, str],
+            through: int | None = None,
+            before: tuple[int, int] | None = None,
+        ) -> Any:
+            calls.append((transfer_id, dict(abandoned), through, before))
             return defer.succeed(MissingReport(b"", True, False, {"blocks": 1}))
 
         self.agent.missing = missing  # type: ignore[method-assign]
-        for through in (None, 7, 1 << 40):
-            report = yield self.peer.missing(TRANSFER_ID, {3: "source changed"}, through)
+        asked = [(None, None), (7, (0, 0)), (1 << 40, (9999, (1 << 32) - 1))]
+        for through, before in asked:
+            report = yield self.peer.missing(TRANSFER_ID, {3: "source changed"}, through, before)
             self.assertEqual(report.stats, {"blocks": 1})
-        self.assertEqual(
-            calls,
-            [(TRANSFER_ID, {3: "source changed"}, through) for through in (None, 7, 1 << 40)],
-        )
+        self.assertEqual(calls, [(TRANSFER_ID, {3: "source changed"}, t, b) for t, b in asked])
 
 
 class ProtocolVersions(unittest.TestCase):

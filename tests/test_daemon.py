@@ -503,11 +503,12 @@ def test_revoked_node_and_operator_are_dropped_while_connected(tmp_path: Path) -
             since = c.master.mark()
             c.ca.revoke(c.operator[0], str(c.base / "certs" / "node2.crt"))
             serial = r"\(serial [0-9a-f]+\)"
-            c.master.wait_log(rf"dropping operator operator: its certificate {serial} was revoked", 10, since)
-            c.master.wait_log(r"dropping node node2: its certificate", 10, since)
+            dropped = rf"dropping operator operator at [^:]+: its certificate {serial} was revoked"
+            c.master.wait_log(dropped, 10, since)
+            c.master.wait_log(r"dropping node node2 at [^:]+: its certificate", 10, since)
             assert operator.closed(10), "the revoked operator's connection stayed open"
         # node2 dials again and again, and is refused each time; node1 stays.
-        c.master.wait_log(rf"refused node node2 from [^:]+: its certificate {serial} is revoked", 15, since)
+        c.master.wait_log(rf"refused node node2 at [^:]+: its certificate {serial} is revoked", 15, since)
         fresh = c.ca.issue("operator", "fresh-operator")
         states = {n["name"]: n["state"] for n in json.loads(c.cli("nodes", "--json", identity=fresh).stdout)}
         assert states == {"node1": "connected", "node2": "disconnected"}, states
@@ -517,8 +518,8 @@ def test_revoked_node_and_operator_are_dropped_while_connected(tmp_path: Path) -
         node1 = c.nodes["node1"]
         mark = node1.mark()
         c.ca.revoke(c.master_cert[0])
-        node1.wait_log(r"dropping the master master: its certificate", 10, mark)
-        node1.wait_log(r"refusing the master master at [^:]+: its certificate .* is revoked", 15, mark)
+        node1.wait_log(r"dropping master master at [^:]+: its certificate .* was revoked", 10, mark)
+        node1.wait_log(r"refused master master at [^:]+: its certificate .* is revoked", 15, mark)
         assert "registered as node1" not in node1.log(mark)
     finally:
         c.close()
@@ -886,6 +887,19 @@ def test_config_error_stops_startup(tmp_path: Path, case: str) -> None:
     assert code == EXIT_CONFIG, f"twistd exited {code} after a configuration error:\n{said}"
 
 
+def start_once(config: Path, cwd: Path) -> tuple[subprocess.CompletedProcess[str], str]:
+    """``twistd mrsyncd --config CONFIG`` in the foreground, to stop at once: how, and what it said."""
+    result = subprocess.run(
+        [sys.executable, "-c", TWISTD, "-n", "--pidfile=", "mrsyncd", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))},
+        cwd=cwd,
+    )
+    return result, result.stdout + result.stderr
+
+
 def test_the_units_do_not_restart_a_daemon_stopped_by_its_configuration() -> None:
     for unit in sorted(Path(REPO, "debian").glob("*.service")):
         settings = support.unit_settings(unit)
@@ -905,15 +919,7 @@ def test_missing_certificate_file_stops_startup(tmp_path: Path) -> None:
             "master": {"address": "127.0.0.1", "port": 1, "state_dir": state},
         },
     )
-    result = subprocess.run(
-        [sys.executable, "-c", TWISTD, "-n", "--pidfile=", "mrsyncd", "--config", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))},
-        cwd=tmp_path,
-    )
-    said = result.stdout + result.stderr
+    result, said = start_once(path, tmp_path)
     assert result.returncode == EXIT_CONFIG, said
     assert str(path) in said and str(missing) in said, said
     assert "master listening" not in said
@@ -932,15 +938,7 @@ def test_an_expired_own_certificate_or_a_missing_crl_stops_startup(tmp_path: Pat
     if case == "missing-crl":
         tls_section["crl"] = str(tmp_path / "ca" / "crl.pem")
     path = write_toml(tmp_path / "daemon.toml", {"tls": tls_section, **body})
-    result = subprocess.run(
-        [sys.executable, "-c", TWISTD, "-n", "--pidfile=", "mrsyncd", "--config", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))},
-        cwd=tmp_path,
-    )
-    said = result.stdout + result.stderr
+    result, said = start_once(path, tmp_path)
     assert result.returncode == EXIT_CONFIG, said
     wanted = "crl.pem: No such file" if case == "missing-crl" else "certificate valid only from"
     assert wanted in said and str(path) in said, said

@@ -414,6 +414,21 @@ class DirectReceiverTests(unittest.TestCase):
         self.assertEqual(needs, {0: RangeSet.interval(0, 3)})
 
     @defer.inlineCallbacks
+    def test_a_report_before_a_position_names_only_what_lies_before_it(self):
+        """A probe in the middle of a pass hears of what was sent, not of every file still to come."""
+        for name in ("a", "b", "c"):
+            write_file(os.path.join(self.src, name), self.rng.randbytes(1000))
+        manifest, _ = scan([self.src + "/"], block_size=100, chunk_size=1000)
+        r, d = self.start(manifest)
+        yield d
+        self.assertEqual(sorted(decode_map(r.missing().missing)), [0, 1, 2])
+        self.assertEqual(
+            decode_map(r.missing(before=(1, 4)).missing),
+            {0: RangeSet.interval(0, 10), 1: RangeSet.interval(0, 4)},
+        )
+        self.assertEqual(decode_map(r.missing(before=(0, 0)).missing), {})
+
+    @defer.inlineCallbacks
     def test_a_part_file_name_planted_as_a_hard_link_is_not_written_through(self):
         """
         A local user who can write the destination plants, at the part

@@ -348,7 +348,7 @@ class DeadPeer:
         self.calls.append("prepare")
         return self.live.prepare(offer)
 
-    def missing(self, transfer_id, abandoned, through=None):
+    def missing(self, transfer_id, abandoned, through=None, before=None):
         self.calls.append("missing")
         return defer.Deferred()
 
@@ -408,7 +408,7 @@ class DeadReceiverTests(unittest.TestCase):
             def prepare(self, offer):
                 return defer.Deferred()
 
-            def missing(self, transfer_id, abandoned, through=None):
+            def missing(self, transfer_id, abandoned, through=None, before=None):
                 self.calls.append("missing")
                 return defer.fail(ConnectionError("not listening"))
 
@@ -649,9 +649,9 @@ class ProbeTimingTests(unittest.TestCase):
         calls = []
         missing = peer.missing
 
-        def recording(transfer_id, abandoned, through=None):
+        def recording(transfer_id, abandoned, through=None, before=None):
             calls.append((reactor.seconds(), through))
-            d = missing(transfer_id, abandoned, through)
+            d = missing(transfer_id, abandoned, through, before)
             if len(calls) == lost_at_probe and lost_at_first_probe:
                 lost = encode_map({0: RangeSet.interval(0, lost_at_first_probe)})[0]
                 d.addCallback(lambda report: MissingReport(lost, True, False, report.stats))
@@ -897,10 +897,10 @@ class ShortPassTests(unittest.TestCase):
         probes = []  # in-pass probes and polls: Missing without ``through``
         missing = peer.missing
 
-        def recording(transfer_id, abandoned, through=None):
+        def recording(transfer_id, abandoned, through=None, before=None):
             if through is None:
                 probes.append(reactor.seconds())
-            return missing(transfer_id, abandoned, through)
+            return missing(transfer_id, abandoned, through, before)
 
         peer.missing = recording
         passes = []
