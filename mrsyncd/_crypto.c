@@ -209,7 +209,7 @@ done:
 }
 
 /* The clear header (mrsyncd/datagram.py). */
-#define VERSION 3 /* datagram.VERSION: tests/test_intake.py holds the two paths to one contract */
+#define VERSION 4 /* datagram.VERSION, which checks it (the module exports it): a stale build is not used */
 #define KIND_DATA 1
 #define KIND_ECHO 3
 #define HEADER_SIZE 28
@@ -432,6 +432,10 @@ PyInit__crypto(void)
     Py_INCREF(&AEADType);
     if (PyModule_AddObject(m, "AEAD", (PyObject *)&AEADType) < 0) {
         Py_DECREF(&AEADType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    if (PyModule_AddIntConstant(m, "VERSION", VERSION) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -1,5 +1,8 @@
 # The C module mrsyncd/_crypto.c.
 
+#: The datagram version its read loop accepts (datagram.VERSION).
+VERSION: int
+
 class AEAD:
     def __init__(self, cipher: str, key: bytes) -> None: ...
     def seal(self, header: bytes, payload: bytes, sequence: int) -> bytes: ...

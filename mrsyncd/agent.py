@@ -13,6 +13,7 @@ import functools
 import os
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 from twisted.internet import defer, utils
@@ -302,7 +303,7 @@ class LocalPeer:
     def prepare(self, offer: Offer) -> defer.Deferred:
         # The manifest crosses the control channel as bytes; do the same here
         # so that in-process tests exercise its validation.
-        copy = Offer(**{**vars(offer), "manifest": Manifest.from_bytes(offer.manifest.to_bytes())})
+        copy = replace(offer, manifest=Manifest.from_bytes(offer.manifest_bytes))
         return defer.maybeDeferred(self.agent.prepare, copy)
 
     def missing(

@@ -57,7 +57,7 @@ class AMPPeer:
             Prepare,
             transfer_id=offer.transfer_id,
             key=offer.key,
-            manifest=offer.manifest.to_bytes(),
+            manifest=offer.manifest_bytes,
             group=offer.channel.group,
             port=offer.channel.port,
             ttl=offer.channel.ttl,

@@ -11,7 +11,7 @@ byte of it reaches the disk, and a host on the LAN reads nothing of the data.
 
 Layout (all integers big-endian), see docs/PROTOCOL.md::
 
-    0   1  version (2)
+    0   1  version (4)
     1   1  kind    (1 = DATA: one block; 2 = PARITY: a parity of a group of
            blocks, see erasure.py; 3 = ECHO: the rate controller's view,
            `ratecontrol.Echo`, with file index ECHO_FILE and block index 0)
@@ -49,12 +49,15 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+VERSION = 4
+
 try:
     from mrsyncd import _crypto
 except ImportError:  # not built: the pure-Python path
     _crypto = None  # type: ignore[assignment]
-
-VERSION = 3
+if _crypto is not None and getattr(_crypto, "VERSION", None) != VERSION:
+    # Built from an older checkout: its read loop would drop every datagram as another version's.
+    _crypto = None  # type: ignore[assignment]
 KIND_DATA = 1
 KIND_PARITY = 2
 KIND_ECHO = 3

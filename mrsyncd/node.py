@@ -151,8 +151,9 @@ class MasterLink(ReceiverControl):
     """
     A node's connection to its master: it registers only once the master's
     certificate, already checked against the CA and the master's name by
-    the handshake, is also not revoked, so that a stolen master key learns
-    nothing of the node, not even its name.
+    the handshake, is also not revoked, so that a revoked master key gets
+    no more of the node than its certificate: no registration, no free
+    space, no job.
     """
 
     register_on_connect = False

@@ -8,6 +8,7 @@ of what nodes send while data flows).
 from __future__ import annotations
 
 import math
+import zlib
 from dataclasses import replace
 from typing import Any
 
@@ -19,7 +20,15 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from mrsyncd.agent import ReceiverAgent
-from mrsyncd.commands import PROTOCOL, UINT32_MAX, BadRequest, CongestionReport, Refused, Register
+from mrsyncd.commands import (
+    PROTOCOL,
+    UINT32_MAX,
+    BadRequest,
+    CompressedBytes,
+    CongestionReport,
+    Refused,
+    Register,
+)
 from mrsyncd.control import AMPPeer, ReceiverControl, SenderControl
 from mrsyncd.ratecontrol import LOST_MARKS, Feedback
 from mrsyncd.receiver import MissingReport
@@ -75,6 +84,39 @@ class LoopbackControl(unittest.TestCase):
         assert self.sender is not None
         self.client.transport.loseConnection()
         return self.sender.lost
+
+
+class CompressedBytesTests(unittest.TestCase):
+    """The manifest crosses compressed, and what a peer sends may not inflate without bound."""
+
+    def round_trip(self, value: bytes) -> tuple[dict[bytes, bytes], bytes]:
+        strings: dict[bytes, bytes] = {}
+        CompressedBytes().toBox(b"manifest", strings, {"manifest": value}, None)
+        objects: dict[str, Any] = {}
+        CompressedBytes().fromBox(b"manifest", dict(strings), objects, None)
+        return strings, objects["manifest"]
+
+    def test_a_manifest_crosses_smaller_and_whole(self) -> None:
+        manifest = (
+            b'{"entries": ['
+            + b", ".join(b'{"path": "d/f%05d", "digests": "%064x"}' % (i, i) for i in range(5000))
+            + b"]}"
+        )
+        strings, back = self.round_trip(manifest)
+        self.assertEqual(back, manifest)
+        self.assertLess(sum(map(len, strings.values())), len(manifest) // 3)
+        self.assertEqual(self.round_trip(b"")[1], b"")
+
+    def test_a_bomb_or_garbage_is_refused(self) -> None:
+        bomb = zlib.compress(bytes(CompressedBytes.LIMIT + 1), 9)
+        for data, why in (
+            (bomb, "inflates past"),
+            (b"{not zlib", "is not zlib data"),
+            (bomb[:100], "cut short"),
+        ):
+            objects: dict[str, Any] = {}
+            with self.assertRaisesRegex(BadRequest, why):
+                CompressedBytes().fromBox(b"manifest", {b"manifest": data}, objects, None)
 
 
 class MissingCalls(LoopbackControl):
@@ -176,7 +218,6 @@ class ProtocolVersions(unittest.TestCase):
 
 
 class CongestionReports(LoopbackControl):
-
     @defer.inlineCallbacks
     def report(self, feedback: Feedback) -> Any:
         """Send one report as the receiver would; fires with (what arrived, its bytes)."""

@@ -33,6 +33,7 @@ import ssl
 import subprocess
 import sys
 import threading
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -832,7 +833,7 @@ def _prepare(
         [
             (b"transfer_id", transfer_id or os.urandom(8)),
             (b"key", os.urandom(32)),
-            *big_value(b"manifest", manifest),
+            *big_value(b"manifest", zlib.compress(manifest)),  # as `commands.CompressedBytes` sends it
             (b"group", channel.group.encode()),
             (b"port", b"%d" % channel.port),
             (b"ttl", b"1"),
