@@ -229,7 +229,7 @@ def issue(
     if not force:
         _refuse_existing(cert_path, key_path)
 
-    ca_cert, ca_key = _load_ca(ca_dir)
+    ca_cert, ca_key = _load_ca_and_key(ca_dir)
     now = utcnow()
     ca_before, ca_after = validity(ca_cert)
     start = not_before if not_before is not None else max(now - CLOCK_SKEW, ca_before)
@@ -281,7 +281,7 @@ def issue(
     return cert
 
 
-def _load_ca(ca_dir: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+def _load_ca_and_key(ca_dir: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     ca_cert = load_certificate(os.path.join(ca_dir, CA_CERT))
     ca_key = load_private_key(os.path.join(ca_dir, CA_KEY))
     if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
@@ -297,7 +297,7 @@ def revoke(ca_dir: str, serials: Sequence[int] = ()) -> x509.CertificateRevocati
     empty, if there is none) and sign it anew.  Revoking twice is harmless:
     the first date stays.
     """
-    ca_cert, ca_key = _load_ca(ca_dir)
+    ca_cert, ca_key = _load_ca_and_key(ca_dir)
     path = os.path.join(ca_dir, CRL)
     revoked: dict[int, datetime.datetime] = {}
     if os.path.lexists(path):

@@ -809,12 +809,11 @@ class Receiver:
         for f in self._files.values():
             if f.result is not None or not f.ledger.remaining:
                 continue
-            if before is not None and f.index >= before[0]:
-                if f.index > before[0]:
-                    continue
-                ranges = [(a, min(b, before[1])) for a, b in f.ledger.wanted(budget) if a < before[1]]
-            else:
-                ranges = f.ledger.wanted(budget)
+            if before is not None and f.index > before[0]:
+                continue
+            ranges = f.ledger.wanted(budget)
+            if before is not None and f.index == before[0]:
+                ranges = [(a, min(b, before[1])) for a, b in ranges if a < before[1]]
             if ranges:
                 found[f.index] = RangeSet(ranges)
                 budget -= len(ranges)

@@ -127,7 +127,7 @@ class Revocations:
         self._ca = _load_ca(ca_path) if path else None
         self._stamp: tuple[int, int, int] | None = None
         self.serials: frozenset[int] = frozenset()
-        #: Called after a reload that revoked more (`RevocationWatch`).
+        #: Called after a reload that changed the serials (`RevocationWatch`).
         self.on_change: list[Callable[[], None]] = []
         if path:
             self.reload()
