@@ -48,6 +48,8 @@ EXIT_UNREACHABLE, EXIT_REFUSED, EXIT_CANCELLED = 3, 4, 5
 #: What a shell reports for a command ended by Ctrl-C: 128 + SIGINT.
 EXIT_INTERRUPTED = 128 + signal.SIGINT
 FINISHED = ("done", "failed", "cancelled")
+#: How often a followed job's progress line is drawn anew.
+PROGRESS_INTERVAL = 0.5
 
 
 class CommandError(Exception):
@@ -425,7 +427,7 @@ class Interruption:
         self.heard = 0
         #: Set while a push follows its own job: Ctrl-C then cancels it.
         self.graceful = False
-        self._sleepers: list[defer.Deferred] = []
+        self._waiting: list[defer.Deferred] = []
 
     def install(self) -> None:
         """Take SIGINT from the reactor, whose own handler would stop it mid-command."""
@@ -438,28 +440,22 @@ class Interruption:
             self.err.write("\nmrsync: interrupted\n")
             self.err.flush()
             os._exit(EXIT_INTERRUPTED)
-        sleepers, self._sleepers = self._sleepers, []
-        for sleeper in sleepers:
-            sleeper.callback(None)
+        waiting, self._waiting = self._waiting, []
+        for waiter in waiting:
+            waiter.callback(None)
 
-    def sleep(self, seconds: float) -> defer.Deferred:
-        """Fires after ``seconds``, or at once when Ctrl-C comes."""
-        sleeper: defer.Deferred = defer.Deferred()
-        self._sleepers.append(sleeper)
+    def unless_interrupted(self, d: defer.Deferred) -> defer.Deferred:
+        """``d``'s result, or None as soon as Ctrl-C comes (``d``'s own result then goes unheard)."""
+        waiter: defer.Deferred = defer.Deferred()
+        self._waiting.append(waiter)
 
-        def wake() -> None:
-            if sleeper in self._sleepers:
-                self._sleepers.remove(sleeper)
-                sleeper.callback(None)
+        def came(result: object) -> None:
+            if waiter in self._waiting:
+                self._waiting.remove(waiter)
+                waiter.callback(result)
 
-        timer = self.reactor.callLater(seconds, wake)
-
-        def woken(result: object) -> object:
-            if timer.active():
-                timer.cancel()
-            return result
-
-        return sleeper.addBoth(woken)
+        d.addBoth(came)
+        return waiter
 
 
 def _json(out: Any, value: Any) -> None:
@@ -481,11 +477,19 @@ def follow(
     """
     progress = Progress(out, reactor)
     cancelled = False
+    wait = 0.0  # the first answer at once: the job may be queued
     while True:
-        answer = yield call(protocol, JobStatus, job=job, files=False)
-        status = answer["status"]
-        if status["state"] in FINISHED:
-            break
+        # Held by the master until the job ends or PROGRESS_INTERVAL passes:
+        # the end is heard as it comes (a poll heard it 0.25 s late on
+        # average, 1.4% of a 20 s push).
+        answer = yield interruption.unless_interrupted(
+            call(protocol, JobStatus, job=job, files=False, wait=wait)
+        )
+        if answer is not None:
+            status = answer["status"]
+            if status["state"] in FINISHED:
+                break
+        wait = PROGRESS_INTERVAL
         if interruption.heard and not cancelled:
             cancelled = True
             if not json_out:
@@ -498,8 +502,10 @@ def follow(
             continue
         if not json_out:
             progress.show(status)
-        yield interruption.sleep(0.5)
-    answer = yield call(protocol, JobStatus, job=job, files=True)
+    # Each file's result per node, only where it is shown: 80,000 of them
+    # for a tree of 10,000 files to 8 nodes.
+    files = json_out or bool(status["spec"].get("dry_run"))
+    answer = yield call(protocol, JobStatus, job=job, files=files)
     status = answer["status"]
     if json_out:
         _json(out, status)

@@ -256,8 +256,19 @@ class ListJobs(amp.Command):
     errors = _OPERATOR_ERRORS
 
 
+#: The longest a `JobStatus` may be held for its job to end (``wait``).
+MAX_STATUS_WAIT = 5.0
+
+
 class JobStatus(amp.Command):
-    arguments = [(b"job", amp.Integer()), (b"files", amp.Boolean())]
+    """
+    A job's status; with ``wait``, once the job has ended or ``wait``
+    seconds (at most `MAX_STATUS_WAIT`) have passed, whichever comes first,
+    so that a follower hears of the end when it comes, not up to a polling
+    interval later.
+    """
+
+    arguments = [(b"job", amp.Integer()), (b"files", amp.Boolean()), (b"wait", amp.Float(optional=True))]
     response = [(b"status", JSONArgument())]
     errors = _OPERATOR_ERRORS
 

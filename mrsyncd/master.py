@@ -27,6 +27,7 @@ from zope.interface import implementer
 
 from mrsyncd import logs, readiness, store, tls
 from mrsyncd.commands import (
+    MAX_STATUS_WAIT,
     PROTOCOL,
     BadRequest,
     BoundedAMP,
@@ -255,6 +256,8 @@ class JobRunner:
         self.running: dict[int, Transfer | None] = {}
         self._slots: dict[int, int] = {}
         self._stopping = False
+        #: Waiting for each job to end (`ended`).
+        self._enders: dict[int, list[defer.Deferred]] = {}
         #: What jobs did since the master started, for its metrics
         #: (`mrsyncd.metrics`): ``("jobs", state)``, ``("node", name,
         #: state)``, ``("sent", "data" | "parity")`` and ``("repaired",)``.
@@ -263,6 +266,22 @@ class JobRunner:
     def _finish(self, job_id: int, state: str, message: str = "") -> None:
         self.jobs.finish(job_id, state, message)
         self.totals["jobs", state] += 1
+        for ender in self._enders.pop(job_id, []):
+            ender.callback(None)
+
+    def ended(self, job_id: int, timeout: float) -> defer.Deferred:
+        """Fires once the job has ended (at once if it has, or is unknown), or after ``timeout`` seconds."""
+        job = self.jobs.get(job_id)
+        if job is None or job.state in store.FINISHED:
+            return defer.succeed(None)
+        enders = self._enders.setdefault(job_id, [])
+
+        def forget(d: defer.Deferred) -> None:
+            enders.remove(d)
+
+        ender: defer.Deferred = defer.Deferred(forget)
+        enders.append(ender)
+        return ender.addTimeout(timeout, self.reactor, onTimeoutCancel=lambda result, timeout: None)
 
     def submit(self, spec: dict[str, Any], operator: str) -> int:
         """A new job, refused (`BadRequest`) before it exists if its targets name no node known now."""
@@ -578,9 +597,13 @@ class MasterControl(BoundedAMP):
         return {"jobs": [job.summary() for job in self.master.jobs.jobs(min(max(limit, 1), 1000))]}
 
     @JobStatus.responder
-    def job_status(self, job: int, files: bool) -> dict[str, Any]:
+    def job_status(self, job: int, files: bool, wait: float | None = None) -> Any:
         self._require("operator")
-        return {"status": self.master.runner.status(job, files)}
+        runner = self.master.runner
+        if not wait or wait <= 0:
+            return {"status": runner.status(job, files)}
+        d = runner.ended(job, min(wait, MAX_STATUS_WAIT))
+        return d.addCallback(lambda _: {"status": runner.status(job, files)})
 
     @Cancel.responder
     def cancel(self, job: int) -> dict[str, Any]:

@@ -36,6 +36,8 @@ INSERT INTO jobs (state, spec, operator, submitted)
     VALUES ('queued', '{{"sources": ["/srv/b"]}}', 'bob', {now});
 INSERT INTO job_nodes (job, node, state, changed) VALUES (1, 'n1', 'done', 3);
 INSERT INTO job_files (job, node, path, result) VALUES (1, 'n1', 'a/x', 'ok');
+INSERT INTO job_files (job, node, path, result) VALUES (1, 'n1', 'a/w', 'unchanged');
+INSERT INTO job_files (job, node, path, result) VALUES (1, 'n2', 'a/x', 'cannot write: disk full');
 """
 
 
@@ -67,7 +69,13 @@ def test_a_store_of_the_released_layout_is_brought_up_to_date_with_its_jobs(tmp_
         bytes(range(1, 9)),
     )
     assert done.nodes["n1"]["changed"] == 3
-    assert jobs.files(1) == {"n1": {"a/x": "ok"}}
+    # A row per file and node became one per node, the paths in order.
+    assert jobs.files(1) == {
+        "n1": {"a/w": "unchanged", "a/x": "ok"},
+        "n2": {"a/x": "cannot write: disk full"},
+    }
+    assert list(jobs.files(1)["n1"]) == ["a/w", "a/x"]
+    assert not jobs.db.execute("SELECT name FROM sqlite_master WHERE name = 'job_files'").fetchall()
     [queued] = jobs.unfinished()
     # The queued job starts as any other, its run kept for a resume.
     jobs.start(queued.id, b"t" * 8, b"k" * 32, 1, b"r" * 16)
@@ -150,9 +158,11 @@ def test_only_the_newest_finished_jobs_are_kept_with_their_rows(tmp_path):
     assert jobs.prune() == 2
     assert rows(jobs, "jobs", "id") == [old[2], running, newest[0]]
     assert rows(jobs, "job_nodes", "job") == [old[2], newest[0]]
-    assert rows(jobs, "job_files", "job") == [old[2], newest[0]]
+    assert rows(jobs, "job_results", "job") == [old[2], newest[0]]
     # Finishing a job prunes: the running one, once done, pushes out the oldest kept.
+    assert jobs.get(running).key == b"k" * 32
     jobs.finish(running, FAILED, "a test")
+    assert jobs.get(running).key is None, "a finished job's key is kept"
     assert rows(jobs, "jobs", "id") == [running, newest[0]]
 
 
