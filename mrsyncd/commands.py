@@ -72,15 +72,23 @@ class CompressedBytes(BigBytes):
     `BigBytes` compressed with zlib on the wire: a manifest of 10,000 small
     files is 2.0 MB of JSON and 0.58 MB compressed (15 ms at level 1), and
     it crosses the master's link once for every node.  What a peer sends
-    may inflate to no more than a `BigBytes` can carry.
+    may inflate to no more than a `BigBytes` can carry.  The same value
+    sent again (one manifest to every node of a job) is compressed once.
     """
 
     LIMIT = MAX_PIECES * PIECE
 
+    def __init__(self, optional: bool = False) -> None:
+        super().__init__(optional)
+        self._last: tuple[bytes, bytes] | None = None
+
     def toBox(self, name: bytes, strings: dict, objects: dict, proto: object) -> None:  # type: ignore[override]
         key = amp._wireNameToPythonIdentifier(name)  # type: ignore[attr-defined]
-        if objects.get(key) is not None:
-            objects[key] = zlib.compress(objects[key], 1)
+        value = objects.get(key)
+        if value is not None:
+            if self._last is None or self._last[0] is not value:
+                self._last = (value, zlib.compress(value, 1))
+            objects[key] = self._last[1]
         super().toBox(name, strings, objects, proto)
 
     def fromBox(self, name: bytes, strings: dict, objects: dict, proto: object) -> None:  # type: ignore[override]

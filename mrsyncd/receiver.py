@@ -319,9 +319,8 @@ class Receiver:
                 has_part=held.has_part,
             )
             self._files[index] = f
-            need = RangeSet((c, c + 1) for c, state in enumerate(held.status) if state != DONE)
-            if need:
-                needs[index] = need
+            if NEEDED in held.status:  # the survey leaves chunks NEEDED or DONE
+                needs[index] = RangeSet((c, c + 1) for c, state in enumerate(held.status) if state == NEEDED)
             elif held.in_place:
                 f.ledger.close()
                 f.result = self.results[entry.path] = OK

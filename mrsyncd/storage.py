@@ -11,6 +11,7 @@ reactor's thread pool.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
@@ -89,21 +90,59 @@ def survey(
     exist yet (``root_fd`` -1).
     """
     found: dict[int, Held | str] = {}
-    for index, entry in enumerate(manifest.entries):
-        try:
-            if entry.kind == DIR and not dry_run:
-                fsutil.make_directory(root_fd, entry.path)
-            elif entry.kind == FILE:
-                found[index] = chunks_held(
-                    root_fd, manifest, entry, part_name(transfer_id, index), dry_run, owner
-                )
-        except FileNotFoundError:
-            if entry.kind == FILE and dry_run:
-                found[index] = Held(zero_chunks(manifest, entry))
-        except OSError as e:
-            if entry.kind == FILE:
-                found[index] = f"cannot prepare: {e.strerror or e}"
+    parent = _Parent(root_fd, create=not dry_run)
+    try:
+        for index, entry in enumerate(manifest.entries):
+            try:
+                if entry.kind == DIR and not dry_run:
+                    fsutil.make_directory(root_fd, entry.path)
+                elif entry.kind == FILE:
+                    fd, names, name = parent.of(entry.path)
+                    found[index] = chunks_held(
+                        fd, names, name, manifest, entry, part_name(transfer_id, index), dry_run, owner
+                    )
+            except FileNotFoundError:
+                if entry.kind == FILE and dry_run:
+                    found[index] = Held(zero_chunks(manifest, entry))
+            except OSError as e:
+                if entry.kind == FILE:
+                    found[index] = f"cannot prepare: {e.strerror or e}"
+    finally:
+        parent.close()
     return found
+
+
+class _Parent:
+    """
+    The directory of the files being surveyed, open, with the names in it.
+    A manifest lists a directory's files together (`manifest.scan` walks
+    the tree), so each directory is opened and listed once, not opened
+    component by component and asked for a part file once for every file
+    in it: 20 us a file, most of what comparing an unchanged tree costs.
+    """
+
+    def __init__(self, root_fd: int, create: bool) -> None:
+        self.root_fd = root_fd
+        self.create = create
+        self.path: str | None = None
+        self.fd = -1
+        self.names: frozenset[str] = frozenset()
+
+    def of(self, path: str) -> tuple[int, frozenset[str], str]:
+        """The open directory of ``path``, the names in it, and the last component of ``path``."""
+        directory, _, name = path.rpartition("/")
+        if directory != self.path or self.fd < 0:
+            self.close()
+            if self.root_fd < 0:
+                raise FileNotFoundError(path)
+            self.fd, name = fsutil.open_parent(self.root_fd, path, create=self.create)
+            self.path, self.names = directory, frozenset(os.listdir(self.fd))
+        return self.fd, self.names, name
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+        self.fd, self.path = -1, None
 
 
 @dataclass
@@ -137,23 +176,28 @@ def zero_chunks(manifest: Manifest, entry: Entry) -> bytes:
 
 
 def chunks_held(
-    root_fd: int, manifest: Manifest, entry: Entry, part: str, dry_run: bool = False, owner: bool = False
+    fd: int,
+    names: frozenset[str],
+    name: str,
+    manifest: Manifest,
+    entry: Entry,
+    part: str,
+    dry_run: bool = False,
+    owner: bool = False,
 ) -> Held:
     """
-    The chunks of ``entry`` that need not cross the network: all of them if
+    The chunks of ``entry`` (``name`` in the directory open as ``fd``, which
+    held ``names`` when it was opened) that need not cross the network: all of them if
     the final path holds the same size and mtime (rsync's quick check);
     otherwise those a part file of this transfer already holds (a resume),
     the all-zero chunks of a fresh part file, and the chunks the old copy at
     the final path holds at the same offsets, which are copied into the part
     file (an appended log, a disk image with a few changed blocks).
     """
-    if root_fd < 0:
-        raise FileNotFoundError(entry.path)
     nchunks = manifest.chunks(entry)
-    fd, name = fsutil.open_parent(root_fd, entry.path, create=not dry_run)
     part_fd = -1
     try:
-        final = fsutil.lstat_at(fd, name)
+        final = fsutil.lstat_at(fd, name) if name in names else None
         if final is not None and not stat.S_ISREG(final.st_mode):
             final = None
         if final is not None and (final.st_size, final.st_mtime_ns) == (entry.size, entry.mtime_ns):
@@ -161,7 +205,7 @@ def chunks_held(
                 not owner or (final.st_uid, final.st_gid) == (entry.uid, entry.gid)
             )
             return Held(bytes([DONE]) * nchunks, unchanged=True, in_place=in_place)
-        if fsutil.lstat_at(fd, part) is not None:
+        if part in names:
             try:
                 part_fd = _reopen_part(fd, part)
             except OSError:
@@ -170,7 +214,8 @@ def chunks_held(
                 os.close(part_fd)
                 part_fd = -1
             if part_fd < 0 and not dry_run:
-                os.unlink(part, dir_fd=fd)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(part, dir_fd=fd)
         if part_fd < 0:
             status = bytearray(zero_chunks(manifest, entry))
         else:
@@ -202,7 +247,6 @@ def chunks_held(
         has_part = part_fd >= 0
         if has_part:
             os.close(part_fd)
-        os.close(fd)
     return Held(bytes(status), has_part=has_part)
 
 

@@ -11,6 +11,7 @@ import math
 import zlib
 from dataclasses import replace
 from typing import Any
+from unittest import mock
 
 from twisted.internet import defer, endpoints, reactor
 from twisted.internet.protocol import Factory, connectionDone
@@ -19,6 +20,7 @@ from twisted.protocols import amp
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
+from mrsyncd import commands
 from mrsyncd.agent import ReceiverAgent
 from mrsyncd.commands import (
     PROTOCOL,
@@ -106,6 +108,27 @@ class CompressedBytesTests(unittest.TestCase):
         self.assertEqual(back, manifest)
         self.assertLess(sum(map(len, strings.values())), len(manifest) // 3)
         self.assertEqual(self.round_trip(b"")[1], b"")
+
+    def test_one_manifest_sent_to_many_nodes_is_compressed_once(self) -> None:
+        compressed: list[int] = []
+        real = zlib.compress
+
+        def counting(data: bytes, level: int = -1) -> bytes:
+            compressed.append(len(data))
+            return real(data, level)
+
+        argument, manifest = CompressedBytes(), b'{"entries": []}' * 1000
+        boxes = []
+        with mock.patch.object(commands.zlib, "compress", counting):
+            for value in (manifest, manifest, bytes(bytearray(manifest))):  # the last: equal, another object
+                strings: dict[bytes, bytes] = {}
+                argument.toBox(b"manifest", strings, {"manifest": value}, None)
+                boxes.append(strings)
+        self.assertEqual(compressed, [len(manifest), len(manifest)])
+        self.assertEqual(boxes[0], boxes[1])
+        objects: dict[str, Any] = {}
+        CompressedBytes().fromBox(b"manifest", boxes[2], objects, None)
+        self.assertEqual(objects["manifest"], manifest)
 
     def test_a_bomb_or_garbage_is_refused(self) -> None:
         bomb = zlib.compress(bytes(CompressedBytes.LIMIT + 1), 9)

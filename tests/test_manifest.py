@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import stat
@@ -168,6 +169,12 @@ def test_round_trip():
     assert again.chunk_span(again.entries[1], 1) == (64, 36)
     assert again.total_bytes() == 100
     assert [i for i, _ in again.files()] == [1, 2]
+
+
+def test_every_field_of_an_entry_crosses_the_wire():
+    """`Manifest.to_bytes` names the fields one by one: a new one must be named there too."""
+    [record] = doc_of(Manifest([Entry("a", FILE, 0o644, 1, uid=2, gid=3, size=0)]))["entries"]
+    assert set(record) == {f.name for f in dataclasses.fields(Entry)}
 
 
 entry_text = st.text(alphabet="abc.é", min_size=1, max_size=6)

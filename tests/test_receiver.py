@@ -403,6 +403,32 @@ class DirectReceiverTests(unittest.TestCase):
             self.assertEqual(f.read(), data)
 
     @defer.inlineCallbacks
+    def test_a_survey_that_goes_back_to_a_directory_finds_what_each_holds(self):
+        """
+        The survey keeps one directory open at a time (`storage._Parent`):
+        a manifest that leaves a directory and comes back to it, as no
+        scan writes one but a peer may, is surveyed all the same.
+        """
+        data = {path: self.rng.randbytes(2500) for path in ("a/x", "b/y", "a/z")}
+        for path, content in data.items():
+            os.makedirs(os.path.dirname(os.path.join(self.src, path)), exist_ok=True)
+            write_file(os.path.join(self.src, path), content, mtime_ns=10**18)
+        manifest, _ = scan([self.src + "/"], block_size=100, chunk_size=1000)
+        order = ["a", "b", "a/x", "b/y", "a/z"]
+        manifest.entries.sort(key=lambda e: order.index(e.path))
+        index = {e.path: i for i, e in enumerate(manifest.entries)}
+        os.makedirs(os.path.join(self.dst, "a"))
+        os.makedirs(os.path.join(self.dst, "b"))
+        write_file(os.path.join(self.dst, "a/x"), data["a/x"], mtime_ns=10**18)  # unchanged
+        part = bytearray(data["b/y"])
+        part[1200] ^= 1  # chunk 1 of the part file is corrupt
+        write_file(os.path.join(self.dst, "b", part_name(self.tid, index["b/y"])), bytes(part))
+        r, d = self.start(manifest)
+        needs = yield d
+        self.assertEqual(needs, {index["b/y"]: RangeSet([(1, 2)]), index["a/z"]: RangeSet.interval(0, 3)})
+        self.assertEqual(r.results.get("a/x"), OK)
+
+    @defer.inlineCallbacks
     def test_part_file_of_the_wrong_size_is_discarded(self):
         data = self.rng.randbytes(2500)
         write_file(os.path.join(self.src, "f"), data)
