@@ -30,7 +30,8 @@ log = logs.logger(__name__)
 #: The version of the whole protocol, control and datagrams, which change
 #: together: a sender and a receiver of different versions refuse each
 #: other at `Register` (1 had BLAKE2b-tagged clear datagrams, 2 seals them,
-#: 3 has the congestion reports of issue 20, 4 sends the manifest compressed).
+#: 3 has the congestion reports of issue 20, 4 sends the manifest compressed,
+#: 5 sends it only to receivers that do not hold it yet).
 PROTOCOL = VERSION
 
 PIECE = 0xFFFF
@@ -178,6 +179,10 @@ class UnknownTransfer(Exception):
     """
 
 
+class UnknownManifest(Exception):
+    """The receiver does not hold the manifest a `Prepare` named by digest only: send it whole."""
+
+
 _ERRORS = {Refused: b"REFUSED", UnknownTransfer: b"UNKNOWN_TRANSFER"}
 
 
@@ -293,10 +298,20 @@ class ListNodes(amp.Command):
 
 
 class Prepare(amp.Command):
+    """
+    Offer a transfer.  ``manifest_digest`` is the SHA-256 of the encoded
+    manifest; ``manifest`` may be left out when the receiver holds that
+    manifest from an earlier `Prepare` on this connection (it answers
+    `UnknownManifest` if not), so that pushing an unchanged tree again does
+    not send its manifest to every node again: 0.58 MB each for 10,000
+    files, 0.37 s of a 100 Mbit/s link for 8 nodes.
+    """
+
     arguments = [
         (b"transfer_id", amp.String()),
         (b"key", amp.String()),
-        (b"manifest", CompressedBytes()),
+        (b"manifest", CompressedBytes(optional=True)),
+        (b"manifest_digest", amp.String()),
         (b"group", amp.Unicode()),
         (b"port", amp.Integer()),
         (b"ttl", amp.Integer()),
@@ -308,7 +323,7 @@ class Prepare(amp.Command):
     ]
     #: ``needs`` is a `blockset.encode_map` of chunk numbers.
     response = [(b"needs", BigBytes())]
-    errors = _ERRORS
+    errors = {**_ERRORS, UnknownManifest: b"UNKNOWN_MANIFEST"}
 
 
 class Missing(amp.Command):

@@ -10,6 +10,7 @@ manifest and key, need sets, missing reports and per-entry results.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from typing import Any
@@ -31,9 +32,10 @@ from mrsyncd.commands import (
     Refused,
     Register,
     Results,
+    UnknownManifest,
     version_mismatch,
 )
-from mrsyncd.manifest import Manifest
+from mrsyncd.manifest import Manifest, ManifestError
 from mrsyncd.multicast import Channel
 from mrsyncd.ratecontrol import Feedback
 from mrsyncd.receiver import MissingReport, Outcome, TransferOptions
@@ -43,6 +45,10 @@ log = logs.logger(__name__)
 
 #: No bound on a need set's size: `Prepare` answers with every chunk needed.
 UNLIMITED = 1 << 62
+#: A receiver keeps the last manifest it was sent up to this size (encoded;
+#: 2 MB for 10,000 files), so that the same tree offered again is named by
+#: its digest (`commands.Prepare`).
+KEPT_MANIFEST_BYTES = 32 << 20
 
 
 class AMPPeer:
@@ -53,19 +59,30 @@ class AMPPeer:
         self.protocol = protocol
 
     def prepare(self, offer: Offer) -> defer.Deferred:
-        d = self.protocol.callRemote(
-            Prepare,
-            transfer_id=offer.transfer_id,
-            key=offer.key,
-            manifest=offer.manifest_bytes,
-            group=offer.channel.group,
-            port=offer.channel.port,
-            ttl=offer.channel.ttl,
-            loopback=offer.channel.loopback,
-            destination=offer.destination,
-            options=asdict(offer.options),
-            cipher=offer.cipher,
-        )
+        """Offer by the manifest's digest first, and send the manifest only to a receiver without it."""
+
+        def offered(manifest: bytes | None) -> defer.Deferred:
+            return self.protocol.callRemote(
+                Prepare,
+                transfer_id=offer.transfer_id,
+                key=offer.key,
+                manifest=manifest,
+                manifest_digest=offer.manifest_digest,
+                group=offer.channel.group,
+                port=offer.channel.port,
+                ttl=offer.channel.ttl,
+                loopback=offer.channel.loopback,
+                destination=offer.destination,
+                options=asdict(offer.options),
+                cipher=offer.cipher,
+            )
+
+        def unknown(failure: Failure) -> defer.Deferred:
+            failure.trap(UnknownManifest)
+            return offered(offer.manifest_bytes)
+
+        d = offered(None)
+        d.addErrback(unknown)
         d.addCallback(lambda response: decode_map(response["needs"]))
         return d
 
@@ -113,6 +130,8 @@ class ReceiverControl(BoundedAMP):
         self.tags = list(tags)
         self.free = free
         self.on_registered = on_registered
+        #: The last manifest this sender sent whole: (its digest, its bytes).
+        self._manifest: tuple[bytes, bytes] | None = None
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -156,13 +175,25 @@ class ReceiverControl(BoundedAMP):
         super().connectionLost(reason)
         self.agent.close()
 
+    def _manifest_named(self, manifest: bytes | None, digest: bytes) -> bytes:
+        """The manifest a `Prepare` sent, or named by ``digest`` as one it sent before."""
+        if manifest is None:
+            if self._manifest is None or self._manifest[0] != digest:
+                raise UnknownManifest(f"no manifest {digest.hex()[:16]} held")
+            return self._manifest[1]
+        if hashlib.sha256(manifest).digest() != digest:
+            raise ManifestError("the manifest does not match its digest")
+        self._manifest = (digest, manifest) if len(manifest) <= KEPT_MANIFEST_BYTES else None
+        return manifest
+
     @Prepare.responder
     def prepare(self, **kw: Any) -> defer.Deferred:
         try:
+            manifest = self._manifest_named(kw.get("manifest"), kw["manifest_digest"])
             offer = Offer(
                 transfer_id=kw["transfer_id"],
                 key=kw["key"],
-                manifest=Manifest.from_bytes(kw["manifest"]),
+                manifest=Manifest.from_bytes(manifest),
                 channel=Channel(kw["group"], kw["port"], "", kw["ttl"], kw["loopback"]),
                 destination=kw["destination"],
                 options=TransferOptions.from_dict(kw["options"]),
@@ -172,7 +203,9 @@ class ReceiverControl(BoundedAMP):
         except Exception as e:
             d = defer.fail(e)
 
-        def refused(failure: Any) -> None:
+        def refused(failure: Failure) -> Failure:
+            if failure.check(UnknownManifest):
+                return failure  # not a refusal: the sender sends the manifest whole
             log.error("refused transfer {tid}: {why}", tid=kw["transfer_id"].hex(), why=failure.value)
             raise Refused(str(failure.value))
 

@@ -23,6 +23,7 @@ calls have ``prepare_timeout`` instead.
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -80,8 +81,13 @@ class Offer:
 
     @functools.cached_property
     def manifest_bytes(self) -> bytes:
-        """The manifest as it travels, encoded once for every receiver (2 MB of JSON take 0.1 s)."""
+        """The manifest as it travels, encoded once for every receiver (2 MB of JSON take 25 ms)."""
         return self.manifest.to_bytes()
+
+    @functools.cached_property
+    def manifest_digest(self) -> bytes:
+        """Names the manifest to a receiver that may hold it already (`commands.Prepare`)."""
+        return hashlib.sha256(self.manifest_bytes).digest()
 
 
 class ReceiverPeer(Protocol):

@@ -8,6 +8,7 @@ of what nodes send while data flows).
 from __future__ import annotations
 
 import math
+import random
 import zlib
 from dataclasses import replace
 from typing import Any
@@ -32,8 +33,11 @@ from mrsyncd.commands import (
     Register,
 )
 from mrsyncd.control import AMPPeer, ReceiverControl, SenderControl
+from mrsyncd.manifest import DIGEST_SIZE, FILE, Entry, Manifest
+from mrsyncd.multicast import Channel
 from mrsyncd.ratecontrol import LOST_MARKS, Feedback
 from mrsyncd.receiver import MissingReport
+from mrsyncd.transfer import Offer
 
 TRANSFER_ID = b"\x01" * 8
 
@@ -54,6 +58,16 @@ class CountingSenderControl(SenderControl):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         super().connectionLost(reason)
         self.lost.callback(None)
+
+
+class CountingReceiverControl(ReceiverControl):
+    """The node's end, counting the bytes that reach it."""
+
+    received_bytes = 0
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received_bytes += len(data)
+        super().dataReceived(data)
 
 
 class LoopbackControl(unittest.TestCase):
@@ -78,7 +92,7 @@ class LoopbackControl(unittest.TestCase):
         self.agent = ReceiverAgent(reactor)
         self.client = yield endpoints.TCP4ClientEndpoint(
             reactor, "127.0.0.1", self.port.getHost().port
-        ).connect(Factory.forProtocol(lambda: ReceiverControl(self.agent, "node1")))
+        ).connect(Factory.forProtocol(lambda: CountingReceiverControl(self.agent, "node1")))
         self.addCleanup(self.disconnect)
         self.peer = yield self.registered
 
@@ -163,6 +177,47 @@ class MissingCalls(LoopbackControl):
             report = yield self.peer.missing(TRANSFER_ID, {3: "source changed"}, through, before)
             self.assertEqual(report.stats, {"blocks": 1})
         self.assertEqual(calls, [(TRANSFER_ID, {3: "source changed"}, t, b) for t, b in asked])
+
+
+def tree_manifest(files: int, seed: int) -> Manifest:
+    rng = random.Random(seed)
+    manifest = Manifest([], block_size=1024)
+    for n in range(files):
+        entry = Entry(f"d{n // 100}/f{n}", FILE, 0o644, rng.getrandbits(60), size=rng.randrange(1, 20_000))
+        entry.digests = rng.randbytes(manifest.chunks(entry) * DIGEST_SIZE)
+        manifest.entries.append(entry)
+    return manifest
+
+
+class ManifestOffers(LoopbackControl):
+    """A manifest crosses once: the same tree offered again is named by its digest."""
+
+    @defer.inlineCallbacks
+    def test_a_manifest_the_node_holds_is_named_not_sent(self) -> Any:
+        offered: list[Offer] = []
+
+        def prepare(offer: Offer) -> Any:
+            offered.append(offer)
+            return defer.succeed({})
+
+        self.agent.prepare = prepare  # type: ignore[method-assign]
+        node = self.client
+        channel = Channel("239.255.77.9", 7799)
+        tree, changed = tree_manifest(2000, 1), tree_manifest(2000, 2)
+        costs = []
+        for n, manifest in enumerate([tree, tree, changed, tree]):
+            before = node.received_bytes
+            needs = yield self.peer.prepare(Offer(bytes([n]) * 8, b"k" * 32, manifest, channel, "/srv/t"))
+            self.assertEqual(needs, {})
+            self.assertEqual(offered[-1].manifest, manifest)
+            self.assertEqual(offered[-1].transfer_id, bytes([n]) * 8)
+            costs.append(node.received_bytes - before)
+        whole = len(zlib.compress(tree.to_bytes(), 1))
+        # Sent whole, named, sent whole (another tree), sent whole (the node keeps one).
+        self.assertGreater(costs[0], whole)
+        self.assertLess(costs[1], 1000)
+        self.assertGreater(costs[2], whole)
+        self.assertGreater(costs[3], whole)
 
 
 class ProtocolVersions(unittest.TestCase):

@@ -23,6 +23,7 @@ the `BoundedAMP` tests at the top run anywhere.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -825,15 +826,25 @@ def _zeros(path: str, size: int = 100) -> dict[str, Any]:
 
 
 def _prepare(
-    peer: AmpClient, manifest: bytes, destination: str, label: str, transfer_id: bytes = b""
+    peer: AmpClient,
+    manifest: bytes | None,
+    destination: str,
+    label: str,
+    transfer_id: bytes = b"",
+    digest: bytes | None = None,
 ) -> dict[bytes, bytes]:
+    """A `Prepare` box; ``manifest`` None names it by ``digest`` alone, as one sent before."""
     channel = support.unique_channel()
+    assert manifest is not None or digest is not None
+    # As `commands.CompressedBytes` sends it.
+    sent = big_value(b"manifest", zlib.compress(manifest)) if manifest is not None else []
     return peer.call(
         "Prepare",
         [
             (b"transfer_id", transfer_id or os.urandom(8)),
             (b"key", os.urandom(32)),
-            *big_value(b"manifest", zlib.compress(manifest)),  # as `commands.CompressedBytes` sends it
+            *sent,
+            (b"manifest_digest", digest or hashlib.sha256(manifest or b"").digest()),
             (b"group", channel.group.encode()),
             (b"port", b"%d" % channel.port),
             (b"ttl", b"1"),
@@ -892,10 +903,17 @@ def test_hostile_manifests_from_a_stand_in_master(fleet: tuple[Cluster, AmpClien
             "relative destination": (_manifest([_zeros("f")]), "pub/m", "not an absolute path"),
             "not JSON": (b"\x00garbage", str(pub / "m"), "not valid JSON"),
         }
+        # A manifest that is not the one its digest names, or one named by a digest alone that
+        # the node was never sent: refused, and asked for whole.
+        forged = _manifest([_zeros("f")])
+        refusals["digest"] = (forged, str(pub / "m"), "does not match its digest")
         for label, (manifest, destination, why) in refusals.items():
             with pytest.raises(AmpError) as raised:
-                _prepare(peer, manifest, destination, label)
+                _prepare(peer, manifest, destination, label, digest=b"\0" * 32 if label == "digest" else None)
             assert raised.value.code == "REFUSED" and why in raised.value.description, (label, raised.value)
+        with pytest.raises(AmpError) as raised:
+            _prepare(peer, None, str(pub / "m"), "unknown", digest=os.urandom(32))
+        assert raised.value.code == "UNKNOWN_MANIFEST", raised.value
         # A symlink to the outside, then a file beneath it (all zeros: no data needs to flow).
         evil = _manifest([{"path": "esc", "kind": SYMLINK, "target": str(outside)}, _zeros("esc/pwned")])
         transfer_id = os.urandom(8)
