@@ -484,7 +484,7 @@ class Receiver:
         for chunk in f.ledger.take(first, count):
             whole = self._whole_in_memory(f)
             if whole is not None:
-                self._verify.run(self._write_whole, f, whole)
+                self._verify.run(self._place_whole, f, whole)
                 continue
             held = self._chunk_in_memory(f, chunk)
             if not self._flush(f.index):
@@ -612,8 +612,8 @@ class Receiver:
         """
         A small file's bytes (one chunk), all gathered and not yet written,
         with no part file of its own yet: taken out of the gathering.  Such a
-        file is written, and its part file made, in a thread (`_write_whole`): a
-        file's creation costs 10 µs to 1 ms by filesystem, a tree of small
+        file is verified, written and put in place in a thread (`_place_whole`):
+        a file's creation costs 10 µs to 1 ms by filesystem, a tree of small
         files pays it for every one, and in the reactor it stalls the
         reading of the socket, whose buffer then overflows.
         """
@@ -628,18 +628,39 @@ class Receiver:
         self._unwritten += f.entry.size
         return pending[1]
 
-    def _write_whole(self, f: _IncomingFile, data: bytearray) -> defer.Deferred:
-        """Verify what `_whole_in_memory` took, and write it to a new part file."""
+    def _place_whole(self, f: _IncomingFile, data: bytearray) -> defer.Deferred:
+        """Verify what `_whole_in_memory` took and, if it is the file, place it (`storage.place_whole`)."""
         f.has_part = True  # from now on: a failure or a discard removes it
-        d = self._in_thread(storage.write_part, self._root_fd, f.entry, f.part, data)
+        d = self._in_thread(
+            storage.place_whole,
+            self._root_fd,
+            f.entry,
+            f.part,
+            data,
+            self._owner(),
+            self.options.backup_suffix,
+        )
 
         def written(result: object) -> object:
             self._unwritten -= len(data)
             return result
 
         d.addBoth(written)
-        d.addCallbacks(self._checked, self._unwritable, (f, 0), errbackArgs=(f,))
+        d.addCallbacks(self._placed_whole, self._unwritable, (f,), errbackArgs=(f,))
         return d
+
+    def _placed_whole(self, got: bytes, f: _IncomingFile) -> None:
+        if got != f.entry.chunk_digest(0):
+            f.has_part = False  # nothing was written
+            self._checked(got, f, 0)
+            return
+        # In place, whole and verified, whatever happened meanwhile.
+        f.ledger.verified(0)
+        f.ledger.close()
+        if f.result is None:
+            f.result = self.results[f.entry.path] = OK
+            self.changed.append(f.entry.path)
+        self._maybe_finish()
 
     def _unwritable(self, failure: Failure, f: _IncomingFile) -> None:
         why = failure.value.strerror if isinstance(failure.value, OSError) else failure.getErrorMessage()

@@ -914,8 +914,9 @@ def test_hostile_manifests_from_a_stand_in_master(fleet: tuple[Cluster, AmpClien
         with pytest.raises(AmpError) as raised:
             _prepare(peer, None, str(pub / "m"), "unknown", digest=os.urandom(32))
         assert raised.value.code == "UNKNOWN_MANIFEST", raised.value
-        # A symlink to the outside, then a file beneath it (all zeros: no data needs to flow).
-        evil = _manifest([{"path": "esc", "kind": SYMLINK, "target": str(outside)}, _zeros("esc/pwned")])
+        # A symlink to the outside, then a file beneath it (a whole chunk of zeros: no data needs to flow).
+        zeros = _zeros("esc/pwned", Manifest([]).chunk_size)
+        evil = _manifest([{"path": "esc", "kind": SYMLINK, "target": str(outside)}, zeros])
         transfer_id = os.urandom(8)
         assert b"needs" in _prepare(peer, evil, str(pub / "esc"), "symlink-then-file", transfer_id)
         wait_for(

@@ -249,19 +249,19 @@ class DirectReceiverTests(unittest.TestCase):
     def small_file_received(self):
         """
         A file of 3000 bytes received whole; returns, for each time a part
-        file was made or opened, whether the reactor's thread did it
-        (``storage.open_part`` is watched, not replaced).
+        file was made, whether the reactor's thread did it
+        (``storage._create_part`` is watched, not replaced).
         """
         data = self.rng.randbytes(3000)
         r = yield self.receiving(data, chunk_size=10_000)
         in_reactor = []
-        real = storage.open_part
+        real = storage._create_part
 
         def watched(*args, **kwargs):
             in_reactor.append(threading.current_thread() is threading.main_thread())
             return real(*args, **kwargs)
 
-        self.patch(storage, "open_part", watched)
+        self.patch(storage, "_create_part", watched)
         self.feed(r, 0, range(30), data)
         yield wait_until(lambda: r.done)
         self.assertEqual(r.results, {"f": OK})
@@ -530,6 +530,22 @@ class DirectReceiverTests(unittest.TestCase):
         for name, content in (("z", data), ("zeros", bytes(3000))):
             with open(os.path.join(self.dst, name), "rb") as f:
                 self.assertEqual(f.read(), content)
+
+    @defer.inlineCallbacks
+    def test_a_last_chunk_shorter_than_the_others_is_sent_even_if_zeros(self):
+        """Only whole chunks are checked for zeros (`storage.zero_chunks`): a small file of zeros is sent."""
+        write_file(os.path.join(self.src, "small"), bytes(500))
+        write_file(os.path.join(self.src, "tail"), bytes(2500))
+        manifest, _ = scan([self.src + "/"], block_size=100, chunk_size=1000)
+        index = {e.path: i for i, e in enumerate(manifest.entries)}
+        r, d = self.start(manifest)
+        needs = yield d
+        wanted = {index["small"]: RangeSet.interval(0, 1), index["tail"]: RangeSet.interval(2, 3)}
+        self.assertEqual(needs, wanted)
+        self.feed(r, index["small"], range(5), bytes(500))
+        self.feed(r, index["tail"], range(20, 25), bytes(2500))
+        yield wait_until(lambda: r.done)
+        self.assertEqual(r.results, {"small": OK, "tail": OK})
 
     @defer.inlineCallbacks
     def test_missing_report_is_bounded(self):
