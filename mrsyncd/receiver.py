@@ -206,6 +206,8 @@ class Receiver:
         #: every commit and every few milliseconds while a report settles,
         #: which over all files cost a tree of 10,000 a third of its CPU.
         self._awaiting: dict[int, _IncomingFile] = {}
+        #: Their `NEEDED` chunks, all told: whether anything is still wanted.
+        self._needed_chunks = 0
         self._open: OrderedDict[int, int] = OrderedDict()
         self._port: intake.IntakePort | None = None
         self._root_fd = -1
@@ -323,6 +325,7 @@ class Receiver:
                 has_part=held.has_part,
             )
             self._files[index] = self._awaiting[index] = f
+            self._needed_chunks += held.status.count(NEEDED)
             if NEEDED in held.status:  # the survey leaves chunks NEEDED or DONE
                 needs[index] = RangeSet((c, c + 1) for c, state in enumerate(held.status) if state == NEEDED)
             elif held.in_place:
@@ -485,7 +488,9 @@ class Receiver:
             self._pending[f.index] = (offset, bytearray(data))
         self.stats["blocks"] += count
         self.stats["bytes"] += len(data)
-        for chunk in f.ledger.take(first, count):
+        taken = f.ledger.take(first, count)
+        self._needed_chunks -= len(taken)
+        for chunk in taken:
             whole = self._whole_in_memory(f)
             if whole is not None:
                 self._verify.run(self._place_whole, f, whole)
@@ -611,6 +616,7 @@ class Receiver:
         self.stats["corrupt_chunks"] += 1
         log.warn("{path}: chunk {chunk} failed verification, asking again", path=f.entry.path, chunk=chunk)
         f.ledger.forget(chunk)
+        self._needed_chunks += 1
 
     def _whole_in_memory(self, f: _IncomingFile) -> bytearray | None:
         """
@@ -668,7 +674,8 @@ class Receiver:
 
     def _conclude(self, f: _IncomingFile, result: str) -> None:
         f.result = self.results[f.entry.path] = result
-        self._awaiting.pop(f.index, None)
+        if self._awaiting.pop(f.index, None) is not None:
+            self._needed_chunks -= f.ledger.status.count(NEEDED)
 
     def _unwritable(self, failure: Failure, f: _IncomingFile) -> None:
         why = failure.value.strerror if isinstance(failure.value, OSError) else failure.getErrorMessage()
@@ -814,7 +821,7 @@ class Receiver:
 
     def _wants_something(self) -> bool:
         """Some chunk's blocks are still wanted (what `missing` would ask for), asked every `SETTLE_POLL`."""
-        return any(NEEDED in f.ledger.status for f in self._awaiting.values())
+        return self._needed_chunks > 0
 
     def missing(
         self, abandoned: Mapping[int, str] = {}, before: tuple[int, int] | None = None
@@ -862,6 +869,7 @@ class Receiver:
             for f in list(self._awaiting.values()):
                 f.result = "cancelled"
                 del self._awaiting[f.index]
+                self._needed_chunks -= f.ledger.status.count(NEEDED)
                 self._pending.pop(f.index, None)
                 fd = self._release(f)
                 if fd is not None:

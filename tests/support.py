@@ -23,6 +23,7 @@ from twisted.internet import defer, reactor, task
 
 from mrsyncd import datagram, intake
 from mrsyncd.agent import LocalPeer, ReceiverAgent
+from mrsyncd.ledger import NEEDED
 from mrsyncd.manifest import Manifest
 from mrsyncd.multicast import Channel
 from mrsyncd.receiver import Receiver
@@ -72,6 +73,10 @@ def deliver(receiver: Receiver, *datagrams: bytes) -> None:
     out = intake.buffer_for(size, max(1, len(datagrams)))
     batch = intake.assemble(receiver._cipher, [(d, None) for d in datagrams], out, size)
     receiver.received(batch, memoryview(out))
+    # The receiver's tally of wanted chunks is kept as they change: it must
+    # be what its files' books say.
+    awaiting = receiver._awaiting.values()
+    assert receiver._needed_chunks == sum(f.ledger.status.count(NEEDED) for f in awaiting)
 
 
 def write_file(path: str, data: bytes, mode: int | None = None, mtime_ns: int | None = None) -> None:
