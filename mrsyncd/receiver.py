@@ -53,6 +53,12 @@ VERIFY_CONCURRENCY = 4
 #: threads (`Receiver._whole_in_memory`); past this, they are written from
 #: the reactor, which then reads the socket late and so tells the sender.
 UNWRITTEN_BYTES = 32 << 20
+#: Small files are placed in batches (`storage.place_batch`) of up to this
+#: many files or bytes, a batch going at most this many seconds after its
+#: first file arrived.
+PLACE_BATCH_FILES = 64
+PLACE_BATCH_BYTES = 4 << 20
+PLACE_BATCH_DELAY = 0.01
 #: A missing report holds at most this many ranges, about 50 KB encoded.
 REPORT_RANGES = 12000
 # Every `FEEDBACK_INTERVAL` a receiver reads its meter and reports what it
@@ -219,6 +225,10 @@ class Receiver:
         self._pending: dict[int, tuple[int, bytearray]] = {}
         #: Bytes taken by `_whole_in_memory` and not yet written.
         self._unwritten = 0
+        #: Small files waiting to be placed together (`_place_whole`).
+        self._batch: list[tuple[_IncomingFile, bytearray]] = []
+        self._batch_bytes = 0
+        self._batch_timer: IDelayedCall | None = None
         #: Set by the agent: where loss and delay reports go.
         self.on_feedback: Callable[[Feedback], None] | None = None
         self._feedback = task.LoopingCall(self._measured)
@@ -493,7 +503,7 @@ class Receiver:
         for chunk in taken:
             whole = self._whole_in_memory(f)
             if whole is not None:
-                self._verify.run(self._place_whole, f, whole)
+                self._place_whole(f, whole)
                 continue
             held = self._chunk_in_memory(f, chunk)
             if not self._flush(f.index):
@@ -638,25 +648,54 @@ class Receiver:
         self._unwritten += f.entry.size
         return pending[1]
 
-    def _place_whole(self, f: _IncomingFile, data: bytearray) -> defer.Deferred:
-        """Verify what `_whole_in_memory` took and, if it is the file, place it (`storage.place_whole`)."""
+    def _place_whole(self, f: _IncomingFile, data: bytearray) -> None:
+        """
+        What `_whole_in_memory` took joins the next batch of small files to
+        verify and place together (`storage.place_batch`): a batch goes
+        when it is big enough, or `PLACE_BATCH_DELAY` after its first file.
+        """
         f.has_part = True  # from now on: a failure or a discard removes it
+        self._batch.append((f, data))
+        self._batch_bytes += len(data)
+        if len(self._batch) >= PLACE_BATCH_FILES or self._batch_bytes >= PLACE_BATCH_BYTES:
+            self._send_batch()
+        elif self._batch_timer is None:
+            self._batch_timer = self.reactor.callLater(PLACE_BATCH_DELAY, self._send_batch)
+
+    def _send_batch(self) -> None:
+        if self._batch_timer is not None and self._batch_timer.active():
+            self._batch_timer.cancel()
+        self._batch_timer = None
+        batch, self._batch, self._batch_bytes = self._batch, [], 0
+        if batch:
+            self._verify.run(self._place_batch, batch)
+
+    def _place_batch(self, batch: list[tuple[_IncomingFile, bytearray]]) -> defer.Deferred:
         d = self._in_thread(
-            storage.place_whole,
+            storage.place_batch,
             self._root_fd,
-            f.entry,
-            f.part,
-            data,
+            [(f.entry, f.part, data) for f, data in batch],
             self._owner(),
             self.options.backup_suffix,
         )
 
+        def placed(results: list[bytes | OSError]) -> None:
+            for (f, _), result in zip(batch, results, strict=True):
+                if isinstance(result, OSError):
+                    self._unwritable(Failure(result), f)
+                else:
+                    self._placed_whole(result, f)
+
+        def failed(failure: Failure) -> None:
+            for f, _ in batch:
+                self._unwritable(failure, f)
+
         def written(result: object) -> object:
-            self._unwritten -= len(data)
+            self._unwritten -= sum(len(data) for _, data in batch)
             return result
 
         d.addBoth(written)
-        d.addCallbacks(self._placed_whole, self._unwritable, (f,), errbackArgs=(f,))
+        d.addCallbacks(placed, failed)
         return d
 
     def _placed_whole(self, got: bytes, f: _IncomingFile) -> None:
@@ -815,7 +854,7 @@ class Receiver:
             return True
         if not self.meter.heard_through(through):
             return late
-        if not self._threads and self._verify.tokens == self._verify.limit:
+        if not self._threads and self._verify.tokens == self._verify.limit and not self._batch:
             return True
         return late and self._wants_something()
 
@@ -881,6 +920,11 @@ class Receiver:
             self._feedback.stop()
         self._port = None
         self._flush_all()  # what arrived is kept for a resume
+        if self._batch_timer is not None and self._batch_timer.active():
+            self._batch_timer.cancel()
+        self._batch_timer = None
+        self._unwritten -= self._batch_bytes  # small files not placed yet are sent again on a resume
+        self._batch, self._batch_bytes = [], 0
         while self._open:
             os.close(self._open.popitem()[1])
         self._closing = True

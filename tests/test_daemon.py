@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import signal
 import socket
@@ -589,6 +590,42 @@ def test_node_killed_mid_transfer_resumes(fleet: Cluster) -> None:
         f"{status['sent_bytes']} bytes sent for a {size}-byte file, {sent_at_kill} of them before the kill:"
         " node1 started over instead of resuming from its part file"
     )
+
+
+@pytest.mark.lan
+@NEEDS_MOUNT_NS
+def test_node_killed_while_small_files_are_placed_in_batches_resumes(fleet: Cluster) -> None:
+    """
+    A tree of small files, each placed with others in a batch
+    (`storage.place_batch`): the node is killed while batches are being
+    placed.  Every final path holds, at every moment, nothing or the whole
+    new file (some of them an old copy to be replaced), and after a restart
+    the job ends with every file in place and no part file left.
+    """
+    c = fleet
+    src = c.base / "src5s"
+    rng = random.Random(55)
+    files = [f"d{n % 20:02d}/f{n:04d}" for n in range(1500)]
+    for n, rel in enumerate(files):
+        random_file(src / rel, rng.randrange(1, 20_000), 5500 + n)
+    size = sum((src / rel).stat().st_size for rel in files)
+    destination = c.shared / "pub" / "t5s"
+    old = c.node_dir("node1") / "pub" / "t5s"
+    for rel in files[::50]:  # old copies, replaced only whole
+        random_file(old / rel, 100, 1)
+    accepted = {c.node_dir("node1") / "pub" / "t5s" / rel: {content(src / rel)} for rel in files}
+    for rel in files[::50]:
+        accepted[old / rel].add(content(old / rel))
+    with FinalPaths(accepted) as watcher:
+        job = c.detach("--rate", "20M", f"{src}/", f"node1:{destination}")
+        wait_sent(c, job, size // 3)
+        c.nodes["node1"].kill(signal.SIGKILL)
+        c.start_node("node1")
+        code, status = follow(c, job)
+    print(watcher.check())
+    assert code == 0, f"exit {code}: {status}\n{c.diagnostics(['node1'])}"
+    same_tree(src, c.node_dir("node1") / "pub" / "t5s")
+    assert part_files(c.node_dir("node1") / "pub" / "t5s") == []
 
 
 @pytest.mark.lan

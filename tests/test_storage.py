@@ -1,0 +1,91 @@
+"""
+Small files placed together (`storage.place_batch`), on a real filesystem:
+what matches goes in place whole, what does not is never written, a file
+that fails fails alone, and every part file is synced before any rename.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from pathlib import Path
+
+import pytest
+
+from mrsyncd import storage
+from mrsyncd.manifest import FILE, Entry
+from mrsyncd.manifest import digest as chunk_digest
+from mrsyncd.storage import part_name
+
+from .support import part_files, write_file
+
+TID = b"\x07" * 8
+INDEXES = itertools.count()
+
+
+def small(path: str, data: bytes) -> tuple[Entry, str, bytearray]:
+    """A file of one chunk as a batch holds it: its entry, its part file's name, its bytes."""
+    entry = Entry(path, FILE, 0o640, 10**18, size=len(data), digests=chunk_digest(data))
+    return entry, part_name(TID, next(INDEXES)), bytearray(data)
+
+
+@pytest.fixture
+def root(tmp_path: Path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    yield tmp_path, fd
+    os.close(fd)
+
+
+def test_a_batch_places_what_matches_and_only_that(root) -> None:
+    top, fd = root
+    write_file(str(top / "a" / "old"), b"the old file")
+    good_a, good_b, replacing = small("a/x", b"x" * 3000), small("b/y", b"y" * 10), small("a/old", b"new")
+    forged = small("b/forged", b"what the manifest says")
+    forged[2][:] = b"what arrived instead!!"
+    results = storage.place_batch(fd, [good_a, forged, good_b, replacing], owner=False, backup_suffix="~")
+    assert results[0] == chunk_digest(b"x" * 3000) and results[2] == chunk_digest(b"y" * 10)
+    assert results[1] == chunk_digest(b"what arrived instead!!")
+    assert (top / "a" / "x").read_bytes() == b"x" * 3000
+    assert (top / "b" / "y").read_bytes() == b"y" * 10
+    assert (top / "a" / "old").read_bytes() == b"new" and (top / "a" / "old~").read_bytes() == b"the old file"
+    assert not (top / "b" / "forged").exists()
+    st = os.stat(top / "a" / "x")
+    assert (st.st_mode & 0o7777, st.st_mtime_ns) == (0o640, 10**18)
+    assert part_files(str(top)) == []
+
+
+def test_a_file_that_cannot_be_placed_fails_alone(root) -> None:
+    top, fd = root
+    doomed = small("c/z", b"z" * 100)
+    (top / "c").write_bytes(b"a file where its directory should be")
+    good = small("a/x", b"x" * 100)
+    results = storage.place_batch(fd, [doomed, good], owner=False)
+    assert isinstance(results[0], OSError) and results[1] == chunk_digest(b"x" * 100)
+    assert (top / "a" / "x").read_bytes() == b"x" * 100
+    assert (top / "c").read_bytes() == b"a file where its directory should be"
+
+
+def test_every_part_file_is_synced_before_any_is_renamed(root, monkeypatch) -> None:
+    """A rename between two syncs would make the second commit the journal again."""
+    top, fd = root
+    calls: list[str] = []
+    real_fsync, real_rename = os.fsync, os.rename
+
+    def fsync(descriptor: int) -> None:
+        calls.append("fsync")
+        real_fsync(descriptor)
+
+    def rename(*args, **kwargs) -> None:
+        calls.append("rename")
+        real_rename(*args, **kwargs)
+
+    monkeypatch.setattr(storage.os, "fsync", fsync)
+    monkeypatch.setattr(storage.os, "rename", rename)
+    batch = [small(f"{d}/f{n}", bytes([n]) * 50) for d in ("a", "b") for n in range(3)]
+    results = storage.place_batch(fd, batch, owner=False)
+    assert all(isinstance(r, bytes) for r in results)
+    # Six files synced, six renamed, then the two directories synced.
+    assert calls == ["fsync"] * 6 + ["rename"] * 6 + ["fsync"] * 2
+    assert sorted(p.name for p in (top / "a").iterdir()) == ["f0", "f1", "f2"]
