@@ -188,7 +188,7 @@ def clip(
         limit = manifest.chunks(entry) if chunks else manifest.blocks(entry)
         if before is not None and index == before[0]:
             limit = min(limit, before[1])
-        inside = ranges & RangeSet.interval(0, limit)
+        inside = ranges.below(limit)
         if inside:
             clipped[index] = inside
     return clipped
@@ -201,13 +201,14 @@ def chunks_to_blocks(manifest: Manifest, needs: Mapping[int, RangeSet]) -> dict[
     }
 
 
-def payload_bytes(manifest: Manifest, blocks: Mapping[int, RangeSet]) -> int:
-    """File bytes that a set of blocks covers."""
+def payload_bytes(manifest: Manifest, blocks: Mapping[int, RangeSet], unit: int = 0) -> int:
+    """File bytes that a set of blocks (or of chunks, ``unit`` the chunk size) covers."""
+    unit = unit or manifest.block_size
     total = 0
     for index, ranges in blocks.items():
-        entry = manifest.entries[index]
+        size = manifest.entries[index].size
         for start, end in ranges.ranges:
-            total += min(end * manifest.block_size, entry.size) - start * manifest.block_size
+            total += min(end * unit, size) - start * unit
     return total
 
 
@@ -533,9 +534,8 @@ class Transfer:
                 self._prepared.add(name)
                 self._done.discard(name)
                 value = clip(self.offer.manifest, value, chunks=True)
-                self.reports[name].needed_bytes = payload_bytes(
-                    self.offer.manifest, chunks_to_blocks(self.offer.manifest, value)
-                )
+                manifest = self.offer.manifest
+                self.reports[name].needed_bytes = payload_bytes(manifest, value, manifest.chunk_size)
                 needs.append(value)
             elif value.check(Refused):
                 self._fail(name, f"refused the transfer: {value.getErrorMessage()}")

@@ -82,6 +82,14 @@ def test_map(s, scale, limit):
     assert set(got) == {b for n in s for b in range(n * scale, min((n + 1) * scale, limit))}
 
 
+@given(range_lists, st.integers(min_value=0, max_value=1100))
+def test_below_is_the_intersection_with_an_interval_from_zero(ranges, limit):
+    rs = RangeSet(ranges)
+    got = rs.below(limit)
+    assert_normal(got)
+    assert got == rs & RangeSet.interval(0, limit)
+
+
 def test_interval_and_errors():
     assert list(RangeSet.interval(3, 6)) == [3, 4, 5]
     assert not RangeSet.interval(5, 5)
@@ -193,6 +201,16 @@ def test_decode_mutated_encoding(m, data):
         except ValueError:
             continue
         assert all(isinstance(v, RangeSet) and v for v in result.values())
+        for ranges in result.values():
+            assert_normal(ranges)
+
+
+def test_a_report_of_adjacent_ranges_decodes_to_one():
+    """A gap of 0 between two ranges is legal on the wire; the set it decodes to is normal."""
+    # File 0, two ranges: [0, 1) then, after a gap of 0, [1, 3).
+    decoded = decode_map(b"\x00\x02\x00\x01\x00\x02")
+    assert decoded == {0: RangeSet.interval(0, 3)}
+    assert decoded[0].ranges == [(0, 3)]
 
 
 def test_decode_rejects_malformed():
