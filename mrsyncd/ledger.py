@@ -21,6 +21,9 @@ NEEDED, VERIFYING, DONE = 0, 1, 2
 class BlockLedger:
     """The books of one file of ``nblocks`` blocks in chunks of ``chunk_blocks``."""
 
+    # A tree of 100,000 files keeps 100,000 of these.
+    __slots__ = ("nblocks", "chunk_blocks", "status", "counts", "remaining", "_bits")
+
     def __init__(self, nblocks: int, chunk_blocks: int, status: bytes) -> None:
         """``status``: a state (`NEEDED` or `DONE`) per chunk, as the survey found them."""
         self.nblocks = nblocks

@@ -77,7 +77,7 @@ def digest(data: bytes | bytearray | memoryview) -> bytes:
     return hashlib.sha256(data).digest()
 
 
-@dataclass
+@dataclass(slots=True)
 class Entry:
     path: str
     kind: str

@@ -161,7 +161,7 @@ class MissingReport:
     stats: dict[str, int] = field(default_factory=dict)
 
 
-@dataclass
+@dataclass(slots=True)
 class _IncomingFile:
     index: int
     entry: Entry

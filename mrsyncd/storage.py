@@ -146,7 +146,7 @@ class _Parent:
         self.fd, self.path = -1, None
 
 
-@dataclass
+@dataclass(slots=True)
 class Held:
     """What a host already has of one file, found before any data is sent."""
 
