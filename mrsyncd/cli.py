@@ -582,12 +582,12 @@ def jobs(reactor: Any, protocol: amp.AMP, sub: ListOptions, out: Any, interrupti
     if sub["json"]:
         _json(out, answer["jobs"])
         return EXIT_OK
-    out.write(f"{'JOB':>5} {'STATE':10} {'SUBMITTED':20} {'TARGETS':16} DESTINATION\n")
+    out.write(f"{'JOB':>5} {'STATE':10} {'SUBMITTED':20} {'BY':12} {'TARGETS':16} DESTINATION\n")
     for job in answer["jobs"]:
         spec = job["spec"]
         out.write(
-            f"{job['id']:>5} {job['state']:10} {_when(job['submitted']):20} {spec['targets']:16}"
-            f" {spec['destination']}\n"
+            f"{job['id']:>5} {job['state']:10} {_when(job['submitted']):20} {job['operator']:12}"
+            f" {spec['targets']:16} {spec['destination']}\n"
         )
     return EXIT_OK
 

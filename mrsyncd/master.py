@@ -266,6 +266,14 @@ class JobRunner:
     def _finish(self, job_id: int, state: str, message: str = "") -> None:
         self.jobs.finish(job_id, state, message)
         self.totals["jobs", state] += 1
+        job = self.jobs.get(job_id)
+        nodes = {
+            name: {"state": node["state"], "reason": node["reason"], "changed": node["changed"]}
+            for name, node in (job.nodes if job is not None else {}).items()
+        }
+        self.jobs.audit(
+            job_id, store.FINISHED_EVENT, "master", "", {"state": state, "message": message, "nodes": nodes}
+        )
         for ender in self._enders.pop(job_id, []):
             ender.callback(None)
 
@@ -283,11 +291,12 @@ class JobRunner:
         enders.append(ender)
         return ender.addTimeout(timeout, self.reactor, onTimeoutCancel=lambda result, timeout: None)
 
-    def submit(self, spec: dict[str, Any], operator: str) -> int:
+    def submit(self, spec: dict[str, Any], operator: str, fingerprint: str = "") -> int:
         """A new job, refused (`BadRequest`) before it exists if its targets name no node known now."""
         spec = check_spec(spec)
         self.fleet.resolve(spec["targets"])
         job_id = self.jobs.add(spec, operator)
+        self.jobs.audit(job_id, store.SUBMITTED, operator, fingerprint, spec)
         log.info("job {job} submitted by {operator}: {spec}", job=job_id, operator=operator, spec=spec)
         self.reactor.callLater(0, self.kick)
         return job_id
@@ -383,6 +392,19 @@ class JobRunner:
             protect=tuple(spec["excludes"]),
         )
         offer = Offer(transfer_id, key, manifest, self.channel(slot), spec["destination"], options)
+        self.jobs.audit(
+            job.id,
+            store.STARTED,
+            "master",
+            "",
+            {
+                "nodes": names,
+                "manifest_sha256": offer.manifest_digest.hex(),
+                "files": sum(1 for _ in manifest.files()),
+                "bytes": manifest.total_bytes(),
+                "resumed": bool(job.transfer_id),
+            },
+        )
         rate = min(self.config.rate, spec["rate"] or self.config.rate)
         transfer = Transfer(
             self.reactor,
@@ -584,8 +606,9 @@ class MasterControl(BoundedAMP):
     @Submit.responder
     def submit(self, spec: Any) -> dict[str, Any]:
         operator = self._require("operator")
+        assert self.identity is not None
         try:
-            job = self.master.runner.submit(spec, operator)
+            job = self.master.runner.submit(spec, operator, self.identity.fingerprint)
         except BadRequest as e:
             log.warn("refused a job from {operator}: {why}", operator=operator, why=e)
             raise
@@ -608,8 +631,12 @@ class MasterControl(BoundedAMP):
     @Cancel.responder
     def cancel(self, job: int) -> dict[str, Any]:
         operator = self._require("operator")
+        assert self.identity is not None
         log.info("job {job} cancelled by {operator}", job=job, operator=operator)
-        return {"state": self.master.runner.cancel(job)}
+        state = self.master.runner.cancel(job)
+        fingerprint = self.identity.fingerprint
+        self.master.jobs.audit(job, store.CANCEL_ASKED, operator, fingerprint, {"state": state})
+        return {"state": state}
 
     @ListNodes.responder
     def list_nodes(self) -> dict[str, Any]:

@@ -27,7 +27,7 @@ FINISHED = (DONE, FAILED, CANCELLED)
 #: before it had one (whose jobs may lack the ``run`` column).  A store of
 #: an older layout is brought up to this one when opened (`_MIGRATIONS`);
 #: one of a newer layout is refused, since an older release would misread it.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 #: Finished jobs kept by default (`JobStore.prune`): the newest this many ...
 KEEP_JOBS = 1000
 #: ... and none finished longer ago than this many days.
@@ -66,7 +66,28 @@ CREATE TABLE IF NOT EXISTS job_results (
     results BLOB NOT NULL,
     PRIMARY KEY (job, node)
 );
+CREATE TABLE IF NOT EXISTS audit (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    at REAL NOT NULL,
+    job INTEGER NOT NULL,
+    event TEXT NOT NULL,
+    who TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    detail TEXT NOT NULL
+);
 """
+
+#: The audit log is appended to, never changed: SQLite refuses any update
+#: or deletion of its rows (a trigger each, whose bodies hold semicolons,
+#: so they are not in `_SCHEMA`, which is run a statement at a time).
+_AUDIT_TRIGGERS = [
+    f"CREATE TRIGGER IF NOT EXISTS audit_no_{verb.lower()} BEFORE {verb} ON audit"
+    " BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END"
+    for verb in ("UPDATE", "DELETE")
+]
+
+#: What the audit log records of a job (`JobStore.audit`).
+SUBMITTED, STARTED, FINISHED_EVENT, CANCEL_ASKED = "submitted", "started", "finished", "cancel"
 
 
 class DigestCache:
@@ -176,8 +197,12 @@ def _results_per_node(db: sqlite3.Connection) -> None:
     db.execute("DROP TABLE job_files")
 
 
+def _audit_table(db: sqlite3.Connection) -> None:
+    """2 to 3: the audit log (made by `_SCHEMA` and `_AUDIT_TRIGGERS`); jobs before it have no entries."""
+
+
 #: ``_MIGRATIONS[n]`` brings a store of layout ``n`` to ``n + 1``.
-_MIGRATIONS = [_add_run_column, _results_per_node]
+_MIGRATIONS = [_add_run_column, _results_per_node, _audit_table]
 
 
 class JobStore:
@@ -221,6 +246,8 @@ class JobStore:
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
                     self.db.execute(statement)
+            for trigger in _AUDIT_TRIGGERS:
+                self.db.execute(trigger)
             for migrate in _MIGRATIONS[version:]:
                 migrate(self.db)
             self.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
@@ -343,6 +370,20 @@ class JobStore:
             " hook = excluded.hook",
             (job_id, node, state, reason, needed_bytes, changed, None if hook is None else json.dumps(hook)),
         )
+
+    def audit(self, job_id: int, event: str, who: str, fingerprint: str, detail: dict[str, Any]) -> None:
+        """Append to the audit log: ``who`` (a certificate's name and SHA-256 fingerprint) did ``event``."""
+        self.db.execute(
+            "INSERT INTO audit (at, job, event, who, fingerprint, detail) VALUES (?, ?, ?, ?, ?, ?)",
+            (time.time(), job_id, event, who, fingerprint, json.dumps(detail, sort_keys=True)),
+        )
+
+    def audit_log(self, job_id: int | None = None) -> list[dict[str, Any]]:
+        """The audit log, oldest first; of one job, or of all."""
+        where, args = ("WHERE job = ?", (job_id,)) if job_id is not None else ("", ())
+        columns = ("at", "job", "event", "who", "fingerprint", "detail")
+        rows = self.db.execute(f"SELECT {', '.join(columns)} FROM audit {where} ORDER BY seq", args)
+        return [{**dict(zip(columns, row, strict=True)), "detail": json.loads(row[5])} for row in rows]
 
     def set_files(self, job_id: int, node: str, results: dict[str, str]) -> None:
         self.db.execute(

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import OpenSSL
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from OpenSSL import crypto
 from twisted.application import service
@@ -106,6 +107,9 @@ class PeerIdentity(NamedTuple):
     serial: int = 0
     #: What a node certificate grants (`certs.tags_of`).
     tags: tuple[str, ...] = ()
+    #: SHA-256 of the certificate (DER), hex, as `openssl x509 -fingerprint -sha256` shows it
+    #: without colons: the audit log's record of which certificate acted.
+    fingerprint: str = ""
 
 
 #: How often a daemon looks whether its revocation list changed.
@@ -282,7 +286,8 @@ def peer_identity(transport: object) -> PeerIdentity:
         raise PeerIdentityError("the peer presented no certificate")
     cert = peer.to_cryptography()
     try:
-        return PeerIdentity(name_of(cert), role_of(cert), cert.serial_number, tags_of(cert))
+        fingerprint = cert.fingerprint(hashes.SHA256()).hex()
+        return PeerIdentity(name_of(cert), role_of(cert), cert.serial_number, tags_of(cert), fingerprint)
     except CertError as e:
         raise PeerIdentityError(str(e)) from None
 

@@ -20,6 +20,7 @@ import random
 import re
 import signal
 import socket
+import sqlite3
 import ssl
 import stat
 import subprocess
@@ -30,6 +31,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 
 from mrsyncd.datagram import DEFAULT_BLOCK_SIZE
 from mrsyncd.manifest import default_chunk_size
@@ -198,6 +201,56 @@ def test_push_then_nothing_then_one_chunk(fleet: Cluster) -> None:
     )
     for name in NODES:
         same_tree(src, c.node_dir(name) / "pub" / "t1")
+
+
+@pytest.mark.lan
+@NEEDS_MOUNT_NS
+def test_every_job_is_in_the_audit_log_with_who_what_and_each_node_result(fleet: Cluster) -> None:
+    """
+    Who submitted (the certificate's name and SHA-256 fingerprint), what
+    (sources, targets, destination, the manifest's digest) and how it ended
+    on each node, appended to the store's audit log, which SQLite itself
+    refuses to change; `mrsync jobs` names who submitted each job.
+    """
+    c = fleet
+    src = c.base / "src1a"
+    random_file(src / "f.bin", 100_000, 11)
+    destination = c.shared / "pub" / "t1a"
+    jobs = []
+    for _ in range(2):
+        pushed = c.cli("push", "--json", f"{src}/", f"node1,node2:{destination}", timeout=FOLLOW_TIMEOUT)
+        assert pushed.returncode == 0, f"{pushed.stdout}\n{pushed.stderr}"
+        jobs.append(json.loads(pushed.stdout)["id"])
+    with open(c.operator[0], "rb") as f:
+        fingerprint = x509.load_pem_x509_certificate(f.read()).fingerprint(hashes.SHA256()).hex()
+    db = sqlite3.connect(c.state_dir / "jobs.sqlite")
+    try:
+        rows = db.execute(
+            "SELECT job, event, who, fingerprint, detail FROM audit WHERE job IN (?, ?) ORDER BY seq", jobs
+        ).fetchall()
+        with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+            db.execute("DELETE FROM audit WHERE job = ?", (jobs[0],))
+    finally:
+        db.close()
+    events = [(job, event, who) for job, event, who, _, _ in rows]
+    assert events == [
+        (job, event, who)
+        for job in jobs
+        for event, who in (("submitted", "operator"), ("started", "master"), ("finished", "master"))
+    ]
+    submitted, started, finished = (json.loads(detail) for _, _, _, _, detail in rows[:3])
+    assert rows[0][3] == fingerprint
+    assert submitted["sources"] == [f"{src}/"] and submitted["destination"] == str(destination)
+    assert submitted["targets"] == "node1,node2"
+    assert started["nodes"] == ["node1", "node2"] and len(started["manifest_sha256"]) == 64
+    # The same tree twice: the same manifest.
+    assert json.loads(rows[4][4])["manifest_sha256"] == started["manifest_sha256"]
+    assert finished["state"] == "done"
+    assert {n: r["state"] for n, r in finished["nodes"].items()} == {"node1": "done", "node2": "done"}
+    header, *lines = c.cli_ok("jobs").stdout.splitlines()
+    assert header.split()[:5] == ["JOB", "STATE", "SUBMITTED", "BY", "TARGETS"]
+    [mine] = [line.split() for line in lines if line.split()[0] == str(jobs[1])]
+    assert mine[4] == "operator", mine  # job, state, date, time, who
 
 
 # 2. The fleet as the master sees it.

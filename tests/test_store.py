@@ -188,3 +188,29 @@ def test_a_store_is_pruned_when_it_is_opened(tmp_path):
 def test_the_default_retention_is_documented_in_the_config():
     config = parse("[master]\n", "x.toml")
     assert (config.master.keep_jobs, config.master.keep_days) == (store.KEEP_JOBS, store.KEEP_DAYS)
+
+
+def test_the_audit_log_is_appended_to_and_never_changed(tmp_path):
+    jobs = JobStore(str(tmp_path / "jobs.sqlite"), keep_jobs=1)
+    first = jobs.add({"sources": ["/srv/a"]}, "alice")
+    jobs.audit(first, store.SUBMITTED, "alice", "ab" * 32, {"sources": ["/srv/a"], "destination": "/d"})
+    jobs.finish(first, DONE)
+    jobs.audit(first, store.FINISHED_EVENT, "master", "", {"state": DONE})
+    second = jobs.add({"sources": ["/srv/b"]}, "bob")
+    jobs.audit(second, store.SUBMITTED, "bob", "cd" * 32, {"sources": ["/srv/b"]})
+    jobs.finish(second, DONE)  # prunes the first job: not its audit entries
+    assert jobs.get(first) is None
+    log = jobs.audit_log()
+    assert [(e["job"], e["event"], e["who"]) for e in log] == [
+        (first, "submitted", "alice"),
+        (first, "finished", "master"),
+        (second, "submitted", "bob"),
+    ]
+    assert log[0]["fingerprint"] == "ab" * 32 and log[0]["detail"]["destination"] == "/d"
+    assert [e["event"] for e in jobs.audit_log(second)] == ["submitted"]
+    for statement in ("UPDATE audit SET who = 'mallory'", "DELETE FROM audit"):
+        with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+            jobs.db.execute(statement)
+    jobs.close()
+    # Opened again, by a master that upgraded or not, it is all there.
+    assert len(JobStore(str(tmp_path / "jobs.sqlite")).audit_log()) == 3

@@ -197,10 +197,13 @@ class HandshakeTests(unittest.TestCase):
             options = tls.client_options(self.cluster.ca, cert, key, MASTER)
             client, client_reason, server_reason = yield self.exchange(factory, options)
             identity = factory.identities[-1]
-            self.assertEqual(identity, (*expected, certs.load_certificate(cert).serial_number, ()))
+            loaded = certs.load_certificate(cert)
+            fingerprint = loaded.fingerprint(hashes.SHA256()).hex()
+            self.assertEqual(identity, (*expected, loaded.serial_number, (), fingerprint))
             self.assertEqual(client.received, "{} {}\n".format(*expected).encode())
-            master_serial = certs.load_certificate(self.master[0]).serial_number
-            self.assertEqual(client.server, (MASTER, "master", master_serial, ()))
+            master = certs.load_certificate(self.master[0])
+            master_fingerprint = master.fingerprint(hashes.SHA256()).hex()
+            self.assertEqual(client.server, (MASTER, "master", master.serial_number, (), master_fingerprint))
             client_reason.trap(ConnectionDone)
         self.assertEqual([i.role for i in factory.identities], ["node", "operator"])
 
