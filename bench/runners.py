@@ -511,6 +511,7 @@ class MrsyncDaemons(MrsyncEngine):
             m,
             "master",
             f'address = "{m.ip}"\nport = {self.CONTROL_PORT}\nstate_dir = "{self.dir}/state"\n'
+            'sources = ["/"]\n'
             f'interface = "eth0"\ngroup = "{GROUP_BASE}1"\nport_base = {self.PORT_BASE}\n'
             f"max_jobs = 1\nrate = {rate:.0f}\ngrace = 30\n",
         )

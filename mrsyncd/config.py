@@ -41,6 +41,10 @@ class MasterConfig:
     port: int = 7718
     #: The job store lives here.
     state_dir: str = "/var/lib/mrsyncd"
+    #: Directories jobs may send from (required in a configuration file):
+    #: an operator's certificate reaches what lies beneath them, never the
+    #: master's key or its state directory (`master.source_refusal`).
+    sources: tuple[str, ...] = ()
     #: Multicast interface, by name or address ("" = the kernel's choice).
     interface: str = ""
     #: Job n of the pool sends to group ``group + n`` on port ``port_base + n``.
@@ -193,6 +197,7 @@ _CHECKS: dict[str, dict[str, Callable[[Any], Any]]] = {
         "address": _string,
         "port": _port,
         "state_dir": _string,
+        "sources": _roots,
         "interface": _string,
         "group": _group,
         "port_base": _port,
@@ -263,6 +268,11 @@ def parse(text: str, path: str = "<config>") -> Config:
         if not node.roots:
             raise ConfigError(f"{path}: [node] roots is required: where may jobs write?")
     if master is not None:
+        if not master.sources:
+            raise ConfigError(
+                f"{path}: [master] sources is required: the directories jobs may send from,"
+                ' for example sources = ["/srv"]'
+            )
         if master.max_jobs > 256:
             raise ConfigError(f"{path}: [master] max_jobs must be at most 256")
         last_group = ipaddress.ip_address(master.group) + (master.max_jobs - 1)

@@ -204,6 +204,30 @@ SPEC_DEFAULTS: dict[str, Any] = {
 }
 
 
+def _within(path: str, top: str) -> bool:
+    return path == top or path.startswith(top.rstrip("/") + "/")
+
+
+def source_refusal(source: str, config: MasterConfig, key: str) -> str | None:
+    """
+    Why ``source`` may not be sent, or None: it must lie beneath one of
+    ``[master] sources`` and neither hold nor lie inside the master's key
+    (``key``) or state directory (the job store holds every running job's
+    key).  Paths are compared with symlinks and ``..`` resolved.
+    """
+    real = os.path.realpath(source)
+    roots = [os.path.realpath(root) for root in config.sources]
+    if not any(_within(real, root) for root in roots):
+        return f"source {source} is outside [master] sources ({', '.join(config.sources)})"
+    for what, secret in (("key", key), ("state directory", config.state_dir)):
+        if not secret:
+            continue
+        secret = os.path.realpath(secret)
+        if _within(secret, real) or _within(real, secret):
+            return f"source {source} holds the master's {what} ({secret}), which is never sent"
+    return None
+
+
 def check_spec(spec: Any) -> dict[str, Any]:
     """A job request from an operator, checked before it is stored."""
     if not isinstance(spec, dict):
@@ -248,11 +272,14 @@ def scan_cached(
 class JobRunner:
     """Runs queued jobs, at most ``max_jobs`` at once, each on its own group and port."""
 
-    def __init__(self, reactor: Any, config: MasterConfig, jobs: store.JobStore, fleet: Fleet) -> None:
+    def __init__(
+        self, reactor: Any, config: MasterConfig, jobs: store.JobStore, fleet: Fleet, key: str = ""
+    ) -> None:
         self.reactor = reactor
         self.config = config
         self.jobs = jobs
         self.fleet = fleet
+        self.key = key
         self.running: dict[int, Transfer | None] = {}
         self._slots: dict[int, int] = {}
         self._stopping = False
@@ -294,12 +321,20 @@ class JobRunner:
     def submit(self, spec: dict[str, Any], operator: str, fingerprint: str = "") -> int:
         """A new job, refused (`BadRequest`) before it exists if its targets name no node known now."""
         spec = check_spec(spec)
+        self._check_sources(spec)
         self.fleet.resolve(spec["targets"])
         job_id = self.jobs.add(spec, operator)
         self.jobs.audit(job_id, store.SUBMITTED, operator, fingerprint, spec)
         log.info("job {job} submitted by {operator}: {spec}", job=job_id, operator=operator, spec=spec)
         self.reactor.callLater(0, self.kick)
         return job_id
+
+    def _check_sources(self, spec: dict[str, Any]) -> None:
+        """Refuse (`BadRequest`) a source outside ``[master] sources`` or holding the master's secrets."""
+        for source in spec["sources"]:
+            why = source_refusal(source, self.config, self.key)
+            if why is not None:
+                raise BadRequest(why)
 
     def kick(self) -> None:
         if self._stopping:
@@ -340,6 +375,9 @@ class JobRunner:
     def _run(self, job: store.Job) -> Any:
         spec = job.spec
         try:
+            # Checked again: the job may have been queued under another
+            # configuration, before the master restarted.
+            self._check_sources(spec)
             # A resumed job keeps the nodes it started with, whichever of
             # them have registered again by now.
             names = sorted(job.nodes) or self.fleet.resolve(spec["targets"])
@@ -657,7 +695,9 @@ class MasterService(service.Service):
         config: MasterConfig,
         endpoint_factory: Callable[[], Any],
         revocations: tls.Revocations | None = None,
+        key: str = "",
     ) -> None:
+        """``key``: the master's private key file, which no job may send."""
         self.reactor = reactor
         self.config = config
         self.endpoint_factory = endpoint_factory
@@ -668,7 +708,7 @@ class MasterService(service.Service):
         self.fleet = Fleet(reactor)
         path = os.path.join(config.state_dir, "jobs.sqlite")
         self.jobs = store.JobStore(path, keep_jobs=config.keep_jobs, keep_days=config.keep_days)
-        self.runner = JobRunner(reactor, config, self.jobs, self.fleet)
+        self.runner = JobRunner(reactor, config, self.jobs, self.fleet, key)
         self._watch = task.LoopingCall(self.fleet.drop_silent, NODE_SILENCE)
         self._watch.clock = reactor
         self._port: Any = None

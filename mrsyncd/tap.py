@@ -74,7 +74,7 @@ def build(config: Config, reactor: Any) -> service.MultiService:
             return endpoints.SSL4ServerEndpoint(reactor, master.port, options, interface=interface)
 
         try:
-            master_service = MasterService(reactor, master, endpoint, revocations)
+            master_service = MasterService(reactor, master, endpoint, revocations, key=config.tls.key)
         except store.StoreError as e:
             raise ConfigError(f"{config.path}: [master] state_dir: {e}") from None
         master_service.setServiceParent(top)

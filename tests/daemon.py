@@ -367,6 +367,8 @@ class Cluster:
             "address": self.host,
             "port": self.port,
             "state_dir": str(self.state_dir),
+            # Anything but the master's key and state directory, unless a test narrows it.
+            "sources": ["/"],
             "interface": self.interface,
             "group": self.group,
             "port_base": self.port_base,

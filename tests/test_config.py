@@ -25,12 +25,14 @@ def uncommented_example() -> str:
 def test_example_documents_every_key_with_its_default():
     text = uncommented_example()
     # The required keys have no default; give them values to parse at all.
-    text = text.replace('master = ""', 'master = "master.example:7718"').replace(
-        "roots = []", 'roots = ["/srv"]'
+    text = (
+        text.replace('master = ""', 'master = "master.example:7718"')
+        .replace("roots = []", 'roots = ["/srv"]')
+        .replace("sources = []", 'sources = ["/srv"]')
     )
     config = parse(text, EXAMPLE)
     documented = {
-        "master": vars(config.master),
+        "master": {**vars(config.master), "sources": ()},
         "node": {**vars(config.node), "master": "", "roots": ()},
         "tls": vars(config.tls),
     }
@@ -64,8 +66,10 @@ def test_example_as_shipped_runs_nothing_and_says_so():
         ("[nodes]\n", "unknown section \\[nodes\\]"),
         ("[log]\nlevel = \"loud\"\n", "level"),
         ("[master\n", "not valid TOML"),
-        ('[master]\ngroup = "239.255.255.254"\n', "runs past the multicast range"),
-        ("[master]\nport_base = 65534\n", "runs past port 65535"),
+        ('[master]\nsources = ["/srv"]\ngroup = "239.255.255.254"\n', "runs past the multicast range"),
+        ('[master]\nsources = ["/srv"]\nport_base = 65534\n', "runs past port 65535"),
+        ("[master]\nport = 1\n", "\\[master\\] sources is required"),
+        ('[master]\nsources = ["srv"]\n', "not an absolute path"),
     ],
 )
 def test_errors_name_the_file_and_the_key(tmp_path, text, message):
@@ -82,7 +86,10 @@ def test_unreadable_file_is_named(tmp_path):
 
 
 def test_values_are_converted():
-    config = parse('[master]\nrate = "250M"\ngrace = 5\n[node]\nmaster = "[::1]:7718"\nroots = ["/srv"]\n')
+    config = parse(
+        '[master]\nrate = "250M"\ngrace = 5\nsources = ["/srv"]\n'
+        '[node]\nmaster = "[::1]:7718"\nroots = ["/srv"]\n'
+    )
     assert isinstance(config.master, MasterConfig) and config.master.rate == 250e6
     assert config.master.grace == 5.0
     assert isinstance(config.node, NodeConfig) and config.node.roots == ("/srv",)

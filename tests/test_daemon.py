@@ -253,6 +253,18 @@ def test_every_job_is_in_the_audit_log_with_who_what_and_each_node_result(fleet:
     assert mine[4] == "operator", mine  # job, state, date, time, who
 
 
+def test_the_masters_key_and_state_are_never_sources(fleet: Cluster) -> None:
+    """Refused before a job exists (exit 4), the reason named: whatever ``[master] sources`` allows."""
+    c = fleet
+    before = c.cli_json("jobs")
+    key_dir = str(Path(c.master_cert[1]).parent)
+    for source, why in ((f"{c.state_dir}/", "state directory"), (key_dir, "key"), (c.master_cert[1], "key")):
+        refused = c.cli("push", source, f"all:{c.shared}/pub/leak")
+        assert refused.returncode == 4, f"{source}: {refused.stdout}{refused.stderr}"
+        assert f"holds the master's {why}" in refused.stderr, refused.stderr
+    assert c.cli_json("jobs") == before
+
+
 # 2. The fleet as the master sees it.
 
 
@@ -1006,7 +1018,7 @@ def test_missing_certificate_file_stops_startup(tmp_path: Path) -> None:
         tmp_path / "tls.toml",
         {
             "tls": {"ca": missing, "certificate": tmp_path / "m.crt", "key": tmp_path / "m.key"},
-            "master": {"address": "127.0.0.1", "port": 1, "state_dir": state},
+            "master": {"address": "127.0.0.1", "port": 1, "state_dir": state, "sources": ["/srv"]},
         },
     )
     result, said = start_once(path, tmp_path)
@@ -1023,7 +1035,8 @@ def test_an_expired_own_certificate_or_a_missing_crl_stops_startup(tmp_path: Pat
         body: dict[str, Any] = {"node": {"master": "127.0.0.1:1", "roots": [str(tmp_path)]}}
     else:
         cert, key = ca.issue("master", "m", expired=case == "expired-master")
-        body = {"master": {"address": "127.0.0.1", "port": 1, "state_dir": str(tmp_path / "state")}}
+        state = str(tmp_path / "state")
+        body = {"master": {"address": "127.0.0.1", "port": 1, "state_dir": state, "sources": ["/"]}}
     tls_section = {"ca": ca.cert, "certificate": cert, "key": key}
     if case == "missing-crl":
         tls_section["crl"] = str(tmp_path / "ca" / "crl.pem")

@@ -580,7 +580,13 @@ def push_over_lan(lan: Any, base: Path, netns_dirs: list[Path]) -> None:
         etc["master"] / master_toml.name,
         {
             "tls": tls,
-            "master": {"address": master_host.ipv4, "interface": "eth0", "rate": "300M", "grace": 20},
+            "master": {
+                "address": master_host.ipv4,
+                "interface": "eth0",
+                "rate": "300M",
+                "grace": 20,
+                "sources": [str(base)],
+            },
         },
     )
     # One destination path for every node: each node's own directory is

@@ -124,7 +124,7 @@ def test_the_daemon_refuses_to_start_on_a_newer_store_and_says_which(tmp_path):
     certs.issue(ca, "master", "master", str(tmp_path))
     config = parse(
         f'[tls]\nca = "{ca}/{certs.CA_CERT}"\ncertificate = "{tmp_path}/master.crt"\n'
-        f'key = "{tmp_path}/master.key"\n[master]\nstate_dir = "{state}"\n',
+        f'key = "{tmp_path}/master.key"\n[master]\nstate_dir = "{state}"\nsources = ["/srv"]\n',
         "/etc/mrsyncd/mrsyncd.toml",
     )
     with pytest.raises(
@@ -186,7 +186,7 @@ def test_a_store_is_pruned_when_it_is_opened(tmp_path):
 
 
 def test_the_default_retention_is_documented_in_the_config():
-    config = parse("[master]\n", "x.toml")
+    config = parse('[master]\nsources = ["/srv"]\n', "x.toml")
     assert (config.master.keep_jobs, config.master.keep_days) == (store.KEEP_JOBS, store.KEEP_DAYS)
 
 
