@@ -11,17 +11,17 @@ from __future__ import annotations
 
 import functools
 import os
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
-from twisted.internet import defer, utils
+from twisted.internet import defer
 
 from mrsyncd import logs
 from mrsyncd.blockset import RangeSet
 from mrsyncd.commands import Refused, UnknownTransfer
 from mrsyncd.datagram import Reason
+from mrsyncd.hook import HOOK_TIMEOUT, run_hook
 from mrsyncd.manifest import Manifest
 from mrsyncd.multicast import DEFAULT_RCVBUF
 from mrsyncd.ratecontrol import Feedback
@@ -49,46 +49,9 @@ def _check_space(needs: dict[int, RangeSet], manifest: Manifest, destination: st
 
 log = logs.logger(__name__)
 
-HOOK_OUTPUT = 4096
 #: The receiver's counters of datagrams it threw away (and of chunks that
 #: failed verification), logged when a transfer ends here.
 DROPPED = frozenset(r.value for r in Reason) | {"corrupt_chunks"}
-
-
-def run_hook(reactor: Any, argv: Sequence[str], receiver: Receiver, transfer_id: bytes) -> defer.Deferred:
-    """
-    Run the post-receive hook with what it needs in its environment:
-    ``MRSYNC_JOB``, ``MRSYNC_TRANSFER``, ``MRSYNC_DESTINATION`` and
-    ``MRSYNC_CHANGED``, a file listing the changed paths one per line.
-    """
-    listing = tempfile.NamedTemporaryFile("w", prefix="mrsync-changed-", suffix=".txt", delete=False)
-    with listing:
-        listing.writelines(f"{path}\n" for path in receiver.changed)
-    env = {
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "MRSYNC_JOB": receiver.options.label,
-        "MRSYNC_TRANSFER": transfer_id.hex(),
-        "MRSYNC_DESTINATION": receiver.destination,
-        "MRSYNC_CHANGED": listing.name,
-    }
-    d = utils.getProcessOutputAndValue(argv[0], list(argv[1:]), env=env, reactor=reactor)
-
-    def finished(result: tuple[bytes, bytes, int]) -> dict[str, Any]:
-        out, err, code = result
-        output = (out + err)[-HOOK_OUTPUT:].decode("utf-8", "replace")
-        if code:
-            log.error("post-receive hook {argv} exited {code}: {output}", argv=argv, code=code, output=output)
-        return {"argv": list(argv), "status": code, "output": output}
-
-    def failed(failure: Any) -> dict[str, Any]:
-        log.error("post-receive hook {argv} did not run: {why}", argv=argv, why=failure.getErrorMessage())
-        return {"argv": list(argv), "status": -1, "output": failure.getErrorMessage()}
-
-    def clean_up(result: dict[str, Any]) -> dict[str, Any]:
-        os.unlink(listing.name)
-        return result
-
-    return d.addCallbacks(finished, failed).addCallback(clean_up)
 
 
 class ReceiverAgent:
@@ -101,6 +64,7 @@ class ReceiverAgent:
         roots: Sequence[str] = (),
         rcvbuf: int = DEFAULT_RCVBUF,
         post_receive: Sequence[str] = (),
+        hook_timeout: float = HOOK_TIMEOUT,
         allow_setid: bool = False,
     ) -> None:
         """
@@ -116,6 +80,7 @@ class ReceiverAgent:
         self.roots = [os.path.realpath(root) for root in roots]
         self.rcvbuf = rcvbuf
         self.post_receive = list(post_receive)
+        self.hook_timeout = hook_timeout
         self.allow_setid = allow_setid
         #: Where this host's loss and delay reports go (its control connection).
         self.on_feedback: Callable[[bytes, Feedback], None] | None = None
@@ -263,7 +228,12 @@ class ReceiverAgent:
             )
         if not (self.post_receive and receiver.done and receiver.changed and not receiver.options.dry_run):
             return defer.succeed(outcome)
-        d = run_hook(self.reactor, self.post_receive, receiver, transfer_id)
+        environment = {
+            "MRSYNC_JOB": receiver.options.label,
+            "MRSYNC_TRANSFER": transfer_id.hex(),
+            "MRSYNC_DESTINATION": receiver.destination,
+        }
+        d = run_hook(self.reactor, self.post_receive, receiver.changed, environment, self.hook_timeout)
 
         def ran(hook: dict[str, Any]) -> Outcome:
             outcome.hook = hook

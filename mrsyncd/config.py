@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from mrsyncd.datagram import DEFAULT_BLOCK_SIZE, MAX_BLOCK_SIZE
+from mrsyncd.hook import HOOK_TIMEOUT
 from mrsyncd.ratecontrol import parse_rate
 from mrsyncd.store import KEEP_DAYS, KEEP_JOBS
 
@@ -83,6 +84,8 @@ class NodeConfig:
     #: Run after a job completes here: argv, with the job id and changed
     #: paths in the environment (never sent by the job itself).
     post_receive: tuple[str, ...] = ()
+    #: Seconds the hook may run before it is stopped (SIGTERM, then SIGKILL).
+    hook_timeout: float = HOOK_TIMEOUT
     rcvbuf: int = 4 << 20
     #: Keep a file's set-user-ID and set-group-ID bits when a job sets
     #: owners (--preserve-owner, as root).  Off, they are cleared on arrival:
@@ -220,6 +223,7 @@ _CHECKS: dict[str, dict[str, Callable[[Any], Any]]] = {
         "roots": _roots,
         "tags": _strings,
         "post_receive": _strings,
+        "hook_timeout": _positive("seconds"),
         "rcvbuf": _positive_int,
         "allow_setid": _boolean,
         "certificate": _string,

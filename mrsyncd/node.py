@@ -78,6 +78,7 @@ class NodeService(service.MultiService):
             roots=config.roots,
             rcvbuf=config.rcvbuf,
             post_receive=config.post_receive,
+            hook_timeout=config.hook_timeout,
             allow_setid=config.allow_setid,
         )
         factory = Factory.forProtocol(self._protocol)

@@ -617,7 +617,9 @@ class BackupAndHookTests(unittest.TestCase):
         self.assertFalse(peer.ok, "a hook that fails fails the node")
         self.assertIn("post-receive hook", peer.reason)
         with open(out) as f:
-            self.assertEqual(f.read().split(), ["42", os.path.realpath(dst), "f"])
+            job_line, changed = f.read().split("\n", 1)
+        self.assertEqual(job_line.split(), ["42", os.path.realpath(dst)])
+        self.assertEqual(changed, "f\0", "the changed paths, each followed by a NUL")
         # Nothing changed the second time: the hook does not run again.
         os.unlink(out)
         again = yield Transfer(
