@@ -1011,6 +1011,22 @@ def test_the_units_do_not_restart_a_daemon_stopped_by_its_configuration() -> Non
         )
 
 
+def test_the_units_bound_memory_tasks_and_descriptors() -> None:
+    """
+    Above what the daemons were measured to need (a node 237 MiB and the
+    master 410 MiB for 100,000 files; a reactor, a thread pool of 10 and a
+    hook), and below what would let one runaway daemon take the host.
+    """
+    sizes = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    for unit in sorted(Path(REPO, "debian").glob("*.service")):
+        settings = support.unit_settings(unit)
+        memory = settings["MemoryMax"]
+        memory_bytes = int(memory[:-1]) * sizes[memory[-1]]
+        assert 1 << 30 <= memory_bytes <= 16 << 30, (unit.name, memory)
+        assert 32 <= int(settings["TasksMax"]) <= 1024, unit.name
+        assert 1024 <= int(settings["LimitNOFILE"]) <= 1 << 20, unit.name
+
+
 def test_missing_certificate_file_stops_startup(tmp_path: Path) -> None:
     state = tmp_path / "state"
     missing = tmp_path / "nowhere" / "ca.crt"

@@ -30,6 +30,7 @@ import grp
 import os
 import pwd
 import re
+import resource
 import shlex
 import shutil
 import signal
@@ -392,7 +393,13 @@ class Daemon:
         # What systemd would do for User=, NoNewPrivileges=yes and an empty
         # CapabilityBoundingSet=: drop to the user with its groups, no way
         # back to privileges, an environment of its own, working directory /.
+        # LimitNOFILE= as systemd would set it (it may raise the hard limit, which
+        # this process may not be allowed to: then as far as the hard limit).
+        nofile = min(int(unit_settings(unit)["LimitNOFILE"]), resource.getrlimit(resource.RLIMIT_NOFILE)[1])
         command = [
+            "prlimit",
+            f"--nofile={nofile}",
+            "--",
             "env",
             "-i",
             f"PATH={SYSTEM_PATH}",
