@@ -69,6 +69,10 @@ class MasterConfig:
     keep_days: float = KEEP_DAYS
     #: ``address:port`` of the Prometheus endpoint ("" = none).
     metrics: str = ""
+    #: Connections one certificate may hold at once (a node needs one, an
+    #: operator one per running ``mrsync``): a stolen key cannot open
+    #: thousands.
+    max_connections_per_certificate: int = 64
 
 
 @dataclass(frozen=True)
@@ -215,6 +219,7 @@ _CHECKS: dict[str, dict[str, Callable[[Any], Any]]] = {
         "keep_jobs": _positive_int,
         "keep_days": _positive("days"),
         "metrics": _listen_address,
+        "max_connections_per_certificate": _positive_int,
     },
     "node": {
         "master": _string,

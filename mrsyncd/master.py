@@ -571,6 +571,18 @@ class MasterControl(BoundedAMP):
             return
         if self.master.revocations.shut_out(identity, transport):
             return
+        cap = self.master.config.max_connections_per_certificate
+        held = sum(1 for c in self.master.connections if c.identity and c.identity.serial == identity.serial)
+        if held >= cap:
+            log.warn(
+                "refusing a connection from {name} at {peer}: its certificate already holds {held}"
+                " ([master] max_connections_per_certificate)",
+                name=identity.name,
+                peer=transport.getPeer(),
+                held=held,
+            )
+            transport.abortConnection()
+            return
         self.identity = identity
         self.master.connections.add(self)
 

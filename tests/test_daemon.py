@@ -1011,6 +1011,34 @@ def test_the_units_do_not_restart_a_daemon_stopped_by_its_configuration() -> Non
         )
 
 
+def test_a_certificate_holds_at_most_its_share_of_connections(tmp_path: Path) -> None:
+    """
+    ``[master] max_connections_per_certificate``: one more connection with
+    the same certificate is dropped (and logged); one closed makes room; other
+    certificates are not counted against it.
+    """
+    c = Cluster(tmp_path, max_connections_per_certificate=2)
+    try:
+        master = c.start_master()
+        since = master.mark()
+        held = [AmpClient.connect("127.0.0.1", c.port, c.ca.cert, c.operator) for _ in range(2)]
+        for client in held:
+            assert b"nodes" in client.call("ListNodes")
+        extra = AmpClient.connect("127.0.0.1", c.port, c.ca.cert, c.operator)
+        assert extra.closed(10), "a third connection with the same certificate was kept"
+        master.wait_log(r"refusing a connection from operator .*already holds 2", since=since)
+        other = AmpClient.connect("127.0.0.1", c.port, c.ca.cert, c.ca.issue("operator", "ops2"))
+        assert b"nodes" in other.call("ListNodes")
+        held.pop().close()
+        time.sleep(0.2)
+        again = AmpClient.connect("127.0.0.1", c.port, c.ca.cert, c.operator)
+        assert b"nodes" in again.call("ListNodes")
+        for client in (*held, other, again):
+            client.close()
+    finally:
+        c.close()
+
+
 def test_the_units_bound_memory_tasks_and_descriptors() -> None:
     """
     Above what the daemons were measured to need (a node 237 MiB and the
