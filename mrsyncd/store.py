@@ -102,6 +102,10 @@ class DigestCache:
     def __init__(self, path: str) -> None:
         self.db = sqlite3.connect(path, timeout=30)
         self.db.execute("PRAGMA journal_mode=WAL")
+        # A cache: an entry lost to a power cut is computed again, so no
+        # fsync at each file's entry (on ext4, 196 µs a file against 17:
+        # 1.8 s of a first push of 10,000 files went on syncing the cache).
+        self.db.execute("PRAGMA synchronous=NORMAL")
         # "digests" held BLAKE2b chunk digests (before SHA-256): never reuse them.
         self.db.execute("DROP TABLE IF EXISTS digests")
         self.db.execute(

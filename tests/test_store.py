@@ -214,3 +214,15 @@ def test_the_audit_log_is_appended_to_and_never_changed(tmp_path):
     jobs.close()
     # Opened again, by a master that upgraded or not, it is all there.
     assert len(JobStore(str(tmp_path / "jobs.sqlite")).audit_log()) == 3
+
+
+def test_the_digest_cache_is_not_synced_at_every_file(tmp_path):
+    """A cache entry lost to a power cut is computed again: WAL, synchronous NORMAL (1), not FULL (2)."""
+    cache = store.DigestCache(str(tmp_path / "digests.sqlite"))
+    try:
+        assert cache.db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+        assert cache.db.execute("PRAGMA synchronous").fetchone() == (1,)
+        cache.put((1, 2, 3, 4, 5, 6), b"d" * 32)
+        assert cache.get((1, 2, 3, 4, 5, 6)) == b"d" * 32
+    finally:
+        cache.close()
