@@ -37,10 +37,15 @@ class _Hook(protocol.ProcessProtocol):
 
     def __init__(self, reactor: Any, timeout: float) -> None:
         self.reactor = reactor
+        self.timeout = timeout
         self.tail = bytearray()
         self.ended: defer.Deferred = defer.Deferred()
         self.timed_out = False
-        self._timers = [reactor.callLater(timeout, self._stop, "TERM")]
+        self._timers: list[Any] = []
+
+    def connectionMade(self) -> None:
+        """The hook runs: its time starts (one that never started has no timer to cancel)."""
+        self._timers.append(self.reactor.callLater(self.timeout, self._stop, "TERM"))
 
     def _keep(self, data: bytes) -> None:
         self.tail += data
@@ -49,12 +54,12 @@ class _Hook(protocol.ProcessProtocol):
     outReceived = errReceived = _keep
 
     def _stop(self, sig: str) -> None:
-        self.timed_out = True
         assert self.transport is not None
         try:
             self.transport.signalProcess(sig)
         except error.ProcessExitedAlready:
             return
+        self.timed_out = True
         if sig == "TERM":
             # Processes the hook started may hold its output open after it
             # is gone: what they print is no longer read.
@@ -92,8 +97,6 @@ def run_hook(
     try:
         reactor.spawnProcess(hook, argv[0], list(argv), env=env)
     except OSError as e:
-        for timer in hook._timers:
-            timer.cancel()
         os.unlink(listing.name)
         log.error("post-receive hook {argv} did not run: {why}", argv=argv, why=e)
         return defer.succeed({"argv": list(argv), "status": -1, "output": str(e)})

@@ -713,6 +713,10 @@ class Receiver:
 
     def _conclude(self, f: _IncomingFile, result: str) -> None:
         f.result = self.results[f.entry.path] = result
+        self._no_longer_awaited(f)
+
+    def _no_longer_awaited(self, f: _IncomingFile) -> None:
+        """``f`` has its result: it is not asked about again, nor are its chunks wanted."""
         if self._awaiting.pop(f.index, None) is not None:
             self._needed_chunks -= f.ledger.status.count(NEEDED)
 
@@ -907,8 +911,7 @@ class Receiver:
         if discard and self._root_fd >= 0:
             for f in list(self._awaiting.values()):
                 f.result = "cancelled"
-                del self._awaiting[f.index]
-                self._needed_chunks -= f.ledger.status.count(NEEDED)
+                self._no_longer_awaited(f)
                 self._pending.pop(f.index, None)
                 fd = self._release(f)
                 if fd is not None:

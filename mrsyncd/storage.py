@@ -290,7 +290,8 @@ def place_batch(
     """
     results: list[bytes | OSError] = []
     directories: dict[str, int] = {}
-    written: list[tuple[int, int, str, str]] = []  # (index, part fd, final name, part)
+    # (index in the batch, part file's descriptor, directory, final name, part file's name)
+    written: list[tuple[int, int, str, str, str]] = []
     try:
         for entry, part, data in batch:
             got = digest(data)
@@ -298,27 +299,26 @@ def place_batch(
             if got != entry.chunk_digest(0):
                 continue
             try:
-                directory = entry.path.rpartition("/")[0]
+                directory, _, name = entry.path.rpartition("/")
                 if directory not in directories:
                     directories[directory] = fsutil.open_parent(root_fd, entry.path)[0]
                 part_fd = _create_part(directories[directory], part, entry.size)
-                written.append((len(results) - 1, part_fd, entry.path.rpartition("/")[2], part))
+                written.append((len(results) - 1, part_fd, directory, name, part))
                 pwrite_all(part_fd, data, 0)
                 set_metadata(part_fd, entry, owner)
             except OSError as e:
                 results[-1] = e
         # All synced before any is renamed: a rename between two syncs would
         # make the second commit the journal again.
-        for index, part_fd, _, _ in written:
+        for index, part_fd, _, _, _ in written:
             if not isinstance(results[index], OSError):
                 try:
                     os.fsync(part_fd)
                 except OSError as e:
                     results[index] = e
         renamed: dict[str, list[int]] = {}
-        for index, _, name, part in written:
+        for index, _, directory, name, part in written:
             if not isinstance(results[index], OSError):
-                directory = batch[index][0].path.rpartition("/")[0]
                 try:
                     _rename_over(directories[directory], name, part, backup_suffix)
                     renamed.setdefault(directory, []).append(index)
@@ -331,7 +331,7 @@ def place_batch(
                 for index in indexes:
                     results[index] = e
     finally:
-        for _, part_fd, _, _ in written:
+        for _, part_fd, _, _, _ in written:
             os.close(part_fd)
         for fd in directories.values():
             os.close(fd)
