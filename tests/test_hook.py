@@ -5,6 +5,8 @@ paths NUL-separated, a time limit, and only the end of its output kept.
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,10 @@ class HookTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_changed_paths_arrive_nul_separated_whatever_their_names(self) -> Any:
-        out = Path(self.mktemp())
+        # Not trial's mktemp, which makes its directory beneath the working directory.
+        scratch = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, scratch)
+        out = Path(scratch) / "changed"
         names = ["plain", "with\nnewline", "späce and\ttab", "d/e/f"]
         hook = yield self.run_hook(f'cp "$MRSYNC_CHANGED" {out}; test "$MRSYNC_JOB" = 7', names)
         self.assertEqual(hook["status"], 0, hook)
