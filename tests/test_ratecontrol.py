@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 
@@ -641,13 +642,23 @@ def test_the_queue_of_a_report():
 # Sharing with TCP (issue 20): the TCP-friendly rate once others hold the queue.
 
 
+#: Tells apart the datagrams that `stamped` reports lost by one receiver alone.
+_OWN_LOSSES = itertools.count()
+
+
 def stamped(
-    clock: Clock, loss: float, delay: float, events: float, rtt: float = 0.0002, shared: bool = True
+    clock: Clock,
+    loss: float,
+    delay: float,
+    events: float,
+    rtt: float = 0.0002,
+    shared: bool = True,
 ) -> Feedback:
     """
     A report as a receiver sends it: its one-way delay and stamp make
     ``rtt`` plus the queue; with loss, it names a lost datagram that every
-    receiver lost (``shared``) or one of its own.
+    receiver lost (``shared``) or one of its own, which no other report
+    names (a random one was, now and then, another's too).
     """
     # Two clocks 3 s apart: the receiver's runs ahead, and the offsets cancel.
     offset_us = 3_000_000
@@ -657,7 +668,7 @@ def stamped(
     lost: tuple[int, ...] = ()
     if events:
         interval = round(clock.seconds() * 10)
-        lost = (interval * 64,) if shared else (interval * 64 + random.randrange(1, 64) * 2**20,)
+        lost = (interval * 64,) if shared else (interval * 64 + (next(_OWN_LOSSES) % 4095 + 1) * 2**20,)
     return Feedback(loss, delay, 0.0, events, owd_us, stamp_us, lost)
 
 
@@ -713,7 +724,10 @@ def test_loss_each_receiver_sees_alone_sets_no_tcp_share():
     """Random loss, each receiver's own, with a queue the push holds: the delay rules, not the loss."""
     clock, controller = fleet()
     drive(controller, clock, 2.0, quiet)
-    own = lambda t: {n: stamped(clock, 0.02, 0.008, 0.02, shared=False) for n in "abc"}  # noqa: E731
+
+    def own(t: float) -> dict[str, Feedback]:
+        return {n: stamped(clock, 0.02, 0.008, 0.02, shared=False) for n in "abc"}
+
     rates = drive(controller, clock, 5.0, own)
     assert controller.friendly == math.inf
     assert not any(controller.shared(n) for n in "abc")
@@ -765,16 +779,19 @@ def test_a_tcp_flow_that_was_there_first_is_competed_with_not_yielded_to():
 
 
 def test_only_the_shared_share_of_loss_events_counts():
-    """Half of what each receiver lost, the others lost too (a shared link), half alone (random loss)."""
+    """
+    Three fifths of what each receiver lost, the others lost too (a shared
+    link), two fifths alone (random loss).  (A coin toss for each made the
+    share hover about `SHARED_SHARE`, above or below it by the seed.)
+    """
     clock, controller = fleet()
     drive(controller, clock, 2.0, quiet)
 
-    def half_shared(t):
-        own = random.random() < 0.5
+    def mostly_shared(t):
+        own = round(t / controller.interval) % 5 in (1, 3)
         return {n: stamped(clock, 0.02, 0.005, 2e-3, shared=not own) for n in "abc"}
 
-    random.seed(20)
-    drive(controller, clock, 5.0, half_shared)
+    drive(controller, clock, 5.0, mostly_shared)
     share = controller.shared("a")
     assert 0.3 < share < 0.8
     report = stamped(clock, 0.02, 0.005, 2e-3)
