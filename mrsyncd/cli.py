@@ -38,13 +38,25 @@ from twisted.protocols import amp
 from twisted.python import usage
 
 from mrsyncd import tls
-from mrsyncd.commands import BadRequest, Cancel, Forbidden, JobStatus, ListJobs, ListNodes, NoSuchJob, Submit
+from mrsyncd.commands import (
+    BadRequest,
+    Cancel,
+    Forbidden,
+    ForgetNode,
+    JobStatus,
+    ListJobs,
+    ListNodes,
+    NoSuchJob,
+    Submit,
+)
 from mrsyncd.config import split_address
 from mrsyncd.options import EXIT_USAGE, CommandOptions, InterspersedOptions, usage_error
 from mrsyncd.ratecontrol import parse_rate
 
 EXIT_OK, EXIT_FAILED = 0, 1
 EXIT_UNREACHABLE, EXIT_REFUSED, EXIT_CANCELLED = 3, 4, 5
+#: Every node the job reached completed it, but some were not connected.
+EXIT_MISSED = 6
 #: What a shell reports for a command ended by Ctrl-C: 128 + SIGINT.
 EXIT_INTERRUPTED = 128 + signal.SIGINT
 FINISHED = ("done", "failed", "cancelled")
@@ -148,12 +160,16 @@ class ListOptions(CommandOptions):
     optFlags = [["json", None, "Print JSON."]]
 
 
+class NodesOptions(ListOptions):
+    optParameters = [["forget", None, None, "Expect the node NAME no more (it must be disconnected)."]]
+
+
 class Options(Connection):
     synopsis = "mrsync [connection options] push|nodes|jobs|status|cancel ..."
     longdesc = "Submit, follow and cancel mrsyncd jobs; list nodes. See mrsync(1)."
     subCommands = [
         ["push", None, PushOptions, "Submit a job and follow it."],
-        ["nodes", None, ListOptions, "List the nodes the master knows."],
+        ["nodes", None, NodesOptions, "List the nodes the master expects, or forget one."],
         ["jobs", None, ListOptions, "List recent jobs."],
         ["status", None, StatusOptions, "Show (or follow) one job."],
         ["cancel", None, JobOptions, "Cancel a job."],
@@ -347,6 +363,7 @@ def _nodes(status: dict[str, Any]) -> list[tuple[int, str]]:
     """
     nodes = status["nodes"]
     progress = status.get("progress")
+    missed = sorted(n for n, v in nodes.items() if v["state"] == "missed")
     if progress:
         done, failed, slow = progress["done"], sorted(progress["failed"]), progress.get("slow", [])
     else:
@@ -356,12 +373,13 @@ def _nodes(status: dict[str, Any]) -> list[tuple[int, str]]:
     parts = [(1, f"{len(done)}/{len(nodes)} done")]
     if failed:
         parts.append((2, f"{len(failed)} failed"))
+    if missed:
+        parts.append((3, f"{len(missed)} missed"))
     if slow:
         parts.append((6, f"{len(slow)} slow"))
-    if failed:
-        parts.append((7, "failed: " + ",".join(failed)))
-    if slow:
-        parts.append((8, "slow: " + ",".join(slow)))
+    for rank, word, names in ((7, "failed", failed), (8, "missed", missed), (9, "slow", slow)):
+        if names:
+            parts.append((rank, f"{word}: " + ",".join(names)))
     return parts
 
 
@@ -387,17 +405,11 @@ def report(status: dict[str, Any], out: Any) -> None:
     )
     if status["message"]:
         out.write(f"  {status['message']}\n")
-    dry_run = status["spec"].get("dry_run")
+    if status["spec"].get("dry_run"):
+        _dry_run_report(status, out)
+        return
     for name, node in sorted(status["nodes"].items(), key=lambda kv: (kv[1]["state"] == "done", kv[0])):
         reason = f": {node['reason']}" if node["reason"] else ""
-        if dry_run:
-            files = status.get("files", {}).get(name, {})
-            count = sum(1 for result in files.values() if result == "would receive")
-            out.write(f"  {name}: would receive {count} files, {_size(node['needed_bytes'])}{reason}\n")
-            for path, result in sorted(files.items()):
-                if result == "would receive":
-                    out.write(f"    {path}\n")
-            continue
         changed = f", {node['changed']} paths changed" if node["state"] == "done" else ""
         out.write(f"  {name}: {node['state']}{changed}{reason}\n")
         hook = node.get("hook")
@@ -405,10 +417,46 @@ def report(status: dict[str, Any], out: Any) -> None:
             out.write(f"    post-receive {' '.join(hook['argv'])} exited {hook['status']}\n")
 
 
+#: A dry run's file results (`mrsyncd.storage`, which ``mrsync`` does not load).
+WOULD_RECEIVE, WOULD_DELETE = "would receive", "would delete"
+
+
+def _dry_run_report(status: dict[str, Any], out: Any) -> None:
+    """
+    What each node would receive and delete, then each change once, as
+    rsync lists them (deletions first), with the nodes it applies to when
+    that is not every node that answered.
+    """
+    files: dict[str, dict[str, str]] = status.get("files", {})
+    changes: dict[tuple[bool, str], list[str]] = {}
+    for name, node in sorted(status["nodes"].items(), key=lambda kv: (kv[1]["state"] == "done", kv[0])):
+        results = files.get(name, {})
+        receive = [path for path, result in results.items() if result == WOULD_RECEIVE]
+        delete = [path for path, result in results.items() if result == WOULD_DELETE]
+        for receiving, paths in ((False, delete), (True, receive)):
+            for path in paths:
+                changes.setdefault((receiving, path), []).append(name)
+        reason = f": {node['reason']}" if node["reason"] else ""
+        if name in files:
+            size = _size(node["needed_bytes"])
+            deletions = f", delete {len(delete)}" if status["spec"].get("delete") else ""
+            out.write(f"  {name}: would receive {len(receive)} files, {size}{deletions}{reason}\n")
+        else:
+            out.write(f"  {name}: {node['state']}{reason}\n")
+    answered = sorted(files)
+    for (receiving, path), names in sorted(changes.items()):
+        where = "" if sorted(names) == answered else f"  ({','.join(sorted(names))})"
+        out.write(f"  {path if receiving else 'deleting ' + path}{where}\n")
+
+
 def exit_code(status: dict[str, Any]) -> int:
+    """0 done everywhere; 5 cancelled; 1 failed somewhere; 6 done wherever it was sent, some nodes missed."""
     if status["state"] == "done":
         return EXIT_OK
-    return EXIT_CANCELLED if status["state"] == "cancelled" else EXIT_FAILED
+    if status["state"] == "cancelled":
+        return EXIT_CANCELLED
+    states = {node["state"] for node in status["nodes"].values()}
+    return EXIT_MISSED if states == {"done", "missed"} else EXIT_FAILED
 
 
 class Interruption:
@@ -462,7 +510,9 @@ def _json(out: Any, value: Any) -> None:
     out.write(json.dumps(value, indent=1, sort_keys=True) + "\n")
 
 
-def _when(seconds: float) -> str:
+def _when(seconds: float | None) -> str:
+    if not seconds:
+        return "never"
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(seconds))
 
 
@@ -561,16 +611,23 @@ def cancel(reactor: Any, protocol: amp.AMP, sub: JobOptions, out: Any, interrupt
 
 
 @defer.inlineCallbacks
-def nodes(reactor: Any, protocol: amp.AMP, sub: ListOptions, out: Any, interruption: Interruption) -> Any:
+def nodes(reactor: Any, protocol: amp.AMP, sub: NodesOptions, out: Any, interruption: Interruption) -> Any:
+    if sub["forget"] is not None:
+        yield call(protocol, ForgetNode, name=sub["forget"])
+        out.write(f"forgot {sub['forget']}: 'all' and its tags no longer name it until it registers again\n")
+        return EXIT_OK
     answer = yield call(protocol, ListNodes)
     if sub["json"]:
         _json(out, answer["nodes"])
         return EXIT_OK
-    out.write(f"{'NODE':20} {'STATE':13} {'LAST CONTACT':20} {'FREE':>10}  TAGS\n")
+    out.write(f"{'NODE':16} {'STATE':12} {'LAST CONTACT':19} {'LAST DONE':26} {'FREE':>9}  TAGS\n")
     for node in answer["nodes"]:
         free = _size(min(node["free"].values())) if node["free"] else "-"
+        done = (
+            "never" if node["last_ok_job"] is None else f"{_when(node['last_ok_at'])} #{node['last_ok_job']}"
+        )
         out.write(
-            f"{node['name']:20} {node['state']:13} {_when(node['last_contact']):20} {free:>10}"
+            f"{node['name']:16} {node['state']:12} {_when(node['last_contact']):19} {done:26} {free:>9}"
             f"  {','.join(node['tags'])}\n"
         )
     return EXIT_OK

@@ -297,6 +297,13 @@ class ListNodes(amp.Command):
     errors = _OPERATOR_ERRORS
 
 
+class ForgetNode(amp.Command):
+    """Expect a node no more: ``all`` and its tags stop naming it until it registers again."""
+
+    arguments = [(b"name", amp.Unicode())]
+    errors = _OPERATOR_ERRORS
+
+
 class Prepare(amp.Command):
     """
     Offer a transfer.  ``manifest_digest`` is the SHA-256 of the encoded

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import pwd
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ from mrsyncd.commands import (
     Cancel,
     Congestion,
     Forbidden,
+    ForgetNode,
     Heartbeat,
     JobStatus,
     ListJobs,
@@ -76,6 +78,8 @@ class NodeState:
     connection: MasterControl | None = None
     last_contact: float = 0.0
     address: str = ""
+    last_ok_job: int | None = None
+    last_ok_at: float | None = None
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -85,15 +89,37 @@ class NodeState:
             "free": self.free,
             "last_contact": self.last_contact,
             "address": self.address,
+            "last_ok_job": self.last_ok_job,
+            "last_ok_at": self.last_ok_at,
         }
 
 
 class Fleet:
-    """The nodes that have registered, connected or not."""
+    """
+    The nodes the master expects: every node that has registered, connected
+    or not, until an operator forgets it (`forget`).  They are remembered in
+    the job store, so that after a restart a node that is down is still
+    expected, and a job to ``all`` reports it missed rather than forgetting
+    it in silence.
+    """
 
-    def __init__(self, clock: Any) -> None:
+    def __init__(self, clock: Any, known: store.JobStore | None = None) -> None:
         self.clock = clock
+        self.known = known
         self.nodes: dict[str, NodeState] = {}
+        for node in known.known_nodes() if known is not None else ():
+            self.nodes[node.name] = NodeState(
+                node.name,
+                node.tags,
+                last_contact=node.last_contact,
+                address=node.address,
+                last_ok_job=node.last_ok_job,
+                last_ok_at=node.last_ok_at,
+            )
+
+    def _remember(self, node: NodeState) -> None:
+        if self.known is not None:
+            self.known.remember_node(node.name, node.tags, node.address, node.last_contact)
 
     def attach(
         self, name: str, connection: MasterControl, tags: tuple[str, ...], free: dict[str, int]
@@ -106,6 +132,7 @@ class Fleet:
         node.last_contact = self.clock.seconds()
         peer = connection.transport.getPeer()  # type: ignore[union-attr]
         node.address = getattr(peer, "host", "")
+        self._remember(node)
         log.info(
             "node {node} registered from {address} (tags {tags})", node=name, address=node.address, tags=tags
         )
@@ -114,7 +141,8 @@ class Fleet:
         node = self.nodes.get(name)
         if node is not None and node.connection is connection:
             node.connection = None
-            log.info("node {node} disconnected", node=name)
+            self._remember(node)
+            log.warn("node {node} disconnected", node=name)
 
     def drop_silent(self, silence: float) -> None:
         """
@@ -132,12 +160,47 @@ class Fleet:
                 )
                 node.connection.transport.abortConnection()  # type: ignore[union-attr]
                 node.connection = None
+                self._remember(node)
 
     def touch(self, name: str, free: dict[str, int] | None) -> None:
         node = self.nodes[name]
         node.last_contact = self.clock.seconds()
         if free is not None:
             node.free = free
+
+    def succeeded(self, name: str, job_id: int) -> None:
+        """``name`` completed job ``job_id``: `mrsync nodes` shows it as the node's last good job."""
+        node = self.nodes.get(name)
+        now = self.clock.seconds()
+        if node is not None:
+            node.last_ok_job, node.last_ok_at = job_id, now
+        if self.known is not None:
+            self.known.node_succeeded(name, job_id, now)
+
+    def forget(self, name: str) -> None:
+        """
+        Expect ``name`` no more.  A connected node is refused: it would be
+        known again at once, and a node taken out of service is stopped
+        first.
+        """
+        node = self.nodes.get(name)
+        if node is None:
+            raise BadRequest(f"unknown node: {self._nearest(name)}")
+        if node.connection is not None:
+            raise BadRequest(
+                f"{name} is connected: stop its daemon first (systemctl stop mrsyncd-node),"
+                " or it is known again as it registers"
+            )
+        del self.nodes[name]
+        if self.known is not None:
+            self.known.forget_node(name)
+
+    def is_connected(self, name: str) -> bool:
+        node = self.nodes.get(name)
+        return node is not None and node.connection is not None
+
+    def all_connected(self) -> bool:
+        return all(node.connection is not None for node in self.nodes.values())
 
     def connection(self, name: str) -> MasterControl:
         node = self.nodes.get(name)
@@ -151,9 +214,9 @@ class Fleet:
         return f"{name} (did you mean {' or '.join(near)}?)" if near else name
 
     def resolve(self, targets: str) -> list[str]:
-        """``all``, ``@tag`` or ``name,name``: the nodes a job is for."""
+        """``all``, ``@tag`` or ``name,name``: the known nodes a job is for, connected or not."""
         if targets == "all":
-            names = [n.name for n in self.nodes.values() if n.connection is not None]
+            names = list(self.nodes)
         elif targets.startswith("@"):
             tag = targets[1:]
             names = [n.name for n in self.nodes.values() if tag in n.tags]
@@ -228,6 +291,32 @@ def source_refusal(source: str, config: MasterConfig, key: str) -> str | None:
     return None
 
 
+#: Where the master's unit gives it directories of its own (PrivateTmp=yes
+#: in debian/mrsyncd.mrsyncd-master.service): an operator's files there
+#: are not the master's.
+PRIVATE_DIRS = ("/tmp", "/var/tmp")
+
+
+def why_unreadable(error: Exception, in_unit: bool) -> str:
+    """
+    What an operator told "cannot read the sources" needs to know: that
+    the unit's sandbox hides the path (``in_unit``: run by systemd), or
+    which user the master reads as.
+    """
+    path = getattr(error, "filename", None)
+    if not isinstance(path, str):
+        return ""
+    if isinstance(error, FileNotFoundError) and in_unit and any(_within(path, d) for d in PRIVATE_DIRS):
+        return (
+            f" ({path} is in the master's private {'/var/tmp' if _within(path, '/var/tmp') else '/tmp'}:"
+            " its unit has PrivateTmp=yes, so put sources beneath [master] sources elsewhere)"
+        )
+    if isinstance(error, PermissionError):
+        user = pwd.getpwuid(os.geteuid()).pw_name
+        return f" (the master reads sources as user {user}: make them readable to it)"
+    return ""
+
+
 def check_spec(spec: Any) -> dict[str, Any]:
     """A job request from an operator, checked before it is stored."""
     if not isinstance(spec, dict):
@@ -273,9 +362,22 @@ class JobRunner:
     """Runs queued jobs, at most ``max_jobs`` at once, each on its own group and port."""
 
     def __init__(
-        self, reactor: Any, config: MasterConfig, jobs: store.JobStore, fleet: Fleet, key: str = ""
+        self,
+        reactor: Any,
+        config: MasterConfig,
+        jobs: store.JobStore,
+        fleet: Fleet,
+        key: str = "",
+        settle: float = 0.0,
     ) -> None:
+        """
+        ``settle``: for this many seconds no job starts unless every known
+        node is connected, so that after the master starts the nodes have
+        the time to register again and no job misses one that was merely
+        redialling.
+        """
         self.reactor = reactor
+        self._settled_at = reactor.seconds() + settle
         self.config = config
         self.jobs = jobs
         self.fleet = fleet
@@ -339,6 +441,8 @@ class JobRunner:
     def kick(self) -> None:
         if self._stopping:
             return
+        if self.reactor.seconds() < self._settled_at and not self.fleet.all_connected():
+            return  # `MasterService` kicks again when the settling ends
         for job in self.jobs.unfinished():
             if len(self.running) >= self.config.max_jobs:
                 return
@@ -379,10 +483,29 @@ class JobRunner:
             # configuration, before the master restarted.
             self._check_sources(spec)
             # A resumed job keeps the nodes it started with, whichever of
-            # them have registered again by now.
-            names = sorted(job.nodes) or self.fleet.resolve(spec["targets"])
+            # them have registered again by now, and waits ``grace`` for the
+            # others; a new one is sent to those connected now, and the
+            # others are missed at once.
+            names = sorted(n for n, node in job.nodes.items() if node["state"] != store.MISSED)
+            resumed = bool(names)
+            if not resumed:
+                names = self.fleet.resolve(spec["targets"])
         except BadRequest as e:
             self._finish(job.id, store.FAILED, str(e))
+            self._release(job.id)
+            return
+        if resumed:
+            missed = sorted(n for n, node in job.nodes.items() if node["state"] == store.MISSED)
+        else:
+            missed = [n for n in names if not self.fleet.is_connected(n)]
+            names = [n for n in names if n not in missed]
+            for name in missed:
+                self.jobs.set_node(job.id, name, store.MISSED, "not connected when the job started")
+                self.totals["node", name, store.MISSED] += 1
+            if missed:
+                log.warn("job {job} misses {nodes}: not connected", job=job.id, nodes=", ".join(missed))
+        if not names:
+            self._finish(job.id, store.FAILED, f"no node was connected: missed {', '.join(missed)}")
             self._release(job.id)
             return
         for name in names:
@@ -393,9 +516,11 @@ class JobRunner:
         # Every start is a run of its own, with a key of its own (`Transfer`).
         run = os.urandom(RUN_SIZE)
         self.jobs.start(job.id, transfer_id, key, slot, run)
-        resumed = " (resumed)" if job.transfer_id else ""
         log.info(
-            "job {job} started{resumed} for {nodes}", job=job.id, resumed=resumed, nodes=", ".join(names)
+            "job {job} started{resumed} for {nodes}",
+            job=job.id,
+            resumed=" (resumed)" if job.transfer_id else "",
+            nodes=", ".join(names),
         )
         try:
             manifest, local_paths = yield threads.deferToThreadPool(
@@ -408,10 +533,11 @@ class JobRunner:
                 spec["excludes"],
             )
         except Exception as e:
+            why = f"cannot read the sources: {e}{why_unreadable(e, 'INVOCATION_ID' in os.environ)}"
             for name in names:
-                self.jobs.set_node(job.id, name, store.FAILED, f"cannot read the sources: {e}")
-            self._finish(job.id, store.FAILED, f"cannot read the sources: {e}")
-            log.error("job {job} failed: cannot read the sources: {e}", job=job.id, e=e)
+                self.jobs.set_node(job.id, name, store.FAILED, why)
+            self._finish(job.id, store.FAILED, why)
+            log.error("job {job} failed: {why}", job=job.id, why=why)
             self._release(job.id)
             return
         current = self.jobs.get(job.id)
@@ -471,6 +597,8 @@ class JobRunner:
             )
             self.jobs.set_files(job.id, name, peer.results)
             self.totals["node", name, store.DONE if peer.ok else store.FAILED] += 1
+            if peer.ok and not spec["dry_run"]:
+                self.fleet.succeeded(name, job.id)
             # One line a node, the same fields every time, for the journal's readers.
             level = log.info if peer.ok else log.error
             level(
@@ -487,16 +615,16 @@ class JobRunner:
         self.totals["sent", "parity"] += report.sender_stats.get("parity", 0)
         self.totals["repaired",] += max(0, sent - transfer.planned_bytes)
         self.jobs.progress(job.id, manifest.total_bytes(), sent)
+        failed = sorted(name for name, peer in report.peers.items() if not peer.ok)
+        everyone = len(names) + len(missed)
         if transfer.cancelled:
             state, message = store.CANCELLED, "cancelled by an operator"
-        elif report.ok:
-            state, message = store.DONE, ""
+        elif failed:
+            state, message = store.FAILED, f"failed on {len(failed)} of {everyone} nodes: {', '.join(failed)}"
+        elif missed:
+            state, message = store.FAILED, f"missed {len(missed)} of {everyone} nodes: {', '.join(missed)}"
         else:
-            failed = sorted(name for name, peer in report.peers.items() if not peer.ok)
-            state, message = (
-                store.FAILED,
-                f"failed on {len(failed)} of {len(names)} nodes: {', '.join(failed)}",
-            )
+            state, message = store.DONE, ""
         self._finish(job.id, state, message)
         log.info(
             "job {job} {state} in {seconds:.1f} s {message}",
@@ -688,6 +816,15 @@ class MasterControl(BoundedAMP):
         self.master.jobs.audit(job, store.CANCEL_ASKED, operator, fingerprint, {"state": state})
         return {"state": state}
 
+    @ForgetNode.responder
+    def forget_node(self, name: str) -> dict[str, Any]:
+        operator = self._require("operator")
+        assert self.identity is not None
+        self.master.fleet.forget(name)
+        log.info("node {node} forgotten by {operator}", node=name, operator=operator)
+        self.master.jobs.audit(0, store.FORGOT_NODE, operator, self.identity.fingerprint, {"node": name})
+        return {}
+
     @ListNodes.responder
     def list_nodes(self) -> dict[str, Any]:
         self._require("operator")
@@ -717,13 +854,14 @@ class MasterService(service.Service):
         revocations.on_change.append(self.drop_revoked)
         #: Connections past their handshake, with a certificate not revoked.
         self.connections: set[MasterControl] = set()
-        self.fleet = Fleet(reactor)
         path = os.path.join(config.state_dir, "jobs.sqlite")
         self.jobs = store.JobStore(path, keep_jobs=config.keep_jobs, keep_days=config.keep_days)
-        self.runner = JobRunner(reactor, config, self.jobs, self.fleet, key)
+        self.fleet = Fleet(reactor, self.jobs)
+        self.runner = JobRunner(reactor, config, self.jobs, self.fleet, key, settle=config.grace)
         self._watch = task.LoopingCall(self.fleet.drop_silent, NODE_SILENCE)
         self._watch.clock = reactor
         self._port: Any = None
+        self._settling: Any = None
 
     def startService(self) -> None:
         super().startService()
@@ -741,6 +879,7 @@ class MasterService(service.Service):
             unfinished = self.jobs.unfinished()
             if unfinished:
                 log.info("resuming {n} unfinished jobs once their nodes register", n=len(unfinished))
+            self._settling = self.reactor.callLater(self.config.grace, self.runner.kick)
 
         d.addCallback(listening)
         d.addErrback(self._cannot_listen)
@@ -758,6 +897,8 @@ class MasterService(service.Service):
         super().stopService()
         if self._watch.running:
             self._watch.stop()
+        if self._settling is not None and self._settling.active():
+            self._settling.cancel()
         self.runner.stop()
         self.jobs.close()
         if self._port is not None:

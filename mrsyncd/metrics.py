@@ -77,10 +77,19 @@ class MasterCollector:
             rate.add_metric([str(job_id)], transfer.sender.pacer.rate_bps)
         yield rate
 
-        nodes = GaugeMetricFamily("mrsyncd_nodes", "Nodes that have registered, by state.", labels=["state"])
+        nodes = GaugeMetricFamily(
+            "mrsyncd_nodes",
+            "Nodes the master expects (registered, not forgotten), by state.",
+            labels=["state"],
+        )
         up = GaugeMetricFamily("mrsyncd_node_up", "1 while a node is connected.", labels=["node"])
         contact = GaugeMetricFamily(
             "mrsyncd_node_last_contact_timestamp_seconds", "When a node was last heard from.", labels=["node"]
+        )
+        done = GaugeMetricFamily(
+            "mrsyncd_node_last_done_timestamp_seconds",
+            "When a node last completed a job (absent: never since it was first known).",
+            labels=["node"],
         )
         states = {"connected": 0, "disconnected": 0}
         for node in fleet.nodes.values():
@@ -88,11 +97,14 @@ class MasterCollector:
             states["connected" if connected else "disconnected"] += 1
             up.add_metric([node.name], 1 if connected else 0)
             contact.add_metric([node.name], node.last_contact)
+            if node.last_ok_at is not None:
+                done.add_metric([node.name], node.last_ok_at)
         for state, count in states.items():
             nodes.add_metric([state], count)
         yield nodes
         yield up
         yield contact
+        yield done
 
         node_jobs = CounterMetricFamily(
             "mrsyncd_node_jobs",

@@ -39,7 +39,7 @@ from mrsyncd.meter import FEEDBACK_INTERVAL, DelayLossMeter
 from mrsyncd.multicast import DEFAULT_RCVBUF, Channel, receive_queue, receiver_socket
 from mrsyncd.parities import KeptParities
 from mrsyncd.ratecontrol import Echo, Feedback, node_id, report_due
-from mrsyncd.storage import OK
+from mrsyncd.storage import OK, WOULD_DELETE, WOULD_RECEIVE
 
 log = logs.logger(__name__)
 
@@ -293,6 +293,8 @@ class Receiver:
             )
             d = self._in_thread(storage.survey, self._root_fd, manifest, transfer_id, True)
             d.addCallback(self._surveyed_dry)
+            if self.options.delete:
+                d.addCallback(self._would_delete)
             return d
         self._root_fd = fsutil.open_destination(self.destination)
         sock = receiver_socket(self.channel, self.rcvbuf)
@@ -314,10 +316,26 @@ class Receiver:
             need = RangeSet((c, c + 1) for c, s in enumerate(held.status) if s != DONE)
             if need:
                 needs[index] = need
-            self.results[entry.path] = "unchanged" if held.unchanged else "would receive"
+            self.results[entry.path] = "unchanged" if held.unchanged else WOULD_RECEIVE
         self.needed_bytes = _bytes_of(self._manifest, needs)
         self.done = True
         return needs
+
+    def _would_delete(self, needs: dict[int, RangeSet]) -> defer.Deferred:
+        """A dry run with ``delete`` lists what it would delete too (results: ``would delete``)."""
+
+        def listed(paths: list[str]) -> dict[int, RangeSet]:
+            self.results.update(dict.fromkeys(paths, WOULD_DELETE))
+            return needs
+
+        d = self._in_thread(
+            storage.would_delete,
+            self._root_fd,
+            self._manifest,
+            self.options.backup_suffix,
+            self.options.protect,
+        )
+        return d.addCallback(listed)
 
     def _surveyed(self, survey: dict[int, storage.Held | str]) -> dict[int, RangeSet]:
         needs: dict[int, RangeSet] = {}

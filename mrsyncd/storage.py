@@ -35,6 +35,8 @@ from mrsyncd.manifest import (
 
 #: A path's result when it was received (or found unchanged) and placed.
 OK = "ok"
+#: A dry run's results: what a transfer would change.
+WOULD_RECEIVE, WOULD_DELETE = "would receive", "would delete"
 
 
 def part_name(transfer_id: bytes, index: int) -> str:
@@ -425,13 +427,27 @@ def _rename_over(fd: int, name: str, part: str, backup_suffix: str) -> None:
     os.rename(part, name, src_dir_fd=fd, dst_dir_fd=fd)
 
 
-def _delete_extraneous(
+def would_delete(
     root_fd: int, manifest: Manifest, backup_suffix: str, protect: tuple[str, ...] = ()
+) -> list[str]:
+    """What a transfer with ``delete`` would remove (or rename aside); ``root_fd`` -1: nothing is there."""
+    if root_fd < 0:
+        return []
+    return _delete_extraneous(root_fd, manifest, backup_suffix, protect, dry_run=True)[0]
+
+
+def _delete_extraneous(
+    root_fd: int,
+    manifest: Manifest,
+    backup_suffix: str,
+    protect: tuple[str, ...] = (),
+    dry_run: bool = False,
 ) -> tuple[list[str], dict[str, str]]:
     """
     Remove (or, with backups, rename aside) what the directories a transfer
     sends hold but the source does not.  Part files of transfers in flight,
-    earlier backups and what the job's excludes match are left alone.
+    earlier backups and what the job's excludes match are left alone.  A
+    dry run only lists them, and a directory it would make holds nothing.
     """
     children: dict[str, set[str]] = {}
     for entry in manifest.entries:
@@ -451,7 +467,8 @@ def _delete_extraneous(
             else:
                 fd = os.dup(root_fd)
         except OSError as e:
-            errors[directory or "."] = f"cannot list for deletion: {e.strerror or e}"
+            if not (dry_run and isinstance(e, FileNotFoundError)):  # a dry run's new directory
+                errors[directory or "."] = f"cannot list for deletion: {e.strerror or e}"
             continue
         try:
             for name in sorted(os.listdir(fd)):
@@ -461,6 +478,9 @@ def _delete_extraneous(
                     continue
                 path = f"{directory}/{name}" if directory else name
                 if excluded(path, protect):
+                    continue
+                if dry_run:
+                    deleted.append(path)
                     continue
                 try:
                     st = os.stat(name, dir_fd=fd, follow_symlinks=False)

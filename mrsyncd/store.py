@@ -22,12 +22,15 @@ from typing import Any
 
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
 FINISHED = (DONE, FAILED, CANCELLED)
+#: A node's state in a job it was meant for but was not connected when the
+#: job started: nothing was sent to it, and a later push catches it up.
+MISSED = "missed"
 
 #: The job store's layout, in SQLite's ``user_version``: 0 is a store from
 #: before it had one (whose jobs may lack the ``run`` column).  A store of
 #: an older layout is brought up to this one when opened (`_MIGRATIONS`);
 #: one of a newer layout is refused, since an older release would misread it.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 #: Finished jobs kept by default (`JobStore.prune`): the newest this many ...
 KEEP_JOBS = 1000
 #: ... and none finished longer ago than this many days.
@@ -66,6 +69,14 @@ CREATE TABLE IF NOT EXISTS job_results (
     results BLOB NOT NULL,
     PRIMARY KEY (job, node)
 );
+CREATE TABLE IF NOT EXISTS nodes (
+    name TEXT PRIMARY KEY,
+    tags TEXT NOT NULL DEFAULT '[]',
+    address TEXT NOT NULL DEFAULT '',
+    last_contact REAL NOT NULL DEFAULT 0,
+    last_ok_job INTEGER,
+    last_ok_at REAL
+);
 CREATE TABLE IF NOT EXISTS audit (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     at REAL NOT NULL,
@@ -86,8 +97,10 @@ _AUDIT_TRIGGERS = [
     for verb in ("UPDATE", "DELETE")
 ]
 
-#: What the audit log records of a job (`JobStore.audit`).
+#: What the audit log records of a job (`JobStore.audit`) ...
 SUBMITTED, STARTED, FINISHED_EVENT, CANCEL_ASKED = "submitted", "started", "finished", "cancel"
+#: ... and of the fleet, under job 0.
+FORGOT_NODE = "forget-node"
 
 
 class DigestCache:
@@ -167,6 +180,18 @@ class Job:
         }
 
 
+@dataclass(frozen=True)
+class KnownNode:
+    """A node the master expects, as the store remembers it across restarts."""
+
+    name: str
+    tags: tuple[str, ...] = ()
+    address: str = ""
+    last_contact: float = 0.0
+    last_ok_job: int | None = None
+    last_ok_at: float | None = None
+
+
 class StoreError(Exception):
     """The job store cannot be used (a newer release's, or not a store at all)."""
 
@@ -205,8 +230,23 @@ def _audit_table(db: sqlite3.Connection) -> None:
     """2 to 3: the audit log (made by `_SCHEMA` and `_AUDIT_TRIGGERS`); jobs before it have no entries."""
 
 
+def _known_nodes(db: sqlite3.Connection) -> None:
+    """
+    3 to 4: the nodes a master expects (``nodes``).  Before it, a master
+    knew only the nodes connected since it started; every node its jobs
+    name is known from now on, with the last job it completed.  Their tags
+    and addresses come with their next registration.
+    """
+    db.execute(
+        "INSERT OR IGNORE INTO nodes (name, last_contact, last_ok_job, last_ok_at)"
+        " SELECT n.node, COALESCE(MAX(j.finished), 0),"
+        " MAX(CASE WHEN n.state = 'done' THEN j.id END), MAX(CASE WHEN n.state = 'done' THEN j.finished END)"
+        " FROM job_nodes n JOIN jobs j ON j.id = n.job GROUP BY n.node"
+    )
+
+
 #: ``_MIGRATIONS[n]`` brings a store of layout ``n`` to ``n + 1``.
-_MIGRATIONS = [_add_run_column, _results_per_node, _audit_table]
+_MIGRATIONS = [_add_run_column, _results_per_node, _audit_table, _known_nodes]
 
 
 class JobStore:
@@ -388,6 +428,31 @@ class JobStore:
         columns = ("at", "job", "event", "who", "fingerprint", "detail")
         rows = self.db.execute(f"SELECT {', '.join(columns)} FROM audit {where} ORDER BY seq", args)
         return [{**dict(zip(columns, row, strict=True)), "detail": json.loads(row[5])} for row in rows]
+
+    def known_nodes(self) -> list[KnownNode]:
+        """Every node that has registered and not been forgotten, by name."""
+        return [
+            KnownNode(name, tuple(json.loads(tags)), address, last_contact, last_ok_job, last_ok_at)
+            for name, tags, address, last_contact, last_ok_job, last_ok_at in self.db.execute(
+                "SELECT name, tags, address, last_contact, last_ok_job, last_ok_at FROM nodes ORDER BY name"
+            )
+        ]
+
+    def remember_node(self, name: str, tags: tuple[str, ...], address: str, contact: float) -> None:
+        """A node registered, or was last heard from at ``contact``."""
+        self.db.execute(
+            "INSERT INTO nodes (name, tags, address, last_contact) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (name) DO UPDATE SET tags = excluded.tags, address = excluded.address,"
+            " last_contact = excluded.last_contact",
+            (name, json.dumps(list(tags)), address, contact),
+        )
+
+    def node_succeeded(self, name: str, job_id: int, at: float) -> None:
+        self.db.execute("UPDATE nodes SET last_ok_job = ?, last_ok_at = ? WHERE name = ?", (job_id, at, name))
+
+    def forget_node(self, name: str) -> bool:
+        """No longer expect ``name`` in ``all`` or a tag's jobs; False if it was not known."""
+        return self.db.execute("DELETE FROM nodes WHERE name = ?", (name,)).rowcount > 0
 
     def set_files(self, job_id: int, node: str, results: dict[str, str]) -> None:
         self.db.execute(

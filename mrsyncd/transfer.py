@@ -40,6 +40,7 @@ from mrsyncd.multicast import Channel
 from mrsyncd.ratecontrol import Feedback, RateController
 from mrsyncd.receiver import DEFAULT_OPTIONS, OK, MissingReport, Outcome, TransferOptions
 from mrsyncd.sender import Sender
+from mrsyncd.storage import WOULD_DELETE, WOULD_RECEIVE
 
 log = logs.logger(__name__)
 
@@ -655,7 +656,9 @@ class Transfer:
                 bad = {path: why for path, why in outcome.results.items() if why != OK}
                 if self.offer.options.dry_run:
                     bad = {
-                        path: why for path, why in bad.items() if why not in ("would receive", "unchanged")
+                        path: why
+                        for path, why in bad.items()
+                        if why not in (WOULD_RECEIVE, WOULD_DELETE, "unchanged")
                     }
                 if outcome.hook is not None and outcome.hook["status"] != 0:
                     bad["post-receive hook"] = f"exited {outcome.hook['status']}"

@@ -21,12 +21,14 @@ from mrsyncd import __version__
 from mrsyncd.cli import (
     EXIT_CANCELLED,
     EXIT_FAILED,
+    EXIT_MISSED,
     EXIT_OK,
     EXIT_USAGE,
     CommandError,
     Options,
     Progress,
     exit_code,
+    report,
     settings,
 )
 
@@ -203,10 +205,57 @@ def test_progress_elsewhere_prints_a_plain_line_every_few_seconds():
     assert "\r" not in out.getvalue()
 
 
+def test_a_dry_run_lists_each_change_once_with_the_nodes_it_applies_to():
+    status = {
+        "id": 9,
+        "state": "done",
+        "submitted": 100.0,
+        "started": 100.0,
+        "finished": 101.5,
+        "payload_bytes": 3000,
+        "sent_bytes": 0,
+        "message": "",
+        "spec": {"dry_run": True, "delete": True},
+        "nodes": {
+            name: {"state": "done", "reason": "", "needed_bytes": size, "changed": 0}
+            for name, size in (("n1", 1000), ("n2", 3000), ("n3", 0))
+        },
+        "files": {
+            "n1": {"a": "would receive", "b": "unchanged", "old": "would delete"},
+            "n2": {"a": "would receive", "b": "would receive", "old": "would delete", "x/y": "would delete"},
+            "n3": {"a": "unchanged", "b": "unchanged"},
+        },
+    }
+    out = io.StringIO()
+    report(status, out)
+    assert out.getvalue().splitlines() == [
+        "job 9 done in 1.5 s: 2.9 KiB in the tree, 0 B sent",
+        "  n1: would receive 1 files, 1000 B, delete 1",
+        "  n2: would receive 2 files, 2.9 KiB, delete 2",
+        "  n3: would receive 0 files, 0 B, delete 0",
+        "  deleting old  (n1,n2)",
+        "  deleting x/y  (n2)",
+        "  a  (n1,n2)",
+        "  b  (n2)",
+    ]
+    # Where every node that answered would receive it, no node is named.
+    status["files"]["n3"]["a"] = "would receive"
+    out = io.StringIO()
+    report(status, out)
+    assert "  a\n" in out.getvalue()
+
+
 def test_exit_codes_follow_the_job():
-    assert exit_code({"state": "done"}) == EXIT_OK
-    assert exit_code({"state": "failed"}) == EXIT_FAILED
-    assert exit_code({"state": "cancelled"}) == EXIT_CANCELLED
+    def nodes(*states):
+        return {f"n{i}": {"state": state} for i, state in enumerate(states)}
+
+    assert exit_code({"state": "done", "nodes": nodes("done")}) == EXIT_OK
+    assert exit_code({"state": "failed", "nodes": nodes("done", "failed")}) == EXIT_FAILED
+    assert exit_code({"state": "failed", "nodes": nodes("failed", "missed")}) == EXIT_FAILED
+    assert exit_code({"state": "failed", "nodes": nodes("missed")}) == EXIT_FAILED
+    assert exit_code({"state": "failed", "nodes": {}}) == EXIT_FAILED  # refused before it started
+    assert exit_code({"state": "failed", "nodes": nodes("done", "missed", "done")}) == EXIT_MISSED
+    assert exit_code({"state": "cancelled", "nodes": nodes("missed", "failed")}) == EXIT_CANCELLED
 
 
 def test_mrsync_loads_none_of_the_engine():

@@ -7,14 +7,19 @@ A follower (``mrsync push``, ``status --follow``) asks `JobStatus` with
 
 from __future__ import annotations
 
+import os
+import pwd
 from pathlib import Path
 
 import pytest
-from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.error import ConnectionDone
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
 
+from mrsyncd import store
 from mrsyncd.commands import BadRequest
 from mrsyncd.config import MasterConfig
-from mrsyncd.master import MasterService, source_refusal
+from mrsyncd.master import SPEC_DEFAULTS, MasterControl, MasterService, source_refusal, why_unreadable
 from mrsyncd.store import DONE
 
 
@@ -115,3 +120,109 @@ def test_a_refused_source_refuses_the_job_before_it_exists(tmp_path: Path) -> No
         assert service.jobs.jobs() == []
     finally:
         service.jobs.close()
+
+
+def connect(service: MasterService, name: str, tags: tuple[str, ...] = ()) -> MasterControl:
+    """A node's control connection, registered: the real protocol over a `StringTransport`."""
+    connection = MasterControl(service)
+    connection.makeConnection(StringTransport())
+    connection.node_name = name
+    service.fleet.attach(name, connection, tags, {})
+    return connection
+
+
+def test_the_master_expects_every_node_that_registered_until_it_is_forgotten(tmp_path: Path) -> None:
+    config = MasterConfig(state_dir=str(tmp_path))
+    first = MasterService(MemoryReactorClock(), config, lambda: None)
+    connect(first, "n1", ("gpu",))
+    n2 = connect(first, "n2")
+    n2.connectionLost(Failure(ConnectionDone()))
+    first.runner.jobs.close()
+    # After a restart, before any node registers again, both are expected.
+    service = MasterService(MemoryReactorClock(), config, lambda: None)
+    try:
+        assert {n.name: n.connection for n in service.fleet.nodes.values()} == {"n1": None, "n2": None}
+        assert service.fleet.resolve("all") == ["n1", "n2"]
+        assert service.fleet.resolve("@gpu") == ["n1"]
+        connect(service, "n1", ("gpu",))
+        with pytest.raises(BadRequest, match="n1 is connected: stop its daemon first"):
+            service.fleet.forget("n1")
+        with pytest.raises(BadRequest, match=r"unknown node: n12 \(did you mean n2 or n1\?\)"):
+            service.fleet.forget("n12")
+        service.fleet.forget("n2")
+        assert service.fleet.resolve("all") == ["n1"]
+        with pytest.raises(BadRequest, match="unknown nodes: n2"):
+            service.fleet.resolve("n1,n2")
+    finally:
+        service.jobs.close()
+    again = MasterService(MemoryReactorClock(), config, lambda: None)
+    assert list(again.fleet.nodes) == ["n1"]
+    again.jobs.close()
+
+
+def test_after_a_start_jobs_wait_for_the_known_nodes_for_at_most_grace(tmp_path: Path) -> None:
+    config = MasterConfig(state_dir=str(tmp_path), grace=10.0)
+    known = store.JobStore(str(tmp_path / "jobs.sqlite"))
+    for name in ("n1", "n2"):
+        known.remember_node(name, (), "", 1.0)
+    known.close()
+    service = MasterService(MemoryReactorClock(), config, lambda: None)
+    try:
+        job = service.jobs.add({**SPEC_DEFAULTS, "sources": [], "destination": "/x"}, "op")
+        connect(service, "n1")
+        service.runner.kick()
+        assert service.jobs.get(job).state == store.QUEUED  # n2 may be redialling yet
+        service.reactor.advance(10.0)
+        service.runner.kick()
+        # n2 never came: the job is sent to n1 alone, and n2 is missed at once.
+        got = service.jobs.get(job)
+        assert got.nodes["n2"]["state"] == store.MISSED, got
+        assert got.nodes["n2"]["reason"] == "not connected when the job started"
+        assert service.runner.totals["node", "n2", store.MISSED] == 1
+    finally:
+        service.runner.stop()
+        service.jobs.close()
+
+
+def test_a_job_none_of_whose_nodes_is_connected_fails_and_names_them(tmp_path: Path) -> None:
+    known = store.JobStore(str(tmp_path / "jobs.sqlite"))
+    known.remember_node("n1", (), "", 1.0)
+    known.close()
+    service = MasterService(
+        MemoryReactorClock(), MasterConfig(state_dir=str(tmp_path), grace=1.0), lambda: None
+    )
+    try:
+        job = service.jobs.add({**SPEC_DEFAULTS, "sources": [], "destination": "/x"}, "op")
+        service.reactor.advance(1.0)
+        service.runner.kick()
+        got = service.jobs.get(job)
+        assert (got.state, got.message) == (store.FAILED, "no node was connected: missed n1")
+        assert got.nodes == {
+            "n1": {
+                "state": store.MISSED,
+                "reason": "not connected when the job started",
+                "needed_bytes": 0,
+                "changed": 0,
+                "hook": None,
+            }
+        }
+    finally:
+        service.jobs.close()
+
+
+def test_a_source_the_unit_hides_or_the_master_cannot_read_says_why() -> None:
+    try:
+        open("/tmp/no-such-source-of-mrsyncd")
+    except FileNotFoundError as e:
+        missing = e
+    hidden = why_unreadable(missing, in_unit=True)
+    assert "/tmp/no-such-source-of-mrsyncd is in the master's private /tmp" in hidden
+    assert "PrivateTmp=yes" in hidden
+    assert why_unreadable(missing, in_unit=False) == ""  # not in a unit: missing is missing
+    elsewhere = FileNotFoundError(2, "No such file or directory", "/srv/gone")
+    assert why_unreadable(elsewhere, in_unit=True) == ""
+    denied = PermissionError(13, "Permission denied", "/srv/secret")
+    assert why_unreadable(denied, in_unit=True) == (
+        f" (the master reads sources as user {pwd.getpwuid(os.geteuid()).pw_name}: make them readable to it)"
+    )
+    assert why_unreadable(ValueError("two sources both give 'a'"), in_unit=True) == ""

@@ -38,7 +38,7 @@ def test_the_collector_reads_the_store_the_fleet_and_the_totals(tmp_path: Path) 
         done = master.jobs.add({"sources": ["/b"]}, "op")
         master.runner._finish(done, "done")
         master.fleet.nodes["n1"] = NodeState("n1", connection=object(), last_contact=1700000000.0)  # type: ignore[arg-type]
-        master.fleet.nodes["n2"] = NodeState("n2", last_contact=1600000000.0)
+        master.fleet.nodes["n2"] = NodeState("n2", last_contact=1600000000.0, last_ok_at=1500000000.0)
         master.runner.totals["node", "n1", "done"] += 1
         master.runner.totals["node", "n2", "failed"] += 2
         master.runner.totals["sent", "data"] += 1234
@@ -56,6 +56,8 @@ def test_the_collector_reads_the_store_the_fleet_and_the_totals(tmp_path: Path) 
     assert got['mrsyncd_nodes{state="connected"}'] == 1 and got['mrsyncd_nodes{state="disconnected"}'] == 1
     assert got['mrsyncd_node_up{node="n1"}'] == 1 and got['mrsyncd_node_up{node="n2"}'] == 0
     assert got['mrsyncd_node_last_contact_timestamp_seconds{node="n2"}'] == 1600000000.0
+    assert got['mrsyncd_node_last_done_timestamp_seconds{node="n2"}'] == 1500000000.0
+    assert 'mrsyncd_node_last_done_timestamp_seconds{node="n1"}' not in got
     assert got['mrsyncd_node_jobs_total{node="n2",result="failed"}'] == 2
     assert got['mrsyncd_sent_bytes_total{kind="data"}'] == 1234
     assert got["mrsyncd_repaired_bytes_total"] == 34

@@ -35,6 +35,7 @@ INSERT INTO jobs (state, spec, operator, submitted, started, finished, transfer_
 INSERT INTO jobs (state, spec, operator, submitted)
     VALUES ('queued', '{{"sources": ["/srv/b"]}}', 'bob', {now});
 INSERT INTO job_nodes (job, node, state, changed) VALUES (1, 'n1', 'done', 3);
+INSERT INTO job_nodes (job, node, state, reason) VALUES (1, 'n2', 'failed', 'cannot write: disk full');
 INSERT INTO job_files (job, node, path, result) VALUES (1, 'n1', 'a/x', 'ok');
 INSERT INTO job_files (job, node, path, result) VALUES (1, 'n1', 'a/w', 'unchanged');
 INSERT INTO job_files (job, node, path, result) VALUES (1, 'n2', 'a/x', 'cannot write: disk full');
@@ -76,6 +77,12 @@ def test_a_store_of_the_released_layout_is_brought_up_to_date_with_its_jobs(tmp_
     }
     assert list(jobs.files(1)["n1"]) == ["a/w", "a/x"]
     assert not jobs.db.execute("SELECT name FROM sqlite_master WHERE name = 'job_files'").fetchall()
+    # Every node its jobs named is expected from now on, with the last job it completed.
+    known = {node.name: node for node in jobs.known_nodes()}
+    assert sorted(known) == ["n1", "n2"]
+    assert (known["n1"].last_ok_job, known["n1"].last_ok_at) == (1, done.finished)
+    assert (known["n2"].last_ok_job, known["n2"].last_ok_at) == (None, None)
+    assert known["n2"].last_contact == done.finished and known["n2"].tags == ()
     [queued] = jobs.unfinished()
     # The queued job starts as any other, its run kept for a resume.
     jobs.start(queued.id, b"t" * 8, b"k" * 32, 1, b"r" * 16)
@@ -84,7 +91,22 @@ def test_a_store_of_the_released_layout_is_brought_up_to_date_with_its_jobs(tmp_
     # Opened again, it is as it was left.
     again = JobStore(path)
     assert [j.id for j in again.jobs()] == [2, 1]
+    assert [node.name for node in again.known_nodes()] == ["n1", "n2"]
     again.close()
+
+
+def test_a_node_is_remembered_until_it_is_forgotten(tmp_path):
+    path = str(tmp_path / "jobs.sqlite")
+    jobs = JobStore(path)
+    jobs.remember_node("n1", ("gpu", "rack2"), "10.0.0.1", 100.0)
+    jobs.remember_node("n1", ("gpu",), "10.0.0.9", 200.0)
+    jobs.node_succeeded("n1", 7, 150.0)
+    jobs.close()
+    jobs = JobStore(path)
+    assert jobs.known_nodes() == [store.KnownNode("n1", ("gpu",), "10.0.0.9", 200.0, 7, 150.0)]
+    assert jobs.forget_node("n1") and not jobs.forget_node("n1")
+    assert jobs.known_nodes() == []
+    jobs.close()
 
 
 def test_a_store_of_a_newer_layout_is_refused_and_left_as_it_is(tmp_path):
