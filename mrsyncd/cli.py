@@ -81,7 +81,23 @@ class Connection(CommandOptions):
     ]
 
 
-class PushOptions(InterspersedOptions):
+class Verbosity:
+    """``-v`` and ``-q``, as rsync's users read them, for the commands that follow a job."""
+
+    optFlags: list[list[str | None]] = [
+        ["verbose", "v", "Report more: every path that failed on each node, and each hook's output."],
+        ["quiet", "q", "Report less: no progress, and nothing at the end unless a node did not succeed."],
+    ]
+
+    def verbosity(self) -> int:
+        """-1 quiet, 0 as usual, 1 verbose."""
+        options: Any = self
+        if options["verbose"] and options["quiet"]:
+            raise usage.UsageError("-v and -q ask for opposite things: give one")
+        return 1 if options["verbose"] else -1 if options["quiet"] else 0
+
+
+class PushOptions(Verbosity, InterspersedOptions):
     synopsis = "[options] SRC... TARGETS:DEST"
     longdesc = (
         "Send SRC (paths on the master; SRC/ sends its contents) to DEST on TARGETS: "
@@ -101,7 +117,8 @@ class PushOptions(InterspersedOptions):
 
     def __init__(self) -> None:
         super().__init__()
-        self["exclude"] = []
+        #: rsync's filter rules, in the order given: the first that matches a path decides.
+        self["filters"] = []
 
     def opt_bwlimit(self, value: str) -> None:
         """Cap the sending rate as rsync's --bwlimit does: KiB a second, or with a K, M or G suffix."""
@@ -113,7 +130,19 @@ class PushOptions(InterspersedOptions):
 
     def opt_exclude(self, pattern: str) -> None:
         """Leave out names (or paths, with a /) matching PATTERN; repeatable."""
-        self["exclude"].append(pattern)
+        self["filters"].append(f"- {pattern}")
+
+    def opt_include(self, pattern: str) -> None:
+        """Keep what PATTERN matches, whatever a later --exclude says (as rsync's first match wins)."""
+        self["filters"].append(f"+ {pattern}")
+
+    def opt_exclude_from(self, path: str) -> None:
+        """Read exclude patterns from FILE, one a line ('-' is standard input; # and ; start comments)."""
+        self["filters"].extend(f"- {pattern}" for pattern in _patterns(path, "--exclude-from"))
+
+    def opt_include_from(self, path: str) -> None:
+        """Read include patterns from FILE, as --exclude-from does."""
+        self["filters"].extend(f"+ {pattern}" for pattern in _patterns(path, "--include-from"))
 
     def parseArgs(self, *args: str) -> None:  # type: ignore[override]
         if len(args) < 2:
@@ -125,11 +154,25 @@ class PushOptions(InterspersedOptions):
         self["targets"], self["destination"] = targets, destination
 
     def postOptions(self) -> None:
+        self["verbosity"] = self.verbosity()
         if self["rate"] is not None:
             try:
                 self["rate"] = parse_rate(self["rate"])
             except ValueError as e:
                 raise usage.UsageError(str(e)) from None
+
+
+def _patterns(path: str, option: str) -> list[str]:
+    """The patterns of a file as rsync reads them: one a line, blank lines and comments skipped."""
+    try:
+        if path == "-":
+            lines = sys.stdin.read().splitlines()
+        else:
+            with open(path, encoding="utf-8", errors="surrogateescape") as f:
+                lines = f.read().splitlines()
+    except OSError as e:
+        raise usage.UsageError(f"{option} {path}: {e.strerror or e}") from None
+    return [line for line in lines if line.strip() and line[0] not in "#;"]
 
 
 def _absolute(source: str) -> str:
@@ -148,12 +191,15 @@ class JobOptions(InterspersedOptions):
             raise usage.UsageError(f"a job id is a number, not {job!r}") from None
 
 
-class StatusOptions(JobOptions):
+class StatusOptions(Verbosity, JobOptions):
     optFlags = [
         ["follow", "f", "Follow the job until it ends."],
         ["json", None, "Print the status as JSON."],
         ["files", None, "Include each node's per-file results."],
     ]
+
+    def postOptions(self) -> None:
+        self["verbosity"] = self.verbosity()
 
 
 class ListOptions(CommandOptions):
@@ -397,8 +443,14 @@ def _fit(head: str, parts: list[tuple[int, str]], width: int | None) -> str:
         kept.remove(max(kept, key=lambda part: part[0]))
 
 
-def report(status: dict[str, Any], out: Any) -> None:
-    """The human-readable end of a job: one line per node, failures first."""
+def report(status: dict[str, Any], out: Any, verbosity: int = 0) -> None:
+    """
+    The human-readable end of a job: one line per node, failures first;
+    quiet, nothing when it is done; verbose, each path that failed (from
+    ``status["files"]``) and each hook's output too.
+    """
+    if verbosity < 0 and status["state"] == "done":
+        return
     out.write(
         f"job {status['id']} {status['state']} in {_elapsed(status):.1f} s: {_size(status['payload_bytes'])} "
         f"in the tree, {_size(status['sent_bytes'])} sent\n"
@@ -409,12 +461,20 @@ def report(status: dict[str, Any], out: Any) -> None:
         _dry_run_report(status, out)
         return
     for name, node in sorted(status["nodes"].items(), key=lambda kv: (kv[1]["state"] == "done", kv[0])):
+        if verbosity < 0 and node["state"] == "done":
+            continue
         reason = f": {node['reason']}" if node["reason"] else ""
         changed = f", {node['changed']} paths changed" if node["state"] == "done" else ""
         out.write(f"  {name}: {node['state']}{changed}{reason}\n")
+        if verbosity > 0:
+            for path, result in sorted(status.get("files", {}).get(name, {}).items()):
+                if result not in ("ok", "unchanged"):
+                    out.write(f"    {path}: {result}\n")
         hook = node.get("hook")
         if hook:
             out.write(f"    post-receive {' '.join(hook['argv'])} exited {hook['status']}\n")
+            if verbosity > 0 and hook.get("output"):
+                out.write("".join(f"      {line}\n" for line in hook["output"].splitlines()))
 
 
 #: A dry run's file results (`mrsyncd.storage`, which ``mrsync`` does not load).
@@ -518,7 +578,13 @@ def _when(seconds: float | None) -> str:
 
 @defer.inlineCallbacks
 def follow(
-    reactor: Any, protocol: amp.AMP, job: int, json_out: bool, out: Any, interruption: Interruption
+    reactor: Any,
+    protocol: amp.AMP,
+    job: int,
+    json_out: bool,
+    out: Any,
+    interruption: Interruption,
+    verbosity: int = 0,
 ) -> Any:
     """
     Show a job's progress until it ends, then its report.  A push's job
@@ -550,18 +616,19 @@ def follow(
             )
             interruption.err.flush()
             continue
-        if not json_out:
+        if not json_out and verbosity >= 0:
             progress.show(status)
     # Each file's result per node, only where it is shown: 80,000 of them
     # for a tree of 10,000 files to 8 nodes.
-    files = json_out or bool(status["spec"].get("dry_run"))
+    files = json_out or bool(status["spec"].get("dry_run")) or verbosity > 0
     answer = yield call(protocol, JobStatus, job=job, files=files)
     status = answer["status"]
     if json_out:
         _json(out, status)
     else:
-        progress.end(status)
-        report(status, out)
+        if verbosity >= 0:
+            progress.end(status)
+        report(status, out, verbosity)
     return EXIT_INTERRUPTED if cancelled else exit_code(status)
 
 
@@ -571,7 +638,7 @@ def push(reactor: Any, protocol: amp.AMP, sub: PushOptions, out: Any, interrupti
         "sources": sub["sources"],
         "destination": sub["destination"],
         "targets": sub["targets"],
-        "excludes": sub["exclude"],
+        "filters": sub["filters"],
         "rate": sub["rate"],
         "preserve_owner": bool(sub["preserve-owner"]),
         "delete": bool(sub["delete"]),
@@ -586,15 +653,15 @@ def push(reactor: Any, protocol: amp.AMP, sub: PushOptions, out: Any, interrupti
     if sub["detach"]:
         out.write(json.dumps({"job": job}) + "\n" if sub["json"] else f"{job}\n")
         return EXIT_OK
-    if not sub["json"]:
+    if not sub["json"] and sub["verbosity"] >= 0:
         out.write(f"job {job} submitted\n")
-    return (yield follow(reactor, protocol, job, sub["json"], out, interruption))
+    return (yield follow(reactor, protocol, job, sub["json"], out, interruption, sub["verbosity"]))
 
 
 @defer.inlineCallbacks
 def status(reactor: Any, protocol: amp.AMP, sub: StatusOptions, out: Any, interruption: Interruption) -> Any:
     if sub["follow"]:
-        return (yield follow(reactor, protocol, sub["job"], sub["json"], out, interruption))
+        return (yield follow(reactor, protocol, sub["job"], sub["json"], out, interruption, sub["verbosity"]))
     answer = yield call(protocol, JobStatus, job=sub["job"], files=sub["files"])
     if sub["json"]:
         _json(out, answer["status"])

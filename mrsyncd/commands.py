@@ -31,7 +31,8 @@ log = logs.logger(__name__)
 #: together: a sender and a receiver of different versions refuse each
 #: other at `Register` (1 had BLAKE2b-tagged clear datagrams, 2 seals them,
 #: 3 has the congestion reports of issue 20, 4 sends the manifest compressed,
-#: 5 sends it only to receivers that do not hold it yet).
+#: 5 sends it only to receivers that do not hold it yet, 6 protects from
+#: deletion by filter rules, ``+ PATTERN`` and ``- PATTERN``, not bare patterns).
 PROTOCOL = VERSION
 
 PIECE = 0xFFFF

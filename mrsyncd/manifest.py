@@ -302,9 +302,8 @@ def scan(
     """
     Scan sources as rsync names them: ``dir`` arrives as ``DEST/dir``, and
     ``dir/`` (trailing slash) puts the contents of ``dir`` in ``DEST``.
-    An exclude pattern (fnmatch) without a ``/`` matches a name at any
-    depth; one with a ``/`` matches the path beneath the destination.
-    An excluded directory is not descended into.
+    ``excludes`` are filter rules (`excluded`); an excluded directory is
+    not descended into.
 
     Returns the manifest and the local path of each regular file by index.
     Blocking: it reads and digests every file, so callers on the reactor run
@@ -335,9 +334,35 @@ def _raise(error: OSError) -> None:
     raise error
 
 
-def excluded(rel: str, excludes: Sequence[str]) -> bool:
+def excluded(rel: str, rules: Sequence[str], is_dir: bool = False) -> bool:
+    """
+    Whether ``rel`` is left out, by the first of ``rules`` that matches it,
+    as rsync's filter rules decide: ``- PATTERN`` leaves it out, ``+
+    PATTERN`` keeps it (so ``+ */``, ``+ *.conf``, ``- *`` keeps the .conf
+    files and the directories they are in), and a bare pattern leaves it
+    out.  A pattern ending in ``/`` matches directories only.  One without
+    any other ``/`` matches a name at any depth; one with a ``/`` matches
+    the path beneath the destination (a leading ``/`` changes nothing),
+    where ``*`` and ``?`` stop at a ``/`` and ``**`` does not.
+    """
     name = rel.rsplit("/", 1)[-1]
-    return any(fnmatch.fnmatchcase(rel if "/" in p else name, p.strip("/")) for p in excludes)
+    for rule in rules:
+        keep = rule.startswith("+ ")
+        pattern = rule[2:] if keep or rule.startswith("- ") else rule
+        if pattern.endswith("/"):
+            if not is_dir:
+                continue
+            pattern = pattern.rstrip("/")
+        if "/" not in pattern:
+            matched = fnmatch.fnmatchcase(name, pattern)
+        elif "**" in pattern:
+            matched = fnmatch.fnmatchcase(rel, pattern.lstrip("/"))
+        else:
+            want, parts = pattern.lstrip("/").split("/"), rel.split("/")
+            matched = len(want) == len(parts) and all(map(fnmatch.fnmatchcase, parts, want))
+        if matched:
+            return not keep
+    return False
 
 
 def _relative(prefix: str, rel_dir: str, name: str) -> str:
@@ -346,16 +371,17 @@ def _relative(prefix: str, rel_dir: str, name: str) -> str:
 
 
 def _walk(base: str, prefix: str, excludes: Sequence[str]) -> Iterator[tuple[str, str]]:
+    is_dir = os.path.isdir(base) and not os.path.islink(base)
     if prefix:
-        if excluded(prefix, excludes):
+        if excluded(prefix, excludes, is_dir):
             return
         yield base, prefix
-    if os.path.isdir(base) and not os.path.islink(base):
+    if is_dir:
         for dirpath, dirnames, filenames in os.walk(base, onerror=_raise):
             rel_dir = os.path.relpath(dirpath, base)
             full = functools.partial(_relative, prefix, rel_dir)
 
-            dirnames[:] = sorted(d for d in dirnames if not excluded(full(d), excludes))
+            dirnames[:] = sorted(d for d in dirnames if not excluded(full(d), excludes, True))
             for name in sorted(dirnames + [f for f in filenames if not excluded(full(f), excludes)]):
                 yield os.path.join(dirpath, name), full(name)
 

@@ -259,6 +259,7 @@ class FleetPeer:
 SPEC_DEFAULTS: dict[str, Any] = {
     "targets": "all",
     "excludes": [],
+    "filters": [],
     "rate": None,
     "preserve_owner": False,
     "delete": False,
@@ -338,6 +339,11 @@ def check_spec(spec: Any) -> dict[str, Any]:
     excludes = checked["excludes"]
     if not isinstance(excludes, list) or not all(isinstance(x, str) for x in excludes):
         raise BadRequest("excludes must be a list of patterns")
+    filters = checked["filters"]
+    if not isinstance(filters, list) or not all(
+        isinstance(x, str) and x[:2] in ("+ ", "- ") and x[2:] for x in filters
+    ):
+        raise BadRequest("filters must be a list of rules, '+ PATTERN' or '- PATTERN'")
     rate = checked["rate"]
     if rate is not None and (isinstance(rate, bool) or not isinstance(rate, int | float) or not rate > 0):
         raise BadRequest("rate must be a positive number of bits per second")
@@ -345,6 +351,15 @@ def check_spec(spec: Any) -> dict[str, Any]:
         if not isinstance(checked[flag], bool):
             raise BadRequest(f"{flag} must be true or false")
     return checked
+
+
+def filter_rules(spec: dict[str, Any]) -> list[str]:
+    """
+    A job's filter rules, in order (`manifest.excluded`): its ``filters``
+    (``--include``, ``--exclude``), then its ``excludes``, the bare
+    patterns of an ``mrsync`` from before filters (and of jobs it queued).
+    """
+    return [*spec.get("filters", ()), *(f"- {pattern}" for pattern in spec["excludes"])]
 
 
 def scan_cached(
@@ -530,7 +545,7 @@ class JobRunner:
                 os.path.join(self.config.state_dir, "digests.sqlite"),
                 spec["sources"],
                 self.config.block_size,
-                spec["excludes"],
+                filter_rules(spec),
             )
         except Exception as e:
             why = f"cannot read the sources: {e}{why_unreadable(e, 'INVOCATION_ID' in os.environ)}"
@@ -553,7 +568,7 @@ class JobRunner:
             backup_suffix=BACKUP_SUFFIX if spec["backup"] else "",
             dry_run=spec["dry_run"],
             label=str(job.id),
-            protect=tuple(spec["excludes"]),
+            protect=tuple(filter_rules(spec)),
         )
         offer = Offer(transfer_id, key, manifest, self.channel(slot), spec["destination"], options)
         self.jobs.audit(

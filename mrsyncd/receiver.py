@@ -113,8 +113,8 @@ class TransferOptions:
     dry_run: bool = False
     #: The job this transfer belongs to, for logs and the post-receive hook.
     label: str = ""
-    #: The job's exclude patterns: what they match is not deleted either,
-    #: as with rsync (``manifest.excluded`` says what matches).
+    #: The job's filter rules: what they leave out is not deleted either,
+    #: as with rsync (``manifest.excluded`` says what they leave out).
     protect: tuple[str, ...] = ()
 
     @classmethod
@@ -127,7 +127,7 @@ class TransferOptions:
             if f.name in raw and type(raw[f.name]) is not type(f.default):
                 raise ValueError(f"transfer option {f.name} has the wrong type")
         if not all(isinstance(p, str) for p in raw.get("protect", ())):
-            raise ValueError("transfer option protect holds patterns (strings)")
+            raise ValueError("transfer option protect holds filter rules (strings)")
         options = cls(**raw)
         if "/" in options.backup_suffix or "\0" in options.backup_suffix:
             raise ValueError("a backup suffix cannot hold / or NUL")

@@ -477,13 +477,13 @@ def _delete_extraneous(
                 if backup_suffix and name.endswith(backup_suffix):
                     continue
                 path = f"{directory}/{name}" if directory else name
-                if excluded(path, protect):
-                    continue
-                if dry_run:
-                    deleted.append(path)
-                    continue
                 try:
                     st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                    if excluded(path, protect, stat.S_ISDIR(st.st_mode)):
+                        continue
+                    if dry_run:
+                        deleted.append(path)
+                        continue
                     if backup_suffix:
                         os.rename(name, name + backup_suffix, src_dir_fd=fd, dst_dir_fd=fd)
                     elif stat.S_ISDIR(st.st_mode):

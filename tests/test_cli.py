@@ -46,7 +46,7 @@ def test_push_options_may_follow_the_sources():
     sub = options.subOptions
     assert sub["sources"] == ["/data/a", "/data/b/"], "a trailing slash means the contents"
     assert sub["targets"] == "@rack1" and sub["destination"] == "/srv/x"
-    assert sub["exclude"] == ["*.tmp"]
+    assert sub["filters"] == ["- *.tmp"]
     assert sub["rate"] == 50e6
 
 
@@ -245,6 +245,63 @@ def test_a_dry_run_lists_each_change_once_with_the_nodes_it_applies_to():
     assert "  a\n" in out.getvalue()
 
 
+def test_quiet_says_nothing_of_success_and_verbose_names_each_failed_path_and_hook_output():
+    def status(state: str, nodes: dict[str, str]) -> dict[str, object]:
+        return {
+            "id": 4,
+            "state": state,
+            "submitted": 10.0,
+            "started": 10.0,
+            "finished": 12.0,
+            "payload_bytes": 100,
+            "sent_bytes": 100,
+            "message": "" if state == "done" else "failed on 1 of 2 nodes: n2",
+            "spec": {},
+            "nodes": {
+                name: {
+                    "state": node,
+                    "reason": "" if node == "done" else "2 entries failed, first a: cannot write: No space",
+                    "needed_bytes": 0,
+                    "changed": 2,
+                    "hook": {"argv": ["/bin/reload"], "status": 0, "output": "reloaded\nall well\n"},
+                }
+                for name, node in nodes.items()
+            },
+            "files": {
+                "n1": {"a": "ok", "b": "unchanged"},
+                "n2": {"a": "cannot write: No space", "b": "ok", "c": "cannot write: No space"},
+            },
+        }
+
+    def shown(verbosity: int, state: str, nodes: dict[str, str]) -> list[str]:
+        out = io.StringIO()
+        report(status(state, nodes), out, verbosity)
+        return out.getvalue().splitlines()
+
+    assert shown(-1, "done", {"n1": "done", "n2": "done"}) == []
+    assert shown(-1, "failed", {"n1": "done", "n2": "failed"}) == [
+        "job 4 failed in 2.0 s: 100 B in the tree, 100 B sent",
+        "  failed on 1 of 2 nodes: n2",
+        "  n2: failed: 2 entries failed, first a: cannot write: No space",
+        "    post-receive /bin/reload exited 0",
+    ]
+    assert shown(1, "failed", {"n1": "done", "n2": "failed"}) == [
+        "job 4 failed in 2.0 s: 100 B in the tree, 100 B sent",
+        "  failed on 1 of 2 nodes: n2",
+        "  n2: failed: 2 entries failed, first a: cannot write: No space",
+        "    a: cannot write: No space",
+        "    c: cannot write: No space",
+        "    post-receive /bin/reload exited 0",
+        "      reloaded",
+        "      all well",
+        "  n1: done, 2 paths changed",
+        "    post-receive /bin/reload exited 0",
+        "      reloaded",
+        "      all well",
+    ]
+    assert len(shown(0, "failed", {"n1": "done", "n2": "failed"})) == 6
+
+
 def test_exit_codes_follow_the_job():
     def nodes(*states):
         return {f"n{i}": {"state": state} for i, state in enumerate(states)}
@@ -349,6 +406,35 @@ def test_short_options_mean_what_they_mean_to_rsync():
     push = parse("push", "-r", "-n", "-b", "/a", "all:/d").subOptions
     flags = (push["recursive"], push["dry-run"], push["backup"], push["detach"], push["rate"])
     assert flags == (1, 1, 1, 0, None)
-    for wrong in (["-d"], ["--bwlimit", "fast"]):
+    for wrong in (["-d"], ["--bwlimit", "fast"], ["-v", "-q"]):
         with pytest.raises(usage.UsageError):
             parse("push", *wrong, "/a", "all:/d")
+    assert parse("push", "-v", "/a", "all:/d").subOptions["verbosity"] == 1
+    assert parse("push", "-q", "/a", "all:/d").subOptions["verbosity"] == -1
+    assert parse("status", "--follow", "-q", "3").subOptions["verbosity"] == -1
+
+
+def test_includes_and_excludes_keep_their_order_and_files_are_read_as_rsync_reads_them(tmp_path, monkeypatch):
+    (tmp_path / "excludes").write_text("# build output\n*.o\n\n; editors\n*~\n/cache/\n")
+    (tmp_path / "includes").write_text("keep.o\n")
+    monkeypatch.setattr("sys.stdin", io.StringIO("*.tmp\n"))
+    sub = parse(
+        "push",
+        "--include-from",
+        str(tmp_path / "includes"),
+        "--exclude-from",
+        str(tmp_path / "excludes"),
+        "--include",
+        "*/",
+        "--exclude-from",
+        "-",
+        "--exclude",
+        "*",
+        "/a",
+        "all:/d",
+    ).subOptions
+    assert sub["filters"] == ["+ keep.o", "- *.o", "- *~", "- /cache/", "+ */", "- *.tmp", "- *"]
+    with pytest.raises(
+        usage.UsageError, match=f"--exclude-from {tmp_path}/missing: No such file or directory"
+    ):
+        parse("push", "--exclude-from", str(tmp_path / "missing"), "/a", "all:/d")

@@ -601,6 +601,30 @@ def test_a_node_that_is_down_is_missed_by_name_until_it_is_forgotten(tmp_path: P
         c.close()
 
 
+def test_include_and_exclude_rules_choose_and_protect_as_rsync_s_and_quiet_is_quiet(fleet: Cluster) -> None:
+    c = fleet
+    src = c.base / "src-filters"
+    for rel in ("top.conf", "keep.log", "etc/a.conf", "etc/a.log", "cache/x.conf"):
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).write_text(rel)
+    rules = c.base / "excludes"
+    rules.write_text("# what the nodes do not need\ncache/\n")
+    there = c.node_dir("node1") / "filters"
+    there.mkdir(parents=True, exist_ok=True)
+    (there / "old.conf").write_text("the source no longer has it")
+    (there / "local.log").write_text("the node's own")
+    # As rsync's, the first rule that matches decides: cache/ goes before the includes.
+    pushed = c.cli(
+        *("push", "-q", "--delete", "--exclude-from", str(rules), "--include", "*/", "--include", "*.conf"),
+        *("--exclude", "*", f"{src}/", f"node1:{c.shared}/filters"),
+        timeout=FOLLOW_TIMEOUT,
+    )
+    assert pushed.returncode == 0 and pushed.stdout == "", f"{pushed.stdout}\n{pushed.stderr}"
+    got = sorted(str(p.relative_to(there)) for p in there.rglob("*"))
+    # What the rules leave out is neither sent nor deleted: local.log stays, old.conf goes.
+    assert got == ["etc", "etc/a.conf", "local.log", "top.conf"], got
+
+
 def test_set_id_bits_arrive_only_where_the_node_allows_them(fleet: Cluster) -> None:
     """
     A user's set-user-ID file, pushed with --preserve-owner to root nodes:

@@ -255,7 +255,7 @@ def forge(kind, i):
         return (V + b"\x01" + tid + body(40))[: rng.randrange(0, H)] if i % 2 else body(rng.randrange(0, H))
     if kind == "version":
         # Earlier versions, later ones, and 0x4D: the "M" that began every datagram of version 1.
-        versions = [v for v in (0, 1, 2, 3, 4, 0x4D, 255) if v != datagram.VERSION]
+        versions = [v for v in (0, 1, 2, 3, 4, 5, 0x4D, 255) if v != datagram.VERSION]
         return bytes([rng.choice(versions)]) + body(rng.randrange(H, 1500))
     if kind == "kind":
         return V + bytes([rng.choice([0, 4, 7, 255])]) + tid + body(rng.randrange(H, 1500))
@@ -653,6 +653,8 @@ def test_hostile_job_requests(fleet: tuple[Cluster, AmpClient]) -> None:
         "NUL in source": {"sources": [f"{src}\0/etc"], "destination": str(pub / "x"), "targets": "all"},
         "no sources": {"sources": [], "destination": str(pub / "x"), "targets": "all"},
         "unknown option": {**spec(src, "all", pub / "x"), "chroot": "/"},
+        "filter without + or -": {**spec(src, "all", pub / "x"), "filters": ["*.tmp"]},
+        "filters not a list": {**spec(src, "all", pub / "x"), "filters": "- *"},
         "unknown node": spec(src, "node1,nobody,nod2", pub / "y"),
     }
     for label, request in refused.items():

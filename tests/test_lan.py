@@ -531,7 +531,7 @@ def forge(kind):
     if kind == "short":
         return body(rng.randrange(0, datagram.OVERHEAD))
     if kind == "version":
-        versions = [v for v in (0, 1, 2, 3, 4, 0x4D, 255) if v != datagram.VERSION]
+        versions = [v for v in (0, 1, 2, 3, 4, 5, 0x4D, 255) if v != datagram.VERSION]
         return bytes([rng.choice(versions)]) + body(rng.randrange(datagram.OVERHEAD, 1500))
     if kind == "kind":
         kind = rng.choice([0, 4, 7, 255])

@@ -596,3 +596,46 @@ def test_digest_cache_of_an_older_version_is_dropped(tmp_path):
     tables = {row[0] for row in cache.db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     assert "digests" not in tables
     cache.close()
+
+
+def test_filter_rules_decide_by_the_first_that_matches(tmp_path) -> None:
+    """As rsync's: ``+ *.conf`` then ``- *`` keeps the .conf files, and the directories kept for them."""
+    for rel in ("a.conf", "a.log", "etc/b.conf", "etc/b.log", "cache/c.conf", "cache/sub/d.conf"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(rel)
+
+    def paths(rules: list[str]) -> list[str]:
+        found, _ = manifest.scan([str(tmp_path) + "/"], excludes=rules)
+        return sorted(e.path for e in found.entries)
+
+    assert paths(["- *.log"]) == paths(["*.log"])  # a bare pattern excludes, as before rules
+    assert paths(["- cache", "+ */", "+ *.conf", "- *"]) == ["a.conf", "etc", "etc/b.conf"]
+    assert paths(["+ cache/sub", "- cache"]) == ["a.conf", "a.log", "etc", "etc/b.conf", "etc/b.log"]
+    assert paths(["+ cache/sub", "- cache/*", "- *.log"]) == [
+        "a.conf",
+        "cache",
+        "cache/sub",
+        "cache/sub/d.conf",
+        "etc",
+        "etc/b.conf",
+    ]
+    assert manifest.excluded("x/a.log", ["+ a.log", "- *.log"]) is False
+    assert manifest.excluded("x/b.log", ["+ a.log", "- *.log"]) is True
+    assert manifest.excluded("x/b.txt", ["+ a.log", "- *.log"]) is False
+
+
+@pytest.mark.parametrize(
+    ("rel", "pattern", "is_dir", "matched"),
+    [
+        ("a/b/c.log", "*.log", False, True),  # a name, at any depth
+        ("a/b/c.log", "b/*.log", False, False),  # a path: from the top
+        ("b/c.log", "/b/*.log", False, True),
+        ("a/b/c.log", "a/*", False, False),  # * stops at a /
+        ("a/b/c.log", "a/**", False, True),  # ** does not
+        ("a/b", "a/?", True, True),
+        ("a/cache", "cache/", True, True),  # a trailing / : directories only
+        ("a/cache", "cache/", False, False),
+    ],
+)
+def test_a_pattern_matches_as_rsync_s_do(rel: str, pattern: str, is_dir: bool, matched: bool) -> None:
+    assert manifest.excluded(rel, [f"- {pattern}"], is_dir) is matched
