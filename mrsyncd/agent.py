@@ -152,7 +152,10 @@ class ReceiverAgent:
         )
         self.receivers[offer.transfer_id] = receiver
         receiver.on_feedback = functools.partial(self._feedback, offer.transfer_id)
-        d = defer.maybeDeferred(receiver.prepare, offer.transfer_id, offer.key, offer.manifest, offer.cipher)
+        in_flight = frozenset(self.receivers) | frozenset(self._draining)
+        d = defer.maybeDeferred(
+            receiver.prepare, offer.transfer_id, offer.key, offer.manifest, offer.cipher, in_flight
+        )
         d.addCallback(_check_space, offer.manifest, destination)
 
         def accepted(needs: dict[int, RangeSet]) -> dict[int, RangeSet]:

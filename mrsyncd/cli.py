@@ -108,7 +108,7 @@ class PushOptions(Verbosity, InterspersedOptions):
         ["detach", None, "Print the job id and return without following it."],
         ["recursive", "r", "Accepted as rsync has it: directories are always sent whole."],
         ["json", None, "Print a machine-readable final report."],
-        ["preserve-owner", None, "Set owner and group on the nodes (nodes running as root)."],
+        ["preserve-owner", None, "Set owner and group on the nodes that may (root, or CAP_CHOWN)."],
         ["delete", None, "Delete what the source lacks from the directories sent."],
         ["backup", "b", "Keep each overwritten or deleted file as NAME~ on the nodes."],
         ["dry-run", "n", "Show what each node would receive; send nothing."],

@@ -195,6 +195,32 @@ class BadRequest(Exception):
     """A request that cannot be carried out; the message says why."""
 
 
+class OversizedSpec(BadRequest):
+    """A job spec past ``max_spec_bytes``, left unparsed for the responder to refuse."""
+
+
+class SpecArgument(JSONArgument):
+    """
+    A job spec: JSON of at most the receiving connection's
+    ``max_spec_bytes``, measured before it is parsed.  A larger one becomes
+    an `OversizedSpec` for the responder to raise: what an argument raises
+    reaches the caller as an unknown error, not as a `BadRequest`.
+    """
+
+    def fromBox(self, name: bytes, strings: dict, objects: dict, proto: object) -> None:  # type: ignore[override]
+        limit = getattr(proto, "max_spec_bytes", MAX_SPEC_BYTES)
+        pieces = [k for k in strings if k == name or k.startswith(name + b".")]
+        size = sum(len(strings[k]) for k in pieces)
+        if size > limit:
+            for k in pieces:
+                del strings[k]
+            objects[amp._wireNameToPythonIdentifier(name)] = OversizedSpec(  # type: ignore[attr-defined]
+                f"the job spec is {size} bytes, more than the master takes ({limit}: max_spec_bytes)"
+            )
+            return
+        super().fromBox(name, strings, objects, proto)
+
+
 class NoSuchJob(Exception):
     """The job id names no job."""
 
@@ -259,7 +285,7 @@ class Heartbeat(amp.Command):
 
 
 class Submit(amp.Command):
-    arguments = [(b"spec", JSONArgument())]
+    arguments = [(b"spec", SpecArgument())]
     response = [(b"job", amp.Integer())]
     errors = _OPERATOR_ERRORS
 
@@ -369,9 +395,20 @@ class Results(amp.Command):
 #: The most keys one box may hold: one `BigBytes` at its largest and the
 #: handful of other arguments any command has.
 MAX_BOX_KEYS = MAX_PIECES + 64
-#: The most bytes one box may hold on the wire: one `BigBytes` at its largest
-#: plus 16 more values of the greatest size, each key at most 255 bytes.
+#: The most bytes one box may ever hold on the wire: one `BigBytes` at its
+#: largest plus 16 more values of the greatest size, each key at most 255
+#: bytes.  A connection's own bound (`BoundedAMP.max_box_bytes`,
+#: ``max_message_bytes`` in the config) is far lower by default.
 MAX_BOX_BYTES = (MAX_PIECES + 16) * (2 + 255 + 2 + PIECE)
+#: A connection's bound on one box by default: a manifest of 500,000 entries
+#: is about 30 MiB compressed, a node's results for them about as much.
+MAX_MESSAGE_BYTES = 64 << 20
+#: The largest job spec the master takes by default (``max_spec_bytes``).
+MAX_SPEC_BYTES = 1 << 20
+#: Entries a manifest may hold by default (``max_manifest_entries``): a
+#: node holds a manifest whole, about 2.4 KiB of memory an entry (237 MiB
+#: for 100,000 files), and the units cap a node at 2 GiB.
+MAX_MANIFEST_ENTRIES = 500_000
 
 
 class BoundedAMP(amp.AMP):
@@ -379,10 +416,12 @@ class BoundedAMP(amp.AMP):
     `amp.AMP` with a bound on each box.  AMP buffers a whole box before it
     parses it and puts no limit on its number of keys, so an authenticated
     peer could make us buffer without end; a box past `MAX_BOX_KEYS` keys
-    or `MAX_BOX_BYTES` bytes, or a key longer than AMP allows, is logged
+    or ``max_box_bytes`` bytes, or a key longer than AMP allows, is logged
     and the connection dropped.
     """
 
+    #: This connection's bound on one box (at most `MAX_BOX_BYTES`).
+    max_box_bytes = MAX_MESSAGE_BYTES
     _box_keys = 0
     _box_bytes = 0
     _dropped = False
@@ -438,8 +477,8 @@ class BoundedAMP(amp.AMP):
         if self._dropped:
             return "key"
         self._box_bytes += 2 + len(string)
-        if self._box_bytes > MAX_BOX_BYTES:
-            self._drop(f"a box of more than {MAX_BOX_BYTES} bytes")
+        if self._box_bytes > self.max_box_bytes:
+            self._drop(f"a box of more than {self.max_box_bytes} bytes (max_message_bytes)")
             return "key"
         return str(super().proto_value(string))
 

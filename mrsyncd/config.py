@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from mrsyncd.commands import MAX_BOX_BYTES, MAX_MANIFEST_ENTRIES, MAX_MESSAGE_BYTES, MAX_SPEC_BYTES
 from mrsyncd.datagram import DEFAULT_BLOCK_SIZE, MAX_BLOCK_SIZE
 from mrsyncd.hook import HOOK_TIMEOUT
 from mrsyncd.ratecontrol import parse_rate
@@ -73,6 +74,12 @@ class MasterConfig:
     #: operator one per running ``mrsync``): a stolen key cannot open
     #: thousands.
     max_connections_per_certificate: int = 64
+    #: Bounds on what a peer may make the master hold: one message (AMP
+    #: box) of a node or an operator, a job spec, the entries of a job's
+    #: tree (its scan stops past them).
+    max_message_bytes: int = MAX_MESSAGE_BYTES
+    max_spec_bytes: int = MAX_SPEC_BYTES
+    max_manifest_entries: int = MAX_MANIFEST_ENTRIES
 
 
 @dataclass(frozen=True)
@@ -100,6 +107,10 @@ class NodeConfig:
     #: and [tls] holds the master's (default: those of [tls]).
     certificate: str = ""
     key: str = ""
+    #: Bounds on what the master may make the node hold: one message (AMP
+    #: box), and the entries of a manifest (a larger one is refused).
+    max_message_bytes: int = MAX_MESSAGE_BYTES
+    max_manifest_entries: int = MAX_MANIFEST_ENTRIES
 
 
 @dataclass(frozen=True)
@@ -184,6 +195,12 @@ def _block_size(value: Any) -> int:
     return value
 
 
+def _message_bytes(value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 << 20 <= value <= MAX_BOX_BYTES:
+        raise ValueError(f"must be from 1048576 (1 MiB) to {MAX_BOX_BYTES}")
+    return value
+
+
 def _roots(value: Any) -> tuple[str, ...]:
     roots = _strings(value)
     for root in roots:
@@ -220,6 +237,9 @@ _CHECKS: dict[str, dict[str, Callable[[Any], Any]]] = {
         "keep_days": _positive("days"),
         "metrics": _listen_address,
         "max_connections_per_certificate": _positive_int,
+        "max_message_bytes": _message_bytes,
+        "max_spec_bytes": _positive_int,
+        "max_manifest_entries": _positive_int,
     },
     "node": {
         "master": _string,
@@ -233,6 +253,8 @@ _CHECKS: dict[str, dict[str, Callable[[Any], Any]]] = {
         "allow_setid": _boolean,
         "certificate": _string,
         "key": _string,
+        "max_message_bytes": _message_bytes,
+        "max_manifest_entries": _positive_int,
     },
     "log": {"level": _level},
 }

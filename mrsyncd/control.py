@@ -24,6 +24,7 @@ from mrsyncd import logs
 from mrsyncd.agent import ReceiverAgent
 from mrsyncd.blockset import decode_map, encode_map
 from mrsyncd.commands import (
+    MAX_MANIFEST_ENTRIES,
     PROTOCOL,
     BoundedAMP,
     Congestion,
@@ -116,6 +117,8 @@ class ReceiverControl(BoundedAMP):
     #: Register as soon as connected; a subclass that first judges the
     #: sender's certificate calls `register` itself.
     register_on_connect = True
+    #: The most entries a manifest may hold here.
+    max_manifest_entries = MAX_MANIFEST_ENTRIES
 
     def __init__(
         self,
@@ -188,6 +191,11 @@ class ReceiverControl(BoundedAMP):
         if hashlib.sha256(sent).digest() != digest:
             raise ManifestError("the manifest does not match its digest")
         manifest = Manifest.from_bytes(sent)
+        if len(manifest.entries) > self.max_manifest_entries:
+            raise ManifestError(
+                f"the manifest holds {len(manifest.entries)} entries, more than this node takes"
+                f" ({self.max_manifest_entries}, [node] max_manifest_entries)"
+            )
         self._manifest = (digest, manifest) if len(sent) <= KEPT_MANIFEST_BYTES else None
         return manifest
 

@@ -66,7 +66,9 @@ class SendOptions(ChannelOptions):
         ["grace", None, 30.0, "Seconds a silent receiver is waited for.", float],
         ["report", None, "-", "Where to write the JSON report."],
     ]
-    optFlags = [["preserve-owner", None, "Ask root receivers to set owner and group."]]
+    optFlags = [
+        ["preserve-owner", None, "Ask receivers that may (root, or CAP_CHOWN) to set owner and group."]
+    ]
 
     def parseArgs(self, *sources: str) -> None:
         if not sources:

@@ -10,6 +10,7 @@ receiver write outside its destination.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import stat
 
@@ -18,6 +19,28 @@ DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 class UnsafePath(OSError):
     """A path component beneath the destination is a symlink or not a directory."""
+
+
+#: The capability (capabilities(7)) that lets a process give a file away.
+CAP_CHOWN = 0
+
+
+@functools.cache
+def may_set_owners(status: str = "/proc/self/status") -> bool:
+    """
+    Whether this process may set files' owners (``--preserve-owner``): it
+    holds CAP_CHOWN, as root does, and as the node unit's user ``mrsyncd``
+    does with the drop-in that grants it (OPERATIONS.md §5).  Root with the
+    capability dropped may not.
+    """
+    try:
+        with open(status, encoding="ascii") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> CAP_CHOWN & 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return os.geteuid() == 0
 
 
 def open_parent(root_fd: int, path: str, create: bool = True) -> tuple[int, str]:

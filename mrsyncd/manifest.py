@@ -298,12 +298,16 @@ def scan(
     chunk_size: int = 0,
     excludes: Sequence[str] = (),
     cache: DigestCacheLike | None = None,
+    max_entries: int | None = None,
 ) -> tuple[Manifest, dict[int, str]]:
     """
     Scan sources as rsync names them: ``dir`` arrives as ``DEST/dir``, and
     ``dir/`` (trailing slash) puts the contents of ``dir`` in ``DEST``.
     ``excludes`` are filter rules (`excluded`); an excluded directory is
     not descended into.
+
+    More than ``max_entries`` entries is an error, raised as the walk
+    passes them: every node would hold the manifest whole.
 
     Returns the manifest and the local path of each regular file by index.
     Blocking: it reads and digests every file, so callers on the reactor run
@@ -322,6 +326,11 @@ def scan(
         for path, rel in _walk(base, prefix, excludes):
             if rel in seen:
                 raise ManifestError(f"two sources both give {rel!r}")
+            if max_entries is not None and len(manifest.entries) >= max_entries:
+                raise ManifestError(
+                    f"the sources hold more than {max_entries} entries (max_manifest_entries):"
+                    " push the tree in parts, or raise the bound"
+                )
             seen.add(rel)
             entry = _scan_one(manifest, path, rel, first_path_of_inode, cache)
             if entry.kind == FILE:

@@ -41,6 +41,7 @@ from mrsyncd.commands import (
     ListJobs,
     ListNodes,
     NoSuchJob,
+    OversizedSpec,
     Refused,
     Register,
     Submit,
@@ -363,12 +364,12 @@ def filter_rules(spec: dict[str, Any]) -> list[str]:
 
 
 def scan_cached(
-    cache_path: str, sources: list[str], block_size: int, excludes: list[str]
+    cache_path: str, sources: list[str], block_size: int, excludes: list[str], max_entries: int
 ) -> tuple[Manifest, dict[int, str]]:
     """Scan in a thread with that thread's own connection to the digest cache."""
     cache = store.DigestCache(cache_path)
     try:
-        return scan(sources, block_size, 0, excludes, cache)
+        return scan(sources, block_size, 0, excludes, cache, max_entries)
     finally:
         cache.close()
 
@@ -546,6 +547,7 @@ class JobRunner:
                 spec["sources"],
                 self.config.block_size,
                 filter_rules(spec),
+                self.config.max_manifest_entries,
             )
         except Exception as e:
             why = f"cannot read the sources: {e}{why_unreadable(e, 'INVOCATION_ID' in os.environ)}"
@@ -701,6 +703,8 @@ class MasterControl(BoundedAMP):
     def __init__(self, master: MasterService) -> None:
         super().__init__()
         self.master = master
+        self.max_box_bytes = master.config.max_message_bytes
+        self.max_spec_bytes = master.config.max_spec_bytes
         self.identity: tls.PeerIdentity | None = None
         self.node_name: str | None = None
 
@@ -801,6 +805,8 @@ class MasterControl(BoundedAMP):
         operator = self._require("operator")
         assert self.identity is not None
         try:
+            if isinstance(spec, OversizedSpec):
+                raise spec
             job = self.master.runner.submit(spec, operator, self.identity.fingerprint)
         except BadRequest as e:
             log.warn("refused a job from {operator}: {why}", operator=operator, why=e)

@@ -162,6 +162,8 @@ class MasterLink(ReceiverControl):
     def __init__(self, node: NodeService, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.node = node
+        self.max_box_bytes = node.config.max_message_bytes
+        self.max_manifest_entries = node.config.max_manifest_entries
         self.identity: tls.PeerIdentity | None = None
 
     def handshakeCompleted(self) -> None:

@@ -41,6 +41,9 @@ from mrsyncd.parities import KeptParities
 from mrsyncd.ratecontrol import Echo, Feedback, node_id, report_due
 from mrsyncd.storage import OK, WOULD_DELETE, WOULD_RECEIVE
 
+#: What `storage.survey` found of each file: what it holds, or why it cannot be received.
+_Survey = dict[int, storage.Held | str]
+
 log = logs.logger(__name__)
 
 #: Part files held open at once; more are reopened on demand.
@@ -274,12 +277,19 @@ class Receiver:
     # Setting up.
 
     def prepare(
-        self, transfer_id: bytes, key: bytes, manifest: Manifest, cipher: str = datagram.AES_256_GCM
+        self,
+        transfer_id: bytes,
+        key: bytes,
+        manifest: Manifest,
+        cipher: str = datagram.AES_256_GCM,
+        in_flight: frozenset[bytes] = frozenset(),
     ) -> defer.Deferred:
         """
         Join the group, survey the destination and answer with what this
         host needs: ``{file index: RangeSet of chunk numbers}``.  ``key``
-        is the datagram key of the sender's run.
+        is the datagram key of the sender's run; the part files of the
+        transfers ``in_flight`` here are kept, and stale ones of others
+        removed (`storage.Sweep`).
         """
         if not (self.allow_setid and self._owner()):
             manifest = storage.without_setid(manifest)
@@ -301,11 +311,27 @@ class Receiver:
         self._port = intake.IntakePort(self.reactor, sock, self._cipher, manifest.block_size, self.received)
         self._port.startReading()
         self._feedback.start(FEEDBACK_INTERVAL, now=False)
-        d = self._in_thread(storage.survey, self._root_fd, manifest, transfer_id, False, self._owner())
+        sweep = storage.Sweep(in_flight | {transfer_id})
+        d = self._in_thread(storage.survey, self._root_fd, manifest, transfer_id, False, self._owner(), sweep)
+        d.addCallback(self._swept, sweep)
         d.addCallback(self._surveyed)
         return d
 
-    def _surveyed_dry(self, survey: dict[int, storage.Held | str]) -> dict[int, RangeSet]:
+    def _swept(
+        self, survey: dict[int, storage.Held | str], sweep: storage.Sweep
+    ) -> dict[int, storage.Held | str]:
+        if sweep.removed:
+            log.info(
+                "removed {n} stale part files under {destination} (of transfers not in flight, untouched"
+                " for {hours:.0f} h): {first}",
+                n=len(sweep.removed),
+                destination=self.destination,
+                hours=storage.STALE_PART_SECONDS / 3600,
+                first=", ".join(sweep.removed[:3]) + (", ..." if len(sweep.removed) > 3 else ""),
+            )
+        return survey
+
+    def _surveyed_dry(self, survey: _Survey) -> dict[int, RangeSet]:
         """A dry run ends once it knows what it needs."""
         needs = {}
         for index, entry in self._manifest.files():
@@ -337,7 +363,7 @@ class Receiver:
         )
         return d.addCallback(listed)
 
-    def _surveyed(self, survey: dict[int, storage.Held | str]) -> dict[int, RangeSet]:
+    def _surveyed(self, survey: _Survey) -> dict[int, RangeSet]:
         needs: dict[int, RangeSet] = {}
         for index, entry in self._manifest.files():
             held = survey[index]
@@ -792,7 +818,7 @@ class Receiver:
         self._maybe_finish()
 
     def _owner(self) -> bool:
-        return self.options.preserve_owner and os.geteuid() == 0
+        return self.options.preserve_owner and fsutil.may_set_owners()
 
     def _maybe_finish(self) -> None:
         if self.done or self._pending_commits or not self._port:

@@ -15,9 +15,11 @@ import contextlib
 import errno
 import functools
 import os
+import re
 import shutil
 import stat
-from dataclasses import dataclass, replace
+import time
+from dataclasses import dataclass, field, replace
 
 from mrsyncd import fsutil
 from mrsyncd.ledger import DONE, NEEDED
@@ -37,6 +39,14 @@ from mrsyncd.manifest import (
 OK = "ok"
 #: A dry run's results: what a transfer would change.
 WOULD_RECEIVE, WOULD_DELETE = "would receive", "would delete"
+
+
+#: A part file of a transfer not in flight here, untouched this long, is
+#: what a job that failed or was given up left: the next transfer that
+#: surveys its directory removes it.  (Younger ones may yet be resumed: a
+#: master restarted within it resumes its jobs under the same transfer.)
+STALE_PART_SECONDS = 24 * 3600
+_PART_NAME = re.compile(rf"{re.escape(RESERVED_PREFIX)}([0-9a-f]+)-[0-9]+\.part")
 
 
 def part_name(transfer_id: bytes, index: int) -> str:
@@ -84,16 +94,22 @@ def _reopen_part(dir_fd: int, part: str) -> int:
 
 
 def survey(
-    root_fd: int, manifest: Manifest, transfer_id: bytes, dry_run: bool = False, owner: bool = False
+    root_fd: int,
+    manifest: Manifest,
+    transfer_id: bytes,
+    dry_run: bool = False,
+    owner: bool = False,
+    sweep: Sweep | None = None,
 ) -> dict[int, Held | str]:
     """
     Make the directories, and for each file find what it already has (see
     `chunks_held`; ``owner``: owners are set), or the reason it cannot be
     received at all.  A dry run writes nothing, and its destination may not
-    exist yet (``root_fd`` -1).
+    exist yet (``root_fd`` -1).  With ``sweep``, the stale part files of
+    other transfers in the directories surveyed are removed, and named in it.
     """
     found: dict[int, Held | str] = {}
-    parent = _Parent(root_fd, create=not dry_run)
+    parent = _Parent(root_fd, create=not dry_run, sweep=None if dry_run else sweep)
     try:
         for index, entry in enumerate(manifest.entries):
             try:
@@ -115,6 +131,40 @@ def survey(
     return found
 
 
+@dataclass
+class Sweep:
+    """
+    Which part files a survey may remove: those of a transfer other than
+    ``keep`` (the transfers in flight on this host) untouched for
+    `STALE_PART_SECONDS`, regular, ours and of one link; and what it removed.
+    """
+
+    keep: frozenset[bytes]
+    now: float = field(default_factory=time.time)
+    removed: list[str] = field(default_factory=list)
+
+    def sweep(self, fd: int, names: frozenset[str]) -> list[str]:
+        keep = {transfer_id.hex() for transfer_id in self.keep}
+        gone = []
+        for name in names:
+            match = _PART_NAME.fullmatch(name)
+            if match is None or match.group(1) in keep:
+                continue
+            st = fsutil.lstat_at(fd, name)
+            if (
+                st is None
+                or not stat.S_ISREG(st.st_mode)
+                or st.st_uid != os.geteuid()
+                or st.st_nlink != 1
+                or self.now - st.st_mtime < STALE_PART_SECONDS
+            ):
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name, dir_fd=fd)
+                gone.append(name)
+        return gone
+
+
 class _Parent:
     """
     The directory of the files being surveyed, open, with the names in it.
@@ -124,9 +174,10 @@ class _Parent:
     in it: 20 us a file, most of what comparing an unchanged tree costs.
     """
 
-    def __init__(self, root_fd: int, create: bool) -> None:
+    def __init__(self, root_fd: int, create: bool, sweep: Sweep | None = None) -> None:
         self.root_fd = root_fd
         self.create = create
+        self.sweep = sweep
         self.path: str | None = None
         self.fd = -1
         self.names: frozenset[str] = frozenset()
@@ -140,6 +191,10 @@ class _Parent:
                 raise FileNotFoundError(path)
             self.fd, name = fsutil.open_parent(self.root_fd, path, create=self.create)
             self.path, self.names = directory, frozenset(os.listdir(self.fd))
+            if self.sweep is not None:
+                gone = self.sweep.sweep(self.fd, self.names)
+                self.sweep.removed.extend(f"{directory}/{n}" if directory else n for n in gone)
+                self.names = self.names.difference(gone)
         return self.fd, self.names, name
 
     def close(self) -> None:

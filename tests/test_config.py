@@ -42,6 +42,10 @@ def test_example_documents_every_key_with_its_default():
         for key, value in expected[section].items():
             assert documented[section][key] == value, (section, key)
     assert config.log_level == "info"
+    # And each key is there, not only parsed to its default.
+    for section in expected:
+        for key in expected[section]:
+            assert f"\n{key} = " in text, f"[{section}] {key} is not in {EXAMPLE}"
 
 
 def test_example_as_shipped_runs_nothing_and_says_so():
@@ -54,22 +58,28 @@ def test_example_as_shipped_runs_nothing_and_says_so():
     [
         ("[master]\nprot = 1\n", "unknown key 'prot' in \\[master\\]"),
         ("[master]\nport = 70000\n", "\\[master\\] port = 70000: must be a port number"),
-        ("[master]\nrate = \"fast\"\n", "\\[master\\] rate = 'fast'"),
-        ("[master]\ngroup = \"10.0.0.1\"\n", "must be a multicast address"),
-        ("[master]\nloopback = \"yes\"\n", "must be true or false"),
+        ('[master]\nrate = "fast"\n', "\\[master\\] rate = 'fast'"),
+        ('[master]\ngroup = "10.0.0.1"\n', "must be a multicast address"),
+        ('[master]\nloopback = "yes"\n', "must be true or false"),
         ("[master]\nblock_size = 100000\n", "block_size"),
-        ("[node]\nmaster = \"m:1\"\n", "\\[node\\] roots is required"),
-        ("[node]\nroots = [\"/srv\"]\n", "\\[node\\] master is required"),
-        ("[node]\nmaster = \"m\"\nroots = [\"/srv\"]\n", "must be host:port"),
-        ("[node]\nmaster = \"m:1\"\nroots = [\"srv\"]\n", "not an absolute path"),
+        ('[node]\nmaster = "m:1"\n', "\\[node\\] roots is required"),
+        ('[node]\nroots = ["/srv"]\n', "\\[node\\] master is required"),
+        ('[node]\nmaster = "m"\nroots = ["/srv"]\n', "must be host:port"),
+        ('[node]\nmaster = "m:1"\nroots = ["srv"]\n', "not an absolute path"),
         ('[node]\nmaster = "m:1"\nroots = ["/srv"]\nallow_setid = 1\n', "allow_setid = 1: must be true"),
         ("[nodes]\n", "unknown section \\[nodes\\]"),
-        ("[log]\nlevel = \"loud\"\n", "level"),
+        ('[log]\nlevel = "loud"\n', "level"),
         ("[master\n", "not valid TOML"),
         ('[master]\nsources = ["/srv"]\ngroup = "239.255.255.254"\n', "runs past the multicast range"),
         ('[master]\nsources = ["/srv"]\nport_base = 65534\n', "runs past port 65535"),
         ("[master]\nport = 1\n", "\\[master\\] sources is required"),
         ('[master]\nsources = ["srv"]\n', "not an absolute path"),
+        (
+            '[master]\nsources = ["/srv"]\nmax_message_bytes = 1000\n',
+            "max_message_bytes = 1000: must be from",
+        ),
+        ('[node]\nmaster = "m:1"\nroots = ["/srv"]\nmax_message_bytes = 1e9\n', "must be from 1048576"),
+        ('[master]\nsources = ["/srv"]\nmax_manifest_entries = 0\n', "must be a positive integer"),
     ],
 )
 def test_errors_name_the_file_and_the_key(tmp_path, text, message):

@@ -219,6 +219,20 @@ class ManifestOffers(LoopbackControl):
         self.assertGreater(costs[2], whole)
         self.assertGreater(costs[3], whole)
 
+    @defer.inlineCallbacks
+    def test_a_manifest_of_more_entries_than_the_node_takes_is_refused(self) -> Any:
+        self.agent.prepare = lambda offer: defer.succeed({})  # type: ignore[method-assign]
+        self.client.max_manifest_entries = 1999
+        offer = Offer(b"t" * 8, b"k" * 32, tree_manifest(2000, 1), Channel("239.255.77.9", 7799), "/srv/t")
+        with self.assertRaises(Refused) as caught:
+            yield self.peer.prepare(offer)
+        self.assertIn(
+            "the manifest holds 2000 entries, more than this node takes (1999, [node] max_manifest_entries)",
+            str(caught.exception),
+        )
+        self.client.max_manifest_entries = 2000
+        self.assertEqual((yield self.peer.prepare(offer)), {})
+
 
 class ProtocolVersions(unittest.TestCase):
     """A sender and a receiver of different protocol versions refuse each other, naming both."""

@@ -18,6 +18,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import sqlite3
@@ -625,6 +626,25 @@ def test_include_and_exclude_rules_choose_and_protect_as_rsync_s_and_quiet_is_qu
     assert got == ["etc", "etc/a.conf", "local.log", "top.conf"], got
 
 
+def test_the_next_push_to_a_directory_removes_part_files_a_failed_job_left(fleet: Cluster) -> None:
+    c = fleet
+    src = c.base / "src-sweep"
+    random_file(src / "a.bin", 5000, 8)
+    there = c.node_dir("node1") / "sweep"
+    there.mkdir(parents=True, exist_ok=True)
+    left = there / ".mrsync-00112233deadbeef-0.part"
+    left.write_bytes(b"half of a file whose job failed")
+    two_days_ago = time.time() - 2 * 86400
+    os.utime(left, (two_days_ago, two_days_ago))
+    recent = there / ".mrsync-00112233feedf00d-0.part"
+    recent.write_bytes(b"a job that may yet resume")
+    since = c.nodes["node1"].mark()
+    c.cli_ok("push", f"{src}/", f"node1:{c.shared}/sweep", timeout=FOLLOW_TIMEOUT)
+    assert not left.exists() and recent.exists()
+    assert "removed 1 stale part files under" in c.nodes["node1"].log(since)
+    assert sorted(os.listdir(there)) == sorted(["a.bin", recent.name])
+
+
 def test_set_id_bits_arrive_only_where_the_node_allows_them(fleet: Cluster) -> None:
     """
     A user's set-user-ID file, pushed with --preserve-owner to root nodes:
@@ -643,6 +663,58 @@ def test_set_id_bits_arrive_only_where_the_node_allows_them(fleet: Cluster) -> N
         for name in ("node1", "node2")
     }
     assert modes == {"node1": "0o755", "node2": "0o4755"}, modes
+
+
+#: The capabilities the node unit's drop-in for --preserve-owner grants its
+#: user (OPERATIONS.md §5), as setpriv names them.
+OWNER_CAPS = tuple(
+    cap.removeprefix("CAP_").lower()
+    for line in (Path(REPO) / "etc" / "systemd" / "preserve-owner.conf").read_text().splitlines()
+    if line.startswith("AmbientCapabilities=")
+    for cap in line.partition("=")[2].split()
+)
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root and setpriv")
+def test_a_node_user_with_the_owner_capabilities_sets_owners_and_one_without_does_not(tmp_path: Path) -> None:
+    """
+    Nodes run as an unprivileged user, not root: with exactly `OWNER_CAPS`
+    (ambient, as the drop-in's AmbientCapabilities= gives them) a push
+    with --preserve-owner sets owners, modes and (``allow_setid``) the
+    set-group-ID bit; with
+    only dac_override (to read its key here) owners are left as they are,
+    and the push still succeeds.
+    """
+    assert set(OWNER_CAPS) == {"chown", "fowner", "fsetid", "dac_override"}, OWNER_CAPS
+    c = Cluster(tmp_path, mount_ns=False)
+    try:
+        c.start_master()
+        for name, caps in (("capable", OWNER_CAPS), ("plain", ("dac_override",))):
+            granted = ",".join(f"+{cap}" for cap in caps)
+            wrapper = [
+                *("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"),
+                f"--inh-caps=-all,{granted}",
+                f"--ambient-caps=-all,{granted}",
+                f"--bounding-set=-all,{granted}",
+            ]
+            (c.shared / name).mkdir()
+            config = c.node_config(name, roots=[c.shared / name], allow_setid=True)
+            c.nodes[name] = Daemon(name, config, c.base / f"{name}.log", wrapper=wrapper)
+            c.start_node(name)
+        src = c.base / "src-owners"
+        src.mkdir()
+        support.write_file(str(src / "shared"), b"group work\n", 0o2750)
+        os.chown(src / "shared", 1234, 2345)
+        os.chmod(src / "shared", 0o2750)  # chown cleared it
+        for name in ("capable", "plain"):
+            pushed = c.cli("push", "--preserve-owner", f"{src}/", f"{name}:{c.shared / name}/t")
+            assert pushed.returncode == 0, f"{pushed.stdout}\n{pushed.stderr}\n{c.diagnostics([name])}"
+        capable = os.stat(c.shared / "capable" / "t" / "shared")
+        plain = os.stat(c.shared / "plain" / "t" / "shared")
+        assert (capable.st_uid, capable.st_gid, stat.S_IMODE(capable.st_mode)) == (1234, 2345, 0o2750)
+        assert (plain.st_uid, plain.st_gid) == (65534, 65534)
+    finally:
+        c.close()
 
 
 def test_tags_come_from_the_node_certificate(tmp_path: Path) -> None:

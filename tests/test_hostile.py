@@ -44,7 +44,16 @@ from twisted.internet.testing import StringTransport
 from twisted.protocols import amp
 
 from mrsyncd import datagram
-from mrsyncd.commands import MAX_BOX_BYTES, MAX_BOX_KEYS, MAX_PIECES, PIECE, PROTOCOL, BigBytes, BoundedAMP
+from mrsyncd.commands import (
+    MAX_BOX_BYTES,
+    MAX_BOX_KEYS,
+    MAX_MESSAGE_BYTES,
+    MAX_PIECES,
+    PIECE,
+    PROTOCOL,
+    BigBytes,
+    BoundedAMP,
+)
 from mrsyncd.manifest import FILE, HARDLINK, SYMLINK, Manifest, digest, scan
 from mrsyncd.multicast import Channel, receiver_socket
 from tests import support
@@ -91,8 +100,12 @@ class Taker(BoundedAMP):
         return {"length": len(blob)}
 
 
-def _feed(data: bytes, piece: int = 1 << 16) -> tuple[Taker, StringTransport]:
+def _feed(
+    data: bytes, piece: int = 1 << 16, max_box_bytes: int | None = None
+) -> tuple[Taker, StringTransport]:
     proto = Taker()
+    if max_box_bytes is not None:
+        proto.max_box_bytes = max_box_bytes
     transport = StringTransport()
     proto.makeConnection(transport)
     for i in range(0, len(data), piece):
@@ -118,14 +131,25 @@ def _answers(transport: StringTransport) -> list[dict[bytes, bytes]]:
 
 
 def test_bounded_amp_takes_the_largest_legitimate_box() -> None:
-    """A `BigBytes` of `MAX_PIECES` full pieces (256 MiB) and other arguments still goes through."""
+    """
+    A `BigBytes` of `MAX_PIECES` full pieces (256 MiB) and other arguments
+    goes through a connection whose bound is raised to its most; by
+    default (``max_message_bytes``, 64 MiB) it is dropped, and one just
+    under that goes through.
+    """
     piece = bytes(PIECE)
     blob = [(b"blob" if i == 0 else b"blob.%d" % i, piece) for i in range(MAX_PIECES)]
     data = amp_box([(b"_ask", b"1"), (b"_command", b"Take"), *blob, (b"n", b"7")])
     assert len(data) < MAX_BOX_BYTES
-    proto, transport = _feed(data)
+    proto, transport = _feed(data, max_box_bytes=MAX_BOX_BYTES)
     assert not transport.disconnecting
     assert _answers(transport) == [{b"_answer": b"1", b"length": b"%d" % (MAX_PIECES * PIECE)}]
+    proto, transport = _feed(data)
+    assert proto._dropped and transport.value() == b""
+    pieces = MAX_MESSAGE_BYTES // (PIECE + 12) - 1
+    fits = amp_box([(b"_ask", b"1"), (b"_command", b"Take"), *blob[:pieces], (b"n", b"7")])
+    proto, transport = _feed(fits)
+    assert _answers(transport) == [{b"_answer": b"1", b"length": b"%d" % (pieces * PIECE)}]
 
 
 def test_bounded_amp_drops_a_box_with_too_many_keys() -> None:
@@ -138,7 +162,7 @@ def test_bounded_amp_drops_a_box_with_too_many_keys() -> None:
 
 def test_bounded_amp_drops_a_box_with_too_many_bytes() -> None:
     value = bytes(PIECE)
-    count = MAX_BOX_BYTES // (PIECE + 8) + 2
+    count = MAX_MESSAGE_BYTES // (PIECE + 8) + 2
     assert count < MAX_BOX_KEYS, "this box must trip the byte bound, not the key bound"
     head = amp_box([(b"_ask", b"1"), (b"_command", b"Take")])[:-2]
     proto = Taker()
@@ -150,7 +174,7 @@ def test_bounded_amp_drops_a_box_with_too_many_bytes() -> None:
         if proto._dropped:
             break
     assert proto._dropped and (transport.disconnecting or transport.disconnected)
-    assert i * (PIECE + 8) <= MAX_BOX_BYTES + PIECE + 8
+    assert i * (PIECE + 8) <= MAX_MESSAGE_BYTES + PIECE + 8
     proto.dataReceived(b"\x00\x04more\xff\xff" + value)  # whatever follows is ignored
     assert proto._currentBox is None and transport.value() == b""
 
@@ -540,7 +564,7 @@ def test_malformed_amp_from_authenticated_peers(fleet: tuple[Cluster, AmpClient]
         assert raised.value.code == "BAD_REQUEST" and "a job spec is an object" in raised.value.description
         assert json.loads(joined(peer.call("ListJobs", [(b"limit", b"1")]), b"jobs")) is not None
 
-    # A box that never ends: the master buffers at most MAX_BOX_BYTES of it,
+    # A box that never ends: the master buffers at most max_message_bytes of it,
     # every time (before the bound, 390 MB sent this way stayed buffered on a
     # connection the master kept open).
     pid = c.master.proc.pid  # type: ignore[union-attr]
@@ -559,12 +583,14 @@ def test_malformed_amp_from_authenticated_peers(fleet: tuple[Cluster, AmpClient]
                 pass
             assert peer.closed(20), "the master kept buffering a box that never ends"
         peaks.append(rss_kib(pid, "VmHWM"))
-        assert sent <= MAX_BOX_BYTES + (16 << 20), f"{sent} bytes sent before the master dropped the box"
+        assert sent <= MAX_MESSAGE_BYTES + (16 << 20), f"{sent} bytes sent before the master dropped the box"
         print(f"endless box {attempt + 1}: dropped after {sent >> 20} MiB, peak RSS {peaks[-1] >> 10} MiB")
-    assert f"a box of more than {MAX_BOX_BYTES} bytes" in c.master.log(since)
+    assert f"a box of more than {MAX_MESSAGE_BYTES} bytes (max_message_bytes)" in c.master.log(since)
     after = rss_kib(pid)
     print(f"master RSS {before >> 10} MiB before, {after >> 10} MiB after, peak {max(peaks) >> 10} MiB")
-    assert max(peaks) - before < 2 * (MAX_BOX_BYTES >> 10), f"master peak RSS {peaks} KiB from {before} KiB"
+    assert max(peaks) - before < 2 * (MAX_MESSAGE_BYTES >> 10), (
+        f"master peak RSS {peaks} KiB from {before} KiB"
+    )
     assert peaks[1] - peaks[0] < 64 << 10, f"a second endless box grew the master's peak again: {peaks} KiB"
 
     assert {n["name"]: n["state"] for n in client.nodes()} == {"node1": "connected", "node2": "connected"}
@@ -655,6 +681,7 @@ def test_hostile_job_requests(fleet: tuple[Cluster, AmpClient]) -> None:
         "unknown option": {**spec(src, "all", pub / "x"), "chroot": "/"},
         "filter without + or -": {**spec(src, "all", pub / "x"), "filters": ["*.tmp"]},
         "filters not a list": {**spec(src, "all", pub / "x"), "filters": "- *"},
+        "spec over max_spec_bytes": {**spec(src, "all", pub / "x"), "filters": ["- " + "x" * 250] * 4500},
         "unknown node": spec(src, "node1,nobody,nod2", pub / "y"),
     }
     for label, request in refused.items():
@@ -662,6 +689,8 @@ def test_hostile_job_requests(fleet: tuple[Cluster, AmpClient]) -> None:
             job = client.submit(request)
             pytest.fail(f"{label}: accepted as job {job}")
         assert raised.value.code == "BAD_REQUEST", (label, raised.value)
+        if label == "spec over max_spec_bytes":
+            assert "more than the master takes (1048576: max_spec_bytes)" in raised.value.description
         if label == "unknown node":
             want = "unknown nodes: nobody, nod2 (did you mean node2 or node1?)"
             assert raised.value.description == want, raised.value

@@ -639,3 +639,12 @@ def test_filter_rules_decide_by_the_first_that_matches(tmp_path) -> None:
 )
 def test_a_pattern_matches_as_rsync_s_do(rel: str, pattern: str, is_dir: bool, matched: bool) -> None:
     assert manifest.excluded(rel, [f"- {pattern}"], is_dir) is matched
+
+
+def test_a_scan_stops_past_its_bound_on_entries(tmp_path) -> None:
+    for i in range(10):
+        (tmp_path / f"f{i}").write_text("x")
+    found, _ = manifest.scan([str(tmp_path) + "/"], max_entries=10)
+    assert len(found.entries) == 10
+    with pytest.raises(manifest.ManifestError, match="more than 9 entries \\(max_manifest_entries\\)"):
+        manifest.scan([str(tmp_path) + "/"], max_entries=9)

@@ -85,6 +85,7 @@ FILES = [
     "/usr/share/man/man1/mrsync-ca.1.gz",
     "/usr/share/man/man8/mrsyncd.8.gz",
     "/usr/share/doc/mrsyncd/README.Debian.gz",
+    "/usr/share/doc/mrsyncd/examples/preserve-owner.conf",
 ]
 #: Twisted's (python3-twisted ships them): a package that shipped these
 #: would clash with it, and the cache is rebuilt by its trigger.
@@ -565,6 +566,20 @@ def verify_units() -> None:
         assert level, security.stdout + security.stderr
         print(f"systemd-analyze security {os.path.basename(unit)}: {level.group(1)}")
         assert float(level.group(1)) <= 3.0, security.stdout
+    # The shipped drop-in for --preserve-owner, beside a copy of the node unit.
+    with tempfile.TemporaryDirectory() as scratch:
+        unit = Path(scratch) / "mrsyncd-node.service"
+        shutil.copy(UNITS["node"], unit)
+        dropins = Path(scratch) / "mrsyncd-node.service.d"
+        dropins.mkdir()
+        shutil.copy("/usr/share/doc/mrsyncd/examples/preserve-owner.conf", dropins)
+        result = run(["systemd-analyze", "verify", man, str(unit)], check=False)
+        assert result.returncode == 0 and "mrsyncd" not in result.stdout + result.stderr, result
+        security = run(["systemd-analyze", "security", "--offline=yes", str(unit)], check=False).stdout
+        assert re.search(r"✗ AmbientCapabilities=", security), security
+        level = re.search(r"Overall exposure level for \S+: ([\d.]+)", security)
+        assert level, security
+        print(f"systemd-analyze security mrsyncd-node.service with preserve-owner.conf: {level.group(1)}")
 
 
 def push_over_lan(lan: Any, base: Path, netns_dirs: list[Path]) -> None:

@@ -1213,55 +1213,66 @@ class FeedbackTests(unittest.TestCase):
 
 
 #: Where the package documents the drop-in for nodes that set owners.
-ROOT_DROP_INS = ("debian/README.Debian", "man/mrsyncd.8")
+#: The drop-in the package ships for nodes that set owners, and the
+#: documents that tell an administrator to install it.
+OWNER_DROP_IN = "etc/systemd/preserve-owner.conf"
+OWNER_DROP_IN_DOCS = ("debian/README.Debian", "man/mrsyncd.8", "docs/OPERATIONS.md")
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def drop_in_capabilities(path: str) -> list[str]:
-    """The capabilities a document's drop-in keeps (its non-empty CapabilityBoundingSet=)."""
+def drop_in_capabilities(path: str, key: str) -> list[str]:
+    """The capabilities a drop-in's ``key`` (``AmbientCapabilities=``, ...) names."""
     with open(os.path.join(REPOSITORY, path)) as f:
         for line in f:
-            _, sep, value = line.partition("CapabilityBoundingSet=")
-            if sep and value.split():
-                return value.split()
-    raise AssertionError(f"{path} gives no CapabilityBoundingSet= with capabilities")
+            if line.startswith(key):
+                return line.partition("=")[2].split()
+    raise AssertionError(f"{path} gives no {key}")
 
 
-class RootNodeDropInTests(unittest.TestCase):
+class OwnerDropInTests(unittest.TestCase):
     """
-    A node that sets owners runs as root with only the capabilities its
-    documented drop-in keeps: those must be enough to set what a manifest
-    holds, set-id bits included, for any owner and group.
+    A node that sets owners runs as its own user with only the
+    capabilities the shipped drop-in grants: those must be enough to set
+    what a manifest holds, set-id bits included, for any owner and group.
     """
 
     def setUp(self):
         if os.geteuid() != 0:
-            raise unittest.SkipTest("needs root, to drop capabilities as systemd does")
+            raise unittest.SkipTest("needs root, to become another user with capabilities as systemd does")
         if shutil.which("setpriv") is None:
             raise unittest.SkipTest("needs setpriv (util-linux)")
 
-    def test_the_drop_in_keeps_set_id_bits_for_a_group_root_is_not_in(self):
-        documented = {path: drop_in_capabilities(path) for path in ROOT_DROP_INS}
-        self.assertEqual(len({tuple(c) for c in documented.values()}), 1, documented)
-        capabilities = documented[ROOT_DROP_INS[0]]
-        bounding = ",".join(["-all", *("+" + c.removeprefix("CAP_").lower() for c in capabilities)])
+    def test_the_drop_in_is_what_the_documents_install(self):
+        for doc in OWNER_DROP_IN_DOCS:
+            with open(os.path.join(REPOSITORY, doc)) as f:
+                text = f.read().replace("\\-", "-")
+            self.assertIn("/usr/share/doc/mrsyncd/examples/preserve-owner.conf", text, doc)
+            self.assertNotIn("User=root\nGroup=root\nCapabilityBoundingSet", text, doc)
+
+    def test_the_drop_in_sets_owners_and_set_id_bits_for_a_group_the_node_is_not_in(self):
+        ambient = drop_in_capabilities(OWNER_DROP_IN, "AmbientCapabilities=")
+        self.assertEqual(ambient, drop_in_capabilities(OWNER_DROP_IN, "CapabilityBoundingSet="))
+        granted = ",".join(["-all", *("+" + c.removeprefix("CAP_").lower() for c in ambient)])
         path = os.path.join(temp_dir(self), "tool")
         write_file(path, b"#!/bin/sh\n")
         # The receiver's own metadata step, in a process that has what
-        # systemd leaves a root unit with that drop-in: no supplementary
-        # groups beyond root's, and only the bounding set's capabilities.
+        # systemd gives the unit's user with that drop-in: no supplementary
+        # groups, and only the drop-in's capabilities.
         script = (
             "import os, sys\n"
+            "from mrsyncd import fsutil\n"
             "from mrsyncd.manifest import FILE, Entry\n"
             "from mrsyncd.storage import set_metadata\n"
+            "assert os.geteuid() == 65534 and fsutil.may_set_owners()\n"
             "fd = os.open(sys.argv[1], os.O_RDONLY)\n"
             "set_metadata(fd, Entry('tool', FILE, 0o6755, 10**18, uid=4242, gid=4242), True)\n"
         )
         subprocess.run(
-            ["setpriv", "--clear-groups", f"--bounding-set={bounding}", "--inh-caps=-all", "--"]
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+            + [f"--inh-caps={granted}", f"--ambient-caps={granted}", f"--bounding-set={granted}", "--"]
             + [sys.executable, "-c", script, path],
             check=True,
-            env={**os.environ, "PYTHONPATH": REPOSITORY},
+            env={**os.environ, "PYTHONPATH": REPOSITORY, "PYTHONDONTWRITEBYTECODE": "1"},
         )
         st = os.stat(path)
         self.assertEqual((st.st_uid, st.st_gid), (4242, 4242))

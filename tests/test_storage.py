@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from mrsyncd import storage
-from mrsyncd.manifest import FILE, Entry
+from mrsyncd import fsutil, storage
+from mrsyncd.manifest import DIR, FILE, Entry, Manifest
 from mrsyncd.manifest import digest as chunk_digest
 from mrsyncd.storage import part_name
 
@@ -89,3 +89,48 @@ def test_every_part_file_is_synced_before_any_is_renamed(root, monkeypatch) -> N
     # Six files synced, six renamed, then the two directories synced.
     assert calls == ["fsync"] * 6 + ["rename"] * 6 + ["fsync"] * 2
     assert sorted(p.name for p in (top / "a").iterdir()) == ["f0", "f1", "f2"]
+
+
+def test_a_survey_removes_only_stale_part_files_of_transfers_not_in_flight(root) -> None:
+    """Leftovers of failed jobs go with the next transfer to their directory; nothing else does."""
+    top, fd = root
+    entry, _, data = small("a/new", b"n" * 100)
+    manifest = Manifest([Entry("a", DIR, 0o755, 10**18), entry], chunk_size=1 << 20)
+    old = storage.STALE_PART_SECONDS + 60
+    in_flight, ours = b"\x01" * 8, TID
+    parts = {
+        "stale": part_name(b"\x02" * 8, 3),
+        "fresh": part_name(b"\x03" * 8, 3),
+        "in flight": part_name(in_flight, 3),
+        "ours": part_name(ours, 9),
+        "linked": part_name(b"\x04" * 8, 3),
+    }
+    for label, name in parts.items():
+        write_file(str(top / "a" / name), label.encode())
+        if label != "fresh":
+            os.utime(top / "a" / name, (0, os.stat(top / "a" / name).st_mtime - old))
+    os.link(top / "a" / parts["linked"], top / "b" / "another-name")
+    os.symlink("/etc/passwd", top / "a" / part_name(b"\x05" * 8, 1))
+    os.utime(top / "a" / part_name(b"\x05" * 8, 1), (1, 1), follow_symlinks=False)
+
+    # A dry run removes nothing.
+    dry = storage.Sweep(frozenset({in_flight, ours}))
+    storage.survey(fd, manifest, ours, dry_run=True, sweep=dry)
+    assert dry.removed == [] and (top / "a" / parts["stale"]).exists()
+
+    sweep = storage.Sweep(frozenset({in_flight, ours}))
+    found = storage.survey(fd, manifest, ours, sweep=sweep)
+    assert sweep.removed == [f"a/{parts['stale']}"]
+    left = sorted(os.listdir(top / "a"))
+    assert left == sorted([*(n for label, n in parts.items() if label != "stale"), part_name(b"\x05" * 8, 1)])
+    assert isinstance(found[1], storage.Held)
+
+
+@pytest.mark.parametrize(
+    ("caps", "may"),
+    [("000001fffeffffff", True), ("0000000000000001", True), ("0000000000000002", False), ("0", False)],
+)
+def test_owners_are_set_by_whoever_holds_cap_chown_root_or_not(tmp_path, caps: str, may: bool) -> None:
+    status = tmp_path / "status"
+    status.write_text(f"Name:\tpython3\nUid:\t65534\t65534\t65534\t65534\nCapEff:\t{caps}\n")
+    assert fsutil.may_set_owners.__wrapped__(str(status)) is may
