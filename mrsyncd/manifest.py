@@ -23,7 +23,7 @@ import json
 import os
 import stat
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -299,6 +299,7 @@ def scan(
     excludes: Sequence[str] = (),
     cache: DigestCacheLike | None = None,
     max_entries: int | None = None,
+    refused: Mapping[tuple[int, int], str] = {},
 ) -> tuple[Manifest, dict[int, str]]:
     """
     Scan sources as rsync names them: ``dir`` arrives as ``DEST/dir``, and
@@ -307,7 +308,8 @@ def scan(
     not descended into.
 
     More than ``max_entries`` entries is an error, raised as the walk
-    passes them: every node would hold the manifest whole.
+    passes them: every node would hold the manifest whole; so is any entry
+    whose device and inode ``refused`` names (the master's secrets).
 
     Returns the manifest and the local path of each regular file by index.
     Blocking: it reads and digests every file, so callers on the reactor run
@@ -332,7 +334,7 @@ def scan(
                     " push the tree in parts, or raise the bound"
                 )
             seen.add(rel)
-            entry = _scan_one(manifest, path, rel, first_path_of_inode, cache)
+            entry = _scan_one(manifest, path, rel, first_path_of_inode, cache, refused)
             if entry.kind == FILE:
                 local_paths[len(manifest.entries)] = path
             manifest.entries.append(entry)
@@ -401,9 +403,12 @@ def _scan_one(
     rel: str,
     first_path_of_inode: dict[tuple[int, int], str],
     cache: DigestCacheLike | None = None,
+    refused: Mapping[tuple[int, int], str] = {},
 ) -> Entry:
     check_path(rel)
     st = os.lstat(path)
+    if (st.st_dev, st.st_ino) in refused:
+        raise ManifestError(f"{path} is {refused[st.st_dev, st.st_ino]}, which is never sent")
     entry = Entry(rel, FILE, stat.S_IMODE(st.st_mode), st.st_mtime_ns, st.st_uid, st.st_gid)
     if stat.S_ISDIR(st.st_mode):
         entry.kind = DIR

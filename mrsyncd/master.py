@@ -10,7 +10,9 @@ submit, list, follow and cancel.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import functools
 import os
 import pwd
 from collections import Counter
@@ -293,6 +295,25 @@ def source_refusal(source: str, config: MasterConfig, key: str) -> str | None:
     return None
 
 
+def secret_inodes(config: MasterConfig, key: str) -> dict[tuple[int, int], str]:
+    """
+    The master's key, its state directory and the files in it, by device
+    and inode: what `source_refusal` rules out by path, the scan rules out
+    however it is reached (a hard link to the key, a bind mount of the
+    state directory, a path swapped for a symlink after the check).
+    """
+    found: dict[tuple[int, int], str] = {}
+    paths = [(key, "key")] if key else []
+    paths.append((config.state_dir, "state directory"))
+    with contextlib.suppress(OSError):
+        paths += [(entry.path, "state") for entry in os.scandir(config.state_dir)]
+    for path, what in paths:
+        with contextlib.suppress(OSError):
+            st = os.stat(path)
+            found[st.st_dev, st.st_ino] = f"the master's {what} ({path})"
+    return found
+
+
 #: Where the master's unit gives it directories of its own (PrivateTmp=yes
 #: in debian/mrsyncd.mrsyncd-master.service): an operator's files there
 #: are not the master's.
@@ -364,12 +385,17 @@ def filter_rules(spec: dict[str, Any]) -> list[str]:
 
 
 def scan_cached(
-    cache_path: str, sources: list[str], block_size: int, excludes: list[str], max_entries: int
+    cache_path: str,
+    sources: list[str],
+    block_size: int,
+    excludes: list[str],
+    max_entries: int,
+    secrets: Callable[[], Mapping[tuple[int, int], str]],
 ) -> tuple[Manifest, dict[int, str]]:
     """Scan in a thread with that thread's own connection to the digest cache."""
     cache = store.DigestCache(cache_path)
     try:
-        return scan(sources, block_size, 0, excludes, cache, max_entries)
+        return scan(sources, block_size, 0, excludes, cache, max_entries, secrets())
     finally:
         cache.close()
 
@@ -548,6 +574,7 @@ class JobRunner:
                 self.config.block_size,
                 filter_rules(spec),
                 self.config.max_manifest_entries,
+                functools.partial(secret_inodes, self.config, self.key),
             )
         except Exception as e:
             why = f"cannot read the sources: {e}{why_unreadable(e, 'INVOCATION_ID' in os.environ)}"

@@ -7,6 +7,7 @@ A follower (``mrsync push``, ``status --follow``) asks `JobStatus` with
 
 from __future__ import annotations
 
+import functools
 import os
 import pwd
 from pathlib import Path
@@ -19,7 +20,16 @@ from twisted.python.failure import Failure
 from mrsyncd import store
 from mrsyncd.commands import BadRequest
 from mrsyncd.config import MasterConfig
-from mrsyncd.master import SPEC_DEFAULTS, MasterControl, MasterService, source_refusal, why_unreadable
+from mrsyncd.manifest import ManifestError
+from mrsyncd.master import (
+    SPEC_DEFAULTS,
+    MasterControl,
+    MasterService,
+    scan_cached,
+    secret_inodes,
+    source_refusal,
+    why_unreadable,
+)
 from mrsyncd.store import DONE
 
 
@@ -226,3 +236,27 @@ def test_a_source_the_unit_hides_or_the_master_cannot_read_says_why() -> None:
         f" (the master reads sources as user {pwd.getpwuid(os.geteuid()).pw_name}: make them readable to it)"
     )
     assert why_unreadable(ValueError("two sources both give 'a'"), in_unit=True) == ""
+
+
+def test_the_scan_refuses_the_masters_secrets_however_they_are_reached(tree: Path) -> None:
+    """A hard link to the key or to the job store beneath a source passes the path check, not the scan."""
+    state = tree / "srv" / "state"
+    (state / "jobs.sqlite").write_text("every job's key")
+    config = MasterConfig(state_dir=str(state), sources=(str(tree / "srv" / "pub"),))
+    key = str(tree / "etc" / "master.key")
+    os.link(key, tree / "srv" / "pub" / "innocent.txt")
+    source = str(tree / "srv" / "pub") + "/"
+    assert source_refusal(source, config, key) is None
+    secrets = functools.partial(secret_inodes, config, key)
+    cache = str(tree / "digests.sqlite")
+    with pytest.raises(
+        ManifestError, match=r"innocent.txt is the master's key \(.*master.key\), which is never sent"
+    ):
+        scan_cached(cache, [source], 1408, [], 1000, secrets)
+    os.unlink(tree / "srv" / "pub" / "innocent.txt")
+    os.link(state / "jobs.sqlite", tree / "srv" / "pub" / "copy")
+    with pytest.raises(ManifestError, match=r"copy is the master's state \(.*jobs.sqlite\)"):
+        scan_cached(cache, [source], 1408, [], 1000, secrets)
+    os.unlink(tree / "srv" / "pub" / "copy")
+    manifest, _ = scan_cached(cache, [source], 1408, [], 1000, secrets)
+    assert [e.path for e in manifest.entries] == ["to-etc"]
