@@ -3,8 +3,9 @@
 
 ::
 
-    mrsync push [--exclude PATTERN]... [--rate RATE] [--detach] [--json] SRC... TARGETS:DEST
-    mrsync nodes | jobs | status JOB [--follow] [--json] | cancel JOB
+    mrsync push [--include|--exclude PATTERN]... [--rate RATE] [-n] [-v|-q] [--detach] [--json]
+                SRC... TARGETS:DEST
+    mrsync nodes [--forget NAME] | jobs | status JOB [--follow] [--json] | cancel JOB
 
 It talks to the master over TLS AMP with an operator certificate.  Where the
 master is and which certificate to use come from flags, else the
@@ -13,8 +14,9 @@ environment (``MRSYNC_MASTER``, ``MRSYNC_CA``, ``MRSYNC_CERT``,
 ``~/.config/mrsync/client.toml``, else ``/etc/mrsyncd/client.toml``).
 
 Exit codes, for scripts: 0 every target succeeded; 1 the job failed on at
-least one target; 2 a wrong command line or client configuration (no
-master or certificate named); 3 the master could not be reached, or the
+least one target; 6 every node it was sent to succeeded, some were missed;
+2 a wrong command line or client configuration (no master or certificate
+named); 3 the master could not be reached, or the
 certificate cannot be used: unreadable, from another CA, expired, or not an
 operator's (checked here first, then by the master); 4 the master refused the
 request; 5 the job was cancelled; 130 interrupted (Ctrl-C, see `Interruption`).
@@ -32,10 +34,14 @@ import tomllib
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet import defer, endpoints, task
-from twisted.internet.protocol import Factory
+from OpenSSL import SSL
+from twisted.internet import defer, endpoints, error, task
+from twisted.internet.interfaces import IHandshakeListener
+from twisted.internet.protocol import Factory, connectionDone
 from twisted.protocols import amp
 from twisted.python import usage
+from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from mrsyncd import tls
 from mrsyncd.commands import (
@@ -284,13 +290,79 @@ def connect(reactor: Any, found: dict[str, str]) -> Any:
     except Exception as e:
         raise CommandError(str(e), EXIT_UNREACHABLE) from None
     endpoint = endpoints.wrapClientTLS(options, endpoints.HostnameEndpoint(reactor, host, port, timeout=10))
-    factory = Factory.forProtocol(amp.AMP)
+    factory = Factory.forProtocol(MasterConnection)
     factory.noisy = False
     try:
         protocol = yield endpoint.connect(factory)
     except Exception as e:
         raise CommandError(f"cannot reach the master at {found['master']}: {e}", EXIT_UNREACHABLE) from None
+    protocol.explain = lambda e: _not_trusted(e, found, host)
+    try:
+        yield protocol.handshake.addTimeout(HANDSHAKE_TIMEOUT, reactor)
+    except Exception as e:
+        raise CommandError(protocol.explain(e), EXIT_UNREACHABLE) from None
     return protocol
+
+
+#: Seconds the TLS handshake with the master may take.
+HANDSHAKE_TIMEOUT = 10.0
+
+
+@implementer(IHandshakeListener)
+class MasterConnection(amp.AMP):
+    """``mrsync``'s connection to the master; ``handshake`` fires once TLS has checked the master."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.handshake: defer.Deferred = defer.Deferred()
+        #: Why the connection failed, in an operator's words (`_not_trusted`):
+        #: the master's name is checked once the handshake is done, and the
+        #: master judges this certificate after it, so the failure may come
+        #: with the first command.
+        self.explain: Callable[[BaseException], str] = _refused_in_handshake
+
+    def handshakeCompleted(self) -> None:
+        if not self.handshake.called:
+            self.handshake.callback(None)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if not self.handshake.called:
+            self.handshake.errback(reason)
+        super().connectionLost(reason)
+
+
+def _not_trusted(e: BaseException, found: dict[str, str], host: str) -> str:
+    """Why the TLS handshake with the master failed, and what to do, in place of OpenSSL's words."""
+    name = found.get("master_name") or host
+    if type(e).__name__ == "VerificationError":  # service_identity's: the master's name
+        return (
+            f"the master's certificate is not for {name!r}: dial a name it carries, or set --master-name"
+            " (master_name in client.toml) to one, or reissue it (mrsync-ca issue --dns/--ip)"
+        )
+    said = str(e)
+    if isinstance(e, SSL.Error) and "certificate verify failed" in said:
+        return (
+            f"the master's certificate does not verify against {found['ca']}: is that this cluster's CA"
+            " certificate? (Or the master's certificate has expired: mrsync-ca show on it.)"
+        )
+    return _refused_in_handshake(e)
+
+
+def _refused_in_handshake(e: BaseException) -> str:
+    """The master ended the connection as TLS began: it did not take this certificate."""
+    said = str(e)
+    alert = re.search(r"alert ([a-z ]+)", said)
+    if isinstance(e, SSL.Error) and alert:
+        return (
+            f"the master refused this certificate in the TLS handshake ({alert.group(1)}): is it issued by"
+            " the cluster's CA, and not expired or revoked?"
+        )
+    if isinstance(e, error.ConnectionDone | error.ConnectionLost | defer.TimeoutError):
+        return (
+            "the master closed the connection as it began: it refuses this certificate (revoked, or holding"
+            " max_connections_per_certificate connections already); the master's log says which"
+        )
+    return f"no answer from the master: {said}"
 
 
 @defer.inlineCallbacks
@@ -300,9 +372,10 @@ def call(protocol: amp.AMP, command: type[amp.Command], **kw: Any) -> Any:
     except (Forbidden, BadRequest, NoSuchJob) as e:
         raise CommandError(f"the master refused: {e}", EXIT_REFUSED) from None
     except Exception as e:
-        # A certificate the master does not accept ends the connection in
-        # the handshake, which surfaces here as a lost connection.
-        raise CommandError(f"no answer from the master: {e}", EXIT_UNREACHABLE) from None
+        # A certificate the master does not accept ends the connection just
+        # after the handshake (TLS 1.3 finishes the client's side first),
+        # which surfaces here as a lost connection.
+        raise CommandError(getattr(protocol, "explain", _refused_in_handshake)(e), EXIT_UNREACHABLE) from None
 
 
 def _size(n: float) -> str:

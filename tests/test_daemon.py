@@ -418,6 +418,25 @@ def test_cli_with_a_foreign_certificate(fleet: Cluster, identities: dict[str, tu
     assert result.returncode == 3, f"exit {result.returncode}: {result.stderr}"
 
 
+def test_cli_says_in_plain_words_what_is_wrong_with_the_master_s_certificate(
+    fleet: Cluster, identities: dict[str, tuple[str, str]]
+) -> None:
+    """Not OpenSSL's or service_identity's words: what is wrong, and what to do."""
+    c = fleet
+    wrong_name = c.cli("--master-name", "wrong.example", "jobs")
+    assert wrong_name.returncode == 3, wrong_name
+    assert "the master's certificate is not for 'wrong.example': dial a name it carries" in wrong_name.stderr
+    foreign_ca = str(c.base / "foreign-ca" / "ca.crt")
+    assert os.path.exists(foreign_ca)
+    other_ca = c.cli("jobs", identity=identities["foreign"], ca=foreign_ca)
+    assert other_ca.returncode == 3, other_ca
+    assert f"the master's certificate does not verify against {foreign_ca}" in other_ca.stderr, (
+        other_ca.stderr
+    )
+    for said in (wrong_name.stderr, other_ca.stderr):
+        assert "Error" not in said and "SSL routines" not in said, said
+
+
 def test_cli_with_an_expired_certificate(fleet: Cluster, identities: dict[str, tuple[str, str]]) -> None:
     c = fleet
     for args in (["jobs"], ["nodes"], ["push", str(c.base / "src-none"), f"node1:{c.shared}/nope"]):
@@ -626,6 +645,24 @@ def test_include_and_exclude_rules_choose_and_protect_as_rsync_s_and_quiet_is_qu
     assert got == ["etc", "etc/a.conf", "local.log", "top.conf"], got
 
 
+def test_verbose_names_each_path_that_failed(fleet: Cluster) -> None:
+    c = fleet
+    src = c.base / "src-verbose"
+    for name in ("a", "b", "c"):
+        random_file(src / name, 2000, ord(name))
+    there = c.node_dir("node1") / "verbose"
+    # Where two files should go, directories with something in them: those two fail alone.
+    for name in ("a", "c"):
+        (there / name / "inside").mkdir(parents=True)
+    result = c.cli("push", "-v", f"{src}/", f"node1:{c.shared}/verbose", timeout=FOLLOW_TIMEOUT)
+    assert result.returncode == 1, f"{result.stdout}\n{result.stderr}"
+    failed = [line for line in result.stdout.splitlines() if line.startswith("    ")]
+    assert [line.split(":")[0].strip() for line in failed] == ["a", "c"], result.stdout
+    quiet = c.cli("push", f"{src}/", f"node1:{c.shared}/verbose", timeout=FOLLOW_TIMEOUT)
+    assert quiet.returncode == 1 and not any(line.startswith("    a:") for line in quiet.stdout.splitlines())
+    assert (there / "b").read_bytes() == (src / "b").read_bytes()
+
+
 def test_the_next_push_to_a_directory_removes_part_files_a_failed_job_left(fleet: Cluster) -> None:
     c = fleet
     src = c.base / "src-sweep"
@@ -773,7 +810,8 @@ def test_revoked_node_and_operator_are_dropped_while_connected(tmp_path: Path) -
         states = {n["name"]: n["state"] for n in json.loads(c.cli("nodes", "--json", identity=fresh).stdout)}
         assert states == {"node1": "connected", "node2": "disconnected"}, states
         refused = c.cli("nodes", identity=c.operator)
-        assert refused.returncode != 0, refused.stdout
+        assert refused.returncode == 3, refused.stdout
+        assert "the master closed the connection as it began: it refuses this certificate" in refused.stderr
         # The master's own certificate revoked: node1 drops it and does not register again.
         node1 = c.nodes["node1"]
         mark = node1.mark()
