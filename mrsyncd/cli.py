@@ -114,7 +114,7 @@ class PushOptions(Verbosity, InterspersedOptions):
         ["detach", None, "Print the job id and return without following it."],
         ["recursive", "r", "Accepted as rsync has it: directories are always sent whole."],
         ["json", None, "Print a machine-readable final report."],
-        ["preserve-owner", None, "Set owner and group on the nodes that may (root, or CAP_CHOWN)."],
+        ["preserve-owner", None, "Set owner and group on the nodes that may (see mrsyncd(8))."],
         ["delete", None, "Delete what the source lacks from the directories sent."],
         ["backup", "b", "Keep each overwritten or deleted file as NAME~ on the nodes."],
         ["dry-run", "n", "Show what each node would receive; send nothing."],
@@ -136,19 +136,19 @@ class PushOptions(Verbosity, InterspersedOptions):
 
     def opt_exclude(self, pattern: str) -> None:
         """Leave out names (or paths, with a /) matching PATTERN; repeatable."""
-        self["filters"].append(f"- {pattern}")
+        self["filters"].append(_rule("- ", pattern))
 
     def opt_include(self, pattern: str) -> None:
         """Keep what PATTERN matches, whatever a later --exclude says (as rsync's first match wins)."""
-        self["filters"].append(f"+ {pattern}")
+        self["filters"].append(_rule("+ ", pattern))
 
     def opt_exclude_from(self, path: str) -> None:
         """Read exclude patterns from FILE, one a line ('-' is standard input; # and ; start comments)."""
-        self["filters"].extend(f"- {pattern}" for pattern in _patterns(path, "--exclude-from"))
+        self["filters"].extend(_rule("- ", pattern) for pattern in _patterns(path, "--exclude-from"))
 
     def opt_include_from(self, path: str) -> None:
         """Read include patterns from FILE, as --exclude-from does."""
-        self["filters"].extend(f"+ {pattern}" for pattern in _patterns(path, "--include-from"))
+        self["filters"].extend(_rule("+ ", pattern) for pattern in _patterns(path, "--include-from"))
 
     def parseArgs(self, *args: str) -> None:  # type: ignore[override]
         if len(args) < 2:
@@ -166,6 +166,11 @@ class PushOptions(Verbosity, InterspersedOptions):
                 self["rate"] = parse_rate(self["rate"])
             except ValueError as e:
                 raise usage.UsageError(str(e)) from None
+
+
+def _rule(sign: str, pattern: str) -> str:
+    """A filter rule as rsync reads an include or exclude: a pattern starting "+ " or "- " says its own."""
+    return pattern if pattern[:2] in ("+ ", "- ") else sign + pattern
 
 
 def _patterns(path: str, option: str) -> list[str]:
@@ -357,7 +362,9 @@ def _refused_in_handshake(e: BaseException) -> str:
             f"the master refused this certificate in the TLS handshake ({alert.group(1)}): is it issued by"
             " the cluster's CA, and not expired or revoked?"
         )
-    if isinstance(e, error.ConnectionDone | error.ConnectionLost | defer.TimeoutError):
+    if isinstance(e, defer.TimeoutError):
+        return f"the master did not finish the TLS handshake within {HANDSHAKE_TIMEOUT:.0f} s"
+    if isinstance(e, error.ConnectionDone | error.ConnectionLost):
         return (
             "the master closed the connection as it began: it refuses this certificate (revoked, or holding"
             " max_connections_per_certificate connections already); the master's log says which"
@@ -368,14 +375,18 @@ def _refused_in_handshake(e: BaseException) -> str:
 @defer.inlineCallbacks
 def call(protocol: amp.AMP, command: type[amp.Command], **kw: Any) -> Any:
     try:
-        return (yield protocol.callRemote(command, **kw))
+        answer = yield protocol.callRemote(command, **kw)
     except (Forbidden, BadRequest, NoSuchJob) as e:
         raise CommandError(f"the master refused: {e}", EXIT_REFUSED) from None
     except Exception as e:
+        if getattr(protocol, "answered", False):
+            raise CommandError(f"lost the master: {e}", EXIT_UNREACHABLE) from None
         # A certificate the master does not accept ends the connection just
         # after the handshake (TLS 1.3 finishes the client's side first),
-        # which surfaces here as a lost connection.
+        # which surfaces here, at the first command, as a lost connection.
         raise CommandError(getattr(protocol, "explain", _refused_in_handshake)(e), EXIT_UNREACHABLE) from None
+    protocol.answered = True  # type: ignore[attr-defined]
+    return answer
 
 
 def _size(n: float) -> str:
@@ -711,7 +722,13 @@ def push(reactor: Any, protocol: amp.AMP, sub: PushOptions, out: Any, interrupti
         "sources": sub["sources"],
         "destination": sub["destination"],
         "targets": sub["targets"],
-        "filters": sub["filters"],
+        # Excludes alone go as bare patterns, which a master from before
+        # filter rules takes too; only includes need the rules.
+        **(
+            {"excludes": [rule[2:] for rule in sub["filters"]]}
+            if all(rule.startswith("- ") for rule in sub["filters"])
+            else {"filters": sub["filters"]}
+        ),
         "rate": sub["rate"],
         "preserve_owner": bool(sub["preserve-owner"]),
         "delete": bool(sub["delete"]),
@@ -763,9 +780,8 @@ def nodes(reactor: Any, protocol: amp.AMP, sub: NodesOptions, out: Any, interrup
     out.write(f"{'NODE':16} {'STATE':12} {'LAST CONTACT':19} {'LAST DONE':26} {'FREE':>9}  TAGS\n")
     for node in answer["nodes"]:
         free = _size(min(node["free"].values())) if node["free"] else "-"
-        done = (
-            "never" if node["last_ok_job"] is None else f"{_when(node['last_ok_at'])} #{node['last_ok_job']}"
-        )
+        job = node.get("last_ok_job")  # a master from before it was kept has none
+        done = "never" if job is None else f"{_when(node['last_ok_at'])} #{job}"
         out.write(
             f"{node['name']:16} {node['state']:12} {_when(node['last_contact']):19} {done:26} {free:>9}"
             f"  {','.join(node['tags'])}\n"

@@ -67,7 +67,7 @@ class SendOptions(ChannelOptions):
         ["report", None, "-", "Where to write the JSON report."],
     ]
     optFlags = [
-        ["preserve-owner", None, "Ask receivers that may (root, or CAP_CHOWN) to set owner and group."]
+        ["preserve-owner", None, "Ask receivers that may (root, or with the capabilities) to set owners."]
     ]
 
     def parseArgs(self, *sources: str) -> None:

@@ -21,23 +21,26 @@ class UnsafePath(OSError):
     """A path component beneath the destination is a symlink or not a directory."""
 
 
-#: The capability (capabilities(7)) that lets a process give a file away.
-CAP_CHOWN = 0
+#: The capabilities (capabilities(7)) that let a process give a file away,
+#: then set the mode and times of a file it no longer owns.
+CAP_CHOWN, CAP_FOWNER = 0, 3
 
 
 @functools.cache
 def may_set_owners(status: str = "/proc/self/status") -> bool:
     """
     Whether this process may set files' owners (``--preserve-owner``): it
-    holds CAP_CHOWN, as root does, and as the node unit's user ``mrsyncd``
-    does with the drop-in that grants it (OPERATIONS.md §5).  Root with the
-    capability dropped may not.
+    holds CAP_CHOWN and CAP_FOWNER (without the second, the mode and times
+    of a file given away could not be set), as root does, and as the node
+    unit's user ``mrsyncd`` does with the drop-in that grants them
+    (OPERATIONS.md §5).  Root with them dropped may not.
     """
+    wanted = 1 << CAP_CHOWN | 1 << CAP_FOWNER
     try:
         with open(status, encoding="ascii") as f:
             for line in f:
                 if line.startswith("CapEff:"):
-                    return bool(int(line.split()[1], 16) >> CAP_CHOWN & 1)
+                    return int(line.split()[1], 16) & wanted == wanted
     except (OSError, ValueError, IndexError):
         pass
     return os.geteuid() == 0

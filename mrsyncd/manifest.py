@@ -353,8 +353,9 @@ def excluded(rel: str, rules: Sequence[str], is_dir: bool = False) -> bool:
     files and the directories they are in), and a bare pattern leaves it
     out.  A pattern ending in ``/`` matches directories only.  One without
     any other ``/`` matches a name at any depth; one with a ``/`` matches
-    the path beneath the destination (a leading ``/`` changes nothing),
-    where ``*`` and ``?`` stop at a ``/`` and ``**`` does not.
+    the end of the path beneath the destination, or, if it starts with
+    ``/``, the whole of it.  ``*`` and ``?`` stop at a ``/``, ``**`` does
+    not (and in a pattern that holds it, neither does ``*``).
     """
     name = rel.rsplit("/", 1)[-1]
     for rule in rules:
@@ -364,13 +365,20 @@ def excluded(rel: str, rules: Sequence[str], is_dir: bool = False) -> bool:
             if not is_dir:
                 continue
             pattern = pattern.rstrip("/")
-        if "/" not in pattern:
+        anchored = pattern.startswith("/")
+        pattern = pattern.lstrip("/")
+        if "/" not in pattern and not anchored:
             matched = fnmatch.fnmatchcase(name, pattern)
         elif "**" in pattern:
-            matched = fnmatch.fnmatchcase(rel, pattern.lstrip("/"))
+            matched = (
+                fnmatch.fnmatchcase(rel, pattern) or not anchored and fnmatch.fnmatchcase(rel, "*/" + pattern)
+            )
         else:
-            want, parts = pattern.lstrip("/").split("/"), rel.split("/")
-            matched = len(want) == len(parts) and all(map(fnmatch.fnmatchcase, parts, want))
+            want, parts = pattern.split("/"), rel.split("/")
+            tails = [parts] if anchored else [parts[i:] for i in range(len(parts) - len(want) + 1)]
+            matched = any(
+                len(tail) == len(want) and all(map(fnmatch.fnmatchcase, tail, want)) for tail in tails
+            )
         if matched:
             return not keep
     return False
@@ -392,7 +400,13 @@ def _walk(base: str, prefix: str, excludes: Sequence[str]) -> Iterator[tuple[str
             rel_dir = os.path.relpath(dirpath, base)
             full = functools.partial(_relative, prefix, rel_dir)
 
-            dirnames[:] = sorted(d for d in dirnames if not excluded(full(d), excludes, True))
+            # A symlink to a directory is listed with the directories, but it
+            # is sent, and judged by the nodes' --delete, as a symlink.
+            dirnames[:] = sorted(
+                d
+                for d in dirnames
+                if not excluded(full(d), excludes, not os.path.islink(os.path.join(dirpath, d)))
+            )
             for name in sorted(dirnames + [f for f in filenames if not excluded(full(f), excludes)]):
                 yield os.path.join(dirpath, name), full(name)
 

@@ -165,6 +165,17 @@ class Fleet:
                 node.connection = None
                 self._remember(node)
 
+    def close(self) -> None:
+        """
+        The store is closing (the master stops): remember when each node
+        was last heard from now, since the connections it drops after
+        this have no store to tell.
+        """
+        for node in self.nodes.values():
+            if node.connection is not None:
+                self._remember(node)
+        self.known = None
+
     def touch(self, name: str, free: dict[str, int] | None) -> None:
         node = self.nodes[name]
         node.last_contact = self.clock.seconds()
@@ -335,7 +346,10 @@ def why_unreadable(error: Exception, in_unit: bool) -> str:
             " its unit has PrivateTmp=yes, so put sources beneath [master] sources elsewhere)"
         )
     if isinstance(error, PermissionError):
-        user = pwd.getpwuid(os.geteuid()).pw_name
+        try:
+            user = pwd.getpwuid(os.geteuid()).pw_name
+        except KeyError:  # a uid with no name
+            user = str(os.geteuid())
         return f" (the master reads sources as user {user}: make them readable to it)"
     return ""
 
@@ -948,6 +962,7 @@ class MasterService(service.Service):
         if self._settling is not None and self._settling.active():
             self._settling.cancel()
         self.runner.stop()
+        self.fleet.close()
         self.jobs.close()
         if self._port is not None:
             return defer.maybeDeferred(self._port.stopListening)

@@ -532,25 +532,60 @@ def _delete_extraneous(
                 if backup_suffix and name.endswith(backup_suffix):
                     continue
                 path = f"{directory}/{name}" if directory else name
-                try:
-                    st = os.stat(name, dir_fd=fd, follow_symlinks=False)
-                    if excluded(path, protect, stat.S_ISDIR(st.st_mode)):
-                        continue
-                    if dry_run:
-                        deleted.append(path)
-                        continue
-                    if backup_suffix:
-                        os.rename(name, name + backup_suffix, src_dir_fd=fd, dst_dir_fd=fd)
-                    elif stat.S_ISDIR(st.st_mode):
-                        shutil.rmtree(name, dir_fd=fd)
-                    else:
-                        os.unlink(name, dir_fd=fd)
-                    deleted.append(path)
-                except OSError as e:
-                    errors[path] = f"cannot delete: {e.strerror or e}"
+                _delete(fd, name, path, protect, backup_suffix, dry_run, deleted, errors)
         finally:
             os.close(fd)
     return deleted, errors
+
+
+def _delete(
+    fd: int,
+    name: str,
+    path: str,
+    protect: tuple[str, ...],
+    backup_suffix: str,
+    dry_run: bool,
+    deleted: list[str],
+    errors: dict[str, str],
+) -> bool:
+    """
+    Remove ``name`` (``path`` beneath the destination) unless the rules
+    protect it; whether it is gone.  Under rules, a directory goes only
+    once what they protect inside it, or a part file, is not in it: rsync
+    keeps ``app/data/db.bin`` under ``- *`` though ``data/`` itself is not
+    protected, and so does this.
+    """
+    try:
+        st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+        if excluded(path, protect, stat.S_ISDIR(st.st_mode)):
+            return False
+        if stat.S_ISDIR(st.st_mode) and protect and not backup_suffix:
+            inner = os.open(name, fsutil.DIR_FLAGS, dir_fd=fd)
+            try:
+                gone = [
+                    not child.startswith(RESERVED_PREFIX)
+                    and _delete(inner, child, f"{path}/{child}", protect, "", dry_run, deleted, errors)
+                    for child in sorted(os.listdir(inner))
+                ]
+            finally:
+                os.close(inner)
+            if not all(gone):
+                return False
+            if not dry_run:
+                os.rmdir(name, dir_fd=fd)
+        elif dry_run:
+            pass
+        elif backup_suffix:
+            os.rename(name, name + backup_suffix, src_dir_fd=fd, dst_dir_fd=fd)
+        elif stat.S_ISDIR(st.st_mode):
+            shutil.rmtree(name, dir_fd=fd)
+        else:
+            os.unlink(name, dir_fd=fd)
+        deleted.append(path)
+        return True
+    except OSError as e:
+        errors[path] = f"cannot delete: {e.strerror or e}"
+        return False
 
 
 def without_setid(manifest: Manifest) -> Manifest:

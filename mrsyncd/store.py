@@ -230,18 +230,28 @@ def _audit_table(db: sqlite3.Connection) -> None:
     """2 to 3: the audit log (made by `_SCHEMA` and `_AUDIT_TRIGGERS`); jobs before it have no entries."""
 
 
+#: A store brought to layout 4 expects the nodes its jobs named within this
+#: many days: older names are likely retired nodes, which every job to
+#: ``all`` would then report missed until an operator forgot them.
+KNOWN_FROM_JOBS_DAYS = 7.0
+
+
 def _known_nodes(db: sqlite3.Connection) -> None:
     """
     3 to 4: the nodes a master expects (``nodes``).  Before it, a master
-    knew only the nodes connected since it started; every node its jobs
-    name is known from now on, with the last job it completed.  Their tags
-    and addresses come with their next registration.
+    knew only the nodes connected since it started; the nodes its recent
+    jobs name are expected from now on, each with the last job it completed
+    (not a dry run).  Their tags and addresses come with their next
+    registration.
     """
+    done = "n.state = 'done' AND COALESCE(json_extract(j.spec, '$.dry_run'), 0) = 0"
     db.execute(
         "INSERT OR IGNORE INTO nodes (name, last_contact, last_ok_job, last_ok_at)"
-        " SELECT n.node, COALESCE(MAX(j.finished), 0),"
-        " MAX(CASE WHEN n.state = 'done' THEN j.id END), MAX(CASE WHEN n.state = 'done' THEN j.finished END)"
-        " FROM job_nodes n JOIN jobs j ON j.id = n.job GROUP BY n.node"
+        f" SELECT n.node, MAX(j.finished), MAX(CASE WHEN {done} THEN j.id END),"
+        f" MAX(CASE WHEN {done} THEN j.finished END)"
+        " FROM job_nodes n JOIN jobs j ON j.id = n.job WHERE j.finished IS NOT NULL GROUP BY n.node"
+        " HAVING MAX(j.finished) >= ?",
+        (time.time() - KNOWN_FROM_JOBS_DAYS * 86400,),
     )
 
 

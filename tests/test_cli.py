@@ -415,7 +415,7 @@ def test_short_options_mean_what_they_mean_to_rsync():
 
 
 def test_includes_and_excludes_keep_their_order_and_files_are_read_as_rsync_reads_them(tmp_path, monkeypatch):
-    (tmp_path / "excludes").write_text("# build output\n*.o\n\n; editors\n*~\n/cache/\n")
+    (tmp_path / "excludes").write_text("# build output\n*.o\n\n; editors\n*~\n/cache/\n+ cache/keep\n")
     (tmp_path / "includes").write_text("keep.o\n")
     monkeypatch.setattr("sys.stdin", io.StringIO("*.tmp\n"))
     sub = parse(
@@ -433,7 +433,21 @@ def test_includes_and_excludes_keep_their_order_and_files_are_read_as_rsync_read
         "/a",
         "all:/d",
     ).subOptions
-    assert sub["filters"] == ["+ keep.o", "- *.o", "- *~", "- /cache/", "+ */", "- *.tmp", "- *"]
+    # A pattern that starts with "+ " or "- " says its own sign, as rsync reads it.
+    assert sub["filters"] == [
+        "+ keep.o",
+        "- *.o",
+        "- *~",
+        "- /cache/",
+        "+ cache/keep",
+        "+ */",
+        "- *.tmp",
+        "- *",
+    ]
+    assert parse("push", "--exclude", "+ x", "--include", "- y", "/a", "all:/d").subOptions["filters"] == [
+        "+ x",
+        "- y",
+    ]
     with pytest.raises(
         usage.UsageError, match=f"--exclude-from {tmp_path}/missing: No such file or directory"
     ):

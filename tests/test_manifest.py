@@ -628,8 +628,13 @@ def test_filter_rules_decide_by_the_first_that_matches(tmp_path) -> None:
     ("rel", "pattern", "is_dir", "matched"),
     [
         ("a/b/c.log", "*.log", False, True),  # a name, at any depth
-        ("a/b/c.log", "b/*.log", False, False),  # a path: from the top
+        ("a/b/c.log", "b/*.log", False, True),  # a path: the end of it
+        ("a/b/c.log", "/b/*.log", False, False),  # ... or, anchored, from the top
         ("b/c.log", "/b/*.log", False, True),
+        ("b/c.log", "/c.log", False, False),
+        ("c.log", "/c.log", False, True),
+        ("x/a/b/c", "a/**", False, True),
+        ("x/a/b/c", "/a/**", False, False),
         ("a/b/c.log", "a/*", False, False),  # * stops at a /
         ("a/b/c.log", "a/**", False, True),  # ** does not
         ("a/b", "a/?", True, True),
@@ -648,3 +653,13 @@ def test_a_scan_stops_past_its_bound_on_entries(tmp_path) -> None:
     assert len(found.entries) == 10
     with pytest.raises(manifest.ManifestError, match="more than 9 entries \\(max_manifest_entries\\)"):
         manifest.scan([str(tmp_path) + "/"], max_entries=9)
+
+
+def test_a_symlink_to_a_directory_is_no_directory_to_the_rules(tmp_path) -> None:
+    """The nodes judge it by lstat under --delete: the master must too, or it is deleted and not sent."""
+    (tmp_path / "real").mkdir()
+    (tmp_path / "cache").symlink_to("real")
+    found, _ = manifest.scan([str(tmp_path) + "/"], excludes=["- cache/"])
+    assert sorted(e.path for e in found.entries) == ["cache", "real"]
+    found, _ = manifest.scan([str(tmp_path) + "/"], excludes=["- real/"])
+    assert sorted(e.path for e in found.entries) == ["cache"]

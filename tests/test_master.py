@@ -260,3 +260,16 @@ def test_the_scan_refuses_the_masters_secrets_however_they_are_reached(tree: Pat
     os.unlink(tree / "srv" / "pub" / "copy")
     manifest, _ = scan_cached(cache, [source], 1408, [], 1000, secrets)
     assert [e.path for e in manifest.entries] == ["to-etc"]
+
+
+def test_nodes_that_drop_as_the_master_stops_do_not_write_to_its_closed_store(tmp_path: Path) -> None:
+    config = MasterConfig(state_dir=str(tmp_path))
+    service = MasterService(MemoryReactorClock(), config, lambda: None)
+    node = connect(service, "n1")
+    service.reactor.advance(7.0)
+    service.fleet.touch("n1", None)
+    service.stopService()
+    node.connectionLost(Failure(ConnectionDone()))  # raised ProgrammingError on the closed store
+    again = store.JobStore(str(tmp_path / "jobs.sqlite"))
+    assert [(n.name, n.last_contact) for n in again.known_nodes()] == [("n1", 7.0)]
+    again.close()

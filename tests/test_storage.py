@@ -128,9 +128,47 @@ def test_a_survey_removes_only_stale_part_files_of_transfers_not_in_flight(root)
 
 @pytest.mark.parametrize(
     ("caps", "may"),
-    [("000001fffeffffff", True), ("0000000000000001", True), ("0000000000000002", False), ("0", False)],
+    [
+        ("000001fffeffffff", True),
+        ("0000000000000009", True),
+        ("0000000000000001", False),
+        ("8", False),
+        ("0", False),
+    ],
 )
-def test_owners_are_set_by_whoever_holds_cap_chown_root_or_not(tmp_path, caps: str, may: bool) -> None:
+def test_owners_are_set_by_whoever_holds_cap_chown_and_cap_fowner_root_or_not(
+    tmp_path, caps: str, may: bool
+) -> None:
     status = tmp_path / "status"
     status.write_text(f"Name:\tpython3\nUid:\t65534\t65534\t65534\t65534\nCapEff:\t{caps}\n")
     assert fsutil.may_set_owners.__wrapped__(str(status)) is may
+
+
+def test_delete_keeps_inside_an_unwanted_directory_what_the_rules_protect(root) -> None:
+    """As rsync: ``+ */ + *.conf - *`` with --delete removes the stray .conf files, never db.bin."""
+    top, fd = root
+    for rel in ("app/data/db.bin", "app/data/x.conf", "app/old.conf", "app/gone/y.conf"):
+        (top / rel).parent.mkdir(parents=True, exist_ok=True)
+        write_file(str(top / rel), rel.encode())
+    entry, _, _ = small("app/a.conf", b"conf")
+    manifest = Manifest([Entry("app", DIR, 0o755, 10**18), entry], chunk_size=1 << 20)
+    rules = ("+ */", "+ *.conf", "- *")
+    assert storage.would_delete(fd, manifest, "", rules) == [
+        "app/data/x.conf",
+        "app/gone/y.conf",
+        "app/gone",
+        "app/old.conf",
+    ]
+    assert (top / "app" / "old.conf").exists(), "a dry run deleted something"
+    _, changed = storage.finish_tree(
+        fd, manifest, {"app/a.conf": storage.OK}, False, delete=True, protect=rules
+    )
+    assert sorted(changed) == ["app/data/x.conf", "app/gone", "app/gone/y.conf", "app/old.conf"]
+    assert sorted(str(p.relative_to(top)) for p in (top / "app").rglob("*")) == [
+        "app/data",
+        "app/data/db.bin",
+    ]
+    # Without rules a stray directory goes whole, as before.
+    write_file(str(top / "app" / "data" / "x.conf"), b"x")
+    storage.finish_tree(fd, manifest, {"app/a.conf": storage.OK}, False, delete=True)
+    assert not (top / "app" / "data").exists()

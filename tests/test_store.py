@@ -56,6 +56,31 @@ def user_version(path):
         db.close()
 
 
+#: Jobs of layout 3 beside the released ones: a dry run, and one of 1970 naming a retired node.
+LATER_JOBS = """
+INSERT INTO jobs (id, state, spec, operator, submitted, started, finished)
+    VALUES (3, 'done', '{"sources": ["/srv/c"], "dry_run": true}', 'carol', 1, 1, 1);
+INSERT INTO job_nodes (job, node, state) VALUES (3, 'n2', 'done');
+INSERT INTO jobs (id, state, spec, operator, submitted, started, finished)
+    VALUES (4, 'done', '{"sources": ["/srv/d"]}', 'dave', 0, 0, 86400);
+INSERT INTO job_nodes (job, node, state) VALUES (4, 'retired', 'done');
+"""
+
+
+def test_the_nodes_of_recent_jobs_are_expected_with_their_last_job_done(tmp_path):
+    path = str(tmp_path / "jobs.sqlite")
+    released_store(path)
+    db = sqlite3.connect(path)
+    db.executescript(LATER_JOBS.replace("1, 1, 1)", f"{time.time()}, {time.time()}, {time.time()})"))
+    db.execute("PRAGMA user_version = 3")
+    db.close()
+    jobs = JobStore(path)
+    known = {node.name: node for node in jobs.known_nodes()}
+    # n2's only job done was a dry run: that is no last job done; 'retired' was last named in 1970.
+    assert sorted(known) == ["n1", "n2"] and known["n2"].last_ok_job is None
+    jobs.close()
+
+
 @pytest.mark.parametrize("with_run", [True, False])
 def test_a_store_of_the_released_layout_is_brought_up_to_date_with_its_jobs(tmp_path, with_run):
     path = str(tmp_path / "jobs.sqlite")
@@ -77,7 +102,7 @@ def test_a_store_of_the_released_layout_is_brought_up_to_date_with_its_jobs(tmp_
     }
     assert list(jobs.files(1)["n1"]) == ["a/w", "a/x"]
     assert not jobs.db.execute("SELECT name FROM sqlite_master WHERE name = 'job_files'").fetchall()
-    # Every node its jobs named is expected from now on, with the last job it completed.
+    # Every node its recent jobs named is expected from now on, with the last job it completed.
     known = {node.name: node for node in jobs.known_nodes()}
     assert sorted(known) == ["n1", "n2"]
     assert (known["n1"].last_ok_job, known["n1"].last_ok_at) == (1, done.finished)
