@@ -527,6 +527,11 @@ def _fit(head: str, parts: list[tuple[int, str]], width: int | None) -> str:
         kept.remove(max(kept, key=lambda part: part[0]))
 
 
+def _failures_first(status: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """A job's nodes as its report lists them: those not done first, each part by name."""
+    return sorted(status["nodes"].items(), key=lambda kv: (kv[1]["state"] == "done", kv[0]))
+
+
 def report(status: dict[str, Any], out: Any, verbosity: int = 0) -> None:
     """
     The human-readable end of a job: one line per node, failures first;
@@ -544,7 +549,7 @@ def report(status: dict[str, Any], out: Any, verbosity: int = 0) -> None:
     if status["spec"].get("dry_run"):
         _dry_run_report(status, out)
         return
-    for name, node in sorted(status["nodes"].items(), key=lambda kv: (kv[1]["state"] == "done", kv[0])):
+    for name, node in _failures_first(status):
         if verbosity < 0 and node["state"] == "done":
             continue
         reason = f": {node['reason']}" if node["reason"] else ""
@@ -573,7 +578,7 @@ def _dry_run_report(status: dict[str, Any], out: Any) -> None:
     """
     files: dict[str, dict[str, str]] = status.get("files", {})
     changes: dict[tuple[bool, str], list[str]] = {}
-    for name, node in sorted(status["nodes"].items(), key=lambda kv: (kv[1]["state"] == "done", kv[0])):
+    for name, node in _failures_first(status):
         results = files.get(name, {})
         receive = [path for path, result in results.items() if result == WOULD_RECEIVE]
         delete = [path for path, result in results.items() if result == WOULD_DELETE]

@@ -345,6 +345,18 @@ def _raise(error: OSError) -> None:
     raise error
 
 
+@functools.lru_cache(maxsize=256)
+def _parsed(rule: str) -> tuple[bool, str, bool, bool]:
+    """
+    A filter rule taken apart once, not at each of the paths it is asked
+    about: whether it keeps, its pattern without the slashes that mark it,
+    whether it is for directories only, whether it is anchored.
+    """
+    keep = rule.startswith("+ ")
+    pattern = rule[2:] if keep or rule.startswith("- ") else rule
+    return keep, pattern.strip("/"), pattern.endswith("/"), pattern.startswith("/")
+
+
 def excluded(rel: str, rules: Sequence[str], is_dir: bool = False) -> bool:
     """
     Whether ``rel`` is left out, by the first of ``rules`` that matches it,
@@ -359,14 +371,9 @@ def excluded(rel: str, rules: Sequence[str], is_dir: bool = False) -> bool:
     """
     name = rel.rsplit("/", 1)[-1]
     for rule in rules:
-        keep = rule.startswith("+ ")
-        pattern = rule[2:] if keep or rule.startswith("- ") else rule
-        if pattern.endswith("/"):
-            if not is_dir:
-                continue
-            pattern = pattern.rstrip("/")
-        anchored = pattern.startswith("/")
-        pattern = pattern.lstrip("/")
+        keep, pattern, dirs_only, anchored = _parsed(rule)
+        if dirs_only and not is_dir:
+            continue
         if "/" not in pattern and not anchored:
             matched = fnmatch.fnmatchcase(name, pattern)
         elif "**" in pattern:

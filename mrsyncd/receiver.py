@@ -317,9 +317,7 @@ class Receiver:
         d.addCallback(self._surveyed)
         return d
 
-    def _swept(
-        self, survey: dict[int, storage.Held | str], sweep: storage.Sweep
-    ) -> dict[int, storage.Held | str]:
+    def _swept(self, survey: _Survey, sweep: storage.Sweep) -> _Survey:
         if sweep.removed:
             log.info(
                 "removed {n} stale part files under {destination} (of transfers not in flight, untouched"

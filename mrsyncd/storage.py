@@ -143,12 +143,15 @@ class Sweep:
     now: float = field(default_factory=time.time)
     removed: list[str] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        #: ``keep`` as part files name them, once, not for each directory.
+        self._kept_names = {transfer_id.hex() for transfer_id in self.keep}
+
     def sweep(self, fd: int, names: frozenset[str]) -> list[str]:
-        keep = {transfer_id.hex() for transfer_id in self.keep}
         gone = []
         for name in names:
             match = _PART_NAME.fullmatch(name)
-            if match is None or match.group(1) in keep:
+            if match is None or match.group(1) in self._kept_names:
                 continue
             st = fsutil.lstat_at(fd, name)
             if (
