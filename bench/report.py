@@ -13,9 +13,9 @@ from typing import Any
 from bench.scenarios import TREE_MASTER_RSS, TREE_NODE_RSS
 
 MiB = 1 << 20
-#: CPU is compared per this much payload, mrsyncd's datagram payload: the
-#: tools put different payloads in a datagram, so "per datagram" is per
-#: 1408 bytes of file for all of them.
+#: CPU is compared per this much payload (mrsyncd's block on an IPv6 group;
+#: 1428 on IPv4): the tools put different payloads in a datagram, so "per
+#: datagram" is per 1408 bytes of file for all of them.
 BLOCK = 1408
 
 

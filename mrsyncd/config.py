@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from mrsyncd.commands import MAX_BOX_BYTES, MAX_MANIFEST_ENTRIES, MAX_MESSAGE_BYTES, MAX_SPEC_BYTES
-from mrsyncd.datagram import DEFAULT_BLOCK_SIZE, MAX_BLOCK_SIZE
+from mrsyncd.datagram import MAX_BLOCK_SIZE
 from mrsyncd.hook import HOOK_TIMEOUT
 from mrsyncd.ratecontrol import parse_rate
 from mrsyncd.store import KEEP_DAYS, KEEP_JOBS
@@ -56,7 +56,9 @@ class MasterConfig:
     ttl: int = 1
     loopback: bool = False
     rate: float = 1e9
-    block_size: int = DEFAULT_BLOCK_SIZE
+    #: File bytes per datagram; 0 ("auto") fills one packet of the
+    #: interface's MTU, at most 1500 (`multicast.Channel.payload_room`).
+    block_size: int = 0
     #: Seconds a silent node is waited for before it is reported failed.
     grace: float = 30.0
     #: A node still missing something after this many passes of a job, or
@@ -190,8 +192,10 @@ def _ttl(value: Any) -> int:
 
 
 def _block_size(value: Any) -> int:
+    if value == "auto":
+        return 0
     if not isinstance(value, int) or isinstance(value, bool) or not 512 <= value <= MAX_BLOCK_SIZE:
-        raise ValueError(f"must be from 512 to {MAX_BLOCK_SIZE}")
+        raise ValueError(f'must be "auto" or from 512 to {MAX_BLOCK_SIZE}')
     return value
 
 

@@ -99,7 +99,8 @@ CIPHERS = tuple(_PYTHON_AEADS)
 
 #: Payload bytes per datagram that keep the whole IP packet inside a
 #: 1500-byte Ethernet MTU for both IPv4 (20+8 header bytes) and IPv6 (40+8):
-#: 1500 - 48 - OVERHEAD.
+#: 1500 - 48 - OVERHEAD.  The master fills the packet of its own channel
+#: instead (`multicast.Channel.payload_room`): 1428 bytes over IPv4.
 DEFAULT_BLOCK_SIZE = 1408
 #: The largest payload that fits one UDP datagram over IPv6 with a 9000-byte
 #: jumbo frame; larger values would be IP-fragmented.

@@ -30,7 +30,7 @@ from twisted.python.failure import Failure
 from mrsyncd import logs
 from mrsyncd.agent import ReceiverAgent
 from mrsyncd.control import AMPPeer, ReceiverControl, SenderControl
-from mrsyncd.datagram import DEFAULT_BLOCK_SIZE
+from mrsyncd.datagram import OVERHEAD
 from mrsyncd.manifest import scan
 from mrsyncd.multicast import Channel
 from mrsyncd.options import CommandOptions, usage_error
@@ -62,7 +62,7 @@ class SendOptions(ChannelOptions):
         ["wait", None, 60.0, "Seconds to wait for them.", float],
         ["rate", "r", "100M", "Sending rate, bits per second (k, M, G suffixes)."],
         ["destination", "d", "", "Destination directory on the receivers."],
-        ["block-size", None, DEFAULT_BLOCK_SIZE, "Payload bytes per datagram.", int],
+        ["block-size", None, 0, "Payload bytes per datagram (0: fill an MTU, at most 1500).", int],
         ["grace", None, 30.0, "Seconds a silent receiver is waited for.", float],
         ["report", None, "-", "Where to write the JSON report."],
     ]
@@ -120,7 +120,8 @@ def send(reactor: Any, options: SendOptions) -> Any:
     factory = protocol.Factory.forProtocol(lambda: SenderControl(peers.append, feedback))
     port = yield endpoints.serverFromString(reactor, options["listen"]).listen(factory)
     # Receivers dial in while the sources are digested.
-    scanning = threads.deferToThread(scan, options["sources"], options["block-size"])
+    block_size = options["block-size"] or options.channel().payload_room() - OVERHEAD
+    scanning = threads.deferToThread(scan, options["sources"], block_size)
     log.info("waiting for {n} receivers on {where}", n=options["receivers"], where=port.getHost())
     waited = 0.0
     while len(peers) < options["receivers"]:

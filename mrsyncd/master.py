@@ -51,7 +51,7 @@ from mrsyncd.commands import (
 )
 from mrsyncd.config import MasterConfig
 from mrsyncd.control import AMPPeer
-from mrsyncd.datagram import KEY_SIZE, RUN_SIZE, TRANSFER_ID_SIZE
+from mrsyncd.datagram import KEY_SIZE, OVERHEAD, RUN_SIZE, TRANSFER_ID_SIZE
 from mrsyncd.manifest import Manifest, scan
 from mrsyncd.multicast import Channel
 from mrsyncd.node import HEARTBEAT
@@ -585,7 +585,7 @@ class JobRunner:
                 scan_cached,
                 os.path.join(self.config.state_dir, "digests.sqlite"),
                 spec["sources"],
-                self.config.block_size,
+                self.config.block_size or self.channel(slot).payload_room() - OVERHEAD,
                 filter_rules(spec),
                 self.config.max_manifest_entries,
                 functools.partial(secret_inodes, self.config, self.key),

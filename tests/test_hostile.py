@@ -425,7 +425,9 @@ def test_hostile_datagrams_at_the_jobs_group(fleet: tuple[Cluster, AmpClient], t
     random_file(src / "big.bin", 24 * MiB, 12)
     for i in range(5):
         random_file(src / "small" / f"s{i}", 3000 * i + 1, 13 + i)
-    manifest, _ = scan([f"{src}/"])
+    # Scanned with the blocks the master chooses for its group: one packet of its interface's MTU.
+    block_size = Channel(c.group, c.port_base, c.interface).payload_room() - datagram.OVERHEAD
+    manifest, _ = scan([f"{src}/"], block_size)
     index = next(i for i, e in enumerate(manifest.entries) if e.path == "big.bin")
     finals = {
         c.node_dir(n) / "pub" / "flood" / "big.bin": {content(src / "big.bin")} for n in ("node1", "node2")

@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from mrsyncd.datagram import Reason
+from mrsyncd.datagram import OVERHEAD, Reason
 from tests.lan import Host, Lan, read_rusage
 
 pytestmark = pytest.mark.lan
@@ -177,13 +177,14 @@ def build_tree(root: Path, big: int, rng: random.Random) -> Path:
     big file), odd modes and owners, specific mtimes, and one big random file.
     """
     tree = root / "tree"
-    block = 1408
-    chunk = (MiB // block) * block
     _write(tree / "empty", b"")
     _write(tree / "one-byte", b"x")
-    for name, size in {"block-1": block - 1, "block": block, "block+1": block + 1,
-                       "chunk+1": chunk + 1, "two-chunks": 2 * chunk}.items():  # fmt: skip
-        _write(tree / "edges" / name, rng.randbytes(size))
+    # The blocks of an IPv6 group and of an IPv4 group at MTU 1500.
+    for block in (1408, 1428):
+        chunk = (MiB // block) * block
+        for name, size in {"block-1": block - 1, "block": block, "block+1": block + 1,
+                           "chunk+1": chunk + 1, "two-chunks": 2 * chunk}.items():  # fmt: skip
+            _write(tree / "edges" / f"{name}-of-{block}", rng.randbytes(size))
     for i in range(25):
         _write(tree / "small" / f"f{i:02d}.txt", rng.randbytes(rng.randrange(1, 20000)))
     _write(tree / "d1" / "d2" / "d3" / "d4" / "deep.txt", b"deep\n")
@@ -409,14 +410,18 @@ def fragments_sent(host: Host, version: int) -> int:
 
 
 @pytest.mark.parametrize("version", [4, 6])
+@pytest.mark.parametrize("block_size", ["1408", "auto"])
 def test_a_link_narrower_than_a_datagram_is_sent_one_datagram_a_call(
-    lan: Any, tmp_path: Path, version: int
+    lan: Any, tmp_path: Path, version: int, block_size: str
 ) -> None:
     """
-    Links with an MTU of 1400 (an overlay network, say) carry the default
-    1452-byte datagrams only as IP fragments, and the kernel refuses them in
-    a batch (UDP_SEGMENT needs each segment to fit the MTU): the sender falls
-    back to one datagram a call, which IP fragments, and says why.
+    Links with an MTU of 1400 (an overlay network, say).  Left to itself,
+    the sender fits its blocks to the interface: 1328 bytes over IPv4, 1308
+    over IPv6, in batches, with no IP fragment.  Told 1408 (1452-byte
+    datagrams), it is carried only as IP fragments, and the kernel refuses
+    them in a batch (UDP_SEGMENT needs each segment to fit the MTU): the
+    sender falls back to one datagram a call, which IP fragments, and says
+    why.
     """
     rng = random.Random(0xF)
     source = tmp_path / "src"
@@ -425,16 +430,25 @@ def test_a_link_narrower_than_a_datagram_is_sent_one_datagram_a_call(
     for host in net.hosts.values():
         host.run(["ip", "link", "set", "eth0", "mtu", "1400"])
     group = GROUP6 if version == 6 else GROUP4
+    explicit = ["--block-size", block_size] if block_size != "auto" else []
     try:
+        fragments_before = fragments_sent(net.master, version)
         outcome = run_transfer(
-            net, [source], tmp_path / "run", net.nodes, group=group, rate="50M", ipv6=version == 6
-        )
+            net, [source], tmp_path / "run", net.nodes, group=group, rate="50M", ipv6=version == 6,
+            extra=explicit,
+        )  # fmt: skip
         stats = outcome.report["sender_stats"]
-        assert stats["datagrams"] > 2000 and not stats.get("batches"), stats
-        fragments = fragments_sent(net.master, version)
-        assert fragments >= stats["datagrams"], f"{fragments} fragments: the datagrams should be fragmented"
+        fragments = fragments_sent(net.master, version) - fragments_before
         log = (tmp_path / "run" / "sender.log").read_text()
-        assert "one datagram per call" in log and "block_size" in log, log[-2000:]
+        if explicit:
+            assert stats["datagrams"] > 2000 and not stats.get("batches"), stats
+            assert fragments >= stats["datagrams"], f"{fragments} fragments: they should be fragmented"
+            assert "one datagram per call" in log and "block_size" in log, log[-2000:]
+        else:
+            block = 1400 - (28 if version == 4 else 48) - OVERHEAD
+            assert stats["datagrams"] >= (3 * MiB + 5) // block and stats.get("batches"), stats
+            assert fragments == 0, f"{fragments} fragments: the datagrams should fit the MTU"
+            assert "one datagram per call" not in log, log[-2000:]
         for node in net.nodes:
             copy = tmp_path / "run" / node.name / "data" / "src" / "f.bin"
             assert content_digest(copy) == content_digest(source / "f.bin"), node.name
@@ -633,7 +647,7 @@ def test_a_passive_host_reads_no_file_data(lan: Any, tmp_path: Path) -> None:
             received = tmp_path / "run" / node.name / "data" / "secrets.txt"
             assert received.read_bytes() == (src / "secrets.txt").read_bytes()
         # It heard the whole file's worth of datagrams, and not one word of it.
-        assert heard >= 4 * MiB // 1408, heard
+        assert heard >= outcome.report["sender_stats"]["datagrams"] >= 4 * MiB // 1428, heard
         wire = capture.read_bytes()
         assert len(wire) > 4 * MiB
         for words in (b"CONFIDENTIAL", b"hunter2", b"root password"):

@@ -812,6 +812,20 @@ class WireRateTests(unittest.TestCase):
         self.assertEqual(unique_channel().frame_overhead, 8 + 20 + 14)
         self.assertEqual(Channel("ff02::1:2", 7000).frame_overhead, 8 + 40 + 14)
 
+    def test_a_datagram_fills_a_packet_of_at_most_ethernets_mtu(self):
+        """
+        1500 less the IP and UDP headers, on IPv4 and IPv6, whether the
+        interface is the kernel's choice or named (``lo``'s MTU of 65536 is
+        capped: jumbo blocks are the operator's to ask for); an interface that
+        does not exist leaves the error to the socket that would use it.
+        """
+        self.assertEqual(unique_channel().payload_room(), 1472)
+        self.assertEqual(Channel("ff02::1:2", 7000).payload_room(), 1452)
+        self.assertEqual(Channel("239.255.1.2", 7000, "lo").payload_room(), 1472)
+        self.assertEqual(Channel("239.255.1.2", 7000, "no-such-if0").payload_room(), 1472)
+        ipv6 = Channel("ff02::1:2", 7000)
+        self.assertEqual(ipv6.payload_room() - datagram.OVERHEAD, datagram.DEFAULT_BLOCK_SIZE)
+
     @defer.inlineCallbacks
     def test_the_rate_is_a_rate_on_the_wire(self):
         """
