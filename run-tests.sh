@@ -45,7 +45,7 @@ echo "== the data path's C modules"
 # In place, for both runs below (the virtualenv is made from /usr/bin/python3,
 # so one build serves both); a failed build fails the run.
 MRSYNCD_REQUIRE_NATIVE=1 /usr/bin/python3 setup.py -q build_ext --inplace
-/usr/bin/python3 -c 'from mrsyncd import datagram, erasure; assert datagram.native() and erasure.native(), "a C module did not load"'
+/usr/bin/python3 -c 'from mrsyncd.wire import datagram, erasure; assert datagram.native() and erasure.native(), "a C module did not load"'
 echo "== ruff and mypy"
 "$venv/bin/ruff" check mrsyncd tests
 "$venv/bin/ruff" format --check mrsyncd

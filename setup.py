@@ -4,7 +4,7 @@ datagram's AEAD and read loop (`mrsyncd._crypto`) and the sums behind repair
 parities (`mrsyncd._erasure`).
 
 Optional: without a compiler or OpenSSL's headers the build goes on and
-mrsyncd uses its pure-Python paths (`mrsyncd.datagram`, `mrsyncd.erasure`),
+mrsyncd uses its pure-Python paths (`mrsyncd.wire.datagram`, `mrsyncd.wire.erasure`),
 slower but the same on the wire.  ``MRSYNCD_REQUIRE_NATIVE=1`` (the Debian package, CI) makes a
 failed build an error.
 """

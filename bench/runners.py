@@ -37,7 +37,7 @@ from bench.scenarios import Case
 
 REPO = Path(__file__).resolve().parent.parent
 GROUP_BASE = "239.255.88."
-#: The rate controller's debug line, every 0.1 s (mrsyncd/transfer.py).
+#: The rate controller's debug line, every 0.1 s (mrsyncd/engine/transfer.py).
 RATE_LINE = re.compile(r"rate ([0-9.]+) Mbit/s, monitor ([^,\s]+)")
 #: Bytes an Ethernet frame adds to a UDP payload (14 Ethernet + 20 IPv4 + 8 UDP):
 #: tbf counts the frame without its FCS.
@@ -294,7 +294,7 @@ def wait_idle(procs: list[Proc], timeout: float = 30.0, quiet: float = 0.02) -> 
 
 
 class MrsyncEngine(Runner):
-    """mrsyncd's data plane alone: ``mrsync-engine send`` and ``receive`` (python3 -m mrsyncd.enginecli)."""
+    """mrsyncd's data plane alone: ``mrsync-engine send`` and ``receive`` (mrsyncd.scripts.mrsync_engine)."""
 
     name = "mrsyncd-engine"
     description = "mrsync-engine send/receive: the data plane alone, without the daemons"
@@ -302,7 +302,7 @@ class MrsyncEngine(Runner):
     CONTROL_PORT = 7718
 
     def command(self) -> list[str]:
-        return [sys.executable, "-m", "mrsyncd.enginecli"]
+        return [sys.executable, "-m", "mrsyncd.scripts.mrsync_engine"]
 
     def env(self) -> dict[str, str]:
         # With the snapshot as the working directory too: ``python3 -m``
@@ -317,7 +317,7 @@ class MrsyncEngine(Runner):
             [
                 sys.executable,
                 "-c",
-                "from mrsyncd import datagram as d; print(d.__file__)",
+                "from mrsyncd.wire import datagram as d; print(d.__file__)",
             ],
             capture_output=True,
             text=True,
@@ -472,7 +472,7 @@ class MrsyncDaemons(MrsyncEngine):
 
     def ca(self, *args: str) -> None:
         done = subprocess.run(
-            [sys.executable, "-m", "mrsyncd.ca_cli", *args],
+            [sys.executable, "-m", "mrsyncd.scripts.mrsync_ca", *args],
             capture_output=True,
             text=True,
             env=self.env(),
@@ -552,7 +552,7 @@ class MrsyncDaemons(MrsyncEngine):
         return [
             sys.executable,
             "-m",
-            "mrsyncd.cli",
+            "mrsyncd.scripts.mrsync",
             "--master",
             f"{self.lan.master.ip}:{self.CONTROL_PORT}",
             "--ca",

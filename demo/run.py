@@ -85,7 +85,7 @@ def main() -> int:
             cert, key = cluster.operator
             push = [
                 *(["ip", "netns", "exec", lan.master.netns]),
-                "/usr/bin/python3", "-m", "mrsyncd.cli",
+                "/usr/bin/python3", "-m", "mrsyncd.scripts.mrsync",
                 "--master", cluster.address, "--ca", cluster.ca.cert, "--cert", cert, "--key", key,
                 "push", f"{src}/", f"all:{cluster.shared}/sample",
             ]

@@ -31,8 +31,12 @@ _predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.info)
 _observer = FilteringLogObserver(globalLogPublisher, [_predicate])
 
 
-def logger(namespace: str) -> Logger:
-    return Logger(namespace=namespace, observer=_observer)
+def logger(module: str) -> Logger:
+    """
+    A module's logger, named ``mrsyncd.<module>`` without its subpackage:
+    the journal names the part (``[mrsyncd.master]``), not the source tree.
+    """
+    return Logger(namespace=f"mrsyncd.{module.rpartition('.')[2]}", observer=_observer)
 
 
 def set_level(level: str) -> None:

@@ -49,7 +49,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from mrsyncd import certs
+from mrsyncd.security import certs
 from tests import support
 
 REPO = str(Path(__file__).resolve().parent.parent)
@@ -527,7 +527,7 @@ class Cluster:
             *_in_netns(self.master_netns),
             self.python,
             "-m",
-            "mrsyncd.cli",
+            "mrsyncd.scripts.mrsync",
             "--master",
             master or self.address,
         ]
@@ -549,7 +549,7 @@ class Cluster:
             *_in_netns(self.master_netns),
             self.python,
             "-m",
-            "mrsyncd.cli",
+            "mrsyncd.scripts.mrsync",
             "--master",
             self.address,
             "--ca",

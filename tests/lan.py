@@ -24,7 +24,7 @@ tools)::
         net.master.cap_egress("100mbit")
         for node in net.nodes:
             node.drop_udp(0.05, port=7717)
-        proc = net.master.popen([sys.executable, "-m", "mrsyncd.enginecli", ...])
+        proc = net.master.popen([sys.executable, "-m", "mrsyncd.scripts.mrsync_engine", ...])
 """
 
 from __future__ import annotations

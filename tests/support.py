@@ -21,13 +21,14 @@ from typing import Any
 
 from twisted.internet import defer, reactor, task
 
-from mrsyncd import datagram, intake
-from mrsyncd.agent import LocalPeer, ReceiverAgent
-from mrsyncd.ledger import NEEDED
-from mrsyncd.manifest import Manifest
-from mrsyncd.multicast import Channel
-from mrsyncd.receiver import Receiver
-from mrsyncd.transfer import Transfer, new_offer
+from mrsyncd.engine import intake
+from mrsyncd.engine.agent import LocalPeer, ReceiverAgent
+from mrsyncd.engine.ledger import NEEDED
+from mrsyncd.engine.multicast import Channel
+from mrsyncd.engine.receiver import Receiver
+from mrsyncd.engine.transfer import Transfer, new_offer
+from mrsyncd.wire import datagram
+from mrsyncd.wire.manifest import Manifest
 
 #: Fast enough that every transfer here takes well under a second on lo.
 RATE = 200e6

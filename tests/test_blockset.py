@@ -6,7 +6,7 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from mrsyncd.blockset import RangeSet, decode_map, encode_map, repair_plan, union_maps
+from mrsyncd.wire.blockset import RangeSet, decode_map, encode_map, repair_plan, union_maps
 
 small_sets = st.sets(st.integers(min_value=0, max_value=300), max_size=120)
 range_lists = st.lists(

@@ -18,7 +18,7 @@ from twisted.internet.task import Clock
 from twisted.python import usage
 
 from mrsyncd import __version__
-from mrsyncd.cli import (
+from mrsyncd.scripts.mrsync import (
     EXIT_CANCELLED,
     EXIT_FAILED,
     EXIT_MISSED,
@@ -322,29 +322,33 @@ def test_mrsync_loads_none_of_the_engine():
     first byte.
     """
     loaded = subprocess.run(
-        [sys.executable, "-c", "import sys, mrsyncd.cli; print(' '.join(sorted(sys.modules)))"],
+        [sys.executable, "-c", "import sys, mrsyncd.scripts.mrsync; print(' '.join(sorted(sys.modules)))"],
         capture_output=True,
         text=True,
         check=True,
         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
     ).stdout.split()
     engine = {
-        "mrsyncd.agent",
-        "mrsyncd.blockset",
-        "mrsyncd.control",
-        "mrsyncd.erasure",
-        "mrsyncd.manifest",
-        "mrsyncd.master",
-        "mrsyncd.node",
-        "mrsyncd.receiver",
-        "mrsyncd.sender",
-        "mrsyncd.transfer",
+        "mrsyncd.engine.agent",
+        "mrsyncd.wire.blockset",
+        "mrsyncd.control.peers",
+        "mrsyncd.wire.erasure",
+        "mrsyncd.wire.manifest",
+        "mrsyncd.daemon.master",
+        "mrsyncd.daemon.node",
+        "mrsyncd.engine.receiver",
+        "mrsyncd.engine.sender",
+        "mrsyncd.engine.transfer",
     }
-    assert "mrsyncd.commands" in loaded
+    assert "mrsyncd.control.commands" in loaded
     assert engine.isdisjoint(loaded), sorted(engine & set(loaded))
 
 
-PROGRAMS = {"mrsync": "mrsyncd.cli", "mrsync-ca": "mrsyncd.ca_cli", "mrsync-engine": "mrsyncd.enginecli"}
+PROGRAMS = {
+    "mrsync": "mrsyncd.scripts.mrsync",
+    "mrsync-ca": "mrsyncd.scripts.mrsync_ca",
+    "mrsync-engine": "mrsyncd.scripts.mrsync_engine",
+}
 
 
 def run_program(module: str, *args: str) -> subprocess.CompletedProcess[str]:

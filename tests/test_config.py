@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from mrsyncd.config import ConfigError, MasterConfig, NodeConfig, defaults, load, parse
+from mrsyncd.daemon.config import ConfigError, MasterConfig, NodeConfig, defaults, load, parse
 
 EXAMPLE = os.path.join(os.path.dirname(__file__), "..", "etc", "mrsyncd.toml")
 

@@ -21,9 +21,8 @@ from twisted.protocols import amp
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
-from mrsyncd import commands
-from mrsyncd.agent import ReceiverAgent
-from mrsyncd.commands import (
+from mrsyncd.control import commands
+from mrsyncd.control.commands import (
     PROTOCOL,
     UINT32_MAX,
     BadRequest,
@@ -32,12 +31,13 @@ from mrsyncd.commands import (
     Refused,
     Register,
 )
-from mrsyncd.control import AMPPeer, ReceiverControl, SenderControl
-from mrsyncd.manifest import DIGEST_SIZE, FILE, Entry, Manifest
-from mrsyncd.multicast import Channel
-from mrsyncd.ratecontrol import LOST_MARKS, Feedback
-from mrsyncd.receiver import MissingReport
-from mrsyncd.transfer import Offer
+from mrsyncd.control.peers import AMPPeer, ReceiverControl, SenderControl
+from mrsyncd.engine.agent import ReceiverAgent
+from mrsyncd.engine.multicast import Channel
+from mrsyncd.engine.ratecontrol import LOST_MARKS, Feedback
+from mrsyncd.engine.receiver import MissingReport
+from mrsyncd.engine.transfer import Offer
+from mrsyncd.wire.manifest import DIGEST_SIZE, FILE, Entry, Manifest
 
 TRANSFER_ID = b"\x01" * 8
 

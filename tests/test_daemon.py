@@ -1,7 +1,7 @@
 """
 The daemons as an operator runs them: ``twistd mrsyncd`` processes (one
 master, three nodes) on this host's loopback, driven by the real ``mrsync``
-command line, with certificates made by `mrsyncd.certs`.
+command line, with certificates made by `mrsyncd.security.certs`.
 
 See tests/daemon.py for the set-up.  As root every node has a mount
 namespace of its own, so that one job can write "the same" destination on
@@ -37,9 +37,9 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
-from mrsyncd.datagram import OVERHEAD
-from mrsyncd.manifest import default_chunk_size
-from mrsyncd.tap import EXIT_CONFIG
+from mrsyncd.daemon.tap import EXIT_CONFIG
+from mrsyncd.wire.datagram import OVERHEAD
+from mrsyncd.wire.manifest import default_chunk_size
 from tests import support
 from tests.daemon import (
     CA,

@@ -10,8 +10,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mrsyncd import datagram
-from mrsyncd.datagram import (
+from mrsyncd.wire import datagram
+from mrsyncd.wire.datagram import (
     AES_256_GCM,
     CHACHA20_POLY1305,
     HEADER_SIZE,

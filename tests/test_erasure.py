@@ -14,8 +14,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mrsyncd import erasure
-from mrsyncd.erasure import MAX_GROUP, MUL, _inv, _mul, coefficient, decode, encode, python_combine
+from mrsyncd.wire import erasure
+from mrsyncd.wire.erasure import MAX_GROUP, MUL, _inv, _mul, coefficient, decode, encode, python_combine
 
 built = pytest.mark.skipif(erasure._erasure is None, reason="the C module mrsyncd._erasure is not built")
 

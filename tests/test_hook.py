@@ -1,5 +1,5 @@
 """
-A node's post-receive hook (`mrsyncd.hook`), run for real: the changed
+A node's post-receive hook (`mrsyncd.engine.hook`), run for real: the changed
 paths NUL-separated, a time limit, and only the end of its output kept.
 """
 
@@ -13,7 +13,7 @@ from typing import Any
 from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
-from mrsyncd.hook import HOOK_OUTPUT, run_hook
+from mrsyncd.engine.hook import HOOK_OUTPUT, run_hook
 
 
 class HookTests(unittest.TestCase):
@@ -44,7 +44,7 @@ class HookTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_a_hook_that_ignores_sigterm_is_killed(self) -> Any:
-        self.patch(__import__("mrsyncd.hook", fromlist=["KILL_AFTER"]), "KILL_AFTER", 0.5)
+        self.patch(__import__("mrsyncd.engine.hook", fromlist=["KILL_AFTER"]), "KILL_AFTER", 0.5)
         hook = yield self.run_hook("trap '' TERM; sleep 20", timeout=0.3)
         self.assertEqual(hook["status"], -9, hook)
 

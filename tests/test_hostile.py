@@ -43,8 +43,7 @@ import pytest
 from twisted.internet.testing import StringTransport
 from twisted.protocols import amp
 
-from mrsyncd import datagram
-from mrsyncd.commands import (
+from mrsyncd.control.commands import (
     MAX_BOX_BYTES,
     MAX_BOX_KEYS,
     MAX_MESSAGE_BYTES,
@@ -54,8 +53,9 @@ from mrsyncd.commands import (
     BigBytes,
     BoundedAMP,
 )
-from mrsyncd.manifest import FILE, HARDLINK, SYMLINK, Manifest, digest, scan
-from mrsyncd.multicast import Channel, receiver_socket
+from mrsyncd.engine.multicast import Channel, receiver_socket
+from mrsyncd.wire import datagram
+from mrsyncd.wire.manifest import FILE, HARDLINK, SYMLINK, Manifest, digest, scan
 from tests import support
 from tests.daemon import (
     REPO,
@@ -248,8 +248,8 @@ def rss_kib(pid: int, field: str = "VmRSS") -> int:
 SPRAYER = r'''
 """Send a planned mix of hostile datagrams to a group and port on lo; print what was sent."""
 import json, os, random, sys, time
-from mrsyncd import datagram
-from mrsyncd.multicast import Channel, sender_socket
+from mrsyncd.wire import datagram
+from mrsyncd.engine.multicast import Channel, sender_socket
 
 cfg = json.loads(sys.argv[1])
 out = sender_socket(Channel(cfg["group"], cfg["port"], "lo", 1, True))

@@ -16,8 +16,9 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 
-from mrsyncd import datagram, intake
-from mrsyncd.datagram import KIND_DATA, KIND_ECHO, KIND_PARITY, DatagramCipher
+from mrsyncd.engine import intake
+from mrsyncd.wire import datagram
+from mrsyncd.wire.datagram import KIND_DATA, KIND_ECHO, KIND_PARITY, DatagramCipher
 
 #: Every read path this host has: the contract holds for each.
 PATHS = [False] + ([True] if intake._crypto is not None else [])

@@ -1,5 +1,5 @@
 """
-The data plane across real hosts: `mrsyncd.enginecli` send and receive, each
+The data plane across real hosts: `mrsyncd.scripts.mrsync_engine` send and receive, each
 in a network namespace of its own, on a bridged LAN (see tests/lan.py) with
 a capped sender link, datagrams dropped at the receivers, a hostile host
 spraying the group, and a file larger than 4 GiB.
@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from mrsyncd.datagram import OVERHEAD, Reason
+from mrsyncd.wire.datagram import OVERHEAD, Reason
 from tests.lan import Host, Lan, read_rusage
 
 pytestmark = pytest.mark.lan
@@ -99,7 +99,7 @@ def run_transfer(
     started = time.monotonic()
     with open(logs["sender"], "wb") as log:
         sender = master.python(
-            ["-m", "mrsyncd.enginecli", "send", "-l", listen, "-n", str(len(receivers)),
+            ["-m", "mrsyncd.scripts.mrsync_engine", "send", "-l", listen, "-n", str(len(receivers)),
              "-i", sender_interface, "-g", group, "-p", str(DATA_PORT), "-r", rate, "-d", "data",
              "--report", str(report_path), *extra, *map(str, sources)],
             stdout=log, stderr=subprocess.STDOUT, rusage=workdir / "sender.rusage",
@@ -109,7 +109,7 @@ def run_transfer(
         logs[host.name] = workdir / f"{host.name}.log"
         with open(logs[host.name], "wb") as log:
             procs[host.name] = host.python(
-                ["-m", "mrsyncd.enginecli", "receive", "-c", connect, "--name", host.name,
+                ["-m", "mrsyncd.scripts.mrsync_engine", "receive", "-c", connect, "--name", host.name,
                  "-i", "eth0", "--root", str(workdir / host.name), *receiver_extra],
                 stdout=log, stderr=subprocess.STDOUT, rusage=workdir / f"{host.name}.rusage",
             )  # fmt: skip
@@ -317,7 +317,7 @@ def drop_tree(*paths: Path) -> None:
 
 LISTEN_ONCE = """
 import json, socket, sys
-from mrsyncd.multicast import Channel, receiver_socket
+from mrsyncd.engine.multicast import Channel, receiver_socket
 sockets = [receiver_socket(Channel(g, int(sys.argv[1]), "eth0")) for g in sys.argv[2:]]
 print("ready", flush=True)
 got = []
@@ -330,7 +330,7 @@ print(json.dumps(got), flush=True)
 
 SEND_ONCE = """
 import sys, time
-from mrsyncd.multicast import Channel, sender_socket
+from mrsyncd.engine.multicast import Channel, sender_socket
 for g in sys.argv[2:]:
     s = sender_socket(Channel(g, int(sys.argv[1]), "eth0"))
     for _ in range(3):
@@ -510,8 +510,8 @@ def test_ipv6_group_interface_by_name(lan: Any, tmp_path: Path) -> None:
 SPRAYER = r'''
 """Spray the group with forged and malformed datagrams until SIGTERM."""
 import json, os, random, signal, socket, sys, time
-from mrsyncd import datagram
-from mrsyncd.multicast import Channel, receiver_socket, sender_socket
+from mrsyncd.wire import datagram
+from mrsyncd.engine.multicast import Channel, receiver_socket, sender_socket
 
 group, port, master, per_second = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
 channel = Channel(group, port, "eth0", 1, False)
@@ -593,7 +593,7 @@ finally:
 SNIFFER = r"""
 # Keep every datagram heard on the group, as any host on the LAN can, until SIGTERM.
 import signal, sys
-from mrsyncd.multicast import Channel, receiver_socket
+from mrsyncd.engine.multicast import Channel, receiver_socket
 
 sock = receiver_socket(Channel(sys.argv[1], int(sys.argv[2]), "eth0"))
 sock.settimeout(0.2)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mrsyncd.ledger import DONE, NEEDED, VERIFYING, BlockLedger
+from mrsyncd.engine.ledger import DONE, NEEDED, VERIFYING, BlockLedger
 
 
 class Model:

@@ -13,8 +13,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mrsyncd import manifest
-from mrsyncd.manifest import (
+from mrsyncd.wire import manifest
+from mrsyncd.wire.manifest import (
     DIGEST_SIZE,
     DIR,
     FILE,
@@ -539,7 +539,7 @@ class CountingDigest:
     """Counts how many bytes `manifest.digest` is asked to digest."""
 
     def __init__(self, monkeypatch):
-        from mrsyncd import manifest as manifest_module
+        from mrsyncd.wire import manifest as manifest_module
 
         self.bytes = 0
         real = manifest_module.digest
@@ -552,7 +552,7 @@ class CountingDigest:
 
 
 def test_digest_cache_skips_unchanged_files_and_notices_a_rewrite(tmp_path, monkeypatch):
-    from mrsyncd.store import DigestCache
+    from mrsyncd.daemon.store import DigestCache
 
     src = tmp_path / "src"
     src.mkdir()
@@ -579,7 +579,7 @@ def test_digest_cache_of_an_older_version_is_dropped(tmp_path):
     """Its BLAKE2b digests would make every receiver reject every chunk."""
     import sqlite3
 
-    from mrsyncd.store import DigestCache
+    from mrsyncd.daemon.store import DigestCache
 
     path = str(tmp_path / "cache.db")
     old = sqlite3.connect(path)

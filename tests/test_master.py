@@ -17,11 +17,10 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
-from mrsyncd import store
-from mrsyncd.commands import BadRequest
-from mrsyncd.config import MasterConfig
-from mrsyncd.manifest import ManifestError
-from mrsyncd.master import (
+from mrsyncd.control.commands import BadRequest
+from mrsyncd.daemon import store
+from mrsyncd.daemon.config import MasterConfig
+from mrsyncd.daemon.master import (
     SPEC_DEFAULTS,
     MasterControl,
     MasterService,
@@ -30,7 +29,8 @@ from mrsyncd.master import (
     source_refusal,
     why_unreadable,
 )
-from mrsyncd.store import DONE
+from mrsyncd.daemon.store import DONE
+from mrsyncd.wire.manifest import ManifestError
 
 
 @pytest.fixture

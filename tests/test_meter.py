@@ -6,8 +6,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mrsyncd.meter import BASE_SPAN, BASE_SPANS, FEEDBACK_INTERVAL, LOSS_SAMPLE, LOST_MARK, DelayLossMeter
-from mrsyncd.ratecontrol import LOST_MARKS, Feedback
+from mrsyncd.engine.meter import (
+    BASE_SPAN,
+    BASE_SPANS,
+    FEEDBACK_INTERVAL,
+    LOSS_SAMPLE,
+    LOST_MARK,
+    DelayLossMeter,
+)
+from mrsyncd.engine.ratecontrol import LOST_MARKS, Feedback
 
 INTERVALS_A_SPAN = round(BASE_SPAN / FEEDBACK_INTERVAL)
 

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from twisted.internet.testing import MemoryReactorClock
 
-from mrsyncd.config import MasterConfig
-from mrsyncd.master import MasterService, NodeState
-from mrsyncd.metrics import MasterCollector
+from mrsyncd.daemon.config import MasterConfig
+from mrsyncd.daemon.master import MasterService, NodeState
+from mrsyncd.daemon.metrics import MasterCollector
 from tests.daemon import Cluster, free_tcp_port, random_file
 
 prometheus_client = pytest.importorskip("prometheus_client")

@@ -76,7 +76,7 @@ FILES = [
     "/usr/bin/mrsync-ca",
     "/usr/bin/mrsync-engine",
     "/usr/lib/python3/dist-packages/twisted/plugins/mrsyncd_plugin.py",
-    "/usr/lib/python3/dist-packages/mrsyncd/tap.py",
+    "/usr/lib/python3/dist-packages/mrsyncd/daemon/tap.py",
     "/etc/mrsyncd/mrsyncd.toml",
     "/lib/systemd/system/mrsyncd-master.service",
     "/lib/systemd/system/mrsyncd-node.service",
@@ -388,7 +388,7 @@ class Daemon:
         self.log = log
         argv, user = unit_command(unit)
         assert unit_settings(unit)["Type"] == "notify", unit
-        # systemctl reload: the daemon rereads its revocation list (mrsyncd.tls.RevocationWatch).
+        # systemctl reload: the daemon rereads its revocation list (mrsyncd.security.tls.RevocationWatch).
         assert unit_settings(unit)["ExecReload"] == "/bin/kill -HUP $MAINPID", unit
         pw = pwd.getpwnam(user)
         # What systemd would do for User=, NoNewPrivileges=yes and an empty

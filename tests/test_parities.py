@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mrsyncd.parities import KeptParities
+from mrsyncd.engine.parities import KeptParities
 
 
 def test_a_parity_is_kept_once():

@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet.task import Clock
 
-from mrsyncd.ratecontrol import (
+from mrsyncd.engine.ratecontrol import (
     FEEDBACK_BUDGET,
     FEEDBACK_SAMPLE,
     NEWS,
@@ -29,7 +29,7 @@ from mrsyncd.ratecontrol import (
     queue,
     report_due,
 )
-from mrsyncd.tfrc import throughput
+from mrsyncd.engine.tfrc import throughput
 
 MB = 8e6  # one megabyte per second, in bits per second
 

@@ -6,7 +6,7 @@ import socket
 
 import pytest
 
-from mrsyncd import readiness
+from mrsyncd.daemon import readiness
 
 
 @pytest.fixture

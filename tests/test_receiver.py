@@ -20,15 +20,16 @@ import time
 from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
-from mrsyncd import datagram, erasure, storage
-from mrsyncd import receiver as receiver_module
-from mrsyncd.blockset import RangeSet, decode_map
-from mrsyncd.manifest import DIR, FILE, Entry, Manifest, scan
-from mrsyncd.manifest import digest as manifest_digest
-from mrsyncd.multicast import sender_socket
-from mrsyncd.ratecontrol import Echo, node_id
-from mrsyncd.receiver import OK, Receiver
-from mrsyncd.storage import part_name
+from mrsyncd.engine import receiver as receiver_module
+from mrsyncd.engine import storage
+from mrsyncd.engine.multicast import sender_socket
+from mrsyncd.engine.ratecontrol import Echo, node_id
+from mrsyncd.engine.receiver import OK, Receiver
+from mrsyncd.engine.storage import part_name
+from mrsyncd.wire import datagram, erasure
+from mrsyncd.wire.blockset import RangeSet, decode_map
+from mrsyncd.wire.manifest import DIR, FILE, Entry, Manifest, scan
+from mrsyncd.wire.manifest import digest as manifest_digest
 
 from .support import (
     assert_same_tree,
@@ -1260,9 +1261,9 @@ class OwnerDropInTests(unittest.TestCase):
         # groups, and only the drop-in's capabilities.
         script = (
             "import os, sys\n"
-            "from mrsyncd import fsutil\n"
-            "from mrsyncd.manifest import FILE, Entry\n"
-            "from mrsyncd.storage import set_metadata\n"
+            "from mrsyncd.engine import fsutil\n"
+            "from mrsyncd.wire.manifest import FILE, Entry\n"
+            "from mrsyncd.engine.storage import set_metadata\n"
             "assert os.geteuid() == 65534 and fsutil.may_set_owners()\n"
             "fd = os.open(sys.argv[1], os.O_RDONLY)\n"
             "set_metadata(fd, Entry('tool', FILE, 0o6755, 10**18, uid=4242, gid=4242), True)\n"

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from mrsyncd import fsutil, storage
-from mrsyncd.manifest import DIR, FILE, Entry, Manifest
-from mrsyncd.manifest import digest as chunk_digest
-from mrsyncd.storage import part_name
+from mrsyncd.engine import fsutil, storage
+from mrsyncd.engine.storage import part_name
+from mrsyncd.wire.manifest import DIR, FILE, Entry, Manifest
+from mrsyncd.wire.manifest import digest as chunk_digest
 
 from .support import part_files, write_file
 

@@ -7,10 +7,11 @@ import time
 
 import pytest
 
-from mrsyncd import certs, store
-from mrsyncd.config import ConfigError, parse
-from mrsyncd.store import DONE, FAILED, RUNNING, SCHEMA_VERSION, JobStore, StoreError
-from mrsyncd.tap import build
+from mrsyncd.daemon import store
+from mrsyncd.daemon.config import ConfigError, parse
+from mrsyncd.daemon.store import DONE, FAILED, RUNNING, SCHEMA_VERSION, JobStore, StoreError
+from mrsyncd.daemon.tap import build
+from mrsyncd.security import certs
 
 #: The store as releases before layout versions wrote it (42ed698): no
 #: ``user_version``, and jobs from before runs had keys lack ``run``.

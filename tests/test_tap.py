@@ -1,5 +1,5 @@
 """
-``twistd mrsyncd`` in process: `mrsyncd.tap` builds the services a
+``twistd mrsyncd`` in process: `mrsyncd.daemon.tap` builds the services a
 configuration asks for with an injected reactor (a `MemoryReactorClock`),
 as Twisted's own ``test_tap`` modules test theirs.  Real certificates, a
 real job store; the real processes are the daemon tests' business.
@@ -14,11 +14,12 @@ from twisted.internet.interfaces import IReactorPluggableNameResolver
 from twisted.internet.testing import MemoryReactorClock
 from zope.interface import implementer
 
-from mrsyncd import store, tls
-from mrsyncd.config import ConfigError, load
-from mrsyncd.master import MasterService
-from mrsyncd.node import NodeService
-from mrsyncd.tap import EXIT_CONFIG, Options, build, makeService
+from mrsyncd.daemon import store
+from mrsyncd.daemon.config import ConfigError, load
+from mrsyncd.daemon.master import MasterService
+from mrsyncd.daemon.node import NodeService
+from mrsyncd.daemon.tap import EXIT_CONFIG, Options, build, makeService
+from mrsyncd.security import tls
 from tests.daemon import CA, write_toml
 
 

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mrsyncd.tfrc import EVENT_SPAN, LossHistory, throughput
+from mrsyncd.engine.tfrc import EVENT_SPAN, LossHistory, throughput
 
 
 def test_without_loss_there_is_no_bound():

@@ -2,10 +2,10 @@
 Certificates, mutual TLS and ``mrsync-ca``, for real.
 
 Every handshake here is a real TLS handshake over loopback TCP, on the real
-reactor, with certificates made by `mrsyncd.certs` in a temporary directory.
+reactor, with certificates made by `mrsyncd.security.certs` in a temporary directory.
 Hostile clients (no certificate, a foreign CA, an expired certificate, a
 master certificate used as a client) are built with Twisted's own API, since
-`mrsyncd.tls.client_options` refuses to load such files in the first place.
+`mrsyncd.security.tls.client_options` refuses to load such files in the first place.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from twisted.internet.task import Clock
 from twisted.trial import unittest
 from zope.interface import implementer
 
-from mrsyncd import certs, tls
+from mrsyncd.security import certs, tls
 
 #: pyOpenSSL 24.3 and later deprecate being given their own X509 and PKey
 #: objects (they are to go): mrsyncd gives them `cryptography`'s.
@@ -71,7 +71,7 @@ class Cluster:
 
 
 def raw_credentials(cert_path: str, key_path: str) -> dict[str, object]:
-    """A certificate and key from files for CertificateOptions, with none of mrsyncd.tls's checks."""
+    """A certificate and key from files for CertificateOptions, with none of mrsyncd.security.tls's checks."""
     cert, key = tls.context_credentials(certs.load_certificate(cert_path), certs.load_private_key(key_path))
     return {"certificate": cert, "privateKey": key}
 
@@ -536,7 +536,7 @@ class CommandLineTests(unittest.SynchronousTestCase):
     def run_ca(self, *args: str) -> subprocess.CompletedProcess[str]:
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
         return subprocess.run(
-            [sys.executable, "-m", "mrsyncd.ca_cli", *args],
+            [sys.executable, "-m", "mrsyncd.scripts.mrsync_ca", *args],
             capture_output=True,
             text=True,
             env=env,

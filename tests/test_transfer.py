@@ -15,17 +15,17 @@ from twisted.internet import defer, reactor, task
 from twisted.internet.protocol import DatagramProtocol
 from twisted.trial import unittest
 
-from mrsyncd import agent as agent_module
-from mrsyncd import datagram
-from mrsyncd import transfer as transfer_module
-from mrsyncd.agent import LocalPeer, ReceiverAgent
-from mrsyncd.blockset import RangeSet, encode_map
-from mrsyncd.manifest import scan
-from mrsyncd.multicast import Channel, adopt, receiver_socket
-from mrsyncd.ratecontrol import Echo
-from mrsyncd.receiver import OK, MissingReport, Receiver, TransferOptions
-from mrsyncd.sender import Sender
-from mrsyncd.transfer import Transfer, new_offer, probe_interval
+from mrsyncd.engine import agent as agent_module
+from mrsyncd.engine import transfer as transfer_module
+from mrsyncd.engine.agent import LocalPeer, ReceiverAgent
+from mrsyncd.engine.multicast import Channel, adopt, receiver_socket
+from mrsyncd.engine.ratecontrol import Echo
+from mrsyncd.engine.receiver import OK, MissingReport, Receiver, TransferOptions
+from mrsyncd.engine.sender import Sender
+from mrsyncd.engine.transfer import Transfer, new_offer, probe_interval
+from mrsyncd.wire import datagram
+from mrsyncd.wire.blockset import RangeSet, encode_map
+from mrsyncd.wire.manifest import scan
 
 from .support import (
     RATE,

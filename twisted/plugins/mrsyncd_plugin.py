@@ -2,7 +2,7 @@ from twisted.application.service import ServiceMaker
 
 mrsyncd = ServiceMaker(
     "mrsyncd",
-    "mrsyncd.tap",
+    "mrsyncd.daemon.tap",
     "Reliable multicast file distribution: the mrsyncd master and node daemons.",
     "mrsyncd",
 )

@@ -28,15 +28,15 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 
 from mrsyncd import logs
-from mrsyncd.agent import ReceiverAgent
-from mrsyncd.control import AMPPeer, ReceiverControl, SenderControl
-from mrsyncd.datagram import OVERHEAD
-from mrsyncd.manifest import scan
-from mrsyncd.multicast import Channel
-from mrsyncd.options import CommandOptions, usage_error
-from mrsyncd.ratecontrol import Feedback, parse_rate
-from mrsyncd.receiver import TransferOptions
-from mrsyncd.transfer import Transfer, new_offer
+from mrsyncd.control.peers import AMPPeer, ReceiverControl, SenderControl
+from mrsyncd.engine.agent import ReceiverAgent
+from mrsyncd.engine.multicast import Channel
+from mrsyncd.engine.ratecontrol import Feedback, parse_rate
+from mrsyncd.engine.receiver import TransferOptions
+from mrsyncd.engine.transfer import Transfer, new_offer
+from mrsyncd.scripts.options import CommandOptions, usage_error
+from mrsyncd.wire.datagram import OVERHEAD
+from mrsyncd.wire.manifest import scan
 
 log = logs.logger(__name__)
 

@@ -3,7 +3,7 @@ A receiver's delay and loss meter: what its datagrams say about the path
 from the sender, read every `FEEDBACK_INTERVAL` as a `ratecontrol.Feedback`.
 
 Pure: it is told what arrived (`DelayLossMeter.count`, once a batch, from
-`mrsyncd.intake`'s sums) and how full the socket's queue is, and keeps no
+`mrsyncd.engine.intake`'s sums) and how full the socket's queue is, and keeps no
 clock.  Loss is the share of sequence numbers not seen; delay is the mean
 one-way delay above its base, the least seen over the last two minutes.
 """
@@ -12,12 +12,12 @@ from __future__ import annotations
 
 from collections import deque
 
-from mrsyncd.datagram import MASK32
-from mrsyncd.ratecontrol import LOST_MARKS, Feedback
-from mrsyncd.tfrc import LossHistory
+from mrsyncd.engine.ratecontrol import LOST_MARKS, Feedback
+from mrsyncd.engine.tfrc import LossHistory
+from mrsyncd.wire.datagram import MASK32
 
 #: How often a receiver looks at its loss and delay, and reports them if
-#: there is anything to report (see `mrsyncd.receiver`).
+#: there is anything to report (see `mrsyncd.engine.receiver`).
 FEEDBACK_INTERVAL = 0.1
 #: The base one-way delay is the least seen in BASE_SPANS spans of BASE_SPAN seconds.
 BASE_SPAN = 10.0

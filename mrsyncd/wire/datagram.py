@@ -223,7 +223,7 @@ class DatagramCipher:
     ) -> None:
         self.transfer_id = transfer_id
         self.cipher = cipher
-        #: The AEAD, which `mrsyncd.intake` hands to the C read loop.
+        #: The AEAD, which `mrsyncd.engine.intake` hands to the C read loop.
         self.aead = new_aead(cipher, key, native_path)
 
     def encode(

@@ -18,15 +18,15 @@ from typing import Any
 from twisted.internet import defer
 
 from mrsyncd import logs
-from mrsyncd.blockset import RangeSet
-from mrsyncd.commands import Refused, UnknownTransfer
-from mrsyncd.datagram import Reason
-from mrsyncd.hook import HOOK_TIMEOUT, run_hook
-from mrsyncd.manifest import Manifest
-from mrsyncd.multicast import DEFAULT_RCVBUF
-from mrsyncd.ratecontrol import Feedback
-from mrsyncd.receiver import OK, MissingReport, Outcome, Receiver
-from mrsyncd.transfer import Offer
+from mrsyncd.control.commands import Refused, UnknownTransfer
+from mrsyncd.engine.hook import HOOK_TIMEOUT, run_hook
+from mrsyncd.engine.multicast import DEFAULT_RCVBUF
+from mrsyncd.engine.ratecontrol import Feedback
+from mrsyncd.engine.receiver import OK, MissingReport, Outcome, Receiver
+from mrsyncd.engine.transfer import Offer
+from mrsyncd.wire.blockset import RangeSet
+from mrsyncd.wire.datagram import Reason
+from mrsyncd.wire.manifest import Manifest
 
 
 def _check_space(needs: dict[int, RangeSet], manifest: Manifest, destination: str) -> dict[int, RangeSet]:

@@ -43,8 +43,7 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mrsyncd import tls
-from mrsyncd.commands import (
+from mrsyncd.control.commands import (
     BadRequest,
     Cancel,
     Forbidden,
@@ -55,9 +54,10 @@ from mrsyncd.commands import (
     NoSuchJob,
     Submit,
 )
-from mrsyncd.config import split_address
-from mrsyncd.options import EXIT_USAGE, CommandOptions, InterspersedOptions, usage_error
-from mrsyncd.ratecontrol import parse_rate
+from mrsyncd.daemon.config import split_address
+from mrsyncd.engine.ratecontrol import parse_rate
+from mrsyncd.scripts.options import EXIT_USAGE, CommandOptions, InterspersedOptions, usage_error
+from mrsyncd.security import tls
 
 EXIT_OK, EXIT_FAILED = 0, 1
 EXIT_UNREACHABLE, EXIT_REFUSED, EXIT_CANCELLED = 3, 4, 5
@@ -566,7 +566,7 @@ def report(status: dict[str, Any], out: Any, verbosity: int = 0) -> None:
                 out.write("".join(f"      {line}\n" for line in hook["output"].splitlines()))
 
 
-#: A dry run's file results (`mrsyncd.storage`, which ``mrsync`` does not load).
+#: A dry run's file results (`mrsyncd.engine.storage`, which ``mrsync`` does not load).
 WOULD_RECEIVE, WOULD_DELETE = "would receive", "would delete"
 
 

@@ -5,7 +5,7 @@ a verified file at its final path so that a reader sees either the old
 file or the whole new one.
 
 The functions take plain values (a directory descriptor, a manifest entry)
-and touch no receiver state, so that `mrsyncd.receiver` can run them in the
+and touch no receiver state, so that `mrsyncd.engine.receiver` can run them in the
 reactor's thread pool.
 """
 
@@ -21,9 +21,9 @@ import stat
 import time
 from dataclasses import dataclass, field, replace
 
-from mrsyncd import fsutil
-from mrsyncd.ledger import DONE, NEEDED
-from mrsyncd.manifest import (
+from mrsyncd.engine import fsutil
+from mrsyncd.engine.ledger import DONE, NEEDED
+from mrsyncd.wire.manifest import (
     DIR,
     FILE,
     HARDLINK,

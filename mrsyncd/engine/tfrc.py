@@ -5,7 +5,7 @@ loss event rate it takes (§5), as TFMCC (RFC 4654) uses them for multicast.
 TCP sharing a bottleneck with the push gets about what this equation gives
 for its round-trip time and its loss event rate, so a sender that never
 exceeds it, at the round-trip time and loss event rate of its most limited
-receiver, takes no more than a TCP flow would (`mrsyncd.ratecontrol` caps
+receiver, takes no more than a TCP flow would (`mrsyncd.engine.ratecontrol` caps
 its rate so, from the loss its receivers share).
 Pure: no clock but the times it is given.
 """

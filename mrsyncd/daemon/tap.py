@@ -15,10 +15,12 @@ from twisted.application import service
 from twisted.internet import endpoints
 from twisted.python import usage
 
-from mrsyncd import __version__, logs, store, tls
-from mrsyncd.config import Config, ConfigError, load, split_address
-from mrsyncd.master import MasterService
-from mrsyncd.node import NodeService
+from mrsyncd import __version__, logs
+from mrsyncd.daemon import store
+from mrsyncd.daemon.config import Config, ConfigError, load, split_address
+from mrsyncd.daemon.master import MasterService
+from mrsyncd.daemon.node import NodeService
+from mrsyncd.security import tls
 
 DEFAULT_CONFIG = "/etc/mrsyncd/mrsyncd.toml"
 #: The exit status of a configuration error (sysexits' EX_CONFIG), which
@@ -80,7 +82,7 @@ def build(config: Config, reactor: Any) -> service.MultiService:
         master_service.setServiceParent(top)
         if master.metrics:
             try:
-                from mrsyncd.metrics import MetricsService
+                from mrsyncd.daemon.metrics import MetricsService
             except ImportError as e:
                 raise ConfigError(
                     f"{config.path}: [master] metrics needs prometheus_client"

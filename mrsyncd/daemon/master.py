@@ -28,8 +28,8 @@ from twisted.internet.protocol import Factory, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mrsyncd import logs, readiness, store, tls
-from mrsyncd.commands import (
+from mrsyncd import logs
+from mrsyncd.control.commands import (
     MAX_STATUS_WAIT,
     PROTOCOL,
     BadRequest,
@@ -49,15 +49,17 @@ from mrsyncd.commands import (
     Submit,
     version_mismatch,
 )
-from mrsyncd.config import MasterConfig
-from mrsyncd.control import AMPPeer
-from mrsyncd.datagram import KEY_SIZE, OVERHEAD, RUN_SIZE, TRANSFER_ID_SIZE
-from mrsyncd.manifest import Manifest, scan
-from mrsyncd.multicast import Channel
-from mrsyncd.node import HEARTBEAT
-from mrsyncd.ratecontrol import Feedback
-from mrsyncd.receiver import TransferOptions
-from mrsyncd.transfer import Offer, Transfer
+from mrsyncd.control.peers import AMPPeer
+from mrsyncd.daemon import readiness, store
+from mrsyncd.daemon.config import MasterConfig
+from mrsyncd.daemon.node import HEARTBEAT
+from mrsyncd.engine.multicast import Channel
+from mrsyncd.engine.ratecontrol import Feedback
+from mrsyncd.engine.receiver import TransferOptions
+from mrsyncd.engine.transfer import Offer, Transfer
+from mrsyncd.security import tls
+from mrsyncd.wire.datagram import KEY_SIZE, OVERHEAD, RUN_SIZE, TRANSFER_ID_SIZE
+from mrsyncd.wire.manifest import Manifest, scan
 
 log = logs.logger(__name__)
 
@@ -444,7 +446,7 @@ class JobRunner:
         #: Waiting for each job to end (`ended`).
         self._enders: dict[int, list[defer.Deferred]] = {}
         #: What jobs did since the master started, for its metrics
-        #: (`mrsyncd.metrics`): ``("jobs", state)``, ``("node", name,
+        #: (`mrsyncd.daemon.metrics`): ``("jobs", state)``, ``("node", name,
         #: state)``, ``("sent", "data" | "parity")`` and ``("repaired",)``.
         self.totals: Counter[tuple[str, ...]] = Counter()
 

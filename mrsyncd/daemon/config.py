@@ -16,11 +16,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from mrsyncd.commands import MAX_BOX_BYTES, MAX_MANIFEST_ENTRIES, MAX_MESSAGE_BYTES, MAX_SPEC_BYTES
-from mrsyncd.datagram import MAX_BLOCK_SIZE
-from mrsyncd.hook import HOOK_TIMEOUT
-from mrsyncd.ratecontrol import parse_rate
-from mrsyncd.store import KEEP_DAYS, KEEP_JOBS
+from mrsyncd.control.commands import MAX_BOX_BYTES, MAX_MANIFEST_ENTRIES, MAX_MESSAGE_BYTES, MAX_SPEC_BYTES
+from mrsyncd.daemon.store import KEEP_DAYS, KEEP_JOBS
+from mrsyncd.engine.hook import HOOK_TIMEOUT
+from mrsyncd.engine.ratecontrol import parse_rate
+from mrsyncd.wire.datagram import MAX_BLOCK_SIZE
 
 
 class ConfigError(ValueError):

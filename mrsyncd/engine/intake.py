@@ -29,9 +29,10 @@ from twisted.internet.interfaces import IDelayedCall, IReadDescriptor
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mrsyncd import datagram, logs
-from mrsyncd.datagram import KIND_DATA, DatagramCipher, Reason
-from mrsyncd.meter import DELAY_SAMPLE
+from mrsyncd import logs
+from mrsyncd.engine.meter import DELAY_SAMPLE
+from mrsyncd.wire import datagram
+from mrsyncd.wire.datagram import KIND_DATA, DatagramCipher, Reason
 
 try:
     from mrsyncd import _crypto

@@ -32,15 +32,16 @@ from typing import Any, Protocol
 from twisted.internet import defer, task
 from twisted.python.failure import Failure
 
-from mrsyncd import datagram, logs
-from mrsyncd.blockset import RangeSet, decode_map, repair_plan, union_maps
-from mrsyncd.commands import Refused, UnknownTransfer
-from mrsyncd.manifest import FILE, Manifest
-from mrsyncd.multicast import Channel
-from mrsyncd.ratecontrol import Feedback, RateController
-from mrsyncd.receiver import DEFAULT_OPTIONS, OK, MissingReport, Outcome, TransferOptions
-from mrsyncd.sender import Sender
-from mrsyncd.storage import WOULD_DELETE, WOULD_RECEIVE
+from mrsyncd import logs
+from mrsyncd.control.commands import Refused, UnknownTransfer
+from mrsyncd.engine.multicast import Channel
+from mrsyncd.engine.ratecontrol import Feedback, RateController
+from mrsyncd.engine.receiver import DEFAULT_OPTIONS, OK, MissingReport, Outcome, TransferOptions
+from mrsyncd.engine.sender import Sender
+from mrsyncd.engine.storage import WOULD_DELETE, WOULD_RECEIVE
+from mrsyncd.wire import datagram
+from mrsyncd.wire.blockset import RangeSet, decode_map, repair_plan, union_maps
+from mrsyncd.wire.manifest import FILE, Manifest
 
 log = logs.logger(__name__)
 

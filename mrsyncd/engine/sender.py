@@ -25,11 +25,12 @@ from twisted.internet.interfaces import IDelayedCall, IListeningPort
 from twisted.internet.protocol import DatagramProtocol
 from twisted.python.failure import Failure
 
-from mrsyncd import datagram, erasure, logs
-from mrsyncd.blockset import RangeSet
-from mrsyncd.manifest import Manifest, digest
-from mrsyncd.multicast import Channel, adopt, sender_socket
-from mrsyncd.ratecontrol import Pacer
+from mrsyncd import logs
+from mrsyncd.engine.multicast import Channel, adopt, sender_socket
+from mrsyncd.engine.ratecontrol import Pacer
+from mrsyncd.wire import datagram, erasure
+from mrsyncd.wire.blockset import RangeSet
+from mrsyncd.wire.manifest import Manifest, digest
 
 log = logs.logger(__name__)
 

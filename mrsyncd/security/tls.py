@@ -12,7 +12,7 @@ system's CAs) and checks the master's host name or IP address with
 Authentication is not authorisation: once the handshake is done, the
 protocol asks `peer_identity` for the peer's (name, role) from
 ``IHandshakeListener.handshakeCompleted`` and decides what that role may do.
-`mrsyncd.certs` explains how the role is encoded.  Two consequences of that
+`mrsyncd.security.certs` explains how the role is encoded.  Two consequences of that
 encoding are enforced by OpenSSL itself: only a master certificate carries
 ``serverAuth``, so a node or operator certificate cannot impersonate the
 master, and a master certificate carries no ``clientAuth``, so it cannot dial
@@ -48,7 +48,7 @@ from twisted.internet.ssl import (
 )
 
 from mrsyncd import logs
-from mrsyncd.certs import (
+from mrsyncd.security.certs import (
     CertError,
     CertificateFileError,
     Role,
@@ -353,7 +353,7 @@ def _load_own(
 def _issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
     """
     Was ``cert`` signed by ``ca``?  Checked for EC CAs (all that
-    `mrsyncd.certs` makes); for other key types the issuer name has to do, and
+    `mrsyncd.security.certs` makes); for other key types the issuer name has to do, and
     OpenSSL checks the signature at handshake time anyway.
     """
     if cert.issuer != ca.subject:

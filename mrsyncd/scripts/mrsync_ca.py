@@ -9,7 +9,7 @@
     mrsync-ca show CERT
     mrsync-ca revoke DIR NAME|SERIAL
 
-It is a thin shell around `mrsyncd.certs` that turns mistakes into one-line
+It is a thin shell around `mrsyncd.security.certs` that turns mistakes into one-line
 messages and exit codes a script can test: 2 for a wrong command line, 1 for
 an operation that failed, 0 for success.  Nothing already on disk is replaced
 without ``--force``: a replaced CA strands every certificate it signed, and a
@@ -25,8 +25,8 @@ from collections.abc import Sequence
 
 from twisted.python import usage
 
-from mrsyncd import certs
-from mrsyncd.options import CommandOptions, InterspersedOptions, usage_error
+from mrsyncd.scripts.options import CommandOptions, InterspersedOptions, usage_error
+from mrsyncd.security import certs
 
 PROG = "mrsync-ca"
 

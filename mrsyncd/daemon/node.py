@@ -21,11 +21,13 @@ from twisted.internet.protocol import Factory, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mrsyncd import certs, logs, readiness, tls
-from mrsyncd.agent import ReceiverAgent
-from mrsyncd.commands import Heartbeat
-from mrsyncd.config import ConfigError, NodeConfig, TLSConfig, split_address
-from mrsyncd.control import ReceiverControl
+from mrsyncd import logs
+from mrsyncd.control.commands import Heartbeat
+from mrsyncd.control.peers import ReceiverControl
+from mrsyncd.daemon import readiness
+from mrsyncd.daemon.config import ConfigError, NodeConfig, TLSConfig, split_address
+from mrsyncd.engine.agent import ReceiverAgent
+from mrsyncd.security import certs, tls
 
 log = logs.logger(__name__)
 

@@ -28,8 +28,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from mrsyncd import erasure
-from mrsyncd.datagram import DEFAULT_BLOCK_SIZE, MAX_BLOCK_SIZE
+from mrsyncd.wire import erasure
+from mrsyncd.wire.datagram import DEFAULT_BLOCK_SIZE, MAX_BLOCK_SIZE
 
 DIGEST_SIZE = 32
 FILE, DIR, SYMLINK, HARDLINK = "file", "dir", "symlink", "hardlink"

@@ -1,9 +1,9 @@
 """
 The receiving side of one transfer: datagrams in, verified files out.
 
-Datagrams come a batch at a time from the intake (`mrsyncd.intake`), opened
+Datagrams come a batch at a time from the intake (`mrsyncd.engine.intake`), opened
 and gathered into runs of consecutive blocks; the receiver keeps its books
-(`mrsyncd.ledger`) and its delay and loss meter (`mrsyncd.meter`) a run and
+(`mrsyncd.engine.ledger`) and its delay and loss meter (`mrsyncd.engine.meter`) a run and
 a batch at a time.  A block is written with ``pwrite`` into a part file
 beside its destination (``.mrsync-<transfer>-<index>.part``) only after its
 datagram opens under the run's key.  When every block of a chunk has
@@ -30,16 +30,18 @@ from twisted.internet import defer, task, threads
 from twisted.internet.interfaces import IDelayedCall
 from twisted.python.failure import Failure
 
-from mrsyncd import datagram, erasure, fsutil, intake, logs, storage
-from mrsyncd.blockset import RangeSet, encode_map
-from mrsyncd.datagram import KIND_DATA, KIND_ECHO, KIND_PARITY
-from mrsyncd.ledger import DONE, NEEDED, BlockLedger
-from mrsyncd.manifest import DIR, HARDLINK, SYMLINK, Entry, Manifest, digest
-from mrsyncd.meter import FEEDBACK_INTERVAL, DelayLossMeter
-from mrsyncd.multicast import DEFAULT_RCVBUF, Channel, receive_queue, receiver_socket
-from mrsyncd.parities import KeptParities
-from mrsyncd.ratecontrol import Echo, Feedback, node_id, report_due
-from mrsyncd.storage import OK, WOULD_DELETE, WOULD_RECEIVE
+from mrsyncd import logs
+from mrsyncd.engine import fsutil, intake, storage
+from mrsyncd.engine.ledger import DONE, NEEDED, BlockLedger
+from mrsyncd.engine.meter import FEEDBACK_INTERVAL, DelayLossMeter
+from mrsyncd.engine.multicast import DEFAULT_RCVBUF, Channel, receive_queue, receiver_socket
+from mrsyncd.engine.parities import KeptParities
+from mrsyncd.engine.ratecontrol import Echo, Feedback, node_id, report_due
+from mrsyncd.engine.storage import OK, WOULD_DELETE, WOULD_RECEIVE
+from mrsyncd.wire import datagram, erasure
+from mrsyncd.wire.blockset import RangeSet, encode_map
+from mrsyncd.wire.datagram import KIND_DATA, KIND_ECHO, KIND_PARITY
+from mrsyncd.wire.manifest import DIR, HARDLINK, SYMLINK, Entry, Manifest, digest
 
 #: What `storage.survey` found of each file: what it holds, or why it cannot be received.
 _Survey = dict[int, storage.Held | str]

@@ -19,8 +19,8 @@ from typing import ClassVar
 
 from twisted.internet.interfaces import IReactorTime
 
-from mrsyncd import tfrc
-from mrsyncd.datagram import MASK32, elapsed_us
+from mrsyncd.engine import tfrc
+from mrsyncd.wire.datagram import MASK32, elapsed_us
 
 #: The queueing delay the rate steers for (`RateController.target_delay`).
 TARGET_DELAY = 0.007

@@ -26,7 +26,8 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
-from mrsyncd import logs, store
+from mrsyncd import logs
+from mrsyncd.daemon import store
 
 log = logs.logger(__name__)
 

@@ -22,8 +22,8 @@ from twisted.protocols import amp
 from twisted.python.failure import Failure
 
 from mrsyncd import logs
-from mrsyncd.datagram import TRANSFER_ID_SIZE, VERSION
-from mrsyncd.ratecontrol import LOST_MARKS, Feedback, fixed
+from mrsyncd.engine.ratecontrol import LOST_MARKS, Feedback, fixed
+from mrsyncd.wire.datagram import TRANSFER_ID_SIZE, VERSION
 
 log = logs.logger(__name__)
 

@@ -21,9 +21,7 @@ from twisted.protocols import amp
 from twisted.python.failure import Failure
 
 from mrsyncd import logs
-from mrsyncd.agent import ReceiverAgent
-from mrsyncd.blockset import decode_map, encode_map
-from mrsyncd.commands import (
+from mrsyncd.control.commands import (
     MAX_MANIFEST_ENTRIES,
     PROTOCOL,
     BoundedAMP,
@@ -36,11 +34,13 @@ from mrsyncd.commands import (
     UnknownManifest,
     version_mismatch,
 )
-from mrsyncd.manifest import Manifest, ManifestError
-from mrsyncd.multicast import Channel
-from mrsyncd.ratecontrol import Feedback
-from mrsyncd.receiver import MissingReport, Outcome, TransferOptions
-from mrsyncd.transfer import Offer
+from mrsyncd.engine.agent import ReceiverAgent
+from mrsyncd.engine.multicast import Channel
+from mrsyncd.engine.ratecontrol import Feedback
+from mrsyncd.engine.receiver import MissingReport, Outcome, TransferOptions
+from mrsyncd.engine.transfer import Offer
+from mrsyncd.wire.blockset import decode_map, encode_map
+from mrsyncd.wire.manifest import Manifest, ManifestError
 
 log = logs.logger(__name__)
 

@@ -2,7 +2,7 @@
 The cluster's certificate authority: one CA, and certificates for three roles.
 
 Every connection on the control channel is mutual TLS against one private CA
-(see docs of `mrsyncd.tls`).  Authentication says *who* a peer is; the master
+(see docs of `mrsyncd.security.tls`).  Authentication says *who* a peer is; the master
 must also know *what* it may do: a node registers and receives, an operator
 submits jobs, and a node certificate must never be able to submit jobs.  So
 the role is part of the certificate, signed by the CA, and read back with
