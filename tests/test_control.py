@@ -31,12 +31,10 @@ from mrsyncd.control.commands import (
     Refused,
     Register,
 )
+from mrsyncd.control.contract import LOST_MARKS, Feedback, MissingReport, Offer
 from mrsyncd.control.peers import AMPPeer, ReceiverControl, SenderControl
 from mrsyncd.engine.agent import ReceiverAgent
 from mrsyncd.engine.multicast import Channel
-from mrsyncd.engine.ratecontrol import LOST_MARKS, Feedback
-from mrsyncd.engine.receiver import MissingReport
-from mrsyncd.engine.transfer import Offer
 from mrsyncd.wire.manifest import DIGEST_SIZE, FILE, Entry, Manifest
 
 TRANSFER_ID = b"\x01" * 8

@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from mrsyncd.control.contract import LOST_MARKS, Feedback
 from mrsyncd.engine.meter import (
     BASE_SPAN,
     BASE_SPANS,
@@ -14,7 +15,6 @@ from mrsyncd.engine.meter import (
     LOST_MARK,
     DelayLossMeter,
 )
-from mrsyncd.engine.ratecontrol import LOST_MARKS, Feedback
 
 INTERVALS_A_SPAN = round(BASE_SPAN / FEEDBACK_INTERVAL)
 

@@ -11,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet.task import Clock
 
+from mrsyncd.control.contract import Feedback
 from mrsyncd.engine.ratecontrol import (
     FEEDBACK_BUDGET,
     FEEDBACK_SAMPLE,
@@ -22,7 +23,6 @@ from mrsyncd.engine.ratecontrol import (
     SHARING,
     TARGET_DELAY,
     Echo,
-    Feedback,
     Pacer,
     RateController,
     node_id,

@@ -15,12 +15,13 @@ from twisted.internet import defer, reactor, task
 from twisted.internet.protocol import DatagramProtocol
 from twisted.trial import unittest
 
+from mrsyncd.control.contract import MissingReport, TransferOptions
 from mrsyncd.engine import agent as agent_module
 from mrsyncd.engine import transfer as transfer_module
 from mrsyncd.engine.agent import LocalPeer, ReceiverAgent
 from mrsyncd.engine.multicast import Channel, adopt, receiver_socket
 from mrsyncd.engine.ratecontrol import Echo
-from mrsyncd.engine.receiver import OK, MissingReport, Receiver, TransferOptions
+from mrsyncd.engine.receiver import OK, Receiver
 from mrsyncd.engine.sender import Sender
 from mrsyncd.engine.transfer import Transfer, new_offer, probe_interval
 from mrsyncd.wire import datagram

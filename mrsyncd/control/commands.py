@@ -22,7 +22,7 @@ from twisted.protocols import amp
 from twisted.python.failure import Failure
 
 from mrsyncd import logs
-from mrsyncd.engine.ratecontrol import LOST_MARKS, Feedback, fixed
+from mrsyncd.control.contract import LOST_MARKS, Feedback, Refused, UnknownTransfer, fixed
 from mrsyncd.wire.datagram import TRANSFER_ID_SIZE, VERSION
 
 log = logs.logger(__name__)
@@ -166,18 +166,6 @@ class CongestionReport(amp.Argument):
             )
         report = Feedback(loss / 10_000, delay / 1e6, backlog / 1000, events / 1e9, owd_us, stamp_us, lost)
         return transfer_id, report
-
-
-class Refused(Exception):
-    """A receiver will not take a transfer; the message says why."""
-
-
-class UnknownTransfer(Exception):
-    """
-    The receiver does not hold this transfer: it restarted since it was
-    prepared.  The sender prepares it again, and it resumes from its part
-    files.
-    """
 
 
 class UnknownManifest(Exception):

@@ -34,11 +34,9 @@ from mrsyncd.control.commands import (
     UnknownManifest,
     version_mismatch,
 )
+from mrsyncd.control.contract import Feedback, MissingReport, Offer, Outcome, TransferOptions
 from mrsyncd.engine.agent import ReceiverAgent
 from mrsyncd.engine.multicast import Channel
-from mrsyncd.engine.ratecontrol import Feedback
-from mrsyncd.engine.receiver import MissingReport, Outcome, TransferOptions
-from mrsyncd.engine.transfer import Offer
 from mrsyncd.wire.blockset import decode_map, encode_map
 from mrsyncd.wire.manifest import Manifest, ManifestError
 
@@ -54,7 +52,7 @@ KEPT_MANIFEST_BYTES = 16 << 20
 
 
 class AMPPeer:
-    """A `transfer.ReceiverPeer` at the far end of an AMP connection."""
+    """A `contract.ReceiverPeer` at the far end of an AMP connection."""
 
     def __init__(self, name: str, protocol: amp.AMP) -> None:
         self.name = name

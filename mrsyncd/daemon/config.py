@@ -19,7 +19,7 @@ from typing import Any
 from mrsyncd.control.commands import MAX_BOX_BYTES, MAX_MANIFEST_ENTRIES, MAX_MESSAGE_BYTES, MAX_SPEC_BYTES
 from mrsyncd.daemon.store import KEEP_DAYS, KEEP_JOBS
 from mrsyncd.engine.hook import HOOK_TIMEOUT
-from mrsyncd.engine.ratecontrol import parse_rate
+from mrsyncd.units import parse_rate, port_number, split_address
 from mrsyncd.wire.datagram import MAX_BLOCK_SIZE
 
 
@@ -130,12 +130,6 @@ def _positive_int(value: Any) -> int:
     return value
 
 
-def _port(value: Any) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or not 0 < value < 65536:
-        raise ValueError("must be a port number from 1 to 65535")
-    return value
-
-
 def _string(value: Any) -> str:
     if not isinstance(value, str):
         raise ValueError("must be a string")
@@ -223,12 +217,12 @@ _CHECKS: dict[str, dict[str, Callable[[Any], Any]]] = {
     "tls": {"ca": _string, "certificate": _string, "key": _string, "crl": _string},
     "master": {
         "address": _string,
-        "port": _port,
+        "port": port_number,
         "state_dir": _string,
         "sources": _roots,
         "interface": _string,
         "group": _group,
-        "port_base": _port,
+        "port_base": port_number,
         "max_jobs": _positive_int,
         "ttl": _ttl,
         "loopback": _boolean,
@@ -339,14 +333,6 @@ def load(path: str) -> Config:
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not UTF-8 text") from None
     return parse(text, path)
-
-
-def split_address(text: str) -> tuple[str, int]:
-    """``host:port`` or ``[v6addr]:port``."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not host:
-        raise ValueError("must be host:port")
-    return host.strip("[]"), _port(int(port)) if port.isdigit() else _port(port)
 
 
 def defaults() -> dict[str, dict[str, Any]]:

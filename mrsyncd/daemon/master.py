@@ -49,14 +49,13 @@ from mrsyncd.control.commands import (
     Submit,
     version_mismatch,
 )
+from mrsyncd.control.contract import Feedback, Offer, TransferOptions
 from mrsyncd.control.peers import AMPPeer
 from mrsyncd.daemon import readiness, store
 from mrsyncd.daemon.config import MasterConfig
 from mrsyncd.daemon.node import HEARTBEAT
 from mrsyncd.engine.multicast import Channel
-from mrsyncd.engine.ratecontrol import Feedback
-from mrsyncd.engine.receiver import TransferOptions
-from mrsyncd.engine.transfer import Offer, Transfer
+from mrsyncd.engine.transfer import Transfer
 from mrsyncd.security import tls
 from mrsyncd.wire.datagram import KEY_SIZE, OVERHEAD, RUN_SIZE, TRANSFER_ID_SIZE
 from mrsyncd.wire.manifest import Manifest, scan
@@ -247,7 +246,7 @@ class Fleet:
 
 
 class FleetPeer:
-    """A `transfer.ReceiverPeer` that reaches a node through its current connection."""
+    """A `contract.ReceiverPeer` that reaches a node through its current connection."""
 
     def __init__(self, name: str, fleet: Fleet) -> None:
         self.name = name

@@ -25,9 +25,10 @@ from mrsyncd import logs
 from mrsyncd.control.commands import Heartbeat
 from mrsyncd.control.peers import ReceiverControl
 from mrsyncd.daemon import readiness
-from mrsyncd.daemon.config import ConfigError, NodeConfig, TLSConfig, split_address
+from mrsyncd.daemon.config import ConfigError, NodeConfig, TLSConfig
 from mrsyncd.engine.agent import ReceiverAgent
 from mrsyncd.security import certs, tls
+from mrsyncd.units import split_address
 
 log = logs.logger(__name__)
 

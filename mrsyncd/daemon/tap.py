@@ -17,10 +17,11 @@ from twisted.python import usage
 
 from mrsyncd import __version__, logs
 from mrsyncd.daemon import store
-from mrsyncd.daemon.config import Config, ConfigError, load, split_address
+from mrsyncd.daemon.config import Config, ConfigError, load
 from mrsyncd.daemon.master import MasterService
 from mrsyncd.daemon.node import NodeService
 from mrsyncd.security import tls
+from mrsyncd.units import split_address
 
 DEFAULT_CONFIG = "/etc/mrsyncd/mrsyncd.toml"
 #: The exit status of a configuration error (sysexits' EX_CONFIG), which

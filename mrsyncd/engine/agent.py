@@ -2,7 +2,7 @@
 The receiving host's side of the control exchange.
 
 A `ReceiverAgent` holds this host's receivers, one per transfer, and answers
-the calls of `transfer.ReceiverPeer`.  The daemon's AMP responder forwards
+the calls of `contract.ReceiverPeer`.  The daemon's AMP responder forwards
 to it; `LocalPeer` calls it directly, so that tests run a sender and several
 receivers in one process without a control network.
 """
@@ -18,12 +18,10 @@ from typing import Any
 from twisted.internet import defer
 
 from mrsyncd import logs
-from mrsyncd.control.commands import Refused, UnknownTransfer
+from mrsyncd.control.contract import Feedback, MissingReport, Offer, Outcome, Refused, UnknownTransfer
 from mrsyncd.engine.hook import HOOK_TIMEOUT, run_hook
 from mrsyncd.engine.multicast import DEFAULT_RCVBUF
-from mrsyncd.engine.ratecontrol import Feedback
-from mrsyncd.engine.receiver import OK, MissingReport, Outcome, Receiver
-from mrsyncd.engine.transfer import Offer
+from mrsyncd.engine.receiver import OK, Receiver
 from mrsyncd.wire.blockset import RangeSet
 from mrsyncd.wire.datagram import Reason
 from mrsyncd.wire.manifest import Manifest
@@ -266,7 +264,7 @@ class ReceiverAgent:
 
 
 class LocalPeer:
-    """A `transfer.ReceiverPeer` that calls an agent in this process."""
+    """A `contract.ReceiverPeer` that calls an agent in this process."""
 
     def __init__(self, name: str, agent: ReceiverAgent) -> None:
         self.name = name

@@ -1,6 +1,6 @@
 """
 A receiver's delay and loss meter: what its datagrams say about the path
-from the sender, read every `FEEDBACK_INTERVAL` as a `ratecontrol.Feedback`.
+from the sender, read every `FEEDBACK_INTERVAL` as a `contract.Feedback`.
 
 Pure: it is told what arrived (`DelayLossMeter.count`, once a batch, from
 `mrsyncd.engine.intake`'s sums) and how full the socket's queue is, and keeps no
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections import deque
 
-from mrsyncd.engine.ratecontrol import LOST_MARKS, Feedback
+from mrsyncd.control.contract import LOST_MARKS, Feedback
 from mrsyncd.engine.tfrc import LossHistory
 from mrsyncd.wire.datagram import MASK32
 

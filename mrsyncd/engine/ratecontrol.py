@@ -19,6 +19,7 @@ from typing import ClassVar
 
 from twisted.internet.interfaces import IReactorTime
 
+from mrsyncd.control.contract import Feedback, fixed
 from mrsyncd.engine import tfrc
 from mrsyncd.wire.datagram import MASK32, elapsed_us
 
@@ -77,8 +78,6 @@ COMPETE_AFTER = 1.0
 CALM_SHARE = 0.5
 #: Bytes of a datagram on the wire, for the TCP-friendly rate (`tfrc.throughput`).
 SEGMENT = 1500
-#: Lost datagrams a report names at most (`Feedback.lost`).
-LOST_MARKS = 8
 #: A receiver's loss is congestion of a link it shares with others when at
 #: least `SHARED_SHARE` of the lost datagrams it named in the last
 #: `SHARED_WINDOW` seconds, and at least `SHARED_SAMPLE` of them, were named
@@ -138,44 +137,6 @@ class Pacer:
         return max(0.0, (nbytes - self._tokens) / self._rate)
 
 
-_UNITS = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
-
-
-def parse_rate(text: str) -> float:
-    """``"100M"``, ``"1.5g"``, ``"800k"`` or ``"2e6"``: bits per second."""
-    value = text.strip().lower().removesuffix("bit").removesuffix("bps").removesuffix("b")
-    unit = value[-1:] if value[-1:] in _UNITS and value[-1:] else ""
-    try:
-        rate = float(value[: len(value) - len(unit)]) * _UNITS[unit]
-    except ValueError:
-        raise ValueError(f"not a rate: {text!r} (try 100M or 1G)") from None
-    if not rate > 0:
-        raise ValueError(f"rate must be positive: {text!r}")
-    return rate
-
-
-@dataclass(frozen=True)
-class Feedback:
-    """One receiver's view of the last report interval."""
-
-    #: Share of the datagrams sent in the interval that did not arrive.
-    loss: float
-    #: Queueing delay: mean one-way delay above its minimum, seconds.
-    delay: float
-    #: How full the receiver's socket buffer is (1.0: it overflowed): a
-    #: receiver short of CPU, which the delay leaves out.
-    backlog: float = 0.0
-    #: Its loss event rate (`tfrc.LossHistory`), for the TCP-friendly rate.
-    events: float = 0.0
-    #: The interval's mean one-way delay in µs on the two hosts' clocks, and
-    #: the receiver's clock when it sent the report (µs, modulo 2³²): with
-    #: the time the report arrives, a round trip (`RateController.feedback`).
-    owd_us: int = 0
-    stamp_us: int = 0
-    #: Marked sequence numbers (modulo 2³²) it lost in the interval (`meter.LOST_MARK`).
-    lost: tuple[int, ...] = ()
-
-
 def queue(
     report: Feedback, target_delay: float = TARGET_DELAY, backlog_target: float = BACKLOG_TARGET
 ) -> float:
@@ -192,11 +153,6 @@ def queue(
 def node_id(name: str) -> int:
     """A receiver's name in an `Echo`: 32 bits of its hash, never 0 (no monitor)."""
     return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=4).digest(), "big") or 1
-
-
-def fixed(value: float, most: float, scale: float) -> int:
-    """``value`` in [0, ``most``] as an integer number of 1/``scale`` (NaN: 0), for the wire."""
-    return 0 if math.isnan(value) else round(min(max(value, 0.0), most) * scale)
 
 
 @dataclass(frozen=True)

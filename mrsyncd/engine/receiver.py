@@ -23,7 +23,7 @@ import os
 import random
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet import defer, task, threads
@@ -31,12 +31,13 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.python.failure import Failure
 
 from mrsyncd import logs
+from mrsyncd.control.contract import DEFAULT_OPTIONS, Feedback, MissingReport, TransferOptions
 from mrsyncd.engine import fsutil, intake, storage
 from mrsyncd.engine.ledger import DONE, NEEDED, BlockLedger
 from mrsyncd.engine.meter import FEEDBACK_INTERVAL, DelayLossMeter
 from mrsyncd.engine.multicast import DEFAULT_RCVBUF, Channel, receive_queue, receiver_socket
 from mrsyncd.engine.parities import KeptParities
-from mrsyncd.engine.ratecontrol import Echo, Feedback, node_id, report_due
+from mrsyncd.engine.ratecontrol import Echo, node_id, report_due
 from mrsyncd.engine.storage import OK, WOULD_DELETE, WOULD_RECEIVE
 from mrsyncd.wire import datagram, erasure
 from mrsyncd.wire.blockset import RangeSet, encode_map
@@ -102,68 +103,6 @@ SETTLE_POLL = 0.002
 #: last chunks were verified cost a round of asking every receiver (five
 #: such rounds ended scenario H, 64 receivers short of CPU).
 SETTLE_VERIFYING = 1.0
-
-
-@dataclass(frozen=True)
-class TransferOptions:
-    """What a transfer asks of each receiver beyond writing the files."""
-
-    #: Set owner and group (only when the receiver runs as root).
-    preserve_owner: bool = False
-    #: Remove what the source does not have from the directories it sends.
-    delete: bool = False
-    #: Keep each overwritten or deleted file under its name plus this suffix.
-    backup_suffix: str = ""
-    #: Only find out what would be received; write nothing.
-    dry_run: bool = False
-    #: The job this transfer belongs to, for logs and the post-receive hook.
-    label: str = ""
-    #: The job's filter rules: what they leave out is not deleted either,
-    #: as with rsync (``manifest.excluded`` says what they leave out).
-    protect: tuple[str, ...] = ()
-
-    @classmethod
-    def from_dict(cls, raw: Any) -> TransferOptions:
-        """Options as they arrive over the control channel, checked."""
-        if not isinstance(raw, dict) or set(raw) - {f.name for f in fields(cls)}:
-            raise ValueError("unknown transfer options")
-        raw = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
-        for f in fields(cls):
-            if f.name in raw and type(raw[f.name]) is not type(f.default):
-                raise ValueError(f"transfer option {f.name} has the wrong type")
-        if not all(isinstance(p, str) for p in raw.get("protect", ())):
-            raise ValueError("transfer option protect holds filter rules (strings)")
-        options = cls(**raw)
-        if "/" in options.backup_suffix or "\0" in options.backup_suffix:
-            raise ValueError("a backup suffix cannot hold / or NUL")
-        return options
-
-
-DEFAULT_OPTIONS = TransferOptions()
-
-
-@dataclass
-class Outcome:
-    """How a transfer ended on one host."""
-
-    #: ``{path: "ok" or why it failed}``
-    results: dict[str, str]
-    #: How many paths it wrote, linked or deleted.
-    changed: int = 0
-    #: The post-receive hook's argv, exit status and the tail of its output.
-    hook: dict[str, Any] | None = None
-
-
-@dataclass
-class MissingReport:
-    """What a receiver still lacks, as `blockset.encode_map` bytes."""
-
-    missing: bytes
-    #: False when the report was cut short to keep it bounded.
-    complete: bool
-    #: True once every file is committed or failed and links are made.
-    done: bool
-    stats: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(slots=True)

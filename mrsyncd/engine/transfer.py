@@ -1,9 +1,10 @@
 """
 One transfer, run from the sender's side: offer, send, repair, report.
 
-The control exchange goes through `ReceiverPeer`, a small interface with two
-implementations: `agent.LocalPeer` calls a receiver agent in the same process
-(tests), and `control.AMPPeer` calls one over the daemon's AMP channel.  The
+The control exchange goes through `contract.ReceiverPeer`, whose
+implementations are `agent.LocalPeer`, which calls a receiver agent in the
+same process (tests), `peers.AMPPeer`, which calls one over an AMP channel,
+and the master's `FleetPeer`, which reaches a node through its current connection.  The
 loop is:
 
 1. ``prepare``: every peer gets the manifest and this run's datagram key
@@ -22,21 +23,29 @@ calls have ``prepare_timeout`` instead.
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from typing import Any
 
 from twisted.internet import defer, task
 from twisted.python.failure import Failure
 
 from mrsyncd import logs
-from mrsyncd.control.commands import Refused, UnknownTransfer
+from mrsyncd.control.contract import (
+    DEFAULT_OPTIONS,
+    Feedback,
+    MissingReport,
+    Offer,
+    Outcome,
+    ReceiverPeer,
+    Refused,
+    TransferOptions,
+    UnknownTransfer,
+)
 from mrsyncd.engine.multicast import Channel
-from mrsyncd.engine.ratecontrol import Feedback, RateController
-from mrsyncd.engine.receiver import DEFAULT_OPTIONS, OK, MissingReport, Outcome, TransferOptions
+from mrsyncd.engine.ratecontrol import RateController
+from mrsyncd.engine.receiver import OK
 from mrsyncd.engine.sender import Sender
 from mrsyncd.engine.storage import WOULD_DELETE, WOULD_RECEIVE
 from mrsyncd.wire import datagram
@@ -65,63 +74,6 @@ def probe_interval(probe: float, receivers: int, rate_bps: float) -> float:
     """Seconds between probes of a pass: ``probe``, or longer for many receivers (`PROBE_SHARE`)."""
     answers = receivers * PROBE_ANSWER_BYTES * 8 / (PROBE_SHARE * rate_bps)
     return max(probe, min(PROBE_LONGEST, answers))
-
-
-@dataclass
-class Offer:
-    """Everything a receiver is told about a transfer before data flows."""
-
-    transfer_id: bytes
-    #: The transfer's secret where a sender makes the offer; what receivers
-    #: are given is the datagram key of one run of it (`Transfer`).
-    key: bytes
-    manifest: Manifest
-    channel: Channel
-    destination: str
-    options: TransferOptions = DEFAULT_OPTIONS
-    cipher: str = datagram.AES_256_GCM
-
-    @functools.cached_property
-    def manifest_bytes(self) -> bytes:
-        """The manifest as it travels, encoded once for every receiver (2 MB of JSON take 25 ms)."""
-        return self.manifest.to_bytes()
-
-    @functools.cached_property
-    def manifest_digest(self) -> bytes:
-        """Names the manifest to a receiver that may hold it already (`commands.Prepare`)."""
-        return hashlib.sha256(self.manifest_bytes).digest()
-
-
-class ReceiverPeer(Protocol):
-    """The sender's view of one receiver (see the module docstring)."""
-
-    name: str
-
-    def prepare(self, offer: Offer) -> defer.Deferred:
-        """Fires with ``{file index: RangeSet of chunks needed}``."""
-
-    def missing(
-        self,
-        transfer_id: bytes,
-        abandoned: Mapping[int, str],
-        through: int | None = None,
-        before: tuple[int, int] | None = None,
-    ) -> defer.Deferred:
-        """
-        Fires with a `MissingReport`; ``abandoned`` files are to be given
-        up.  With ``through`` (the sequence number after a pass's last
-        datagram) the answer waits, briefly, until the pass is in.  With
-        ``before`` (the file and block a pass in progress has reached), only
-        what lies before it is reported: a probe in the middle of a tree of
-        10,000 files would otherwise hear of every file not sent yet, from
-        every receiver, every time.
-        """
-
-    def results(self, transfer_id: bytes, discard: bool = False) -> defer.Deferred:
-        """
-        Fires with a `receiver.Outcome`; ends the transfer there, and with
-        ``discard`` (it was cancelled) removes its part files.
-        """
 
 
 @dataclass

@@ -54,10 +54,9 @@ from mrsyncd.control.commands import (
     NoSuchJob,
     Submit,
 )
-from mrsyncd.daemon.config import split_address
-from mrsyncd.engine.ratecontrol import parse_rate
 from mrsyncd.scripts.options import EXIT_USAGE, CommandOptions, InterspersedOptions, usage_error
 from mrsyncd.security import tls
+from mrsyncd.units import parse_rate, split_address
 
 EXIT_OK, EXIT_FAILED = 0, 1
 EXIT_UNREACHABLE, EXIT_REFUSED, EXIT_CANCELLED = 3, 4, 5

@@ -28,13 +28,13 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 
 from mrsyncd import logs
+from mrsyncd.control.contract import Feedback, TransferOptions
 from mrsyncd.control.peers import AMPPeer, ReceiverControl, SenderControl
 from mrsyncd.engine.agent import ReceiverAgent
 from mrsyncd.engine.multicast import Channel
-from mrsyncd.engine.ratecontrol import Feedback, parse_rate
-from mrsyncd.engine.receiver import TransferOptions
 from mrsyncd.engine.transfer import Transfer, new_offer
 from mrsyncd.scripts.options import CommandOptions, usage_error
+from mrsyncd.units import parse_rate
 from mrsyncd.wire.datagram import OVERHEAD
 from mrsyncd.wire.manifest import scan
 

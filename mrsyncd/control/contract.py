@@ -1,0 +1,189 @@
+"""
+The contract between the engine and the control plane, in one place: what
+a sender offers a receiver (`Offer`, `TransferOptions`), what it asks of one
+(`ReceiverPeer`) and what it hears back (`MissingReport`, `Outcome`,
+`Feedback`).  The engine implements and calls it; `commands` carries it
+between hosts; `agent.LocalPeer`, `peers.AMPPeer` and the master's
+`FleetPeer` are its three implementations, tested against one suite
+(tests/test_contract.py).  It imports nothing of the engine at run time, so
+that ``mrsync``, which speaks only the commands, loads none of it.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Any, Protocol
+
+from twisted.internet import defer
+
+from mrsyncd.wire import datagram
+
+if TYPE_CHECKING:
+    from mrsyncd.engine.multicast import Channel
+    from mrsyncd.wire.manifest import Manifest
+
+
+class Refused(Exception):
+    """A receiver will not take a transfer; the message says why."""
+
+
+class UnknownTransfer(Exception):
+    """
+    The receiver does not hold this transfer: it restarted since it was
+    prepared.  The sender prepares it again, and it resumes from its part
+    files.
+    """
+
+
+@dataclass(frozen=True)
+class TransferOptions:
+    """What a transfer asks of each receiver beyond writing the files."""
+
+    #: Set owner and group (only when the receiver runs as root).
+    preserve_owner: bool = False
+    #: Remove what the source does not have from the directories it sends.
+    delete: bool = False
+    #: Keep each overwritten or deleted file under its name plus this suffix.
+    backup_suffix: str = ""
+    #: Only find out what would be received; write nothing.
+    dry_run: bool = False
+    #: The job this transfer belongs to, for logs and the post-receive hook.
+    label: str = ""
+    #: The job's filter rules: what they leave out is not deleted either,
+    #: as with rsync (``manifest.excluded`` says what they leave out).
+    protect: tuple[str, ...] = ()
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> TransferOptions:
+        """Options as they arrive over the control channel, checked."""
+        if not isinstance(raw, dict) or set(raw) - {f.name for f in fields(cls)}:
+            raise ValueError("unknown transfer options")
+        raw = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
+        for f in fields(cls):
+            if f.name in raw and type(raw[f.name]) is not type(f.default):
+                raise ValueError(f"transfer option {f.name} has the wrong type")
+        if not all(isinstance(p, str) for p in raw.get("protect", ())):
+            raise ValueError("transfer option protect holds filter rules (strings)")
+        options = cls(**raw)
+        if "/" in options.backup_suffix or "\0" in options.backup_suffix:
+            raise ValueError("a backup suffix cannot hold / or NUL")
+        return options
+
+
+DEFAULT_OPTIONS = TransferOptions()
+
+
+@dataclass
+class Outcome:
+    """How a transfer ended on one host."""
+
+    #: ``{path: "ok" or why it failed}``
+    results: dict[str, str]
+    #: How many paths it wrote, linked or deleted.
+    changed: int = 0
+    #: The post-receive hook's argv, exit status and the tail of its output.
+    hook: dict[str, Any] | None = None
+
+
+@dataclass
+class MissingReport:
+    """What a receiver still lacks, as `blockset.encode_map` bytes."""
+
+    missing: bytes
+    #: False when the report was cut short to keep it bounded.
+    complete: bool
+    #: True once every file is committed or failed and links are made.
+    done: bool
+    stats: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class Offer:
+    """Everything a receiver is told about a transfer before data flows."""
+
+    transfer_id: bytes
+    #: The transfer's secret where a sender makes the offer; what receivers
+    #: are given is the datagram key of one run of it (`Transfer`).
+    key: bytes
+    manifest: Manifest
+    channel: Channel
+    destination: str
+    options: TransferOptions = DEFAULT_OPTIONS
+    cipher: str = datagram.AES_256_GCM
+
+    @functools.cached_property
+    def manifest_bytes(self) -> bytes:
+        """The manifest as it travels, encoded once for every receiver (2 MB of JSON take 25 ms)."""
+        return self.manifest.to_bytes()
+
+    @functools.cached_property
+    def manifest_digest(self) -> bytes:
+        """Names the manifest to a receiver that may hold it already (`commands.Prepare`)."""
+        return hashlib.sha256(self.manifest_bytes).digest()
+
+
+class ReceiverPeer(Protocol):
+    """The sender's view of one receiver (see the module docstring)."""
+
+    name: str
+
+    def prepare(self, offer: Offer) -> defer.Deferred:
+        """Fires with ``{file index: RangeSet of chunks needed}``."""
+
+    def missing(
+        self,
+        transfer_id: bytes,
+        abandoned: Mapping[int, str],
+        through: int | None = None,
+        before: tuple[int, int] | None = None,
+    ) -> defer.Deferred:
+        """
+        Fires with a `MissingReport`; ``abandoned`` files are to be given
+        up.  With ``through`` (the sequence number after a pass's last
+        datagram) the answer waits, briefly, until the pass is in.  With
+        ``before`` (the file and block a pass in progress has reached), only
+        what lies before it is reported: a probe in the middle of a tree of
+        10,000 files would otherwise hear of every file not sent yet, from
+        every receiver, every time.
+        """
+
+    def results(self, transfer_id: bytes, discard: bool = False) -> defer.Deferred:
+        """
+        Fires with an `Outcome`; ends the transfer there, and with
+        ``discard`` (it was cancelled) removes its part files.
+        """
+
+
+#: Lost datagrams a report names at most (`Feedback.lost`).
+LOST_MARKS = 8
+
+
+@dataclass(frozen=True)
+class Feedback:
+    """One receiver's view of the last report interval."""
+
+    #: Share of the datagrams sent in the interval that did not arrive.
+    loss: float
+    #: Queueing delay: mean one-way delay above its minimum, seconds.
+    delay: float
+    #: How full the receiver's socket buffer is (1.0: it overflowed): a
+    #: receiver short of CPU, which the delay leaves out.
+    backlog: float = 0.0
+    #: Its loss event rate (`tfrc.LossHistory`), for the TCP-friendly rate.
+    events: float = 0.0
+    #: The interval's mean one-way delay in µs on the two hosts' clocks, and
+    #: the receiver's clock when it sent the report (µs, modulo 2³²): with
+    #: the time the report arrives, a round trip (`RateController.feedback`).
+    owd_us: int = 0
+    stamp_us: int = 0
+    #: Marked sequence numbers (modulo 2³²) it lost in the interval (`meter.LOST_MARK`).
+    lost: tuple[int, ...] = ()
+
+
+def fixed(value: float, most: float, scale: float) -> int:
+    """``value`` in [0, ``most``] as an integer number of 1/``scale`` (NaN: 0), for the wire."""
+    return 0 if math.isnan(value) else round(min(max(value, 0.0), most) * scale)
