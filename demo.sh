@@ -1,10 +1,12 @@
 #!/bin/bash
 # The main job on this one machine: a master and three nodes on a LAN of
 # network namespaces, throwaway certificates, a sample tree pushed with live
-# progress and verified on every node. Run as root on Debian 12.
+# progress and verified on every node. Run as root on Debian 12 (./demo.sh:
+# a minimal Debian has no sudo).
 set -euo pipefail
 cd "$(dirname "$0")"
-packages=(python3-twisted python3-openssl python3-service-identity python3-cryptography iproute2
+# iproute2 and procps (sysctl) build the LAN of namespaces (mrsyncd.testing.lan).
+packages=(python3-twisted python3-openssl python3-service-identity python3-cryptography iproute2 procps
     # The data path's C module (setup.py); without it the pure-Python path runs.
     gcc python3-dev libssl-dev python3-setuptools)
 missing=()

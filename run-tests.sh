@@ -17,7 +17,9 @@ debian_packages=(
     python3-systemd libsystemd-dev pkg-config
     # The master's optional Prometheus endpoint.
     python3-prometheus-client
-    iproute2 iptables
+    iproute2 iptables procps
+    # The power-loss test: ext4 on a loop device.
+    e2fsprogs
     # The data path's C module (setup.py): a compiler, Python's and OpenSSL's headers.
     gcc python3-dev libssl-dev
     # tests/test_package.py: build the Debian package, check it, install it.
@@ -47,9 +49,9 @@ echo "== the data path's C modules"
 MRSYNCD_REQUIRE_NATIVE=1 /usr/bin/python3 setup.py -q build_ext --inplace
 /usr/bin/python3 -c 'from mrsyncd.wire import datagram, erasure; assert datagram.native() and erasure.native(), "a C module did not load"'
 echo "== ruff and mypy"
-"$venv/bin/ruff" check mrsyncd tests
+"$venv/bin/ruff" check mrsyncd tests bench demo
 "$venv/bin/ruff" format --check mrsyncd
-"$venv/bin/mypy" mrsyncd
+"$venv/bin/mypy" mrsyncd bench demo
 
 echo "== Debian 12 libraries: $(/usr/bin/python3 -c 'import twisted, OpenSSL; print("Twisted", twisted.__version__, "pyOpenSSL", OpenSSL.__version__)')"
 /usr/bin/python3 -m pytest -p no:cacheprovider -q "$@"

@@ -18,8 +18,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests.daemon import Cluster, cli_env  # noqa: E402
-from tests.lan import Lan, unavailable  # noqa: E402
+from mrsyncd.testing.cluster import Cluster, cli_env  # noqa: E402
+from mrsyncd.testing.lan import Lan, unavailable  # noqa: E402
 
 
 def sample_tree(root: Path) -> None:

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from tests.lan import Lan, _sigterm_as_interrupt, sweep_dead_runs, unavailable
+from mrsyncd.testing.lan import Lan, _sigterm_as_interrupt, sweep_dead_runs, unavailable
 
 
 @pytest.fixture(name="lan")

@@ -3,11 +3,11 @@ The daemons as an operator runs them: ``twistd mrsyncd`` processes (one
 master, three nodes) on this host's loopback, driven by the real ``mrsync``
 command line, with certificates made by `mrsyncd.security.certs`.
 
-See tests/daemon.py for the set-up.  As root every node has a mount
+See mrsyncd/testing/cluster.py for the set-up.  As root every node has a mount
 namespace of its own, so that one job can write "the same" destination on
 several nodes of one host; tests that need it are marked ``lan`` and
 skipped without root, as is the one that runs the daemons across a LAN of
-network namespaces (tests/lan.py).
+network namespaces (mrsyncd/testing/lan.py).
 
 Run: ``PYTHONPATH=. python3 -m pytest -q tests/test_daemon.py``.
 """
@@ -38,10 +38,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
 from mrsyncd.daemon.tap import EXIT_CONFIG
-from mrsyncd.wire.datagram import OVERHEAD
-from mrsyncd.wire.manifest import default_chunk_size
-from tests import support
-from tests.daemon import (
+from mrsyncd.testing.cluster import (
     CA,
     REPO,
     TWISTD,
@@ -57,6 +54,9 @@ from tests.daemon import (
     wait_for,
     write_toml,
 )
+from mrsyncd.wire.datagram import OVERHEAD
+from mrsyncd.wire.manifest import default_chunk_size
+from tests import support
 
 MiB = 1 << 20
 FINISHED = ("done", "failed", "cancelled")

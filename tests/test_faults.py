@@ -1,5 +1,5 @@
 """
-Faults, with real daemons (tests/daemon.py) driven as an operator would:
+Faults, with real daemons (mrsyncd/testing/cluster.py) driven as an operator would:
 what survives a full disk, a read-only directory, a source file that
 changes while it is sent, and a node whose link goes down for ten seconds.
 
@@ -35,7 +35,7 @@ from typing import Any
 
 import pytest
 
-from tests.daemon import (
+from mrsyncd.testing.cluster import (
     AmpClient,
     Cluster,
     FinalPaths,

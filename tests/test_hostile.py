@@ -1,5 +1,5 @@
 """
-Hostile input, against real daemons (tests/daemon.py): datagrams sprayed at
+Hostile input, against real daemons (mrsyncd/testing/cluster.py): datagrams sprayed at
 a job's group and port, malformed and oversized AMP boxes from peers that
 hold a cluster certificate, commands a certificate's role does not allow,
 job requests and manifests that try to leave the destination, and a
@@ -54,10 +54,7 @@ from mrsyncd.control.commands import (
     BoundedAMP,
 )
 from mrsyncd.engine.multicast import Channel, receiver_socket
-from mrsyncd.wire import datagram
-from mrsyncd.wire.manifest import FILE, HARDLINK, SYMLINK, Manifest, digest, scan
-from tests import support
-from tests.daemon import (
+from mrsyncd.testing.cluster import (
     REPO,
     AmpClient,
     AmpError,
@@ -75,6 +72,9 @@ from tests.daemon import (
     time_limit,
     wait_for,
 )
+from mrsyncd.wire import datagram
+from mrsyncd.wire.manifest import FILE, HARDLINK, SYMLINK, Manifest, digest, scan
+from tests import support
 
 MiB = 1 << 20
 JOB_TIMEOUT = 90.0

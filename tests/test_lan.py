@@ -1,6 +1,6 @@
 """
 The data plane across real hosts: `mrsyncd.scripts.mrsync_engine` send and receive, each
-in a network namespace of its own, on a bridged LAN (see tests/lan.py) with
+in a network namespace of its own, on a bridged LAN (see mrsyncd/testing/lan.py) with
 a capped sender link, datagrams dropped at the receivers, a hostile host
 spraying the group, and a file larger than 4 GiB.
 
@@ -24,8 +24,8 @@ from typing import Any
 
 import pytest
 
+from mrsyncd.testing.lan import Host, Lan, read_rusage
 from mrsyncd.wire.datagram import OVERHEAD, Reason
-from tests.lan import Host, Lan, read_rusage
 
 pytestmark = pytest.mark.lan
 

@@ -1,5 +1,5 @@
 """
-Load: a master and four nodes (real daemons, tests/daemon.py) take four
+Load: a master and four nodes (real daemons, mrsyncd/testing/cluster.py) take four
 jobs at once to overlapping sets of nodes, then a stream of new
 submissions for ``MRSYNCD_LOAD_SECONDS`` seconds (60 by default; the
 figure of the issue, five minutes, is ``MRSYNCD_LOAD_SECONDS=300``).
@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from tests.daemon import Cluster, can_unshare, operator_client, same_tree, time_limit
+from mrsyncd.testing.cluster import Cluster, can_unshare, operator_client, same_tree, time_limit
 
 pytestmark = [
     pytest.mark.lan,

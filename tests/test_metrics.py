@@ -16,7 +16,7 @@ from twisted.internet.testing import MemoryReactorClock
 from mrsyncd.daemon.config import MasterConfig
 from mrsyncd.daemon.master import MasterService, NodeState
 from mrsyncd.daemon.metrics import MasterCollector
-from tests.daemon import Cluster, free_tcp_port, random_file
+from mrsyncd.testing.cluster import Cluster, free_tcp_port, random_file
 
 prometheus_client = pytest.importorskip("prometheus_client")
 

@@ -4,7 +4,7 @@ The Debian package, as an administrator meets it: built from debian/ with
 checked with lintian and ``systemd-analyze``, installed with apt, then
 exercised for real: a master and two nodes run the units' own ExecStart
 command lines as the package's user, each in a host of a namespace LAN
-(tests/lan.py), and the installed ``mrsync`` pushes a tree to both nodes
+(mrsyncd/testing/lan.py), and the installed ``mrsync`` pushes a tree to both nodes
 with certificates made by the installed ``mrsync-ca``.  Then an upgrade, a
 removal and a purge, checking what each keeps and deletes.
 
@@ -46,7 +46,7 @@ from typing import Any
 
 import pytest
 
-from tests.lan import Host
+from mrsyncd.testing.lan import Host
 from tests.support import assert_same_tree, make_full_tree, unit_settings
 
 pytestmark = [pytest.mark.package, pytest.mark.lan]

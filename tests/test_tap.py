@@ -20,7 +20,7 @@ from mrsyncd.daemon.master import MasterService
 from mrsyncd.daemon.node import NodeService
 from mrsyncd.daemon.tap import EXIT_CONFIG, Options, build, makeService
 from mrsyncd.security import tls
-from tests.daemon import CA, write_toml
+from mrsyncd.testing.cluster import CA, write_toml
 
 
 @implementer(IReactorPluggableNameResolver)

@@ -1,7 +1,7 @@
 """
-Real mrsyncd daemons for the daemon tests: a CA, configuration files, and
-``twistd mrsyncd`` processes started, watched and killed like an operator
-would.
+A cluster of real mrsyncd daemons, for the daemon tests and the demo: a CA,
+configuration files, and ``twistd mrsyncd`` processes started, watched and
+killed like an operator would.
 
 Everything runs on this host's loopback: the master listens on 127.0.0.1 on
 a free port and sends on a multicast group and port pool of its own (random,
@@ -17,8 +17,9 @@ not namespaced: every daemon talks over the host's ``lo``.  Without root,
 nodes share ``base/shared`` itself and only one node may receive a given
 destination (`Cluster.mount_ns` says which mode is on).
 
-The same `Cluster` runs across a LAN of network namespaces (tests/lan.py)
-when given the master's address, the LAN interface and the namespaces.
+The same `Cluster` runs across a LAN of network namespaces
+when given the master's address, the LAN interface and the namespaces
+(`lan`).
 
 Every daemon is started with PR_SET_PDEATHSIG, so that none outlives a test
 run that was killed; a test's teardown stops them all in any case.
@@ -50,9 +51,9 @@ from pathlib import Path
 from typing import Any
 
 from mrsyncd.security import certs
-from tests import support
+from mrsyncd.testing import trees
 
-REPO = str(Path(__file__).resolve().parent.parent)
+REPO = str(Path(__file__).resolve().parents[2])
 #: twistd on the running interpreter (``python -m twisted`` is ``twist``, not ``twistd``).
 TWISTD = "from twisted.scripts.twistd import run; run()"
 #: The mount-namespace wrapper: bind the node's directory over the shared path, then exec.
@@ -151,14 +152,22 @@ class CA:
     ) -> tuple[str, str]:
         """Issue a certificate; ``expired`` makes one that ended yesterday. Returns (cert, key)."""
         out = str(out or self.out)
-        when: dict[str, datetime.datetime] = {}
+        not_before = not_after = None
         if expired:
             now = certs.utcnow()
-            when = {
-                "not_before": now - datetime.timedelta(days=10),
-                "not_after": now - datetime.timedelta(days=1),
-            }
-        certs.issue(self.directory, role, name, out, 30, dns, ips, tags=tags, **when)
+            not_before, not_after = now - datetime.timedelta(days=10), now - datetime.timedelta(days=1)
+        certs.issue(
+            self.directory,
+            role,
+            name,
+            out,
+            30,
+            dns,
+            ips,
+            tags=tags,
+            not_before=not_before,
+            not_after=not_after,
+        )
         return os.path.join(out, name + ".crt"), os.path.join(out, name + ".key")
 
     def revoke(self, *cert_paths: str) -> str:
@@ -308,7 +317,7 @@ class Cluster:
     A CA, a master and nodes under ``base``, and the operator's `cli`.
 
     By default everything is on this host's loopback.  On a LAN of network
-    namespaces (tests/lan.py), ``host`` is the master's address,
+    namespaces (mrsyncd/testing/lan.py), ``host`` is the master's address,
     ``interface`` the multicast interface of every daemon, ``loopback``
     false, and ``master_netns`` (and each node's ``netns``) the namespace
     its daemon runs in; `cli` then runs in ``master_netns`` too.
@@ -879,7 +888,7 @@ class _Check:
 def same_tree(src: Path, dst: Path) -> None:
     """``dst`` holds what ``src`` does: contents, kinds, modes, mtimes, links."""
     assert dst.is_dir(), f"{dst} was not made"
-    support.assert_same_tree(_Check(), str(src), str(dst))
+    trees.assert_same_tree(_Check(), str(src), str(dst))
 
 
 def random_file(path: Path, size: int, seed: int) -> None:

@@ -1,5 +1,6 @@
 """
-A LAN of network namespaces on this machine, for the multi-host tests.
+A LAN of network namespaces on this machine, for the multi-host tests and the
+demo.
 
 Layout: one namespace holds the switch (a Linux bridge ``br0`` with IGMP/MLD
 snooping off, so that multicast floods to every port); every host (``master``,
@@ -51,8 +52,9 @@ SUBNET6 = ipaddress.IPv6Network("fd77:231::/64")
 PREFIX = "mrt-"
 IFNAME = "eth0"
 BRIDGE = "br0"
-#: The repository, for PYTHONPATH of the processes started on hosts.
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+#: Where the mrsyncd package is (the repository, or dist-packages), for
+#: PYTHONPATH of the processes started on hosts.
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 _lan_numbers = itertools.count(1)
 
@@ -174,8 +176,23 @@ class Host:
 
     def cap_egress(self, rate: str = "100mbit", burst: str = "32kbit", latency: str = "50ms") -> None:
         """Cap what this host sends on its LAN link with a token bucket filter."""
-        self.run(["tc", "qdisc", "replace", "dev", self.ifname, "root", "tbf",
-                  "rate", rate, "burst", burst, "latency", latency])
+        self.run(
+            [
+                "tc",
+                "qdisc",
+                "replace",
+                "dev",
+                self.ifname,
+                "root",
+                "tbf",
+                "rate",
+                rate,
+                "burst",
+                burst,
+                "latency",
+                latency,
+            ]
+        )
 
     def drop_udp(self, probability: float, port: int) -> None:
         """
@@ -185,8 +202,26 @@ class Host:
         for tool in ("iptables", "ip6tables"):
             if shutil.which(tool) is None:
                 raise RuntimeError(f"{tool} is not installed; it is needed to drop datagrams")
-            self.run([tool, "-w", "-A", "INPUT", "-p", "udp", "--dport", str(port),
-                      "-m", "statistic", "--mode", "random", "--probability", str(probability), "-j", "DROP"])
+            self.run(
+                [
+                    tool,
+                    "-w",
+                    "-A",
+                    "INPUT",
+                    "-p",
+                    "udp",
+                    "--dport",
+                    str(port),
+                    "-m",
+                    "statistic",
+                    "--mode",
+                    "random",
+                    "--probability",
+                    str(probability),
+                    "-j",
+                    "DROP",
+                ]
+            )
             listed = self.run([tool, "-w", "-S", "INPUT"]).stdout
             if "statistic" not in listed:
                 raise RuntimeError(f"{tool} in {self.netns} did not keep the rule: {listed}")
@@ -340,8 +375,6 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
-
-
 
 
 # Why a wrapper: Linux carries a process's peak RSS (ru_maxrss) across exec,
