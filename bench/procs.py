@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.netlan import Host
+from mrsyncd.testing.lan import Host
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 SAMPLE = 0.25

@@ -6,7 +6,7 @@ The LAN benchmark: mrsyncd against udpcast and UFTP on a LAN of namespaces.
     sudo python3 bench/run.py --all                    # the issue's scenarios A-G
     sudo python3 bench/run.py --scenario T --files 500 # a tree scenario with fewer files
 
-Each case builds a fresh LAN (bench/netlan.py), then every tool sends the
+Each case builds a fresh LAN (mrsyncd.testing.lan), then every tool sends the
 same file (or tree of files) to every node in turn (bench/runners.py); every
 copy is checked against the source's sha256 (or the tree's digest).  Results
 go to bench/results/ as JSON, a Markdown table and a PNG chart; see
@@ -35,7 +35,6 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import report  # noqa: E402
-from bench.netlan import Lan, sweep_dead_runs  # noqa: E402
 from bench.runners import RUNNERS, Competitor, Context, measure, tree_digest  # noqa: E402
 from bench.scenarios import (  # noqa: E402
     ISSUE_SCENARIOS,
@@ -48,6 +47,7 @@ from bench.scenarios import (  # noqa: E402
     retreed,
     tree_layout,
 )
+from mrsyncd.testing.lan import Lan, sweep_dead_runs  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -218,7 +218,7 @@ def run_case(
         flush=True,
     )
     logdir.mkdir(parents=True, exist_ok=True)
-    lan = Lan(case.nodes)
+    lan = Lan(case.nodes, counters=True)
     competitor = None
     try:
         lan.shape_master(case.link_bps, case.queue_ms, case.burst)

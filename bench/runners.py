@@ -31,9 +31,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.netlan import IPERF_PORT, Host, Lan
 from bench.procs import Proc
 from bench.scenarios import Case
+from mrsyncd.testing.lan import IPERF_PORT, Host, Lan
 
 REPO = Path(__file__).resolve().parent.parent
 GROUP_BASE = "239.255.88."
@@ -1049,12 +1049,14 @@ def measure(runner: Runner, competitor: Competitor | None = None) -> ToolResult:
             time.sleep(3.0)
             tcp0 = competitor.bytes()
         netns = lan.netns_inodes()
+        anchor = lan.anchor
+        assert anchor is not None, "the benchmark's LAN counts (Lan(counters=True))"
         for p in runner.daemons():
             p.baseline()
         cpu0, own0, procs0 = machine_cpu(), self_cpu(), process_cpu(netns)
         t0 = time.monotonic()
         sender = runner.submit()
-        tx0 = tx_bytes(lan.anchor.pid) or 0
+        tx0 = tx_bytes(anchor.pid) or 0
         last_tx = 0.0
         result.rate_arg = runner.rate_arg
         profilers = []
@@ -1078,7 +1080,7 @@ def measure(runner: Runner, competitor: Competitor | None = None) -> ToolResult:
                 elif competitor.client is not None and now - t0 >= after + 1.0:
                     both_from, both0 = now, competitor.counts()
             if now - last_tx >= 0.1:
-                b = tx_bytes(lan.anchor.pid)
+                b = tx_bytes(anchor.pid)
                 if b is not None:
                     result.timeline.append((round(now - t0, 3), b - tx0))
                     last_tx = now

@@ -1,14 +1,30 @@
 """
-A LAN of network namespaces on this machine, for the multi-host tests and the
-demo.
+A LAN of network namespaces on this machine, for the multi-host tests, the
+benchmark and the demo.
 
 Layout: one namespace holds the switch (a Linux bridge ``br0`` with IGMP/MLD
 snooping off, so that multicast floods to every port); every host (``master``,
 ``node1`` .. ``nodeN``, and any added later) is a namespace of its own with
-``lo`` and an ``eth0`` that is one end of a veth pair whose other end is a
-port of the bridge.  Hosts get addresses in 10.231.77.0/24 and fd77:231::/64
-(no duplicate address detection), which only these namespaces hold; nothing
-here is connected to the machine's own network, so no test traffic can leave.
+``lo`` and an ``eth0`` that is one end of a veth pair whose other end,
+``p<host>``, is a port of the bridge.  Hosts get addresses in 10.231.77.0/24
+and fd77:231::/64 (no duplicate address detection), which only these
+namespaces hold; nothing here is connected to the machine's own network, so
+no test traffic can leave.  A switch port carries one datagram a frame, as a
+wire does.
+
+Shaping (with ``tbf``: the kernels this runs on may have no netem):
+
+- a host's link: a token bucket on its ``eth0`` egress (`Host.cap_egress`,
+  `Lan.shape_master`), which everything it sends crosses;
+- a slow node: a token bucket on the bridge port toward it (`Lan.shape_node`),
+  so only what reaches *that* node is held back;
+- loss: an ``iptables -m statistic`` DROP rule on a host's INPUT, for UDP to
+  one port or to every port (`Host.drop_udp`).
+
+Counters (``Lan(counters=True)``, the benchmark's): the master gets chains
+``MRB_IN`` (traffic from the nodes, by protocol: the feedback a sender
+receives) and ``MRB_OUT`` (what the master sends); iperf3's port is left out
+of both.
 
 Namespaces are named ``mrt-<pid>-<lan>-<host>`` so that parallel runs do not
 clash; `Lan.close` kills every process started in them (and any other process
@@ -52,6 +68,8 @@ SUBNET6 = ipaddress.IPv6Network("fd77:231::/64")
 PREFIX = "mrt-"
 IFNAME = "eth0"
 BRIDGE = "br0"
+#: A competing TCP flow's port (the benchmark's iperf3), which the counters leave out.
+IPERF_PORT = 5201
 #: Where the mrsyncd package is (the repository, or dist-packages), for
 #: PYTHONPATH of the processes started on hosts.
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -127,6 +145,15 @@ def _kill_netns_pids(netns: str, grace: float = 2.0) -> None:
             time.sleep(0.05)
 
 
+def tbf_args(rate_bps: float, queue_ms: float = 50.0, burst: int = 0) -> list[str]:
+    """
+    A token bucket at ``rate_bps``: a burst of ``burst`` bytes (0: 1 ms of
+    traffic, at least 16 KB, a few full frames) and a queue of ``queue_ms``.
+    """
+    burst = burst or max(16000, int(rate_bps / 8 * 0.001))
+    return ["tbf", "rate", f"{int(rate_bps)}bit", "burst", str(burst), "latency", f"{queue_ms:g}ms"]
+
+
 @dataclass
 class Host:
     lan: Lan
@@ -134,6 +161,8 @@ class Host:
     netns: str
     ipv4: str
     ipv6: str
+    #: Its bridge-side veth, in the switch's namespace.
+    port: str = ""
     ifname: str = IFNAME
     #: Processes started here with `popen`, for teardown.
     processes: list[subprocess.Popen] = field(default_factory=list)
@@ -141,7 +170,11 @@ class Host:
     def __repr__(self) -> str:
         return f"<Host {self.name} {self.ipv4} {self.ipv6} in {self.netns}>"
 
-    def _argv(self, args: Sequence[str]) -> list[str]:
+    @property
+    def ip(self) -> str:
+        return self.ipv4
+
+    def argv(self, args: Sequence[str]) -> list[str]:
         # ip netns exec execs the command itself (no fork), so a Popen's pid
         # is the command's pid and its rusage is the command's.
         return ["ip", "netns", "exec", self.netns, *args]
@@ -150,14 +183,37 @@ class Host:
         self, args: Sequence[str], *, check: bool = True, timeout: float = 60, **kwargs: Any
     ) -> subprocess.CompletedProcess:
         """Run a command in this host and wait for it (text output captured)."""
-        return _run(self._argv(args), check=check, timeout=timeout, **kwargs)
+        return _run(self.argv(args), check=check, timeout=timeout, **kwargs)
+
+    def iptables(self, *args: str) -> str:
+        return self.run(["iptables", "-w", *args]).stdout
+
+    def chain_counters(self, chain: str) -> list[tuple[int, int]]:
+        """(packets, bytes) of each rule of one of our chains, in order."""
+        rows = []
+        for line in self.iptables("-L", chain, "-v", "-n", "-x").splitlines()[2:]:
+            fields = line.split()
+            if len(fields) >= 2 and fields[0].isdigit():
+                rows.append((int(fields[0]), int(fields[1])))
+        return rows
+
+    def snmp(self) -> dict[str, int]:
+        """This namespace's /proc/net/snmp Ip: and Udp: counters (fragments, errors)."""
+        text = self.run(["cat", "/proc/net/snmp"]).stdout.splitlines()
+        values: dict[str, int] = {}
+        for head, row in zip(text[::2], text[1::2], strict=False):
+            proto, names = head.split(":", 1)
+            for key, value in zip(names.split(), row.split(":", 1)[1].split(), strict=False):
+                with contextlib.suppress(ValueError):
+                    values[f"{proto}{key}"] = int(value)
+        return values
 
     def popen(self, args: Sequence[str], **kwargs: Any) -> subprocess.Popen:
         """Start a command in this host; the LAN kills it at teardown if it still runs."""
         kwargs.setdefault("start_new_session", True)
         env = dict(kwargs.pop("env", None) or os.environ)
         env["PYTHONPATH"] = REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        proc = subprocess.Popen(self._argv(args), env=env, **kwargs)
+        proc = subprocess.Popen(self.argv(args), env=env, **kwargs)
         self.processes.append(proc)
         return proc
 
@@ -194,11 +250,12 @@ class Host:
             ]
         )
 
-    def drop_udp(self, probability: float, port: int) -> None:
+    def drop_udp(self, probability: float, port: int | None = None) -> None:
         """
-        Drop a random share of incoming UDP datagrams to ``port`` (both IP
-        versions), leaving TCP and other ports alone.
+        Drop a random share of incoming UDP datagrams to ``port``, or to
+        every port (both IP versions), leaving TCP alone.
         """
+        ports = ["--dport", str(port)] if port is not None else []
         for tool in ("iptables", "ip6tables"):
             if shutil.which(tool) is None:
                 raise RuntimeError(f"{tool} is not installed; it is needed to drop datagrams")
@@ -210,8 +267,7 @@ class Host:
                     "INPUT",
                     "-p",
                     "udp",
-                    "--dport",
-                    str(port),
+                    *ports,
                     "-m",
                     "statistic",
                     "--mode",
@@ -255,8 +311,16 @@ class Host:
 class Lan:
     """A bridge and hosts, each in its own namespace; see the module docstring."""
 
-    def __init__(self, nodes: int = 3, *, master: bool = True) -> None:
+    def __init__(self, nodes: int = 3, *, master: bool = True, counters: bool = False) -> None:
+        """
+        ``nodes`` hosts ``node1`` .. (and ``master`` first).  With
+        ``counters``, wait until every link is up and count the master's
+        traffic (`read_counters`), and keep a process in the master's
+        namespace (``anchor``) whose /proc/PID/net/dev reads its link's bytes
+        without a fork.
+        """
         self.id = f"{PREFIX}{os.getpid()}-{next(_lan_numbers)}"
+        self.anchor: subprocess.Popen | None = None
         self.switch = f"{self.id}-switch"
         self.hosts: dict[str, Host] = {}
         self._namespaces: list[str] = []
@@ -275,6 +339,11 @@ class Lan:
                 self.add_host("master")
             for i in range(1, nodes + 1):
                 self.add_host(f"node{i}")
+            if counters:
+                self.wait_ready()
+                self._counters()
+                sleeper = self.master.argv(["sleep", "infinity"])
+                self.anchor = subprocess.Popen(sleeper, start_new_session=True)
         except BaseException:
             self.close()
             raise
@@ -309,12 +378,19 @@ class Lan:
         port = f"p{name}"
         _run(["ip", "-n", netns, "link", "add", IFNAME, "type", "veth",
               "peer", "name", port, "netns", self.switch])  # fmt: skip
+        # A switch port puts one datagram in each frame, as a wire does: a
+        # veth would otherwise hand a node a batch sent with UDP_SEGMENT (or
+        # a TCP super-packet) whole, and the node's loss rule would drop it
+        # whole, a burst instead of one datagram.
+        _run(["ip", "-n", self.switch, "link", "set", port, "gso_max_segs", "1"])
         _run(["ip", "-n", self.switch, "link", "set", port, "master", BRIDGE, "up"])
         ipv4, ipv6 = str(SUBNET4[number]), str(SUBNET6[number])
-        _run(["ip", "-n", netns, "addr", "add", f"{ipv4}/{SUBNET4.prefixlen}", "dev", IFNAME])
+        _run(["ip", "-n", netns, "addr", "add", f"{ipv4}/{SUBNET4.prefixlen}", "brd", "+", "dev", IFNAME])
         _run(["ip", "-n", netns, "addr", "add", f"{ipv6}/{SUBNET6.prefixlen}", "dev", IFNAME, "nodad"])
         _run(["ip", "-n", netns, "link", "set", IFNAME, "up"])
-        host = Host(self, name, netns, ipv4, ipv6)
+        # Multicast leaves by eth0 for a tool that names no interface (there is no default route).
+        _run(["ip", "-n", netns, "route", "add", "224.0.0.0/4", "dev", IFNAME])
+        host = Host(self, name, netns, ipv4, ipv6, port)
         self.hosts[name] = host
         return host
 
@@ -332,6 +408,73 @@ class Lan:
                     raise RuntimeError(f"{host} did not come up: {info}")
                 time.sleep(0.05)
 
+    def _counters(self) -> None:
+        m = self.master
+        m.iptables("-N", "MRB_IN")
+        m.iptables("-A", "INPUT", "-s", str(SUBNET4), "-j", "MRB_IN")
+        m.iptables("-A", "MRB_IN", "-s", m.ip, "-j", "RETURN")  # its own multicast, looped back
+        m.iptables("-A", "MRB_IN", "-p", "tcp", "--sport", str(IPERF_PORT), "-j", "RETURN")
+        m.iptables("-A", "MRB_IN", "-p", "tcp")  # rule 3: TCP from nodes
+        m.iptables("-A", "MRB_IN", "-p", "udp")  # rule 4: UDP from nodes
+        m.iptables("-A", "MRB_IN", "!", "-p", "tcp")  # rule 5: everything but TCP (UDP, ICMP, IGMP)
+        m.iptables("-N", "MRB_OUT")
+        m.iptables("-A", "OUTPUT", "-j", "MRB_OUT")
+        m.iptables("-A", "MRB_OUT", "-p", "tcp", "--dport", str(IPERF_PORT), "-j", "RETURN")
+        m.iptables("-A", "MRB_OUT", "-p", "udp")  # rule 2: UDP sent (data, repairs, udp control)
+        m.iptables("-A", "MRB_OUT", "-p", "tcp")  # rule 3: TCP sent (control)
+        for node in self.nodes:
+            # Also makes the INPUT chain exist (iptables-nft creates it with its first rule).
+            node.iptables("-A", "INPUT", "-p", "udp")  # UDP arriving, before any drop rule
+
+    def zero_counters(self) -> None:
+        self.master.iptables("-Z", "MRB_IN")
+        self.master.iptables("-Z", "MRB_OUT")
+        for node in self.nodes:
+            node.iptables("-Z", "INPUT")
+
+    def read_counters(self) -> dict[str, int]:
+        i = self.master.chain_counters("MRB_IN")
+        o = self.master.chain_counters("MRB_OUT")
+        return {
+            "feedback_tcp_bytes": i[2][1],
+            "feedback_udp_bytes": i[3][1],
+            "feedback_bytes": i[2][1] + i[4][1],
+            "feedback_packets": i[2][0] + i[4][0],
+            "sent_udp_bytes": o[1][1],
+            "sent_udp_packets": o[1][0],
+            "sent_tcp_bytes": o[2][1],
+        }
+
+    def netns_inodes(self) -> set[int]:
+        """The inode numbers of this LAN's network namespaces (as /proc/PID/ns/net shows them)."""
+        found = set()
+        for name in self._namespaces:
+            with contextlib.suppress(OSError):
+                found.add(os.stat(f"/run/netns/{name}").st_ino)
+        return found
+
+    def shape_master(self, rate_bps: float, queue_ms: float = 50.0, burst: int = 0) -> None:
+        """The master's link: everything it sends crosses this bucket."""
+        bucket = tbf_args(rate_bps, queue_ms, burst)
+        self.master.run(["tc", "qdisc", "replace", "dev", IFNAME, "root", *bucket])
+
+    def shape_node(self, node: Host, rate_bps: float) -> None:
+        """A node behind a slower link: what the bridge sends toward it."""
+        _run(["ip", "netns", "exec", self.switch, "tc", "qdisc", "replace", "dev", node.port, "root",
+              *tbf_args(rate_bps)])  # fmt: skip
+
+    def qdisc_stats(self, host: Host | None = None) -> dict[str, Any]:
+        """Sent/dropped/overlimits of a tbf: the master's, or a slow node's port."""
+        if host is None:
+            out = self.master.run(["tc", "-s", "-j", "qdisc", "show", "dev", IFNAME]).stdout
+        else:
+            out = _run(["ip", "netns", "exec", self.switch, "tc", "-s", "-j", "qdisc", "show",
+                        "dev", host.port]).stdout  # fmt: skip
+        for q in json.loads(out):
+            if q.get("kind") == "tbf":
+                return {k: q.get(k) for k in ("bytes", "packets", "drops", "overlimits", "requeues")}
+        return {}
+
     def close(self) -> None:
         """
         Kill every process started in the LAN and delete its namespaces.
@@ -339,6 +482,9 @@ class Lan:
         """
         if self._closed:
             return
+        if self.anchor is not None and self.anchor.poll() is None:
+            self.anchor.kill()
+            self.anchor.wait()
         for host in self.hosts.values():
             host.kill_all()
         for netns in reversed(self._namespaces):
