@@ -22,7 +22,7 @@ debian_packages=(
     e2fsprogs
     # The data path's C module (setup.py): a compiler, Python's and OpenSSL's headers.
     gcc python3-dev libssl-dev
-    # tests/test_package.py: build the Debian package, check it, install it.
+    # tests/system/test_package.py: build the Debian package, check it, install it.
     build-essential dpkg-dev debhelper dh-python pybuild-plugin-pyproject
     python3-all-dev python3-setuptools python3-wheel lintian systemd man-db adduser
 )
@@ -61,8 +61,9 @@ echo "== current PyPI releases: $("$venv/bin/python" -c 'import twisted, OpenSSL
 
 if (($# == 0)); then
     # The pure-Python data path, for hosts without the C module: the same
-    # contract (tests/test_datagram.py runs both paths side by side anyway).
+    # contract (tests/unit/test_datagram.py runs both paths side by side anyway).
     echo "== pure-Python data path (MRSYNCD_PURE_PYTHON=1)"
     MRSYNCD_PURE_PYTHON=1 /usr/bin/python3 -m pytest -p no:cacheprovider -q \
-        tests/test_receiver.py tests/test_transfer.py tests/test_intake.py tests/test_erasure.py
+        tests/integration/test_receiver.py tests/integration/test_transfer.py \
+        tests/integration/test_intake.py tests/unit/test_erasure.py
 fi

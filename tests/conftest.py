@@ -1,8 +1,18 @@
-"""The fixtures every test module may use."""
+"""
+The fixtures every test module may use, and the tiers.  Each test lives in
+the directory of its tier, which marks it (``-m unit`` and so on):
+
+- ``unit/``: pure logic, no socket, no process, no reactor but a fake clock;
+- ``integration/``: real sockets, TLS, files and SQLite, in this process on
+  the real reactor;
+- ``system/``: real processes: daemons, the LAN of namespaces, the Debian
+  package, the demo (most need root: markers ``lan`` and ``package``).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -34,3 +44,13 @@ def lan_fixture() -> Iterator[Any]:
         finally:
             for net in reversed(made):
                 net.close()
+
+
+TIERS = ("unit", "integration", "system")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        tier = Path(str(item.fspath)).parent.name
+        if tier in TIERS:
+            item.add_marker(tier)

@@ -5,7 +5,7 @@ a sender offers a receiver (`Offer`, `TransferOptions`), what it asks of one
 `Feedback`).  The engine implements and calls it; `commands` carries it
 between hosts; `agent.LocalPeer`, `peers.AMPPeer` and the master's
 `FleetPeer` are its three implementations, tested against one suite
-(tests/test_contract.py).  It imports nothing of the engine at run time, so
+(tests/integration/test_contract.py).  It imports nothing of the engine at run time, so
 that ``mrsync``, which speaks only the commands, loads none of it.
 """
 

@@ -12,7 +12,7 @@ so a batch is mostly one run, and the receiver keeps its books and writes
 once per run (`Batch`).
 
 The C loop (`mrsyncd._crypto.receive`) and its pure-Python twin
-(`python_receive`) give the same answers; tests/test_intake.py holds both to
+(`python_receive`) give the same answers; tests/integration/test_intake.py holds both to
 one contract.  `IntakePort` is the thin glue that lets the reactor call
 them when the socket is readable.
 """

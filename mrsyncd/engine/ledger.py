@@ -4,7 +4,7 @@ whole, being verified or done, and what to ask for again.
 
 Pure arithmetic on a bit a block and a state and a count a chunk (memory:
 one bit per block whatever the file's size), kept apart from the sockets
-and the disk so that it can be tested exhaustively (tests/test_ledger.py).
+and the disk so that it can be tested exhaustively (tests/unit/test_ledger.py).
 Blocks arrive in runs (`mrsyncd.engine.intake`), so the books are kept a run at a
 time: a run of 64 blocks costs a few slice operations, not 64 updates.
 """

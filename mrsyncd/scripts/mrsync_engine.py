@@ -4,7 +4,7 @@
 ``mrsync-engine send`` scans its sources, waits for receivers to dial in over
 (plain, unauthenticated) AMP and runs one transfer; ``mrsync-engine receive``
 dials a sender and receives.  It exists to test and measure the data plane
-across real hosts (tests/test_lan.py, bench/); clusters run the daemon, whose
+across real hosts (tests/system/test_lan.py, bench/); clusters run the daemon, whose
 control channel is authenticated.
 """
 

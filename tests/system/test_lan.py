@@ -4,7 +4,7 @@ in a network namespace of its own, on a bridged LAN (see mrsyncd/testing/lan.py)
 a capped sender link, datagrams dropped at the receivers, a hostile host
 spraying the group, and a file larger than 4 GiB.
 
-Run as root: ``python3 -m pytest -q tests/test_lan.py`` (skipped otherwise).
+Run as root: ``python3 -m pytest -q tests/system/test_lan.py`` (skipped otherwise).
 """
 
 from __future__ import annotations

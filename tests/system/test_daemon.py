@@ -9,7 +9,7 @@ several nodes of one host; tests that need it are marked ``lan`` and
 skipped without root, as is the one that runs the daemons across a LAN of
 network namespaces (mrsyncd/testing/lan.py).
 
-Run: ``PYTHONPATH=. python3 -m pytest -q tests/test_daemon.py``.
+Run: ``PYTHONPATH=. python3 -m pytest -q tests/system/test_daemon.py``.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ import pytest
 
 from mrsyncd.daemon.config import ConfigError, MasterConfig, NodeConfig, defaults, load, parse
 
-EXAMPLE = os.path.join(os.path.dirname(__file__), "..", "etc", "mrsyncd.toml")
+EXAMPLE = os.path.join(os.path.dirname(__file__), "..", "..", "etc", "mrsyncd.toml")
 
 
 def uncommented_example() -> str:

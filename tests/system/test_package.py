@@ -51,7 +51,7 @@ from tests.support import assert_same_tree, make_full_tree, unit_settings
 
 pytestmark = [pytest.mark.package, pytest.mark.lan]
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 PACKAGE = "mrsyncd"
 USER = "mrsyncd"
 UPGRADE_VERSION_SUFFIX = "+pkgtest1"
@@ -206,7 +206,7 @@ def add_changelog_entry(tree: Path, version: str) -> None:
     stamp = time.strftime("%a, %d %b %Y %H:%M:%S +0000", time.gmtime())
     entry = (
         f"{PACKAGE} ({version}) unstable; urgency=medium\n\n"
-        f"  * Rebuilt by tests/test_package.py to test upgrades.\n\n"
+        f"  * Rebuilt by tests/system/test_package.py to test upgrades.\n\n"
         f" -- {trailer.group(1)}  {stamp}\n\n"
     )
     path.write_text(entry + old)

@@ -10,12 +10,12 @@ with a reason, nothing is written outside the destination, no daemon
 crashes, no job hangs, and the master goes on serving other jobs.
 
 Covered elsewhere and not repeated here: TLS clients with no certificate, a
-foreign CA's or an expired one (tests/test_daemon.py
+foreign CA's or an expired one (tests/system/test_daemon.py
 ``test_master_refuses_clients_without_a_cluster_certificate`` and
-tests/test_tls.py), a node certificate running the ``mrsync`` CLI and an
-operator certificate registering as a node (tests/test_daemon.py), the
-receiver's own checks in one process (tests/test_receiver.py), and a
-foreign host spraying a LAN with ``mrsync-engine`` (tests/test_lan.py).
+tests/integration/test_tls.py), a node certificate running the ``mrsync`` CLI and an
+operator certificate registering as a node (tests/system/test_daemon.py), the
+receiver's own checks in one process (tests/integration/test_receiver.py), and a
+foreign host spraying a LAN with ``mrsync-engine`` (tests/system/test_lan.py).
 
 The daemon tests need root (mount namespaces), hence the ``lan`` mark;
 the `BoundedAMP` tests at the top run anywhere.

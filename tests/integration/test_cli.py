@@ -32,7 +32,7 @@ from mrsyncd.scripts.mrsync import (
     settings,
 )
 
-REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPOSITORY = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def parse(*argv: str) -> Options:
@@ -326,7 +326,7 @@ def test_mrsync_loads_none_of_the_engine():
         capture_output=True,
         text=True,
         check=True,
-        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
     ).stdout.split()
     assert "mrsyncd.control.commands" in loaded
     # Nothing of the engine or the daemon, and of the wire formats only the datagram's version.

@@ -10,7 +10,7 @@ failed with the reason, and the master keeps serving other jobs (a small
 job is pushed during or after the fault and must complete).
 
 The two crashes (a node, and the master, killed with SIGKILL mid-job and
-restarted) are tests/test_daemon.py's ``test_node_killed_mid_transfer_resumes``
+restarted) are tests/system/test_daemon.py's ``test_node_killed_mid_transfer_resumes``
 and ``test_master_killed_mid_job_resumes``, which poll the final paths the
 same way.
 

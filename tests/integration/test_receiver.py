@@ -30,8 +30,7 @@ from mrsyncd.wire import datagram, erasure
 from mrsyncd.wire.blockset import RangeSet, decode_map
 from mrsyncd.wire.manifest import DIR, FILE, Entry, Manifest, scan
 from mrsyncd.wire.manifest import digest as manifest_digest
-
-from .support import (
+from tests.support import (
     assert_same_tree,
     deliver,
     file_digest,
@@ -1218,7 +1217,7 @@ class FeedbackTests(unittest.TestCase):
 #: documents that tell an administrator to install it.
 OWNER_DROP_IN = "etc/systemd/preserve-owner.conf"
 OWNER_DROP_IN_DOCS = ("debian/README.Debian", "man/mrsyncd.8", "docs/OPERATIONS.md")
-REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPOSITORY = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def drop_in_capabilities(path: str, key: str) -> list[str]:

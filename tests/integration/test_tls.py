@@ -46,7 +46,7 @@ from mrsyncd.security import certs, tls
 #: objects (they are to go): mrsyncd gives them `cryptography`'s.
 pytestmark = pytest.mark.filterwarnings("error:Passing pyOpenSSL:DeprecationWarning")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MASTER = "master.test"
 
 

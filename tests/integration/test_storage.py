@@ -16,8 +16,7 @@ from mrsyncd.engine import fsutil, storage
 from mrsyncd.engine.storage import part_name
 from mrsyncd.wire.manifest import DIR, FILE, Entry, Manifest
 from mrsyncd.wire.manifest import digest as chunk_digest
-
-from .support import part_files, write_file
+from tests.support import part_files, write_file
 
 TID = b"\x07" * 8
 INDEXES = itertools.count()

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 #: What run-tests.sh installs for the tests alone, and the demo must not need.
 TEST_TOOLS = ("pytest", "_pytest", "hypothesis", "pluggy", "iniconfig", "py")
 #: In a private mount namespace: the directory holding the test tools ($1) is

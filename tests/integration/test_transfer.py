@@ -27,8 +27,7 @@ from mrsyncd.engine.transfer import Transfer, new_offer, probe_interval
 from mrsyncd.wire import datagram
 from mrsyncd.wire.blockset import RangeSet, encode_map
 from mrsyncd.wire.manifest import scan
-
-from .support import (
+from tests.support import (
     RATE,
     RecordingAgent,
     assert_same_tree,
