@@ -25,6 +25,7 @@ from twisted.application import service
 from twisted.internet import defer, task, threads
 from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Factory, connectionDone
+from twisted.protocols import amp
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -426,14 +427,21 @@ class JobRunner:
         fleet: Fleet,
         key: str = "",
         settle: float = 0.0,
+        *,
+        scan: Callable[..., tuple[Manifest, dict[int, str]]] = scan_cached,
+        transfer: Callable[..., Transfer] = Transfer,
     ) -> None:
         """
         ``settle``: for this many seconds no job starts unless every known
         node is connected, so that after the master starts the nodes have
         the time to register again and no job misses one that was merely
-        redialling.
+        redialling.  ``scan`` (run in a thread) and ``transfer`` make a
+        job's manifest and its transfer: tests run a whole job in process
+        with receivers of their own.
         """
         self.reactor = reactor
+        self._scan = scan
+        self._transfer = transfer
         self._settled_at = reactor.seconds() + settle
         self.config = config
         self.jobs = jobs
@@ -583,7 +591,7 @@ class JobRunner:
             manifest, local_paths = yield threads.deferToThreadPool(
                 self.reactor,
                 self.reactor.getThreadPool(),
-                scan_cached,
+                self._scan,
                 os.path.join(self.config.state_dir, "digests.sqlite"),
                 spec["sources"],
                 self.config.block_size or self.channel(slot).payload_room() - OVERHEAD,
@@ -629,7 +637,7 @@ class JobRunner:
             },
         )
         rate = min(self.config.rate, spec["rate"] or self.config.rate)
-        transfer = Transfer(
+        transfer = self._transfer(
             self.reactor,
             offer,
             local_paths,
@@ -738,12 +746,146 @@ def _a(word: str) -> str:
     return f"an {word}" if word[0] in "aeiou" else f"a {word}"
 
 
+class MasterResponders(amp.CommandLocator):
+    """
+    What the master answers, apart from the connection that carries it (as
+    Twisted's `amp.CommandLocator` allows): every command is checked against
+    the certificate its connection presented (``caller.identity``), then
+    handed to the job runner, its fleet and its store.  Tests speak AMP to
+    it over a `StringTransport`.
+    """
+
+    def __init__(self, runner: JobRunner, caller: MasterControl) -> None:
+        self.runner = runner
+        self.caller = caller
+
+    def _require(self, role: str) -> str:
+        if self.caller.identity is None or self.caller.identity.role != role:
+            got = (
+                "no certificate"
+                if self.caller.identity is None
+                else f"{_a(self.caller.identity.role)} certificate"
+            )
+            log.warn("refused {a_role} command from {got}", a_role=_a(role), got=got)
+            raise Forbidden(f"this needs {_a(role)} certificate; the connection has {got}")
+        return self.caller.identity.name
+
+    @Register.responder
+    def register(
+        self, name: str, tags: list[str] | None, free: dict[str, int] | None, version: int | None
+    ) -> dict[str, Any]:
+        certified = self._require("node")
+        if name != certified:
+            raise Refused(f"this certificate is for {certified!r}, not {name!r}")
+        why = version_mismatch("master", "node", version)
+        if why is not None:
+            log.error("refused node {name}: {why}", name=name, why=why)
+            raise Refused(why)
+        self.caller.node_name = name
+        self.runner.fleet.attach(name, self.caller, self._granted(name, tuple(tags or ())), dict(free or {}))
+        self.runner.kick()
+        return {"version": PROTOCOL}
+
+    def _granted(self, name: str, declared: tuple[str, ...]) -> tuple[str, ...]:
+        """
+        The tags a node is targeted by: those its certificate grants, or
+        the ones its configuration names of those; it can never add one.
+        """
+        assert self.caller.identity is not None
+        granted = self.caller.identity.tags
+        if not declared:
+            return granted
+        refused = [t for t in declared if t not in granted]
+        if refused:
+            log.warn(
+                "node {name} claims tags its certificate does not grant, ignored: {refused}"
+                " (mrsync-ca issue --role node {name} --tag TAG grants one)",
+                name=name,
+                refused=", ".join(refused),
+            )
+        return tuple(t for t in declared if t in granted)
+
+    @Congestion.responder
+    def congestion(self, report: tuple[bytes, Feedback]) -> dict[str, Any]:
+        if self.caller.node_name is not None:
+            self.runner.feedback(report[0], self.caller.node_name, report[1])
+        return {}
+
+    @Heartbeat.responder
+    def heartbeat(self, free: dict[str, int] | None) -> dict[str, Any]:
+        if self.caller.node_name is not None:
+            self.runner.fleet.touch(self.caller.node_name, free)
+        return {}
+
+    @Submit.responder
+    def submit(self, spec: Any) -> dict[str, Any]:
+        operator = self._require("operator")
+        assert self.caller.identity is not None
+        try:
+            if isinstance(spec, OversizedSpec):
+                raise spec
+            job = self.runner.submit(spec, operator, self.caller.identity.fingerprint)
+        except BadRequest as e:
+            log.warn("refused a job from {operator}: {why}", operator=operator, why=e)
+            raise
+        return {"job": job}
+
+    @ListJobs.responder
+    def list_jobs(self, limit: int) -> dict[str, Any]:
+        self._require("operator")
+        return {"jobs": [job.summary() for job in self.runner.jobs.jobs(min(max(limit, 1), 1000))]}
+
+    @JobStatus.responder
+    def job_status(self, job: int, files: bool, wait: float | None = None) -> Any:
+        self._require("operator")
+        runner = self.runner
+        if not wait or wait <= 0:
+            return {"status": runner.status(job, files)}
+        d = runner.ended(job, min(wait, MAX_STATUS_WAIT))
+        return d.addCallback(lambda _: {"status": runner.status(job, files)})
+
+    @Cancel.responder
+    def cancel(self, job: int) -> dict[str, Any]:
+        operator = self._require("operator")
+        assert self.caller.identity is not None
+        log.info("job {job} cancelled by {operator}", job=job, operator=operator)
+        state = self.runner.cancel(job)
+        fingerprint = self.caller.identity.fingerprint
+        self.runner.jobs.audit(job, store.CANCEL_ASKED, operator, fingerprint, {"state": state})
+        return {"state": state}
+
+    @ForgetNode.responder
+    def forget_node(self, name: str) -> dict[str, Any]:
+        operator = self._require("operator")
+        assert self.caller.identity is not None
+        self.runner.fleet.forget(name)
+        log.info("node {node} forgotten by {operator}", node=name, operator=operator)
+        self.runner.jobs.audit(
+            0, store.FORGOT_NODE, operator, self.caller.identity.fingerprint, {"node": name}
+        )
+        return {}
+
+    @ListNodes.responder
+    def list_nodes(self) -> dict[str, Any]:
+        self._require("operator")
+        return {
+            "nodes": [
+                node.summary() for node in sorted(self.runner.fleet.nodes.values(), key=lambda n: n.name)
+            ]
+        }
+
+
 @implementer(IHandshakeListener)
 class MasterControl(BoundedAMP):
-    """One TLS connection to the master, from a node or an operator."""
+    """
+    One TLS connection to the master, from a node or an operator: who is on
+    the other end (its certificate, checked at the handshake and whenever
+    the revocation list changes) and which node it registered; what it may
+    ask is `MasterResponders`'.
+    """
 
     def __init__(self, master: MasterService) -> None:
-        super().__init__()
+        super().__init__(locator=MasterResponders(master.runner, self))
         self.master = master
         self.max_box_bytes = master.config.max_message_bytes
         self.max_spec_bytes = master.config.max_spec_bytes
@@ -782,120 +924,11 @@ class MasterControl(BoundedAMP):
         ):
             self.identity = None  # no command of it runs meanwhile
 
-    def _require(self, role: str) -> str:
-        if self.identity is None or self.identity.role != role:
-            got = "no certificate" if self.identity is None else f"{_a(self.identity.role)} certificate"
-            log.warn("refused {a_role} command from {got}", a_role=_a(role), got=got)
-            raise Forbidden(f"this needs {_a(role)} certificate; the connection has {got}")
-        return self.identity.name
-
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         super().connectionLost(reason)
         self.master.connections.discard(self)
         if self.node_name is not None:
             self.master.fleet.detach(self.node_name, self)
-
-    @Register.responder
-    def register(
-        self, name: str, tags: list[str] | None, free: dict[str, int] | None, version: int | None
-    ) -> dict[str, Any]:
-        certified = self._require("node")
-        if name != certified:
-            raise Refused(f"this certificate is for {certified!r}, not {name!r}")
-        why = version_mismatch("master", "node", version)
-        if why is not None:
-            log.error("refused node {name}: {why}", name=name, why=why)
-            raise Refused(why)
-        self.node_name = name
-        self.master.fleet.attach(name, self, self._granted(name, tuple(tags or ())), dict(free or {}))
-        self.master.runner.kick()
-        return {"version": PROTOCOL}
-
-    def _granted(self, name: str, declared: tuple[str, ...]) -> tuple[str, ...]:
-        """
-        The tags a node is targeted by: those its certificate grants, or
-        the ones its configuration names of those; it can never add one.
-        """
-        assert self.identity is not None
-        granted = self.identity.tags
-        if not declared:
-            return granted
-        refused = [t for t in declared if t not in granted]
-        if refused:
-            log.warn(
-                "node {name} claims tags its certificate does not grant, ignored: {refused}"
-                " (mrsync-ca issue --role node {name} --tag TAG grants one)",
-                name=name,
-                refused=", ".join(refused),
-            )
-        return tuple(t for t in declared if t in granted)
-
-    @Congestion.responder
-    def congestion(self, report: tuple[bytes, Feedback]) -> dict[str, Any]:
-        if self.node_name is not None:
-            self.master.runner.feedback(report[0], self.node_name, report[1])
-        return {}
-
-    @Heartbeat.responder
-    def heartbeat(self, free: dict[str, int] | None) -> dict[str, Any]:
-        if self.node_name is not None:
-            self.master.fleet.touch(self.node_name, free)
-        return {}
-
-    @Submit.responder
-    def submit(self, spec: Any) -> dict[str, Any]:
-        operator = self._require("operator")
-        assert self.identity is not None
-        try:
-            if isinstance(spec, OversizedSpec):
-                raise spec
-            job = self.master.runner.submit(spec, operator, self.identity.fingerprint)
-        except BadRequest as e:
-            log.warn("refused a job from {operator}: {why}", operator=operator, why=e)
-            raise
-        return {"job": job}
-
-    @ListJobs.responder
-    def list_jobs(self, limit: int) -> dict[str, Any]:
-        self._require("operator")
-        return {"jobs": [job.summary() for job in self.master.jobs.jobs(min(max(limit, 1), 1000))]}
-
-    @JobStatus.responder
-    def job_status(self, job: int, files: bool, wait: float | None = None) -> Any:
-        self._require("operator")
-        runner = self.master.runner
-        if not wait or wait <= 0:
-            return {"status": runner.status(job, files)}
-        d = runner.ended(job, min(wait, MAX_STATUS_WAIT))
-        return d.addCallback(lambda _: {"status": runner.status(job, files)})
-
-    @Cancel.responder
-    def cancel(self, job: int) -> dict[str, Any]:
-        operator = self._require("operator")
-        assert self.identity is not None
-        log.info("job {job} cancelled by {operator}", job=job, operator=operator)
-        state = self.master.runner.cancel(job)
-        fingerprint = self.identity.fingerprint
-        self.master.jobs.audit(job, store.CANCEL_ASKED, operator, fingerprint, {"state": state})
-        return {"state": state}
-
-    @ForgetNode.responder
-    def forget_node(self, name: str) -> dict[str, Any]:
-        operator = self._require("operator")
-        assert self.identity is not None
-        self.master.fleet.forget(name)
-        log.info("node {node} forgotten by {operator}", node=name, operator=operator)
-        self.master.jobs.audit(0, store.FORGOT_NODE, operator, self.identity.fingerprint, {"node": name})
-        return {}
-
-    @ListNodes.responder
-    def list_nodes(self) -> dict[str, Any]:
-        self._require("operator")
-        return {
-            "nodes": [
-                node.summary() for node in sorted(self.master.fleet.nodes.values(), key=lambda n: n.name)
-            ]
-        }
 
 
 class MasterService(service.Service):

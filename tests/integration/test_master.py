@@ -11,17 +11,23 @@ import functools
 import os
 import pwd
 from pathlib import Path
+from typing import Any
 
 import pytest
+from twisted.internet import defer, reactor
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.protocols import amp
 from twisted.python.failure import Failure
+from twisted.trial import unittest
 
-from mrsyncd.control.commands import BadRequest
+from mrsyncd.control.commands import PROTOCOL, BadRequest, Forbidden, ListJobs, Refused, Register, Submit
 from mrsyncd.daemon import store
 from mrsyncd.daemon.config import MasterConfig
 from mrsyncd.daemon.master import (
     SPEC_DEFAULTS,
+    Fleet,
+    JobRunner,
     MasterControl,
     MasterService,
     scan_cached,
@@ -30,7 +36,11 @@ from mrsyncd.daemon.master import (
     why_unreadable,
 )
 from mrsyncd.daemon.store import DONE
+from mrsyncd.engine.agent import LocalPeer, ReceiverAgent
+from mrsyncd.engine.transfer import Transfer
+from mrsyncd.security.tls import PeerIdentity
 from mrsyncd.wire.manifest import ManifestError
+from tests import support
 
 
 @pytest.fixture
@@ -273,3 +283,142 @@ def test_nodes_that_drop_as_the_master_stops_do_not_write_to_its_closed_store(tm
     again = store.JobStore(str(tmp_path / "jobs.sqlite"))
     assert [(n.name, n.last_contact) for n in again.known_nodes()] == [("n1", 7.0)]
     again.close()
+
+
+# The master's responders, spoken to in AMP over `StringTransport`s: the
+# connection (`MasterControl`) holds the peer's identity as its TLS
+# handshake would have set it, and `MasterResponders` answer.
+
+
+def session(service: MasterService, identity: PeerIdentity) -> tuple[MasterControl, amp.AMP]:
+    """The master's end of a connection from ``identity``, and a client's end joined to it."""
+    server = MasterControl(service)
+    server.makeConnection(StringTransport())
+    server.identity = identity
+    client = amp.AMP()
+    client.makeConnection(StringTransport())
+    return server, client
+
+
+def answer(server: MasterControl, client: amp.AMP, d: Any) -> list[object]:
+    """Carry bytes both ways until neither end has more, then what ``d`` fired with."""
+    got = fired(d)
+    ends: list[Any] = [client, server]
+    while any(end.transport.value() for end in ends):
+        for sender, receiver in ((client, server), (server, client)):
+            data = sender.transport.value()
+            sender.transport.clear()
+            if data:
+                receiver.dataReceived(data)
+    return got
+
+
+def error(got: list[object]) -> tuple[type[BaseException], str]:
+    assert len(got) == 1 and isinstance(got[0], Failure), got
+    return got[0].type, got[0].getErrorMessage()
+
+
+def test_only_an_operator_submits_and_its_job_is_stored_with_its_certificate(tmp_path: Path) -> None:
+    (tmp_path / "src").mkdir()
+    config = MasterConfig(state_dir=str(tmp_path / "state"), sources=(str(tmp_path),))
+    os.mkdir(config.state_dir)
+    service = MasterService(MemoryReactorClock(), config, lambda: None)
+    spec = {"sources": [f"{tmp_path}/src/"], "destination": "/srv/x", "targets": "all"}
+    try:
+        connect(service, "n1")
+        server, client = session(service, PeerIdentity("n1", "node"))
+        refused = error(answer(server, client, client.callRemote(Submit, spec=spec)))
+        needs = "this needs an operator certificate; the connection has a node certificate"
+        assert refused == (Forbidden, needs)
+        assert service.jobs.jobs() == []
+
+        alice = PeerIdentity("alice", "operator", fingerprint="ab" * 32)
+        server, client = session(service, alice)
+        assert answer(server, client, client.callRemote(Submit, spec=spec)) == [{"job": 1}]
+        [listed] = answer(server, client, client.callRemote(ListJobs, limit=10))
+        jobs = listed["jobs"]  # type: ignore[index]
+        assert [(j["id"], j["operator"], j["spec"]["destination"]) for j in jobs] == [(1, "alice", "/srv/x")]
+        [submitted] = service.jobs.audit_log(1)
+        assert (submitted["who"], submitted["fingerprint"]) == ("alice", "ab" * 32)
+        outside = {**spec, "sources": ["/etc/"]}
+        assert error(answer(server, client, client.callRemote(Submit, spec=outside)))[0] is BadRequest
+    finally:
+        service.runner.stop()
+        service.jobs.close()
+
+
+def test_a_node_registers_under_its_certificates_name_and_tags_and_protocol(master: MasterService) -> None:
+    server, client = session(master, PeerIdentity("n1", "node", tags=("gpu",)))
+    other = client.callRemote(Register, name="n2", tags=[], free={}, version=PROTOCOL)
+    assert error(answer(server, client, other)) == (Refused, "this certificate is for 'n1', not 'n2'")
+    old = client.callRemote(Register, name="n1", tags=[], free={}, version=PROTOCOL - 1)
+    kind, why = error(answer(server, client, old))
+    assert kind is Refused and f"protocol {PROTOCOL - 1} and this master protocol {PROTOCOL}:" in why, why
+    assert master.fleet.nodes == {}
+    claims = client.callRemote(Register, name="n1", tags=["gpu", "root"], free={"/srv": 5}, version=PROTOCOL)
+    assert answer(server, client, claims) == [{"version": PROTOCOL}]
+    node = master.fleet.nodes["n1"]
+    assert (node.connection, node.tags, node.free) == (server, ("gpu",), {"/srv": 5})  # "root" not granted
+    # An operator certificate is no node's.
+    server, client = session(master, PeerIdentity("alice", "operator"))
+    claim = client.callRemote(Register, name="alice", tags=[], free={}, version=PROTOCOL)
+    assert error(answer(server, client, claim))[0] is Forbidden
+
+
+class WholeJobTests(unittest.TestCase):
+    """
+    A job from submission to its end, in this process: the real scan, a real
+    `Transfer` over multicast on ``lo``, and receivers of the test's own (the
+    transfer factory hands the transfer `LocalPeer`s where the runner gives
+    it the fleet's peers, whose connections here lead nowhere).
+    """
+
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_a_job_runs_to_done_and_every_node_holds_the_tree(self) -> Any:
+        base = support.temp_dir(self)
+        src = os.path.join(base, "src")
+        support.make_full_tree(src)
+        channel = support.unique_channel()
+        config = MasterConfig(
+            state_dir=os.path.join(base, "state"),
+            sources=(base,),
+            group=channel.group,
+            port_base=channel.port,
+            interface="lo",
+            loopback=True,
+            rate=support.RATE,
+            max_jobs=1,
+        )
+        os.mkdir(config.state_dir)
+        jobs = store.JobStore(os.path.join(config.state_dir, "jobs.sqlite"))
+        self.addCleanup(jobs.close)
+        fleet = Fleet(reactor, jobs)
+        agents = {}
+        for name in ("n1", "n2"):
+            agents[name] = ReceiverAgent(reactor, destination_root=os.path.join(base, name))
+            self.addCleanup(agents[name].close)
+            connection = amp.AMP()
+            connection.makeConnection(StringTransport())
+            fleet.attach(name, connection, (), {})  # type: ignore[arg-type]
+        made: list[Transfer] = []
+
+        def transfer(clock: Any, offer: Any, local: Any, peers: list[Any], **kwargs: Any) -> Transfer:
+            mine = [LocalPeer(p.name, agents[p.name]) for p in peers]
+            made.append(Transfer(clock, offer, local, mine, **kwargs))
+            return made[-1]
+
+        runner = JobRunner(reactor, config, jobs, fleet, transfer=transfer)
+        self.addCleanup(runner.stop)
+        job = runner.submit({"sources": [f"{src}/"], "destination": "/tree", "targets": "all"}, "alice")
+        yield runner.ended(job, 30)
+        status = runner.status(job, files=True)
+        self.assertEqual(status["state"], DONE, status)
+        self.assertEqual(len(made), 1)
+        self.assertEqual({n: s["state"] for n, s in status["nodes"].items()}, {"n1": DONE, "n2": DONE})
+        for name in agents:
+            support.assert_same_tree(self, src, os.path.join(base, name, "tree"))
+        events = [e["event"] for e in jobs.audit_log(job)]
+        self.assertEqual(events[:2], [store.SUBMITTED, store.STARTED])
+        self.assertEqual(runner.totals["jobs", DONE], 1)
