@@ -37,14 +37,20 @@ class Proc:
         *,
         env: dict[str, str] | None = None,
         cwd: str | None = None,
+        started: subprocess.Popen | None = None,
     ) -> None:
+        """
+        Start ``argv`` on ``host``, its output to ``log``; or, with
+        ``started``, measure a process already started there (a lab daemon,
+        which writes ``log`` itself) the same way.
+        """
         self.host = host
         self.role = role
         self.argv = list(argv)
         self.log = log
-        self._logfile = open(log, "wb")  # noqa: SIM115 (closed in _ended)
+        self._logfile = None if started else open(log, "wb")  # noqa: SIM115 (closed in poll)
         self.started = time.monotonic()
-        self.popen = subprocess.Popen(
+        self.popen = started or subprocess.Popen(
             host.argv(argv),
             stdin=subprocess.DEVNULL,
             stdout=self._logfile,
@@ -111,7 +117,8 @@ class Proc:
         self.popen.returncode = self.rc
         if usage is not None:
             self.cpu_user, self.cpu_system = usage.ru_utime, usage.ru_stime
-        self._logfile.close()
+        if self._logfile is not None:
+            self._logfile.close()
         return False
 
     def wait(self, timeout: float) -> bool:

@@ -15,6 +15,7 @@ To add a tool, subclass `Runner` and register it in `RUNNERS`.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -33,6 +34,7 @@ from typing import Any
 
 from bench.procs import Proc
 from bench.scenarios import Case
+from mrsyncd.testing.cluster import Cluster
 from mrsyncd.testing.lan import IPERF_PORT, Host, Lan
 
 REPO = Path(__file__).resolve().parent.parent
@@ -447,124 +449,71 @@ class MrsyncDaemons(MrsyncEngine):
 
     name = "mrsyncd"
     description = "twistd mrsyncd on the master and every node, the job submitted with mrsync push"
-    CONTROL_PORT = 7718
-    PORT_BASE = 7720
-    #: The node's directory bound over the shared destination, then the daemon.
-    BIND_AND_EXEC = 'mount --bind "$1" "$2" && shift 2 && exec "$@"'
 
     def __init__(self, ctx: Context) -> None:
         super().__init__(ctx)
         self.master: Proc | None = None
-        self.etc = self.dir / "etc"
-        self.destination = self.dir / "shared"
+        self.cluster: Cluster | None = None
 
-    def daemon_argv(self, config: Path) -> list[str]:
-        return [
-            sys.executable,
-            "-c",
-            "from twisted.scripts.twistd import run; run()",
-            "-n",
-            "--pidfile=",
-            "mrsyncd",
-            "--config",
-            str(config),
-        ]
-
-    def ca(self, *args: str) -> None:
-        done = subprocess.run(
-            [sys.executable, "-m", "mrsyncd.scripts.mrsync_ca", *args],
-            capture_output=True,
-            text=True,
-            env=self.env(),
-            cwd=str(self.ctx.code),
-        )
-        if done.returncode != 0:
-            raise RuntimeError(f"mrsync-ca {' '.join(args)} exited {done.returncode}: {done.stderr}")
-
-    def config(self, host: Host, section: str, body: str) -> Path:
-        """``/etc/mrsyncd/mrsyncd.toml`` of ``host``: its certificate and its section."""
-        path = self.etc / f"{host.name}.toml"
-        path.write_text(
-            f'[log]\nlevel = "debug"\n\n[tls]\nca = "{self.etc}/ca.crt"\n'
-            f'certificate = "{self.etc}/{host.name}.crt"\nkey = "{self.etc}/{host.name}.key"\n\n'
-            f"[{section}]\n{body}"
-        )
-        return path
+    def node_dir(self, node: Host) -> Path:
+        """Each node's directory, bound over the cluster's one destination in the node's mount namespace."""
+        return self.dir / "cluster" / "nodes" / node.name
 
     def start_receivers(self) -> None:
+        """The lab's cluster (`mrsyncd.testing.cluster`) on the LAN, from the code under test."""
         self.probe_datagram()
         m = self.lan.master
-        self.etc.mkdir(parents=True)
-        self.destination.mkdir()
-        self.ca("init", str(self.etc), "--name", "mrsyncd benchmark CA")
-        self.ca("issue", str(self.etc), "--role", "master", m.name, "--ip", m.ip)
-        self.ca("issue", str(self.etc), "--role", "operator", "operator")
         # The master is told the link's speed, as its operator would write
         # it (see MrsyncEngine.submit).
         rate = self.ctx.case.link_bps
         self.rate_arg = f"rate = {rate:.0f}"
-        master = self.config(
-            m,
-            "master",
-            f'address = "{m.ip}"\nport = {self.CONTROL_PORT}\nstate_dir = "{self.dir}/state"\n'
-            'sources = ["/"]\n'
-            f'interface = "eth0"\ngroup = "{GROUP_BASE}1"\nport_base = {self.PORT_BASE}\n'
-            f"max_jobs = 1\nrate = {rate:.0f}\ngrace = 30\n",
+        self.cluster = cluster = Cluster(
+            self.dir / "cluster",
+            python=sys.executable,
+            code=self.ctx.code,
+            mount_ns=True,
+            max_jobs=1,
+            host=m.ip,
+            interface="eth0",
+            loopback=False,
+            master_netns=m.netns,
+            log_level="debug",  # the rate controller's lines (`rate_details`)
+            rate=f"{rate:.0f}",
+            grace=30,
         )
-        self.master = Proc(
-            m,
-            "master",
-            self.daemon_argv(master),
-            self.ctx.logdir / f"{self.name}-{m.name}-master.log",
-            env=self.env(),
-            cwd=str(self.ctx.code),
-        )
-        self.wait_log(self.master, "master listening on")
+        assert cluster.node_dir(self.lan.nodes[0].name) == self.node_dir(self.lan.nodes[0])
+        daemon = cluster.start_master(timeout=60)
+        assert daemon.proc is not None
+        self.master = Proc(m, "master", daemon.argv, daemon.log_path, started=daemon.proc)
         for node in self.lan.nodes:
-            self.ca("issue", str(self.etc), "--role", "node", node.name)
-            config = self.config(
-                node,
-                "node",
-                f'master = "{m.ip}:{self.CONTROL_PORT}"\ninterface = "eth0"\n'
-                f'roots = ["{self.destination}"]\n',
-            )
-            bind = ["sh", "-c", self.BIND_AND_EXEC, "sh", str(self.node_dir(node)), str(self.destination)]
-            self.proc(
-                node, "node", [*bind, *self.daemon_argv(config)], env=self.env(), cwd=str(self.ctx.code)
-            )
+            cluster.add_node(node.name, netns=node.netns, wait=False)
         for node in self.lan.nodes:
-            self.wait_log(self.master, f"node {node.name} registered from")
+            cluster.wait_registered(node.name, 0, timeout=60)
+            started = cluster.nodes[node.name]
+            assert started.proc is not None
+            self.receivers.append(Proc(node, "node", started.argv, started.log_path, started=started.proc))
         wait_idle([self.master, *self.receivers])
-
-    def wait_log(self, proc: Proc, text: str, timeout: float = 60.0) -> None:
-        """Wait for ``text`` in ``proc``'s log; a daemon that exits meanwhile is the error shown."""
-        deadline = time.monotonic() + timeout
-        while text not in proc.log.read_text(errors="replace"):
-            for p in self.daemons():
-                if not p.poll():
-                    raise RuntimeError(f"the {p.role} on {p.host.name} exited {p.rc}:\n{p.tail()}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"no {text!r} from the {proc.role} on {proc.host.name}:\n{proc.tail()}")
-            time.sleep(0.05)
 
     def push_argv(self, source: Path) -> list[str]:
         """``mrsync push --json SOURCE all:DEST/``: SOURCE (a file, or a tree without a slash) into DEST."""
+        assert self.cluster is not None
+        cert, key = self.cluster.operator
         return [
             sys.executable,
             "-m",
             "mrsyncd.scripts.mrsync",
             "--master",
-            f"{self.lan.master.ip}:{self.CONTROL_PORT}",
+            self.cluster.address,
             "--ca",
-            f"{self.etc}/ca.crt",
+            self.cluster.ca.cert,
             "--cert",
-            f"{self.etc}/operator.crt",
+            cert,
             "--key",
-            f"{self.etc}/operator.key",
+            key,
             "push",
             "--json",
             str(source),
-            f"all:{self.destination}/",
+            f"all:{self.cluster.shared}/",
         ]
 
     def submit(self) -> Proc:
@@ -670,6 +619,12 @@ class MrsyncDaemons(MrsyncEngine):
         super().stop()
         if self.master is not None:
             self.master.stop()
+        if self.cluster is not None:
+            self.cluster.close()
+            # The daemons' logs, kept with the run's (the cluster's directory goes).
+            for p in [*([self.master] if self.master else []), *self.receivers]:
+                with contextlib.suppress(OSError):
+                    shutil.copyfile(p.log, self.ctx.logdir / f"{self.name}-{p.host.name}-{p.role}.log")
 
 
 def job_status(log: Path) -> dict[str, Any]:

@@ -188,8 +188,11 @@ class Daemon:
         python: str = sys.executable,
         wrapper: Sequence[str] = (),
         cwd: str | Path | None = None,
+        code: str | Path = REPO,
     ) -> None:
+        """``code``: where the daemon imports mrsyncd from (a benchmark may measure another tree)."""
         self.name = name
+        self.code = str(code)
         self.config = str(config)
         self.log_path = Path(log_path)
         self.python = python
@@ -222,7 +225,7 @@ class Daemon:
             raise RuntimeError(f"{self.name} is already running")
         offset = self.mark()
         env = dict(os.environ)
-        env["PYTHONPATH"] = REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        env["PYTHONPATH"] = self.code + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         env["PYTHONUNBUFFERED"] = "1"
         with open(self.log_path, "ab") as log:
             log.write(f"==== test: starting {self.name}: {' '.join(self.argv)}\n".encode())
@@ -339,9 +342,14 @@ class Cluster:
         loopback: bool = True,
         master_netns: str | None = None,
         crl: bool = False,
+        code: str | Path = REPO,
+        log_level: str = "info",
         **master_options: Any,
     ) -> None:
         self.base = Path(base)
+        #: Where the daemons and `cli` import mrsyncd from, and how much they log.
+        self.code = str(code)
+        self.log = {"level": log_level}
         self.host = host
         self.interface = interface
         self.loopback = loopback
@@ -390,7 +398,7 @@ class Cluster:
         }
         return write_toml(
             path or self.base / "master.toml",
-            {"tls": self.tls(cert, key), "master": master},
+            {"log": self.log, "tls": self.tls(cert, key), "master": master},
         )
 
     def node_config(
@@ -413,7 +421,7 @@ class Cluster:
         }
         return write_toml(
             self.base / f"{name}.toml",
-            {"tls": self.tls(cert, key), "node": node},
+            {"log": self.log, "tls": self.tls(cert, key), "node": node},
         )
 
     def node_dir(self, name: str) -> Path:
@@ -430,6 +438,7 @@ class Cluster:
                 self.base / "master.log",
                 python=self.python,
                 wrapper=_in_netns(self.master_netns),
+                code=self.code,
             )
         since = self.master.start()
         self.master.wait_log(r"master listening on", timeout, since)
@@ -466,7 +475,9 @@ class Cluster:
                 str(mine),
                 str(self.shared),
             ]
-        daemon = Daemon(name, path, self.base / f"{name}.log", python=self.python, wrapper=wrapper)
+        daemon = Daemon(
+            name, path, self.base / f"{name}.log", python=self.python, wrapper=wrapper, code=self.code
+        )
         self.nodes[name] = daemon
         if start:
             self.start_node(name, wait=wait)
@@ -548,7 +559,7 @@ class Cluster:
             capture_output=True,
             text=True,
             timeout=timeout,
-            env=cli_env(),
+            env=cli_env(self.code),
             cwd=str(self.base),
         )
 
@@ -570,7 +581,7 @@ class Cluster:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-            env=cli_env(),
+            env=cli_env(self.code),
             cwd=str(self.base),
         )
 
@@ -614,10 +625,10 @@ def _in_netns(netns: str | None) -> list[str]:
     return ["ip", "netns", "exec", netns] if netns else []
 
 
-def cli_env() -> dict[str, str]:
-    """The environment for the CLI: this repository first, no stray MRSYNC_* settings."""
+def cli_env(code: str = REPO) -> dict[str, str]:
+    """The environment for the CLI: mrsyncd from ``code`` first, no stray MRSYNC_* settings."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MRSYNC_")}
-    env["PYTHONPATH"] = REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["PYTHONPATH"] = code + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     # No client.toml from the real home directory.
     env["HOME"] = "/nonexistent"
     return env

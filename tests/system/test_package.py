@@ -46,6 +46,7 @@ from typing import Any
 
 import pytest
 
+from mrsyncd.testing.cluster import write_toml
 from mrsyncd.testing.lan import Host
 from tests.support import assert_same_tree, make_full_tree, unit_settings
 
@@ -484,22 +485,6 @@ class Daemon:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(10)
-
-
-def write_toml(path: Path, sections: dict[str, dict[str, Any]]) -> None:
-    def value(v: Any) -> str:
-        if isinstance(v, list):
-            return "[" + ", ".join(value(x) for x in v) + "]"
-        if isinstance(v, int | float) and not isinstance(v, bool):
-            return repr(v)
-        return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-    lines = []
-    for name, keys in sections.items():
-        lines.append(f"[{name}]")
-        lines += [f"{key} = {value(v)}" for key, v in keys.items()]
-        lines.append("")
-    path.write_text("\n".join(lines))
 
 
 def install_identity(ca_dir: Path, role: str, name: str, etc: Path, staging: Path, *extra: str) -> None:
