@@ -54,6 +54,7 @@ RESULTS = HERE / "results"
 NEEDS = {
     "ip": "iproute2",
     "tc": "iproute2",
+    "sysctl": "procps",
     "iptables": "iptables",
     "iperf3": "iperf3",
     "udp-sender": "udpcast",

@@ -484,6 +484,7 @@ class MrsyncDaemons(MrsyncEngine):
         assert cluster.node_dir(self.lan.nodes[0].name) == self.node_dir(self.lan.nodes[0])
         daemon = cluster.start_master(timeout=60)
         assert daemon.proc is not None
+        # Proc measures it and reaps it (wait4); the Daemon's Popen then finds it ended (ECHILD).
         self.master = Proc(m, "master", daemon.argv, daemon.log_path, started=daemon.proc)
         for node in self.lan.nodes:
             cluster.add_node(node.name, netns=node.netns, wait=False)
@@ -621,10 +622,14 @@ class MrsyncDaemons(MrsyncEngine):
             self.master.stop()
         if self.cluster is not None:
             self.cluster.close()
-            # The daemons' logs, kept with the run's (the cluster's directory goes).
-            for p in [*([self.master] if self.master else []), *self.receivers]:
+            # The daemons' logs, kept with the run's (the cluster's directory
+            # goes): every daemon started, also one that never registered.
+            master = self.cluster.master
+            for daemon in [*([master] if master else []), *self.cluster.nodes.values()]:
+                role = "master" if daemon is master else "node"
                 with contextlib.suppress(OSError):
-                    shutil.copyfile(p.log, self.ctx.logdir / f"{self.name}-{p.host.name}-{p.role}.log")
+                    kept = self.ctx.logdir / f"{self.name}-{daemon.name}-{role}.log"
+                    shutil.copyfile(daemon.log_path, kept)
 
 
 def job_status(log: Path) -> dict[str, Any]:

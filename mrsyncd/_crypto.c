@@ -19,7 +19,7 @@
  * blocks of a file gathered into runs, so that Python does its bookkeeping
  * and its write once per run, not once per datagram.  It knows the clear
  * header's layout (mrsyncd/datagram.py, docs/PROTOCOL.md section 3); the
- * pure-Python twin is `mrsyncd.intake.python_receive`, and the contract
+ * pure-Python twin is `mrsyncd.engine.intake.python_receive`, and the contract
  * tests in tests/test_intake.py hold the two to the same answers.
  */
 #define _GNU_SOURCE
@@ -216,7 +216,7 @@ done:
 #define OVERHEAD (HEADER_SIZE + TAG_SIZE)
 #define TRANSFER_ID_SIZE 8
 #define MAX_BATCH 256
-/* The order of `mrsyncd.intake.REJECTIONS`. */
+/* The order of `mrsyncd.engine.intake.REJECTIONS`. */
 enum { R_SHORT, R_VERSION, R_KIND, R_FOREIGN, R_TAG, R_COUNT };
 
 static uint32_t
@@ -260,7 +260,7 @@ PyDoc_STRVAR(receive_doc,
 "    -> (runs, got, seq_max, owd_sum, owd_min, owd_count, rejected, more)\n\n"
 "Read up to ``batch`` datagrams from the non-blocking socket ``fd`` and\n"
 "open those of ``transfer_id`` under ``aead`` into ``out``, one payload\n"
-"after another.  See `mrsyncd.intake.Batch` for the answer.");
+"after another.  See `mrsyncd.engine.intake.Batch` for the answer.");
 
 static PyObject *
 receive(PyObject *module, PyObject *args)

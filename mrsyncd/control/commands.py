@@ -189,7 +189,7 @@ class OversizedSpec(BadRequest):
 
 class SpecArgument(JSONArgument):
     """
-    A job spec: JSON of at most the receiving connection's
+    A job spec: JSON of at most the receiving responders'
     ``max_spec_bytes``, measured before it is parsed.  A larger one becomes
     an `OversizedSpec` for the responder to raise: what an argument raises
     reaches the caller as an unknown error, not as a `BadRequest`.

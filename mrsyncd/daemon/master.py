@@ -759,6 +759,11 @@ class MasterResponders(amp.CommandLocator):
         self.runner = runner
         self.caller = caller
 
+    @property
+    def max_spec_bytes(self) -> int:
+        """Read by `commands.SpecArgument`: AMP parses a command's arguments with its locator."""
+        return self.runner.config.max_spec_bytes
+
     def _require(self, role: str) -> str:
         if self.caller.identity is None or self.caller.identity.role != role:
             got = (
@@ -888,7 +893,6 @@ class MasterControl(BoundedAMP):
         super().__init__(locator=MasterResponders(master.runner, self))
         self.master = master
         self.max_box_bytes = master.config.max_message_bytes
-        self.max_spec_bytes = master.config.max_spec_bytes
         self.identity: tls.PeerIdentity | None = None
         self.node_name: str | None = None
 

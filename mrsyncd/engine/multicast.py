@@ -91,24 +91,27 @@ class Channel:
     def payload_room(self) -> int:
         """
         The largest UDP payload that one packet on this channel's interface
-        carries whole: its MTU, at most Ethernet's 1500 bytes, less the IP and
-        UDP headers.  On IPv4, whose header is 20 bytes shorter than IPv6's,
-        a full packet carries 1.4% more of the file: 1.4% fewer datagrams, and
-        their CPU, a byte (the link's share of headers barely moves).  A
-        smaller MTU (a tunnel, an overlay) would otherwise fragment every
-        datagram.  Jumbo frames are left to the operator: an interface's MTU
-        does not say that every switch on the path carries them.
+        carries whole: its MTU (read only where an interface is named, else
+        taken as 1500), at most Ethernet's 1500 bytes and at least the IP
+        version's minimum (576, 1280), less the IP and UDP headers.  On IPv4,
+        whose header is 20 bytes shorter than IPv6's, a full packet carries
+        1.4% more of the file: 1.4% fewer datagrams, and their CPU, a byte
+        (the link's share of headers barely moves).  A smaller MTU (a
+        tunnel, an overlay) would otherwise fragment every datagram.  Jumbo
+        frames are left to the operator: an interface's MTU does not say that
+        every switch on the path carries them.
         """
         mtu = ETHERNET_MTU
+        # No link an IP version runs on is narrower than its minimum MTU.
+        least = 1280 if self.family == socket.AF_INET6 else 576
         try:
             index = interface_index(self.interface, self.family)
             if index:
                 # By ioctl, not /sys: a socket answers for its own network namespace.
                 with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
                     request = struct.pack("16si12x", socket.if_indextoname(index).encode(), 0)
-                    mtu = min(
-                        mtu, struct.unpack_from("16si", fcntl.ioctl(s.fileno(), SIOCGIFMTU, request))[1]
-                    )
+                    found = struct.unpack_from("16si", fcntl.ioctl(s.fileno(), SIOCGIFMTU, request))[1]
+                    mtu = max(least, min(mtu, found))
         except (OSError, ValueError):
             pass  # No such interface: opening the socket says so, in its place.
         return mtu - (self.frame_overhead - ETHERNET_HEADER)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import os
 import pwd
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -342,6 +343,12 @@ def test_only_an_operator_submits_and_its_job_is_stored_with_its_certificate(tmp
         assert (submitted["who"], submitted["fingerprint"]) == ("alice", "ab" * 32)
         outside = {**spec, "sources": ["/etc/"]}
         assert error(answer(server, client, client.callRemote(Submit, spec=outside)))[0] is BadRequest
+        # The responders measure a spec against this master's max_spec_bytes before parsing it.
+        service.runner.config = replace(config, max_spec_bytes=200)
+        long = {**spec, "excludes": ["x" * 300]}
+        kind, why = error(answer(server, client, client.callRemote(Submit, spec=long)))
+        assert kind is BadRequest and "more than the master takes (200: max_spec_bytes)" in why, why
+        assert [j.id for j in service.jobs.jobs()] == [1]
     finally:
         service.runner.stop()
         service.jobs.close()
