@@ -51,9 +51,8 @@ from pathlib import Path
 from typing import Any
 
 from mrsyncd.security import certs
-from mrsyncd.testing import trees
+from mrsyncd.testing import REPO, environment, trees
 
-REPO = str(Path(__file__).resolve().parents[2])
 #: twistd on the running interpreter (``python -m twisted`` is ``twist``, not ``twistd``).
 TWISTD = "from twisted.scripts.twistd import run; run()"
 #: The mount-namespace wrapper: bind the node's directory over the shared path, then exec.
@@ -224,8 +223,7 @@ class Daemon:
         if self.alive:
             raise RuntimeError(f"{self.name} is already running")
         offset = self.mark()
-        env = dict(os.environ)
-        env["PYTHONPATH"] = self.code + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        env = environment(self.code)
         env["PYTHONUNBUFFERED"] = "1"
         with open(self.log_path, "ab") as log:
             log.write(f"==== test: starting {self.name}: {' '.join(self.argv)}\n".encode())
@@ -627,8 +625,7 @@ def _in_netns(netns: str | None) -> list[str]:
 
 def cli_env(code: str = REPO) -> dict[str, str]:
     """The environment for the CLI: mrsyncd from ``code`` first, no stray MRSYNC_* settings."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MRSYNC_")}
-    env["PYTHONPATH"] = code + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env = environment(code, {k: v for k, v in os.environ.items() if not k.startswith("MRSYNC_")})
     # No client.toml from the real home directory.
     env["HOME"] = "/nonexistent"
     return env

@@ -63,6 +63,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from mrsyncd.testing import environment
+
 SUBNET4 = ipaddress.IPv4Network("10.231.77.0/24")
 SUBNET6 = ipaddress.IPv6Network("fd77:231::/64")
 PREFIX = "mrt-"
@@ -70,9 +72,6 @@ IFNAME = "eth0"
 BRIDGE = "br0"
 #: A competing TCP flow's port (the benchmark's iperf3), which the counters leave out.
 IPERF_PORT = 5201
-#: Where the mrsyncd package is (the repository, or dist-packages), for
-#: PYTHONPATH of the processes started on hosts.
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 _lan_numbers = itertools.count(1)
 
@@ -211,8 +210,7 @@ class Host:
     def popen(self, args: Sequence[str], **kwargs: Any) -> subprocess.Popen:
         """Start a command in this host; the LAN kills it at teardown if it still runs."""
         kwargs.setdefault("start_new_session", True)
-        env = dict(kwargs.pop("env", None) or os.environ)
-        env["PYTHONPATH"] = REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        env = environment(env=kwargs.pop("env", None))
         proc = subprocess.Popen(self.argv(args), env=env, **kwargs)
         self.processes.append(proc)
         return proc
@@ -232,23 +230,11 @@ class Host:
 
     def cap_egress(self, rate: str = "100mbit", burst: str = "32kbit", latency: str = "50ms") -> None:
         """Cap what this host sends on its LAN link with a token bucket filter."""
-        self.run(
-            [
-                "tc",
-                "qdisc",
-                "replace",
-                "dev",
-                self.ifname,
-                "root",
-                "tbf",
-                "rate",
-                rate,
-                "burst",
-                burst,
-                "latency",
-                latency,
-            ]
-        )
+        self.egress(["tbf", "rate", rate, "burst", burst, "latency", latency])
+
+    def egress(self, qdisc: Sequence[str]) -> None:
+        """The queue everything this host sends on its LAN link crosses (``tc qdisc … root``)."""
+        self.run(["tc", "qdisc", "replace", "dev", self.ifname, "root", *qdisc])
 
     def drop_udp(self, probability: float, port: int | None = None) -> None:
         """
@@ -455,8 +441,7 @@ class Lan:
 
     def shape_master(self, rate_bps: float, queue_ms: float = 50.0, burst: int = 0) -> None:
         """The master's link: everything it sends crosses this bucket."""
-        bucket = tbf_args(rate_bps, queue_ms, burst)
-        self.master.run(["tc", "qdisc", "replace", "dev", IFNAME, "root", *bucket])
+        self.master.egress(tbf_args(rate_bps, queue_ms, burst))
 
     def shape_node(self, node: Host, rate_bps: float) -> None:
         """A node behind a slower link: what the bridge sends toward it."""

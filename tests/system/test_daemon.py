@@ -38,6 +38,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
 from mrsyncd.daemon.tap import EXIT_CONFIG
+from mrsyncd.testing import environment
 from mrsyncd.testing.cluster import (
     CA,
     REPO,
@@ -1316,7 +1317,7 @@ def start_once(config: Path, cwd: Path) -> tuple[subprocess.CompletedProcess[str
         capture_output=True,
         text=True,
         timeout=30,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))},
+        env=environment(),
         cwd=cwd,
     )
     return result, result.stdout + result.stderr
