@@ -457,17 +457,18 @@ class MrsyncDaemons(MrsyncEngine):
 
     def node_dir(self, node: Host) -> Path:
         """Each node's directory, bound over the cluster's one destination in the node's mount namespace."""
-        return self.dir / "cluster" / "nodes" / node.name
+        assert self.cluster is not None
+        return self.cluster.node_dir(node.name)
 
-    def start_receivers(self) -> None:
+    def prepare_dirs(self) -> None:
         """The lab's cluster (`mrsyncd.testing.cluster`) on the LAN, from the code under test."""
-        self.probe_datagram()
+        shutil.rmtree(self.dir, ignore_errors=True)
         m = self.lan.master
         # The master is told the link's speed, as its operator would write
         # it (see MrsyncEngine.submit).
         rate = self.ctx.case.link_bps
         self.rate_arg = f"rate = {rate:.0f}"
-        self.cluster = cluster = Cluster(
+        self.cluster = Cluster(
             self.dir / "cluster",
             python=sys.executable,
             code=self.ctx.code,
@@ -481,7 +482,12 @@ class MrsyncDaemons(MrsyncEngine):
             rate=f"{rate:.0f}",
             grace=30,
         )
-        assert cluster.node_dir(self.lan.nodes[0].name) == self.node_dir(self.lan.nodes[0])
+
+    def start_receivers(self) -> None:
+        """The cluster's daemons, started and registered, measured as `Proc`s."""
+        self.probe_datagram()
+        m, cluster = self.lan.master, self.cluster
+        assert cluster is not None
         daemon = cluster.start_master(timeout=60)
         assert daemon.proc is not None
         # Proc measures it and reaps it (wait4); the Daemon's Popen then finds it ended (ECHILD).
