@@ -69,9 +69,13 @@ NEEDS = {
 #: file here).
 TREE_FILE_TIMEOUT = 0.01
 
-#: Debian packages the run needs besides the commands of `NEEDS`: the chart,
-#: and what builds mrsyncd's C module (setup.py).
-PACKAGES = ["python3-matplotlib", "gcc", "python3-dev", "libssl-dev", "python3-setuptools"]
+#: Debian packages the run needs besides the commands of `NEEDS`: what
+#: mrsyncd runs on (debian/control's Depends), the chart, and what builds
+#: mrsyncd's C module (setup.py).
+PACKAGES = [
+    *("python3-twisted", "python3-openssl", "python3-service-identity", "python3-cryptography"),
+    *("python3-systemd", "python3-matplotlib", "gcc", "python3-dev", "libssl-dev", "python3-setuptools"),
+]
 
 
 def install_needs(tree: Path) -> None:
