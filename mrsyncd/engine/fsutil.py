@@ -9,6 +9,7 @@ receiver write outside its destination.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import functools
 import os
@@ -103,3 +104,23 @@ def open_destination(path: str) -> int:
     """Open (making it if need be) the destination directory of a transfer."""
     os.makedirs(path, exist_ok=True)
     return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+
+@functools.cache
+def _libc_syncfs() -> ctypes._CFuncPtr:  # type: ignore[name-defined]
+    function = ctypes.CDLL(None, use_errno=True).syncfs
+    function.argtypes = [ctypes.c_int]
+    return function
+
+
+def syncfs(fd: int) -> None:
+    """
+    Make everything written to ``fd``'s filesystem durable (syncfs(2),
+    which Python's os module lacks): the data and metadata of many files
+    in one round of writes and one journal commit, where fsync(2) of each
+    in turn waits for each file's write by itself.  Since Linux 5.8 it
+    reports a write that failed since the descriptor was opened.
+    """
+    if _libc_syncfs()(fd) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))

@@ -6,6 +6,7 @@ that fails fails alone, and every part file is synced before any rename.
 
 from __future__ import annotations
 
+import errno
 import itertools
 import os
 from pathlib import Path
@@ -67,27 +68,51 @@ def test_a_file_that_cannot_be_placed_fails_alone(root) -> None:
 
 
 def test_every_part_file_is_synced_before_any_is_renamed(root, monkeypatch) -> None:
-    """A rename between two syncs would make the second commit the journal again."""
+    """
+    One syncfs for the whole batch's files, then the renames, then one for
+    the renames: a rename between two syncs would make the second commit
+    the journal again.
+    """
     top, fd = root
     calls: list[str] = []
-    real_fsync, real_rename = os.fsync, os.rename
+    real_syncfs, real_rename = fsutil.syncfs, os.rename
 
-    def fsync(descriptor: int) -> None:
-        calls.append("fsync")
-        real_fsync(descriptor)
+    def syncfs(descriptor: int) -> None:
+        calls.append("syncfs")
+        real_syncfs(descriptor)
 
     def rename(*args, **kwargs) -> None:
         calls.append("rename")
         real_rename(*args, **kwargs)
 
-    monkeypatch.setattr(storage.os, "fsync", fsync)
+    monkeypatch.setattr(fsutil, "syncfs", syncfs)
     monkeypatch.setattr(storage.os, "rename", rename)
     batch = [small(f"{d}/f{n}", bytes([n]) * 50) for d in ("a", "b") for n in range(3)]
     results = storage.place_batch(fd, batch, owner=False)
     assert all(isinstance(r, bytes) for r in results)
-    # Six files synced, six renamed, then the two directories synced.
-    assert calls == ["fsync"] * 6 + ["rename"] * 6 + ["fsync"] * 2
+    # Both directories are on one filesystem: synced once before the six renames, once after.
+    assert calls == ["syncfs"] + ["rename"] * 6 + ["syncfs"]
     assert sorted(p.name for p in (top / "a").iterdir()) == ["f0", "f1", "f2"]
+
+
+def test_a_batch_whose_sync_fails_renames_nothing(root, monkeypatch) -> None:
+    """An error of syncfs cannot be pinned on one file, so every file of that filesystem fails."""
+    top, fd = root
+    write_file(str(top / "a" / "kept"), b"the old file")
+
+    def syncfs(descriptor: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(fsutil, "syncfs", syncfs)
+    results = storage.place_batch(fd, [small("a/kept", b"new"), small("b/y", b"y" * 10)], owner=False)
+    assert [r.errno for r in results if isinstance(r, OSError)] == [5, 5]
+    assert (top / "a" / "kept").read_bytes() == b"the old file" and not (top / "b" / "y").exists()
+
+
+def test_syncfs_reports_its_error() -> None:
+    with pytest.raises(OSError) as raised:
+        fsutil.syncfs(-1)
+    assert raised.value.errno == errno.EBADF
 
 
 def test_a_survey_removes_only_stale_part_files_of_transfers_not_in_flight(root) -> None:
