@@ -207,6 +207,16 @@ SCENARIOS: dict[str, Scenario] = {
             "flat",
         ),
         Scenario(
+            "tree-nodes",
+            "sweep: T's tree to 1, 2, 4, 8 nodes at 100 Mbit/s",
+            tuple(
+                tree_case(f"{n} nodes, 10,000 files", n, 100 * Mbit, 10_000, 100, 1_000, 20_000)
+                for n in (1, 2, 4, 8)
+            ),
+            "flat: where it is not, the nodes share this machine's cores (on disk: its ext4 too)",
+            tools=("mrsyncd", "uftp"),
+        ),
+        Scenario(
             "loss",
             "sweep: 0, 0.5, 1, 2, 5% loss, 8 nodes at 100 Mbit/s, 100 MiB",
             tuple(Case(f"{p:g}% loss", 8, 100 * Mbit, 100 * MiB, loss=p / 100) for p in (0, 0.5, 1, 2, 5)),
