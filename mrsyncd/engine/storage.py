@@ -64,16 +64,19 @@ _REOPEN = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC
 
 def _create_part(dir_fd: int, part: str, size: int) -> int:
     """
-    A new part file of ``size`` bytes, all holes.  A name already taken (it
-    appeared after the survey looked) is removed once and made again; if
-    it is taken again, the file fails with EEXIST.
+    A new part file of ``size`` bytes, all holes (0: empty, for a file
+    written whole at once, which a truncation would cost a journal entry
+    more).  A name already taken (it appeared after the survey looked) is
+    removed once and made again; if it is taken again, the file fails with
+    EEXIST.
     """
     try:
         part_fd = os.open(part, _CREATE, 0o600, dir_fd=dir_fd)
     except FileExistsError:
         os.unlink(part, dir_fd=dir_fd)
         part_fd = os.open(part, _CREATE, 0o600, dir_fd=dir_fd)
-    os.ftruncate(part_fd, size)
+    if size:
+        os.ftruncate(part_fd, size)
     return part_fd
 
 
@@ -364,7 +367,7 @@ def place_batch(
                 directory, _, name = entry.path.rpartition("/")
                 if directory not in directories:
                     directories[directory] = fsutil.open_parent(root_fd, entry.path)[0]
-                part_fd = _create_part(directories[directory], part, entry.size)
+                part_fd = _create_part(directories[directory], part, 0)
                 written.append((len(results) - 1, part_fd, directory, name, part))
                 pwrite_all(part_fd, data, 0)
                 set_metadata(part_fd, entry, owner)
@@ -488,8 +491,7 @@ def place_file(
 
 def _rename_over(fd: int, name: str, part: str, backup_suffix: str) -> None:
     """The part file takes the final name, the old file first linked to its backup name if asked."""
-    old = fsutil.lstat_at(fd, name)
-    if backup_suffix and old is not None and stat.S_ISREG(old.st_mode):
+    if backup_suffix and (old := fsutil.lstat_at(fd, name)) is not None and stat.S_ISREG(old.st_mode):
         backup = name + backup_suffix
         if (held := fsutil.lstat_at(fd, backup)) is not None and not stat.S_ISDIR(held.st_mode):
             os.unlink(backup, dir_fd=fd)
