@@ -272,9 +272,7 @@ def chunks_held(
         if final is not None and not stat.S_ISREG(final.st_mode):
             final = None
         if final is not None and (final.st_size, final.st_mtime_ns) == (entry.size, entry.mtime_ns):
-            in_place = stat.S_IMODE(final.st_mode) == stat.S_IMODE(entry.mode) and (
-                not owner or (final.st_uid, final.st_gid) == (entry.uid, entry.gid)
-            )
+            in_place = _metadata_in_place(final, entry, owner)
             return Held(bytes([DONE]) * nchunks, unchanged=True, in_place=in_place)
         if part in names:
             try:
@@ -658,6 +656,11 @@ def finish_tree(
             done[entry.path] = OK
         except OSError as e:
             done[entry.path] = f"cannot link: {e.strerror or e}"
+    # One sync a filesystem at the end, not one a directory: each fsync of
+    # a directory whose metadata was set commits the journal by itself
+    # (100 directories cost a node 0.16 s of every push of T's tree).
+    kept = {os.fstat(root_fd).st_dev: root_fd}
+    on_device: dict[int, list[str]] = {}
     for entry in sorted(
         (e for e in manifest.entries if e.kind == DIR), key=lambda e: e.path.count("/"), reverse=True
     ):
@@ -669,22 +672,46 @@ def finish_tree(
                 st = fsutil.lstat_at(fd, name)
                 if st is None or not stat.S_ISDIR(st.st_mode):
                     raise fsutil.UnsafePath(errno.ENOTDIR, f"{entry.path!r} is no longer a directory")
-                if owner:
-                    os.chown(name, entry.uid, entry.gid, dir_fd=fd, follow_symlinks=False)
-                os.chmod(name, entry.mode, dir_fd=fd, follow_symlinks=False)
-                os.utime(name, ns=(entry.mtime_ns, entry.mtime_ns), dir_fd=fd, follow_symlinks=False)
-                own = os.open(name, fsutil.DIR_FLAGS, dir_fd=fd)
-                try:
-                    os.fsync(own)
-                finally:
-                    os.close(own)
+                if not _metadata_in_place(st, entry, owner):
+                    if owner:
+                        os.chown(name, entry.uid, entry.gid, dir_fd=fd, follow_symlinks=False)
+                    os.chmod(name, entry.mode, dir_fd=fd, follow_symlinks=False)
+                    os.utime(name, ns=(entry.mtime_ns, entry.mtime_ns), dir_fd=fd, follow_symlinks=False)
+                if st.st_dev not in kept:
+                    kept[st.st_dev] = os.open(name, fsutil.DIR_FLAGS, dir_fd=fd)
+                on_device.setdefault(st.st_dev, []).append(entry.path)
             finally:
                 os.close(fd)
             done[entry.path] = OK
         except (OSError, NotImplementedError, ValueError) as e:
             done[entry.path] = f"cannot set metadata: {getattr(e, 'strerror', None) or e}"
-    os.fsync(root_fd)
+    try:
+        for device, fd in kept.items():
+            try:
+                fsutil.syncfs(fd)
+            except OSError as e:
+                if fd == root_fd:
+                    raise
+                for path in on_device[device]:
+                    done[path] = f"cannot set metadata: {e.strerror or e}"
+    finally:
+        for fd in kept.values():
+            if fd != root_fd:
+                os.close(fd)
     return done, changed
+
+
+def _metadata_in_place(st: os.stat_result, entry: Entry, owner: bool) -> bool:
+    """
+    Mode, mtime and (where owners are set) owner already as the manifest
+    has them: setting them again would still change the inode's ctime,
+    which a sync must then write.
+    """
+    return (
+        stat.S_IMODE(st.st_mode) == stat.S_IMODE(entry.mode)
+        and st.st_mtime_ns == entry.mtime_ns
+        and (not owner or (st.st_uid, st.st_gid) == (entry.uid, entry.gid))
+    )
 
 
 def _link_in_place(fd: int, name: str, root_fd: int, entry: Entry, owner: bool) -> bool:
