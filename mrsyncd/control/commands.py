@@ -107,21 +107,35 @@ class CompressedBytes(BigBytes):
             objects[key] = data
 
 
-class JSONArgument(BigBytes):
-    def toBox(self, name: bytes, strings: dict, objects: dict, proto: object) -> None:  # type: ignore[override]
+class _JSONCoded:
+    """JSON over whichever bytes argument comes next in the method order."""
+
+    def toBox(self, name: bytes, strings: dict, objects: dict, proto: object) -> None:
         key = amp._wireNameToPythonIdentifier(name)  # type: ignore[attr-defined]
         if objects.get(key) is not None:
             objects[key] = json.dumps(objects[key], sort_keys=True).encode()
-        super().toBox(name, strings, objects, proto)
+        super().toBox(name, strings, objects, proto)  # type: ignore[misc]
 
-    def fromBox(self, name: bytes, strings: dict, objects: dict, proto: object) -> None:  # type: ignore[override]
-        super().fromBox(name, strings, objects, proto)
+    def fromBox(self, name: bytes, strings: dict, objects: dict, proto: object) -> None:
+        super().fromBox(name, strings, objects, proto)  # type: ignore[misc]
         key = amp._wireNameToPythonIdentifier(name)  # type: ignore[attr-defined]
         if objects[key] is not None:
             try:
                 objects[key] = json.loads(objects[key])
             except ValueError as e:
                 raise BadRequest(f"{name.decode()} is not valid JSON: {e}") from None
+
+
+class JSONArgument(_JSONCoded, BigBytes):
+    """A value as JSON, ``sort_keys``."""
+
+
+class CompressedJSON(_JSONCoded, CompressedBytes):
+    """
+    A `JSONArgument` compressed: a node's results name every path of the
+    manifest, 200 kB of JSON for 10,000 small files and 24 kB compressed,
+    and every node sends them across the master's link.
+    """
 
 
 class CongestionReport(amp.Argument):
@@ -373,7 +387,7 @@ class Results(amp.Command):
     #: ``discard``: the transfer was cancelled, so its part files go too.
     arguments = [(b"transfer_id", amp.String()), (b"discard", amp.Boolean(optional=True))]
     response = [
-        (b"results", JSONArgument()),
+        (b"results", CompressedJSON()),
         (b"changed", amp.Integer()),
         (b"hook", JSONArgument(optional=True)),
     ]

@@ -7,6 +7,7 @@ of what nodes send while data flows).
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import zlib
@@ -27,6 +28,7 @@ from mrsyncd.control.commands import (
     UINT32_MAX,
     BadRequest,
     CompressedBytes,
+    CompressedJSON,
     CongestionReport,
     Refused,
     Register,
@@ -152,6 +154,26 @@ class CompressedBytesTests(unittest.TestCase):
             objects: dict[str, Any] = {}
             with self.assertRaisesRegex(BadRequest, why):
                 CompressedBytes().fromBox(b"manifest", {b"manifest": data}, objects, None)
+
+
+class CompressedJSONTests(unittest.TestCase):
+    """A node's results name every path of its manifest: they cross compressed, and whole."""
+
+    def test_results_of_a_tree_cross_smaller_and_whole(self) -> None:
+        results = {f"d{i % 100:02d}/f{i:05d}": "ok" for i in range(10_000)} | {
+            "d07/f00007": "cannot commit: EIO"
+        }
+        strings: dict[bytes, bytes] = {}
+        CompressedJSON().toBox(b"results", strings, {"results": results}, None)
+        objects: dict[str, Any] = {}
+        CompressedJSON().fromBox(b"results", dict(strings), objects, None)
+        self.assertEqual(objects["results"], results)
+        self.assertLess(sum(map(len, strings.values())), len(json.dumps(results)) // 5)
+
+    def test_zlib_that_is_not_json_is_refused(self) -> None:
+        objects: dict[str, Any] = {}
+        with self.assertRaisesRegex(BadRequest, "results is not valid JSON"):
+            CompressedJSON().fromBox(b"results", {b"results": zlib.compress(b"{ok")}, objects, None)
 
 
 class MissingCalls(LoopbackControl):

@@ -728,7 +728,7 @@ class ForeignDatagramTests(unittest.TestCase):
             payload = rng.randbytes(bs)
             good = ours.encode(index, block, payload)
             send("short", rng.randbytes(rng.randrange(0, datagram.OVERHEAD)))
-            send("version", b"\x07" + good[1:])
+            send("version", bytes([datagram.VERSION + 1]) + good[1:])
             send("kind", good[:1] + b"\x09" + good[2:])
             # another transfer's perfectly valid datagram
             send("foreign", other.encode(index, block, payload))

@@ -958,7 +958,10 @@ def test_hostile_manifests_from_a_stand_in_master(fleet: tuple[Cluster, AmpClien
             20,
             "the node done with the symlink-then-file transfer",
         )
-        results = json.loads(joined(peer.call("Results", [(b"transfer_id", transfer_id)]), b"results"))
+        # As `commands.CompressedJSON` sends them.
+        results = json.loads(
+            zlib.decompress(joined(peer.call("Results", [(b"transfer_id", transfer_id)]), b"results"))
+        )
         print("symlink then file:", results)
         assert results["esc"] != "ok" and results["esc"].startswith("cannot link"), results
         assert list(outside.iterdir()) == [], "written through the symlink"
