@@ -371,16 +371,17 @@ def place_batch(
                 set_metadata(part_fd, entry, owner)
             except OSError as e:
                 results[-1] = e
-        # All durable before any is renamed: a rename between two syncs
-        # would make the second commit the journal again.
-        _sync_filesystems(directories, written, results)
+        device_of = {directory: os.fstat(fd).st_dev for directory, fd in directories.items()}
+        # Every file's bytes durable before any name points at them: a
+        # crash after a rename must find the whole file there.
+        _sync_filesystems(directories, device_of, written, results)
         for index, _, directory, name, part in written:
             if not isinstance(results[index], OSError):
                 try:
                     _rename_over(directories[directory], name, part, backup_suffix)
                 except OSError as e:
                     results[index] = e
-        _sync_filesystems(directories, written, results)
+        _sync_filesystems(directories, device_of, written, results)
     finally:
         for _, part_fd, _, _, _ in written:
             os.close(part_fd)
@@ -390,25 +391,26 @@ def place_batch(
 
 
 def _sync_filesystems(
-    directories: dict[str, int], written: list[tuple[int, int, str, str, str]], results: list[bytes | OSError]
+    directories: dict[str, int],
+    device_of: dict[str, int],
+    written: list[tuple[int, int, str, str, str]],
+    results: list[bytes | OSError],
 ) -> None:
     """
-    syncfs(2) each filesystem that holds a file of ``written`` (a tree may
-    span mounts); a failure fails every file on that filesystem that had
-    not failed yet, as no one file can be told from the others.
+    syncfs(2) once each filesystem that holds one of the ``directories`` (a
+    tree may span mounts); a failure fails every file of ``written`` on that
+    filesystem that had not failed yet, as no one file can be told from the
+    others.
     """
-    device_of = {directory: os.fstat(fd).st_dev for directory, fd in directories.items()}
-    devices: dict[int, list[int]] = {}
-    for index, _, directory, _, _ in written:
-        if not isinstance(results[index], OSError):
-            devices.setdefault(device_of[directory], []).append(index)
-    synced: dict[int, int] = {device_of[d]: fd for d, fd in directories.items()}
-    for device, indexes in devices.items():
+    errors: dict[int, OSError] = {}
+    for device, fd in {device_of[d]: fd for d, fd in directories.items()}.items():
         try:
-            fsutil.syncfs(synced[device])
+            fsutil.syncfs(fd)
         except OSError as e:
-            for index in indexes:
-                results[index] = e
+            errors[device] = e
+    for index, _, directory, _, _ in written:
+        if device_of[directory] in errors and not isinstance(results[index], OSError):
+            results[index] = errors[device_of[directory]]
 
 
 def pwrite_all(fd: int, data: bytearray, offset: int) -> None:
