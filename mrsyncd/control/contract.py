@@ -132,7 +132,12 @@ class ReceiverPeer(Protocol):
     name: str
 
     def prepare(self, offer: Offer) -> defer.Deferred:
-        """Fires with ``{file index: RangeSet of chunks needed}``."""
+        """
+        Fires with the chunks needed, ``{file index: RangeSet}`` encoded by
+        `blockset.encode_map` as it crosses the control channel: the nodes
+        of a job mostly need the same (all of a new tree, or what changed
+        in it), and the sender decodes each answer it has not seen once.
+        """
 
     def missing(
         self,

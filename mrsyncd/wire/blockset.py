@@ -238,7 +238,8 @@ def union_maps(maps: Iterable[Mapping[int, RangeSet]]) -> dict[int, RangeSet]:
     result: dict[int, RangeSet] = {}
     for m in maps:
         for file_index, ranges in m.items():
-            result[file_index] = result.get(file_index, RangeSet()) | ranges
+            held = result.get(file_index)
+            result[file_index] = ranges if held is None else held | ranges
     return {k: v for k, v in result.items() if v}
 
 

@@ -218,7 +218,7 @@ class ManifestOffers(LoopbackControl):
 
         def prepare(offer: Offer) -> Any:
             offered.append(offer)
-            return defer.succeed({})
+            return defer.succeed(b"")
 
         self.agent.prepare = prepare  # type: ignore[method-assign]
         node = self.client
@@ -228,7 +228,7 @@ class ManifestOffers(LoopbackControl):
         for n, manifest in enumerate([tree, tree, changed, tree]):
             before = node.received_bytes
             needs = yield self.peer.prepare(Offer(bytes([n]) * 8, b"k" * 32, manifest, channel, "/srv/t"))
-            self.assertEqual(needs, {})
+            self.assertEqual(needs, b"")
             self.assertEqual(offered[-1].manifest, manifest)
             self.assertEqual(offered[-1].transfer_id, bytes([n]) * 8)
             costs.append(node.received_bytes - before)
@@ -241,7 +241,7 @@ class ManifestOffers(LoopbackControl):
 
     @defer.inlineCallbacks
     def test_a_manifest_of_more_entries_than_the_node_takes_is_refused(self) -> Any:
-        self.agent.prepare = lambda offer: defer.succeed({})  # type: ignore[method-assign]
+        self.agent.prepare = lambda offer: defer.succeed(b"")  # type: ignore[method-assign]
         self.client.max_manifest_entries = 1999
         offer = Offer(b"t" * 8, b"k" * 32, tree_manifest(2000, 1), Channel("239.255.77.9", 7799), "/srv/t")
         with self.assertRaises(Refused) as caught:
@@ -251,7 +251,7 @@ class ManifestOffers(LoopbackControl):
             str(caught.exception),
         )
         self.client.max_manifest_entries = 2000
-        self.assertEqual((yield self.peer.prepare(offer)), {})
+        self.assertEqual((yield self.peer.prepare(offer)), b"")
 
 
 class ProtocolVersions(unittest.TestCase):

@@ -430,6 +430,49 @@ class DeadReceiverTests(unittest.TestCase):
         for dst in dests:
             assert_same_tree(self, src, dst)
 
+    @defer.inlineCallbacks
+    def test_a_malformed_answer_to_the_offer_fails_that_receiver_alone(self):
+        """
+        The answers to an offer are decoded once for all the receivers that
+        gave the same: one that gave garbage fails with the reason, and the
+        others, which gave the same answer as each other, are each counted
+        as needing the whole tree.
+        """
+        base = temp_dir(self)
+        src = os.path.join(base, "src")
+        make_full_tree(src)
+        manifest, local = scan([src + "/"])
+        dests = [os.path.join(base, f"dst{i}") for i in range(3)]
+        peers = make_peers(self, reactor, dests)
+
+        class Garbled:
+            """Takes the offer, then answers with a varint cut short."""
+
+            def __init__(self, peer):
+                self.peer, self.name = peer, "garbled"
+
+            def prepare(self, offer):
+                return self.peer.prepare(offer).addCallback(lambda _: b"\x80")
+
+            def missing(self, *args, **kwargs):
+                return self.peer.missing(*args, **kwargs)
+
+            def results(self, *args, **kwargs):
+                return self.peer.results(*args, **kwargs)
+
+        garbled = Garbled(peers.pop())
+        report = yield run_transfer(self, reactor, manifest, local, peers + [garbled])
+        self.assertFalse(report.peers["garbled"].ok)
+        self.assertEqual(
+            report.peers["garbled"].reason, "sent a malformed answer to the offer: truncated varint"
+        )
+        for peer in peers:
+            self.assertTrue(report.peers[peer.name].ok, report.peers[peer.name].reason)
+            self.assertEqual(report.peers[peer.name].needed_bytes, manifest.total_bytes())
+        for dst in dests[:2]:
+            assert_same_tree(self, src, dst)
+        self.assertEqual(part_files(dests[2]), [])
+
 
 class InterruptTests(unittest.TestCase):
     timeout = 60
