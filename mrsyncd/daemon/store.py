@@ -112,7 +112,13 @@ class DigestCache:
     which opens its own connection.
     """
 
+    #: Entries written in one transaction: one for each file of a first push
+    #: of 10,000 small files took 0.1 s of its scan.  Those not yet written
+    #: are lost with the process, and computed again next time.
+    BATCH = 512
+
     def __init__(self, path: str) -> None:
+        self._pending: dict[tuple[int, ...], bytes] = {}
         self.db = sqlite3.connect(path, timeout=30)
         self.db.execute("PRAGMA journal_mode=WAL")
         # A cache: an entry lost to a power cut is computed again, so no
@@ -128,6 +134,9 @@ class DigestCache:
         )
 
     def get(self, key: tuple[int, ...]) -> bytes | None:
+        pending = self._pending.get(key)
+        if pending is not None:
+            return pending
         row = self.db.execute(
             "SELECT digests FROM sha256_digests WHERE dev = ? AND ino = ? AND size = ? AND mtime_ns = ?"
             " AND ctime_ns = ? AND chunk_size = ?",
@@ -136,13 +145,23 @@ class DigestCache:
         return None if row is None else bytes(row[0])
 
     def put(self, key: tuple[int, ...], digests: bytes) -> None:
+        self._pending[key] = digests
+        if len(self._pending) >= self.BATCH:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        now = time.time()
         with self.db:
-            self.db.execute(
+            self.db.executemany(
                 "INSERT OR REPLACE INTO sha256_digests VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (*key, digests, time.time()),
+                [(*key, digests, now) for key, digests in self._pending.items()],
             )
+        self._pending.clear()
 
     def close(self) -> None:
+        self.flush()
         self.db.close()
 
 
