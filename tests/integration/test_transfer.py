@@ -17,6 +17,7 @@ from twisted.trial import unittest
 
 from mrsyncd.control.contract import MissingReport, TransferOptions
 from mrsyncd.engine import agent as agent_module
+from mrsyncd.engine import sender as sender_module
 from mrsyncd.engine import transfer as transfer_module
 from mrsyncd.engine.agent import LocalPeer, ReceiverAgent
 from mrsyncd.engine.multicast import Channel, adopt, receiver_socket
@@ -429,6 +430,61 @@ class DeadReceiverTests(unittest.TestCase):
             self.assertTrue(report.peers[peer.name].ok, report.peers[peer.name].reason)
         for dst in dests:
             assert_same_tree(self, src, dst)
+
+    @defer.inlineCallbacks
+    def test_small_files_are_read_a_run_at_a_time_and_one_changed_among_them_fails_alone(self):
+        """
+        A pass reads the small files ahead of it in runs, one thread call
+        for each (not one for each file); each file of a run is still
+        checked against its digest on its own.
+        """
+        base = temp_dir(self)
+        src, dst = os.path.join(base, "src"), os.path.join(base, "dst")
+        for d in range(3):
+            os.makedirs(os.path.join(src, f"d{d}"))
+        for i in range(300):
+            write_file(os.path.join(src, f"d{i % 3}", f"f{i:03d}"), os.urandom(100 + i * 7))
+        manifest, local = scan([src + "/"])
+        changed = os.path.join(src, "d1", "f151")
+        with open(changed, "r+b") as f:
+            first = f.read(1)
+            f.seek(0)
+            f.write(bytes([first[0] ^ 1]))
+        reads: list[int] = []
+        original = sender_module._read_chunks
+
+        def counted(batch):
+            reads.append(len(batch))
+            return original(batch)
+
+        self.patch(sender_module, "_read_chunks", counted)
+        peers = make_peers(self, reactor, [dst])
+        report = yield run_transfer(self, reactor, manifest, local, peers)
+        results = report.peers[peers[0].name].results
+        self.assertEqual(
+            results.pop("d1/f151"), "sender gave up: source changed since it was scanned (at byte 0)"
+        )
+        self.assertEqual(set(results.values()), {OK})
+        self.assertEqual(sum(reads), 300)
+        self.assertLessEqual(len(reads), 6, reads)
+        self.assertFalse(os.path.exists(os.path.join(dst, "d1", "f151")))
+        with open(os.path.join(src, "d2", "f299"), "rb") as f:
+            with open(os.path.join(dst, "d2", "f299"), "rb") as g:
+                self.assertEqual(f.read(), g.read())
+
+    @defer.inlineCallbacks
+    def test_a_sender_that_has_stopped_holds_no_file_data(self):
+        base = temp_dir(self)
+        src, dst = os.path.join(base, "src"), os.path.join(base, "dst")
+        os.makedirs(src)
+        write_file(os.path.join(src, "big"), os.urandom(3_000_000))
+        write_file(os.path.join(src, "small"), os.urandom(5_000))
+        manifest, local = scan([src + "/"])
+        offer = new_offer(manifest, unique_channel(), "/")
+        transfer = Transfer(reactor, offer, local, make_peers(self, reactor, [dst]), rate_bps=RATE, grace=5.0)
+        report = yield transfer.run()
+        self.assertTrue(report.ok)
+        self.assertEqual(dict(transfer.sender._chunks), {})
 
     @defer.inlineCallbacks
     def test_a_malformed_answer_to_the_offer_fails_that_receiver_alone(self):
