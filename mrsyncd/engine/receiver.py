@@ -33,7 +33,7 @@ from twisted.python.failure import Failure
 from mrsyncd import logs
 from mrsyncd.control.contract import DEFAULT_OPTIONS, Feedback, MissingReport, TransferOptions
 from mrsyncd.engine import fsutil, intake, storage
-from mrsyncd.engine.ledger import DONE, NEEDED, BlockLedger
+from mrsyncd.engine.ledger import NEEDED, BlockLedger
 from mrsyncd.engine.meter import FEEDBACK_INTERVAL, DelayLossMeter
 from mrsyncd.engine.multicast import DEFAULT_RCVBUF, Channel, receive_queue, receiver_socket
 from mrsyncd.engine.parities import KeptParities
@@ -278,11 +278,11 @@ class Receiver:
             if isinstance(held, str):
                 self.results[entry.path] = held
                 continue
-            need = RangeSet((c, c + 1) for c, s in enumerate(held.status) if s != DONE)
+            need = RangeSet.where(held.status, NEEDED)  # the survey leaves chunks NEEDED or DONE
             if need:
                 needs[index] = need
             self.results[entry.path] = "unchanged" if held.unchanged else WOULD_RECEIVE
-        self.needed_bytes = _bytes_of(self._manifest, needs)
+        self.needed_bytes = self._manifest.bytes_in(needs, self._manifest.chunk_size)
         self.done = True
         return needs
 
@@ -320,13 +320,13 @@ class Receiver:
             self._files[index] = self._awaiting[index] = f
             self._needed_chunks += held.status.count(NEEDED)
             if NEEDED in held.status:  # the survey leaves chunks NEEDED or DONE
-                needs[index] = RangeSet((c, c + 1) for c, state in enumerate(held.status) if state == NEEDED)
+                needs[index] = RangeSet.where(held.status, NEEDED)
             elif held.in_place:
                 f.ledger.close()
                 self._conclude(f, OK)
             else:
                 self._commit(f)
-        self.needed_bytes = _bytes_of(self._manifest, needs)
+        self.needed_bytes = self._manifest.bytes_in(needs, self._manifest.chunk_size)
         self._maybe_finish()
         return needs
 
@@ -920,11 +920,3 @@ class Receiver:
         self._settling.clear()
         self._close_root()
         return drained
-
-
-def _bytes_of(manifest: Manifest, needs: Mapping[int, RangeSet]) -> int:
-    return sum(
-        manifest.chunk_span(manifest.entries[index], chunk)[1]
-        for index, chunks in needs.items()
-        for chunk in chunks
-    )

@@ -155,17 +155,6 @@ def chunks_to_blocks(manifest: Manifest, needs: Mapping[int, RangeSet]) -> dict[
     }
 
 
-def payload_bytes(manifest: Manifest, blocks: Mapping[int, RangeSet], unit: int = 0) -> int:
-    """File bytes that a set of blocks (or of chunks, ``unit`` the chunk size) covers."""
-    unit = unit or manifest.block_size
-    total = 0
-    for index, ranges in blocks.items():
-        size = manifest.entries[index].size
-        for start, end in ranges.ranges:
-            total += min(end * unit, size) - start * unit
-    return total
-
-
 class Transfer:
     def __init__(
         self,
@@ -357,7 +346,7 @@ class Transfer:
         try:
             blocks = yield self._prepare(list(self.peers))
             parities: dict[int, RangeSet] = {}
-            self.planned_bytes = payload_bytes(self.offer.manifest, blocks)
+            self.planned_bytes = self.offer.manifest.bytes_in(blocks)
             # An echo before the first datagram: without one every receiver
             # with a queue reports it (`Receiver._report_due`).
             self.controller.set_active(set(self.live))
@@ -369,7 +358,7 @@ class Transfer:
                         "transfer {tid}: pass {n}, {bytes} bytes and {parities} parities to send",
                         tid=self.offer.transfer_id.hex(),
                         n=self.passes + 1,
-                        bytes=payload_bytes(self.offer.manifest, blocks),
+                        bytes=self.offer.manifest.bytes_in(blocks),
                         parities=sum(len(p) for p in parities.values()),
                     )
                     yield self._send_pass(blocks, parities)
@@ -494,7 +483,7 @@ class Transfer:
                     except ValueError as e:
                         self._fail(name, f"sent a malformed answer to the offer: {e}")
                         continue
-                    needs[value] = wanted, payload_bytes(manifest, wanted, manifest.chunk_size)
+                    needs[value] = wanted, manifest.bytes_in(wanted, manifest.chunk_size)
                 self._heard(name)
                 self._prepared.add(name)
                 self._done.discard(name)

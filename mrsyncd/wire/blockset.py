@@ -30,6 +30,26 @@ class RangeSet:
         return cls([(start, end)])
 
     @classmethod
+    def where(cls, values: bytes | bytearray, value: int) -> RangeSet:
+        """
+        The positions in ``values`` that hold ``value`` (the chunks of a
+        file in one state), in one pass: for each of 10,000 files, a range a
+        chunk then sorted and merged cost a receiver 55 ms of its prepare.
+        """
+        ranges: list[tuple[int, int]] = []
+        start = -1
+        for position, held in enumerate(values):
+            if held == value:
+                if start < 0:
+                    start = position
+            elif start >= 0:
+                ranges.append((start, position))
+                start = -1
+        if start >= 0:
+            ranges.append((start, len(values)))
+        return cls._of(ranges)
+
+    @classmethod
     def _of(cls, ranges: list[tuple[int, int]]) -> RangeSet:
         """
         Ranges already sorted, disjoint, non-adjacent and non-empty, as

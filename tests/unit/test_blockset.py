@@ -33,6 +33,13 @@ def assert_normal(rs: RangeSet) -> None:
         assert end < start, "ranges must be disjoint and not adjacent"
 
 
+@given(st.binary(max_size=200).map(lambda b: bytes(x % 3 for x in b)), st.integers(min_value=0, max_value=2))
+def test_where_holds_the_positions_of_a_value(values, value):
+    rs = RangeSet.where(values, value)
+    assert_normal(rs)
+    assert set(rs) == {position for position, held in enumerate(values) if held == value}
+
+
 @given(range_lists)
 def test_construction_normalises(ranges):
     rs = RangeSet(ranges)
