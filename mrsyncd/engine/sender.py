@@ -535,6 +535,7 @@ class Sender(DatagramProtocol):
             reads.append((self.local_paths[file_index], offset, length, entry.chunk_digest(chunk)))
         self._loading.update(keys)
         d = threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), _read_chunks, reads)
+        d.addErrback(lambda failure: [failure] * len(keys))  # each read is abandoned, none left loading
         d.addCallback(self._loaded, keys)
 
     def _loaded(
