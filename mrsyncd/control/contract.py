@@ -114,6 +114,7 @@ class Offer:
     destination: str
     options: TransferOptions = DEFAULT_OPTIONS
     cipher: str = datagram.AES_256_GCM
+    _changes: dict[bytes, bytes] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @functools.cached_property
     def manifest_bytes(self) -> bytes:
@@ -124,6 +125,15 @@ class Offer:
     def manifest_digest(self) -> bytes:
         """Names the manifest to a receiver that may hold it already (`commands.Prepare`)."""
         return hashlib.sha256(self.manifest_bytes).digest()
+
+    def manifest_change(self, digest: bytes, base: Manifest) -> bytes:
+        """
+        The manifest as the change from ``base`` (`Manifest.change_from`),
+        made once for every receiver that holds that one (``digest``).
+        """
+        if digest not in self._changes:
+            self._changes[digest] = self.manifest.change_from(base)
+        return self._changes[digest]
 
 
 class ReceiverPeer(Protocol):

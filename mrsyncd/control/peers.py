@@ -54,17 +54,28 @@ class AMPPeer:
     def __init__(self, name: str, protocol: amp.AMP) -> None:
         self.name = name
         self.protocol = protocol
+        #: The manifest the receiver holds (`ReceiverControl._manifest_named`),
+        #: by digest, as far as this peer knows: the last one it was sent.
+        self.held: tuple[bytes, Manifest] | None = None
 
     def prepare(self, offer: Offer) -> defer.Deferred:
-        """Offer by the manifest's digest first, and send the manifest only to a receiver without it."""
+        """
+        Offer by the manifest's digest a receiver holds it by, as the change
+        from the one it holds if the tree changed, and whole to a receiver
+        that holds none, or when the others are not taken.
+        """
 
-        def offered(manifest: bytes | None) -> defer.Deferred:
+        def offered(
+            manifest: bytes | None, change: bytes | None = None, base: bytes | None = None
+        ) -> defer.Deferred:
             return self.protocol.callRemote(
                 Prepare,
                 transfer_id=offer.transfer_id,
                 key=offer.key,
                 manifest=manifest,
                 manifest_digest=offer.manifest_digest,
+                manifest_change=change,
+                manifest_base=base,
                 group=offer.channel.group,
                 port=offer.channel.port,
                 ttl=offer.channel.ttl,
@@ -78,9 +89,25 @@ class AMPPeer:
             failure.trap(UnknownManifest)
             return offered(offer.manifest_bytes)
 
-        d = offered(None)
-        d.addErrback(unknown)
-        d.addCallback(lambda response: response["needs"])
+        def taken(response: dict[str, Any]) -> bytes:
+            kept = len(offer.manifest_bytes) <= KEPT_MANIFEST_BYTES
+            self.held = (offer.manifest_digest, offer.manifest) if kept else None
+            return response["needs"]
+
+        def refused(failure: Failure) -> Failure:
+            self.held = None  # it may hold the new one, or the old, or neither
+            return failure
+
+        held = self.held
+        if held is None:
+            d = offered(offer.manifest_bytes)
+        elif held[0] == offer.manifest_digest:
+            d = offered(None)
+        else:
+            d = offered(None, offer.manifest_change(*held), held[0])
+        if held is not None:
+            d.addErrback(unknown)
+        d.addCallbacks(taken, refused)
         return d
 
     def missing(
@@ -174,18 +201,32 @@ class ReceiverControl(BoundedAMP):
         super().connectionLost(reason)
         self.agent.close()
 
-    def _manifest_named(self, sent: bytes | None, digest: bytes) -> Manifest:
+    def _manifest_named(
+        self, sent: bytes | None, digest: bytes, change: bytes | None = None, base: bytes | None = None
+    ) -> Manifest:
         """
-        The manifest a `Prepare` sent, or named by ``digest`` as one it sent
-        before.  Receivers only read a manifest, so one may serve several.
+        The manifest a `Prepare` sent, whole or as the change from the one
+        held, or named by ``digest`` as one it sent before.  Receivers only
+        read a manifest, so one may serve several.
         """
-        if sent is None:
+        if sent is None and change is not None:
+            if self._manifest is None or self._manifest[0] != base:
+                raise UnknownManifest(f"no manifest {(base or b'').hex()[:16]} held to change")
+            try:
+                manifest = self._manifest[1].changed(change)
+            except ManifestError as e:
+                raise UnknownManifest(f"the change does not apply: {e}") from None
+            sent = manifest.to_bytes()
+            if hashlib.sha256(sent).digest() != digest:
+                raise UnknownManifest("the change does not make the manifest named")
+        elif sent is None:
             if self._manifest is None or self._manifest[0] != digest:
                 raise UnknownManifest(f"no manifest {digest.hex()[:16]} held")
             return self._manifest[1]
-        if hashlib.sha256(sent).digest() != digest:
+        elif hashlib.sha256(sent).digest() != digest:
             raise ManifestError("the manifest does not match its digest")
-        manifest = Manifest.from_bytes(sent)
+        else:
+            manifest = Manifest.from_bytes(sent)
         if len(manifest.entries) > self.max_manifest_entries:
             raise ManifestError(
                 f"the manifest holds {len(manifest.entries)} entries, more than this node takes"
@@ -200,7 +241,12 @@ class ReceiverControl(BoundedAMP):
             offer = Offer(
                 transfer_id=kw["transfer_id"],
                 key=kw["key"],
-                manifest=self._manifest_named(kw.get("manifest"), kw["manifest_digest"]),
+                manifest=self._manifest_named(
+                    kw.get("manifest"),
+                    kw["manifest_digest"],
+                    kw.get("manifest_change"),
+                    kw.get("manifest_base"),
+                ),
                 channel=Channel(kw["group"], kw["port"], "", kw["ttl"], kw["loopback"]),
                 destination=kw["destination"],
                 options=TransferOptions.from_dict(kw["options"]),

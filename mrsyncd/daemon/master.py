@@ -81,6 +81,9 @@ class NodeState:
     tags: tuple[str, ...] = ()
     free: dict[str, int] = field(default_factory=dict)
     connection: MasterControl | None = None
+    #: The node as the transfers see it, for as long as this connection
+    #: lasts: it knows which manifest the node holds (`AMPPeer.held`).
+    peer: AMPPeer | None = None
     last_contact: float = 0.0
     address: str = ""
     last_ok_job: int | None = None
@@ -134,6 +137,7 @@ class Fleet:
             log.info("{node} connected again: dropping its old connection", node=name)
             node.connection.transport.loseConnection()  # type: ignore[union-attr]
         node.connection, node.tags, node.free = connection, tags, free
+        node.peer = AMPPeer(name, connection)
         node.last_contact = self.clock.seconds()
         peer = connection.transport.getPeer()  # type: ignore[union-attr]
         node.address = getattr(peer, "host", "")
@@ -145,7 +149,7 @@ class Fleet:
     def detach(self, name: str, connection: MasterControl) -> None:
         node = self.nodes.get(name)
         if node is not None and node.connection is connection:
-            node.connection = None
+            node.connection = node.peer = None
             self._remember(node)
             log.warn("node {node} disconnected", node=name)
 
@@ -164,7 +168,7 @@ class Fleet:
                     seconds=now - node.last_contact,
                 )
                 node.connection.transport.abortConnection()  # type: ignore[union-attr]
-                node.connection = None
+                node.connection = node.peer = None
                 self._remember(node)
 
     def close(self) -> None:
@@ -218,11 +222,11 @@ class Fleet:
     def all_connected(self) -> bool:
         return all(node.connection is not None for node in self.nodes.values())
 
-    def connection(self, name: str) -> MasterControl:
+    def peer(self, name: str) -> AMPPeer:
         node = self.nodes.get(name)
-        if node is None or node.connection is None:
+        if node is None or node.peer is None:
             raise NotConnected(f"{name} is not connected")
-        return node.connection
+        return node.peer
 
     def _nearest(self, name: str) -> str:
         """An unknown name, and the known ones it may be a typo of."""
@@ -254,7 +258,7 @@ class FleetPeer:
         self.fleet = fleet
 
     def _peer(self) -> AMPPeer:
-        return AMPPeer(self.name, self.fleet.connection(self.name))
+        return self.fleet.peer(self.name)
 
     def prepare(self, offer: Offer) -> defer.Deferred:
         return defer.maybeDeferred(lambda: self._peer().prepare(offer))

@@ -150,80 +150,139 @@ class Manifest:
         return total
 
     def to_bytes(self) -> bytes:
-        # Field by field: `dataclasses.asdict` deep-copies, 3.5 times slower.
-        entries = [
-            {
-                "path": e.path,
-                "kind": e.kind,
-                "mode": e.mode,
-                "mtime_ns": e.mtime_ns,
-                "uid": e.uid,
-                "gid": e.gid,
-                "size": e.size,
-                "target": e.target,
-                "digests": e.digests.hex(),
-            }
-            for e in self.entries
-        ]
-        doc = {
+        return json.dumps(
+            {**self._header(), "entries": [_raw(e) for e in self.entries]}, separators=(",", ":")
+        ).encode()
+
+    def change_from(self, base: Manifest) -> bytes:
+        """
+        This manifest as a change to ``base``, which a receiver holds
+        (`changed`): runs of ``base``'s entries kept as they are, and the
+        entries that are new or changed.  Pushing a tree of 10,000 files
+        again after 1% of them changed sends each node 100 entries, not
+        0.58 MB.
+        """
+        where = {entry.path: index for index, entry in enumerate(base.entries)}
+        ops: list[list[int] | dict[str, object]] = []
+        for entry in self.entries:
+            index = where.get(entry.path)
+            if index is None or base.entries[index] != entry:
+                ops.append(_raw(entry))
+            elif ops and isinstance(ops[-1], list) and sum(ops[-1]) == index:
+                ops[-1][1] += 1
+            else:
+                ops.append([index, 1])
+        return json.dumps({**self._header(), "kept": ops}, separators=(",", ":")).encode()
+
+    def changed(self, data: bytes) -> Manifest:
+        """
+        The manifest that a `change_from` this one describes, checked as
+        `from_bytes` checks one; the caller compares its digest with the
+        sender's, since a change from another base rebuilds another manifest.
+        """
+        doc = _document(data)
+        ops = doc.get("kept")
+        if not isinstance(ops, list):
+            raise ManifestError("kept is not a list")
+        manifest = self._with_header(doc)
+        for op in ops:
+            if isinstance(op, list):
+                if len(op) != 2:
+                    raise ManifestError("a run of kept entries is not [first, count]")
+                first = _integer(op[0], "first", 0, len(self.entries) - 1)
+                count = _integer(op[1], "count", 1, len(self.entries) - first)
+                manifest.entries.extend(self.entries[first : first + count])
+            else:
+                manifest.entries.append(_entry(op))
+        _check_entries(manifest)
+        return manifest
+
+    def _header(self) -> dict[str, object]:
+        return {
             "format": FORMAT,
             "block_size": self.block_size,
             "chunk_size": self.chunk_size,
             "contents": self.contents,
             "parity_group": self.parity_group,
-            "entries": entries,
         }
-        return json.dumps(doc, separators=(",", ":")).encode()
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> Manifest:
-        """Parse and check a manifest from the network."""
-        try:
-            doc = json.loads(data)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise ManifestError(f"manifest is not valid JSON: {e}") from None
-        if not isinstance(doc, dict) or type(doc.get("format")) is not int or doc["format"] != FORMAT:
-            raise ManifestError(
-                f"manifest format {doc.get('format') if isinstance(doc, dict) else None!r}, this node reads "
-                f"{FORMAT}: the master and this node run different versions of mrsyncd"
-            )
+    def _with_header(cls, doc: dict[str, object]) -> Manifest:
+        """An empty manifest of the block size, chunk size and the rest that ``doc`` gives, checked."""
         block_size = _integer(doc.get("block_size"), "block_size", 1, MAX_BLOCK_SIZE)
         chunk_size = _integer(doc.get("chunk_size"), "chunk_size", block_size, 1 << 30)
         if chunk_size % block_size:
             raise ManifestError("chunk_size is not a multiple of block_size")
-        raw_entries = doc.get("entries")
-        if not isinstance(raw_entries, list):
-            raise ManifestError("entries is not a list")
         contents = doc.get("contents", False)
         if not isinstance(contents, bool):
             raise ManifestError("contents must be true or false")
         parity_group = _integer(
             doc.get("parity_group", DEFAULT_PARITY_GROUP), "parity_group", 2, erasure.MAX_GROUP
         )
-        manifest = cls([], block_size, chunk_size, contents, parity_group)
-        seen: dict[str, str] = {}
-        for raw in raw_entries:
-            entry = _entry(raw)
-            if entry.path in seen:
-                raise ManifestError(f"duplicate path {entry.path!r}")
-            if entry.kind == FILE:
-                _check_size(manifest, entry)
-                expected = manifest.chunks(entry) * DIGEST_SIZE
-                if len(entry.digests) != expected:
-                    raise ManifestError(f"{entry.path!r}: wrong number of digests")
-            elif entry.digests or entry.size:
-                raise ManifestError(f"{entry.path!r}: only files have a size")
-            if entry.kind == HARDLINK:
-                check_path(entry.target)
-                if seen.get(entry.target) != FILE:
-                    raise ManifestError(
-                        f"{entry.path!r}: hardlink target {entry.target!r} is not an earlier file"
-                    )
-            if entry.kind == SYMLINK and (not entry.target or "\0" in entry.target):
-                raise ManifestError(f"{entry.path!r}: bad symlink target")
-            seen[entry.path] = entry.kind
-            manifest.entries.append(entry)
+        return cls([], block_size, chunk_size, contents, parity_group)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Manifest:
+        """Parse and check a manifest from the network."""
+        doc = _document(data)
+        raw_entries = doc.get("entries")
+        if not isinstance(raw_entries, list):
+            raise ManifestError("entries is not a list")
+        manifest = cls._with_header(doc)
+        manifest.entries = [_entry(raw) for raw in raw_entries]
+        _check_entries(manifest)
         return manifest
+
+
+def _raw(e: Entry) -> dict[str, object]:
+    # Field by field: `dataclasses.asdict` deep-copies, 3.5 times slower.
+    return {
+        "path": e.path,
+        "kind": e.kind,
+        "mode": e.mode,
+        "mtime_ns": e.mtime_ns,
+        "uid": e.uid,
+        "gid": e.gid,
+        "size": e.size,
+        "target": e.target,
+        "digests": e.digests.hex(),
+    }
+
+
+def _document(data: bytes) -> dict[str, object]:
+    try:
+        doc = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ManifestError(f"manifest is not valid JSON: {e}") from None
+    if not isinstance(doc, dict) or type(doc.get("format")) is not int or doc["format"] != FORMAT:
+        raise ManifestError(
+            f"manifest format {doc.get('format') if isinstance(doc, dict) else None!r}, this node reads "
+            f"{FORMAT}: the master and this node run different versions of mrsyncd"
+        )
+    return doc
+
+
+def _check_entries(manifest: Manifest) -> None:
+    seen: dict[str, str] = {}
+    for entry in manifest.entries:
+        if entry.path in seen:
+            raise ManifestError(f"duplicate path {entry.path!r}")
+        if entry.kind == FILE:
+            _check_size(manifest, entry)
+            expected = manifest.chunks(entry) * DIGEST_SIZE
+            if len(entry.digests) != expected:
+                raise ManifestError(f"{entry.path!r}: wrong number of digests")
+        elif entry.digests or entry.size:
+            raise ManifestError(f"{entry.path!r}: only files have a size")
+        if entry.kind == HARDLINK:
+            check_path(entry.target)
+            if seen.get(entry.target) != FILE:
+                raise ManifestError(
+                    f"{entry.path!r}: hardlink target {entry.target!r} is not an earlier file"
+                )
+        if entry.kind == SYMLINK and (not entry.target or "\0" in entry.target):
+            raise ManifestError(f"{entry.path!r}: bad symlink target")
+        seen[entry.path] = entry.kind
 
 
 def _check_size(manifest: Manifest, entry: Entry) -> None:

@@ -240,6 +240,45 @@ class ManifestOffers(LoopbackControl):
         self.assertGreater(costs[3], whole)
 
     @defer.inlineCallbacks
+    def offered_at_cost(self, n: int, manifest: Manifest) -> Any:
+        """Offer ``manifest``; what the node read to take it, once it took that manifest."""
+        taken: list[Offer] = []
+
+        def prepare(offer: Offer) -> Any:
+            taken.append(offer)
+            return defer.succeed(b"")
+
+        self.agent.prepare = prepare  # type: ignore[method-assign]
+        before = self.client.received_bytes
+        yield self.peer.prepare(
+            Offer(bytes([n]) * 8, b"k" * 32, manifest, Channel("239.255.77.9", 7799), "/t")
+        )
+        self.assertEqual(taken[-1].manifest, manifest)
+        return self.client.received_bytes - before
+
+    @defer.inlineCallbacks
+    def test_a_changed_tree_crosses_as_its_change_or_whole_when_that_makes_another_manifest(self) -> Any:
+        tree = tree_manifest(2000, 1)
+        entries = [
+            replace(e, mtime_ns=e.mtime_ns + 1) if n % 100 == 0 else e for n, e in enumerate(tree.entries)
+        ]
+        entries.insert(5, Entry("d0/new", FILE, 0o644, 1, size=1, digests=b"d" * DIGEST_SIZE))
+        del entries[700]
+        changed = Manifest(entries, block_size=tree.block_size)
+        whole = len(zlib.compress(tree.to_bytes(), 1))
+        self.assertGreater((yield self.offered_at_cost(0, tree)), whole)
+        self.assertLess((yield self.offered_at_cost(1, changed)), whole / 10)
+        # The node no longer holds the tree the sender changes from (it was
+        # too big to keep, say): it is sent whole.
+        self.client._manifest = None
+        self.assertGreater((yield self.offered_at_cost(2, tree)), whole)
+        # The node holds another manifest under the digest named: the change
+        # makes a manifest of another digest, which is not used.
+        assert self.client._manifest is not None
+        self.client._manifest = (self.client._manifest[0], changed)
+        self.assertGreater((yield self.offered_at_cost(3, changed)), whole)
+
+    @defer.inlineCallbacks
     def test_a_manifest_of_more_entries_than_the_node_takes_is_refused(self) -> Any:
         self.agent.prepare = lambda offer: defer.succeed(b"")  # type: ignore[method-assign]
         self.client.max_manifest_entries = 1999

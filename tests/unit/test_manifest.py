@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import stat
 import threading
 import time
@@ -663,3 +664,43 @@ def test_a_symlink_to_a_directory_is_no_directory_to_the_rules(tmp_path) -> None
     assert sorted(e.path for e in found.entries) == ["cache", "real"]
     found, _ = manifest.scan([str(tmp_path) + "/"], excludes=["- real/"])
     assert sorted(e.path for e in found.entries) == ["cache"]
+
+
+def _file(n: int, mtime: int) -> Entry:
+    return Entry(
+        f"d{n % 3}/f{n}", FILE, 0o644, mtime, size=n, digests=bytes([n % 251]) * DIGEST_SIZE * (n > 0)
+    )
+
+
+@given(
+    st.lists(st.integers(min_value=0, max_value=40), unique=True, max_size=30),
+    st.lists(st.tuples(st.integers(min_value=0, max_value=40), st.booleans()), max_size=30),
+)
+def test_a_manifest_is_made_again_from_its_change_from_any_base(base_files, new_files) -> None:
+    """Files kept, changed, added, dropped and moved: the change rebuilds the manifest, byte for byte."""
+    base = Manifest([_file(n, 1) for n in base_files])
+    picked: dict[int, bool] = {}
+    for n, touched in new_files:
+        picked.setdefault(n, touched)
+    new = Manifest([_file(n, 2 if touched else 1) for n, touched in picked.items()])
+    rebuilt = base.changed(new.change_from(base))
+    assert rebuilt.entries == new.entries
+    assert rebuilt.to_bytes() == new.to_bytes()
+
+
+def test_a_change_that_keeps_what_the_base_lacks_or_is_not_a_change_is_refused() -> None:
+    base = Manifest([_file(n, 1) for n in range(4)])
+    change = json.loads(Manifest([_file(1, 1), _file(2, 1)]).change_from(base))
+    assert change["kept"] == [[1, 2]]
+    for kept, why in [
+        ([[3, 2]], "count must be an integer from 1 to 1"),
+        ([[4, 1]], "first must be an integer from 0 to 3"),
+        ([[0, 0]], "count must be an integer from 1 to 4"),
+        ([[0, 1, 2]], "a run of kept entries is not [first, count]"),
+        ([[0, 1], [0, 1]], "duplicate path 'd0/f0'"),
+        ([7], "entry is not an object"),
+    ]:
+        with pytest.raises(ManifestError, match=re.escape(why)):
+            base.changed(json.dumps({**change, "kept": kept}).encode())
+    with pytest.raises(ManifestError, match="kept is not a list"):
+        base.changed(json.dumps({**change, "kept": None}).encode())
