@@ -34,7 +34,7 @@ from mrsyncd.testing.trees import (  # noqa: F401
     tree_entries,
 )
 from mrsyncd.wire import datagram
-from mrsyncd.wire.manifest import Manifest
+from mrsyncd.wire.manifest import Manifest, scan
 
 #: Fast enough that every transfer here takes well under a second on lo.
 RATE = 200e6
@@ -163,6 +163,16 @@ def make_peers(testcase, reactor, destinations, names=None):
         testcase.addCleanup(agent.close)
         peers.append(LocalPeer(names[i] if names else f"node{i}", agent))
     return peers
+
+
+def full_tree_and_peers(testcase, reactor, receivers: int):
+    """`make_full_tree` scanned, and a `LocalPeer` (`make_peers`) for each of ``receivers`` destinations."""
+    base = temp_dir(testcase)
+    src = os.path.join(base, "src")
+    make_full_tree(src)
+    manifest, local = scan([src + "/"])
+    dests = [os.path.join(base, f"dst{i}") for i in range(receivers)]
+    return src, manifest, local, dests, make_peers(testcase, reactor, dests)
 
 
 @defer.inlineCallbacks

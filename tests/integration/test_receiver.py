@@ -34,7 +34,7 @@ from tests.support import (
     assert_same_tree,
     deliver,
     file_digest,
-    make_full_tree,
+    full_tree_and_peers,
     make_peers,
     part_files,
     run_transfer,
@@ -746,12 +746,7 @@ class ForeignDatagramTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_foreign_datagrams_are_counted_and_dropped(self):
-        base = temp_dir(self)
-        src = os.path.join(base, "src")
-        make_full_tree(src)
-        manifest, local = scan([src + "/"])
-        dests = [os.path.join(base, f"dst{i}") for i in range(3)]
-        peers = make_peers(self, reactor, dests)
+        src, manifest, local, dests, peers = full_tree_and_peers(self, reactor, 3)
         channel = unique_channel()
         sock = sender_socket(channel)
         self.addCleanup(sock.close)

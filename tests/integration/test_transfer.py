@@ -32,6 +32,7 @@ from tests.support import (
     RATE,
     RecordingAgent,
     assert_same_tree,
+    full_tree_and_peers,
     make_full_tree,
     make_peers,
     part_files,
@@ -197,12 +198,7 @@ class LossTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_ten_percent_loss_is_repaired(self):
         self.patch(agent_module, "Receiver", LossyReceiver)
-        base = temp_dir(self)
-        src = os.path.join(base, "src")
-        make_full_tree(src)
-        manifest, local = scan([src + "/"])
-        dests = [os.path.join(base, f"dst{i}") for i in range(3)]
-        peers = make_peers(self, reactor, dests)
+        src, manifest, local, dests, peers = full_tree_and_peers(self, reactor, 3)
         report = yield run_transfer(self, reactor, manifest, local, peers)
         self.assertTrue(report.ok, {n: p.reason for n, p in report.peers.items()})
         self.assertGreater(report.passes, 1)
@@ -395,12 +391,7 @@ class DeadReceiverTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_receiver_that_never_takes_the_offer(self):
-        base = temp_dir(self)
-        src = os.path.join(base, "src")
-        make_full_tree(src)
-        manifest, local = scan([src + "/"])
-        dests = [os.path.join(base, f"dst{i}") for i in range(2)]
-        peers = make_peers(self, reactor, dests)
+        src, manifest, local, dests, peers = full_tree_and_peers(self, reactor, 2)
 
         class Silent:
             name = "silent"
@@ -494,12 +485,7 @@ class DeadReceiverTests(unittest.TestCase):
         others, which gave the same answer as each other, are each counted
         as needing the whole tree.
         """
-        base = temp_dir(self)
-        src = os.path.join(base, "src")
-        make_full_tree(src)
-        manifest, local = scan([src + "/"])
-        dests = [os.path.join(base, f"dst{i}") for i in range(3)]
-        peers = make_peers(self, reactor, dests)
+        src, manifest, local, dests, peers = full_tree_and_peers(self, reactor, 3)
 
         class Garbled:
             """Takes the offer, then answers with a varint cut short."""
