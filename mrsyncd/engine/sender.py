@@ -23,7 +23,6 @@ from typing import Any
 from twisted.internet import defer, threads
 from twisted.internet.interfaces import IDelayedCall, IListeningPort
 from twisted.internet.protocol import DatagramProtocol
-from twisted.python.failure import Failure
 
 from mrsyncd import logs
 from mrsyncd.engine.multicast import Channel, adopt, sender_socket
@@ -498,22 +497,21 @@ class Sender(DatagramProtocol):
         rank = self._rank.get(file_index)
         if rank is None or rank < self._refill_at:
             return
-        start = max(rank + 1, self._ahead)
+        start = end = max(rank + 1, self._ahead)
         run: list[tuple[int, int]] = []
         size = 0
         for f in self._order[start : start + RUN_FILES]:
             first = self._first_chunk.get(f)
-            if first is None or f in self.abandoned:
-                run.append((f, -1))  # nothing of it to read ahead: passed over
-                continue
-            length = self.manifest.chunk_span(self.manifest.entries[f], first)[1]
-            if size and size + length > self.manifest.chunk_size:
-                break
-            run.append((f, first))
-            size += length
-        self._ahead = start + len(run)
-        self._refill_at = start + len(run) // 2
-        self._load(*[(f, c) for f, c in run if c >= 0])
+            if first is not None and f not in self.abandoned:  # else nothing of it to read: passed over
+                length = self.manifest.chunk_span(self.manifest.entries[f], first)[1]
+                if size and size + length > self.manifest.chunk_size:
+                    break
+                run.append((f, first))
+                size += length
+            end += 1
+        self._ahead = end
+        self._refill_at = (start + end) // 2
+        self._load(*run)
 
     def _fd(self, file_index: int) -> int:
         fd = self._fds.get(file_index)
@@ -535,17 +533,17 @@ class Sender(DatagramProtocol):
             reads.append((self.local_paths[file_index], offset, length, entry.chunk_digest(chunk)))
         self._loading.update(keys)
         d = threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), _read_chunks, reads)
-        d.addErrback(lambda failure: [failure] * len(keys))  # each read is abandoned, none left loading
+        d.addErrback(lambda failure: [failure.getErrorMessage()] * len(keys))  # none left loading
         d.addCallback(self._loaded, keys)
 
     def _loaded(
-        self, results: list[tuple[bytes, tuple[int, ...]] | Failure], keys: tuple[tuple[int, int], ...]
+        self, results: list[tuple[bytes, tuple[int, ...]] | str], keys: tuple[tuple[int, int], ...]
     ) -> None:
         limit = CACHED_CHUNKS * self.manifest.chunk_size
         for (file_index, chunk), result in zip(keys, results, strict=True):
             self._loading.discard((file_index, chunk))
-            if isinstance(result, Failure):
-                self._abandon(file_index, result.getErrorMessage())
+            if isinstance(result, str):
+                self._abandon(file_index, result)
                 continue
             data, identity = result
             known = self._identity.setdefault(file_index, identity)
@@ -565,14 +563,18 @@ def _identity(st: os.stat_result) -> tuple[int, ...]:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
-def _read_chunks(reads: list[tuple[str, int, int, bytes]]) -> list[tuple[bytes, tuple[int, ...]] | Failure]:
-    """In a thread: each `_read_chunk`, or the failure of each that failed."""
-    results: list[tuple[bytes, tuple[int, ...]] | Failure] = []
+def _read_chunks(reads: list[tuple[str, int, int, bytes]]) -> list[tuple[bytes, tuple[int, ...]] | str]:
+    """
+    In a thread: each `_read_chunk`, or why it failed.  The reason alone,
+    not the exception: its traceback would hold the frame, and the chunk
+    read in it, until the cyclic collector came.
+    """
+    results: list[tuple[bytes, tuple[int, ...]] | str] = []
     for read in reads:
         try:
             results.append(_read_chunk(*read))
-        except Exception:
-            results.append(Failure())
+        except Exception as e:
+            results.append(str(e))
     return results
 
 
