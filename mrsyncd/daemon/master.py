@@ -81,9 +81,6 @@ class NodeState:
     tags: tuple[str, ...] = ()
     free: dict[str, int] = field(default_factory=dict)
     connection: MasterControl | None = None
-    #: The node as the transfers see it, for as long as this connection
-    #: lasts: it knows which manifest the node holds (`AMPPeer.held`).
-    peer: AMPPeer | None = None
     last_contact: float = 0.0
     address: str = ""
     last_ok_job: int | None = None
@@ -137,7 +134,6 @@ class Fleet:
             log.info("{node} connected again: dropping its old connection", node=name)
             node.connection.transport.loseConnection()  # type: ignore[union-attr]
         node.connection, node.tags, node.free = connection, tags, free
-        node.peer = AMPPeer(name, connection)
         node.last_contact = self.clock.seconds()
         peer = connection.transport.getPeer()  # type: ignore[union-attr]
         node.address = getattr(peer, "host", "")
@@ -149,7 +145,7 @@ class Fleet:
     def detach(self, name: str, connection: MasterControl) -> None:
         node = self.nodes.get(name)
         if node is not None and node.connection is connection:
-            node.connection = node.peer = None
+            node.connection = None
             self._remember(node)
             log.warn("node {node} disconnected", node=name)
 
@@ -168,7 +164,7 @@ class Fleet:
                     seconds=now - node.last_contact,
                 )
                 node.connection.transport.abortConnection()  # type: ignore[union-attr]
-                node.connection = node.peer = None
+                node.connection = None
                 self._remember(node)
 
     def close(self) -> None:
@@ -224,9 +220,9 @@ class Fleet:
 
     def peer(self, name: str) -> AMPPeer:
         node = self.nodes.get(name)
-        if node is None or node.peer is None:
+        if node is None or node.connection is None or node.connection.peer is None:
             raise NotConnected(f"{name} is not connected")
-        return node.peer
+        return node.connection.peer
 
     def _nearest(self, name: str) -> str:
         """An unknown name, and the known ones it may be a typo of."""
@@ -791,6 +787,7 @@ class MasterResponders(amp.CommandLocator):
             log.error("refused node {name}: {why}", name=name, why=why)
             raise Refused(why)
         self.caller.node_name = name
+        self.caller.peer = AMPPeer(name, self.caller)
         self.runner.fleet.attach(name, self.caller, self._granted(name, tuple(tags or ())), dict(free or {}))
         self.runner.kick()
         return {"version": PROTOCOL}
@@ -899,6 +896,9 @@ class MasterControl(BoundedAMP):
         self.max_box_bytes = master.config.max_message_bytes
         self.identity: tls.PeerIdentity | None = None
         self.node_name: str | None = None
+        #: The registered node as the transfers see it, for as long as this
+        #: connection lasts: it knows which manifest the node holds (`AMPPeer.held`).
+        self.peer: AMPPeer | None = None
 
     def handshakeCompleted(self) -> None:
         transport: Any = self.transport
