@@ -537,7 +537,25 @@ class MrsyncDaemons(MrsyncEngine):
         m = self.lan.master
         log = self.ctx.logdir / f"{self.name}-{m.name}-push-{tag}.log"
         p = Proc(m, f"push-{tag}", self.push_argv(source), log, env=self.env(), cwd=str(self.ctx.code))
-        if not p.wait(self.ctx.timeout):
+        # With --profile, every push is profiled as the first is: the
+        # command, the master and the first node (an unchanged tree's costs
+        # are all theirs).
+        profile = self.ctx.profile
+        watched = (("command", p), ("master", self.master), ("receiver", self.receivers[0]))
+        profilers = (
+            [
+                start_profiler(proc, profile.with_name(f"{self.name}-{tag}-{who}.pyspy.txt"), self.ctx)
+                for who, proc in watched
+                if proc is not None
+            ]
+            if profile is not None
+            else []
+        )
+        finished = p.wait(self.ctx.timeout)
+        for profiler in profilers:
+            if profiler is not None:
+                stop_profiler(profiler)
+        if not finished:
             p.stop()
             return {"seconds": None, "rc": None, "error": f"timed out after {self.ctx.timeout:.0f} s"}
         job = job_status(log)
