@@ -42,7 +42,7 @@ from mrsyncd.engine.storage import OK, WOULD_DELETE, WOULD_RECEIVE
 from mrsyncd.wire import datagram, erasure
 from mrsyncd.wire.blockset import RangeSet, encode_map
 from mrsyncd.wire.datagram import KIND_DATA, KIND_ECHO, KIND_PARITY
-from mrsyncd.wire.manifest import DIR, HARDLINK, SYMLINK, Entry, Manifest, digest
+from mrsyncd.wire.manifest import DIR, FILE, HARDLINK, SYMLINK, Entry, Manifest, digest
 
 #: What `storage.survey` found of each file: what it holds, or why it cannot be received.
 _Survey = dict[int, storage.Held | str]
@@ -309,6 +309,12 @@ class Receiver:
             if isinstance(held, str):
                 self.results[entry.path] = held
                 continue
+            if held.in_place:
+                # Most of an unchanged tree: its result is all it needs (an
+                # object, a ledger and a part name for each cost a node 20 µs
+                # a file, 2 s of an unchanged push of 100,000).
+                self.results[entry.path] = OK
+                continue
             f = _IncomingFile(
                 index=index,
                 entry=entry,
@@ -321,9 +327,6 @@ class Receiver:
             self._needed_chunks += held.status.count(NEEDED)
             if NEEDED in held.status:  # the survey leaves chunks NEEDED or DONE
                 needs[index] = RangeSet.where(held.status, NEEDED)
-            elif held.in_place:
-                f.ledger.close()
-                self._conclude(f, OK)
             else:
                 self._commit(f)
         self.needed_bytes = self._manifest.bytes_in(needs, self._manifest.chunk_size)
@@ -364,6 +367,8 @@ class Receiver:
                     if sequence > newest:
                         newest = sequence
                         self._heard_echo(bytes(payloads[offset : offset + length]))
+                elif f is None and self._in_place(file_index, first + count):
+                    stats["duplicate" if kind == KIND_DATA else "parity_unused"] += count
                 else:
                     stats[datagram.Reason.RANGE.value] += count
                 continue
@@ -383,6 +388,16 @@ class Receiver:
                 if not count:
                     continue
             self._take_run(f, first, count, payloads[offset : offset + length])
+
+    def _in_place(self, index: int, end: int) -> bool:
+        """Whether ``index`` is a file this host held already, and ``end`` within its blocks."""
+        entries = self._manifest.entries
+        if not 0 <= index < len(entries):
+            return False
+        entry = entries[index]
+        return (
+            entry.kind == FILE and end <= self._manifest.blocks(entry) and self.results.get(entry.path) == OK
+        )
 
     def _take_run(self, f: _IncomingFile, first: int, count: int, data: memoryview) -> None:
         """Take a run of blocks, or those of it not held yet (the rest are duplicates)."""

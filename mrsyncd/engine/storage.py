@@ -121,7 +121,7 @@ def survey(
                 elif entry.kind == FILE:
                     fd, names, name = parent.of(entry.path)
                     found[index] = chunks_held(
-                        fd, names, name, manifest, entry, part_name(transfer_id, index), dry_run, owner
+                        fd, names, name, manifest, entry, transfer_id, index, dry_run, owner
                     )
             except FileNotFoundError:
                 if entry.kind == FILE and dry_run:
@@ -252,7 +252,8 @@ def chunks_held(
     name: str,
     manifest: Manifest,
     entry: Entry,
-    part: str,
+    transfer_id: bytes,
+    index: int,
     dry_run: bool = False,
     owner: bool = False,
 ) -> Held:
@@ -260,7 +261,7 @@ def chunks_held(
     The chunks of ``entry`` (``name`` in the directory open as ``fd``, which
     held ``names`` when it was opened) that need not cross the network: all of them if
     the final path holds the same size and mtime (rsync's quick check);
-    otherwise those a part file of this transfer already holds (a resume),
+    otherwise those a part file of this transfer (its ``index``) already holds (a resume),
     the all-zero chunks of a fresh part file, and the chunks the old copy at
     the final path holds at the same offsets, which are copied into the part
     file (an appended log, a disk image with a few changed blocks).
@@ -274,6 +275,7 @@ def chunks_held(
         if final is not None and (final.st_size, final.st_mtime_ns) == (entry.size, entry.mtime_ns):
             in_place = _metadata_in_place(final, entry, owner)
             return Held(bytes([DONE]) * nchunks, unchanged=True, in_place=in_place)
+        part = part_name(transfer_id, index)
         if part in names:
             try:
                 part_fd = _reopen_part(fd, part)

@@ -123,6 +123,40 @@ class DirectReceiverTests(unittest.TestCase):
         self.assertNotEqual(after["other"].st_ctime_ns, before["other"].st_ctime_ns)
 
     @defer.inlineCallbacks
+    def test_datagrams_of_a_file_in_place_are_duplicates_and_touch_nothing(self):
+        """
+        A file the destination already holds gets no books of its own, but
+        the data other hosts need of it still arrives: each block counts as
+        a duplicate and each parity as unused, and a block past its end is
+        out of range, as for a file being received.
+        """
+        os.mkdir(self.dst)
+        same = self.rng.randbytes(500)
+        write_file(os.path.join(self.src, "same"), same)
+        shutil.copy2(os.path.join(self.src, "same"), os.path.join(self.dst, "same"))
+        new = self.rng.randbytes(300)
+        write_file(os.path.join(self.src, "new"), new)
+        manifest, _ = scan([self.src + "/"], block_size=100, chunk_size=1000)
+        index = {e.path: i for i, e in enumerate(manifest.entries)}
+        r, d = self.start(manifest)
+        needs = yield d
+        self.assertEqual(set(needs), {index["new"]})
+        before = os.stat(os.path.join(self.dst, "same"))
+        self.feed(r, index["same"], range(5), same)
+        deliver(r, self.parity(same, 0, 0, index["same"]))
+        deliver(r, seal(self.key, self.tid, index["same"], 5, same[:100]))
+        self.assertEqual(
+            (r.stats["duplicate"], r.stats["parity_unused"], r.stats["range"], r.stats["blocks"]),
+            (5, 1, 1, 0),
+        )
+        self.assertEqual(os.stat(os.path.join(self.dst, "same")).st_ctime_ns, before.st_ctime_ns)
+        self.feed(r, index["new"], range(3), new)
+        yield wait_until(lambda: r.done)
+        self.assertEqual(r.results, {"same": OK, "new": OK})
+        with open(os.path.join(self.dst, "new"), "rb") as f:
+            self.assertEqual(f.read(), new)
+
+    @defer.inlineCallbacks
     def test_blocks_in_reports_out_commit(self):
         data = self.rng.randbytes(10_000)
         write_file(os.path.join(self.src, "f"), data)
@@ -160,14 +194,14 @@ class DirectReceiverTests(unittest.TestCase):
             self.assertEqual(f.read(), data)
         self.assertEqual(part_files(self.dst), [])
 
-    def parity(self, data, group, index):
-        """Parity ``index`` of group ``group`` of file 0, as the sender builds it."""
+    def parity(self, data, group, index, file=0):
+        """Parity ``index`` of group ``group`` of a file (0 unless ``file``), as the sender builds it."""
         bs, count = self.manifest.block_size, self.manifest.parity_group
         blocks = [data[b * bs : (b + 1) * bs] for b in range(group * count, (group + 1) * count)]
         return seal(
             self.key,
             self.tid,
-            0,
+            file,
             group * count + index,
             erasure.encode([b for b in blocks if b], index, bs),
             kind=datagram.KIND_PARITY,
