@@ -11,7 +11,7 @@ export DEBIAN_FRONTEND=noninteractive
 
 debian_packages=(
     python3-twisted python3-openssl python3-service-identity python3-cryptography
-    python3-hypothesis python3-pytest python3-venv python3-pip
+    python3-hypothesis python3-pytest python3-pytest-xdist python3-venv python3-pip
     # Readiness (Type=notify): python3-systemd, and what builds the
     # virtualenv's systemd-python from source.
     python3-systemd libsystemd-dev pkg-config
@@ -40,7 +40,8 @@ if [ ! -x "$venv/bin/python" ]; then
     /usr/bin/python3 -m venv "$venv"
 fi
 "$venv/bin/pip" install -q --upgrade \
-    'twisted[tls]' pyopenssl cryptography service_identity systemd-python prometheus_client hypothesis pytest ruff mypy mypy-zope
+    'twisted[tls]' pyopenssl cryptography service_identity systemd-python prometheus_client hypothesis pytest \
+    pytest-xdist ruff mypy mypy-zope
 
 export PYTHONPATH=$PWD
 echo "== the data path's C modules"
@@ -53,17 +54,33 @@ echo "== ruff and mypy"
 "$venv/bin/ruff" format --check mrsyncd
 "$venv/bin/mypy" mrsyncd bench demo
 
+# The suite under one interpreter ($1): with arguments, as they say; else
+# the tiers that build no LAN on every core (pytest-xdist: their multicast
+# groups and ports are drawn at random, their files are their own), then
+# the LAN tier alone, whose capped links, timings and memory trends want
+# the machine to themselves.
+suite() {
+    local python=$1
+    shift
+    if (($#)); then
+        "$python" -m pytest -p no:cacheprovider -q "$@"
+    else
+        "$python" -m pytest -p no:cacheprovider -q -m "not lan" -n auto
+        "$python" -m pytest -p no:cacheprovider -q -m lan
+    fi
+}
+
 echo "== Debian 12 libraries: $(/usr/bin/python3 -c 'import twisted, OpenSSL; print("Twisted", twisted.__version__, "pyOpenSSL", OpenSSL.__version__)')"
-/usr/bin/python3 -m pytest -p no:cacheprovider -q "$@"
+suite /usr/bin/python3 "$@"
 
 echo "== current PyPI releases: $("$venv/bin/python" -c 'import twisted, OpenSSL; print("Twisted", twisted.__version__, "pyOpenSSL", OpenSSL.__version__)')"
-"$venv/bin/python" -m pytest -p no:cacheprovider -q "$@"
+suite "$venv/bin/python" "$@"
 
 if (($# == 0)); then
     # The pure-Python data path, for hosts without the C module: the same
     # contract (tests/unit/test_datagram.py runs both paths side by side anyway).
     echo "== pure-Python data path (MRSYNCD_PURE_PYTHON=1)"
-    MRSYNCD_PURE_PYTHON=1 /usr/bin/python3 -m pytest -p no:cacheprovider -q \
+    MRSYNCD_PURE_PYTHON=1 /usr/bin/python3 -m pytest -p no:cacheprovider -q -n auto \
         tests/integration/test_receiver.py tests/integration/test_transfer.py \
         tests/integration/test_intake.py tests/unit/test_erasure.py
 fi

@@ -20,7 +20,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 #: What run-tests.sh installs for the tests alone, and the demo must not need.
-TEST_TOOLS = ("pytest", "_pytest", "hypothesis", "pluggy", "iniconfig", "py")
+TEST_TOOLS = ("pytest", "_pytest", "hypothesis", "pluggy", "iniconfig", "py", "xdist", "execnet")
 #: In a private mount namespace: the directory holding the test tools ($1) is
 #: kept at $2 and replaced by a tmpfs into which every other entry is bound.
 HIDE = r"""
