@@ -15,7 +15,7 @@ import functools
 import hashlib
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.internet import defer
@@ -125,6 +125,18 @@ class Offer:
     def manifest_digest(self) -> bytes:
         """Names the manifest to a receiver that may hold it already (`commands.Prepare`)."""
         return hashlib.sha256(self.manifest_bytes).digest()
+
+    def for_run(self, key: bytes, cipher: str) -> Offer:
+        """
+        This offer with one run's datagram key and cipher, and what it made
+        of its manifest: encoding 100,000 entries again took a master 1.2 s.
+        """
+        run = replace(self, key=key, cipher=cipher)
+        for name in ("manifest_bytes", "manifest_digest"):
+            if name in self.__dict__:
+                run.__dict__[name] = self.__dict__[name]
+        run._changes = self._changes
+        return run
 
     def manifest_change(self, digest: bytes, base: Manifest) -> bytes:
         """

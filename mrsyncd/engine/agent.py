@@ -32,10 +32,7 @@ UNLIMITED = 1 << 62
 
 def _check_space(needs: dict[int, RangeSet], manifest: Manifest, destination: str) -> dict[int, RangeSet]:
     """Refuse before any data is sent if the part files would not fit."""
-    needed = 0
-    for index, chunks in needs.items():
-        entry = manifest.entries[index]
-        needed += sum(manifest.chunk_span(entry, chunk)[1] for chunk in chunks)
+    needed = manifest.bytes_in(needs, manifest.chunk_size)
     existing = destination
     while not os.path.isdir(existing):  # a dry run's destination may not exist yet
         existing = os.path.dirname(existing)

@@ -47,7 +47,8 @@ class BlockLedger:
         """None of blocks ``first`` to ``first + count - 1`` is held: the run can be taken whole."""
         last = first + count
         cb = self.chunk_blocks
-        if any(self.status[c] != NEEDED for c in range(first // cb, (last - 1) // cb + 1)):
+        low, high = first // cb, (last - 1) // cb + 1
+        if self.status.count(NEEDED, low, high) != high - low:
             return False
         return not _any_set(self._bits, first, last)
 
@@ -77,6 +78,14 @@ class BlockLedger:
         self.remaining -= 1
         return not self.remaining
 
+    def unwant(self, chunk: int) -> bool:
+        """A chunk no longer wanted (its file gave up on): True if it was."""
+        if self.status[chunk] != NEEDED:
+            return False
+        self.status[chunk] = DONE
+        self.remaining -= 1
+        return True
+
     def forget(self, chunk: int) -> None:
         """A chunk failed its digest: its blocks are wanted again."""
         self.status[chunk] = NEEDED
@@ -93,7 +102,10 @@ class BlockLedger:
             first = chunk * self.chunk_blocks
             last = first + self.blocks_in_chunk(chunk)
             if self.counts[chunk] == 0:
-                ranges.append((first, last))
+                if ranges and ranges[-1][1] == first:  # a pack's, whose chunks are blocks
+                    ranges[-1] = (ranges[-1][0], last)
+                else:
+                    ranges.append((first, last))
             else:
                 ranges.extend(_zero_runs(self._bits, first, last))
             if len(ranges) >= budget:

@@ -33,7 +33,7 @@ from twisted.python.failure import Failure
 from mrsyncd import logs
 from mrsyncd.control.contract import DEFAULT_OPTIONS, Feedback, MissingReport, TransferOptions
 from mrsyncd.engine import fsutil, intake, storage
-from mrsyncd.engine.ledger import NEEDED, BlockLedger
+from mrsyncd.engine.ledger import DONE, NEEDED, BlockLedger
 from mrsyncd.engine.meter import FEEDBACK_INTERVAL, DelayLossMeter
 from mrsyncd.engine.multicast import DEFAULT_RCVBUF, Channel, receive_queue, receiver_socket
 from mrsyncd.engine.parities import KeptParities
@@ -42,7 +42,7 @@ from mrsyncd.engine.storage import OK, WOULD_DELETE, WOULD_RECEIVE
 from mrsyncd.wire import datagram, erasure
 from mrsyncd.wire.blockset import RangeSet, encode_map
 from mrsyncd.wire.datagram import KIND_DATA, KIND_ECHO, KIND_PARITY
-from mrsyncd.wire.manifest import DIR, FILE, HARDLINK, SYMLINK, Entry, Manifest, digest
+from mrsyncd.wire.manifest import DIR, FILE, HARDLINK, SYMLINK, Entry, Manifest, Pack, digest
 
 #: What `storage.survey` found of each file: what it holds, or why it cannot be received.
 _Survey = dict[int, storage.Held | str]
@@ -105,8 +105,31 @@ SETTLE_POLL = 0.002
 SETTLE_VERIFYING = 1.0
 
 
+#: A packed file's states here (`_PackBooks`): its blocks are wanted; it is
+#: whole and being verified and placed; it is settled (placed, failed, or
+#: never needed here).
+WANTED, PLACING, SETTLED = 0, 1, 2
+
+
+@dataclass(slots=True)
+class _PackBooks:
+    """The members of a pack (`manifest.Pack`) and how far each is."""
+
+    pack: Pack
+    #: A state (`WANTED`, `PLACING`, `SETTLED`) by member position.
+    state: bytearray
+    #: Members not `SETTLED`: the pack is done with when none is.
+    unsettled: int
+    #: Members whose bytes once failed their digest: a source changed at
+    #: the sender sends zeros once, and its next question names the file
+    #: abandoned; a second failure is forged or corrupted data.
+    mismatched: set[int]
+
+
 @dataclass(slots=True)
 class _IncomingFile:
+    """A file's books, or a pack's (``pack``), whose blocks are one stream."""
+
     index: int
     entry: Entry
     part: str
@@ -114,6 +137,7 @@ class _IncomingFile:
     result: str | None = None
     unchanged: bool = False
     has_part: bool = False
+    pack: _PackBooks | None = None
 
 
 class Receiver:
@@ -169,8 +193,12 @@ class Receiver:
         self._pending: dict[int, tuple[int, bytearray]] = {}
         #: Bytes taken by `_whole_in_memory` and not yet written.
         self._unwritten = 0
-        #: Small files waiting to be placed together (`_place_whole`).
-        self._batch: list[tuple[_IncomingFile, bytearray]] = []
+        #: Small files waiting to be placed together (`_place_whole`), each a
+        #: file's own or a pack's member (by position; -1 for a file's own).
+        self._batch: list[tuple[_IncomingFile, int, bytearray]] = []
+        #: Packed files whole but not yet taken into a batch, while
+        #: `UNWRITTEN_BYTES` are: their bytes stay where they are.
+        self._held_back: list[tuple[_IncomingFile, int]] = []
         self._batch_bytes = 0
         self._batch_timer: IDelayedCall | None = None
         #: Set by the agent: where loss and delay reports go.
@@ -282,6 +310,7 @@ class Receiver:
             if need:
                 needs[index] = need
             self.results[entry.path] = "unchanged" if held.unchanged else WOULD_RECEIVE
+        needs = self._manifest.wire_needs(needs)
         self.needed_bytes = self._manifest.bytes_in(needs, self._manifest.chunk_size)
         self.done = True
         return needs
@@ -304,6 +333,8 @@ class Receiver:
 
     def _surveyed(self, survey: _Survey) -> dict[int, RangeSet]:
         needs: dict[int, RangeSet] = {}
+        packed_in = self._manifest.packed_in
+        members: dict[int, list[int]] = {}
         for index, entry in self._manifest.files():
             held = survey[index]
             if isinstance(held, str):
@@ -315,6 +346,10 @@ class Receiver:
                 # a file, 2 s of an unchanged push of 100,000).
                 self.results[entry.path] = OK
                 continue
+            place = packed_in.get(index)
+            if place is not None and NEEDED in held.status:
+                members.setdefault(place[0], []).append(place[1])
+                continue
             f = _IncomingFile(
                 index=index,
                 entry=entry,
@@ -323,15 +358,44 @@ class Receiver:
                 unchanged=held.unchanged,
                 has_part=held.has_part,
             )
+            if place is not None:
+                # Its bytes are here already (its mode changed, or an old copy
+                # matches): committed, and no book at its index, which is its
+                # pack's on the wire.
+                self._commit(f)
+                continue
             self._files[index] = self._awaiting[index] = f
             self._needed_chunks += held.status.count(NEEDED)
             if NEEDED in held.status:  # the survey leaves chunks NEEDED or DONE
                 needs[index] = RangeSet.where(held.status, NEEDED)
             else:
                 self._commit(f)
+        for head, positions in members.items():
+            needs[head] = self._expect_pack(self._manifest.packs[head], positions)
         self.needed_bytes = self._manifest.bytes_in(needs, self._manifest.chunk_size)
         self._maybe_finish()
         return needs
+
+    def _expect_pack(self, pack: Pack, positions: list[int]) -> RangeSet:
+        """Books for the members of ``pack`` at ``positions``, which this host lacks; the need for them."""
+        size = self._manifest.block_size
+        state = bytearray([SETTLED]) * len(pack.members)
+        status = bytearray([DONE]) * -(-pack.size // size)
+        for position in positions:
+            state[position] = WANTED
+            first, end = pack.blocks_of(position, size)
+            status[first:end] = bytes(end - first)  # NEEDED
+        part = storage.pack_name(self._transfer_id, pack.head)
+        f = _IncomingFile(
+            index=pack.head,
+            entry=Entry(part, FILE, 0o600, 0, size=pack.size),
+            part=part,
+            ledger=BlockLedger(len(status), 1, bytes(status)),
+            pack=_PackBooks(pack, state, len(positions), set()),
+        )
+        self._files[pack.head] = self._awaiting[pack.head] = f
+        self._needed_chunks += status.count(NEEDED)
+        return RangeSet((position, position + 1) for position in positions)
 
     # Data.
 
@@ -394,6 +458,8 @@ class Receiver:
         entries = self._manifest.entries
         if not 0 <= index < len(entries):
             return False
+        if index in self._manifest.packs:  # one that holds nothing this host lacks
+            return end <= self._manifest.unit_blocks(index)
         entry = entries[index]
         return (
             entry.kind == FILE and end <= self._manifest.blocks(entry) and self.results.get(entry.path) == OK
@@ -498,6 +564,9 @@ class Receiver:
         self.stats["bytes"] += len(data)
         taken = f.ledger.take(first, count)
         self._needed_chunks -= len(taken)
+        if f.pack is not None:
+            self._members_whole(f, f.pack, first, first + count)
+            taken = []
         for chunk in taken:
             whole = self._whole_in_memory(f)
             if whole is not None:
@@ -514,6 +583,108 @@ class Receiver:
                 if f.result is not None:
                     return
                 self._solve_if_ready(f, number)
+
+    def _members_whole(self, f: _IncomingFile, books: _PackBooks, first: int, last: int) -> None:
+        """Blocks ``[first, last)`` of a pack arrived: the members they made whole are verified and placed."""
+        size, status = self._manifest.block_size, f.ledger.status
+        pack = books.pack
+        for position in pack.within(first * size, last * size):
+            if books.state[position] != WANTED:
+                continue
+            start, end = pack.blocks_of(position, size)
+            if status.find(NEEDED, start, end) >= 0:
+                continue
+            books.state[position] = PLACING
+            if self._held_back or self._unwritten > UNWRITTEN_BYTES:
+                self._held_back.append((f, position))
+            elif not self._take_member(f, books, position):
+                return
+
+    def _take_member(self, f: _IncomingFile, books: _PackBooks, position: int) -> bool:
+        """
+        A whole member's bytes join the next batch (`_place_whole`): from
+        what is gathered of the pack, or else read back from its part file.
+        False if that failed the pack.
+        """
+        start, end = books.pack.span(position)
+        pending = self._pending.get(f.index)
+        if pending is not None and pending[0] <= start and end <= pending[0] + len(pending[1]):
+            data = pending[1][start - pending[0] : end - pending[0]]
+        else:
+            if not self._flush(f.index):
+                return False
+            try:
+                data = bytearray(os.pread(self._fd(f), end - start, start))
+            except OSError as e:
+                self._fail(f, f"cannot read back: {e.strerror}")
+                return False
+        self._unwritten += len(data)
+        self._place_whole(f, data, position)
+        return True
+
+    def _take_held_back(self) -> None:
+        """Batches were written: members held back (`_members_whole`) may now join one."""
+        while self._held_back and self._unwritten <= UNWRITTEN_BYTES:
+            f, position = self._held_back.pop(0)
+            if f.pack is not None and f.result is None and f.pack.state[position] == PLACING:
+                self._take_member(f, f.pack, position)
+
+    def _placed_member(self, got: bytes, f: _IncomingFile, position: int) -> None:
+        books = f.pack
+        assert books is not None
+        entry = self._manifest.entries[books.pack.members[position]]
+        if got == entry.chunk_digest(0):
+            # In place, whole and verified, whatever happened meanwhile.
+            self.results[entry.path] = OK
+            self.changed.append(entry.path)
+            self._settle_member(f, books, position)
+            return
+        if f.result is not None:
+            return  # the pack failed meanwhile, and so did this member
+        if position in books.mismatched:
+            self.stats["corrupt_chunks"] += 1
+        books.mismatched.add(position)
+        log.warn("{path} failed verification, asking again", path=entry.path)
+        books.state[position] = WANTED
+        first, end = books.pack.blocks_of(position, self._manifest.block_size)
+        for block in range(first, end):
+            if f.ledger.status[block] != NEEDED:
+                f.ledger.forget(block)
+                self._needed_chunks += 1
+
+    def _member_failed(self, f: _IncomingFile, books: _PackBooks, position: int, reason: str) -> None:
+        """A member will not arrive: its blocks that hold no other member still wanted are not asked for."""
+        pack = books.pack
+        entry = self._manifest.entries[pack.members[position]]
+        log.error("{path}: {reason}", path=entry.path, reason=reason)
+        self.results[entry.path] = reason
+        books.state[position] = SETTLED
+        size = self._manifest.block_size
+        first, end = pack.blocks_of(position, size)
+        for block in range(first, end):
+            if all(
+                books.state[other] != WANTED for other in pack.within(block * size, (block + 1) * size)
+            ) and f.ledger.unwant(block):
+                self._needed_chunks -= 1
+        self._settle_member(f, books, position)
+
+    def _settle_member(self, f: _IncomingFile, books: _PackBooks, position: int) -> None:
+        books.state[position] = SETTLED
+        books.unsettled -= 1
+        if books.unsettled:
+            return
+        # The pack is done with: what is gathered of it and its part file go.
+        if f.result is None:
+            f.result = OK
+        f.ledger.close()
+        self._pending.pop(f.index, None)
+        fd = self._release(f)
+        if fd is not None:
+            os.close(fd)
+        if f.has_part and self._root_fd >= 0 and not self._closing:
+            storage.discard_part(self._root_fd, f.entry.path, f.part)
+        self._no_longer_awaited(f)
+        self._maybe_finish()
 
     def _chunk_in_memory(self, f: _IncomingFile, chunk: int) -> bytearray | None:
         """
@@ -646,14 +817,16 @@ class Receiver:
         self._unwritten += f.entry.size
         return pending[1]
 
-    def _place_whole(self, f: _IncomingFile, data: bytearray) -> None:
+    def _place_whole(self, f: _IncomingFile, data: bytearray, position: int = -1) -> None:
         """
-        What `_whole_in_memory` took joins the next batch of small files to
-        verify and place together (`storage.place_batch`): a batch goes
-        when it is big enough, or `PLACE_BATCH_DELAY` after its first file.
+        What `_whole_in_memory` took, or a pack's member (its ``position``),
+        joins the next batch of small files to verify and place together
+        (`storage.place_batch`): a batch goes when it is big enough, or
+        `PLACE_BATCH_DELAY` after its first file.
         """
-        f.has_part = True  # from now on: a failure or a discard removes it
-        self._batch.append((f, data))
+        if position < 0:
+            f.has_part = True  # from now on: a failure or a discard removes it
+        self._batch.append((f, position, data))
         self._batch_bytes += len(data)
         if len(self._batch) >= PLACE_BATCH_FILES or self._batch_bytes >= PLACE_BATCH_BYTES:
             self._send_batch()
@@ -668,28 +841,35 @@ class Receiver:
         if batch:
             self._verify.run(self._place_batch, batch)
 
-    def _place_batch(self, batch: list[tuple[_IncomingFile, bytearray]]) -> defer.Deferred:
+    def _place_batch(self, batch: list[tuple[_IncomingFile, int, bytearray]]) -> defer.Deferred:
+        entries = self._manifest.entries
+        files = []
+        for f, position, data in batch:
+            if f.pack is None:
+                files.append((f.entry, f.part, data))
+            else:
+                member = f.pack.pack.members[position]
+                files.append((entries[member], storage.part_name(self._transfer_id, member), data))
         d = self._in_thread(
-            storage.place_batch,
-            self._root_fd,
-            [(f.entry, f.part, data) for f, data in batch],
-            self._owner(),
-            self.options.backup_suffix,
+            storage.place_batch, self._root_fd, files, self._owner(), self.options.backup_suffix
         )
 
         def placed(results: list[bytes | OSError]) -> None:
-            for (f, _), result in zip(batch, results, strict=True):
+            for (f, position, _), result in zip(batch, results, strict=True):
                 if isinstance(result, OSError):
-                    self._unwritable(Failure(result), f)
+                    self._unwritable(Failure(result), f, position)
+                elif f.pack is not None:
+                    self._placed_member(result, f, position)
                 else:
                     self._placed_whole(result, f)
 
         def failed(failure: Failure) -> None:
-            for f, _ in batch:
-                self._unwritable(failure, f)
+            for f, position, _ in batch:
+                self._unwritable(failure, f, position)
 
         def written(result: object) -> object:
-            self._unwritten -= sum(len(data) for _, data in batch)
+            self._unwritten -= sum(len(data) for _, _, data in batch)
+            self._take_held_back()
             return result
 
         d.addBoth(written)
@@ -715,11 +895,16 @@ class Receiver:
 
     def _no_longer_awaited(self, f: _IncomingFile) -> None:
         """``f`` has its result: it is not asked about again, nor are its chunks wanted."""
-        if self._awaiting.pop(f.index, None) is not None:
+        if self._awaiting.get(f.index) is f:  # not a packed file committed alone (`_surveyed`)
+            del self._awaiting[f.index]
             self._needed_chunks -= f.ledger.status.count(NEEDED)
 
-    def _unwritable(self, failure: Failure, f: _IncomingFile) -> None:
+    def _unwritable(self, failure: Failure, f: _IncomingFile, position: int = -1) -> None:
         why = failure.value.strerror if isinstance(failure.value, OSError) else failure.getErrorMessage()
+        if f.pack is not None:
+            if f.pack.state[position] == PLACING:
+                self._member_failed(f, f.pack, position, f"cannot write: {why}")
+            return
         self._fail(f, f"cannot write: {why}")
 
     def _unreadable(self, failure: object, f: _IncomingFile) -> None:
@@ -728,13 +913,22 @@ class Receiver:
     def _fail(self, f: _IncomingFile, reason: str) -> None:
         if f.result is not None:
             return
+        if f.pack is not None:
+            # Its members that are not whole fail; those being placed finish, and then the pack.
+            books = f.pack
+            f.result = reason
+            for position in range(len(books.state)):
+                if books.state[position] == WANTED:
+                    self._member_failed(f, books, position, reason)
+            return
         log.error("{path}: {reason}", path=f.entry.path, reason=reason)
         self._conclude(f, reason)
         f.ledger.close()
-        self._pending.pop(f.index, None)
-        fd = self._release(f)
-        if fd is not None:
-            os.close(fd)
+        if self._files.get(f.index) is f:  # else a packed file committed alone: the index is its pack's
+            self._pending.pop(f.index, None)
+            fd = self._release(f)
+            if fd is not None:
+                os.close(fd)
         if self._root_fd >= 0 and not self._closing:
             storage.discard_part(self._root_fd, f.entry.path, f.part)
         self._maybe_finish()
@@ -872,7 +1066,15 @@ class Receiver:
         with ``before`` (a file and block), only what lies before it.
         Files the sender ``abandoned`` are failed with its reason first.
         """
+        packed_in = self._manifest.packed_in
         for index, reason in abandoned.items():
+            place = packed_in.get(index)
+            if place is not None:
+                pack = self._files.get(place[0])
+                # One whole is being placed, as a file whose chunks are all verified is committed.
+                if pack is not None and pack.pack is not None and pack.pack.state[place[1]] == WANTED:
+                    self._member_failed(pack, pack.pack, place[1], f"sender gave up: {reason}")
+                continue
             f = self._files.get(index)
             # A file whose every chunk is verified matches the manifest
             # whatever became of the source since: let its commit finish.
@@ -906,8 +1108,10 @@ class Receiver:
         """
         drained: defer.Deferred = defer.Deferred()
         self._drained.append(drained)
-        if discard and self._root_fd >= 0:
+        if self._root_fd >= 0:
             for f in list(self._awaiting.values()):
+                if not discard and f.pack is None:
+                    continue  # kept to resume from; a pack never is (`storage.pack_name`)
                 f.result = "cancelled"
                 self._no_longer_awaited(f)
                 self._pending.pop(f.index, None)
@@ -926,6 +1130,7 @@ class Receiver:
         self._batch_timer = None
         self._unwritten -= self._batch_bytes  # small files not placed yet are sent again on a resume
         self._batch, self._batch_bytes = [], 0
+        self._held_back.clear()
         while self._open:
             os.close(self._open.popitem()[1])
         self._closing = True

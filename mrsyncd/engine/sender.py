@@ -18,7 +18,7 @@ import socket
 import struct
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 from twisted.internet import defer, threads
 from twisted.internet.interfaces import IDelayedCall, IListeningPort
@@ -101,6 +101,9 @@ class Sender(DatagramProtocol):
         self.stats: Counter[str] = Counter()
         #: Files abandoned because their source changed, by file index.
         self.abandoned: dict[int, str] = {}
+        #: What is no longer sent, by the index on the wire: an abandoned
+        #: file's blocks, but not a pack's, which carries other files too.
+        self.dropped: set[int] = set()
         self._port: IListeningPort | None = None
         self._fds: dict[int, int] = {}
         self._chunks: OrderedDict[tuple[int, int], bytes] = OrderedDict()
@@ -296,7 +299,7 @@ class Sender(DatagramProtocol):
         reading = False
         while self._next is not None:
             file_index, kind, index = self._next
-            if file_index in self.abandoned:
+            if file_index in self.dropped:
                 self._advance()
                 continue
             try:
@@ -430,7 +433,15 @@ class Sender(DatagramProtocol):
         self._unsent = []
         return True
 
-    def _abandon(self, file_index: int, why: str) -> None:
+    def _abandon(self, unit: int, why: str) -> None:
+        """Send no more of a file, or of a pack and so of all its members."""
+        self.dropped.add(unit)
+        pack = self.manifest.packs.get(unit)
+        for member in pack.members if pack is not None else (unit,):
+            self._give_up(member, why)
+
+    def _give_up(self, file_index: int, why: str) -> None:
+        """Tell the receivers that a file will not arrive (`abandoned`)."""
         if file_index not in self.abandoned:
             self.abandoned[file_index] = why
             log.error("abandoning {path}: {why}", path=self.local_paths[file_index], why=why)
@@ -439,7 +450,7 @@ class Sender(DatagramProtocol):
         """Parity ``index`` of a group (`erasure.encode`); parity 0 is the XOR of its blocks."""
         size, count = self.manifest.block_size, self.manifest.parity_group
         first = group * count
-        last = min(first + count, self.manifest.blocks(self.manifest.entries[file_index]))
+        last = min(first + count, self.manifest.unit_blocks(file_index))
         data = self._read(file_index, first, last)
         if data is None:
             return None
@@ -491,7 +502,7 @@ class Sender(DatagramProtocol):
         chunk, the next files' first chunks are, a run of them at a time
         (`RUN_FILES`), the next run once the pass is halfway through this one.
         """
-        if chunk + 1 < self.manifest.chunks(self.manifest.entries[file_index]):
+        if (chunk + 1) * self.manifest.chunk_size < self.manifest.unit_size(file_index):
             self._load((file_index, chunk + 1))
             return
         rank = self._rank.get(file_index)
@@ -502,8 +513,8 @@ class Sender(DatagramProtocol):
         size = 0
         for f in self._order[start : start + RUN_FILES]:
             first = self._first_chunk.get(f)
-            if first is not None and f not in self.abandoned:  # else nothing of it to read: passed over
-                length = self.manifest.chunk_span(self.manifest.entries[f], first)[1]
+            if first is not None and f not in self.dropped:  # else nothing of it to read: passed over
+                length = self._span(f, first)[1]
                 if size and size + length > self.manifest.chunk_size:
                     break
                 run.append((f, first))
@@ -512,6 +523,11 @@ class Sender(DatagramProtocol):
         self._ahead = end
         self._refill_at = (start + end) // 2
         self._load(*run)
+
+    def _span(self, file_index: int, chunk: int) -> tuple[int, int]:
+        """Offset and length of a chunk of a file, or of a pack (one chunk at most)."""
+        offset = chunk * self.manifest.chunk_size
+        return offset, min(self.manifest.chunk_size, self.manifest.unit_size(file_index) - offset)
 
     def _fd(self, file_index: int) -> int:
         fd = self._fds.get(file_index)
@@ -526,9 +542,19 @@ class Sender(DatagramProtocol):
         keys = tuple(key for key in keys if key not in self._loading and key not in self._chunks)
         if not keys:
             return
-        reads = []
+        reads: list[_Read] = []
+        entries, packs = self.manifest.entries, self.manifest.packs
         for file_index, chunk in keys:
-            entry = self.manifest.entries[file_index]
+            pack = packs.get(file_index)
+            if pack is not None:
+                reads.append(
+                    [
+                        (self.local_paths[m], 0, entries[m].size, entries[m].chunk_digest(0))
+                        for m in pack.members
+                    ]
+                )
+                continue
+            entry = entries[file_index]
             offset, length = self.manifest.chunk_span(entry, chunk)
             reads.append((self.local_paths[file_index], offset, length, entry.chunk_digest(chunk)))
         self._loading.update(keys)
@@ -536,23 +562,30 @@ class Sender(DatagramProtocol):
         d.addErrback(lambda failure: [failure.getErrorMessage()] * len(keys))  # none left loading
         d.addCallback(self._loaded, keys)
 
-    def _loaded(
-        self, results: list[tuple[bytes, tuple[int, ...]] | str], keys: tuple[tuple[int, int], ...]
-    ) -> None:
+    def _loaded(self, results: list[_Loaded], keys: tuple[tuple[int, int], ...]) -> None:
         limit = CACHED_CHUNKS * self.manifest.chunk_size
+        packs = self.manifest.packs
         for (file_index, chunk), result in zip(keys, results, strict=True):
             self._loading.discard((file_index, chunk))
             if isinstance(result, str):
                 self._abandon(file_index, result)
                 continue
-            data, identity = result
-            known = self._identity.setdefault(file_index, identity)
-            if identity != known:
-                self._abandon(file_index, "source changed while it was being sent")
-                continue
+            if isinstance(result, _PackRead):
+                # Read again whenever it is needed again (`_read`): its
+                # members are files of their own, with no one descriptor.
+                data = result.data
+                members = packs[file_index].members
+                for position, why in result.failed.items():
+                    self._give_up(members[position], why)
+            else:
+                data, identity = result
+                known = self._identity.setdefault(file_index, identity)
+                if identity != known:
+                    self._abandon(file_index, "source changed while it was being sent")
+                    continue
+                self._checked.setdefault(file_index, set()).add(chunk)
             self._chunks[(file_index, chunk)] = data
             self._cached_bytes += len(data)
-            self._checked.setdefault(file_index, set()).add(chunk)
             while self._cached_bytes > limit:
                 self._cached_bytes -= len(self._chunks.popitem(last=False)[1])
         if self._done is not None and self._timer is None and self._port is not None:
@@ -563,19 +596,50 @@ def _identity(st: os.stat_result) -> tuple[int, ...]:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
-def _read_chunks(reads: list[tuple[str, int, int, bytes]]) -> list[tuple[bytes, tuple[int, ...]] | str]:
+#: A chunk to read: a file's (path, offset, length, digest), or a pack's members' whole.
+_Read = tuple[str, int, int, bytes] | list[tuple[str, int, int, bytes]]
+
+
+class _PackRead(NamedTuple):
+    data: bytes
+    #: Why each member that failed did, by its position in the pack.
+    failed: dict[int, str]
+
+
+#: What was read: a chunk and its file's identity, a pack, or why the read failed.
+_Loaded = tuple[bytes, tuple[int, ...]] | _PackRead | str
+
+
+def _read_chunks(reads: list[_Read]) -> list[_Loaded]:
     """
-    In a thread: each `_read_chunk`, or why it failed.  The reason alone,
-    not the exception: its traceback would hold the frame, and the chunk
-    read in it, until the cyclic collector came.
+    In a thread: each `_read_chunk` or `_read_pack`, or why it failed.  The
+    reason alone, not the exception: its traceback would hold the frame, and
+    the chunk read in it, until the cyclic collector came.
     """
-    results: list[tuple[bytes, tuple[int, ...]] | str] = []
+    results: list[_Loaded] = []
     for read in reads:
         try:
-            results.append(_read_chunk(*read))
+            results.append(_read_pack(read) if isinstance(read, list) else _read_chunk(*read))
         except Exception as e:
             results.append(str(e))
     return results
+
+
+def _read_pack(members: list[tuple[str, int, int, bytes]]) -> _PackRead:
+    """
+    In a thread: a pack's bytes, each member read whole and checked; a
+    member that no longer matches the manifest is zeros, and named with why,
+    so that the sender abandons it alone and the rest of the pack still goes.
+    """
+    parts: list[bytes] = []
+    failed: dict[int, str] = {}
+    for position, (path, offset, length, expected) in enumerate(members):
+        try:
+            parts.append(_read_chunk(path, offset, length, expected)[0])
+        except Exception as e:
+            failed[position] = str(e)
+            parts.append(bytes(length))
+    return _PackRead(b"".join(parts), failed)
 
 
 def _read_chunk(path: str, offset: int, length: int, expected: bytes) -> tuple[bytes, tuple[int, ...]]:

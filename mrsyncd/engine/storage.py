@@ -46,12 +46,21 @@ WOULD_RECEIVE, WOULD_DELETE = "would receive", "would delete"
 #: surveys its directory removes it.  (Younger ones may yet be resumed: a
 #: master restarted within it resumes its jobs under the same transfer.)
 STALE_PART_SECONDS = 24 * 3600
-_PART_NAME = re.compile(rf"{re.escape(RESERVED_PREFIX)}([0-9a-f]+)-[0-9]+\.part")
+_PART_NAME = re.compile(rf"{re.escape(RESERVED_PREFIX)}([0-9a-f]+)-[0-9]+\.pa(?:rt|ck)")
 
 
 def part_name(transfer_id: bytes, index: int) -> str:
     """Short, so that it fits whatever the final name's length is."""
     return f"{RESERVED_PREFIX}{transfer_id.hex()}-{index}.part"
+
+
+def pack_name(transfer_id: bytes, head: int) -> str:
+    """
+    Where a pack's blocks wait for repairs (`manifest.Pack`): at the top of
+    the destination, which exists whichever of its members' directories
+    cannot be made.  Never resumed from: a member verified is in place.
+    """
+    return f"{RESERVED_PREFIX}{transfer_id.hex()}-{head}.pack"
 
 
 #: Part files are made anew only with O_EXCL, never through a name someone

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet import defer, task
@@ -128,18 +128,25 @@ def clip(
 ) -> dict[int, RangeSet]:
     """
     Keep only what names a block (or chunk) of a regular file of the
-    manifest: a report from a confused or hostile receiver must not send the
-    sender past the end of a file or into a directory.  With ``before``, a
-    (file, block) position, keep only what lies before it.
+    manifest, or a block of a pack: a report from a confused or hostile
+    receiver must not send the sender past the end of a file, into a
+    directory or into a packed file by an index the wire does not use.
+    With ``before``, a (file, block) position, keep only what lies before it.
     """
     clipped = {}
+    packs, packed_in = manifest.packs, manifest.packed_in
     for index, ranges in wanted.items():
         if not 0 <= index < len(manifest.entries) or manifest.entries[index].kind != FILE:
             continue
         if before is not None and index > before[0]:
             continue
         entry = manifest.entries[index]
-        limit = manifest.chunks(entry) if chunks else manifest.blocks(entry)
+        if index in packs:
+            limit = len(packs[index].members) if chunks else manifest.unit_blocks(index)
+        elif index in packed_in:
+            continue
+        else:
+            limit = manifest.chunks(entry) if chunks else manifest.blocks(entry)
         if before is not None and index == before[0]:
             limit = min(limit, before[1])
         inside = ranges.below(limit)
@@ -149,9 +156,13 @@ def clip(
 
 
 def chunks_to_blocks(manifest: Manifest, needs: Mapping[int, RangeSet]) -> dict[int, RangeSet]:
+    """The blocks that needs (chunks of a file, members of a pack) cover."""
+    packs = manifest.packs
     return {
-        index: chunks.map(manifest.chunk_blocks, manifest.blocks(manifest.entries[index]))
-        for index, chunks in clip(manifest, needs, chunks=True).items()
+        index: manifest.pack_blocks(index, needed)
+        if index in packs
+        else needed.map(manifest.chunk_blocks, manifest.blocks(manifest.entries[index]))
+        for index, needed in clip(manifest, needs, chunks=True).items()
     }
 
 
@@ -201,10 +212,8 @@ class Transfer:
         # nonces (its sequence numbers, from 0) are new, and a datagram of
         # an earlier run, replayed, does not open.
         run = run or os.urandom(datagram.RUN_SIZE)
-        self.offer = offer = replace(
-            offer,
-            key=datagram.run_key(offer.key, offer.transfer_id, run),
-            cipher=datagram.preferred_cipher(),
+        self.offer = offer = offer.for_run(
+            datagram.run_key(offer.key, offer.transfer_id, run), datagram.preferred_cipher()
         )
         self.peers = {p.name: p for p in peers}
         self.grace = grace
@@ -571,10 +580,10 @@ class Transfer:
         blocks, parities = repair_plan(wanted.values(), self.offer.manifest.parity_group)
         if unprepared:
             blocks = union_maps([blocks, (yield self._prepare(unprepared))])
-        abandoned = self.sender.abandoned
+        dropped = self.sender.dropped
         return (
-            {index: ranges for index, ranges in blocks.items() if index not in abandoned},
-            {index: groups for index, groups in parities.items() if index not in abandoned},
+            {index: ranges for index, ranges in blocks.items() if index not in dropped},
+            {index: groups for index, groups in parities.items() if index not in dropped},
         )
 
     @defer.inlineCallbacks

@@ -11,7 +11,7 @@ byte of it reaches the disk, and a host on the LAN reads nothing of the data.
 
 Layout (all integers big-endian), see docs/PROTOCOL.md::
 
-    0   1  version (7)
+    0   1  version (8)
     1   1  kind    (1 = DATA: one block; 2 = PARITY: a parity of a group of
            blocks, see erasure.py; 3 = ECHO: the rate controller's view,
            `ratecontrol.Echo`, with file index ECHO_FILE and block index 0)
@@ -49,7 +49,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-VERSION = 7
+VERSION = 8
 
 try:
     from mrsyncd import _crypto

@@ -59,7 +59,7 @@ def walk_all(root):
     return sorted(tree_entries(root))
 
 
-class DirectReceiverTests(unittest.TestCase):
+class DirectReceiverCase(unittest.TestCase):
     """A `Receiver` fed datagrams by hand: exact control of what arrives."""
 
     timeout = 30
@@ -95,6 +95,21 @@ class DirectReceiverTests(unittest.TestCase):
         key, tid = key or self.key, tid or self.tid
         deliver(r, *(seal(key, tid, index, b, data[b * bs : (b + 1) * bs]) for b in blocks))
 
+    def parity(self, data, group, index, file=0):
+        """Parity ``index`` of group ``group`` of a file (0 unless ``file``), as the sender builds it."""
+        bs, count = self.manifest.block_size, self.manifest.parity_group
+        blocks = [data[b * bs : (b + 1) * bs] for b in range(group * count, (group + 1) * count)]
+        return seal(
+            self.key,
+            self.tid,
+            file,
+            group * count + index,
+            erasure.encode([b for b in blocks if b], index, bs),
+            kind=datagram.KIND_PARITY,
+        )
+
+
+class DirectReceiverTests(DirectReceiverCase):
     @defer.inlineCallbacks
     def test_a_file_already_in_place_is_left_alone(self):
         """
@@ -193,19 +208,6 @@ class DirectReceiverTests(unittest.TestCase):
         with open(os.path.join(self.dst, "f"), "rb") as f:
             self.assertEqual(f.read(), data)
         self.assertEqual(part_files(self.dst), [])
-
-    def parity(self, data, group, index, file=0):
-        """Parity ``index`` of group ``group`` of a file (0 unless ``file``), as the sender builds it."""
-        bs, count = self.manifest.block_size, self.manifest.parity_group
-        blocks = [data[b * bs : (b + 1) * bs] for b in range(group * count, (group + 1) * count)]
-        return seal(
-            self.key,
-            self.tid,
-            file,
-            group * count + index,
-            erasure.encode([b for b in blocks if b], index, bs),
-            kind=datagram.KIND_PARITY,
-        )
 
     @defer.inlineCallbacks
     def test_any_m_parities_rebuild_m_lost_blocks_of_a_group(self):
@@ -733,6 +735,201 @@ class DirectReceiverTests(unittest.TestCase):
         self.assertTrue(report.done)
         self.assertEqual(decode_map(report.missing), {})
         self.assertEqual(r.results, {"f": OK})
+
+
+class PackTests(DirectReceiverCase):
+    """
+    Small files travel packed (`manifest.Pack`): one stream of blocks, their
+    bytes end to end, each file verified by its own digest and placed alone.
+    Blocks of 100 bytes and chunks of 4,000: a file of up to 500 bytes is packed.
+    """
+
+    @defer.inlineCallbacks
+    def packed(self, sizes, in_place=()):
+        """
+        Files ``f00``, ``f01``, ... of ``sizes`` bytes, those named in
+        ``in_place`` already at the destination; a receiver prepared for
+        them, its needs, and the one pack's bytes.
+        """
+        self.data = {}
+        for i, size in enumerate(sizes):
+            self.data[f"f{i:02d}"] = self.rng.randbytes(size)
+            write_file(os.path.join(self.src, f"f{i:02d}"), self.data[f"f{i:02d}"])
+        os.mkdir(self.dst)
+        for name in in_place:
+            shutil.copy2(os.path.join(self.src, name), os.path.join(self.dst, name))
+        manifest, _ = scan([self.src + "/"], block_size=100, chunk_size=4000)
+        self.assertEqual(len(manifest.packs), 1)
+        (self.pack,) = manifest.packs.values()
+        self.assertEqual(len(self.pack.members), len(sizes))
+        r, d = self.start(manifest)
+        needs = yield d
+        self.stream = b"".join(self.data[manifest.entries[m].path] for m in self.pack.members)
+        return r, needs
+
+    def placed(self, r):
+        return {path: result for path, result in r.results.items() if result == OK}
+
+    def assert_received(self, r):
+        self.assertEqual(r.results, dict.fromkeys(self.data, OK))
+        for name, data in self.data.items():
+            with open(os.path.join(self.dst, name), "rb") as f:
+                self.assertEqual(f.read(), data)
+        self.assertEqual(part_files(self.dst), [])
+
+    @defer.inlineCallbacks
+    def test_a_pack_arrives_as_one_stream_and_each_file_is_placed_verified(self):
+        sizes = [37, 300, 1, 500, 120, 99, 100, 250]
+        r, needs = yield self.packed(sizes)
+        blocks = -(-sum(sizes) // 100)
+        self.assertEqual(needs, {self.pack.head: RangeSet.interval(0, len(sizes))})  # its members
+        self.assertEqual(r.needed_bytes, sum(sizes))
+        self.assertEqual(decode_map(r.missing().missing), {self.pack.head: RangeSet.interval(0, blocks)})
+        self.feed(r, self.pack.head, range(blocks), self.stream)
+        self.assertEqual(r.stats["blocks"], blocks)
+        yield wait_until(lambda: r.done)
+        self.assert_received(r)
+        self.assertEqual(sorted(r.changed), sorted(self.data))
+
+    @defer.inlineCallbacks
+    def test_a_file_is_placed_once_the_blocks_that_hold_it_are_in(self):
+        """A lost block holds back only the files it holds part of, and is asked for alone."""
+        sizes = [150, 150, 150, 150]  # blocks 0-1, 1-2, 3-4, 4-5
+        r, _ = yield self.packed(sizes)
+        self.feed(r, self.pack.head, [0, 1, 2, 4, 5], self.stream)
+        yield wait_until(lambda: len(self.placed(r)) == 3)
+        self.assertEqual(set(self.placed(r)), {"f00", "f01", "f03"})
+        self.assertEqual(decode_map(r.missing().missing), {self.pack.head: RangeSet.interval(3, 4)})
+        self.feed(r, self.pack.head, [3], self.stream)
+        yield wait_until(lambda: r.done)
+        self.assert_received(r)
+
+    @defer.inlineCallbacks
+    def test_parities_repair_a_pack_as_they_do_a_file(self):
+        """Blocks a pack lost are rebuilt from parities of its groups, read back from its part file."""
+        sizes = [self.rng.randrange(150, 251) for _ in range(15)]
+        r, _ = yield self.packed(sizes)
+        self.manifest.parity_group = 16
+        blocks = -(-sum(sizes) // 100)
+        lost = {3, 7, 20}
+        self.feed(r, self.pack.head, [b for b in range(blocks) if b not in lost], self.stream)
+        self.assertEqual(
+            decode_map(r.missing().missing)[self.pack.head], RangeSet([(3, 4), (7, 8), (20, 21)])
+        )
+        deliver(
+            r, self.parity(self.stream, 0, 0, self.pack.head), self.parity(self.stream, 0, 1, self.pack.head)
+        )
+        deliver(r, self.parity(self.stream, 1, 0, self.pack.head))
+        self.assertEqual(r.stats["rebuilt"], 3)
+        yield wait_until(lambda: r.done)
+        self.assert_received(r)
+
+    @defer.inlineCallbacks
+    def test_only_the_blocks_of_files_lacking_are_needed(self):
+        """
+        Files already in place are not asked for, nor touched: a pack costs a
+        changed file its own blocks, and those it shares with its neighbours.
+        """
+        sizes = [250] * 8
+        r, needs = yield self.packed(sizes, in_place=["f00", "f01", "f02", "f04", "f05", "f06", "f07"])
+        self.assertEqual(needs, {self.pack.head: RangeSet.interval(3, 4)})  # f03: bytes 750-1000
+        self.assertEqual(
+            self.manifest.pack_blocks(self.pack.head, needs[self.pack.head]), RangeSet.interval(7, 10)
+        )
+        self.assertEqual(r.needed_bytes, 250)
+        self.feed(r, self.pack.head, range(7, 10), self.stream)
+        # Blocks of files in place are duplicates.
+        self.feed(r, self.pack.head, [0, 15], self.stream)
+        self.assertEqual(r.stats["duplicate"], 2)
+        yield wait_until(lambda: r.done)
+        self.assert_received(r)
+        self.assertEqual(r.changed, ["f03"])
+
+    @defer.inlineCallbacks
+    def test_a_file_whose_bytes_fail_its_digest_is_asked_again_and_a_second_failure_counts(self):
+        """
+        A source changed at the sender sends its file's bytes wrong once (the
+        next question names it abandoned), so the first failure is asked
+        again without counting; a second is forged or corrupted data.
+        """
+        sizes = [150, 150, 150]
+        r, _ = yield self.packed(sizes)
+        bad = bytearray(self.stream)
+        bad[170] ^= 1  # f01, bytes 150-300: blocks 1-2
+        self.feed(r, self.pack.head, range(5), bytes(bad))
+        yield wait_until(lambda: set(self.placed(r)) == {"f00", "f02"})
+        yield wait_until(lambda: decode_map(r.missing().missing) == {self.pack.head: RangeSet.interval(1, 3)})
+        self.assertEqual(r.stats["corrupt_chunks"], 0)
+        self.assertFalse(os.path.exists(os.path.join(self.dst, "f01")))
+        self.feed(r, self.pack.head, [1, 2], bytes(bad))
+        yield wait_until(lambda: r.stats["corrupt_chunks"] == 1)
+        yield wait_until(lambda: decode_map(r.missing().missing) == {self.pack.head: RangeSet.interval(1, 3)})
+        self.feed(r, self.pack.head, [1, 2], self.stream)
+        yield wait_until(lambda: r.done)
+        self.assert_received(r)
+
+    @defer.inlineCallbacks
+    def test_a_file_the_sender_gave_up_on_fails_alone(self):
+        """Its blocks are no longer asked for, but for those it shares with a file still wanted."""
+        sizes = [150, 150, 150, 150]  # blocks 0-1, 1-2, 3-4, 4-5
+        r, _ = yield self.packed(sizes, in_place=["f03"])
+        index = {e.path: i for i, e in enumerate(self.manifest.entries)}
+        report = r.missing({index["f01"]: "source changed", index["f02"]: "source changed"})
+        self.assertEqual(decode_map(report.missing), {self.pack.head: RangeSet.interval(0, 2)})
+        self.assertEqual(r.results["f01"], "sender gave up: source changed")
+        self.feed(r, self.pack.head, [0, 1], self.stream)
+        yield wait_until(lambda: r.done)
+        self.assertEqual(
+            r.results,
+            {
+                "f00": OK,
+                "f01": "sender gave up: source changed",
+                "f02": "sender gave up: source changed",
+                "f03": OK,
+            },
+        )
+        self.assertFalse(os.path.exists(os.path.join(self.dst, "f01")))
+        self.assertEqual(part_files(self.dst), [])
+
+    @defer.inlineCallbacks
+    def test_datagrams_that_name_a_packed_file_or_lie_past_its_pack_touch_nothing(self):
+        sizes = [150, 150, 150]
+        r, _ = yield self.packed(sizes)
+        index = {e.path: i for i, e in enumerate(self.manifest.entries)}
+        deliver(
+            r, seal(self.key, self.tid, index["f01"], 0, self.data["f01"][:100])
+        )  # not its index on the wire
+        deliver(r, seal(self.key, self.tid, self.pack.head, 5, self.stream[:100]))  # the pack has 5 blocks
+        deliver(
+            r, seal(self.key, self.tid, self.pack.head, 4, self.stream[400:] + b"!")
+        )  # its last is 50 bytes
+        self.assertEqual(r.stats["range"] + r.stats["duplicate"], 3)
+        self.assertEqual(r.stats["blocks"], 0)
+        self.assertEqual(walk_all(self.dst), [])
+        self.feed(r, self.pack.head, range(5), self.stream)
+        yield wait_until(lambda: r.done)
+        self.assert_received(r)
+
+    @defer.inlineCallbacks
+    def test_a_pack_whose_part_file_cannot_be_written_fails_its_files_not_whole(self):
+        """Files already whole are placed; the others fail with the reason, and nothing partial stays."""
+        sizes = [150, 150, 150, 150]
+        r, _ = yield self.packed(sizes)
+        self.feed(r, self.pack.head, [0, 1, 4, 5], self.stream)  # f00 and f03 whole; f01 lacks 2, f02 3
+        real = storage.pwrite_all
+
+        def full(fd, data, offset):
+            raise OSError(28, "No space left on device")
+
+        self.patch(storage, "pwrite_all", full)
+        self.feed(r, self.pack.head, [3], self.stream)  # not next to what is gathered: that is written out
+        self.patch(storage, "pwrite_all", real)
+        yield wait_until(lambda: r.done)
+        self.assertEqual((r.results["f00"], r.results["f03"]), (OK, OK))
+        for name in ("f01", "f02"):
+            self.assertEqual(r.results[name], "cannot write: No space left on device")
+            self.assertFalse(os.path.exists(os.path.join(self.dst, name)))
+        self.assertEqual(part_files(self.dst), [])
 
 
 class ForeignDatagramTests(unittest.TestCase):

@@ -27,7 +27,7 @@ from mrsyncd.engine.sender import Sender
 from mrsyncd.engine.transfer import Transfer, new_offer, probe_interval
 from mrsyncd.wire import datagram
 from mrsyncd.wire.blockset import RangeSet, encode_map
-from mrsyncd.wire.manifest import scan
+from mrsyncd.wire.manifest import Manifest, scan
 from tests.support import (
     RATE,
     RecordingAgent,
@@ -64,6 +64,43 @@ class FullTreeTests(unittest.TestCase):
         self.assertEqual({n: p.changed for n, p in again.peers.items()}, {"node0": 0, "node1": 0})
         for dst in dests:
             assert_same_tree(self, src, dst)
+
+    @defer.inlineCallbacks
+    def test_a_tree_of_small_files_pushed_again_after_a_few_changed_sends_those(self):
+        """
+        Small files travel packed, but a node asks only for the blocks that
+        hold the files it lacks: a changed file costs its bytes and at most
+        the two blocks it shares with its neighbours.
+        """
+        base = temp_dir(self)
+        src = os.path.join(base, "src")
+        rng = random.Random(11)
+        for d in range(4):
+            os.makedirs(os.path.join(src, f"d{d}"))
+        for i in range(300):
+            write_file(os.path.join(src, f"d{i % 4}", f"f{i:03d}"), rng.randbytes(rng.randrange(1000, 5000)))
+        manifest, local = scan([src + "/"])
+        self.assertEqual(sum(len(p.members) for p in manifest.packs.values()), 300)
+        dests = [os.path.join(base, f"dst{i}") for i in range(2)]
+        first = yield run_transfer(self, reactor, manifest, local, make_peers(self, reactor, dests))
+        self.assertTrue(first.ok, {n: p.reason for n, p in first.peers.items()})
+        changed = [
+            os.path.join(src, "d1", "f001"),
+            os.path.join(src, "d2", "f150"),
+            os.path.join(src, "d3", "f299"),
+        ]
+        for path in changed:
+            write_file(path, rng.randbytes(os.path.getsize(path)), mtime_ns=1_000_000_000)
+        manifest, local = scan([src + "/"])
+        again = yield run_transfer(self, reactor, manifest, local, make_peers(self, reactor, dests))
+        self.assertTrue(again.ok, {n: p.reason for n, p in again.peers.items()})
+        sizes = sum(os.path.getsize(path) for path in changed)
+        self.assertGreaterEqual(again.sender_stats["payload"], sizes)
+        self.assertLessEqual(again.sender_stats["payload"], sizes + 2 * len(changed) * manifest.block_size)
+        self.assertEqual({n: p.changed for n, p in again.peers.items()}, {"node0": 3, "node1": 3})
+        for dst in dests:
+            assert_same_tree(self, src, dst)
+            self.assertEqual(part_files(dst), [])
 
     @defer.inlineCallbacks
     def test_every_kind_of_entry_to_three_receivers(self):
@@ -117,6 +154,21 @@ class FullTreeTests(unittest.TestCase):
                 self.assertEqual(os.listdir(dst), ["tree"])
                 assert_same_tree(self, src, os.path.join(dst, "tree"))
                 self.assertEqual(part_files(dst), [])
+
+
+class OfferTests(unittest.TestCase):
+    def test_a_run_of_an_offer_keeps_its_encoded_manifest(self):
+        """Encoding a manifest of 100,000 entries takes a master a second: a run does not do it again."""
+        base = temp_dir(self)
+        write_file(os.path.join(base, "f"), b"x")
+        manifest, _ = scan([base + "/"])
+        offer = new_offer(manifest, unique_channel(), "/")
+        digest = offer.manifest_digest
+        self.patch(Manifest, "to_bytes", lambda _: self.fail("encoded again"))
+        run = offer.for_run(b"k" * 32, "chacha20-poly1305")
+        self.assertEqual((run.key, run.cipher, run.manifest_digest), (b"k" * 32, "chacha20-poly1305", digest))
+        self.assertNotEqual(offer.key, run.key)  # the offer itself is unchanged
+        self.assertEqual(offer.cipher, "aes-256-gcm")
 
 
 class SparseFileTests(unittest.TestCase):
@@ -212,6 +264,31 @@ class LossTests(unittest.TestCase):
             self.assertEqual(part_files(dst), [])
         # Repairs resend what was lost, not everything again.
         blocks = sum(manifest.blocks(e) for _, e in manifest.files())
+        self.assertLess(report.sender_stats["datagrams"], 2 * blocks)
+
+    @defer.inlineCallbacks
+    def test_ten_percent_loss_of_small_files_is_repaired_across_their_packs(self):
+        self.patch(agent_module, "Receiver", LossyReceiver)
+        base = temp_dir(self)
+        src = os.path.join(base, "src")
+        rng = random.Random(13)
+        for d in range(6):
+            os.makedirs(os.path.join(src, f"d{d}"))
+        for i in range(600):
+            write_file(os.path.join(src, f"d{i % 6}", f"f{i:03d}"), rng.randbytes(rng.randrange(1, 3000)))
+        manifest, local = scan([src + "/"])
+        blocks = sum(manifest.unit_blocks(head) for head in manifest.packs)
+        self.assertEqual(sum(len(p.members) for p in manifest.packs.values()), 600)
+        dests = [os.path.join(base, f"dst{i}") for i in range(3)]
+        peers = make_peers(self, reactor, dests)
+        report = yield run_transfer(self, reactor, manifest, local, peers)
+        self.assertTrue(report.ok, {n: p.reason for n, p in report.peers.items()})
+        for peer in peers:
+            (receiver,) = peer.agent.history
+            self.assertGreater(receiver.dropped, 50)
+        for dst in dests:
+            assert_same_tree(self, src, dst)
+            self.assertEqual(part_files(dst), [])
         self.assertLess(report.sender_stats["datagrams"], 2 * blocks)
 
 
@@ -423,20 +500,20 @@ class DeadReceiverTests(unittest.TestCase):
             assert_same_tree(self, src, dst)
 
     @defer.inlineCallbacks
-    def test_small_files_are_read_a_run_at_a_time_and_one_changed_among_them_fails_alone(self):
+    def _read_ahead(self, count, size_of, most_calls):
         """
-        A pass reads the small files ahead of it in runs, one thread call
-        for each (not one for each file); each file of a run is still
-        checked against its digest on its own.
+        A pass reads the files ahead of it in runs, one thread call for each
+        (not one for each file), or a pack of them in one; each file is still
+        checked against its digest on its own, and one changed fails alone.
         """
         base = temp_dir(self)
         src, dst = os.path.join(base, "src"), os.path.join(base, "dst")
         for d in range(3):
             os.makedirs(os.path.join(src, f"d{d}"))
-        for i in range(300):
-            write_file(os.path.join(src, f"d{i % 3}", f"f{i:03d}"), os.urandom(100 + i * 7))
+        for i in range(count):
+            write_file(os.path.join(src, f"d{i % 3}", f"f{i:03d}"), os.urandom(size_of(i)))
         manifest, local = scan([src + "/"])
-        changed = os.path.join(src, "d1", "f151")
+        changed = os.path.join(src, "d1", f"f{count // 2 + 1:03d}")
         with open(changed, "r+b") as f:
             first = f.read(1)
             f.seek(0)
@@ -445,7 +522,7 @@ class DeadReceiverTests(unittest.TestCase):
         original = sender_module._read_chunks
 
         def counted(batch):
-            reads.append(len(batch))
+            reads.append(sum(len(read) if isinstance(read, list) else 1 for read in batch))
             return original(batch)
 
         self.patch(sender_module, "_read_chunks", counted)
@@ -453,15 +530,23 @@ class DeadReceiverTests(unittest.TestCase):
         report = yield run_transfer(self, reactor, manifest, local, peers)
         results = report.peers[peers[0].name].results
         self.assertEqual(
-            results.pop("d1/f151"), "sender gave up: source changed since it was scanned (at byte 0)"
+            results.pop(f"d1/f{count // 2 + 1:03d}"),
+            "sender gave up: source changed since it was scanned (at byte 0)",
         )
         self.assertEqual(set(results.values()), {OK})
-        self.assertEqual(sum(reads), 300)
-        self.assertLessEqual(len(reads), 6, reads)
-        self.assertFalse(os.path.exists(os.path.join(dst, "d1", "f151")))
-        with open(os.path.join(src, "d2", "f299"), "rb") as f:
-            with open(os.path.join(dst, "d2", "f299"), "rb") as g:
+        self.assertEqual(sum(reads), count)
+        self.assertLessEqual(len(reads), most_calls, reads)
+        self.assertFalse(os.path.exists(changed.replace(src, dst)))
+        with open(os.path.join(src, "d2", f"f{count - 1:03d}"), "rb") as f:
+            with open(os.path.join(dst, "d2", f"f{count - 1:03d}"), "rb") as g:
                 self.assertEqual(f.read(), g.read())
+
+    def test_packed_files_are_read_a_pack_at_a_time_and_one_changed_among_them_fails_alone(self):
+        return self._read_ahead(300, lambda i: 100 + i * 7, 1)
+
+    def test_small_files_are_read_a_run_at_a_time_and_one_changed_among_them_fails_alone(self):
+        # Above `PACKED_SHARE` of a chunk: not packed, read ahead in runs of a chunk's bytes.
+        return self._read_ahead(30, lambda i: 140_000 + i * 1000, 8)
 
     @defer.inlineCallbacks
     def test_a_sender_that_has_stopped_holds_no_file_data(self):

@@ -767,7 +767,8 @@ def test_destination_directory_swapped_for_a_symlink(fleet: tuple[Cluster, AmpCl
     outside = c.base / "outside"
     src = c.base / "swap"
     random_file(src / "sub" / "big.bin", 16 * MiB, 51)
-    (src / "sub" / "later.txt").write_text("written after the swap\n")
+    # Too large to travel packed with top.txt, which comes first (`manifest.Pack`): sent after big.bin.
+    (src / "sub" / "later.txt").write_text("written after the swap\n" * 10_000)
     (src / "top.txt").write_text("beside it\n")
     here = c.node_dir("node1") / "pub" / "swap"
     finals = {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import re
@@ -15,6 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mrsyncd.wire import manifest
+from mrsyncd.wire.blockset import RangeSet
 from mrsyncd.wire.manifest import (
     DIGEST_SIZE,
     DIR,
@@ -704,3 +706,77 @@ def test_a_change_that_keeps_what_the_base_lacks_or_is_not_a_change_is_refused()
             base.changed(json.dumps({**change, "kept": kept}).encode())
     with pytest.raises(ManifestError, match="kept is not a list"):
         base.changed(json.dumps({**change, "kept": None}).encode())
+
+
+# Packs
+
+
+def _sized(sizes: list[int], kinds: list[str] | None = None) -> Manifest:
+    """Files of ``sizes`` (a directory where ``kinds`` says so), blocks of 100 bytes, chunks of 4,000."""
+    kinds = kinds or [FILE] * len(sizes)
+    entries = [
+        Entry(
+            f"e{i:03d}",
+            kind,
+            0o644,
+            0,
+            size=size if kind == FILE else 0,
+            digests=b"d" * DIGEST_SIZE * -(-size // 4000) if kind == FILE else b"",
+        )
+        for i, (size, kind) in enumerate(zip(sizes, kinds, strict=True))
+    ]
+    return Manifest(entries, block_size=100, chunk_size=4000)
+
+
+@given(st.lists(st.tuples(st.integers(0, 6000), st.sampled_from([FILE, FILE, FILE, DIR])), max_size=60))
+def test_packs_hold_each_small_file_once_end_to_end_up_to_a_chunk(files) -> None:
+    """
+    Every file of 1 to chunk_size // PACKED_SHARE bytes is in exactly one
+    pack, unless no neighbour of that size could share one with it; files
+    in a pack keep manifest order, and the pack is their bytes end to end,
+    at most a chunk.
+    """
+    m = _sized([size for size, _ in files], [kind for _, kind in files])
+    limit = m.chunk_size // manifest.PACKED_SHARE
+    small = [i for i, e in enumerate(m.entries) if e.kind == FILE and 0 < e.size <= limit]
+    packed = [member for pack in m.packs.values() for member in pack.members]
+    assert sorted(packed) == packed and set(packed) <= set(small)
+    for head, pack in m.packs.items():
+        assert head == pack.members[0] and len(pack.members) > 1
+        assert list(pack.offsets) == [0, *itertools.accumulate(m.entries[i].size for i in pack.members)]
+        assert pack.size <= m.chunk_size
+        assert m.unit_size(head) == pack.size
+        for position, member in enumerate(pack.members):
+            assert m.packed_in[member] == (head, position)
+            start, end = pack.span(position)
+            assert list(pack.within(start, end)) == [position]
+            first, last = pack.blocks_of(position, m.block_size)
+            assert first * 100 <= start and end <= last * 100 and (last - 1) * 100 < end
+    # A file left out is the last small one, after a pack too full to take it (or none).
+    for i in (i for i in small if i not in m.packed_in):
+        assert i == small[-1]
+        before = [j for j in small if j < i]
+        if before:
+            head = m.packed_in.get(before[-1], (before[-1], 0))[0]
+            assert m.unit_size(head) + m.entries[i].size > m.chunk_size
+
+
+def test_what_a_receiver_needs_of_packed_files_is_the_blocks_that_hold_them() -> None:
+    m = _sized([150, 150, 150, 150, 5000, 40])
+    (pack,) = m.packs.values()
+    assert pack.members == (0, 1, 2, 3, 5)  # the large file travels alone, between them
+    needs = {
+        1: RangeSet.interval(0, 1),
+        3: RangeSet.interval(0, 1),
+        4: RangeSet.interval(1, 2),
+        5: RangeSet.interval(0, 1),
+    }
+    wire = m.wire_needs(needs)
+    # A pack's chunks are its members (positions 1, 3 and 4); the large file's second chunk.
+    assert wire == {0: RangeSet([(1, 2), (3, 5)]), 4: RangeSet.interval(1, 2)}
+    assert m.bytes_in(wire, m.chunk_size) == 150 + 190 + 1000
+    # Bytes 150-300 and 450-640 of the pack.
+    assert m.pack_blocks(0, wire[0]) == RangeSet([(1, 3), (4, 7)])
+    assert m.bytes_in({0: m.pack_blocks(0, wire[0])}) == 200 + 240
+    assert m.unit_blocks(0) == 7 and m.unit_size(4) == 5000
+    assert _sized([40]).packs == {} and _sized([40, 0, 5000]).packs == {}
