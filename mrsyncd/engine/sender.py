@@ -47,7 +47,8 @@ BATCH_SECONDS = 0.001
 #: one read ahead, and a few for parities that straddle two.
 CACHED_CHUNKS = 4
 #: Small files are read ahead a run at a time, each run in one thread call
-#: of at most a chunk's bytes and this many files: a call for each file cost
+#: of at most a chunk's bytes and this many files (a pack's count, one
+#: pack at least: `manifest.PACKED_FILES`): a call for each file cost
 #: a master 10,000 hand-offs to a thread and back in a tree of 10,000 small
 #: files, and the pass waited for each.
 RUN_FILES = 256
@@ -510,15 +511,18 @@ class Sender(DatagramProtocol):
             return
         start = end = max(rank + 1, self._ahead)
         run: list[tuple[int, int]] = []
-        size = 0
+        size = files = 0
+        packs = self.manifest.packs
         for f in self._order[start : start + RUN_FILES]:
             first = self._first_chunk.get(f)
             if first is not None and f not in self.dropped:  # else nothing of it to read: passed over
                 length = self._span(f, first)[1]
-                if size and size + length > self.manifest.chunk_size:
+                count = len(packs[f].members) if f in packs else 1
+                if size and (size + length > self.manifest.chunk_size or files + count > RUN_FILES):
                     break
                 run.append((f, first))
                 size += length
+                files += count
             end += 1
         self._ahead = end
         self._refill_at = (start + end) // 2

@@ -846,6 +846,21 @@ class PackTests(DirectReceiverCase):
         self.assertEqual(r.changed, ["f03"])
 
     @defer.inlineCallbacks
+    def test_files_whole_past_the_memory_bound_wait_their_turn_then_are_placed(self):
+        """
+        Past `UNWRITTEN_BYTES` of small files waiting for their threads, a
+        whole member waits where its bytes are (gathered, or written out to
+        the pack's part file) until a batch is written.
+        """
+        self.patch(receiver_module, "UNWRITTEN_BYTES", 300)
+        sizes = [250] * 12
+        r, _ = yield self.packed(sizes)
+        self.feed(r, self.pack.head, range(30), self.stream)
+        self.assertTrue(r._held_back)
+        yield wait_until(lambda: r.done)
+        self.assert_received(r)
+
+    @defer.inlineCallbacks
     def test_a_file_whose_bytes_fail_its_digest_is_asked_again_and_a_second_failure_counts(self):
         """
         A source changed at the sender sends its file's bytes wrong once (the

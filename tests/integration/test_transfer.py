@@ -542,7 +542,7 @@ class DeadReceiverTests(unittest.TestCase):
                 self.assertEqual(f.read(), g.read())
 
     def test_packed_files_are_read_a_pack_at_a_time_and_one_changed_among_them_fails_alone(self):
-        return self._read_ahead(300, lambda i: 100 + i * 7, 1)
+        return self._read_ahead(300, lambda i: 100 + i * 7, 2)  # packs of 256 files and 44
 
     def test_small_files_are_read_a_run_at_a_time_and_one_changed_among_them_fails_alone(self):
         # Above `PACKED_SHARE` of a chunk: not packed, read ahead in runs of a chunk's bytes.

@@ -758,7 +758,8 @@ def test_packs_hold_each_small_file_once_end_to_end_up_to_a_chunk(files) -> None
         before = [j for j in small if j < i]
         if before:
             head = m.packed_in.get(before[-1], (before[-1], 0))[0]
-            assert m.unit_size(head) + m.entries[i].size > m.chunk_size
+            full = head in m.packs and len(m.packs[head].members) == manifest.PACKED_FILES
+            assert full or m.unit_size(head) + m.entries[i].size > m.chunk_size
 
 
 def test_what_a_receiver_needs_of_packed_files_is_the_blocks_that_hold_them() -> None:
@@ -780,3 +781,8 @@ def test_what_a_receiver_needs_of_packed_files_is_the_blocks_that_hold_them() ->
     assert m.bytes_in({0: m.pack_blocks(0, wire[0])}) == 200 + 240
     assert m.unit_blocks(0) == 7 and m.unit_size(4) == 5000
     assert _sized([40]).packs == {} and _sized([40, 0, 5000]).packs == {}
+
+
+def test_a_pack_holds_at_most_packed_files_files() -> None:
+    m = _sized([10] * (2 * manifest.PACKED_FILES + 88))
+    assert [len(p.members) for p in m.packs.values()] == [manifest.PACKED_FILES, manifest.PACKED_FILES, 88]
