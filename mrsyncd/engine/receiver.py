@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 import random
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -198,7 +198,7 @@ class Receiver:
         self._batch: list[tuple[_IncomingFile, int, bytearray]] = []
         #: Packed files whole but not yet taken into a batch, while
         #: `UNWRITTEN_BYTES` are: their bytes stay where they are.
-        self._held_back: list[tuple[_IncomingFile, int]] = []
+        self._held_back: deque[tuple[_IncomingFile, int]] = deque()
         self._batch_bytes = 0
         self._batch_timer: IDelayedCall | None = None
         #: Set by the agent: where loss and delay reports go.
@@ -625,9 +625,14 @@ class Receiver:
     def _take_held_back(self) -> None:
         """Batches were written: members held back (`_members_whole`) may now join one."""
         while self._held_back and self._unwritten <= UNWRITTEN_BYTES:
-            f, position = self._held_back.pop(0)
-            if f.pack is not None and f.result is None and f.pack.state[position] == PLACING:
-                self._take_member(f, f.pack, position)
+            f, position = self._held_back.popleft()
+            books = f.pack
+            if books is None or books.state[position] != PLACING:
+                continue
+            if f.result is not None:  # the pack failed meanwhile
+                self._member_failed(f, books, position, f.result)
+            elif not self._take_member(f, books, position):
+                return
 
     def _placed_member(self, got: bytes, f: _IncomingFile, position: int) -> None:
         books = f.pack
@@ -639,8 +644,9 @@ class Receiver:
             self.changed.append(entry.path)
             self._settle_member(f, books, position)
             return
-        if f.result is not None:
-            return  # the pack failed meanwhile, and so did this member
+        if f.result is not None:  # the pack failed meanwhile
+            self._member_failed(f, books, position, f.result)
+            return
         if position in books.mismatched:
             self.stats["corrupt_chunks"] += 1
         books.mismatched.add(position)

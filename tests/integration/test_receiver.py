@@ -737,6 +737,10 @@ class DirectReceiverTests(DirectReceiverCase):
         self.assertEqual(r.results, {"f": OK})
 
 
+def _full():
+    raise OSError(28, "No space left on device")
+
+
 class PackTests(DirectReceiverCase):
     """
     Small files travel packed (`manifest.Pack`): one stream of blocks, their
@@ -846,6 +850,20 @@ class PackTests(DirectReceiverCase):
         self.assertEqual(r.changed, ["f03"])
 
     @defer.inlineCallbacks
+    def test_a_pack_that_fails_while_a_file_of_it_is_being_placed_still_ends(self):
+        """A file placed in a thread meanwhile, whose bytes do not match, fails too: the pack ends."""
+        sizes = [150, 150, 150, 150]
+        r, _ = yield self.packed(sizes)
+        bad = bytearray(self.stream)
+        bad[10] ^= 1
+        self.feed(r, self.pack.head, [0, 1], bytes(bad))  # f00 whole, its batch not yet placed
+        self.patch(storage, "pwrite_all", lambda fd, data, offset: _full())
+        self.feed(r, self.pack.head, [3], self.stream)  # what is gathered is written out: the disk is full
+        yield wait_until(lambda: r.done)
+        self.assertEqual(set(r.results.values()), {"cannot write: No space left on device"})
+        self.assertEqual(walk_all(self.dst), [])
+
+    @defer.inlineCallbacks
     def test_files_whole_past_the_memory_bound_wait_their_turn_then_are_placed(self):
         """
         Past `UNWRITTEN_BYTES` of small files waiting for their threads, a
@@ -933,10 +951,7 @@ class PackTests(DirectReceiverCase):
         self.feed(r, self.pack.head, [0, 1, 4, 5], self.stream)  # f00 and f03 whole; f01 lacks 2, f02 3
         real = storage.pwrite_all
 
-        def full(fd, data, offset):
-            raise OSError(28, "No space left on device")
-
-        self.patch(storage, "pwrite_all", full)
+        self.patch(storage, "pwrite_all", lambda fd, data, offset: _full())
         self.feed(r, self.pack.head, [3], self.stream)  # not next to what is gathered: that is written out
         self.patch(storage, "pwrite_all", real)
         yield wait_until(lambda: r.done)
