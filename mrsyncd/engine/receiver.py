@@ -11,7 +11,11 @@ arrived the chunk is read back and digested in a thread; a chunk that does
 not match its manifest digest is forgotten and asked for again.  When every
 chunk of a file is verified the part file is fsynced, given its owner, mode
 and mtime, and renamed over the final path, so a reader sees either the old
-file or the whole new one.
+file or the whole new one.  A pack of small files (`manifest.Pack`) is
+one stream of blocks with books of its own, its blocks gathered in memory
+(or written to one part file while they wait for repairs); each of its
+files is verified by its own digest once the blocks that hold it are in,
+and placed with other small files (`storage.place_batch`).
 
 Memory is one bit per block and a few bytes per chunk of the files in
 flight, whatever their size; file data only passes through.

@@ -1,9 +1,10 @@
 """
 The multicast datagram: the only thing mrsyncd puts on the bulk data path.
 
-Every datagram carries one block of one file of one transfer (or, ten times
-a second, the sender's echo of its rate controller), sealed with an AEAD:
-its header is authenticated and stays clear, its payload is encrypted.  The
+Every datagram carries one block of one file (or of a pack of small files,
+`manifest.Pack`) of one transfer (or, ten times a second, the sender's
+echo of its rate controller), sealed with an AEAD: its header is
+authenticated and stays clear, its payload is encrypted.  The
 key serves one run of one transfer (`run_key`) and travels only over the
 authenticated control channel, so a receiver throws away anything forged,
 replayed from another transfer or another run, or corrupted before a single
