@@ -44,6 +44,18 @@ from tests.support import (
 )
 
 
+def small_files(testcase, count, dirs, size_of):
+    """Files ``d<i % dirs>/f<i>`` of ``size_of(i)`` random bytes, scanned: base, src, manifest, paths."""
+    base = temp_dir(testcase)
+    src = os.path.join(base, "src")
+    for d in range(dirs):
+        os.makedirs(os.path.join(src, f"d{d}"))
+    for i in range(count):
+        write_file(os.path.join(src, f"d{i % dirs}", f"f{i:03d}"), os.urandom(size_of(i)))
+    manifest, local = scan([src + "/"])
+    return base, src, manifest, local
+
+
 class FullTreeTests(unittest.TestCase):
     timeout = 60
 
@@ -72,14 +84,8 @@ class FullTreeTests(unittest.TestCase):
         hold the files it lacks: a changed file costs its bytes and at most
         the two blocks it shares with its neighbours.
         """
-        base = temp_dir(self)
-        src = os.path.join(base, "src")
         rng = random.Random(11)
-        for d in range(4):
-            os.makedirs(os.path.join(src, f"d{d}"))
-        for i in range(300):
-            write_file(os.path.join(src, f"d{i % 4}", f"f{i:03d}"), rng.randbytes(rng.randrange(1000, 5000)))
-        manifest, local = scan([src + "/"])
+        base, src, manifest, local = small_files(self, 300, 4, lambda i: rng.randrange(1000, 5000))
         self.assertEqual(sum(len(p.members) for p in manifest.packs.values()), 300)
         dests = [os.path.join(base, f"dst{i}") for i in range(2)]
         first = yield run_transfer(self, reactor, manifest, local, make_peers(self, reactor, dests))
@@ -269,14 +275,8 @@ class LossTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_ten_percent_loss_of_small_files_is_repaired_across_their_packs(self):
         self.patch(agent_module, "Receiver", LossyReceiver)
-        base = temp_dir(self)
-        src = os.path.join(base, "src")
         rng = random.Random(13)
-        for d in range(6):
-            os.makedirs(os.path.join(src, f"d{d}"))
-        for i in range(600):
-            write_file(os.path.join(src, f"d{i % 6}", f"f{i:03d}"), rng.randbytes(rng.randrange(1, 3000)))
-        manifest, local = scan([src + "/"])
+        base, src, manifest, local = small_files(self, 600, 6, lambda i: rng.randrange(1, 3000))
         blocks = sum(manifest.unit_blocks(head) for head in manifest.packs)
         self.assertEqual(sum(len(p.members) for p in manifest.packs.values()), 600)
         dests = [os.path.join(base, f"dst{i}") for i in range(3)]
@@ -506,13 +506,8 @@ class DeadReceiverTests(unittest.TestCase):
         (not one for each file), or a pack of them in one; each file is still
         checked against its digest on its own, and one changed fails alone.
         """
-        base = temp_dir(self)
-        src, dst = os.path.join(base, "src"), os.path.join(base, "dst")
-        for d in range(3):
-            os.makedirs(os.path.join(src, f"d{d}"))
-        for i in range(count):
-            write_file(os.path.join(src, f"d{i % 3}", f"f{i:03d}"), os.urandom(size_of(i)))
-        manifest, local = scan([src + "/"])
+        base, src, manifest, local = small_files(self, count, 3, size_of)
+        dst = os.path.join(base, "dst")
         changed = os.path.join(src, "d1", f"f{count // 2 + 1:03d}")
         with open(changed, "r+b") as f:
             first = f.read(1)
