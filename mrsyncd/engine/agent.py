@@ -32,7 +32,7 @@ UNLIMITED = 1 << 62
 
 def _check_space(needs: dict[int, RangeSet], manifest: Manifest, destination: str) -> dict[int, RangeSet]:
     """Refuse before any data is sent if the part files would not fit."""
-    needed = manifest.bytes_in(needs, manifest.chunk_size)
+    needed = manifest.bytes_in(needs, chunks=True)
     existing = destination
     while not os.path.isdir(existing):  # a dry run's destination may not exist yet
         existing = os.path.dirname(existing)

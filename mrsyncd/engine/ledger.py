@@ -88,6 +88,8 @@ class BlockLedger:
 
     def forget(self, chunk: int) -> None:
         """A chunk failed its digest: its blocks are wanted again."""
+        if self.status[chunk] == DONE:  # a pack's block that `unwant` let go of
+            self.remaining += 1
         self.status[chunk] = NEEDED
         self.counts[chunk] = 0
         first = chunk * self.chunk_blocks

@@ -37,7 +37,7 @@ from twisted.python.failure import Failure
 from mrsyncd import logs
 from mrsyncd.control.contract import DEFAULT_OPTIONS, Feedback, MissingReport, TransferOptions
 from mrsyncd.engine import fsutil, intake, storage
-from mrsyncd.engine.ledger import DONE, NEEDED, BlockLedger
+from mrsyncd.engine.ledger import DONE, NEEDED, VERIFYING, BlockLedger
 from mrsyncd.engine.meter import FEEDBACK_INTERVAL, DelayLossMeter
 from mrsyncd.engine.multicast import DEFAULT_RCVBUF, Channel, receive_queue, receiver_socket
 from mrsyncd.engine.parities import KeptParities
@@ -315,7 +315,7 @@ class Receiver:
                 needs[index] = need
             self.results[entry.path] = "unchanged" if held.unchanged else WOULD_RECEIVE
         needs = self._manifest.wire_needs(needs)
-        self.needed_bytes = self._manifest.bytes_in(needs, self._manifest.chunk_size)
+        self.needed_bytes = self._manifest.bytes_in(needs, chunks=True)
         self.done = True
         return needs
 
@@ -376,7 +376,7 @@ class Receiver:
                 self._commit(f)
         for head, positions in members.items():
             needs[head] = self._expect_pack(self._manifest.packs[head], positions)
-        self.needed_bytes = self._manifest.bytes_in(needs, self._manifest.chunk_size)
+        self.needed_bytes = self._manifest.bytes_in(needs, chunks=True)
         self._maybe_finish()
         return needs
 
@@ -464,6 +464,8 @@ class Receiver:
             return False
         if index in self._manifest.packs:  # one that holds nothing this host lacks
             return end <= self._manifest.unit_blocks(index)
+        if index in self._manifest.packed_in:  # no datagram carries a packed file's own index
+            return False
         entry = entries[index]
         return (
             entry.kind == FILE and end <= self._manifest.blocks(entry) and self.results.get(entry.path) == OK
@@ -532,6 +534,8 @@ class Receiver:
             del held[b - first]
         rebuilt = erasure.decode(size, held, kept, [b - first for b in missing])
         for b in missing:
+            if f.pack is not None and f.ledger.status[b] != NEEDED:
+                continue  # a pack's block that holds no member this host takes
             self.stats["rebuilt"] += 1
             self._accept(f, b, 1, rebuilt[b - first][: self._manifest.block_length(f.entry, b)])
             if f.result is not None:
@@ -615,13 +619,17 @@ class Receiver:
         if pending is not None and pending[0] <= start and end <= pending[0] + len(pending[1]):
             data = pending[1][start - pending[0] : end - pending[0]]
         else:
-            if not self._flush(f.index):
+            read = None
+            if self._flush(f.index):
+                try:
+                    read = os.pread(self._fd(f), end - start, start)
+                except OSError as e:
+                    self._fail(f, f"cannot read back: {e.strerror}")
+            if read is None:
+                # It is whole, so the pack's failure passed it over.
+                self._member_failed(f, books, position, f.result or "cannot read back")
                 return False
-            try:
-                data = bytearray(os.pread(self._fd(f), end - start, start))
-            except OSError as e:
-                self._fail(f, f"cannot read back: {e.strerror}")
-                return False
+            data = bytearray(read)
         self._unwritten += len(data)
         self._place_whole(f, data, position)
         return True
@@ -635,8 +643,8 @@ class Receiver:
                 continue
             if f.result is not None:  # the pack failed meanwhile
                 self._member_failed(f, books, position, f.result)
-            elif not self._take_member(f, books, position):
-                return
+            else:
+                self._take_member(f, books, position)
 
     def _placed_member(self, got: bytes, f: _IncomingFile, position: int) -> None:
         books = f.pack
@@ -721,9 +729,19 @@ class Receiver:
             self._solve(f, group, missing)
 
     def _group_missing(self, f: _IncomingFile, group: int) -> list[int]:
-        """The blocks of a parity group that are not held yet."""
+        """
+        The blocks of a parity group that are not held yet.  A pack's are
+        those not received, if any is wanted: this host holds no data where
+        members it does not take lie, which a parity must solve for too.
+        """
         first = group * self._manifest.parity_group
-        return f.ledger.missing(first, first + self._manifest.parity_group)
+        last = min(first + self._manifest.parity_group, f.ledger.nblocks)
+        if f.pack is None:
+            return f.ledger.missing(first, last)
+        status = f.ledger.status
+        if status.find(NEEDED, first, last) < 0:
+            return []
+        return [b for b in range(first, last) if status[b] != VERIFYING]
 
     def _flush(self, index: int) -> bool:
         """Write out what is gathered for a file; False if that failed it."""
@@ -914,6 +932,10 @@ class Receiver:
         if f.pack is not None:
             if f.pack.state[position] == PLACING:
                 self._member_failed(f, f.pack, position, f"cannot write: {why}")
+                member = f.pack.pack.members[position]
+                if self._root_fd >= 0 and not self._closing:  # `place_batch` may have left it
+                    path = self._manifest.entries[member].path
+                    storage.discard_part(self._root_fd, path, storage.part_name(self._transfer_id, member))
             return
         self._fail(f, f"cannot write: {why}")
 

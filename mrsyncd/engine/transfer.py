@@ -246,6 +246,11 @@ class Transfer:
         self._received_at_probe: dict[str, int] = {}
         self._done: set[str] = set()
         self._prepared: set[str] = set()
+        #: Packs that a receiver takes only some files of, or with a file
+        #: abandoned: repaired block by block, never by parities, since such
+        #: a receiver holds no data where the other files lie, which a
+        #: parity of the group would have to be solved for too.
+        self._partial: set[int] = set()
         self._pass_ended = 0.0
         self._started = 0.0
         self.passes = 0
@@ -492,7 +497,12 @@ class Transfer:
                     except ValueError as e:
                         self._fail(name, f"sent a malformed answer to the offer: {e}")
                         continue
-                    needs[value] = wanted, manifest.bytes_in(wanted, manifest.chunk_size)
+                    needs[value] = wanted, manifest.bytes_in(wanted, chunks=True)
+                    self._partial.update(
+                        head
+                        for head, members in wanted.items()
+                        if head in manifest.packs and len(members) < len(manifest.packs[head].members)
+                    )
                 self._heard(name)
                 self._prepared.add(name)
                 self._done.discard(name)
@@ -577,7 +587,18 @@ class Transfer:
         incomplete = {n for n in self.live if n not in self._done}
         if incomplete - self.controller.slow:
             wanted = {n: w for n, w in wanted.items() if n not in self.controller.slow}
-        blocks, parities = repair_plan(wanted.values(), self.offer.manifest.parity_group)
+        manifest = self.offer.manifest
+        self._partial.update(
+            manifest.packed_in[index][0] for index in abandoned if index in manifest.packed_in
+        )
+        partial = self._partial
+        blocks, parities = repair_plan(
+            ({i: r for i, r in w.items() if i not in partial} for w in wanted.values()), manifest.parity_group
+        )
+        if partial:
+            blocks = union_maps(
+                [blocks, *({i: r for i, r in w.items() if i in partial} for w in wanted.values())]
+            )
         if unprepared:
             blocks = union_maps([blocks, (yield self._prepare(unprepared))])
         dropped = self.sender.dropped

@@ -263,17 +263,17 @@ class Manifest:
     def total_bytes(self) -> int:
         return sum(e.size for _, e in self.files())
 
-    def bytes_in(self, sets: Mapping[int, RangeSet], unit: int = 0) -> int:
+    def bytes_in(self, sets: Mapping[int, RangeSet], chunks: bool = False) -> int:
         """
-        File bytes that sets of blocks (of chunks: ``unit`` the chunk size)
-        cover, by file index; a pack's chunks are its members (`wire_needs`).
+        File bytes that sets of blocks (of chunks: ``chunks``) cover, by
+        file index; a pack's chunks are its members (`wire_needs`).
         """
-        unit = unit or self.block_size
+        unit = self.chunk_size if chunks else self.block_size
         packs = self.packs
         total = 0
         for index, ranges in sets.items():
             pack = packs.get(index)
-            if pack is not None and unit != self.block_size:
+            if pack is not None and chunks:
                 offsets = pack.offsets
                 total += sum(offsets[end] - offsets[start] for start, end in ranges.ranges)
                 continue

@@ -842,9 +842,11 @@ class PackTests(DirectReceiverCase):
         )
         self.assertEqual(r.needed_bytes, 250)
         self.feed(r, self.pack.head, range(7, 10), self.stream)
-        # Blocks of files in place are duplicates.
+        # Blocks of files in place are duplicates; a file's own index names nothing on the wire.
         self.feed(r, self.pack.head, [0, 15], self.stream)
-        self.assertEqual(r.stats["duplicate"], 2)
+        index = {e.path: i for i, e in enumerate(self.manifest.entries)}
+        deliver(r, seal(self.key, self.tid, index["f01"], 0, self.data["f01"][:100]))
+        self.assertEqual((r.stats["duplicate"], r.stats["range"]), (2, 1))
         yield wait_until(lambda: r.done)
         self.assert_received(r)
         self.assertEqual(r.changed, ["f03"])
@@ -861,6 +863,57 @@ class PackTests(DirectReceiverCase):
         self.feed(r, self.pack.head, [3], self.stream)  # what is gathered is written out: the disk is full
         yield wait_until(lambda: r.done)
         self.assertEqual(set(r.results.values()), {"cannot write: No space left on device"})
+        self.assertEqual(walk_all(self.dst), [])
+
+    @defer.inlineCallbacks
+    def test_a_parity_of_a_group_that_holds_files_not_taken_here_rebuilds_nothing(self):
+        """
+        This host holds no data where the files it does not take lie: a
+        parity must solve for those too, so one parity for one lost block is
+        kept, not used to rebuild garbage.
+        """
+        r, needs = yield self.packed([150] * 8, in_place=[f"f{i:02d}" for i in range(8) if i != 3])
+        self.manifest.parity_group = 16
+        self.feed(r, self.pack.head, [4], self.stream)  # f03 is blocks 4-5: 5 is lost
+        deliver(r, self.parity(self.stream, 0, 0, self.pack.head))
+        self.assertEqual((r.stats["rebuilt"], r.stats["parity_kept"]), (0, 1))
+        self.assertEqual(decode_map(r.missing().missing), {self.pack.head: RangeSet.interval(5, 6)})
+        self.feed(r, self.pack.head, [5], self.stream)
+        yield wait_until(lambda: r.done)
+        self.assert_received(r)
+        self.assertEqual(r.stats["corrupt_chunks"], 0)
+
+    @defer.inlineCallbacks
+    def test_a_file_whole_when_its_pack_cannot_be_read_back_fails_and_the_pack_ends(self):
+        r, _ = yield self.packed([150, 150, 150, 150])
+        self.feed(r, self.pack.head, [0], self.stream)
+        self.feed(r, self.pack.head, [2], self.stream)  # block 0 written out; block 2 gathered
+        real, calls = storage.pwrite_all, []
+
+        def second_fails(fd, data, offset):
+            calls.append(offset)
+            if len(calls) > 1:
+                _full()
+            real(fd, data, offset)
+
+        self.patch(storage, "pwrite_all", second_fails)
+        self.feed(
+            r, self.pack.head, [1], self.stream
+        )  # f00 whole, read back: what is gathered cannot be written
+        yield wait_until(lambda: r.done)
+        self.assertEqual(set(r.results.values()), {"cannot write: No space left on device"})
+        self.assertEqual(walk_all(self.dst), [])
+
+    @defer.inlineCallbacks
+    def test_a_file_of_a_pack_that_cannot_be_placed_leaves_no_part_file(self):
+        def no_metadata(fd, entry, owner):
+            raise OSError(5, "Input/output error")
+
+        self.patch(storage, "set_metadata", no_metadata)
+        r, _ = yield self.packed([150, 150, 150])
+        self.feed(r, self.pack.head, range(5), self.stream)
+        yield wait_until(lambda: r.done)
+        self.assertEqual(set(r.results.values()), {"cannot write: Input/output error"})
         self.assertEqual(walk_all(self.dst), [])
 
     @defer.inlineCallbacks
@@ -936,7 +989,7 @@ class PackTests(DirectReceiverCase):
         deliver(
             r, seal(self.key, self.tid, self.pack.head, 4, self.stream[400:] + b"!")
         )  # its last is 50 bytes
-        self.assertEqual(r.stats["range"] + r.stats["duplicate"], 3)
+        self.assertEqual((r.stats["range"], r.stats["duplicate"]), (3, 0))
         self.assertEqual(r.stats["blocks"], 0)
         self.assertEqual(walk_all(self.dst), [])
         self.feed(r, self.pack.head, range(5), self.stream)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import socket
 import stat
 import time
@@ -250,6 +251,13 @@ class LossyReceiver(Receiver):
         super().received(batch._replace(runs=runs, got=batch.got - lost), payloads)
 
 
+class PhasedLossyReceiver(LossyReceiver):
+    """Test-only: each destination loses a different tenth, so a parity repairs what several lost."""
+
+    def lose(self) -> bool:
+        return self.arrived % 10 == int(self.destination.rstrip("/")[-1]) * 3 % 10
+
+
 class LossTests(unittest.TestCase):
     timeout = 60
 
@@ -274,7 +282,7 @@ class LossTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_ten_percent_loss_of_small_files_is_repaired_across_their_packs(self):
-        self.patch(agent_module, "Receiver", LossyReceiver)
+        self.patch(agent_module, "Receiver", PhasedLossyReceiver)
         rng = random.Random(13)
         base, src, manifest, local = small_files(self, 600, 6, lambda i: rng.randrange(1, 3000))
         blocks = sum(manifest.unit_blocks(head) for head in manifest.packs)
@@ -290,6 +298,31 @@ class LossTests(unittest.TestCase):
             assert_same_tree(self, src, dst)
             self.assertEqual(part_files(dst), [])
         self.assertLess(report.sender_stats["datagrams"], 2 * blocks)
+        self.assertGreater(report.sender_stats["parity"], 0)  # each node takes every file: parities serve all
+
+    @defer.inlineCallbacks
+    def test_packs_a_node_takes_only_some_files_of_are_repaired_block_by_block(self):
+        """
+        A node that holds half of the files has no data where they lie in
+        their packs, which no parity could be solved without: the packs'
+        losses are sent again as blocks, and nothing fails its digest.
+        """
+        self.patch(agent_module, "Receiver", PhasedLossyReceiver)
+        base, src, manifest, local = small_files(self, 400, 4, lambda i: 1000 + i * 7)
+        dests = [os.path.join(base, f"dst{i}") for i in range(2)]
+        for path in sorted(local.values())[::2]:
+            target = os.path.join(dests[1], os.path.relpath(path, src))
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            shutil.copy2(path, target)
+        peers = make_peers(self, reactor, dests)
+        report = yield run_transfer(self, reactor, manifest, local, peers)
+        self.assertTrue(report.ok, {n: p.reason for n, p in report.peers.items()})
+        self.assertGreater(report.passes, 1)
+        self.assertEqual(report.sender_stats.get("parity", 0), 0)
+        for name in ("node0", "node1"):
+            self.assertEqual(report.peers[name].stats.get("corrupt_chunks", 0), 0)
+        for dst in dests:
+            assert_same_tree(self, src, dst)
 
 
 class DeafInDst0Receiver(LossyReceiver):

@@ -108,3 +108,15 @@ def test_a_file_that_needs_nothing_keeps_no_bits():
     ledger = BlockLedger(10**6, 1000, bytes([DONE]) * 1000)
     assert ledger.remaining == 0 and len(ledger._bits) == 0
     assert ledger.held(123_456)
+
+
+def test_a_block_let_go_of_then_forgotten_is_wanted_again() -> None:
+    """In a pack's ledger (a chunk a block), a neighbour's failure may forget a block `unwant` let go of."""
+    ledger = BlockLedger(4, 1, bytes([NEEDED] * 4))
+    assert ledger.take(0, 2) == [0, 1]
+    assert ledger.unwant(2) and not ledger.unwant(0)
+    assert ledger.remaining == 3
+    ledger.forget(2)
+    ledger.forget(1)
+    assert ledger.remaining == 4  # none is done
+    assert ledger.wanted(10) == [(1, 4)]

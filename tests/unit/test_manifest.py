@@ -775,12 +775,21 @@ def test_what_a_receiver_needs_of_packed_files_is_the_blocks_that_hold_them() ->
     wire = m.wire_needs(needs)
     # A pack's chunks are its members (positions 1, 3 and 4); the large file's second chunk.
     assert wire == {0: RangeSet([(1, 2), (3, 5)]), 4: RangeSet.interval(1, 2)}
-    assert m.bytes_in(wire, m.chunk_size) == 150 + 190 + 1000
+    assert m.bytes_in(wire, chunks=True) == 150 + 190 + 1000
     # Bytes 150-300 and 450-640 of the pack.
     assert m.pack_blocks(0, wire[0]) == RangeSet([(1, 3), (4, 7)])
     assert m.bytes_in({0: m.pack_blocks(0, wire[0])}) == 200 + 240
     assert m.unit_blocks(0) == 7 and m.unit_size(4) == 5000
     assert _sized([40]).packs == {} and _sized([40, 0, 5000]).packs == {}
+
+
+def test_a_pack_s_members_count_their_bytes_when_chunks_are_one_block() -> None:
+    m = Manifest(
+        [Entry(f"f{i}", FILE, 0o644, 0, size=10, digests=b"d" * DIGEST_SIZE) for i in range(8)], 100, 100
+    )
+    (head,) = m.packs
+    assert m.bytes_in({head: RangeSet.interval(3, 4)}, chunks=True) == 10
+    assert m.bytes_in({head: RangeSet.interval(0, 1)}) == 80
 
 
 def test_a_pack_holds_at_most_packed_files_files() -> None:
