@@ -119,6 +119,11 @@ class Sender(DatagramProtocol):
         self._ahead = 0
         self._refill_at = 0
         self._loading: set[tuple[int, int]] = set()
+        #: The blocks of each pack the pass sends (None: all of it), and
+        #: those its cached bytes hold: a pack is read a member at a time,
+        #: and one file changed in it costs reading that file, not 256.
+        self._pack_wanted: dict[int, RangeSet | None] = {}
+        self._pack_held: dict[int, RangeSet] = {}
         self._checked: dict[int, set[int]] = {}
         self._identity: dict[int, tuple[int, ...]] = {}
         self._fresh: dict[int, bool] = {}
@@ -184,6 +189,7 @@ class Sender(DatagramProtocol):
         self._order = sorted(blocks)
         self._rank = {f: rank for rank, f in enumerate(self._order)}
         self._first_chunk = {f: ranges.ranges[0][0] // chunk_blocks for f, ranges in blocks.items() if ranges}
+        self._want_packs(blocks, parities or {})
         self._ahead = self._refill_at = 0
         self.planned = sum(len(ranges) for ranges in blocks.values()) + sum(
             len(groups) for groups in (parities or {}).values()
@@ -219,6 +225,7 @@ class Sender(DatagramProtocol):
         """
         if self._done is None:
             return
+        self._want_packs(blocks, parities)
         queued = set(self._repairs)
         self._repairs.extend(item for item in self._items(blocks, parities) if item not in queued)
         if not self._repairs:
@@ -227,6 +234,15 @@ class Sender(DatagramProtocol):
         self._repair_every = max(1, within // len(self._repairs) - 1)
         if self._next is None:
             self._advance()
+
+    def _want_packs(self, blocks: Mapping[int, RangeSet], parities: Mapping[int, RangeSet]) -> None:
+        """What of each pack is to be sent: the blocks asked for, or all of one that parities cover."""
+        for head in self.manifest.packs.keys() & (blocks.keys() | parities.keys()):
+            wanted = self._pack_wanted.get(head, RangeSet())
+            if head in parities or wanted is None:
+                self._pack_wanted[head] = None
+            else:
+                self._pack_wanted[head] = wanted | blocks[head]
 
     @property
     def repairs_pending(self) -> int:
@@ -477,6 +493,15 @@ class Sender(DatagramProtocol):
             tail = self._read(file_index, (chunk + 1) * chunk_blocks, end)
             return None if head is None or tail is None else head + tail
         data = self._chunks.get((file_index, chunk))
+        if data is not None and file_index in self._pack_held:
+            held = self._pack_held[file_index]
+            if RangeSet.interval(block, end) - held:  # read what it lacks, with what it holds
+                wanted = self._pack_wanted.get(file_index, RangeSet())
+                if wanted is not None:
+                    self._pack_wanted[file_index] = wanted | held | RangeSet.interval(block, end)
+                del self._chunks[(file_index, chunk)]
+                self._cached_bytes -= len(data)
+                data = None
         if data is not None:
             self._chunks.move_to_end((file_index, chunk))
             if first == 0:
@@ -528,6 +553,15 @@ class Sender(DatagramProtocol):
         self._refill_at = (start + end) // 2
         self._load(*run)
 
+    def _pack_skipped(self, head: int) -> set[int]:
+        """The positions of the members of pack ``head`` that hold no block the pass sends."""
+        wanted = self._pack_wanted.get(head)
+        if wanted is None:
+            return set()
+        pack, size = self.manifest.packs[head], self.manifest.block_size
+        needed = {p for first, end in wanted.ranges for p in pack.within(first * size, end * size)}
+        return set(range(len(pack.members))) - needed
+
     def _span(self, file_index: int, chunk: int) -> tuple[int, int]:
         """Offset and length of a chunk of a file, or of a pack (one chunk at most)."""
         offset = chunk * self.manifest.chunk_size
@@ -551,10 +585,11 @@ class Sender(DatagramProtocol):
         for file_index, chunk in keys:
             pack = packs.get(file_index)
             if pack is not None:
+                paths, skipped = self.local_paths, self._pack_skipped(file_index)
                 reads.append(
                     [
-                        (self.local_paths[m], 0, entries[m].size, entries[m].chunk_digest(0))
-                        for m in pack.members
+                        (paths[m], 0, entries[m].size, b"" if p in skipped else entries[m].chunk_digest(0))
+                        for p, m in enumerate(pack.members)
                     ]
                 )
                 continue
@@ -581,6 +616,10 @@ class Sender(DatagramProtocol):
                 members = packs[file_index].members
                 for position, why in result.failed.items():
                     self._give_up(members[position], why)
+                skipped = RangeSet((p, p + 1) for p in result.skipped)
+                self._pack_held[file_index] = RangeSet.interval(
+                    0, self.manifest.unit_blocks(file_index)
+                ) - self.manifest.pack_blocks(file_index, skipped)
             else:
                 data, identity = result
                 known = self._identity.setdefault(file_index, identity)
@@ -608,6 +647,8 @@ class _PackRead(NamedTuple):
     data: bytes
     #: Why each member that failed did, by its position in the pack.
     failed: dict[int, str]
+    #: The members not read (zeros): they hold no block the pass sends.
+    skipped: list[int]
 
 
 #: What was read: a chunk and its file's identity, a pack, or why the read failed.
@@ -637,13 +678,18 @@ def _read_pack(members: list[tuple[str, int, int, bytes]]) -> _PackRead:
     """
     parts: list[bytes] = []
     failed: dict[int, str] = {}
+    skipped: list[int] = []
     for position, (path, offset, length, expected) in enumerate(members):
+        if not expected:  # `Sender._pack_skipped`
+            skipped.append(position)
+            parts.append(bytes(length))
+            continue
         try:
             parts.append(_read_chunk(path, offset, length, expected)[0])
         except Exception as e:
             failed[position] = str(e)
             parts.append(bytes(length))
-    return _PackRead(b"".join(parts), failed)
+    return _PackRead(b"".join(parts), failed, skipped)
 
 
 def _read_chunk(path: str, offset: int, length: int, expected: bytes) -> tuple[bytes, tuple[int, ...]]:

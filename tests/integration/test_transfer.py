@@ -99,12 +99,21 @@ class FullTreeTests(unittest.TestCase):
         for path in changed:
             write_file(path, rng.randbytes(os.path.getsize(path)), mtime_ns=1_000_000_000)
         manifest, local = scan([src + "/"])
+        read, original = [], sender_module._read_chunks
+
+        def counted(batch):
+            read.extend(path for members in batch for path, _, _, expected in members if expected)
+            return original(batch)
+
+        self.patch(sender_module, "_read_chunks", counted)
         again = yield run_transfer(self, reactor, manifest, local, make_peers(self, reactor, dests))
         self.assertTrue(again.ok, {n: p.reason for n, p in again.peers.items()})
         sizes = sum(os.path.getsize(path) for path in changed)
         self.assertGreaterEqual(again.sender_stats["payload"], sizes)
         self.assertLessEqual(again.sender_stats["payload"], sizes + 2 * len(changed) * manifest.block_size)
         self.assertEqual({n: p.changed for n, p in again.peers.items()}, {"node0": 3, "node1": 3})
+        # The master reads the changed files and the neighbours they share a block with, not their packs.
+        self.assertTrue(set(changed) <= set(read) and len(read) <= 3 * len(changed), read)
         for dst in dests:
             assert_same_tree(self, src, dst)
             self.assertEqual(part_files(dst), [])
@@ -161,6 +170,27 @@ class FullTreeTests(unittest.TestCase):
                 self.assertEqual(os.listdir(dst), ["tree"])
                 assert_same_tree(self, src, os.path.join(dst, "tree"))
                 self.assertEqual(part_files(dst), [])
+
+
+class PackReadTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_a_pack_is_read_a_file_at_a_time_and_again_for_blocks_it_lacks(self):
+        """The master reads the files that hold the blocks a pass sends; a repair beyond them reads again."""
+        base, src, manifest, local = small_files(self, 20, 1, lambda i: 1000)
+        ((head, pack),) = manifest.packs.items()
+        stream = b"".join(open(local[m], "rb").read() for m in pack.members)
+        sender = sender_module.Sender(reactor, manifest, local, unique_channel(), b"t" * 8, b"k" * 32, RATE)
+        size = manifest.block_size
+        sender._want_packs({head: RangeSet.interval(0, 1)}, {})
+        self.assertIsNone(sender._read(head, 0))  # being read
+        yield wait_until(lambda: (head, 0) in sender._chunks)
+        # Files 0 and 1 (bytes 0-2000) read: block 1 also holds file 2, not read.
+        self.assertEqual(sender._pack_held[head], RangeSet.interval(0, 1))
+        self.assertEqual(sender._read(head, 0), stream[:size])
+        self.assertIsNone(sender._read(head, 10))
+        yield wait_until(lambda: (head, 0) in sender._chunks)
+        self.assertEqual(sender._read(head, 10), stream[10 * size : 11 * size])
+        self.assertEqual(sender._read(head, 0), stream[:size])
 
 
 class OfferTests(unittest.TestCase):
