@@ -616,10 +616,13 @@ class Sender(DatagramProtocol):
                 members = packs[file_index].members
                 for position, why in result.failed.items():
                     self._give_up(members[position], why)
-                skipped = RangeSet((p, p + 1) for p in result.skipped)
-                self._pack_held[file_index] = RangeSet.interval(
-                    0, self.manifest.unit_blocks(file_index)
-                ) - self.manifest.pack_blocks(file_index, skipped)
+                if result.skipped:  # else it holds every block: nothing to look at for each one sent
+                    skipped = RangeSet((p, p + 1) for p in result.skipped)
+                    self._pack_held[file_index] = RangeSet.interval(
+                        0, self.manifest.unit_blocks(file_index)
+                    ) - self.manifest.pack_blocks(file_index, skipped)
+                else:
+                    self._pack_held.pop(file_index, None)
             else:
                 data, identity = result
                 known = self._identity.setdefault(file_index, identity)
