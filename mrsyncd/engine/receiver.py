@@ -382,12 +382,12 @@ class Receiver:
 
     def _expect_pack(self, pack: Pack, positions: list[int]) -> RangeSet:
         """Books for the members of ``pack`` at ``positions``, which this host lacks; the need for them."""
-        size = self._manifest.block_size
         state = bytearray([SETTLED]) * len(pack.members)
-        status = bytearray([DONE]) * -(-pack.size // size)
         for position in positions:
             state[position] = WANTED
-            first, end = pack.blocks_of(position, size)
+        need = RangeSet((position, position + 1) for position in positions)
+        status = bytearray([DONE]) * self._manifest.unit_blocks(pack.head)
+        for first, end in self._manifest.pack_blocks(pack.head, need).ranges:
             status[first:end] = bytes(end - first)  # NEEDED
         part = storage.pack_name(self._transfer_id, pack.head)
         f = _IncomingFile(
@@ -399,7 +399,7 @@ class Receiver:
         )
         self._files[pack.head] = self._awaiting[pack.head] = f
         self._needed_chunks += status.count(NEEDED)
-        return RangeSet((position, position + 1) for position in positions)
+        return need
 
     # Data.
 

@@ -250,10 +250,10 @@ class Manifest:
     def pack_blocks(self, head: int, members: RangeSet) -> RangeSet:
         """The blocks of pack ``head`` that hold the ``members`` (positions) a receiver needs."""
         pack, size = self.packs[head], self.block_size
-        spans = []
-        for first, end in members.ranges:
-            spans.append((pack.offsets[first] // size, -(-pack.offsets[end] // size)))
-        return RangeSet(spans)
+        return RangeSet(
+            (pack.blocks_of(first, size)[0], pack.blocks_of(end - 1, size)[1])
+            for first, end in members.ranges
+        )
 
     def files(self) -> Iterator[tuple[int, Entry]]:
         for index, entry in enumerate(self.entries):
