@@ -3,8 +3,8 @@ The wire vocabulary of mrsyncd's control channel: the AMP commands, their
 argument types and the errors they carry.
 
 Every end of the channel speaks these: the master and the nodes
-(`control`, `master`), and the operator's ``mrsync``, which needs nothing
-else of the engine, so importing this module must not load it.
+(`control`, `master`).  The operator's ``mrsync`` speaks the operator's
+commands through `boxes`, without Twisted, which restates them.
 
 AMP values are at most 65535 bytes, so manifests, need sets and results use
 `BigBytes`, which splits a value over numbered keys (with a bound, so that an
@@ -22,6 +22,7 @@ from twisted.protocols import amp
 from twisted.python.failure import Failure
 
 from mrsyncd import logs
+from mrsyncd.control.boxes import MAX_BOX_KEYS, MAX_PIECES, PIECE
 from mrsyncd.control.contract import LOST_MARKS, Feedback, Refused, UnknownTransfer, fixed
 from mrsyncd.wire.datagram import TRANSFER_ID_SIZE, VERSION
 
@@ -35,9 +36,6 @@ log = logs.logger(__name__)
 #: deletion by filter rules, ``+ PATTERN`` and ``- PATTERN``, not bare patterns).
 PROTOCOL = VERSION
 
-PIECE = 0xFFFF
-#: 4096 pieces of 64 KiB: a 256 MiB manifest, about 4 million chunks.
-MAX_PIECES = 4096
 UINT32_MAX = (1 << 32) - 1
 
 
@@ -400,14 +398,6 @@ class Results(amp.Command):
     errors = _ERRORS
 
 
-#: The most keys one box may hold: one `BigBytes` at its largest and the
-#: handful of other arguments any command has.
-MAX_BOX_KEYS = MAX_PIECES + 64
-#: The most bytes one box may ever hold on the wire: one `BigBytes` at its
-#: largest plus 16 more values of the greatest size, each key at most 255
-#: bytes.  A connection's own bound (`BoundedAMP.max_box_bytes`,
-#: ``max_message_bytes`` in the config) is far lower by default.
-MAX_BOX_BYTES = (MAX_PIECES + 16) * (2 + 255 + 2 + PIECE)
 #: A connection's bound on one box by default: a manifest of 500,000 entries
 #: is about 30 MiB compressed, a node's results for them about as much.
 MAX_MESSAGE_BYTES = 64 << 20

@@ -16,7 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from mrsyncd.control.commands import MAX_BOX_BYTES, MAX_MANIFEST_ENTRIES, MAX_MESSAGE_BYTES, MAX_SPEC_BYTES
+from mrsyncd.control.boxes import MAX_BOX_BYTES
+from mrsyncd.control.commands import MAX_MANIFEST_ENTRIES, MAX_MESSAGE_BYTES, MAX_SPEC_BYTES
 from mrsyncd.daemon.store import KEEP_DAYS, KEEP_JOBS
 from mrsyncd.engine.hook import HOOK_TIMEOUT
 from mrsyncd.units import parse_rate, port_number, split_address

@@ -7,7 +7,9 @@
                 SRC... TARGETS:DEST
     mrsync nodes [--forget NAME] | jobs | status JOB [--follow] [--json] | cancel JOB
 
-It talks to the master over TLS AMP with an operator certificate.  Where the
+It talks to the master over TLS AMP with an operator certificate, on the
+standard library alone (`mrsyncd.control.boxes`): Twisted's AMP and TLS cost
+a command 0.26-0.33 s to import, most of its start.  Where the
 master is and which certificate to use come from flags, else the
 environment (``MRSYNC_MASTER``, ``MRSYNC_CA``, ``MRSYNC_CERT``,
 ``MRSYNC_KEY``), else a client file (``MRSYNC_CONFIG``, else
@@ -28,34 +30,30 @@ import json
 import os
 import re
 import signal
+import socket
+import ssl
 import sys
 import time
 import tomllib
 from collections.abc import Callable
 from typing import Any
 
-from OpenSSL import SSL
-from twisted.internet import defer, endpoints, error, task
-from twisted.internet.interfaces import IHandshakeListener
-from twisted.internet.protocol import Factory, connectionDone
-from twisted.protocols import amp
 from twisted.python import usage
-from twisted.python.failure import Failure
-from zope.interface import implementer
 
-from mrsyncd.control.commands import (
-    BadRequest,
-    Cancel,
-    Forbidden,
-    ForgetNode,
-    JobStatus,
-    ListJobs,
-    ListNodes,
-    NoSuchJob,
-    Submit,
+from mrsyncd.control.boxes import (
+    CANCEL,
+    FORGET_NODE,
+    JOB_STATUS,
+    LIST_JOBS,
+    LIST_NODES,
+    REFUSALS,
+    SUBMIT,
+    AmpError,
+    BoxStream,
+    Command,
+    client_context,
 )
 from mrsyncd.scripts.options import EXIT_USAGE, CommandOptions, InterspersedOptions, usage_error
-from mrsyncd.security import tls
 from mrsyncd.units import parse_rate, split_address
 
 EXIT_OK, EXIT_FAILED = 0, 1
@@ -279,72 +277,84 @@ def settings(options: Options, environ: dict[str, str]) -> dict[str, str]:
     return found
 
 
-@defer.inlineCallbacks
-def connect(reactor: Any, found: dict[str, str]) -> Any:
+#: Seconds the master may take to accept the connection, and then to finish the TLS handshake.
+CONNECT_TIMEOUT = HANDSHAKE_TIMEOUT = 10.0
+
+
+class MasterConnection(BoxStream):
+    """
+    ``mrsync``'s connection to the master.  With TLS 1.3 the master judges
+    this side's certificate after this side's handshake is done, so a
+    refusal comes with the first command's answer: until one has come, a
+    failure is explained as the handshake's (`explain`).
+    """
+
+    def __init__(self, sock: socket.socket, explain: Callable[[BaseException], str]) -> None:
+        super().__init__(sock)
+        self.explain = explain
+        self.answered = False
+
+
+def connect(found: dict[str, str]) -> MasterConnection:
     try:
         host, port = split_address(found["master"])
     except ValueError as e:
         raise CommandError(f"master {found['master']!r}: {e}", EXIT_USAGE) from None
-    try:
-        # The same checks the master makes, made first here so that a wrong
-        # certificate says why, instead of a bare TLS alert.
-        options = tls.client_options(
-            found["ca"], found["certificate"], found["key"], found.get("master_name") or host
-        )
-    except Exception as e:
-        raise CommandError(str(e), EXIT_UNREACHABLE) from None
-    endpoint = endpoints.wrapClientTLS(options, endpoints.HostnameEndpoint(reactor, host, port, timeout=10))
-    factory = Factory.forProtocol(MasterConnection)
-    factory.noisy = False
-    try:
-        protocol = yield endpoint.connect(factory)
-    except Exception as e:
-        raise CommandError(f"cannot reach the master at {found['master']}: {e}", EXIT_UNREACHABLE) from None
-    protocol.explain = lambda e: _not_trusted(e, found, host)
-    try:
-        yield protocol.handshake.addTimeout(HANDSHAKE_TIMEOUT, reactor)
-    except Exception as e:
-        raise CommandError(protocol.explain(e), EXIT_UNREACHABLE) from None
-    return protocol
-
-
-#: Seconds the TLS handshake with the master may take.
-HANDSHAKE_TIMEOUT = 10.0
-
-
-@implementer(IHandshakeListener)
-class MasterConnection(amp.AMP):
-    """``mrsync``'s connection to the master; ``handshake`` fires once TLS has checked the master."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.handshake: defer.Deferred = defer.Deferred()
-        #: Why the connection failed, in an operator's words (`_not_trusted`):
-        #: the master's name is checked once the handshake is done, and the
-        #: master judges this certificate after it, so the failure may come
-        #: with the first command.
-        self.explain: Callable[[BaseException], str] = _refused_in_handshake
-
-    def handshakeCompleted(self) -> None:
-        if not self.handshake.called:
-            self.handshake.callback(None)
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        if not self.handshake.called:
-            self.handshake.errback(reason)
-        super().connectionLost(reason)
-
-
-def _not_trusted(e: BaseException, found: dict[str, str], host: str) -> str:
-    """Why the TLS handshake with the master failed, and what to do, in place of OpenSSL's words."""
     name = found.get("master_name") or host
-    if type(e).__name__ == "VerificationError":  # service_identity's: the master's name
-        return (
-            f"the master's certificate is not for {name!r}: dial a name it carries, or set --master-name"
-            " (master_name in client.toml) to one, or reissue it (mrsync-ca issue --dns/--ip)"
-        )
-    said = str(e)
-    if isinstance(e, SSL.Error) and "certificate verify failed" in said:
+
+    def explain(e: BaseException) -> str:
+        # This side's files are checked as a daemon checks its own at start
+        # (`tls.client_options`), only now that something failed: their
+        # checks load Twisted and cryptography, which a command that works
+        # does without.  What they find is the likelier cause.
+        return _own_files_wrong(found, name) or _not_trusted(e, found, name)
+
+    try:
+        context = client_context(found["ca"], found["certificate"], found["key"])
+    except (OSError, ValueError) as e:  # ssl.SSLError is an OSError
+        raise CommandError(_own_files_wrong(found, name) or f"{e}", EXIT_UNREACHABLE) from None
+    try:
+        raw = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT)
+    except OSError as e:
+        why = _own_files_wrong(found, name) or f"cannot reach the master at {found['master']}: {_said(e)}"
+        raise CommandError(why, EXIT_UNREACHABLE) from None
+    try:
+        raw.settimeout(HANDSHAKE_TIMEOUT)
+        sock = context.wrap_socket(raw, server_hostname=name)
+        sock.settimeout(None)
+    except (OSError, ValueError) as e:
+        raw.close()
+        raise CommandError(explain(e), EXIT_UNREACHABLE) from None
+    return MasterConnection(sock, explain)
+
+
+def _said(e: BaseException) -> str:
+    return getattr(e, "strerror", None) or str(e) or type(e).__name__
+
+
+def _own_files_wrong(found: dict[str, str], name: str) -> str | None:
+    """What is wrong with this side's CA, certificate or key, or None."""
+    from mrsyncd.security import tls  # Twisted, pyOpenSSL and cryptography: only once something failed
+
+    try:
+        tls.client_options(found["ca"], found["certificate"], found["key"], name)
+    except Exception as e:
+        return str(e)
+    return None
+
+
+#: OpenSSL's verification codes for a certificate that names another host or address.
+_NAME_MISMATCH = {62, 63, 64}  # X509_V_ERR_HOSTNAME_MISMATCH, _EMAIL_MISMATCH, _IP_ADDRESS_MISMATCH
+
+
+def _not_trusted(e: BaseException, found: dict[str, str], name: str) -> str:
+    """Why the TLS handshake with the master failed, and what to do, in place of OpenSSL's words."""
+    if isinstance(e, ssl.SSLCertVerificationError):
+        if e.verify_code in _NAME_MISMATCH:
+            return (
+                f"the master's certificate is not for {name!r}: dial a name it carries, or set --master-name"
+                " (master_name in client.toml) to one, or reissue it (mrsync-ca issue --dns/--ip)"
+            )
         return (
             f"the master's certificate does not verify against {found['ca']}: is that this cluster's CA"
             " certificate? (Or the master's certificate has expired: mrsync-ca show on it.)"
@@ -355,36 +365,38 @@ def _not_trusted(e: BaseException, found: dict[str, str], host: str) -> str:
 def _refused_in_handshake(e: BaseException) -> str:
     """The master ended the connection as TLS began: it did not take this certificate."""
     said = str(e)
-    alert = re.search(r"alert ([a-z ]+)", said)
-    if isinstance(e, SSL.Error) and alert:
+    alert = re.search(r"alert ([a-z ]+[a-z])", said)
+    if isinstance(e, ssl.SSLError) and alert and not isinstance(e, ssl.SSLEOFError):
         return (
             f"the master refused this certificate in the TLS handshake ({alert.group(1)}): is it issued by"
             " the cluster's CA, and not expired or revoked?"
         )
-    if isinstance(e, defer.TimeoutError):
+    if isinstance(e, TimeoutError):
         return f"the master did not finish the TLS handshake within {HANDSHAKE_TIMEOUT:.0f} s"
-    if isinstance(e, error.ConnectionDone | error.ConnectionLost):
+    if isinstance(e, ConnectionError | ssl.SSLEOFError | ssl.SSLZeroReturnError):
         return (
             "the master closed the connection as it began: it refuses this certificate (revoked, or holding"
             " max_connections_per_certificate connections already); the master's log says which"
         )
-    return f"no answer from the master: {said}"
+    return f"no answer from the master: {_said(e)}"
 
 
-@defer.inlineCallbacks
-def call(protocol: amp.AMP, command: type[amp.Command], **kw: Any) -> Any:
+def call(connection: MasterConnection, command: Command, **kw: Any) -> dict[str, Any]:
     try:
-        answer = yield protocol.callRemote(command, **kw)
-    except (Forbidden, BadRequest, NoSuchJob) as e:
-        raise CommandError(f"the master refused: {e}", EXIT_REFUSED) from None
-    except Exception as e:
-        if getattr(protocol, "answered", False):
-            raise CommandError(f"lost the master: {e}", EXIT_UNREACHABLE) from None
+        answer = connection.call_remote(command, **kw)
+    except AmpError as e:
+        if e.code in REFUSALS:
+            raise CommandError(f"the master refused: {e.description}", EXIT_REFUSED) from None
+        # UNKNOWN: the master failed at the request; its log says how.
+        raise CommandError(f"the master could not answer {command.name}: {e}", EXIT_REFUSED) from None
+    except (OSError, ValueError) as e:
+        if connection.answered:
+            raise CommandError(f"lost the master: {_said(e)}", EXIT_UNREACHABLE) from None
         # A certificate the master does not accept ends the connection just
         # after the handshake (TLS 1.3 finishes the client's side first),
         # which surfaces here, at the first command, as a lost connection.
-        raise CommandError(getattr(protocol, "explain", _refused_in_handshake)(e), EXIT_UNREACHABLE) from None
-    protocol.answered = True  # type: ignore[attr-defined]
+        raise CommandError(connection.explain(e), EXIT_UNREACHABLE) from None
+    connection.answered = True
     return answer
 
 
@@ -409,9 +421,9 @@ class Progress:
     few seconds.
     """
 
-    def __init__(self, out: Any, clock: Any) -> None:
+    def __init__(self, out: Any, now: Callable[[], float] = time.monotonic) -> None:
         self.out = out
-        self.clock = clock
+        self.now = now
         self.tty = out.isatty()
         self.samples: list[tuple[float, int]] = []
         self.last_plain = float("-inf")
@@ -424,7 +436,7 @@ class Progress:
             return 80
 
     def show(self, status: dict[str, Any]) -> None:
-        now = self.clock.seconds()
+        now = self.now()
         sent, planned = _sent_and_planned(status)
         self.samples = [s for s in self.samples if now - s[0] <= 5.0] + [(now, sent)]
         span = self.samples[-1][0] - self.samples[0][0]
@@ -610,24 +622,27 @@ def exit_code(status: dict[str, Any]) -> int:
 class Interruption:
     """
     Ctrl-C as the command at work hears it.  While `push` follows the job it
-    started, the first cancels that job, and the command waits for the nodes
-    to stop and reports what each completed, as rsync stops its transfer; a
-    second leaves at once.  At any other moment (connecting, ``status
-    --follow``) the first leaves at once: following a job is not running it.
+    started, the first cancels that job (at the next answer from the master,
+    within `PROGRESS_INTERVAL`), and the command waits for the nodes to stop
+    and reports what each completed, as rsync stops its transfer; a second
+    leaves at once.  At any other moment (connecting, ``status --follow``)
+    the first leaves at once: following a job is not running it.
     """
 
-    def __init__(self, reactor: Any, err: Any) -> None:
-        self.reactor = reactor
+    def __init__(self, err: Any) -> None:
         self.err = err
         #: How many Ctrl-Cs came.
         self.heard = 0
         #: Set while a push follows its own job: Ctrl-C then cancels it.
         self.graceful = False
-        self._waiting: list[defer.Deferred] = []
 
     def install(self) -> None:
-        """Take SIGINT from the reactor, whose own handler would stop it mid-command."""
-        signal.signal(signal.SIGINT, lambda signum, frame: self.reactor.callFromThread(self.interrupted))
+        """
+        Take SIGINT in place of Python's KeyboardInterrupt, which could come
+        between any two steps, a box half read.  A blocking read goes on
+        after the handler returns (PEP 475).
+        """
+        signal.signal(signal.SIGINT, lambda signum, frame: self.interrupted())
 
     def interrupted(self) -> None:
         self.heard += 1
@@ -636,22 +651,6 @@ class Interruption:
             self.err.write("\nmrsync: interrupted\n")
             self.err.flush()
             os._exit(EXIT_INTERRUPTED)
-        waiting, self._waiting = self._waiting, []
-        for waiter in waiting:
-            waiter.callback(None)
-
-    def unless_interrupted(self, d: defer.Deferred) -> defer.Deferred:
-        """``d``'s result, or None as soon as Ctrl-C comes (``d``'s own result then goes unheard)."""
-        waiter: defer.Deferred = defer.Deferred()
-        self._waiting.append(waiter)
-
-        def came(result: object) -> None:
-            if waiter in self._waiting:
-                self._waiting.remove(waiter)
-                waiter.callback(result)
-
-        d.addBoth(came)
-        return waiter
 
 
 def _json(out: Any, value: Any) -> None:
@@ -664,41 +663,35 @@ def _when(seconds: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(seconds))
 
 
-@defer.inlineCallbacks
 def follow(
-    reactor: Any,
-    protocol: amp.AMP,
+    connection: MasterConnection,
     job: int,
     json_out: bool,
     out: Any,
     interruption: Interruption,
     verbosity: int = 0,
-) -> Any:
+) -> int:
     """
     Show a job's progress until it ends, then its report.  A push's job
     (``interruption.graceful``) is cancelled on Ctrl-C, and the command
     exits 130 once it has ended.
     """
-    progress = Progress(out, reactor)
+    progress = Progress(out)
     cancelled = False
     wait = 0.0  # the first answer at once: the job may be queued
     while True:
         # Held by the master until the job ends or PROGRESS_INTERVAL passes:
         # the end is heard as it comes (a poll heard it 0.25 s late on
-        # average, 1.4% of a 20 s push).
-        answer = yield interruption.unless_interrupted(
-            call(protocol, JobStatus, job=job, files=False, wait=wait)
-        )
-        if answer is not None:
-            status = answer["status"]
-            if status["state"] in FINISHED:
-                break
+        # average, 1.4% of a 20 s push), and so is a Ctrl-C.
+        status = call(connection, JOB_STATUS, job=job, files=False, wait=wait)["status"]
+        if status["state"] in FINISHED:
+            break
         wait = PROGRESS_INTERVAL
         if interruption.heard and not cancelled:
             cancelled = True
             if not json_out:
                 progress.end()
-            yield call(protocol, Cancel, job=job)
+            call(connection, CANCEL, job=job)
             interruption.err.write(
                 f"mrsync: interrupted: cancelling job {job} (Ctrl-C again to leave without waiting)\n"
             )
@@ -709,8 +702,7 @@ def follow(
     # Each file's result per node, only where it is shown: 80,000 of them
     # for a tree of 10,000 files to 8 nodes.
     files = json_out or bool(status["spec"].get("dry_run")) or verbosity > 0
-    answer = yield call(protocol, JobStatus, job=job, files=files)
-    status = answer["status"]
+    status = call(connection, JOB_STATUS, job=job, files=files, wait=None)["status"]
     if json_out:
         _json(out, status)
     else:
@@ -720,8 +712,7 @@ def follow(
     return EXIT_INTERRUPTED if cancelled else exit_code(status)
 
 
-@defer.inlineCallbacks
-def push(reactor: Any, protocol: amp.AMP, sub: PushOptions, out: Any, interruption: Interruption) -> Any:
+def push(connection: MasterConnection, sub: PushOptions, out: Any, interruption: Interruption) -> int:
     spec = {
         "sources": sub["sources"],
         "destination": sub["destination"],
@@ -742,21 +733,20 @@ def push(reactor: Any, protocol: amp.AMP, sub: PushOptions, out: Any, interrupti
     # From the submission on, Ctrl-C cancels the job (one asked for while
     # the submission is on its way cancels it as soon as its id is known).
     interruption.graceful = not sub["detach"]
-    answer = yield call(protocol, Submit, spec=spec)
-    job = answer["job"]
+    job = call(connection, SUBMIT, spec=spec)["job"]
     if sub["detach"]:
         out.write(json.dumps({"job": job}) + "\n" if sub["json"] else f"{job}\n")
         return EXIT_OK
     if not sub["json"] and sub["verbosity"] >= 0:
         out.write(f"job {job} submitted\n")
-    return (yield follow(reactor, protocol, job, sub["json"], out, interruption, sub["verbosity"]))
+        out.flush()
+    return follow(connection, job, sub["json"], out, interruption, sub["verbosity"])
 
 
-@defer.inlineCallbacks
-def status(reactor: Any, protocol: amp.AMP, sub: StatusOptions, out: Any, interruption: Interruption) -> Any:
+def status(connection: MasterConnection, sub: StatusOptions, out: Any, interruption: Interruption) -> int:
     if sub["follow"]:
-        return (yield follow(reactor, protocol, sub["job"], sub["json"], out, interruption, sub["verbosity"]))
-    answer = yield call(protocol, JobStatus, job=sub["job"], files=sub["files"])
+        return follow(connection, sub["job"], sub["json"], out, interruption, sub["verbosity"])
+    answer = call(connection, JOB_STATUS, job=sub["job"], files=sub["files"], wait=None)
     if sub["json"]:
         _json(out, answer["status"])
     else:
@@ -764,20 +754,18 @@ def status(reactor: Any, protocol: amp.AMP, sub: StatusOptions, out: Any, interr
     return EXIT_OK
 
 
-@defer.inlineCallbacks
-def cancel(reactor: Any, protocol: amp.AMP, sub: JobOptions, out: Any, interruption: Interruption) -> Any:
-    answer = yield call(protocol, Cancel, job=sub["job"])
+def cancel(connection: MasterConnection, sub: JobOptions, out: Any, interruption: Interruption) -> int:
+    answer = call(connection, CANCEL, job=sub["job"])
     out.write(f"job {sub['job']}: {answer['state']}\n")
     return EXIT_OK
 
 
-@defer.inlineCallbacks
-def nodes(reactor: Any, protocol: amp.AMP, sub: NodesOptions, out: Any, interruption: Interruption) -> Any:
+def nodes(connection: MasterConnection, sub: NodesOptions, out: Any, interruption: Interruption) -> int:
     if sub["forget"] is not None:
-        yield call(protocol, ForgetNode, name=sub["forget"])
+        call(connection, FORGET_NODE, name=sub["forget"])
         out.write(f"forgot {sub['forget']}: 'all' and its tags no longer name it until it registers again\n")
         return EXIT_OK
-    answer = yield call(protocol, ListNodes)
+    answer = call(connection, LIST_NODES)
     if sub["json"]:
         _json(out, answer["nodes"])
         return EXIT_OK
@@ -793,9 +781,8 @@ def nodes(reactor: Any, protocol: amp.AMP, sub: NodesOptions, out: Any, interrup
     return EXIT_OK
 
 
-@defer.inlineCallbacks
-def jobs(reactor: Any, protocol: amp.AMP, sub: ListOptions, out: Any, interruption: Interruption) -> Any:
-    answer = yield call(protocol, ListJobs, limit=50)
+def jobs(connection: MasterConnection, sub: ListOptions, out: Any, interruption: Interruption) -> int:
+    answer = call(connection, LIST_JOBS, limit=50)
     if sub["json"]:
         _json(out, answer["jobs"])
         return EXIT_OK
@@ -809,7 +796,7 @@ def jobs(reactor: Any, protocol: amp.AMP, sub: ListOptions, out: Any, interrupti
     return EXIT_OK
 
 
-COMMANDS: dict[str, Callable[..., defer.Deferred]] = {
+COMMANDS: dict[str, Callable[..., int]] = {
     "push": push,
     "status": status,
     "cancel": cancel,
@@ -818,15 +805,9 @@ COMMANDS: dict[str, Callable[..., defer.Deferred]] = {
 }
 
 
-@defer.inlineCallbacks
-def run(reactor: Any, options: Options, out: Any, interruption: Interruption) -> Any:
-    protocol = yield connect(reactor, settings(options, dict(os.environ)))
-    try:
-        command = COMMANDS[str(options.subCommand)]
-        return (yield command(reactor, protocol, options.subOptions, out, interruption))
-    finally:
-        if protocol.transport is not None:
-            protocol.transport.loseConnection()
+def run(options: Options, out: Any, interruption: Interruption) -> int:
+    with connect(settings(options, dict(os.environ))) as connection:
+        return COMMANDS[str(options.subCommand)](connection, options.subOptions, out, interruption)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -836,21 +817,16 @@ def main(argv: list[str] | None = None) -> None:
     except usage.UsageError as e:
         usage_error("mrsync", options, e)
 
-    def go(reactor: Any) -> defer.Deferred:
-        def finished(result: int) -> None:
-            if result:
-                raise SystemExit(result)
-
-        def failed(failure: Any) -> None:
-            error = failure.value
-            sys.stderr.write(f"mrsync: {error}\n")
-            raise SystemExit(error.code if isinstance(error, CommandError) else EXIT_FAILED)
-
-        interruption = Interruption(reactor, sys.stderr)
-        interruption.install()
-        return run(reactor, options, sys.stdout, interruption).addCallbacks(finished, failed)
-
-    task.react(go)
+    interruption = Interruption(sys.stderr)
+    interruption.install()
+    try:
+        code = run(options, sys.stdout, interruption)
+    except CommandError as e:
+        sys.stdout.flush()
+        sys.stderr.write(f"mrsync: {e}\n")
+        code = e.code
+    sys.stdout.flush()
+    raise SystemExit(code)
 
 
 if __name__ == "__main__":

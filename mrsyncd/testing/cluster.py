@@ -50,6 +50,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from mrsyncd.control import boxes
 from mrsyncd.security import certs
 from mrsyncd.testing import REPO, environment, trees
 
@@ -737,49 +738,13 @@ def content(path: str | Path) -> tuple[int, str]:
         return content_of(f)
 
 
-class AmpError(Exception):
-    """An AMP error answer: ``code`` and ``description`` as the peer sent them."""
-
-    def __init__(self, code: str, description: str) -> None:
-        super().__init__(f"{code}: {description}")
-        self.code = code
-        self.description = description
-
-
-def amp_box(items: Iterable[tuple[bytes, bytes]]) -> bytes:
-    """AMP's wire form of one box: 16-bit-length-prefixed keys and values, then an empty key."""
-    out = bytearray()
-    for key, value in items:
-        out += len(key).to_bytes(2, "big") + key + len(value).to_bytes(2, "big") + value
-    return bytes(out + b"\0\0")
-
-
-def big_value(name: bytes, value: bytes) -> list[tuple[bytes, bytes]]:
-    """A `commands.BigBytes` argument: ``name``, ``name.1``, ... of at most 65535 bytes each."""
-    pieces = [value[i : i + 0xFFFF] for i in range(0, len(value), 0xFFFF)] or [b""]
-    return [(name if i == 0 else name + b".%d" % i, piece) for i, piece in enumerate(pieces)]
-
-
-def joined(box: dict[bytes, bytes], name: bytes) -> bytes:
-    """The value of a `commands.BigBytes` argument of ``box``."""
-    pieces = [box[name]]
-    while (key := name + b".%d" % len(pieces)) in box:
-        pieces.append(box[key])
-    return b"".join(pieces)
-
-
-class AmpClient:
+class AmpClient(boxes.BoxStream):
     """
     A blocking AMP peer over TLS made with Python's own ssl module: it
     sends whatever boxes it is given, well-formed or not, and makes none of
     mrsync's own checks, so only the far end decides.  ``server_side``
     wraps an accepted socket instead (a stand-in master).
     """
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.buffer = b""
-        self.asked = 0
 
     @classmethod
     def connect(
@@ -803,37 +768,6 @@ class AmpClient:
             raw.close()
             raise
 
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.sock.close()
-
-    def __enter__(self) -> AmpClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def _need(self, n: int) -> bytes:
-        while len(self.buffer) < n:
-            piece = self.sock.recv(1 << 16)
-            if not piece:
-                raise ConnectionError("the peer closed the connection")
-            self.buffer += piece
-        data, self.buffer = self.buffer[:n], self.buffer[n:]
-        return data
-
-    def read_box(self) -> dict[bytes, bytes]:
-        box: dict[bytes, bytes] = {}
-        while True:
-            length = int.from_bytes(self._need(2), "big")
-            if not length:
-                return box
-            key = self._need(length)
-            box[key] = self._need(int.from_bytes(self._need(2), "big"))
-
     def closed(self, timeout: float = 10.0) -> bool:
         """Wait until the peer closes the connection (True), or ``timeout`` passes (False)."""
         self.sock.settimeout(timeout)
@@ -847,28 +781,20 @@ class AmpClient:
             return True
 
     def call(self, command: str, args: Iterable[tuple[bytes, bytes]] = ()) -> dict[bytes, bytes]:
-        """Ask, and return the answer box; an error answer raises `AmpError`."""
-        self.asked += 1
-        tag = b"%d" % self.asked
-        self.send(amp_box([(b"_ask", tag), (b"_command", command.encode()), *args]))
-        while True:
-            box = self.read_box()
-            if box.get(b"_answer") == tag:
-                return box
-            if box.get(b"_error") == tag:
-                raise AmpError(box[b"_error_code"].decode(), box[b"_error_description"].decode())
+        """Ask, and return the answer box; an error answer raises `boxes.AmpError`."""
+        return self.ask(command, args)
 
     # The operator's commands, as the master's control contract has them.
 
     def submit(self, spec: Any) -> int:
-        return int(self.call("Submit", big_value(b"spec", json.dumps(spec).encode()))[b"job"])
+        return int(self.call("Submit", boxes.pieces(b"spec", json.dumps(spec).encode()))[b"job"])
 
     def status(self, job: int, files: bool = False) -> Any:
         answer = self.call("JobStatus", [(b"job", b"%d" % job), (b"files", b"True" if files else b"False")])
-        return json.loads(joined(answer, b"status"))
+        return json.loads(boxes.joined(answer, b"status"))
 
     def nodes(self) -> Any:
-        return json.loads(joined(self.call("ListNodes"), b"nodes"))
+        return json.loads(boxes.joined(self.call("ListNodes"), b"nodes"))
 
     def wait_job(self, job: int, timeout: float, interval: float = 0.1) -> Any:
         """Poll until the job ends; its final status with files."""

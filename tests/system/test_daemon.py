@@ -37,6 +37,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
+from mrsyncd.control import boxes
 from mrsyncd.daemon.tap import EXIT_CONFIG
 from mrsyncd.testing import environment
 from mrsyncd.testing.cluster import (
@@ -343,13 +344,6 @@ def test_nodes_listed_and_reconnect(fleet: Cluster) -> None:
 # 3. Who may connect, and who may do what.
 
 
-def _amp_box(items: dict[bytes, bytes]) -> bytes:
-    out = b""
-    for key, value in items.items():
-        out += len(key).to_bytes(2, "big") + key + len(value).to_bytes(2, "big") + value
-    return out + b"\0\0"
-
-
 def raw_list_jobs(c: Cluster, identity: tuple[str, str] | None) -> tuple[bytes, str]:
     """
     Ask the master for ``ListJobs`` over TLS with Python's own ssl module,
@@ -365,7 +359,7 @@ def raw_list_jobs(c: Cluster, identity: tuple[str, str] | None) -> tuple[bytes, 
     try:
         with socket.create_connection(("127.0.0.1", c.port), timeout=10) as raw:
             with context.wrap_socket(raw, server_hostname="127.0.0.1") as s:
-                s.sendall(_amp_box({b"_ask": b"1", b"_command": b"ListJobs", b"limit": b"5"}))
+                s.sendall(boxes.encode([(b"_ask", b"1"), (b"_command", b"ListJobs"), (b"limit", b"5")]))
                 while not data.endswith(b"\0\0"):
                     piece = s.recv(65536)
                     if not piece:

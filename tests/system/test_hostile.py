@@ -43,29 +43,18 @@ import pytest
 from twisted.internet.testing import StringTransport
 from twisted.protocols import amp
 
-from mrsyncd.control.commands import (
-    MAX_BOX_BYTES,
-    MAX_BOX_KEYS,
-    MAX_MESSAGE_BYTES,
-    MAX_PIECES,
-    PIECE,
-    PROTOCOL,
-    BigBytes,
-    BoundedAMP,
-)
+from mrsyncd.control import boxes
+from mrsyncd.control.boxes import MAX_BOX_BYTES, MAX_BOX_KEYS, MAX_PIECES, PIECE
+from mrsyncd.control.commands import MAX_MESSAGE_BYTES, PROTOCOL, BigBytes, BoundedAMP
 from mrsyncd.engine.multicast import Channel, receiver_socket
 from mrsyncd.testing.cluster import (
     REPO,
     AmpClient,
-    AmpError,
     Cluster,
     FinalPaths,
-    amp_box,
-    big_value,
     can_unshare,
     content,
     free_tcp_port,
-    joined,
     operator_fleet,
     random_file,
     same_tree,
@@ -139,7 +128,7 @@ def test_bounded_amp_takes_the_largest_legitimate_box() -> None:
     """
     piece = bytes(PIECE)
     blob = [(b"blob" if i == 0 else b"blob.%d" % i, piece) for i in range(MAX_PIECES)]
-    data = amp_box([(b"_ask", b"1"), (b"_command", b"Take"), *blob, (b"n", b"7")])
+    data = boxes.encode([(b"_ask", b"1"), (b"_command", b"Take"), *blob, (b"n", b"7")])
     assert len(data) < MAX_BOX_BYTES
     proto, transport = _feed(data, max_box_bytes=MAX_BOX_BYTES)
     assert not transport.disconnecting
@@ -147,14 +136,14 @@ def test_bounded_amp_takes_the_largest_legitimate_box() -> None:
     proto, transport = _feed(data)
     assert proto._dropped and transport.value() == b""
     pieces = MAX_MESSAGE_BYTES // (PIECE + 12) - 1
-    fits = amp_box([(b"_ask", b"1"), (b"_command", b"Take"), *blob[:pieces], (b"n", b"7")])
+    fits = boxes.encode([(b"_ask", b"1"), (b"_command", b"Take"), *blob[:pieces], (b"n", b"7")])
     proto, transport = _feed(fits)
     assert _answers(transport) == [{b"_answer": b"1", b"length": b"%d" % (pieces * PIECE)}]
 
 
 def test_bounded_amp_drops_a_box_with_too_many_keys() -> None:
     keys = [(b"k%d" % i, b"v") for i in range(MAX_BOX_KEYS + 1)]
-    proto, transport = _feed(amp_box([(b"_ask", b"1"), (b"_command", b"Take"), *keys]))
+    proto, transport = _feed(boxes.encode([(b"_ask", b"1"), (b"_command", b"Take"), *keys]))
     assert transport.disconnecting or transport.disconnected
     assert transport.value() == b"", "a box over the limit was answered"
     assert proto._currentBox is None, "the box over the limit is still held"
@@ -164,7 +153,7 @@ def test_bounded_amp_drops_a_box_with_too_many_bytes() -> None:
     value = bytes(PIECE)
     count = MAX_MESSAGE_BYTES // (PIECE + 8) + 2
     assert count < MAX_BOX_KEYS, "this box must trip the byte bound, not the key bound"
-    head = amp_box([(b"_ask", b"1"), (b"_command", b"Take")])[:-2]
+    head = boxes.encode([(b"_ask", b"1"), (b"_command", b"Take")])[:-2]
     proto = Taker()
     transport = StringTransport()
     proto.makeConnection(transport)
@@ -516,13 +505,13 @@ def test_malformed_amp_from_authenticated_peers(fleet: tuple[Cluster, AmpClient]
         "garbage": rng.randbytes(1 << 16),
         "key of 300 bytes": (300).to_bytes(2, "big") + b"k" * 300 + b"\x00\x01v\x00\x00",
         "key declared 65535 bytes": b"\xff\xff" + b"k" * 1000,
-        "empty box": amp_box([(b"no", b"command")]),
-        "answer never asked": amp_box([(b"_answer", b"999"), (b"x", b"y")]),
-        "error never asked": amp_box(
+        "empty box": boxes.encode([(b"no", b"command")]),
+        "answer never asked": boxes.encode([(b"_answer", b"999"), (b"x", b"y")]),
+        "error never asked": boxes.encode(
             [(b"_error", b"999"), (b"_error_code", b"X"), (b"_error_description", b"d")]
         ),
-        "5000 keys": amp_box(
-            [(b"_ask", b"1"), (b"_command", b"Submit"), *big_value(b"spec", b"{}")]
+        "5000 keys": boxes.encode(
+            [(b"_ask", b"1"), (b"_command", b"Submit"), *boxes.pieces(b"spec", b"{}")]
             + [(b"spec.%d" % i, b"x") for i in range(1, 5000)]
         ),
     }
@@ -550,7 +539,7 @@ def test_malformed_amp_from_authenticated_peers(fleet: tuple[Cluster, AmpClient]
     }
     for label, (command, args, logged) in unparsable.items():
         with _connect(c, c.operator) as peer:
-            with pytest.raises(AmpError) as raised:
+            with pytest.raises(boxes.AmpError) as raised:
                 peer.call(command, args)
             assert raised.value.code == "UNKNOWN", (label, raised.value)
             assert peer.closed(10), f"the master kept the connection after {label}"
@@ -558,13 +547,13 @@ def test_malformed_amp_from_authenticated_peers(fleet: tuple[Cluster, AmpClient]
     # An unknown command and a request the master understands but refuses:
     # an error answer each, and the connection goes on.
     with _connect(c, c.operator) as peer:
-        with pytest.raises(AmpError) as raised:
+        with pytest.raises(boxes.AmpError) as raised:
             peer.call("Nope")
         assert raised.value.code == "UNHANDLED", raised.value
-        with pytest.raises(AmpError) as raised:
+        with pytest.raises(boxes.AmpError) as raised:
             peer.call("Submit", [(b"spec", b"[1, 2]")])
         assert raised.value.code == "BAD_REQUEST" and "a job spec is an object" in raised.value.description
-        assert json.loads(joined(peer.call("ListJobs", [(b"limit", b"1")]), b"jobs")) is not None
+        assert json.loads(boxes.joined(peer.call("ListJobs", [(b"limit", b"1")]), b"jobs")) is not None
 
     # A box that never ends: the master buffers at most max_message_bytes of it,
     # every time (before the bound, 390 MB sent this way stayed buffered on a
@@ -574,7 +563,7 @@ def test_malformed_amp_from_authenticated_peers(fleet: tuple[Cluster, AmpClient]
     peaks = []
     for attempt in range(2):
         with _connect(c, c.operator) as peer:
-            peer.send(amp_box([(b"_ask", b"1"), (b"_command", b"ListJobs")])[:-2])
+            peer.send(boxes.encode([(b"_ask", b"1"), (b"_command", b"ListJobs")])[:-2])
             value = b"\xff\xff" + bytes(PIECE)
             sent = 0
             try:
@@ -614,30 +603,33 @@ def test_certificates_used_beyond_their_role(fleet: tuple[Cluster, AmpClient]) -
     assert c.master is not None
     rogue = c.ca.issue("node", "rogue-node2")
     since = c.master.mark()
-    jobs_before = json.loads(joined(client.call("ListJobs", [(b"limit", b"1000")]), b"jobs"))
+    jobs_before = json.loads(boxes.joined(client.call("ListJobs", [(b"limit", b"1000")]), b"jobs"))
     with _connect(c, rogue) as node:
         for command, args in (
-            ("Submit", big_value(b"spec", json.dumps(spec(c.base, "all", c.shared / "pub" / "x")).encode())),
+            (
+                "Submit",
+                boxes.pieces(b"spec", json.dumps(spec(c.base, "all", c.shared / "pub" / "x")).encode()),
+            ),
             ("Cancel", [(b"job", b"1")]),
             ("JobStatus", [(b"job", b"1"), (b"files", b"True")]),
             ("ListJobs", [(b"limit", b"5")]),
             ("ListNodes", []),
         ):
-            with pytest.raises(AmpError) as raised:
+            with pytest.raises(boxes.AmpError) as raised:
                 node.call(command, args)
             assert raised.value.code == "FORBIDDEN", (command, raised.value)
             assert "needs an operator certificate" in raised.value.description
         # Another node's name.
-        with pytest.raises(AmpError) as raised:
+        with pytest.raises(boxes.AmpError) as raised:
             node.call("Register", [(b"name", b"node1"), (b"tags", b"")])
         assert raised.value.code == "REFUSED" and "rogue-node2" in raised.value.description, raised.value
     with _connect(c, c.operator) as operator:
-        with pytest.raises(AmpError) as raised:
+        with pytest.raises(boxes.AmpError) as raised:
             operator.call("Register", [(b"name", b"node2"), (b"tags", b"")])
         assert raised.value.code == "FORBIDDEN", raised.value
     # Plain text to the TLS port.
     with socket.create_connection((c.host, c.port), timeout=10) as plain:
-        plain.sendall(amp_box([(b"_ask", b"1"), (b"_command", b"ListJobs"), (b"limit", b"5")]))
+        plain.sendall(boxes.encode([(b"_ask", b"1"), (b"_command", b"ListJobs"), (b"limit", b"5")]))
         plain.settimeout(10)
         got = b""
         try:
@@ -650,7 +642,7 @@ def test_certificates_used_beyond_their_role(fleet: tuple[Cluster, AmpClient]) -
     assert log.count("refused an operator command from a node certificate") >= 5, log
     assert "refused a node command from an operator certificate" in log
     assert "node node1 registered" not in log and "node1 connected again" not in log
-    jobs_after = json.loads(joined(client.call("ListJobs", [(b"limit", b"1000")]), b"jobs"))
+    jobs_after = json.loads(boxes.joined(client.call("ListJobs", [(b"limit", b"1000")]), b"jobs"))
     assert [j["id"] for j in jobs_after] == [j["id"] for j in jobs_before], "a job appeared"
     assert {n["name"]: n["state"] for n in client.nodes()} == {"node1": "connected", "node2": "connected"}
 
@@ -687,7 +679,7 @@ def test_hostile_job_requests(fleet: tuple[Cluster, AmpClient]) -> None:
         "unknown node": spec(src, "node1,nobody,nod2", pub / "y"),
     }
     for label, request in refused.items():
-        with pytest.raises(AmpError) as raised:
+        with pytest.raises(boxes.AmpError) as raised:
             job = client.submit(request)
             pytest.fail(f"{label}: accepted as job {job}")
         assert raised.value.code == "BAD_REQUEST", (label, raised.value)
@@ -830,7 +822,7 @@ class StandInMaster:
         peer = AmpClient(self.context.wrap_socket(raw, server_side=True))
         register = peer.read_box()
         assert register.get(b"_command") == b"Register", register
-        peer.send(amp_box([(b"_answer", register[b"_ask"]), (b"version", b"%d" % PROTOCOL)]))
+        peer.send(boxes.encode([(b"_answer", register[b"_ask"]), (b"version", b"%d" % PROTOCOL)]))
         return peer
 
     def close(self) -> None:
@@ -871,7 +863,7 @@ def _prepare(
     channel = support.unique_channel()
     assert manifest is not None or digest is not None
     # As `commands.CompressedBytes` sends it.
-    sent = big_value(b"manifest", zlib.compress(manifest)) if manifest is not None else []
+    sent = boxes.pieces(b"manifest", zlib.compress(manifest)) if manifest is not None else []
     return peer.call(
         "Prepare",
         [
@@ -942,10 +934,10 @@ def test_hostile_manifests_from_a_stand_in_master(fleet: tuple[Cluster, AmpClien
         forged = _manifest([_zeros("f")])
         refusals["digest"] = (forged, str(pub / "m"), "does not match its digest")
         for label, (manifest, destination, why) in refusals.items():
-            with pytest.raises(AmpError) as raised:
+            with pytest.raises(boxes.AmpError) as raised:
                 _prepare(peer, manifest, destination, label, digest=b"\0" * 32 if label == "digest" else None)
             assert raised.value.code == "REFUSED" and why in raised.value.description, (label, raised.value)
-        with pytest.raises(AmpError) as raised:
+        with pytest.raises(boxes.AmpError) as raised:
             _prepare(peer, None, str(pub / "m"), "unknown", digest=os.urandom(32))
         assert raised.value.code == "UNKNOWN_MANIFEST", raised.value
         # A symlink to the outside, then a file beneath it (a whole chunk of zeros: no data needs to flow).
@@ -961,7 +953,7 @@ def test_hostile_manifests_from_a_stand_in_master(fleet: tuple[Cluster, AmpClien
         )
         # As `commands.CompressedJSON` sends them.
         results = json.loads(
-            zlib.decompress(joined(peer.call("Results", [(b"transfer_id", transfer_id)]), b"results"))
+            zlib.decompress(boxes.joined(peer.call("Results", [(b"transfer_id", transfer_id)]), b"results"))
         )
         print("symlink then file:", results)
         assert results["esc"] != "ok" and results["esc"].startswith("cannot link"), results
