@@ -233,6 +233,30 @@ def test_rate_settles_where_the_queue_holds_the_target_delay():
     assert controller.monitor in (None, "a", "b", "c")
 
 
+def test_a_queue_that_comes_at_once_is_cut_for_once():
+    """
+    A stall of the sender, or of the host the link runs on, leaves a queue
+    of 15 ms behind a push at the link's rate.  A report tells of it an
+    interval late; one cut drains it, and a second one, on the same queue,
+    only left the link idle while the rate climbed back.
+    """
+    clock, controller = fleet()
+    drive(controller, clock, 2.0, quiet)
+    queue, idle = [0.015], [0.0]
+
+    def stalled(t):
+        heard = queue[0]
+        gained = (controller.rate - 100e6) / 100e6 * controller.interval
+        idle[0] += max(0.0, -gained - queue[0])
+        queue[0] = max(0.0, queue[0] + gained)
+        return {n: Feedback(0.0, heard) for n in "abc"} if heard > 0.002 else {}
+
+    rates = drive(controller, clock, 3.0, stalled)
+    assert min(rates) >= 0.84 * 100e6, [round(r / 1e6, 1) for r in rates]
+    assert idle[0] < 0.015, idle[0]
+    assert rates[-1] == 100e6
+
+
 def test_random_loss_without_a_queue_does_not_slow_the_sender():
     clock, controller = fleet()
     rates = drive(controller, clock, 3.0, lambda t: {n: Feedback(0.02, 0.0) for n in "abc"})
