@@ -389,7 +389,13 @@ def call(connection: MasterConnection, command: Command, **kw: Any) -> dict[str,
             raise CommandError(f"the master refused: {e.description}", EXIT_REFUSED) from None
         # UNKNOWN: the master failed at the request; its log says how.
         raise CommandError(f"the master could not answer {command.name}: {e}", EXIT_REFUSED) from None
-    except (OSError, ValueError) as e:
+    except (KeyError, ValueError) as e:
+        raise CommandError(
+            f"the master's answer to {command.name} is not one this mrsync reads ({e!r}): are both"
+            " of one mrsyncd version?",
+            EXIT_UNREACHABLE,
+        ) from None
+    except OSError as e:
         if connection.answered:
             raise CommandError(f"lost the master: {_said(e)}", EXIT_UNREACHABLE) from None
         # A certificate the master does not accept ends the connection just
@@ -825,6 +831,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.stdout.flush()
         sys.stderr.write(f"mrsync: {e}\n")
         code = e.code
+    except Exception as e:  # one line, as every failure says it, not a traceback
+        sys.stdout.flush()
+        sys.stderr.write(f"mrsync: {type(e).__name__}: {e}\n")
+        code = EXIT_FAILED
     sys.stdout.flush()
     raise SystemExit(code)
 
