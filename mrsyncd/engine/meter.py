@@ -66,6 +66,9 @@ class DelayLossMeter:
         self._socket_drops = 0
         #: The batch just counted had gaps of our own socket's making.
         self._own_loss = False
+        #: Readings, this one and the next, that name no lost datagrams:
+        #: our socket dropped some while they were counted (`overflowed`).
+        self._unnamed = 0
 
     def count(
         self, got: int, seq_max: int, owd_sum: int, owd_min: int, owd_count: int, now: float = 0.0
@@ -105,6 +108,14 @@ class DelayLossMeter:
         if drops > self._socket_drops:
             self._local += drops - self._socket_drops
             self._local_new += drops - self._socket_drops
+            # Which gaps are the socket's is not known: its count, read after
+            # a batch, also holds drops of datagrams behind those still in
+            # its buffer, whose gaps show in a later batch, maybe in the
+            # next interval.  While it drops, no gap is named: receivers
+            # sharing a host's CPU drop the same datagrams at once, and
+            # named, those would look like a shared link's loss, which
+            # caps the rate at TCP's (`RateController.shared`).
+            self._unnamed = 2
         self._socket_drops = drops
 
     def arrived(self, first: int, last: int) -> None:
@@ -112,9 +123,10 @@ class DelayLossMeter:
         Datagrams ``first`` to ``last`` (sequence numbers) arrived, a run
         of them: those between the last run and this one were lost, and the
         marked ones among them are named in the next reading, unless our
-        own socket dropped some of this batch's (`overflowed`).
+        own socket dropped datagrams in this interval or the last
+        (`overflowed`).
         """
-        if self._own_loss:
+        if self._own_loss or self._unnamed:
             self._last_arrived = max(self._last_arrived, last)
             return
         if self._last_arrived >= 0 and first > self._last_arrived + 1 and len(self._lost) < LOST_MARKS:
@@ -161,6 +173,7 @@ class DelayLossMeter:
         # otherwise excuse a later loss of the network's.
         self._local = min(self._local, self._local_new)
         self._local_new = 0
+        self._unnamed = max(0, self._unnamed - 1)
         self._got = self._owd_sum = self._owd_count = 0
         stamp_us = int(now * 1e6) & MASK32
         lost, self._lost = tuple(self._lost), []

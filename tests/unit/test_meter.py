@@ -157,3 +157,30 @@ def test_what_our_own_socket_dropped_is_no_loss_event_and_named_not():
     for i in range(11, 20):
         meter.count(3 * m - 1, i * 3 * m, 0, 0, 0, now=i * 0.05)
     assert meter.reading((0.0, 9 * m + m // 2)).events > 0
+
+
+def test_while_our_socket_drops_no_gap_is_named():
+    """
+    The socket's drop count, read after a batch, holds drops whose gaps show
+    only in a later batch: here a gap of the network's took the count, and
+    the next gap, the socket's, was named.  Receivers sharing a host's CPU
+    drop the same datagrams, and the sender took such names for a shared
+    link's loss.  Once an interval passes without drops, gaps are named again.
+    """
+    m = LOST_MARK
+    meter = DelayLossMeter()
+    meter.overflowed(0)
+    meter.count(1, 0, 0, 0, 0, now=0.0)
+    meter.arrived(0, 0)
+    meter.overflowed(m)  # drops of the datagrams after the next gap
+    meter.count(2 * m, 3 * m, 0, 0, 0, now=0.05)
+    meter.arrived(m + 1, 3 * m)  # a gap of m: the network's, which took the count
+    meter.count(2 * m, 6 * m, 0, 0, 0, now=0.06)
+    meter.arrived(4 * m + 1, 6 * m)  # a gap of m: the socket's
+    assert meter.reading((0.5, m)).lost == ()
+    meter.count(2 * m, 9 * m, 0, 0, 0, now=0.15)
+    meter.arrived(7 * m + 1, 9 * m)
+    assert meter.reading((0.0, m)).lost == (), "drops seen late may leave gaps in the next interval"
+    meter.count(2 * m, 12 * m, 0, 0, 0, now=0.25)
+    meter.arrived(10 * m + 1, 12 * m)
+    assert meter.reading((0.0, m)).lost == (10 * m,)
