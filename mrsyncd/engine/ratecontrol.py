@@ -295,6 +295,10 @@ class RateController:
         self.capacity: float | None = None
         #: The TCP-friendly rate of the last `update` (inf: no shared loss).
         self.friendly = math.inf
+        #: What set `friendly`, for the log: the receiver, how many of the
+        #: lost datagrams it named others named too, and its loss event
+        #: rate ("" while `friendly` is inf).
+        self.friendly_cause = ""
         #: Each receiver's least round trip seen, seconds.
         self._rtt_min: dict[str, float] = {}
         #: The lost datagrams each receiver named, with when, and how many
@@ -354,12 +358,19 @@ class RateController:
         The TCP-friendly rate of the most limited of these receivers, from
         the loss events of theirs that are shared (inf: none are).
         """
-        rates = []
+        least, self.friendly_cause = math.inf, ""
         for node, report in reports.items():
             share = self.shared(node) if report.events > 0 else 0.0
             if share:
-                rates.append(tfrc.throughput(SEGMENT, self.rtt(node, report), report.events * share))
-        return min(rates, default=math.inf)
+                rate = tfrc.throughput(SEGMENT, self.rtt(node, report), report.events * share)
+                if rate < least:
+                    named = len(self._lost.get(node, ()))
+                    shared = round(share * named)
+                    least = rate
+                    self.friendly_cause = (
+                        f"{node}: {shared} of {named} named losses shared, events {report.events:.2g}"
+                    )
+        return least
 
     def _forget_lost(self, now: float) -> None:
         self._namers = None

@@ -287,12 +287,13 @@ class Transfer:
         self.sender.echo(self.controller.echo().pack())
         log.debug(
             "rate {rate:.1f} Mbit/s, monitor {monitor}, queue {queue:.1f} ms (for {steering:.0f}), "
-            "slow {slow}, TCP-friendly {friendly:.1f} Mbit/s{competing}",
+            "slow {slow}, TCP-friendly {friendly:.1f} Mbit/s{cause}{competing}",
             rate=self.controller.rate / 1e6,
             monitor=self.controller.monitor,
             queue=self.controller.monitor_queue * 1e3,
             slow=sorted(self.controller.slow),
             friendly=self.controller.friendly / 1e6,
+            cause=f" ({self.controller.friendly_cause})" if self.controller.friendly_cause else "",
             steering=self.controller.steering * 1e3,
             competing=", competing" if self.controller.competing else "",
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 import random
+import re
 
 import pytest
 from hypothesis import given
@@ -753,7 +754,7 @@ def test_loss_each_receiver_sees_alone_sets_no_tcp_share():
         return {n: stamped(clock, 0.02, 0.008, 0.02, shared=False) for n in "abc"}
 
     rates = drive(controller, clock, 5.0, own)
-    assert controller.friendly == math.inf
+    assert controller.friendly == math.inf and controller.friendly_cause == ""
     assert not any(controller.shared(n) for n in "abc")
     # The rate is the one the same queue gives without loss.
     clock, lossless = fleet()
@@ -774,6 +775,8 @@ def test_a_shallow_queue_that_overflows_before_the_delay_shows_gets_a_tcp_share(
     assert rates[-1] == pytest.approx(throughput(SEGMENT, 0.0032, 3e-3), rel=0.01)
     assert rates[-1] < 0.9 * 100e6
     assert 0.003 < SHARED_TARGET
+    # The log says which receiver set it, and on how much shared loss.
+    assert re.fullmatch(r"[abc]: (\d+) of \1 named losses shared, events 0.003", controller.friendly_cause)
 
 
 def test_once_the_others_leave_the_queue_drains_and_the_push_takes_the_link_again():
