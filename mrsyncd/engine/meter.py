@@ -64,8 +64,6 @@ class DelayLossMeter:
         #: when last told (`overflowed`).
         self._local = self._local_new = 0
         self._socket_drops = 0
-        #: The batch just counted had gaps of our own socket's making.
-        self._own_loss = False
         #: Readings, this one and the next, that name no lost datagrams:
         #: our socket dropped some while they were counted (`overflowed`).
         self._unnamed = 0
@@ -78,7 +76,6 @@ class DelayLossMeter:
         ``seq_max``, and ``owd_count`` of them had their one-way delay
         measured (microseconds, on the two hosts' clocks).
         """
-        self._own_loss = False
         if self.seq_max < 0:
             self._seq_reported = seq_max - 1
         elif seq_max > self.seq_max:
@@ -86,7 +83,6 @@ class DelayLossMeter:
             missing = max(0, expected - got)
             own = min(missing, self._local)
             self._local -= own
-            self._own_loss = own > 0
             self.losses.count(expected, missing - own, now, self._queue)
         self.seq_max = max(self.seq_max, seq_max)
         self._got += got
@@ -126,7 +122,9 @@ class DelayLossMeter:
         own socket dropped datagrams in this interval or the last
         (`overflowed`).
         """
-        if self._own_loss or self._unnamed:
+        # Drops still to account for (`_local`) are this interval's or the
+        # last's, so `_unnamed` covers every batch with gaps of our own.
+        if self._unnamed:
             self._last_arrived = max(self._last_arrived, last)
             return
         if self._last_arrived >= 0 and first > self._last_arrived + 1 and len(self._lost) < LOST_MARKS:
