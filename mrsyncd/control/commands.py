@@ -22,6 +22,7 @@ from twisted.protocols import amp
 from twisted.python.failure import Failure
 
 from mrsyncd import logs
+from mrsyncd.control import boxes
 from mrsyncd.control.boxes import MAX_BOX_KEYS, MAX_PIECES, PIECE
 from mrsyncd.control.contract import LOST_MARKS, Feedback, Refused, UnknownTransfer, fixed
 from mrsyncd.wire.datagram import TRANSFER_ID_SIZE, VERSION
@@ -48,12 +49,10 @@ class BigBytes(amp.Argument):
             if self.optional:
                 return
             raise KeyError(name)
-        pieces = [value[i : i + PIECE] for i in range(0, len(value), PIECE)] or [b""]
-        if len(pieces) > MAX_PIECES:
+        items = boxes.pieces(name, value)
+        if len(items) > MAX_PIECES:
             raise amp.TooLong(False, True, name, None)
-        strings[name] = pieces[0]
-        for i, piece in enumerate(pieces[1:], 1):
-            strings[name + b".%d" % (i,)] = piece
+        strings.update(items)
 
     def fromBox(self, name: bytes, strings: dict, objects: dict, proto: object) -> None:  # type: ignore[override]
         if name not in strings and self.optional:
