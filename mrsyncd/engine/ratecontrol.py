@@ -81,12 +81,23 @@ SEGMENT = 1500
 #: A receiver's loss is congestion of a link it shares with others when at
 #: least `SHARED_SHARE` of the lost datagrams it named in the last
 #: `SHARED_WINDOW` seconds, and at least `SHARED_SAMPLE` of them, were named
-#: by another receiver too: random loss, or loss on a receiver's own link,
-#: strikes each receiver's datagrams apart.  Only that share of its loss
-#: events counts toward the TCP-friendly rate.
+#: by another receiver too, beyond what chance makes: random loss, or loss
+#: on a receiver's own link, strikes each receiver's datagrams apart, but
+#: each other receiver that loses 2% of them also loses 2% of this one's
+#: (`RateController.sharing`).  Only that share of its loss events counts
+#: toward the TCP-friendly rate.
 SHARED_WINDOW = 5.0
 SHARED_SHARE = 0.5
 SHARED_SAMPLE = 6
+#: ... and only when chance would name that many of its losses shared at
+#: most this often (a Chernoff bound).  The controller asks for every
+#: receiver every interval, over a window that moves slowly: counted as
+#: soon as half of a sample of 6 was shared, 8 receivers with 2% random
+#: loss each (scenario B) capped the rate by chance in 1 run of 4, for
+#: 1-1.5 s, down to 12 Mbit/s of 100.
+SHARED_CHANCE = 1e-4
+#: A receiver's loss is taken as at most this for the chance (`RateController.sharing`).
+MOST_LOSS = 0.99
 
 
 class Pacer:
@@ -301,10 +312,18 @@ class RateController:
         self.friendly_cause = ""
         #: Each receiver's least round trip seen, seconds.
         self._rtt_min: dict[str, float] = {}
-        #: The lost datagrams each receiver named, with when, and how many
-        #: named each (counted once an update, when first asked).
-        self._lost: dict[str, deque[tuple[float, int]]] = {}
+        #: The lost datagrams each receiver named, with when and in which
+        #: update's round, and how many named each (counted once an update,
+        #: when first asked).
+        self._lost: dict[str, deque[tuple[float, int, int]]] = {}
         self._namers: Counter[int] | None = None
+        #: Updates made: a round is the reports between two of them.
+        self._round = 0
+        #: The loss each receiver reported, by round, for the chance that
+        #: it named another's lost datagram (`sharing`); and that chance
+        #: for each round, all receivers' told (counted when first asked).
+        self._round_loss: dict[int, dict[str, float]] = {}
+        self._chance: dict[int, tuple[float, dict[str, float]]] | None = None
         #: The queue the rate steers for now: the target, or `SHARED_TARGET`.
         self.steering = target_delay
         #: Since when a queue has stood though the rate came down, or has
@@ -318,8 +337,12 @@ class RateController:
         now = self.clock.seconds()
         self._reports[node] = (now, report)
         if report.lost:
-            self._lost.setdefault(node, deque()).extend((now, seq) for seq in report.lost)
+            self._lost.setdefault(node, deque()).extend((now, self._round, seq) for seq in report.lost)
             self._namers = None
+        if report.loss:
+            losses = self._round_loss.setdefault(self._round, {})
+            losses[node] = max(report.loss, losses.get(node, 0.0))
+            self._chance = None
         if report.stamp_us:
             # Out on the data path, back with the report: each leg is on two
             # clocks, but their offsets cancel in the sum.  Less the queue
@@ -342,16 +365,59 @@ class RateController:
         tell, and all its loss counts, as a TCP flow's does; one left alone
         in a catch-up pass does not: its loss was its own link's.
         """
-        mine = [seq for _, seq in self._lost.get(node, ())]
-        if len(mine) < SHARED_SAMPLE:
+        named, shared, chance = self.sharing(node)
+        if named < SHARED_SAMPLE:
             return 0.0
         if len(self._reports) <= 1:  # only this one was ever heard
             return 1.0
+        if not _beyond_chance(shared, named, chance):
+            return 0.0
+        # Of the losses it shares in truth, all are named by others too;
+        # of the rest, the share chance makes.
+        share = (shared - chance) / (named - chance)
+        return share if share >= SHARED_SHARE else 0.0
+
+    def sharing(self, node: str) -> tuple[int, int, float]:
+        """
+        How many lost datagrams a receiver named in the window, how many of
+        them another receiver named too, and how many of them others would
+        have named by chance: each lost a datagram with the loss it
+        reported for the round, or the one before or after (the intervals
+        of two receivers do not begin together).  A receiver that reported
+        none in those rounds named none: reports come when a queue shows,
+        at every receiver behind it at once, so a shared queue makes named
+        losses come together, though each is chance.
+        """
+        mine = self._lost.get(node, ())
+        if not mine:
+            return 0, 0, 0.0
         # How many receivers named each datagram: a receiver names one once.
         if self._namers is None:
-            self._namers = Counter(seq for named in self._lost.values() for _, seq in named)
-        share = sum(self._namers[seq] > 1 for seq in mine) / len(mine)
-        return share if share >= SHARED_SHARE else 0.0
+            self._namers = Counter(seq for named in self._lost.values() for _, _, seq in named)
+        if self._chance is None:
+            self._chance = self._chances()
+        shared, chance = 0, 0.0
+        for _, round_, seq in mine:
+            shared += self._namers[seq] > 1
+            kept, own = self._chance.get(round_, (1.0, {}))
+            chance += 1.0 - kept / (1.0 - own.get(node, 0.0))
+        return len(mine), shared, chance
+
+    def _chances(self) -> dict[int, tuple[float, dict[str, float]]]:
+        """
+        For each round: the chance that no active receiver lost a given
+        datagram, and each one's loss (its most in the rounds around), so
+        that its own can be taken out.
+        """
+        chances = {}
+        for round_ in self._round_loss:
+            most: dict[str, float] = {}
+            for near in (round_ - 1, round_, round_ + 1):
+                for node, loss in self._round_loss.get(near, {}).items():
+                    if node in self.active:
+                        most[node] = min(MOST_LOSS, max(loss, most.get(node, 0.0)))
+            chances[round_] = (math.prod(1.0 - loss for loss in most.values()), most)
+        return chances
 
     def _friendly(self, reports: dict[str, Feedback]) -> float:
         """
@@ -364,16 +430,19 @@ class RateController:
             if share:
                 rate = tfrc.throughput(SEGMENT, self.rtt(node, report), report.events * share)
                 if rate < least:
-                    named = len(self._lost.get(node, ()))
-                    shared = round(share * named)
+                    named, shared, chance = self.sharing(node)
                     least = rate
                     self.friendly_cause = (
-                        f"{node}: {shared} of {named} named losses shared, events {report.events:.2g}"
+                        f"{node}: {shared} of {named} named losses shared ({chance:.1f} by chance), "
+                        f"events {report.events:.2g}"
                     )
         return least
 
     def _forget_lost(self, now: float) -> None:
-        self._namers = None
+        self._namers = self._chance = None
+        oldest = self._round - math.ceil(SHARED_WINDOW / self.interval) - 2
+        for round_ in [r for r in self._round_loss if r < oldest]:
+            del self._round_loss[round_]
         for node in list(self._lost):
             named = self._lost[node]
             while named and now - named[0][0] > SHARED_WINDOW:
@@ -616,7 +685,26 @@ class RateController:
         self.rate = min(self.rate, self.friendly)
         self.rate = max(self.min_rate, min(self.max_rate, self.rate))
         self._blocked = False
+        self._round += 1
         return self.rate
+
+
+def _beyond_chance(shared: int, named: int, chance: float) -> bool:
+    """
+    Whether ``shared`` of ``named`` losses named by others too is more than
+    chance, which names ``chance`` of them on average, makes at most
+    `SHARED_CHANCE` of the time: the Chernoff bound, ``exp(-n D(k/n || p))``,
+    which holds for a sum of coin tosses of unequal odds.
+    """
+    if not named or shared <= chance:
+        return False
+    seen, odds = shared / named, chance / named
+    if odds <= 0.0:
+        return True
+    divergence = seen * math.log(seen / odds)
+    if seen < 1.0:
+        divergence += (1.0 - seen) * math.log((1.0 - seen) / (1.0 - odds))
+    return named * divergence >= -math.log(SHARED_CHANCE)
 
 
 def _median(values: list[float]) -> float:

@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet.task import Clock
 
-from mrsyncd.control.contract import Feedback
+from mrsyncd.control.contract import LOST_MARKS, Feedback
 from mrsyncd.engine.ratecontrol import (
     FEEDBACK_BUDGET,
     FEEDBACK_SAMPLE,
@@ -313,7 +313,14 @@ def test_a_dead_receiver_stops_counting():
 def test_loss_at_every_receiver_with_a_queue_is_congestion_not_a_slow_node():
     clock, controller = fleet()
     drive(controller, clock, 2.0, quiet)
-    rates = drive(controller, clock, 3.0, lambda t: {n: stamped(clock, 0.6, 0.04, 0.05) for n in "abc"})
+    # Losing 60%, each names as many as a report holds: chance names most
+    # of them shared too, so it takes more of them to tell.
+    rates = drive(
+        controller,
+        clock,
+        3.0,
+        lambda t: {n: stamped(clock, 0.6, 0.04, 0.05, names=LOST_MARKS) for n in "abc"},
+    )
     assert controller.slow == set()
     assert rates[-1] < 0.1 * 100e6
 
@@ -678,11 +685,12 @@ def stamped(
     events: float,
     rtt: float = 0.0002,
     shared: bool = True,
+    names: int = 1,
 ) -> Feedback:
     """
     A report as a receiver sends it: its one-way delay and stamp make
-    ``rtt`` plus the queue; with loss, it names a lost datagram that every
-    receiver lost (``shared``) or one of its own, which no other report
+    ``rtt`` plus the queue; with loss, it names ``names`` lost datagrams
+    that every receiver lost (``shared``) or its own, which no other report
     names (a random one was, now and then, another's too).
     """
     # Two clocks 3 s apart: the receiver's runs ahead, and the offsets cancel.
@@ -693,7 +701,10 @@ def stamped(
     lost: tuple[int, ...] = ()
     if events:
         interval = round(clock.seconds() * 10)
-        lost = (interval * 64,) if shared else (interval * 64 + (next(_OWN_LOSSES) % 4095 + 1) * 2**20,)
+        lost = tuple(
+            interval * 64 + k if shared else interval * 64 + k + (next(_OWN_LOSSES) % 4095 + 1) * 2**20
+            for k in range(names)
+        )
     return Feedback(loss, delay, 0.0, events, owd_us, stamp_us, lost)
 
 
@@ -776,7 +787,10 @@ def test_a_shallow_queue_that_overflows_before_the_delay_shows_gets_a_tcp_share(
     assert rates[-1] < 0.9 * 100e6
     assert 0.003 < SHARED_TARGET
     # The log says which receiver set it, and on how much shared loss.
-    assert re.fullmatch(r"[abc]: (\d+) of \1 named losses shared, events 0.003", controller.friendly_cause)
+    assert re.fullmatch(
+        r"[abc]: (\d+) of \1 named losses shared \(\d+\.\d by chance\), events 0.003",
+        controller.friendly_cause,
+    )
 
 
 def test_once_the_others_leave_the_queue_drains_and_the_push_takes_the_link_again():
@@ -876,3 +890,70 @@ def test_a_queue_at_every_receiver_without_loss_is_a_flow_to_make_room_for():
         drive(controller, clock, 0.1, lambda t: {n: Feedback(0.0, 0.006) for n in "abc"})
         steering.append(controller.steering)
     assert steering == [SHARED_TARGET] * 10
+
+
+def test_random_loss_at_many_receivers_is_not_taken_for_a_shared_link():
+    """
+    Scenario B: 8 receivers each lose 2% of the datagrams at random, and
+    report in one interval of four, all together (when a queue shows at
+    them all).  One or other of the 7 others loses 13% of what one loses
+    too, so a sample with 4 of 6 shared comes by chance now and then: a
+    minute of it must never cap the rate at TCP's.
+    """
+    nodes = tuple("abcdefgh")
+    clock, controller = fleet(nodes)
+    drive(controller, clock, 2.0, quiet)
+    draw = random.Random(20261207)
+    marks = itertools.count(0, 32)
+
+    def lossy(t):
+        sent = [next(marks) for _ in range(26)]  # marked, of 830 an interval at 100 Mbit/s
+        if draw.random() < 0.75:
+            return {}
+        return {
+            n: Feedback(
+                0.02, 0.005, 0.0, 0.02, lost=tuple(m for m in sent if draw.random() < 0.02)[:LOST_MARKS]
+            )
+            for n in nodes
+        }
+
+    capped = []
+    for _ in range(600):
+        drive(controller, clock, 0.1, lossy)
+        capped.append(controller.friendly_cause)
+    assert [cause for cause in capped if cause] == []
+    assert controller.rate == 100e6
+
+
+def test_loss_a_shared_link_adds_to_random_loss_is_heard():
+    """
+    As above, and a shared link overflows too: 3% of the datagrams, lost at
+    every receiver.  The share beyond chance caps the rate within seconds.
+    """
+    nodes = tuple("abcdefgh")
+    clock, controller = fleet(nodes)
+    drive(controller, clock, 2.0, quiet)
+    draw = random.Random(20261207)
+    marks = itertools.count(0, 32)
+
+    def lossy(t):
+        sent = [next(marks) for _ in range(26)]
+        overflowed = {m for m in sent if draw.random() < 0.03}
+        return {
+            n: Feedback(
+                0.05,
+                0.005,
+                0.0,
+                0.02,
+                lost=tuple(m for m in sent if m in overflowed or draw.random() < 0.02)[:LOST_MARKS],
+            )
+            for n in nodes
+        }
+
+    drive(controller, clock, 3.0, lossy)
+    named, shared, chance = controller.sharing("a")
+    assert shared > 0.5 * named > chance
+    assert controller.friendly < math.inf
+    assert re.fullmatch(
+        r"[a-h]: \d+ of \d+ named losses shared \(\d+\.\d by chance\), events 0.02", controller.friendly_cause
+    )
