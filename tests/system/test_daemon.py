@@ -928,8 +928,19 @@ EXT4_IOC_SHUTDOWN = 0x8004587D
 EXT4_GOING_FLAGS_NOLOGFLUSH = 2
 
 
-def loop_ext4(image: Path, where: Path) -> None:
-    subprocess.run(["mount", "-o", "loop", str(image), str(where)], check=True, capture_output=True)
+def loop_ext4(image: Path, where: Path) -> str:
+    """
+    Mount ``image`` at ``where`` on a loop device of its own, which is
+    returned.  Not ``mount -o loop``: that reuses a device still attached
+    to the image, and a mount namespace that a test on another worker made
+    while the image was mounted keeps the first device alive, and with it
+    the file system the power cut shut down (every read: EIO).
+    """
+    device = subprocess.run(
+        ["losetup", "--find", "--show", str(image)], check=True, capture_output=True, text=True
+    ).stdout.strip()
+    subprocess.run(["mount", device, str(where)], check=True, capture_output=True)
+    return device
 
 
 def can_lose_power() -> bool:
@@ -961,7 +972,7 @@ def test_power_lost_while_small_files_are_placed_leaves_old_or_new_files(fleet: 
     node.stop()
     subprocess.run(["truncate", "-s", "256M", str(image)], check=True)
     subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True)
-    loop_ext4(image, disk)
+    devices = [loop_ext4(image, disk)]
     try:
         old = disk / "pub" / "t5p"
         for rel in files[::50]:  # old copies, to be replaced only whole
@@ -983,7 +994,7 @@ def test_power_lost_while_small_files_are_placed_leaves_old_or_new_files(fleet: 
             os.close(fd)
         node.kill(signal.SIGKILL)
         subprocess.run(["umount", str(disk)], check=True)
-        loop_ext4(image, disk)  # the journal is replayed
+        devices.append(loop_ext4(image, disk))  # the journal is replayed
         placed = 0
         for rel, contents in accepted.items():
             try:
@@ -1002,6 +1013,8 @@ def test_power_lost_while_small_files_are_placed_leaves_old_or_new_files(fleet: 
     finally:
         node.stop()
         subprocess.run(["umount", str(disk)], capture_output=True)
+        for device in devices:  # a device still busy elsewhere goes once it is not
+            subprocess.run(["losetup", "--detach", device], capture_output=True)
         image.unlink(missing_ok=True)
 
 
