@@ -40,8 +40,9 @@ KINDS = (FILE, DIR, SYMLINK, HARDLINK)
 NAME_MAX = 255
 PATH_MAX = 4096
 #: 2: chunk digests are SHA-256 (1 had BLAKE2b): a node of the other kind refuses
-#: the manifest rather than failing every chunk.
-FORMAT = 2
+#: the manifest rather than failing every chunk.  3: entries are rows, and
+#: the digests follow the JSON as bytes (`Manifest.to_bytes`).
+FORMAT = 3
 MAX_BLOCKS = (1 << 32) - 1
 #: Names a node keeps for its part files (`storage.part_name`): no manifest
 #: may name one, so that no job can write, replace or link over another's.
@@ -283,9 +284,14 @@ class Manifest:
         return total
 
     def to_bytes(self) -> bytes:
-        return json.dumps(
-            {**self._header(), "entries": [_raw(e) for e in self.entries]}, separators=(",", ":")
-        ).encode()
+        """
+        The manifest as JSON, each entry a row of its fields (`ROW`), then a
+        newline and the files' chunk digests, in order, as bytes.  With
+        every field named and the digests in hex, 10,000 small files made
+        1.9 MB, 638 kB compressed, and every node of a push is sent it; so,
+        0.88 MB and 506 kB.
+        """
+        return _encoded({**self._header(), "entries": [_row(e) for e in self.entries]}, self.entries)
 
     def change_from(self, base: Manifest) -> bytes:
         """
@@ -296,16 +302,22 @@ class Manifest:
         0.58 MB.
         """
         where = {entry.path: index for index, entry in enumerate(base.entries)}
-        ops: list[list[int] | dict[str, object]] = []
+        # A run of kept entries is [first, count]; a new one, its row.
+        ops: list[Sequence[object]] = []
+        new: list[Entry] = []
+        run: list[int] | None = None
         for entry in self.entries:
             index = where.get(entry.path)
             if index is None or base.entries[index] != entry:
-                ops.append(_raw(entry))
-            elif ops and isinstance(ops[-1], list) and sum(ops[-1]) == index:
-                ops[-1][1] += 1
+                ops.append(_row(entry))
+                new.append(entry)
+                run = None
+            elif run is not None and run[0] + run[1] == index:
+                run[1] += 1
             else:
-                ops.append([index, 1])
-        return json.dumps({**self._header(), "kept": ops}, separators=(",", ":")).encode()
+                run = [index, 1]
+                ops.append(run)
+        return _encoded({**self._header(), "kept": ops}, new)
 
     def changed(self, data: bytes) -> Manifest:
         """
@@ -313,20 +325,24 @@ class Manifest:
         `from_bytes` checks one; the caller compares its digest with the
         sender's, since a change from another base rebuilds another manifest.
         """
-        doc = _document(data)
+        doc, digests = _document(data)
         ops = doc.get("kept")
         if not isinstance(ops, list):
             raise ManifestError("kept is not a list")
         manifest = self._with_header(doc)
+        section = _DigestSection(digests, manifest.chunk_size)
         for op in ops:
-            if isinstance(op, list):
-                if len(op) != 2:
-                    raise ManifestError("a run of kept entries is not [first, count]")
-                first = _integer(op[0], "first", 0, len(self.entries) - 1)
-                count = _integer(op[1], "count", 1, len(self.entries) - first)
-                manifest.entries.extend(self.entries[first : first + count])
-            else:
-                manifest.entries.append(_entry(op))
+            if not isinstance(op, list):
+                raise ManifestError(f"{op!r} is neither a run of kept entries nor an entry's row")
+            if len(op) == len(ROW):
+                manifest.entries.append(_entry(op, section))
+                continue
+            if len(op) != 2:
+                raise ManifestError("a run of kept entries is not [first, count]")
+            first = _integer(op[0], "first", 0, len(self.entries) - 1)
+            count = _integer(op[1], "count", 1, len(self.entries) - first)
+            manifest.entries.extend(self.entries[first : first + count])
+        section.finish()
         _check_entries(manifest)
         return manifest
 
@@ -357,34 +373,37 @@ class Manifest:
     @classmethod
     def from_bytes(cls, data: bytes) -> Manifest:
         """Parse and check a manifest from the network."""
-        doc = _document(data)
+        doc, digests = _document(data)
         raw_entries = doc.get("entries")
         if not isinstance(raw_entries, list):
             raise ManifestError("entries is not a list")
         manifest = cls._with_header(doc)
-        manifest.entries = [_entry(raw) for raw in raw_entries]
+        section = _DigestSection(digests, manifest.chunk_size)
+        manifest.entries = [_entry(raw, section) for raw in raw_entries]
+        section.finish()
         _check_entries(manifest)
         return manifest
 
 
-def _raw(e: Entry) -> dict[str, object]:
-    # Field by field: `dataclasses.asdict` deep-copies, 3.5 times slower.
-    return {
-        "path": e.path,
-        "kind": e.kind,
-        "mode": e.mode,
-        "mtime_ns": e.mtime_ns,
-        "uid": e.uid,
-        "gid": e.gid,
-        "size": e.size,
-        "target": e.target,
-        "digests": e.digests.hex(),
-    }
+#: An entry's fields in its row (`Manifest.to_bytes`): all but its digests.
+ROW = ("path", "kind", "mode", "mtime_ns", "uid", "gid", "size", "target")
 
 
-def _document(data: bytes) -> dict[str, object]:
+def _row(e: Entry) -> list[object]:
+    return [e.path, e.kind, e.mode, e.mtime_ns, e.uid, e.gid, e.size, e.target]
+
+
+def _encoded(doc: dict[str, object], entries: Sequence[Entry]) -> bytes:
+    """``doc`` as JSON (which escapes every newline in it), a newline, and the digests of ``entries``."""
+    head = json.dumps(doc, separators=(",", ":")).encode()
+    return b"\n".join((head, b"".join(entry.digests for entry in entries)))
+
+
+def _document(data: bytes) -> tuple[dict[str, object], bytes]:
+    """A manifest's JSON document, checked to be this format's, and the digests after it."""
+    head, newline, digests = data.partition(b"\n")
     try:
-        doc = json.loads(data)
+        doc = json.loads(head)
     except (ValueError, UnicodeDecodeError) as e:
         raise ManifestError(f"manifest is not valid JSON: {e}") from None
     if not isinstance(doc, dict) or type(doc.get("format")) is not int or doc["format"] != FORMAT:
@@ -392,7 +411,31 @@ def _document(data: bytes) -> dict[str, object]:
             f"manifest format {doc.get('format') if isinstance(doc, dict) else None!r}, this node reads "
             f"{FORMAT}: the master and this node run different versions of mrsyncd"
         )
-    return doc
+    if not newline:
+        raise ManifestError("manifest has no digests after its entries")
+    return doc, digests
+
+
+class _DigestSection:
+    """The digests after a manifest's JSON, handed to its files in order, a chunk's each."""
+
+    def __init__(self, data: bytes, chunk_size: int) -> None:
+        self._data = data
+        self._at = 0
+        self._chunk_size = chunk_size
+
+    def take(self, path: str, size: int) -> bytes:
+        end = self._at + -(-size // self._chunk_size) * DIGEST_SIZE
+        if end > len(self._data):
+            raise ManifestError(f"{path!r}: wrong number of digests")
+        digests, self._at = self._data[self._at : end], end
+        return digests
+
+    def finish(self) -> None:
+        if self._at != len(self._data):
+            raise ManifestError(
+                f"{len(self._data) - self._at} bytes of digests more than the manifest's files have chunks"
+            )
 
 
 def _check_entries(manifest: Manifest) -> None:
@@ -438,32 +481,24 @@ _ID = (1 << 32) - 1
 _SIZE = (1 << 63) - 1
 
 
-def _entry(raw: object) -> Entry:
+def _entry(raw: object, digests: _DigestSection) -> Entry:
     """
-    One entry from the network, checked.  A node decodes a manifest for
-    every push, 100,000 entries for a tree of 100,000 files: the checks of
-    a well-formed entry run inline, and `_integer` runs only to name what
-    is wrong.
+    One entry from the network, checked, with a file's digests taken from
+    the section after the JSON.  A node decodes a manifest for every push,
+    100,000 entries for a tree of 100,000 files: the checks of a
+    well-formed entry run inline, and `_integer` runs only to name what is
+    wrong.
     """
-    if type(raw) is not dict:
-        raise ManifestError("entry is not an object")
-    path = raw.get("path")
+    if type(raw) is not list or len(raw) != len(ROW):
+        raise ManifestError(f"entry is not a row of {len(ROW)} fields")
+    path, kind, mode, mtime_ns, uid, gid, size, target = raw
     if type(path) is not str:
         raise ManifestError("entry path is not a string")
     check_path(path)
-    kind = raw.get("kind")
     if kind not in KINDS:
         raise ManifestError(f"{path!r}: unknown kind {kind!r}")
-    target = raw.get("target", "")
-    digests = raw.get("digests", "")
-    if type(target) is not str or type(digests) is not str:
-        raise ManifestError(f"{path!r}: bad target or digests")
-    try:
-        digest_bytes = bytes.fromhex(digests)
-    except ValueError:
-        raise ManifestError(f"{path!r}: digests are not hex") from None
-    mode, mtime_ns = raw.get("mode"), raw.get("mtime_ns")
-    uid, gid, size = raw.get("uid", 0), raw.get("gid", 0), raw.get("size", 0)
+    if type(target) is not str:
+        raise ManifestError(f"{path!r}: bad target")
     # type() is int: JSON's true and false are bools, which are not.
     if not (
         type(mode) is int
@@ -482,7 +517,9 @@ def _entry(raw: object) -> Entry:
         _integer(uid, "uid", 0, _ID)
         _integer(gid, "gid", 0, _ID)
         _integer(size, "size", 0, _SIZE)
-    return Entry(path, kind, mode, mtime_ns, uid, gid, size, target, digest_bytes)  # type: ignore[arg-type]
+    return Entry(
+        path, kind, mode, mtime_ns, uid, gid, size, target, digests.take(path, size) if kind == FILE else b""
+    )
 
 
 def check_path(path: str) -> None:

@@ -62,7 +62,7 @@ from mrsyncd.testing.cluster import (
     wait_for,
 )
 from mrsyncd.wire import datagram
-from mrsyncd.wire.manifest import FILE, HARDLINK, SYMLINK, Manifest, digest, scan
+from mrsyncd.wire.manifest import FILE, HARDLINK, SYMLINK, Entry, Manifest, digest, scan
 from tests import support
 
 MiB = 1 << 20
@@ -830,25 +830,14 @@ class StandInMaster:
 
 
 def _manifest(entries: list[dict[str, Any]]) -> bytes:
-    doc = json.loads(Manifest([]).to_bytes())
-    doc["entries"] = [
-        {
-            "mode": 0o644,
-            "mtime_ns": 1_600_000_000_000_000_000,
-            "uid": 0,
-            "gid": 0,
-            "size": 0,
-            "target": "",
-            "digests": "",
-            **e,
-        }  # fmt: skip
-        for e in entries
-    ]
-    return json.dumps(doc).encode()
+    """A manifest of these entries, unchecked: `Manifest.to_bytes` encodes whatever it holds."""
+    return Manifest(
+        [Entry(**{"mode": 0o644, "mtime_ns": 1_600_000_000_000_000_000, **e}) for e in entries]
+    ).to_bytes()
 
 
 def _zeros(path: str, size: int = 100) -> dict[str, Any]:
-    return {"path": path, "kind": FILE, "size": size, "digests": digest(bytes(size)).hex()}
+    return {"path": path, "kind": FILE, "size": size, "digests": digest(bytes(size))}
 
 
 def _prepare(

@@ -24,6 +24,7 @@ from mrsyncd.wire.manifest import (
     HARDLINK,
     NAME_MAX,
     PATH_MAX,
+    ROW,
     SYMLINK,
     Entry,
     Manifest,
@@ -154,11 +155,23 @@ def sample_manifest() -> Manifest:
 
 
 def doc_of(m: Manifest) -> dict:
-    return json.loads(m.to_bytes())
+    """
+    A manifest's JSON document, with each entry's digests under
+    ``"_digests"`` (they travel after the JSON, in order) to spoil one by one.
+    """
+    head, _, digests = m.to_bytes().partition(b"\n")
+    doc = json.loads(head)
+    doc["_digests"] = [e.digests for e in m.entries]
+    assert b"".join(doc["_digests"]) == digests
+    return doc
 
 
 def parse(doc) -> Manifest:
-    return Manifest.from_bytes(json.dumps(doc).encode())
+    doc = dict(doc)
+    digests = b"".join(doc.pop("_digests"))
+    if doc.pop("_no_digests", False):
+        return Manifest.from_bytes(json.dumps(doc).encode())
+    return Manifest.from_bytes(json.dumps(doc).encode() + b"\n" + digests)
 
 
 def test_round_trip():
@@ -177,7 +190,8 @@ def test_round_trip():
 def test_every_field_of_an_entry_crosses_the_wire():
     """`Manifest.to_bytes` names the fields one by one: a new one must be named there too."""
     [record] = doc_of(Manifest([Entry("a", FILE, 0o644, 1, uid=2, gid=3, size=0)]))["entries"]
-    assert set(record) == {f.name for f in dataclasses.fields(Entry)}
+    assert len(record) == len(ROW)
+    assert {*ROW, "digests"} == {f.name for f in dataclasses.fields(Entry)}
 
 
 entry_text = st.text(alphabet="abc.é", min_size=1, max_size=6)
@@ -228,21 +242,27 @@ def mutations():
 
     def field(index, key, value):
         def f(doc):
-            doc["entries"][index][key] = value
+            doc["entries"][index][ROW.index(key)] = value
 
         return f
 
     def drop(index, key):
         def f(doc):
-            del doc["entries"][index][key]
+            del doc["entries"][index][ROW.index(key)]
 
         return f
 
     def digests(index, n):
         def f(doc):
-            doc["entries"][index]["digests"] = "01" * (n * DIGEST_SIZE)
+            doc["_digests"][index] = b"\1" * (n * DIGEST_SIZE)
 
         return f
+
+    def cut_digests(doc):
+        doc["_digests"][1] = doc["_digests"][1][:-1]
+
+    def no_digests(doc):
+        doc["_no_digests"] = True
 
     def append(entry):
         def f(doc):
@@ -253,8 +273,9 @@ def mutations():
     def reorder(doc):
         # The hardlink before the file it links to.
         doc["entries"].insert(0, doc["entries"].pop())
+        doc["_digests"].insert(0, doc["_digests"].pop())
 
-    file_record = {"path": "x", "kind": "file", "mode": 420, "mtime_ns": 0}
+    file_record = ["x", "file", 420, 0, 0, 0, 0, ""]
     return [
         ("format bool", top("format", True)),
         ("format missing", top("format", None)),
@@ -266,15 +287,16 @@ def mutations():
         ("chunk_size below block", top("chunk_size", 8)),
         ("chunk_size string", top("chunk_size", "64")),
         ("entries not a list", top("entries", {})),
-        ("entry not an object", append([1, 2])),
+        ("entry not a row", append([1, 2])),
+        ("entry an object", append(dict(zip(ROW, file_record, strict=True)))),
+        ("entry a row too long", append([*file_record, ""])),
         ("too few digests", digests(1, 1)),
         ("too many digests", digests(1, 3)),
         ("digests on empty file", digests(2, 1)),
-        ("digests not hex", field(1, "digests", "zz" * 64)),
-        ("digests odd", field(1, "digests", "0" * 129)),
-        ("digests not a string", field(1, "digests", 5)),
+        ("digests cut short", cut_digests),
+        ("no digests after the entries", no_digests),
         ("duplicate path", field(2, "path", "d/f")),
-        ("duplicate dir", append({"path": "d", "kind": "dir", "mode": 493, "mtime_ns": 0})),
+        ("duplicate dir", append(["d", "dir", 493, 0, 0, 0, 0, ""])),
         ("hardlink to later file", reorder),
         ("hardlink to missing", field(4, "target", "nope")),
         ("hardlink to dir", field(4, "target", "d")),
@@ -286,7 +308,7 @@ def mutations():
         ("symlink NUL target", field(3, "target", "a\0b")),
         ("symlink target not a string", field(3, "target", ["x"])),
         ("dir with size", field(0, "size", 1)),
-        ("dir with digests", field(0, "digests", "01" * 32)),
+        ("dir with digests", digests(0, 1)),
         ("unknown kind", field(0, "kind", "fifo")),
         ("kind not a string", field(0, "kind", ["dir"])),
         ("path absolute", field(0, "path", "/d")),
@@ -309,7 +331,7 @@ def mutations():
         ("size bool", field(1, "size", True)),
         ("size negative", field(1, "size", -1)),
         ("size float", field(1, "size", 100.0)),
-        ("lone surrogate path", append({**file_record, "path": "\ud800"})),
+        ("lone surrogate path", append(["\ud800", *file_record[1:]])),
     ]
 
 
@@ -348,10 +370,8 @@ def test_from_bytes_random_fields_raise_only_manifest_error(data):
     """Any JSON in any field of a good manifest is parsed or refused cleanly."""
     doc = doc_of(sample_manifest())
     index = data.draw(st.integers(0, len(doc["entries"]) - 1))
-    key = data.draw(
-        st.sampled_from(["path", "kind", "mode", "mtime_ns", "uid", "gid", "size", "target", "digests"])
-    )
-    doc["entries"][index][key] = data.draw(json_values)
+    position = data.draw(st.integers(0, len(ROW) - 1))
+    doc["entries"][index][position] = data.draw(json_values)
     try:
         parse(doc)
     except ManifestError:
@@ -692,7 +712,9 @@ def test_a_manifest_is_made_again_from_its_change_from_any_base(base_files, new_
 
 def test_a_change_that_keeps_what_the_base_lacks_or_is_not_a_change_is_refused() -> None:
     base = Manifest([_file(n, 1) for n in range(4)])
-    change = json.loads(Manifest([_file(1, 1), _file(2, 1)]).change_from(base))
+    head, _, digests = Manifest([_file(1, 1), _file(2, 1)]).change_from(base).partition(b"\n")
+    assert digests == b""
+    change = json.loads(head)
     assert change["kept"] == [[1, 2]]
     for kept, why in [
         ([[3, 2]], "count must be an integer from 1 to 1"),
@@ -700,12 +722,13 @@ def test_a_change_that_keeps_what_the_base_lacks_or_is_not_a_change_is_refused()
         ([[0, 0]], "count must be an integer from 1 to 4"),
         ([[0, 1, 2]], "a run of kept entries is not [first, count]"),
         ([[0, 1], [0, 1]], "duplicate path 'd0/f0'"),
-        ([7], "entry is not an object"),
+        ([7], "7 is neither a run of kept entries nor an entry's row"),
+        ([["d0/f9", "file", 420, 1, 0, 0, 9, ""]], "'d0/f9': wrong number of digests"),
     ]:
         with pytest.raises(ManifestError, match=re.escape(why)):
-            base.changed(json.dumps({**change, "kept": kept}).encode())
+            base.changed(json.dumps({**change, "kept": kept}).encode() + b"\n")
     with pytest.raises(ManifestError, match="kept is not a list"):
-        base.changed(json.dumps({**change, "kept": None}).encode())
+        base.changed(json.dumps({**change, "kept": None}).encode() + b"\n")
 
 
 # Packs
