@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from bench import report
+from bench.runners import in_frames, phases
 
 MiB = 1 << 20
 
@@ -147,3 +148,12 @@ def test_the_table_of_a_tree_shows_its_later_pushes():
     text = report.table(t_run(11.0, 30.0, 1.2, 1_100_000, 1_000_000))
     assert "the same push again: 1.20 s, 0 B sent" in text
     assert "100 files changed (1,000,000 B), pushed: 1.00 s, 1,100,000 B sent (1.10 x" in text
+
+
+def test_the_master_s_bytes_are_scaled_to_the_frames_its_bucket_sent():
+    """A batch the tbf passes whole counts one set of headers in /proc/net/dev; the tbf counts every frame."""
+    counted = [(0.1 * i, 97_600 * i) for i in range(101)]  # 97.6% of 100,000 frame bytes each 0.1 s
+    scaled = in_frames(counted, 100_000 * 100)
+    assert scaled[-1] == (counted[-1][0], 100_000 * 100)
+    assert phases(scaled, 10.0)["steady_wire_bps"] == 8_000_000
+    assert in_frames(counted, None) == counted  # no tbf on the master's link: as counted
