@@ -212,9 +212,9 @@ done:
 #define VERSION 9 /* datagram.VERSION, which checks it (the module exports it): a stale build is not used */
 #define KIND_DATA 1
 #define KIND_ECHO 3
-#define HEADER_SIZE 28
+#define HEADER_SIZE 24
 #define OVERHEAD (HEADER_SIZE + TAG_SIZE)
-#define TRANSFER_ID_SIZE 8
+#define WIRE_ID_SIZE 4 /* the transfer id's first bytes, as datagram.WIRE_ID_SIZE */
 #define MAX_BATCH 256
 /* The order of `mrsyncd.engine.intake.REJECTIONS`. */
 enum { R_SHORT, R_VERSION, R_KIND, R_FOREIGN, R_TAG, R_COUNT };
@@ -256,10 +256,10 @@ arrival_us(struct msghdr *msg)
 }
 
 PyDoc_STRVAR(receive_doc,
-"receive(aead, fd, transfer_id, out, block_size, batch, sample)\n"
+"receive(aead, fd, wire_id, out, block_size, batch, sample)\n"
 "    -> (runs, got, seq_max, owd_sum, owd_min, owd_count, rejected, more)\n\n"
 "Read up to ``batch`` datagrams from the non-blocking socket ``fd`` and\n"
-"open those of ``transfer_id`` under ``aead`` into ``out``, one payload\n"
+"open those of ``wire_id`` under ``aead`` into ``out``, one payload\n"
 "after another.  See `mrsyncd.engine.intake.Batch` for the answer.");
 
 static PyObject *
@@ -277,7 +277,7 @@ receive(PyObject *module, PyObject *args)
                           &batch, &sample))
         return NULL;
     Py_ssize_t slot = OVERHEAD + block_size + 1;
-    if (tid.len != TRANSFER_ID_SIZE || block_size < 1 || block_size > 65535 || batch < 1
+    if (tid.len != WIRE_ID_SIZE || block_size < 1 || block_size > 65535 || batch < 1
         || batch > MAX_BATCH || sample < 1 || out.len < (Py_ssize_t)batch * (block_size + 1)) {
         PyErr_SetString(PyExc_ValueError, "bad receive arguments");
         goto done;
@@ -339,11 +339,11 @@ receive(PyObject *module, PyObject *args)
             rejected[R_KIND]++;
             continue;
         }
-        if (memcmp(d + 2, tid.buf, TRANSFER_ID_SIZE) != 0) {
+        if (memcmp(d + 2, tid.buf, WIRE_ID_SIZE) != 0) {
             rejected[R_FOREIGN]++;
             continue;
         }
-        unsigned long long sequence = (unsigned long long)(d[10] << 8 | d[11]) << 32 | be32(d + 12);
+        unsigned long long sequence = (unsigned long long)(d[6] << 8 | d[7]) << 32 | be32(d + 8);
         int length = (int)(len - OVERHEAD);
         if ((msgs[i].msg_hdr.msg_flags & MSG_TRUNC)
             || !open_into(aead->open_ctx, d, HEADER_SIZE, length, sequence, payloads + offset)) {
@@ -356,12 +356,12 @@ receive(PyObject *module, PyObject *args)
         if (sequence % sample == 0) {
             long long now = arrival_us(&msgs[i].msg_hdr);
             /* The clocks differ by a constant: the difference modulo 2**32, signed. */
-            long long owd = (int32_t)(uint32_t)(now - be32(d + 24));
+            long long owd = (int32_t)(uint32_t)(now - be32(d + 20));
             owd_min = owd_count ? (owd < owd_min ? owd : owd_min) : owd;
             owd_sum += owd;
             owd_count++;
         }
-        long long file = be32(d + 16), block = be32(d + 20);
+        long long file = be32(d + 12), block = be32(d + 16);
         if (have_run && kind == KIND_DATA && run[0] == KIND_DATA && run_full && run[1] == file
             && run[2] + run[3] == block) {
             run[3]++;

@@ -12,5 +12,5 @@ Run = tuple[int, int, int, int, int, int, int]
 Rejected = tuple[int, int, int, int, int]
 
 def receive(
-    aead: AEAD, fd: int, transfer_id: bytes, out: bytearray, block_size: int, batch: int, sample: int
+    aead: AEAD, fd: int, wire_id: bytes, out: bytearray, block_size: int, batch: int, sample: int
 ) -> tuple[list[Run], int, int, int, int, int, Rejected, bool]: ...

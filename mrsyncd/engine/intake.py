@@ -125,7 +125,7 @@ def receive(
     aead = cipher.aead
     if _crypto is not None and isinstance(aead, _crypto.AEAD):
         fd = sock.fileno()
-        return Batch(*_crypto.receive(aead, fd, cipher.transfer_id, out, block_size, batch, sample))
+        return Batch(*_crypto.receive(aead, fd, cipher.wire_id, out, block_size, batch, sample))
     return python_receive(cipher, sock, out, block_size, batch, sample)
 
 

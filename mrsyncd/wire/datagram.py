@@ -12,20 +12,20 @@ byte of it reaches the disk, and a host on the LAN reads nothing of the data.
 
 Layout (all integers big-endian), see docs/PROTOCOL.md::
 
-    0   1  version (8)
+    0   1  version (9)
     1   1  kind    (1 = DATA: one block; 2 = PARITY: a parity of a group of
            blocks, see erasure.py; 3 = ECHO: the rate controller's view,
            `ratecontrol.Echo`, with file index ECHO_FILE and block index 0)
-    2   8  transfer id
-    10  6  sequence number: counts the run's datagrams from 0.  It is the
+    2   4  the transfer id's first 4 bytes (`WIRE_ID_SIZE`)
+    6   6  sequence number: counts the run's datagrams from 0.  It is the
            nonce (4 zero bytes, then the sequence as 8 bytes), and lets
            receivers measure loss as it happens, not only once a pass is over
-    16  4  file index in the manifest
-    20  4  block index in the file
-    24  4  send time, microseconds modulo 2**32 on the sender's clock, so
+    12  4  file index in the manifest
+    16  4  block index in the file
+    20  4  send time, microseconds modulo 2**32 on the sender's clock, so
            receivers measure queueing delay (one-way delay above its minimum)
-    28  -  payload, encrypted (one block; the last of a file may be shorter)
-    -16 16 AEAD tag over bytes 0..28 and the payload
+    24  -  payload, encrypted (one block; the last of a file may be shorter)
+    -16 16 AEAD tag over bytes 0..24 and the payload
 
 Decoding is pure and never raises for any input: a malformed datagram is a
 `Rejected` value with a reason, so the protocol can count it.
@@ -67,13 +67,18 @@ KIND_ECHO = 3
 ECHO_FILE = 0xFFFFFFFF
 _KINDS = (KIND_DATA, KIND_PARITY, KIND_ECHO)
 
-_HEADER = struct.Struct(">BB8sHIIII")
+_HEADER = struct.Struct(">BB4sHIIII")
 HEADER_SIZE = _HEADER.size
 TAG_SIZE = 16
 #: Bytes a datagram carries beyond its payload.
 OVERHEAD = HEADER_SIZE + TAG_SIZE
 KEY_SIZE = 32
 TRANSFER_ID_SIZE = 8
+#: Bytes of the transfer id a datagram carries: enough to tell apart the
+#: transfers that share a group and port (a datagram of another that
+#: matched them would still fail its tag, since every run has its own
+#: key), and 4 more bytes of file a datagram than the whole id left.
+WIRE_ID_SIZE = 4
 #: Run salts: drawn afresh for every run of a transfer (`run_key`).
 RUN_SIZE = 16
 MASK32 = 0xFFFFFFFF
@@ -101,8 +106,8 @@ CIPHERS = tuple(_PYTHON_AEADS)
 #: Payload bytes per datagram that keep the whole IP packet inside a
 #: 1500-byte Ethernet MTU for both IPv4 (20+8 header bytes) and IPv6 (40+8):
 #: 1500 - 48 - OVERHEAD.  The master fills the packet of its own channel
-#: instead (`multicast.Channel.payload_room`): 1428 bytes over IPv4.
-DEFAULT_BLOCK_SIZE = 1408
+#: instead (`multicast.Channel.payload_room`): 1432 bytes over IPv4.
+DEFAULT_BLOCK_SIZE = 1500 - 48 - OVERHEAD
 #: The largest payload that fits one UDP datagram over IPv6 with a 9000-byte
 #: jumbo frame; larger values would be IP-fragmented.
 MAX_BLOCK_SIZE = 9000 - 48 - OVERHEAD
@@ -223,6 +228,8 @@ class DatagramCipher:
         self, transfer_id: bytes, key: bytes, cipher: str = AES_256_GCM, native_path: bool | None = None
     ) -> None:
         self.transfer_id = transfer_id
+        #: What a datagram of this transfer carries of its id (`WIRE_ID_SIZE`).
+        self.wire_id = transfer_id[:WIRE_ID_SIZE]
         self.cipher = cipher
         #: The AEAD, which `mrsyncd.engine.intake` hands to the C read loop.
         self.aead = new_aead(cipher, key, native_path)
@@ -240,7 +247,7 @@ class DatagramCipher:
         header = _HEADER.pack(
             VERSION,
             kind,
-            self.transfer_id,
+            self.wire_id,
             sequence >> 32,
             sequence & MASK32,
             file_index,
@@ -261,13 +268,13 @@ class DatagramCipher:
         version, kind, seen, high, low, file_index, block_index, sent_us = _HEADER.unpack_from(datagram)
         if version != VERSION or kind not in _KINDS:
             return _header(datagram)  # type: ignore[return-value]  # which of the two
-        if seen != self.transfer_id:
+        if seen != self.wire_id:
             return Rejected(Reason.FOREIGN)
         sequence = high << 32 | low
         payload = self.aead.open(datagram, HEADER_SIZE, sequence)
         if payload is None:
             return Rejected(Reason.TAG)
-        return DataBlock(seen, file_index, block_index, payload, sequence, sent_us, kind)
+        return DataBlock(self.transfer_id, file_index, block_index, payload, sequence, sent_us, kind)
 
 
 def _header(datagram: bytes) -> tuple[Any, ...] | Rejected:
@@ -282,10 +289,11 @@ def _header(datagram: bytes) -> tuple[Any, ...] | Rejected:
     return fields
 
 
-def peek_transfer_id(datagram: bytes) -> bytes | Rejected:
+def peek_wire_id(datagram: bytes) -> bytes | Rejected:
     """
-    Read the transfer id without opening the datagram, so that a socket
-    shared by several transfers can find the key to open it with.
+    Read what a datagram carries of its transfer id (`DatagramCipher.wire_id`)
+    without opening it, so that a socket shared by several transfers can
+    find the key to open it with.
     """
     header = _header(datagram)
     return header if isinstance(header, Rejected) else bytes(header[2])

@@ -363,7 +363,7 @@ class Capture(threading.Thread):
                 data = self.sock.recv(65536)
             except TimeoutError:
                 continue
-            if len(self.heard) < self.keep and isinstance(datagram.peek_transfer_id(data), bytes):
+            if len(self.heard) < self.keep and isinstance(datagram.peek_wire_id(data), bytes):
                 self.heard.append(data)
 
     def close(self) -> list[bytes]:

@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 
 from mrsyncd.testing.lan import Host, Lan, read_rusage
-from mrsyncd.wire.datagram import OVERHEAD, Reason
+from mrsyncd.wire.datagram import DEFAULT_BLOCK_SIZE, OVERHEAD, WIRE_ID_SIZE, Reason
 
 pytestmark = pytest.mark.lan
 
@@ -180,7 +180,7 @@ def build_tree(root: Path, big: int, rng: random.Random) -> Path:
     _write(tree / "empty", b"")
     _write(tree / "one-byte", b"x")
     # The blocks of an IPv6 group and of an IPv4 group at MTU 1500.
-    for block in (1408, 1428):
+    for block in (DEFAULT_BLOCK_SIZE, 1472 - OVERHEAD):
         chunk = (MiB // block) * block
         for name, size in {"block-1": block - 1, "block": block, "block+1": block + 1,
                            "chunk+1": chunk + 1, "two-chunks": 2 * chunk}.items():  # fmt: skip
@@ -527,13 +527,13 @@ def stop(signum, frame):
 signal.signal(signal.SIGTERM, stop)
 
 def learn():
-    # The genuine sender's datagrams tell anyone on the LAN the transfer id.
+    # The genuine sender's datagrams tell anyone on the LAN what they carry of the transfer id.
     while learned["sample"] is None:
         try:
             data, addr = listen.recvfrom(65535)
         except BlockingIOError:
             return
-        seen = datagram.peek_transfer_id(data)
+        seen = datagram.peek_wire_id(data)
         if addr[0] == master and isinstance(seen, bytes):
             learned["transfer_id"], learned["sample"] = seen, data
             listen.close()
@@ -647,7 +647,7 @@ def test_a_passive_host_reads_no_file_data(lan: Any, tmp_path: Path) -> None:
             received = tmp_path / "run" / node.name / "data" / "secrets.txt"
             assert received.read_bytes() == (src / "secrets.txt").read_bytes()
         # It heard the whole file's worth of datagrams, and not one word of it.
-        assert heard >= outcome.report["sender_stats"]["datagrams"] >= 4 * MiB // 1428, heard
+        assert heard >= outcome.report["sender_stats"]["datagrams"] >= 4 * MiB // (1472 - OVERHEAD), heard
         wire = capture.read_bytes()
         assert len(wire) > 4 * MiB
         for words in (b"CONFIDENTIAL", b"hunter2", b"root password"):
@@ -684,7 +684,9 @@ def test_foreign_host_spraying_the_group(lan: Any, tmp_path: Path) -> None:
     print(summary(outcome))
     print("sprayed:", spray)
     try:
-        assert spray["transfer_id"] == outcome.report["transfer_id"], "the sprayer never heard the transfer"
+        # A datagram carries the transfer id's first bytes (WIRE_ID_SIZE).
+        wire_id = outcome.report["transfer_id"][: 2 * WIRE_ID_SIZE]
+        assert spray["transfer_id"] == wire_id, "the sprayer never heard the transfer"
         assert sum(spray["sent"].get(k, 0) for k in ("tag-forged", "tag-flipped", "tag-cut")) > 0
         for node in net.nodes:
             peer = outcome.report["peers"][node.name]

@@ -62,7 +62,7 @@ def test_example_as_shipped_runs_nothing_and_says_so():
         ('[master]\ngroup = "10.0.0.1"\n', "must be a multicast address"),
         ('[master]\nloopback = "yes"\n', "must be true or false"),
         ("[master]\nblock_size = 100000\n", "block_size"),
-        ('[master]\nblock_size = "big"\n', "block_size = 'big': must be \"auto\" or from 512 to 8908"),
+        ('[master]\nblock_size = "big"\n', "block_size = 'big': must be \"auto\" or from 512 to 8912"),
         ('[node]\nmaster = "m:1"\n', "\\[node\\] roots is required"),
         ('[node]\nroots = ["/srv"]\n', "\\[node\\] master is required"),
         ('[node]\nmaster = "m"\nroots = ["/srv"]\n', "must be host:port"),

@@ -20,7 +20,7 @@ from mrsyncd.wire.datagram import (
     DatagramCipher,
     Reason,
     Rejected,
-    peek_transfer_id,
+    peek_wire_id,
 )
 
 #: Every AEAD path this host has: the contract holds for each.
@@ -51,7 +51,7 @@ def expected_reason(data: bytes, transfer_id: bytes) -> Reason:
         return Reason.VERSION
     if data[1] not in (datagram.KIND_DATA, datagram.KIND_PARITY, datagram.KIND_ECHO):
         return Reason.KIND
-    if data[2:10] != transfer_id:
+    if data[2:6] != transfer_id[:4]:  # a datagram carries the id's first 4 bytes
         return Reason.FOREIGN
     return Reason.TAG
 
@@ -63,13 +63,13 @@ def test_layout_and_known_answer(native, cipher):
     key, tid, seq = bytes(range(32)), b"12345678", (5 << 32) + 11
     payload = b"the quick brown fox " * 10
     packet = DatagramCipher(tid, key, cipher, native).encode(7, 9, payload, seq, (1 << 32) + 13)
-    assert HEADER_SIZE == 28 and OVERHEAD == 44
+    assert HEADER_SIZE == 24 and OVERHEAD == 40
     assert packet[:2] == bytes([datagram.VERSION, datagram.KIND_DATA])
-    assert packet[2:10] == tid
-    assert packet[10:16] == seq.to_bytes(6, "big")
-    assert packet[16:20] == (7).to_bytes(4, "big")
-    assert packet[20:24] == (9).to_bytes(4, "big")
-    assert packet[24:28] == (13).to_bytes(4, "big"), "send time is kept modulo 2**32"
+    assert packet[2:6] == b"1234", "the transfer id's first 4 bytes"
+    assert packet[6:12] == seq.to_bytes(6, "big")
+    assert packet[12:16] == (7).to_bytes(4, "big")
+    assert packet[16:20] == (9).to_bytes(4, "big")
+    assert packet[20:24] == (13).to_bytes(4, "big"), "send time is kept modulo 2**32"
     assert len(packet) == OVERHEAD + len(payload)
     assert b"quick brown" not in packet
     reference = {AES_256_GCM: AESGCM, CHACHA20_POLY1305: ChaCha20Poly1305}[cipher](key)
@@ -94,7 +94,7 @@ def test_c_and_python_paths_agree(v, seal_native):
 
 
 def _round_trips(cipher: DatagramCipher, f: int, b: int, payload: bytes, seq: int, packet: bytes) -> None:
-    assert peek_transfer_id(packet) == cipher.transfer_id
+    assert peek_wire_id(packet) == cipher.transfer_id[:4] == cipher.wire_id
     got = cipher.decode(packet)
     assert got == DataBlock(cipher.transfer_id, f, b, payload, seq)
     assert type(got.payload) is bytes
@@ -142,7 +142,7 @@ def test_any_flipped_bit_is_rejected(native, data):
         # Another known kind still fails: the tag covers the kind.
         known = mutated[1] in (datagram.KIND_DATA, datagram.KIND_PARITY, datagram.KIND_ECHO)
         assert got.reason is (Reason.TAG if known else Reason.KIND)
-    elif position < 10:
+    elif position < 6:
         assert got.reason is Reason.FOREIGN
     else:
         assert got.reason is Reason.TAG
@@ -161,11 +161,14 @@ def test_another_transfer_id_is_rejected(v, other_tid):
     cipher, _, _, _, _, packet = v
     if other_tid != cipher.transfer_id:
         other = DatagramCipher(other_tid, os.urandom(32), cipher.cipher)
-        assert other.decode(packet) == Rejected(Reason.FOREIGN)
+        # A datagram carries its id's first 4 bytes: one of another id that
+        # shares them is told apart by its tag, since the key is another.
+        foreign = Reason.FOREIGN if other_tid[:4] != cipher.transfer_id[:4] else Reason.TAG
+        assert other.decode(packet) == Rejected(foreign)
         # Even a datagram sealed with the right key under the other id.
-        assert other.decode(cipher.encode(1, 2, b"x")) == Rejected(Reason.FOREIGN)
+        assert other.decode(cipher.encode(1, 2, b"x")) == Rejected(foreign)
         # And one relabelled with this transfer's id fails its tag.
-        assert other.decode(packet[:2] + other_tid + packet[10:]) == Rejected(Reason.TAG)
+        assert other.decode(packet[:2] + other_tid[:4] + packet[6:]) == Rejected(Reason.TAG)
 
 
 def test_an_earlier_run_does_not_open():
@@ -198,12 +201,12 @@ def test_the_cipher_follows_the_cpu(tmp_path, cpuinfo, cipher):
 
 
 def _check_total(data: bytes, cipher: DatagramCipher) -> None:
-    seen = peek_transfer_id(data)
+    seen = peek_wire_id(data)
     if isinstance(seen, Rejected):
         assert seen.reason in (Reason.SHORT, Reason.VERSION, Reason.KIND)
         assert seen == Rejected(expected_reason(data, cipher.transfer_id))
     else:
-        assert seen == data[2:10] and type(seen) is bytes
+        assert seen == data[2:6] and type(seen) is bytes
     got = cipher.decode(data)
     assert isinstance(got, Rejected)
     assert got == Rejected(expected_reason(data, cipher.transfer_id))
