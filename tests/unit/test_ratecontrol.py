@@ -6,6 +6,7 @@ import itertools
 import math
 import random
 import re
+from collections.abc import Callable
 
 import pytest
 from hypothesis import given
@@ -892,6 +893,35 @@ def test_a_queue_at_every_receiver_without_loss_is_a_flow_to_make_room_for():
     assert steering == [SHARED_TARGET] * 10
 
 
+def random_loss(nodes: str, reporting: float, shared: float) -> Callable[[float], dict[str, Feedback]]:
+    """
+    Reports of receivers that each lose 2% of the datagrams at random, and
+    ``shared`` of them all together (a shared link overflowing), naming the
+    marked ones they lost; all report in an interval with chance
+    ``reporting`` (when a queue shows at them all), else none do.
+    """
+    draw = random.Random(20261207)
+    marks = itertools.count(0, 32)
+
+    def reports(t: float) -> dict[str, Feedback]:
+        sent = [next(marks) for _ in range(26)]  # marked, of 830 an interval at 100 Mbit/s
+        overflowed = {m for m in sent if draw.random() < shared}
+        if draw.random() >= reporting:
+            return {}
+        return {
+            n: Feedback(
+                0.02 + shared,
+                0.005,
+                0.0,
+                0.02,
+                lost=tuple(m for m in sent if m in overflowed or draw.random() < 0.02)[:LOST_MARKS],
+            )
+            for n in nodes
+        }
+
+    return reports
+
+
 def test_random_loss_at_many_receivers_is_not_taken_for_a_shared_link():
     """
     Scenario B: 8 receivers each lose 2% of the datagrams at random, and
@@ -900,23 +930,9 @@ def test_random_loss_at_many_receivers_is_not_taken_for_a_shared_link():
     too, so a sample with 4 of 6 shared comes by chance now and then: a
     minute of it must never cap the rate at TCP's.
     """
-    nodes = tuple("abcdefgh")
-    clock, controller = fleet(nodes)
+    clock, controller = fleet(tuple("abcdefgh"))
     drive(controller, clock, 2.0, quiet)
-    draw = random.Random(20261207)
-    marks = itertools.count(0, 32)
-
-    def lossy(t):
-        sent = [next(marks) for _ in range(26)]  # marked, of 830 an interval at 100 Mbit/s
-        if draw.random() < 0.75:
-            return {}
-        return {
-            n: Feedback(
-                0.02, 0.005, 0.0, 0.02, lost=tuple(m for m in sent if draw.random() < 0.02)[:LOST_MARKS]
-            )
-            for n in nodes
-        }
-
+    lossy = random_loss("abcdefgh", reporting=0.25, shared=0.0)
     capped = []
     for _ in range(600):
         drive(controller, clock, 0.1, lossy)
@@ -930,27 +946,9 @@ def test_loss_a_shared_link_adds_to_random_loss_is_heard():
     As above, and a shared link overflows too: 3% of the datagrams, lost at
     every receiver.  The share beyond chance caps the rate within seconds.
     """
-    nodes = tuple("abcdefgh")
-    clock, controller = fleet(nodes)
+    clock, controller = fleet(tuple("abcdefgh"))
     drive(controller, clock, 2.0, quiet)
-    draw = random.Random(20261207)
-    marks = itertools.count(0, 32)
-
-    def lossy(t):
-        sent = [next(marks) for _ in range(26)]
-        overflowed = {m for m in sent if draw.random() < 0.03}
-        return {
-            n: Feedback(
-                0.05,
-                0.005,
-                0.0,
-                0.02,
-                lost=tuple(m for m in sent if m in overflowed or draw.random() < 0.02)[:LOST_MARKS],
-            )
-            for n in nodes
-        }
-
-    drive(controller, clock, 3.0, lossy)
+    drive(controller, clock, 3.0, random_loss("abcdefgh", reporting=1.0, shared=0.03))
     named, shared, chance = controller.sharing("a")
     assert shared > 0.5 * named > chance
     assert controller.friendly < math.inf
