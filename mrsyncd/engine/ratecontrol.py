@@ -93,8 +93,8 @@ SHARED_SAMPLE = 6
 #: most this often (a Chernoff bound).  The controller asks for every
 #: receiver every interval, over a window that moves slowly: counted as
 #: soon as half of a sample of 6 was shared, 8 receivers with 2% random
-#: loss each (scenario B) capped the rate by chance in 1 run of 4, for
-#: 1-1.5 s, down to 12 Mbit/s of 100.
+#: loss each (scenario B) capped the rate by chance in 2 runs of 4, for up
+#: to 1.5 s, down to 11-12 Mbit/s of 100.
 SHARED_CHANCE = 1e-4
 #: A receiver's loss is taken as at most this for the chance (`RateController.sharing`).
 MOST_LOSS = 0.99
