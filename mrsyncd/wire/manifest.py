@@ -333,7 +333,7 @@ class Manifest:
         section = _DigestSection(digests, manifest.chunk_size)
         for op in ops:
             if not isinstance(op, list):
-                raise ManifestError(f"{op!r} is neither a run of kept entries nor an entry's row")
+                raise ManifestError(f"kept holds a {type(op).__name__}, not a run [first, count] or a row")
             if len(op) == len(ROW):
                 manifest.entries.append(_entry(op, section))
                 continue

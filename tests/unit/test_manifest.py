@@ -722,7 +722,8 @@ def test_a_change_that_keeps_what_the_base_lacks_or_is_not_a_change_is_refused()
         ([[0, 0]], "count must be an integer from 1 to 4"),
         ([[0, 1, 2]], "a run of kept entries is not [first, count]"),
         ([[0, 1], [0, 1]], "duplicate path 'd0/f0'"),
-        ([7], "7 is neither a run of kept entries nor an entry's row"),
+        ([7], "kept holds a int, not a run [first, count] or a row"),
+        ([{"x": "y" * 10**6}], "kept holds a dict, not a run [first, count] or a row"),
         ([["d0/f9", "file", 420, 1, 0, 0, 9, ""]], "'d0/f9': wrong number of digests"),
     ]:
         with pytest.raises(ManifestError, match=re.escape(why)):
