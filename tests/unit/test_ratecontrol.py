@@ -259,6 +259,31 @@ def test_a_queue_that_comes_at_once_is_cut_for_once():
     assert rates[-1] == 100e6
 
 
+def test_a_late_report_is_not_cut_for_twice():
+    """
+    Scenario A's reports of a stall (ms, one an interval; mid-interval, as
+    they come), then one late: its receivers short of CPU.  The update
+    without news still holds the last report, which it had answered with a
+    rise as the queue drained: cut on it again, the rate fell to 76.5
+    Mbit/s after the drain, and the link idled while it climbed back.
+    """
+    clock, controller = fleet()
+    drive(controller, clock, 2.0, quiet)
+    heard = [0.0065, 0.008, 0.0241, 0.0316, 0.0161, None, 0.0021]
+    rates = []
+    for delay in heard + [None] * 4:
+        clock.advance(controller.interval / 2)
+        if delay is not None:
+            for node in "abc":
+                controller.feedback(node, Feedback(0.0, delay))
+        clock.advance(controller.interval / 2)
+        rates.append(controller.update())
+    cut = rates[2]
+    assert cut < 0.9 * 100e6, "a queue of 24 ms is cut for"
+    assert min(rates[2:]) == cut, [round(r / 1e6, 1) for r in rates]
+    assert rates[-1] == 100e6
+
+
 def test_random_loss_without_a_queue_does_not_slow_the_sender():
     clock, controller = fleet()
     rates = drive(controller, clock, 3.0, lambda t: {n: Feedback(0.02, 0.0) for n in "abc"})
