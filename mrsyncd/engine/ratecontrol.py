@@ -332,9 +332,9 @@ class RateController:
         #: The queue the last update's cut answered (where it was heading),
         #: or None if it made none.
         self._answered: float | None = None
-        #: When each report the last update weighed was heard (`update`:
-        #: a cut needs one it did not weigh).
-        self._weighed: dict[str, float] = {}
+        #: The monitor's report (its receiver, when heard) the last update
+        #: weighed and did not cut for, or None.
+        self._spared: tuple[str, float] | None = None
 
     def feedback(self, node: str, report: Feedback) -> None:
         now = self.clock.seconds()
@@ -580,11 +580,8 @@ class RateController:
         if reports:
             self.monitor = max(reports, key=lambda node: self.queue(reports[node]))
             delay = self.queue(reports[self.monitor])
-        # A report counts for two intervals (`_recent`), so the last update
-        # weighed this one too if it is no newer than then: it found at
-        # least this queue, and answered it.
-        weighed, self._weighed = self._weighed, {node: self._reports[node][0] for node in reports}
-        fresh = self.monitor is None or weighed.get(self.monitor) != self._weighed[self.monitor]
+        weighed = None if self.monitor is None else (self.monitor, self._reports[self.monitor][0])
+        spared, self._spared = self._spared, None
         self.monitor_queue = delay
         heard = sum(
             1 for n, (when, _) in self._reports.items() if n in self.active and now - when <= self.slow_after
@@ -682,16 +679,21 @@ class RateController:
                 # without a queue): below it the push yields to others as
                 # it did, and the fairness matrix's BBR cells, which feel
                 # every interval of the push's queue, stay as they were.
-                if not (fresh or self._blocked):
-                    # A cut answers a fresh report.  The same one again (the next
-                    # one late: its receiver short of CPU) once cut a
-                    # queue that had drained a second time, after a rise
-                    # on the drain: 100, 84, 90, 76.5 Mbit/s in scenario A.
+                if weighed == spared and not self._blocked:
+                    # A report counts for two intervals (`_recent`), but
+                    # its trend shows only the first time: the next one
+                    # late (its receiver short of CPU), the same report is
+                    # heading for its own queue.  Where the last update
+                    # rose on it, as the queue drained, a cut on it cut
+                    # the drained queue again: 100, 84, 90, then 76.5
+                    # Mbit/s in scenario A.
                     factor = 1.0
                 elif answered is not None and delay <= answered and not self._blocked:
                     factor = 1.0
                 elif self.rate >= SHARING * capacity:
                     self._answered = heading
+            if factor >= 1.0:
+                self._spared = weighed
             self.rate *= factor
         # Never above what TCP would get on the most limited receiver's
         # round trip and shared loss: fair to TCP in a queue too shallow
