@@ -679,16 +679,17 @@ class RateController:
                 # without a queue): below it the push yields to others as
                 # it did, and the fairness matrix's BBR cells, which feel
                 # every interval of the push's queue, stay as they were.
-                if weighed == spared and not self._blocked:
-                    # A report counts for two intervals (`_recent`), but
-                    # its trend shows only the first time: the next one
-                    # late (its receiver short of CPU), the same report is
+                if answered is not None and delay <= answered and not self._blocked:
+                    factor = 1.0
+                elif weighed is not None and weighed == spared and not self._blocked:
+                    # Nor a cut on a report the last update spared.  A
+                    # report counts for two intervals (`_recent`), but its
+                    # trend shows only the first time: the next one late
+                    # (its receiver short of CPU), the same report is
                     # heading for its own queue.  Where the last update
                     # rose on it, as the queue drained, a cut on it cut
                     # the drained queue again: 100, 84, 90, then 76.5
                     # Mbit/s in scenario A.
-                    factor = 1.0
-                elif answered is not None and delay <= answered and not self._blocked:
                     factor = 1.0
                 elif self.rate >= SHARING * capacity:
                     self._answered = heading
