@@ -546,6 +546,53 @@ def test_a_file_that_shrinks_while_it_is_digested_is_an_error(tmp_path, monkeypa
         list(file_digests(str(path), chunk, chunk * 3))
 
 
+def test_files_of_one_chunk_or_none_digest_as_any_file_does(tmp_path):
+    """A scan reads a file of at most a chunk whole (`_small_file_digest`): its digests are the same."""
+    chunk = default_chunk_size(1408)
+    sizes = [0, 1, 3000, chunk - 1, chunk, chunk + 1]
+    for size in sizes:
+        (tmp_path / f"f{size}").write_bytes(os.urandom(size))
+    m, _ = scan([str(tmp_path) + "/"], 1408)
+    for entry in m.entries:
+        size = int(entry.path[1:])
+        assert entry.size == size
+        assert entry.digests == b"".join(file_digests(str(tmp_path / entry.path), chunk, size))
+        assert len(entry.digests) == m.chunks(entry) * 32
+
+
+def test_a_small_file_that_shrinks_while_it_is_digested_is_an_error(tmp_path):
+    path = tmp_path / "shrinking"
+    path.write_bytes(os.urandom(3000))
+    with pytest.raises(ManifestError, match="shrank while it was scanned"):
+        manifest._small_file_digest(str(path), 4000)
+
+
+@pytest.mark.parametrize("size", [3000, 3 << 20])
+@pytest.mark.parametrize("swap", ["symlink", "another file"])
+def test_a_file_replaced_after_the_scan_found_it_is_not_digested_as_it(tmp_path, size, swap):
+    """
+    Between the scan's lstat and its read, a file replaced by a symlink (to
+    a secret: the scan refuses those by inode) or by another file is an
+    error, not digested, and so sent, as what the manifest lists.
+    """
+    chunk = default_chunk_size(1408)
+    path = tmp_path / "file"
+    path.write_bytes(os.urandom(size))
+    found = os.lstat(path)
+    secret = tmp_path / "secret"
+    secret.write_bytes(os.urandom(size))
+    if swap == "symlink":
+        (tmp_path / "link").symlink_to(secret)
+        os.replace(tmp_path / "link", path)
+    else:
+        os.replace(secret, path)
+    with pytest.raises(ManifestError, match="replaced while it was scanned"):
+        if size <= chunk:
+            manifest._small_file_digest(str(path), size, (found.st_dev, found.st_ino))
+        else:
+            list(file_digests(str(path), chunk, size, (found.st_dev, found.st_ino)))
+
+
 def test_a_file_of_more_blocks_than_the_wire_can_number_is_refused():
     """Block numbers are 32 bits: a manifest naming a file past that is refused."""
     size = (1 << 32) * 512
