@@ -259,6 +259,19 @@ def test_a_queue_that_comes_at_once_is_cut_for_once():
     assert rates[-1] == 100e6
 
 
+def reported(controller: RateController, clock: Clock, heard: list[float | None]) -> list[float]:
+    """The rates after reports of these queues from every receiver, mid-interval as they come (None: none)."""
+    rates = []
+    for delay in heard:
+        clock.advance(controller.interval / 2)
+        if delay is not None:
+            for node in "abc":
+                controller.feedback(node, Feedback(0.0, delay))
+        clock.advance(controller.interval / 2)
+        rates.append(controller.update())
+    return rates
+
+
 def test_a_late_report_is_not_cut_for_twice():
     """
     Scenario A's reports of a stall (ms, one an interval; mid-interval, as
@@ -269,19 +282,36 @@ def test_a_late_report_is_not_cut_for_twice():
     """
     clock, controller = fleet()
     drive(controller, clock, 2.0, quiet)
-    heard = [0.0065, 0.008, 0.0241, 0.0316, 0.0161, None, 0.0021]
-    rates = []
-    for delay in heard + [None] * 4:
-        clock.advance(controller.interval / 2)
-        if delay is not None:
-            for node in "abc":
-                controller.feedback(node, Feedback(0.0, delay))
-        clock.advance(controller.interval / 2)
-        rates.append(controller.update())
+    rates = reported(controller, clock, [0.0065, 0.008, 0.0241, 0.0316, 0.0161, None, 0.0021] + [None] * 4)
     cut = rates[2]
     assert cut < 0.9 * 100e6, "a queue of 24 ms is cut for"
     assert min(rates[2:]) == cut, [round(r / 1e6, 1) for r in rates]
     assert rates[-1] == 100e6
+
+
+def test_a_queue_that_drains_after_a_cut_is_not_cut_for_again():
+    """
+    Scenario T's reports of a stall at full rate (ms).  Below full rate the
+    push steers for a shorter queue where most receivers show one, as all
+    of them show the one it made itself: a cut on the queue its first cut
+    was draining took the rate on down, 100, 84.5, 72, 73, 81 Mbit/s.
+    """
+    clock, controller = fleet()
+    drive(controller, clock, 2.0, quiet)
+    rates = reported(controller, clock, [0.0043, 0.0063, 0.0078, 0.0139, 0.0141, 0.0129, 0.0076, 0.0022])
+    rates += reported(controller, clock, [None] * 5)
+    cut = rates[3]
+    assert cut < 0.9 * 100e6, "a queue of 14 ms is cut for"
+    assert min(rates[3:]) == cut, [round(r / 1e6, 1) for r in rates]
+    assert rates[-1] == 100e6
+
+
+def test_a_queue_that_stands_after_a_cut_is_cut_for_again():
+    """A queue that does not drain once the cut took effect is others': the push yields to it."""
+    clock, controller = fleet()
+    drive(controller, clock, 2.0, quiet)
+    rates = reported(controller, clock, [0.0043, 0.0139, 0.0141, 0.0135, 0.0137, 0.0138, 0.0136])
+    assert rates[-1] < 0.8 * rates[1], [round(r / 1e6, 1) for r in rates]
 
 
 def test_random_loss_without_a_queue_does_not_slow_the_sender():
