@@ -686,8 +686,8 @@ class RateController:
                 # the cut is draining it.  Below full rate the push steers
                 # for `SHARED_TARGET` where most receivers show the queue,
                 # as they all show one the push made itself, so a cut on
-                # the draining queue took the rate on down: 100, 84.5, 72,
-                # 73, 81, 82 Mbit/s in scenario T (0.13 s of its link); a
+                # the draining queue took the rate on down: 84.5, 72, 73,
+                # 67.5, 74 Mbit/s in scenario T (0.17 s of its link); a
                 # queue that others fill stands or rises, and is cut for.
                 if not self._blocked and (
                     answered is not None and delay <= answered or draining is not None and delay < draining
