@@ -719,12 +719,13 @@ def _scan_one(
         cached = cache.get(key) if cache is not None else None
         if cached is not None and len(cached) == manifest.chunks(entry) * DIGEST_SIZE:
             entry.digests = cached
-        elif st.st_size <= manifest.chunk_size:
-            entry.digests = _small_file_digest(path, st.st_size, (st.st_dev, st.st_ino))
         else:
-            entry.digests = b"".join(
-                file_digests(path, manifest.chunk_size, st.st_size, (st.st_dev, st.st_ino))
-            )
+            if st.st_size <= manifest.chunk_size:
+                entry.digests = _small_file_digest(path, st.st_size, (st.st_dev, st.st_ino))
+            else:
+                entry.digests = b"".join(
+                    file_digests(path, manifest.chunk_size, st.st_size, (st.st_dev, st.st_ino))
+                )
             if cache is not None:
                 cache.put(key, entry.digests)
     return entry

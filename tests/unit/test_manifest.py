@@ -621,18 +621,20 @@ class CountingDigest:
         monkeypatch.setattr(manifest_module, "digest", counting)
 
 
-def test_digest_cache_skips_unchanged_files_and_notices_a_rewrite(tmp_path, monkeypatch):
+@pytest.mark.parametrize("size", [3000, 3 << 20])
+def test_digest_cache_skips_unchanged_files_and_notices_a_rewrite(tmp_path, monkeypatch, size):
+    """A file of one chunk (read whole, `_small_file_digest`) is cached as a larger one is."""
     from mrsyncd.daemon.store import DigestCache
 
     src = tmp_path / "src"
     src.mkdir()
-    (src / "a").write_bytes(os.urandom(3 << 20))
+    (src / "a").write_bytes(os.urandom(size))
     cache = DigestCache(str(tmp_path / "cache.db"))
     counter = CountingDigest(monkeypatch)
     first, _ = scan([str(src) + "/"], cache=cache)
-    assert counter.bytes == 3 << 20
+    assert counter.bytes == size
     again, _ = scan([str(src) + "/"], cache=cache)
-    assert counter.bytes == 3 << 20, "an unchanged file is not read again"
+    assert counter.bytes == size, "an unchanged file is not read again"
     assert again.entries == first.entries
     data = bytearray((src / "a").read_bytes())
     data[5] ^= 1
@@ -640,7 +642,7 @@ def test_digest_cache_skips_unchanged_files_and_notices_a_rewrite(tmp_path, monk
     (src / "a").write_bytes(bytes(data))
     os.utime(src / "a", ns=(st.st_atime_ns, st.st_mtime_ns))  # the mtime put back: ctime still moves
     changed, _ = scan([str(src) + "/"], cache=cache)
-    assert counter.bytes == 2 * (3 << 20)
+    assert counter.bytes == 2 * size
     assert changed.entries[0].chunk_digest(0) != first.entries[0].chunk_digest(0)
     cache.close()
 
