@@ -762,10 +762,15 @@ def _small_file_digest(path: str, size: int, identity: tuple[int, int] | None = 
         return b""
     fd = _open_scanned(path, identity)
     try:
-        data = os.pread(fd, size, 0)
+        return _digest_read(fd, path, 0, size)
     finally:
         os.close(fd)
-    if len(data) != size:
+
+
+def _digest_read(fd: int, path: str, offset: int, length: int) -> bytes:
+    """The digest of ``length`` bytes of a source at ``offset``, all of which must still be there."""
+    data = os.pread(fd, length, offset)
+    if len(data) != length:
         raise ManifestError(f"{path}: file shrank while it was scanned")
     return digest(data)
 
@@ -796,10 +801,7 @@ def file_digests(
             if length not in zero:
                 zero[length] = digest(bytes(length))
             return zero[length]
-        data = os.pread(fd, length, offset)
-        if len(data) != length:
-            raise ManifestError(f"{path}: file shrank while it was scanned")
-        return digest(data)
+        return _digest_read(fd, path, offset, length)
 
     offsets = range(0, size, chunk_size)
     with open(_open_scanned(path, identity), "rb", buffering=0) as f:
