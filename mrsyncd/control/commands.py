@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import struct
-import zlib
 from typing import Any
 
 from twisted.protocols import amp
@@ -26,6 +25,7 @@ from mrsyncd.control import boxes
 from mrsyncd.control.boxes import MAX_BOX_KEYS, MAX_PIECES, PIECE
 from mrsyncd.control.contract import LOST_MARKS, Feedback, Refused, UnknownTransfer, fixed
 from mrsyncd.wire.datagram import TRANSFER_ID_SIZE, VERSION
+from mrsyncd.wire.manifest import deflated, inflated
 
 log = logs.logger(__name__)
 
@@ -34,7 +34,8 @@ log = logs.logger(__name__)
 #: other at `Register` (1 had BLAKE2b-tagged clear datagrams, 2 seals them,
 #: 3 has the congestion reports of issue 20, 4 sends the manifest compressed,
 #: 5 sends it only to receivers that do not hold it yet, 6 protects from
-#: deletion by filter rules, ``+ PATTERN`` and ``- PATTERN``, not bare patterns).
+#: deletion by filter rules, ``+ PATTERN`` and ``- PATTERN``, not bare patterns;
+#: 10 offers a manifest delivered by multicast, ``Prepare``'s ``manifest_from``).
 PROTOCOL = VERSION
 
 UINT32_MAX = (1 << 32) - 1
@@ -87,7 +88,7 @@ class CompressedBytes(BigBytes):
         value = objects.get(key)
         if value is not None:
             if self._last is None or self._last[0] is not value:
-                self._last = (value, zlib.compress(value, 1))
+                self._last = (value, deflated(value))
             objects[key] = self._last[1]
         super().toBox(name, strings, objects, proto)
 
@@ -95,14 +96,10 @@ class CompressedBytes(BigBytes):
         super().fromBox(name, strings, objects, proto)
         key = amp._wireNameToPythonIdentifier(name)  # type: ignore[attr-defined]
         if objects[key] is not None:
-            inflate = zlib.decompressobj()
             try:
-                data = inflate.decompress(objects[key], self.LIMIT)
-            except zlib.error as e:
-                raise BadRequest(f"{name.decode()} is not zlib data: {e}") from None
-            if inflate.unconsumed_tail or not inflate.eof:
-                raise BadRequest(f"{name.decode()} inflates past {self.LIMIT} bytes, or is cut short")
-            objects[key] = data
+                objects[key] = inflated(objects[key], self.LIMIT)
+            except ValueError as e:
+                raise BadRequest(f"{name.decode()} {e}") from None
 
 
 class _JSONCoded:
@@ -342,7 +339,11 @@ class Prepare(amp.Command):
     goes as ``manifest_change``, the change (`Manifest.change_from`) from
     the manifest ``manifest_base`` names, which the receiver holds from the
     last `Prepare` on this connection (`UnknownManifest` if not, or if the
-    change does not rebuild the manifest ``manifest_digest`` names).
+    change does not rebuild the manifest ``manifest_digest`` names).  A
+    receiver that holds none is offered the manifest by ``manifest_from``
+    when a transfer of its own delivered it by multicast first
+    (`TransferOptions.delivers_manifest`): `UnknownManifest` if that
+    delivery did not reach it whole.
     """
 
     arguments = [
@@ -352,6 +353,7 @@ class Prepare(amp.Command):
         (b"manifest_digest", amp.String()),
         (b"manifest_change", CompressedBytes(optional=True)),
         (b"manifest_base", amp.String(optional=True)),
+        (b"manifest_from", amp.String(optional=True)),
         (b"group", amp.Unicode()),
         (b"port", amp.Integer()),
         (b"ttl", amp.Integer()),

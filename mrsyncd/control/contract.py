@@ -56,6 +56,11 @@ class TransferOptions:
     #: The job's filter rules: what they leave out is not deleted either,
     #: as with rsync (``manifest.excluded`` says what they leave out).
     protect: tuple[str, ...] = ()
+    #: This transfer's one file is the manifest of another, deflated, for
+    #: each receiver to keep in memory (`Offer.manifest_from`) rather than
+    #: write to a destination: one copy crosses the master's link, not one
+    #: a node.
+    delivers_manifest: bool = False
 
     @classmethod
     def from_dict(cls, raw: Any) -> TransferOptions:
@@ -114,6 +119,10 @@ class Offer:
     destination: str
     options: TransferOptions = DEFAULT_OPTIONS
     cipher: str = datagram.AES_256_GCM
+    #: The transfer that delivered this offer's manifest by multicast, if
+    #: one did (`TransferOptions.delivers_manifest`): a receiver that
+    #: holds it is offered the manifest by its digest alone.
+    manifest_from: bytes = b""
     _changes: dict[bytes, bytes] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @functools.cached_property
@@ -131,12 +140,19 @@ class Offer:
         This offer with one run's datagram key and cipher, and what it made
         of its manifest: encoding 100,000 entries again took a master 1.2 s.
         """
-        run = replace(self, key=key, cipher=cipher)
+        return self._replaced(key=key, cipher=cipher)
+
+    def delivered_by(self, transfer_id: bytes) -> Offer:
+        """This offer, its manifest delivered by the transfer ``transfer_id`` (`manifest_from`)."""
+        return self._replaced(manifest_from=transfer_id)
+
+    def _replaced(self, **changes: Any) -> Offer:
+        offer = replace(self, **changes)
         for name in ("manifest_bytes", "manifest_digest"):
             if name in self.__dict__:
-                run.__dict__[name] = self.__dict__[name]
-        run._changes = self._changes
-        return run
+                offer.__dict__[name] = self.__dict__[name]
+        offer._changes = self._changes
+        return offer
 
     def manifest_change(self, digest: bytes, base: Manifest) -> bytes:
         """
@@ -159,6 +175,14 @@ class ReceiverPeer(Protocol):
         `blockset.encode_map` as it crosses the control channel: the nodes
         of a job mostly need the same (all of a new tree, or what changed
         in it), and the sender decodes each answer it has not seen once.
+        """
+
+    def wants_manifest(self) -> bool:
+        """
+        Whether an offer would carry its manifest whole to this receiver,
+        which holds none from this sender (not one to name by digest or to
+        change): the receivers that do are sent it once by multicast
+        instead, when that is cheaper (`transfer.Transfer`).
         """
 
     def missing(

@@ -66,12 +66,16 @@ class AMPPeer:
     def prepare(self, offer: Offer) -> defer.Deferred:
         """
         Offer by the manifest's digest a receiver holds it by, as the change
-        from the one it holds if the tree changed, and whole to a receiver
-        that holds none, or when the others are not taken.
+        from the one it holds if the tree changed, by the transfer that
+        delivered it by multicast to one that holds none, and whole to a
+        receiver that holds none, or when the others are not taken.
         """
 
         def offered(
-            manifest: bytes | None, change: bytes | None = None, base: bytes | None = None
+            manifest: bytes | None,
+            change: bytes | None = None,
+            base: bytes | None = None,
+            delivered: bytes | None = None,
         ) -> defer.Deferred:
             return self.protocol.callRemote(
                 Prepare,
@@ -81,6 +85,7 @@ class AMPPeer:
                 manifest_digest=offer.manifest_digest,
                 manifest_change=change,
                 manifest_base=base,
+                manifest_from=delivered,
                 group=offer.channel.group,
                 port=offer.channel.port,
                 ttl=offer.channel.ttl,
@@ -104,16 +109,24 @@ class AMPPeer:
             return failure
 
         held = self.held
-        if held is None:
+        if offer.options.delivers_manifest:
+            # Its manifest names one file, the one it delivers: never held.
+            return offered(offer.manifest_bytes).addCallback(lambda response: response["needs"])
+        if held is None and offer.manifest_from:
+            d = offered(None, delivered=offer.manifest_from)
+        elif held is None:
             d = offered(offer.manifest_bytes)
         elif held[0] == offer.manifest_digest:
             d = offered(None)
         else:
             d = offered(None, offer.manifest_change(*held), held[0])
-        if held is not None:
+        if held is not None or offer.manifest_from:
             d.addErrback(unknown)
         d.addCallbacks(taken, refused)
         return d
+
+    def wants_manifest(self) -> bool:
+        return self.held is None
 
     def missing(
         self,
@@ -207,13 +220,26 @@ class ReceiverControl(BoundedAMP):
         self.agent.close()
 
     def _manifest_named(
-        self, sent: bytes | None, digest: bytes, change: bytes | None = None, base: bytes | None = None
+        self,
+        sent: bytes | None,
+        digest: bytes,
+        change: bytes | None = None,
+        base: bytes | None = None,
+        delivered_by: bytes | None = None,
+        keep: bool = True,
     ) -> Manifest:
         """
         The manifest a `Prepare` sent, whole or as the change from the one
-        held, or named by ``digest`` as one it sent before.  Receivers only
-        read a manifest, so one may serve several.
+        held, or named by ``digest`` as one it sent before or delivered by
+        the transfer ``delivered_by``.  Receivers only read a manifest, so
+        one may serve several.  Unless ``keep`` is false (a manifest's
+        delivery, whose own manifest names one file), it is the one held
+        from now on.
         """
+        if sent is None and change is None and delivered_by:
+            sent = self.agent.delivered_manifest(delivered_by)
+            if sent is None or hashlib.sha256(sent).digest() != digest:
+                raise UnknownManifest(f"no manifest {digest.hex()[:16]} delivered by {delivered_by.hex()}")
         if sent is None and change is not None:
             if self._manifest is None or self._manifest[0] != base:
                 raise UnknownManifest(f"no manifest {(base or b'').hex()[:16]} held to change")
@@ -231,19 +257,22 @@ class ReceiverControl(BoundedAMP):
         elif hashlib.sha256(sent).digest() != digest:
             raise ManifestError("the manifest does not match its digest")
         else:
-            self._manifest = None  # let it go before the new one is decoded: one at a time
+            if keep:
+                self._manifest = None  # let it go before the new one is decoded: one at a time
             manifest = Manifest.from_bytes(sent)
         if len(manifest.entries) > self.max_manifest_entries:
             raise ManifestError(
                 f"the manifest holds {len(manifest.entries)} entries, more than this node takes"
                 f" ({self.max_manifest_entries}, [node] max_manifest_entries)"
             )
-        self._manifest = (digest, manifest) if len(sent) <= KEPT_MANIFEST_BYTES else None
+        if keep:
+            self._manifest = (digest, manifest) if len(sent) <= KEPT_MANIFEST_BYTES else None
         return manifest
 
     @Prepare.responder
     def prepare(self, **kw: Any) -> defer.Deferred:
         try:
+            options = TransferOptions.from_dict(kw["options"])
             offer = Offer(
                 transfer_id=kw["transfer_id"],
                 key=kw["key"],
@@ -252,10 +281,12 @@ class ReceiverControl(BoundedAMP):
                     kw["manifest_digest"],
                     kw.get("manifest_change"),
                     kw.get("manifest_base"),
+                    kw.get("manifest_from"),
+                    keep=not options.delivers_manifest,
                 ),
                 channel=Channel(kw["group"], kw["port"], "", kw["ttl"], kw["loopback"]),
                 destination=kw["destination"],
-                options=TransferOptions.from_dict(kw["options"]),
+                options=options,
                 cipher=kw["cipher"],
             )
             d = self.agent.prepare(offer)

@@ -259,6 +259,12 @@ class FleetPeer:
     def prepare(self, offer: Offer) -> defer.Deferred:
         return defer.maybeDeferred(lambda: self._peer().prepare(offer))
 
+    def wants_manifest(self) -> bool:
+        try:
+            return self._peer().wants_manifest()
+        except NotConnected:
+            return True  # whoever it connects as next holds nothing yet
+
     def missing(
         self,
         transfer_id: bytes,
@@ -718,8 +724,8 @@ class JobRunner:
 
     def feedback(self, transfer_id: bytes, node: str, report: Feedback) -> None:
         for transfer in self.running.values():
-            if transfer is not None and transfer.offer.transfer_id == transfer_id:
-                transfer.feedback(node, report)
+            if transfer is not None:
+                transfer.feedback(node, report, transfer_id)
 
     def cancel(self, job_id: int) -> str:
         job = self.jobs.get(job_id)

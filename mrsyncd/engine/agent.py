@@ -10,7 +10,10 @@ receivers in one process without a control network.
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
+import shutil
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
@@ -18,16 +21,23 @@ from typing import Any
 from twisted.internet import defer
 
 from mrsyncd import logs
+from mrsyncd.control.boxes import MAX_PIECES, PIECE
 from mrsyncd.control.contract import Feedback, MissingReport, Offer, Outcome, Refused, UnknownTransfer
 from mrsyncd.engine.hook import HOOK_TIMEOUT, run_hook
 from mrsyncd.engine.multicast import DEFAULT_RCVBUF
 from mrsyncd.engine.receiver import OK, Receiver
 from mrsyncd.wire.blockset import RangeSet, encode_map
 from mrsyncd.wire.datagram import Reason
-from mrsyncd.wire.manifest import Manifest
+from mrsyncd.wire.manifest import FILE, Manifest, inflated
 
 #: No bound on a need set's size: `prepare` answers with every chunk needed.
 UNLIMITED = 1 << 62
+#: Manifests delivered by multicast and not yet named by an offer that a
+#: host keeps (`ReceiverAgent.delivered_manifest`): one for each job that
+#: may run at once is plenty, and each may be tens of megabytes.
+KEPT_DELIVERIES = 4
+#: The most a delivered manifest may inflate to: what a `Prepare` could carry.
+MAX_DELIVERED_BYTES = MAX_PIECES * PIECE
 
 
 def _check_space(needs: dict[int, RangeSet], manifest: Manifest, destination: str) -> dict[int, RangeSet]:
@@ -89,6 +99,9 @@ class ReceiverAgent:
         #: Transfers whose closed receivers still have a commit or check in
         #: a thread; taking one up again waits for them.
         self._draining: dict[bytes, defer.Deferred] = {}
+        #: Manifests delivered by multicast, by the delivering transfer's
+        #: id, inflated, until an offer names them (oldest first).
+        self._delivered: dict[bytes, bytes] = {}
 
     def destination(self, requested: str) -> str:
         """Where an offer's destination is on this host, if it is allowed."""
@@ -141,7 +154,18 @@ class ReceiverAgent:
             channel = type(channel)(
                 channel.group, channel.port, self.interface, channel.ttl, channel.loopback
             )
-        destination = self.destination(offer.destination)
+        if offer.options.delivers_manifest:
+            entries = offer.manifest.entries
+            if len(entries) != 1 or entries[0].kind != FILE or "/" in entries[0].path:
+                raise Refused("a manifest's delivery carries one file and nothing else")
+            if entries[0].size > MAX_DELIVERED_BYTES:
+                raise Refused(f"a manifest's delivery is at most {MAX_DELIVERED_BYTES} bytes")
+            # The offer's destination is not used: the manifest is kept in
+            # memory (`results`), and written only as the receiver's
+            # verified commit needs, in a private directory of its own.
+            destination = tempfile.mkdtemp(prefix="mrsyncd-manifest-")
+        else:
+            destination = self.destination(offer.destination)
         receiver = Receiver(
             self.reactor,
             destination,
@@ -161,9 +185,11 @@ class ReceiverAgent:
 
         def accepted(needs: dict[int, RangeSet]) -> dict[int, RangeSet]:
             log.info(
-                "job {job}: receiving into {destination}, {needed} bytes needed{dry}",
+                "job {job}: receiving {what}, {needed} bytes needed{dry}",
                 job=offer.options.label or offer.transfer_id.hex(),
-                destination=destination,
+                what="its manifest by multicast"
+                if offer.options.delivers_manifest
+                else f"into {destination}",
                 needed=receiver.needed_bytes,
                 dry=" (dry run)" if offer.options.dry_run else "",
             )
@@ -207,6 +233,8 @@ class ReceiverAgent:
         receiver = self.receivers.pop(transfer_id, None)
         if receiver is None:
             raise UnknownTransfer(transfer_id.hex())
+        if receiver.options.delivers_manifest:
+            return self._keep_delivered(transfer_id, receiver, discard)
         self._retire(transfer_id, receiver, discard)
         outcome = Outcome(dict(receiver.results), len(receiver.changed))
         failed = {path: why for path, why in outcome.results.items() if why != OK}
@@ -245,9 +273,38 @@ class ReceiverAgent:
 
         return d.addCallback(ran)
 
+    def _keep_delivered(self, transfer_id: bytes, receiver: Receiver, discard: bool) -> defer.Deferred:
+        """
+        End a manifest's delivery: keep the manifest, verified and
+        committed, in memory for the offer that names it, and remove its
+        private directory.  One that did not arrive whole is not kept, and
+        that offer is answered `UnknownManifest`, so the sender sends it
+        over the control channel.
+        """
+        outcome = Outcome(dict(receiver.results), len(receiver.changed))
+        if not discard and receiver.done and set(outcome.results.values()) == {OK}:
+            (path,) = outcome.results
+            try:
+                with open(os.path.join(receiver.destination, path), "rb") as f:
+                    data = inflated(f.read(MAX_DELIVERED_BYTES + 1), MAX_DELIVERED_BYTES)
+            except (OSError, ValueError) as e:
+                log.warn("transfer {tid}: its manifest is not usable: {why}", tid=transfer_id.hex(), why=e)
+            else:
+                self._delivered[transfer_id] = data
+                while len(self._delivered) > KEPT_DELIVERIES:
+                    del self._delivered[next(iter(self._delivered))]
+        self._retire(transfer_id, receiver, discard)
+        return defer.succeed(outcome)
+
+    def delivered_manifest(self, transfer_id: bytes) -> bytes | None:
+        """The manifest the transfer ``transfer_id`` delivered, encoded, for the offer naming it (once)."""
+        return self._delivered.pop(transfer_id, None)
+
     def _retire(self, transfer_id: bytes, receiver: Receiver, discard: bool = False) -> None:
         """Close a receiver; the transfer may be taken up again once its threads are done."""
         drained = receiver.close(discard)
+        if receiver.options.delivers_manifest:
+            drained.addBoth(lambda _: shutil.rmtree(receiver.destination, ignore_errors=True))
         if drained.called:
             return
         previous = self._draining.get(transfer_id)
@@ -264,6 +321,7 @@ class ReceiverAgent:
         for transfer_id, receiver in list(self.receivers.items()):
             self._retire(transfer_id, receiver)
         self.receivers.clear()
+        self._delivered.clear()
 
 
 class LocalPeer:
@@ -275,10 +333,18 @@ class LocalPeer:
         agent.name = name
 
     def prepare(self, offer: Offer) -> defer.Deferred:
-        # The manifest crosses the control channel as bytes; do the same here
-        # so that in-process tests exercise its validation.
-        copy = replace(offer, manifest=Manifest.from_bytes(offer.manifest_bytes))
+        # The manifest crosses the control channel as bytes, or was
+        # delivered by multicast; do the same here so that in-process tests
+        # exercise its validation.
+        sent = offer.manifest_bytes
+        delivered = self.agent.delivered_manifest(offer.manifest_from) if offer.manifest_from else None
+        if delivered is not None and hashlib.sha256(delivered).digest() == offer.manifest_digest:
+            sent = delivered
+        copy = replace(offer, manifest=Manifest.from_bytes(sent))
         return defer.maybeDeferred(self.agent.prepare, copy)
+
+    def wants_manifest(self) -> bool:
+        return True
 
     def missing(
         self,

@@ -7,6 +7,8 @@ same process (tests), `peers.AMPPeer`, which calls one over an AMP channel,
 and the master's `FleetPeer`, which reaches a node through its current connection.  The
 loop is:
 
+0. A large manifest that several peers hold none of goes to them first by
+   multicast, in a transfer of its own (`multicast_manifest`).
 1. ``prepare``: every peer gets the manifest and this run's datagram key
    and answers with the chunks it needs; the sender sends the union, once.
 2. ``missing``: every live peer answers with a bounded report of the blocks
@@ -23,7 +25,9 @@ calls have ``prepare_timeout`` instead.
 
 from __future__ import annotations
 
+import math
 import os
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,7 +54,7 @@ from mrsyncd.engine.sender import Sender
 from mrsyncd.engine.storage import WOULD_DELETE, WOULD_RECEIVE
 from mrsyncd.wire import datagram
 from mrsyncd.wire.blockset import RangeSet, decode_map, repair_plan, union_maps
-from mrsyncd.wire.manifest import FILE, Manifest
+from mrsyncd.wire.manifest import FILE, Manifest, deflated, scan
 
 log = logs.logger(__name__)
 
@@ -68,6 +72,26 @@ PROBE_ANSWER_BYTES = 300
 PROBE_SHARE = 0.003
 #: But never less often than this: the repairs a probe finds wait for it.
 PROBE_LONGEST = 5.0
+
+
+#: What delivering a manifest by multicast costs beyond its bytes, a
+#: transfer's offer, pass and results, with room to spare: the whole
+#: delivery of T's 0.47 MB to 8 nodes took 0.15 s, its bytes at the cap 0.04.
+MANIFEST_ROUND = 0.15
+
+
+def multicast_manifest(
+    size: int, wanting: int, rate_bps: float, round_seconds: float = MANIFEST_ROUND
+) -> bool:
+    """
+    Whether a manifest of ``size`` bytes as it travels (`deflated`) goes by
+    multicast to the ``wanting`` receivers that hold none, rather than to
+    each over its control connection, where it crosses the master's link
+    once a receiver (0.47 MB for 10,000 small files: 0.3 s of a
+    100 Mbit/s link for 8 nodes, 3.8 s for 100): when the copies it saves
+    would take the link at ``rate_bps`` longer than a delivery's round.
+    """
+    return wanting >= 2 and (wanting - 1) * size * 8 / rate_bps > round_seconds
 
 
 def probe_interval(probe: float, receivers: int, rate_bps: float) -> float:
@@ -186,11 +210,13 @@ class Transfer:
         probe: float = 1.0,
         last_probe: float = 0.15,
         run: bytes | None = None,
+        manifest_round: float = MANIFEST_ROUND,
     ) -> None:
         """
         ``run`` salts this run's datagram key (`datagram.run_key`); fresh
         random bytes unless the caller keeps them (the master stores them
-        with the job).
+        with the job).  ``manifest_round``: see `multicast_manifest`
+        (``math.inf``: never by multicast).
 
         ``prepare_timeout`` is long because preparing may digest old copies
         of large files; ``stalled_rounds`` is how many repair rounds a peer
@@ -226,6 +252,10 @@ class Transfer:
         self.poll = poll
         self.probe = probe
         self.last_probe = last_probe
+        self.rate_bps = rate_bps
+        self.manifest_round = manifest_round
+        #: The transfer delivering this one's manifest, while it runs.
+        self._delivery: Transfer | None = None
         self.controller = RateController(reactor, rate_bps)
         self.sender = Sender(
             reactor,
@@ -276,9 +306,17 @@ class Transfer:
             "failed": {name: r.reason for name, r in self.reports.items() if not r.ok},
         }
 
-    def feedback(self, name: str, report: Feedback) -> None:
-        """A receiver's loss and delay report, for the rate controller."""
-        if name in self.peers:
+    def feedback(self, name: str, report: Feedback, transfer_id: bytes | None = None) -> None:
+        """
+        A receiver's loss and delay report about the transfer
+        ``transfer_id`` (None: this one), for the rate controller of this
+        one or of the delivery of its manifest; reports about any other
+        are not this transfer's.
+        """
+        delivery = self._delivery
+        if delivery is not None and transfer_id == delivery.offer.transfer_id:
+            delivery.feedback(name, report)
+        elif name in self.peers and transfer_id in (None, self.offer.transfer_id):
             self.controller.feedback(name, report)
 
     def _adjust_rate(self) -> None:
@@ -303,6 +341,8 @@ class Transfer:
         if not (self.cancelled or self.interrupted):
             self.cancelled = True
             self.sender.abort()
+            if self._delivery is not None:
+                self._delivery.cancel()
 
     def interrupt(self) -> None:
         """
@@ -314,6 +354,8 @@ class Transfer:
         if not (self.cancelled or self.interrupted):
             self.interrupted = True
             self.sender.abort()
+            if self._delivery is not None:
+                self._delivery.interrupt()
 
     @property
     def _stopped(self) -> bool:
@@ -357,9 +399,11 @@ class Transfer:
         started = self._started = self.reactor.seconds()
         for name in self.peers:
             self._heard(name)
+        yield self._deliver_manifest()
+        offered = not self._stopped
         self.sender.start()
         try:
-            blocks = yield self._prepare(list(self.peers))
+            blocks = (yield self._prepare(list(self.peers))) if offered else {}
             parities: dict[int, RangeSet] = {}
             self.planned_bytes = self.offer.manifest.bytes_in(blocks)
             # An echo before the first datagram: without one every receiver
@@ -398,7 +442,7 @@ class Transfer:
                     break
                 if not blocks and not parities:
                     yield task.deferLater(self.reactor, self.poll, lambda: None)
-            if not self.interrupted:
+            if offered and not self.interrupted:
                 yield self._collect_results()
         finally:
             if self._control.running:
@@ -473,6 +517,58 @@ class Transfer:
                 # every few hundred ms (scenario H ended with four).
                 break
         yield sending
+
+    @defer.inlineCallbacks
+    def _deliver_manifest(self) -> Any:
+        """
+        Send the manifest to the peers that hold none in a transfer of its
+        own, by multicast, when that is cheaper (`multicast_manifest`); the
+        offer then names that transfer, and a peer it did not reach whole
+        is sent the manifest over its control connection as before.
+        """
+        wanting = [peer for peer in self.peers.values() if peer.wants_manifest()]
+        if len(wanting) < 2 or self.manifest_round == math.inf:
+            return
+        packed = deflated(self.offer.manifest_bytes)
+        if not multicast_manifest(len(packed), len(wanting), self.rate_bps, self.manifest_round):
+            return
+        with tempfile.TemporaryDirectory(prefix="mrsyncd-manifest-") as spool:
+            try:
+                with open(os.path.join(spool, "manifest"), "wb") as f:
+                    f.write(packed)
+                manifest, local_paths = scan([spool + "/"], self.offer.manifest.block_size)
+            except OSError as e:
+                log.warn("transfer {tid}: manifest not multicast: {e}", tid=self.offer.transfer_id.hex(), e=e)
+                return
+            options = TransferOptions(label=self.offer.options.label, delivers_manifest=True)
+            offer = new_offer(manifest, self.offer.channel, "", options)
+            self._delivery = delivery = Transfer(
+                self.reactor,
+                offer,
+                local_paths,
+                wanting,
+                rate_bps=self.rate_bps,
+                grace=self.grace,
+                call_timeout=self.call_timeout,
+                prepare_timeout=self.prepare_timeout,
+                max_passes=self.max_passes,
+                manifest_round=math.inf,
+            )
+            try:
+                report = yield delivery.run()
+            finally:
+                self._delivery = None
+        reached = sorted(name for name, peer in report.peers.items() if peer.ok)
+        log.info(
+            "transfer {tid}: manifest ({size} bytes) multicast to {n} of {wanting} in {seconds:.2f} s",
+            tid=self.offer.transfer_id.hex(),
+            size=len(packed),
+            n=len(reached),
+            wanting=len(wanting),
+            seconds=report.seconds,
+        )
+        if reached:
+            self.offer = self.offer.delivered_by(delivery.offer.transfer_id)
 
     @defer.inlineCallbacks
     def _prepare(self, names: list[str]) -> Any:

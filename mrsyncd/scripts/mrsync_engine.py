@@ -115,7 +115,7 @@ def send(reactor: Any, options: SendOptions) -> Any:
 
     def feedback(transfer_id: bytes, node: str, report: Feedback) -> None:
         for transfer in transfers:
-            transfer.feedback(node, report)
+            transfer.feedback(node, report, transfer_id)
 
     factory = protocol.Factory.forProtocol(lambda: SenderControl(peers.append, feedback))
     port = yield endpoints.serverFromString(reactor, options["listen"]).listen(factory)

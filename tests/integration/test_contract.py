@@ -12,20 +12,29 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from twisted.internet import defer, endpoints, reactor, task
 from twisted.internet.protocol import Factory
 from twisted.trial import unittest
 
-from mrsyncd.control.contract import MissingReport, Offer, Outcome, ReceiverPeer, Refused, UnknownTransfer
+from mrsyncd.control.contract import (
+    MissingReport,
+    Offer,
+    Outcome,
+    ReceiverPeer,
+    Refused,
+    TransferOptions,
+    UnknownTransfer,
+)
 from mrsyncd.control.peers import AMPPeer, ReceiverControl, SenderControl
 from mrsyncd.daemon.master import Fleet, FleetPeer
-from mrsyncd.engine.agent import LocalPeer, ReceiverAgent
-from mrsyncd.engine.transfer import new_offer
+from mrsyncd.engine.agent import MAX_DELIVERED_BYTES, LocalPeer, ReceiverAgent
+from mrsyncd.engine.transfer import Transfer, new_offer
 from mrsyncd.wire.blockset import decode_map
-from mrsyncd.wire.manifest import scan
-from tests.support import temp_dir, unique_channel, write_file
+from mrsyncd.wire.manifest import deflated, scan
+from tests.support import RATE, temp_dir, unique_channel, write_file
 
 #: Builds a peer named ``node1`` for ``agent`` in a test case (cleaning up after itself).
 PeerBuilder = Callable[[unittest.TestCase, ReceiverAgent], defer.Deferred]
@@ -43,7 +52,7 @@ def make_receiver_peer_tests(build: PeerBuilder) -> type[unittest.TestCase]:
             self.source = os.path.join(base, "src")
             self.root = os.path.join(base, "nodes")
             os.mkdir(self.root)
-            self.agent = ReceiverAgent(reactor, roots=[self.root])
+            self.agent = ReceiverAgent(reactor, roots=[self.root], interface="lo")
             self.addCleanup(self.agent.close)
             self.peer: ReceiverPeer = yield build(self, self.agent)
 
@@ -108,6 +117,49 @@ def make_receiver_peer_tests(build: PeerBuilder) -> type[unittest.TestCase]:
             failure = yield self.assertFailure(self.peer.prepare(offer), Refused)
             self.assertIn("outside this node's roots", str(failure))
             self.assertFalse(os.path.exists("/etc/mrsyncd-contract-test"))
+
+        @defer.inlineCallbacks
+        def test_a_manifest_delivered_by_multicast_is_taken_from_the_delivery(self) -> Any:
+            offer = self.offer({"f": os.urandom(3_000_000), "g": b"x"})
+            spool = temp_dir(self)
+            write_file(os.path.join(spool, "manifest"), deflated(offer.manifest_bytes))
+            manifest, local = scan([spool + "/"])
+            options = TransferOptions(delivers_manifest=True)
+            delivery = new_offer(manifest, unique_channel(), "", options)
+            self.assertTrue(self.peer.wants_manifest())
+            report = yield Transfer(reactor, delivery, local, [self.peer], rate_bps=RATE).run()
+            self.assertEqual(report.peers["node1"].results, {"manifest": "ok"})
+            taken = []
+            original = self.agent.delivered_manifest
+
+            def delivered(transfer_id: bytes) -> bytes | None:
+                taken.append(original(transfer_id))
+                return taken[-1]
+
+            self.patch(self.agent, "delivered_manifest", delivered)
+            needs = yield self.peer.prepare(offer.delivered_by(delivery.transfer_id))
+            self.assertEqual(taken, [offer.manifest_bytes])
+            chunks = offer.manifest.chunks(offer.manifest.entries[0])
+            self.assertEqual(
+                {i: r.ranges for i, r in decode_map(needs).items()}, {0: [(0, chunks)], 1: [(0, 1)]}
+            )
+            yield self.peer.results(offer.transfer_id, discard=True)
+
+        @defer.inlineCallbacks
+        def test_a_delivery_of_anything_but_one_manifest_is_refused(self) -> Any:
+            options = TransferOptions(delivers_manifest=True)
+            offer = self.offer({"m": b"x", "sub/n": b"y"})
+            self.assertEqual([e.path for e in offer.manifest.entries], ["m", "sub", "sub/n"])
+            for manifest in (offer.manifest, replace(offer.manifest, entries=offer.manifest.entries[1:2])):
+                delivery = new_offer(manifest, unique_channel(), "", options)
+                failure = yield self.assertFailure(self.peer.prepare(delivery), Refused)
+                self.assertIn("a manifest's delivery carries one file and nothing else", str(failure))
+            huge = replace(offer.manifest.entries[0], size=MAX_DELIVERED_BYTES + 1)
+            big = replace(offer.manifest, entries=[huge])
+            huge.digests = b"\0" * 32 * big.chunks(huge)
+            delivery = new_offer(big, unique_channel(), "", options)
+            failure = yield self.assertFailure(self.peer.prepare(delivery), Refused)
+            self.assertIn(f"a manifest's delivery is at most {MAX_DELIVERED_BYTES} bytes", str(failure))
 
         @defer.inlineCallbacks
         def test_a_transfer_it_does_not_hold_is_unknown(self) -> Any:

@@ -22,7 +22,6 @@ from twisted.protocols import amp
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
-from mrsyncd.control import commands
 from mrsyncd.control.commands import (
     PROTOCOL,
     UINT32_MAX,
@@ -133,7 +132,7 @@ class CompressedBytesTests(unittest.TestCase):
 
         argument, manifest = CompressedBytes(), b'{"entries": []}' * 1000
         boxes = []
-        with mock.patch.object(commands.zlib, "compress", counting):
+        with mock.patch.object(zlib, "compress", counting):
             for value in (manifest, manifest, bytes(bytearray(manifest))):  # the last: equal, another object
                 strings: dict[bytes, bytes] = {}
                 argument.toBox(b"manifest", strings, {"manifest": value}, None)
@@ -251,8 +250,11 @@ class ManifestOffers(LoopbackControl):
         self.assertLess((yield self.offered_at_cost(1, tree)), 1000)
 
     @defer.inlineCallbacks
-    def offered_at_cost(self, n: int, manifest: Manifest) -> Any:
-        """Offer ``manifest``; what the node read to take it, once it took that manifest."""
+    def offered_at_cost(self, n: int, manifest: Manifest, delivered_by: bytes = b"") -> Any:
+        """
+        Offer ``manifest``, as delivered by the transfer ``delivered_by`` if
+        given; what the node read to take it, once it took that manifest.
+        """
         taken: list[Offer] = []
 
         def prepare(offer: Offer) -> Any:
@@ -261,11 +263,31 @@ class ManifestOffers(LoopbackControl):
 
         self.agent.prepare = prepare  # type: ignore[method-assign]
         before = self.client.received_bytes
-        yield self.peer.prepare(
-            Offer(bytes([n]) * 8, b"k" * 32, manifest, Channel("239.255.77.9", 7799), "/t")
-        )
+        offer = Offer(bytes([n]) * 8, b"k" * 32, manifest, Channel("239.255.77.9", 7799), "/t")
+        yield self.peer.prepare(offer.delivered_by(delivered_by) if delivered_by else offer)
         self.assertEqual(taken[-1].manifest, manifest)
         return self.client.received_bytes - before
+
+    @defer.inlineCallbacks
+    def test_a_manifest_delivered_by_multicast_is_named_not_sent(self) -> Any:
+        """
+        The node kept the manifest a delivery brought it: the offer names
+        the delivery, and the manifest does not cross the control
+        connection.  One the node does not hold, or not as named, does.
+        """
+        tree, other = tree_manifest(2000, 1), tree_manifest(2000, 2)
+        whole = len(zlib.compress(tree.to_bytes(), 1))
+        # What the agent keeps when a delivery ends (`ReceiverAgent._keep_delivered`).
+        self.agent._delivered[b"d" * 8] = tree.to_bytes()
+        self.agent._delivered[b"e" * 8] = other.to_bytes()
+        self.assertTrue(self.peer.wants_manifest())
+        self.assertLess((yield self.offered_at_cost(0, tree, delivered_by=b"d" * 8)), 1000)
+        self.assertFalse(self.peer.wants_manifest())
+        self.peer.held = self.client._manifest = None  # as a node that restarted
+        self.assertGreater((yield self.offered_at_cost(1, tree, delivered_by=b"d" * 8)), whole)
+        self.peer.held = self.client._manifest = None
+        self.assertGreater((yield self.offered_at_cost(2, tree, delivered_by=b"e" * 8)), whole)
+        self.assertEqual(self.agent._delivered, {})
 
     @defer.inlineCallbacks
     def test_a_changed_tree_crosses_as_its_change_or_whole_when_that_makes_another_manifest(self) -> Any:

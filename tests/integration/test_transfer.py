@@ -10,6 +10,7 @@ import random
 import shutil
 import socket
 import stat
+import tempfile
 import time
 
 from twisted.internet import defer, reactor, task
@@ -25,7 +26,7 @@ from mrsyncd.engine.multicast import Channel, adopt, receiver_socket
 from mrsyncd.engine.ratecontrol import Echo
 from mrsyncd.engine.receiver import OK, Receiver
 from mrsyncd.engine.sender import Sender
-from mrsyncd.engine.transfer import Transfer, new_offer, probe_interval
+from mrsyncd.engine.transfer import Transfer, multicast_manifest, new_offer, probe_interval
 from mrsyncd.wire import datagram
 from mrsyncd.wire.blockset import RangeSet, encode_map
 from mrsyncd.wire.manifest import Manifest, scan
@@ -239,6 +240,117 @@ class SparseFileTests(unittest.TestCase):
             assert_same_tree(self, src, dst, sparse=True)
             # and the copy is sparse too
             self.assertLess(os.stat(os.path.join(dst, "sparse.img")).st_blocks * 512, 64 << 20)
+
+
+class ManifestDeliveryTests(unittest.TestCase):
+    """
+    A manifest that several receivers hold none of goes to them once, by
+    multicast, in a transfer of its own, when that is cheaper than a copy
+    over each control connection (`transfer.multicast_manifest`).
+    """
+
+    timeout = 60
+
+    def spools(self):
+        """The private directories a delivery uses, on either side: none may stay."""
+        return {name for name in os.listdir(tempfile.gettempdir()) if name.startswith("mrsyncd-manifest-")}
+
+    def taken(self, peers):
+        """Each peer's offers, as whether the manifest came from a delivery."""
+        taken = {peer.name: [] for peer in peers}
+        for peer in peers:
+            original = peer.agent.delivered_manifest
+
+            def delivered(transfer_id, original=original, name=peer.name):
+                data = original(transfer_id)
+                taken[name].append(data is not None)
+                return data
+
+            self.patch(peer.agent, "delivered_manifest", delivered)
+        return taken
+
+    def test_multicast_when_the_copies_it_saves_outlast_its_round(self):
+        t = 465_788  # scenario T's 10,000 files, deflated
+        self.assertTrue(multicast_manifest(t, 8, 100e6))  # 0.26 s saved
+        self.assertTrue(multicast_manifest(t, 100, 100e6))
+        self.assertFalse(multicast_manifest(t, 2, 100e6))  # 0.04 s
+        self.assertFalse(multicast_manifest(t, 1, 100e6))
+        self.assertFalse(multicast_manifest(t, 8, 1e9))  # 0.03 s at 1 Gbit/s ...
+        self.assertTrue(multicast_manifest(t, 64, 1e9))  # ... 0.23 s for 64 nodes
+        self.assertFalse(multicast_manifest(6_000, 100, 100e6))  # A's one file: 0.05 s
+
+    @defer.inlineCallbacks
+    def test_a_manifest_goes_by_multicast_first_and_every_tree_arrives(self):
+        rng = random.Random(12)
+        base, src, manifest, local = small_files(self, 300, 4, lambda i: rng.randrange(100, 3000))
+        dests = [os.path.join(base, f"dst{i}") for i in range(3)]
+        peers = make_peers(self, reactor, dests)
+        taken, before = self.taken(peers), self.spools()
+        report = yield run_transfer(self, reactor, manifest, local, peers, manifest_round=0.0)
+        self.assertTrue(report.ok, {n: p.reason for n, p in report.peers.items()})
+        self.assertEqual(taken, {peer.name: [True] for peer in peers})
+        for peer, dst in zip(peers, dests, strict=True):
+            self.assertEqual([r.options.delivers_manifest for r in peer.agent.history], [True, False])
+            assert_same_tree(self, src, dst)
+            self.assertEqual(part_files(dst), [])
+        self.assertEqual(self.spools(), before)
+
+    @defer.inlineCallbacks
+    def test_a_small_manifest_goes_over_the_control_connections(self):
+        src, manifest, local, dests, peers = full_tree_and_peers(self, reactor, 3)
+        taken = self.taken(peers)
+        report = yield run_transfer(self, reactor, manifest, local, peers)
+        self.assertTrue(report.ok, {n: p.reason for n, p in report.peers.items()})
+        self.assertEqual(taken, {peer.name: [] for peer in peers})
+        for peer in peers:
+            self.assertEqual([r.options.delivers_manifest for r in peer.agent.history], [False])
+
+    @defer.inlineCallbacks
+    def test_a_receiver_the_delivery_missed_is_sent_the_manifest_all_the_same(self):
+        """It lost the delivery (restarted, say): its offer carries the manifest, and only it goes without."""
+        src, manifest, local, dests, peers = full_tree_and_peers(self, reactor, 3)
+        forgetful = peers[0].agent
+        taken = self.taken(peers)
+        original = forgetful._keep_delivered
+
+        def lost(transfer_id, receiver, discard):
+            outcome = original(transfer_id, receiver, discard)
+            forgetful.close()
+            return outcome
+
+        self.patch(forgetful, "_keep_delivered", lost)
+        report = yield run_transfer(self, reactor, manifest, local, peers, manifest_round=0.0)
+        self.assertTrue(report.ok, {n: p.reason for n, p in report.peers.items()})
+        self.assertEqual(taken, {"node0": [False], "node1": [True], "node2": [True]})
+        for dst in dests:
+            assert_same_tree(self, src, dst)
+
+    @defer.inlineCallbacks
+    def test_cancelled_while_its_manifest_is_delivered_nothing_is_offered(self):
+        rng = random.Random(13)
+        base, src, manifest, local = small_files(self, 300, 4, lambda i: rng.randrange(100, 3000))
+        dests = [os.path.join(base, f"dst{i}") for i in range(2)]
+        peers = make_peers(self, reactor, dests)
+        before = self.spools()
+        transfer = Transfer(
+            reactor,
+            new_offer(manifest, unique_channel(), "/"),
+            local,
+            peers,
+            rate_bps=RATE,
+            manifest_round=0.0,
+        )
+        running = transfer.run()
+        yield wait_until(lambda: transfer._delivery is not None)
+        transfer.cancel()
+        report = yield running
+        self.assertEqual(
+            {n: p.reason for n, p in report.peers.items()}, {"node0": "cancelled", "node1": "cancelled"}
+        )
+        for peer, dst in zip(peers, dests, strict=True):
+            self.assertEqual([r.options.delivers_manifest for r in peer.agent.history], [True])
+            self.assertFalse(os.path.exists(dst) and os.listdir(dst))
+        yield wait_until(lambda: self.spools() == before)
 
 
 def one_file(testcase, data):
@@ -485,6 +597,9 @@ class DeadPeer:
         self.calls.append("prepare")
         return self.live.prepare(offer)
 
+    def wants_manifest(self):
+        return self.live.wants_manifest()
+
     def missing(self, transfer_id, abandoned, through=None, before=None):
         self.calls.append("missing")
         return defer.Deferred()
@@ -539,6 +654,9 @@ class DeadReceiverTests(unittest.TestCase):
 
             def prepare(self, offer):
                 return defer.Deferred()
+
+            def wants_manifest(self):
+                return True
 
             def missing(self, transfer_id, abandoned, through=None, before=None):
                 self.calls.append("missing")
@@ -638,6 +756,9 @@ class DeadReceiverTests(unittest.TestCase):
 
             def prepare(self, offer):
                 return self.peer.prepare(offer).addCallback(lambda _: b"\x80")
+
+            def wants_manifest(self):
+                return self.peer.wants_manifest()
 
             def missing(self, *args, **kwargs):
                 return self.peer.missing(*args, **kwargs)
