@@ -97,6 +97,13 @@ class AMPPeer:
 
         def unknown(failure: Failure) -> defer.Deferred:
             failure.trap(UnknownManifest)
+            if offer.manifest_from:
+                log.info(
+                    "transfer {tid}: {node} did not keep the manifest's delivery ({why}): sending it whole",
+                    tid=offer.transfer_id.hex(),
+                    node=self.name,
+                    why=failure.getErrorMessage(),
+                )
             return offered(offer.manifest_bytes)
 
         def taken(response: dict[str, Any]) -> bytes:

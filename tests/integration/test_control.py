@@ -7,6 +7,7 @@ of what nodes send while data flows).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
@@ -275,6 +276,10 @@ class ManifestOffers(LoopbackControl):
         the delivery, and the manifest does not cross the control
         connection.  One the node does not hold, or not as named, does.
         """
+        logged: list[str] = []
+        observer = lambda event: logged.append(formatEvent(event))  # noqa: E731
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
         tree, other = tree_manifest(2000, 1), tree_manifest(2000, 2)
         whole = len(zlib.compress(tree.to_bytes(), 1))
         # What the agent keeps when a delivery ends (`ReceiverAgent._keep_delivered`).
@@ -288,6 +293,15 @@ class ManifestOffers(LoopbackControl):
         self.peer.held = self.client._manifest = None
         self.assertGreater((yield self.offered_at_cost(2, tree, delivered_by=b"e" * 8)), whole)
         self.assertEqual(self.agent._delivered, {})
+        digest = hashlib.sha256(tree.to_bytes()).hexdigest()[:16]
+        self.assertEqual(
+            [line for line in logged if "did not keep" in line],
+            [
+                f"transfer {n * 8}: node1 did not keep the manifest's delivery (no manifest {digest}"
+                f" delivered by {by * 8}): sending it whole"
+                for n, by in (("01", "64"), ("02", "65"))
+            ],
+        )
 
     @defer.inlineCallbacks
     def test_a_changed_tree_crosses_as_its_change_or_whole_when_that_makes_another_manifest(self) -> Any:

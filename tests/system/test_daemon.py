@@ -618,6 +618,41 @@ def test_a_node_that_is_down_is_missed_by_name_until_it_is_forgotten(tmp_path: P
         c.close()
 
 
+@NEEDS_MOUNT_NS
+def test_a_large_manifest_is_multicast_to_the_nodes_once(tmp_path: Path) -> None:
+    """
+    Three nodes that hold no manifest, and a tree whose manifest would
+    cost the link more sent over each node's connection, at the job's
+    1 Mbit/s, than a delivery's round: the master multicasts it once, each
+    node takes its offer by that delivery, and every copy is whole.  The
+    same push again finds the nodes holding it, and multicasts nothing.
+    """
+    c = Cluster(tmp_path)
+    try:
+        c.start_master()
+        nodes = ("node1", "node2", "node3")
+        for name in nodes:
+            c.add_node(name)
+        src = c.base / "src"
+        rng = random.Random(21)
+        for i in range(500):
+            (src / f"d{i % 5}").mkdir(parents=True, exist_ok=True)
+            (src / f"d{i % 5}" / f"f{i}").write_bytes(rng.randbytes(rng.randrange(10, 60)))
+        first = c.cli_json("push", "--rate", "1M", f"{src}/", f"all:{c.shared}/t")
+        assert first["state"] == "done", first
+        for name in nodes:
+            same_tree(src, c.node_dir(name) / "t")
+            assert "job 1: receiving its manifest by multicast" in c.nodes[name].log(), c.nodes[name].log()
+        log = c.master.log()
+        assert re.search(r"manifest \(\d+ bytes\) multicast to 3 of 3 in", log), c.diagnostics()
+        assert "did not keep the manifest's delivery" not in log, log
+        again = c.cli_json("push", "--rate", "1M", f"{src}/", f"all:{c.shared}/t")
+        assert again["state"] == "done" and again["sent_bytes"] == 0, again
+        assert c.master.log().count("multicast to") == 1, c.master.log()
+    finally:
+        c.close()
+
+
 def test_include_and_exclude_rules_choose_and_protect_as_rsync_s_and_quiet_is_quiet(fleet: Cluster) -> None:
     c = fleet
     src = c.base / "src-filters"
