@@ -255,6 +255,13 @@ class ManifestDeliveryTests(unittest.TestCase):
         """The private directories a delivery uses, on either side: none may stay."""
         return {name for name in os.listdir(tempfile.gettempdir()) if name.startswith("mrsyncd-manifest-")}
 
+    def small_tree_and_peers(self, seed, receivers):
+        """300 files of 100-3000 bytes (a manifest large enough to matter), and a `LocalPeer` a receiver."""
+        rng = random.Random(seed)
+        base, src, manifest, local = small_files(self, 300, 4, lambda i: rng.randrange(100, 3000))
+        dests = [os.path.join(base, f"dst{i}") for i in range(receivers)]
+        return src, manifest, local, dests, make_peers(self, reactor, dests)
+
     def taken(self, peers):
         """Each peer's offers, as whether the manifest came from a delivery."""
         taken = {peer.name: [] for peer in peers}
@@ -281,10 +288,7 @@ class ManifestDeliveryTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_a_manifest_goes_by_multicast_first_and_every_tree_arrives(self):
-        rng = random.Random(12)
-        base, src, manifest, local = small_files(self, 300, 4, lambda i: rng.randrange(100, 3000))
-        dests = [os.path.join(base, f"dst{i}") for i in range(3)]
-        peers = make_peers(self, reactor, dests)
+        src, manifest, local, dests, peers = self.small_tree_and_peers(12, 3)
         taken, before = self.taken(peers), self.spools()
         report = yield run_transfer(self, reactor, manifest, local, peers, manifest_round=0.0)
         self.assertTrue(report.ok, {n: p.reason for n, p in report.peers.items()})
@@ -327,10 +331,7 @@ class ManifestDeliveryTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_cancelled_while_its_manifest_is_delivered_nothing_is_offered(self):
-        rng = random.Random(13)
-        base, src, manifest, local = small_files(self, 300, 4, lambda i: rng.randrange(100, 3000))
-        dests = [os.path.join(base, f"dst{i}") for i in range(2)]
-        peers = make_peers(self, reactor, dests)
+        src, manifest, local, dests, peers = self.small_tree_and_peers(13, 2)
         before = self.spools()
         transfer = Transfer(
             reactor,
