@@ -33,9 +33,10 @@ from mrsyncd.wire.manifest import FILE, Manifest, inflated
 #: No bound on a need set's size: `prepare` answers with every chunk needed.
 UNLIMITED = 1 << 62
 #: Manifests delivered by multicast and not yet named by an offer that a
-#: host keeps (`ReceiverAgent.delivered_manifest`): one for each job that
-#: may run at once is plenty, and each may be tens of megabytes.
-KEPT_DELIVERIES = 4
+#: host keeps (`ReceiverAgent.delivered_manifest`): an offer follows its
+#: delivery at once, each may be tens of megabytes, and an older one is
+#: sent whole if it is named after all.
+KEPT_DELIVERIES = 2
 #: The most a delivered manifest may inflate to: what a `Prepare` could carry.
 MAX_DELIVERED_BYTES = MAX_PIECES * PIECE
 
