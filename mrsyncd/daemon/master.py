@@ -686,6 +686,7 @@ class JobRunner:
         sent = report.sender_stats.get("payload", 0)
         self.totals["sent", "data"] += sent
         self.totals["sent", "parity"] += report.sender_stats.get("parity", 0)
+        self.totals["sent", "manifest"] += transfer.manifest_sent
         self.totals["repaired",] += max(0, sent - transfer.planned_bytes)
         self.jobs.progress(job.id, manifest.total_bytes(), sent)
         failed = sorted(name for name, peer in report.peers.items() if not peer.ok)

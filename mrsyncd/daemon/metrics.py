@@ -58,12 +58,17 @@ class MasterCollector:
         running = {job_id: t for job_id, t in runner.running.items() if t is not None}
         sent = CounterMetricFamily(
             "mrsyncd_sent_bytes",
-            "File bytes multicast since the master started, repairs included.",
+            "Bytes multicast since the master started, repairs included: files' data, their"
+            " parities, and manifests sent to the nodes by multicast.",
             labels=["kind"],
         )
         for kind, stat in (("data", "payload"), ("parity", "parity")):
             live = sum(t.sender.stats[stat] for t in running.values())
             sent.add_metric([kind], totals["sent", kind] + live)
+        # A running job's manifest is counted once its delivery ends.
+        sent.add_metric(
+            ["manifest"], totals["sent", "manifest"] + sum(t.manifest_sent for t in running.values())
+        )
         yield sent
         yield CounterMetricFamily(
             "mrsyncd_repaired_bytes",

@@ -285,6 +285,8 @@ class Transfer:
         self._started = 0.0
         self.passes = 0
         self.planned_bytes = 0
+        #: Bytes of the manifest's delivery multicast, parities included (`_deliver_manifest`).
+        self.manifest_sent = 0
         self.cancelled = False
         #: Stopped by `interrupt`: the transfer stays as it is at every receiver.
         self.interrupted = False
@@ -558,6 +560,7 @@ class Transfer:
                 report = yield delivery.run()
             finally:
                 self._delivery = None
+                self.manifest_sent = sum(delivery.sender.stats[k] for k in ("payload", "parity"))
         reached = sorted(name for name, peer in report.peers.items() if peer.ok)
         log.info(
             "transfer {tid}: manifest ({size} bytes) multicast to {n} of {wanting} in {seconds:.2f} s",

@@ -29,7 +29,7 @@ from mrsyncd.engine.sender import Sender
 from mrsyncd.engine.transfer import Transfer, multicast_manifest, new_offer, probe_interval
 from mrsyncd.wire import datagram
 from mrsyncd.wire.blockset import RangeSet, encode_map
-from mrsyncd.wire.manifest import Manifest, scan
+from mrsyncd.wire.manifest import Manifest, deflated, scan
 from tests.support import (
     RATE,
     RecordingAgent,
@@ -290,8 +290,11 @@ class ManifestDeliveryTests(unittest.TestCase):
     def test_a_manifest_goes_by_multicast_first_and_every_tree_arrives(self):
         src, manifest, local, dests, peers = self.small_tree_and_peers(12, 3)
         taken, before = self.taken(peers), self.spools()
-        report = yield run_transfer(self, reactor, manifest, local, peers, manifest_round=0.0)
+        offer = new_offer(manifest, unique_channel(), "/")
+        transfer = Transfer(reactor, offer, local, peers, rate_bps=RATE, manifest_round=0.0)
+        report = yield transfer.run()
         self.assertTrue(report.ok, {n: p.reason for n, p in report.peers.items()})
+        self.assertGreaterEqual(transfer.manifest_sent, len(deflated(offer.manifest_bytes)))
         self.assertEqual(taken, {peer.name: [True] for peer in peers})
         for peer, dst in zip(peers, dests, strict=True):
             self.assertEqual([r.options.delivers_manifest for r in peer.agent.history], [True, False])

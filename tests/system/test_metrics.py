@@ -42,6 +42,7 @@ def test_the_collector_reads_the_store_the_fleet_and_the_totals(tmp_path: Path) 
         master.runner.totals["node", "n1", "done"] += 1
         master.runner.totals["node", "n2", "failed"] += 2
         master.runner.totals["sent", "data"] += 1234
+        master.runner.totals["sent", "manifest"] += 99
         master.runner.totals["repaired",] += 34
         registry = prometheus_client.CollectorRegistry()
         registry.register(MasterCollector(master))
@@ -60,6 +61,7 @@ def test_the_collector_reads_the_store_the_fleet_and_the_totals(tmp_path: Path) 
     assert 'mrsyncd_node_last_done_timestamp_seconds{node="n1"}' not in got
     assert got['mrsyncd_node_jobs_total{node="n2",result="failed"}'] == 2
     assert got['mrsyncd_sent_bytes_total{kind="data"}'] == 1234
+    assert got['mrsyncd_sent_bytes_total{kind="manifest"}'] == 99
     assert got["mrsyncd_repaired_bytes_total"] == 34
 
 
