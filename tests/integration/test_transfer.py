@@ -303,6 +303,22 @@ class ManifestDeliveryTests(unittest.TestCase):
         self.assertEqual(self.spools(), before)
 
     @defer.inlineCallbacks
+    def test_a_delivery_repairs_what_it_loses(self):
+        """Every tenth datagram lost, at the delivery's too: it is repaired, and no node goes without."""
+        self.patch(agent_module, "Receiver", LossyReceiver)
+        src, manifest, local, dests, peers = self.small_tree_and_peers(14, 3)
+        taken = self.taken(peers)
+        offer = new_offer(manifest, unique_channel(), "/")
+        transfer = Transfer(reactor, offer, local, peers, rate_bps=RATE, manifest_round=0.0)
+        report = yield transfer.run()
+        self.assertTrue(report.ok, {n: p.reason for n, p in report.peers.items()})
+        self.assertEqual(taken, {peer.name: [True] for peer in peers})
+        # More than the manifest's bytes went out: what was lost, again.
+        self.assertGreater(transfer.manifest_sent, len(deflated(offer.manifest_bytes)))
+        for dst in dests:
+            assert_same_tree(self, src, dst)
+
+    @defer.inlineCallbacks
     def test_a_small_manifest_goes_over_the_control_connections(self):
         src, manifest, local, dests, peers = full_tree_and_peers(self, reactor, 3)
         taken = self.taken(peers)
