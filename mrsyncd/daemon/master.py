@@ -460,7 +460,7 @@ class JobRunner:
         self._enders: dict[int, list[defer.Deferred]] = {}
         #: What jobs did since the master started, for its metrics
         #: (`mrsyncd.daemon.metrics`): ``("jobs", state)``, ``("node", name,
-        #: state)``, ``("sent", "data" | "parity")`` and ``("repaired",)``.
+        #: state)``, ``("sent", "data" | "parity" | "manifest")`` and ``("repaired",)``.
         self.totals: Counter[tuple[str, ...]] = Counter()
 
     def _finish(self, job_id: int, state: str, message: str = "") -> None:
