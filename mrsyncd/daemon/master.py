@@ -413,11 +413,17 @@ def scan_cached(
     excludes: list[str],
     max_entries: int,
     secrets: Callable[[], Mapping[tuple[int, int], str]],
-) -> tuple[Manifest, dict[int, str]]:
-    """Scan in a thread with that thread's own connection to the digest cache."""
+) -> tuple[Manifest, dict[int, str], dict[tuple[int, ...], bytes]]:
+    """
+    Scan in a thread with that thread's own connection to the digest
+    cache; with the manifest and local paths, what the cache did not know,
+    to be written once the job is offered (`store.remember_digests`).
+    """
     cache = store.DigestCache(cache_path)
     try:
-        return scan(sources, block_size, 0, excludes, cache, max_entries, secrets())
+        learning = store.Learning(cache)
+        manifest, local_paths = scan(sources, block_size, 0, excludes, learning, max_entries, secrets())
+        return manifest, local_paths, learning.learned
     finally:
         cache.close()
 
@@ -434,7 +440,7 @@ class JobRunner:
         key: str = "",
         settle: float = 0.0,
         *,
-        scan: Callable[..., tuple[Manifest, dict[int, str]]] = scan_cached,
+        scan: Callable[..., tuple[Manifest, dict[int, str], dict[tuple[int, ...], bytes]]] = scan_cached,
         transfer: Callable[..., Transfer] = Transfer,
     ) -> None:
         """
@@ -594,11 +600,11 @@ class JobRunner:
             nodes=", ".join(names),
         )
         try:
-            manifest, local_paths = yield threads.deferToThreadPool(
+            manifest, local_paths, learned = yield threads.deferToThreadPool(
                 self.reactor,
                 self.reactor.getThreadPool(),
                 self._scan,
-                os.path.join(self.config.state_dir, "digests.sqlite"),
+                self._digest_cache,
                 spec["sources"],
                 self.config.block_size or self.channel(slot).payload_room() - OVERHEAD,
                 filter_rules(spec),
@@ -655,7 +661,10 @@ class JobRunner:
             run=run,
         )
         self.running[job.id] = transfer
-        report = yield transfer.run()
+        running = transfer.run()
+        if learned:
+            self._remember(learned)
+        report = yield running
         if self._stopping:
             return  # the master is going down: the job resumes when it comes back
         for name, peer in report.peers.items():
@@ -708,6 +717,17 @@ class JobRunner:
             message=message,
         )
         self._release(job.id)
+
+    @property
+    def _digest_cache(self) -> str:
+        return os.path.join(self.config.state_dir, "digests.sqlite")
+
+    def _remember(self, learned: dict[tuple[int, ...], bytes]) -> None:
+        """Write a scan's new digests to the cache, in a thread, while the job runs: it is only a cache."""
+        d = threads.deferToThreadPool(
+            self.reactor, self.reactor.getThreadPool(), store.remember_digests, self._digest_cache, learned
+        )
+        d.addErrback(lambda failure: log.warn("the digest cache was not written: {why}", why=failure.value))
 
     def status(self, job_id: int, files: bool) -> dict[str, Any]:
         job = self.jobs.get(job_id)

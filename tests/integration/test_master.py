@@ -269,7 +269,7 @@ def test_the_scan_refuses_the_masters_secrets_however_they_are_reached(tree: Pat
     with pytest.raises(ManifestError, match=r"copy is the master's state \(.*jobs.sqlite\)"):
         scan_cached(cache, [source], 1408, [], 1000, secrets)
     os.unlink(tree / "srv" / "pub" / "copy")
-    manifest, _ = scan_cached(cache, [source], 1408, [], 1000, secrets)
+    manifest, _, _ = scan_cached(cache, [source], 1408, [], 1000, secrets)
     assert [e.path for e in manifest.entries] == ["to-etc"]
 
 
@@ -429,3 +429,9 @@ class WholeJobTests(unittest.TestCase):
         events = [e["event"] for e in jobs.audit_log(job)]
         self.assertEqual(events[:2], [store.SUBMITTED, store.STARTED])
         self.assertEqual(runner.totals["jobs", DONE], 1)
+        # What the scan learned was written to the digest cache, after the offer.
+        cache = store.DigestCache(os.path.join(config.state_dir, "digests.sqlite"))
+        self.addCleanup(cache.close)
+        files = sum(1 for _, entry in made[0].offer.manifest.files())
+        count = "SELECT COUNT(*) FROM sha256_digests"
+        yield support.wait_until(lambda: cache.db.execute(count).fetchone() == (files,))
