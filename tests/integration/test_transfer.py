@@ -349,6 +349,48 @@ class ManifestDeliveryTests(unittest.TestCase):
             assert_same_tree(self, src, dst)
 
     @defer.inlineCallbacks
+    def test_a_receiver_silent_through_the_delivery_costs_one_grace_not_two(self):
+        """Its silence counts from the transfer's start: failed at the delivery, it fails at the offer."""
+        src, manifest, local, dests, peers = self.small_tree_and_peers(15, 2)
+
+        class Silent:
+            name = "silent"
+
+            def prepare(self, offer):
+                return defer.Deferred()
+
+            def wants_manifest(self):
+                return True
+
+            def missing(self, transfer_id, abandoned, through=None, before=None):
+                return defer.Deferred()
+
+            def results(self, transfer_id, discard=False):
+                return defer.fail(ConnectionError("not listening"))
+
+        grace = 4.0
+        offer = new_offer(manifest, unique_channel(), "/")
+        transfer = Transfer(
+            reactor,
+            offer,
+            local,
+            [*peers, Silent()],
+            rate_bps=RATE,
+            grace=grace,
+            call_timeout=0.3,
+            prepare_timeout=0.5,
+            manifest_round=0.0,
+        )
+        report = yield transfer.run()
+        self.assertIn("no answer", report.peers["silent"].reason)
+        for peer, dst in zip(peers, dests, strict=True):
+            self.assertTrue(report.peers[peer.name].ok, report.peers[peer.name].reason)
+            assert_same_tree(self, src, dst)
+        self.assertGreater(transfer.manifest_sent, 0)
+        self.assertGreaterEqual(report.seconds, grace)
+        self.assertLess(report.seconds, 2 * grace, report.seconds)
+
+    @defer.inlineCallbacks
     def test_cancelled_while_its_manifest_is_delivered_nothing_is_offered(self):
         src, manifest, local, dests, peers = self.small_tree_and_peers(13, 2)
         before = self.spools()
