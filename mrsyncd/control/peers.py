@@ -243,9 +243,10 @@ class ReceiverControl(BoundedAMP):
         delivery, whose own manifest names one file), it is the one held
         from now on.
         """
+        delivered = None
         if sent is None and change is None and delivered_by:
-            sent = self.agent.delivered_manifest(delivered_by)
-            if sent is None or hashlib.sha256(sent).digest() != digest:
+            sent = delivered = self.agent.delivered_manifest(delivered_by, digest)
+            if delivered is None:
                 raise UnknownManifest(f"no manifest {digest.hex()[:16]} delivered by {delivered_by.hex()}")
         if sent is None and change is not None:
             if self._manifest is None or self._manifest[0] != base:
@@ -261,7 +262,7 @@ class ReceiverControl(BoundedAMP):
             if self._manifest is None or self._manifest[0] != digest:
                 raise UnknownManifest(f"no manifest {digest.hex()[:16]} held")
             return self._manifest[1]
-        elif hashlib.sha256(sent).digest() != digest:
+        elif delivered is None and hashlib.sha256(sent).digest() != digest:
             raise ManifestError("the manifest does not match its digest")
         else:
             if keep:

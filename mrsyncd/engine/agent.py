@@ -297,9 +297,13 @@ class ReceiverAgent:
         self._retire(transfer_id, receiver, discard)
         return defer.succeed(outcome)
 
-    def delivered_manifest(self, transfer_id: bytes) -> bytes | None:
-        """The manifest the transfer ``transfer_id`` delivered, encoded, for the offer naming it (once)."""
-        return self._delivered.pop(transfer_id, None)
+    def delivered_manifest(self, transfer_id: bytes, digest: bytes) -> bytes | None:
+        """
+        The manifest the transfer ``transfer_id`` delivered, encoded, for
+        the offer that names it (once), if it is the one ``digest`` names.
+        """
+        data = self._delivered.pop(transfer_id, None)
+        return data if data is not None and hashlib.sha256(data).digest() == digest else None
 
     def _retire(self, transfer_id: bytes, receiver: Receiver, discard: bool = False) -> None:
         """Close a receiver; the transfer may be taken up again once its threads are done."""
@@ -337,11 +341,10 @@ class LocalPeer:
         # The manifest crosses the control channel as bytes, or was
         # delivered by multicast; do the same here so that in-process tests
         # exercise its validation.
-        sent = offer.manifest_bytes
-        delivered = self.agent.delivered_manifest(offer.manifest_from) if offer.manifest_from else None
-        if delivered is not None and hashlib.sha256(delivered).digest() == offer.manifest_digest:
-            sent = delivered
-        copy = replace(offer, manifest=Manifest.from_bytes(sent))
+        delivered = None
+        if offer.manifest_from:
+            delivered = self.agent.delivered_manifest(offer.manifest_from, offer.manifest_digest)
+        copy = replace(offer, manifest=Manifest.from_bytes(delivered or offer.manifest_bytes))
         return defer.maybeDeferred(self.agent.prepare, copy)
 
     def wants_manifest(self) -> bool:

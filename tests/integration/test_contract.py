@@ -132,8 +132,8 @@ def make_receiver_peer_tests(build: PeerBuilder) -> type[unittest.TestCase]:
             taken = []
             original = self.agent.delivered_manifest
 
-            def delivered(transfer_id: bytes) -> bytes | None:
-                taken.append(original(transfer_id))
+            def delivered(transfer_id: bytes, digest: bytes) -> bytes | None:
+                taken.append(original(transfer_id, digest))
                 return taken[-1]
 
             self.patch(self.agent, "delivered_manifest", delivered)

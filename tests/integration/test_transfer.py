@@ -268,8 +268,8 @@ class ManifestDeliveryTests(unittest.TestCase):
         for peer in peers:
             original = peer.agent.delivered_manifest
 
-            def delivered(transfer_id, original=original, name=peer.name):
-                data = original(transfer_id)
+            def delivered(transfer_id, digest, original=original, name=peer.name):
+                data = original(transfer_id, digest)
                 taken[name].append(data is not None)
                 return data
 
