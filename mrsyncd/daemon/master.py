@@ -419,11 +419,10 @@ def scan_cached(
     cache; with the manifest and local paths, what the cache did not know,
     to be written once the job is offered (`store.remember_digests`).
     """
-    cache = store.DigestCache(cache_path)
+    cache = store.DigestCache(cache_path, hold=True)
     try:
-        learning = store.Learning(cache)
-        manifest, local_paths = scan(sources, block_size, 0, excludes, learning, max_entries, secrets())
-        return manifest, local_paths, learning.learned
+        manifest, local_paths = scan(sources, block_size, 0, excludes, cache, max_entries, secrets())
+        return manifest, local_paths, cache.take()
     finally:
         cache.close()
 

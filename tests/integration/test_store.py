@@ -300,17 +300,18 @@ def test_what_a_scan_learns_is_kept_apart_and_written_at_once(tmp_path):
     known = store.DigestCache(path)
     known.put((1, 1, 1, 1, 1, 1), b"a" * 32)
     known.close()
-    cache = store.DigestCache(path)
-    learning = store.Learning(cache)
-    learning.put((1, 2, 1, 1, 1, 1), b"b" * 32)
-    learning.put((1, 3, 0, 1, 1, 1), b"")  # an empty file's: no chunk, and still known
-    assert learning.get((1, 1, 1, 1, 1, 1)) == b"a" * 32
-    assert learning.get((1, 2, 1, 1, 1, 1)) == b"b" * 32
-    assert learning.get((1, 3, 0, 1, 1, 1)) == b""
+    cache = store.DigestCache(path, hold=True)
+    cache.BATCH = 1
+    cache.put((1, 2, 1, 1, 1, 1), b"b" * 32)
+    cache.put((1, 3, 0, 1, 1, 1), b"")  # an empty file's: no chunk, and still known
+    assert cache.get((1, 1, 1, 1, 1, 1)) == b"a" * 32
+    assert cache.get((1, 2, 1, 1, 1, 1)) == b"b" * 32
+    assert cache.get((1, 3, 0, 1, 1, 1)) == b""
+    learned = cache.take()
     cache.close()
     other = sqlite3.connect(path)
     assert other.execute("SELECT COUNT(*) FROM sha256_digests").fetchone() == (1,)
-    store.remember_digests(path, learning.learned)
+    store.remember_digests(path, learned)
     assert other.execute("SELECT COUNT(*) FROM sha256_digests").fetchone() == (3,)
     other.close()
     reopened = store.DigestCache(path)
