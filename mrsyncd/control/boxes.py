@@ -28,6 +28,8 @@ from typing import Any, NamedTuple, Self
 PIECE = 0xFFFF
 #: 4096 pieces of 64 KiB: a 256 MiB manifest, about 4 million chunks.
 MAX_PIECES = 4096
+#: The most bytes a `BigBytes` value holds, and a compressed one inflates to.
+MAX_BIG_BYTES = MAX_PIECES * PIECE
 #: The most keys one box may hold: one `BigBytes` at its largest and the
 #: handful of other arguments any command has.
 MAX_BOX_KEYS = MAX_PIECES + 64

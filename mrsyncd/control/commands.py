@@ -22,7 +22,7 @@ from twisted.python.failure import Failure
 
 from mrsyncd import logs
 from mrsyncd.control import boxes
-from mrsyncd.control.boxes import MAX_BOX_KEYS, MAX_PIECES, PIECE
+from mrsyncd.control.boxes import MAX_BIG_BYTES, MAX_BOX_KEYS, MAX_PIECES
 from mrsyncd.control.contract import LOST_MARKS, Feedback, Refused, UnknownTransfer, fixed
 from mrsyncd.wire.datagram import TRANSFER_ID_SIZE, VERSION
 from mrsyncd.wire.manifest import deflated, inflated
@@ -77,7 +77,7 @@ class CompressedBytes(BigBytes):
     sent again (one manifest to every node of a job) is compressed once.
     """
 
-    LIMIT = MAX_PIECES * PIECE
+    LIMIT = MAX_BIG_BYTES
 
     def __init__(self, optional: bool = False) -> None:
         super().__init__(optional)

@@ -21,7 +21,7 @@ from typing import Any
 from twisted.internet import defer
 
 from mrsyncd import logs
-from mrsyncd.control.boxes import MAX_PIECES, PIECE
+from mrsyncd.control.boxes import MAX_BIG_BYTES
 from mrsyncd.control.contract import Feedback, MissingReport, Offer, Outcome, Refused, UnknownTransfer
 from mrsyncd.engine.hook import HOOK_TIMEOUT, run_hook
 from mrsyncd.engine.multicast import DEFAULT_RCVBUF
@@ -38,7 +38,7 @@ UNLIMITED = 1 << 62
 #: sent whole if it is named after all.
 KEPT_DELIVERIES = 2
 #: The most a delivered manifest may inflate to: what a `Prepare` could carry.
-MAX_DELIVERED_BYTES = MAX_PIECES * PIECE
+MAX_DELIVERED_BYTES = MAX_BIG_BYTES
 
 
 def _check_space(needs: dict[int, RangeSet], manifest: Manifest, destination: str) -> dict[int, RangeSet]:
