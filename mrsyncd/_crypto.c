@@ -209,7 +209,7 @@ done:
 }
 
 /* The clear header (mrsyncd/datagram.py). */
-#define VERSION 10 /* datagram.VERSION, which checks it (the module exports it): a stale build is not used */
+#define VERSION 11 /* datagram.VERSION, which checks it (the module exports it): a stale build is not used */
 #define KIND_DATA 1
 #define KIND_ECHO 3
 #define HEADER_SIZE 24

@@ -492,7 +492,7 @@ class Receiver:
         """
         size = self._manifest.block_size
         group, index = divmod(number, self._manifest.parity_group)
-        if len(parity) != size:
+        if index >= erasure.MAX_PARITIES or len(parity) != size:
             self.stats[datagram.Reason.RANGE.value] += 1
             return
         key = (f.index, group)

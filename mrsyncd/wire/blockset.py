@@ -13,6 +13,8 @@ from __future__ import annotations
 from bisect import bisect_right
 from collections.abc import Iterable, Iterator, Mapping
 
+from mrsyncd.wire import erasure
+
 
 class RangeSet:
     """
@@ -278,7 +280,8 @@ def repair_plan(
     lost at most m of its blocks, whichever they were: a group costs the
     most any one receiver lost of it, not the union.  Per group, whichever
     of that and the union is cheaper is chosen (equal: blocks, which cost a
-    receiver nothing to use).  The work is bounded by the number of ranges
+    receiver nothing to use), and the union where one receiver lost more
+    than a group has parities (`erasure.MAX_PARITIES`).  The work is bounded by the number of ranges
     reported, not blocks: the groups inside a long range are sent as blocks
     outright.
     """
@@ -307,7 +310,7 @@ def repair_plan(
     for (file_index, g), losses in per_group.items():
         union = set().union(*losses)
         most = max(len(lost) for lost in losses)
-        if most < len(union):
+        if most < len(union) and most <= erasure.MAX_PARITIES:
             parities.setdefault(file_index, []).append((g * group, g * group + most))
         else:
             blocks.setdefault(file_index, []).extend((b, b + 1) for b in union)

@@ -50,7 +50,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-VERSION = 10
+VERSION = 11
 
 try:
     from mrsyncd import _crypto

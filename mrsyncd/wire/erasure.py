@@ -9,9 +9,16 @@ so that any m distinct parities determine any m missing blocks: a sender can
 keep sending new parities of a group and each one a receiver gets is useful,
 whichever blocks and whichever parities the network dropped.
 
-The coefficients come from a Cauchy matrix ``C[j][i] = 1 / (x_j + y_i)`` with
-``x_j = j`` and ``y_i = 128 + i``; every square submatrix of a Cauchy matrix
-is invertible, and scaling each column keeps that true.  Columns are scaled
+The coefficients come from a Cauchy matrix ``C[j][i] = 1 / (x_j + y_i)``
+with ``x_j = j`` for the `MAX_PARITIES` parities and the `MAX_GROUP`
+positions' ``y_i`` the rest of GF(2^8): ``128 + i`` for the first 128 (the
+code of groups of up to 128, as it was), then ``MAX_PARITIES + i - 128``.
+Every square submatrix of a Cauchy matrix is invertible, and scaling each
+column keeps that true.  The field has 256 elements to share between
+parities and positions, and a group needs only as many parities as the most
+blocks one receiver lost of it (2.56 on average at 2% loss in a group of
+128, 11 at most in 10^6 groups of 224 at 2%): 32 parities leave room for
+groups of 224, which cost fewer repair bytes (see `NATIVE_GROUP`).  Columns are scaled
 so that row 0 is all ones, which makes parity 0 the plain XOR of the blocks:
 the single-parity repair already on the wire is the special case ``j = 0``.
 
@@ -19,7 +26,7 @@ All the work is sums of blocks times constants (`combine`): G of them for
 a parity of a group of G blocks, and for m blocks rebuilt, m over the blocks
 held and m over the parities, after inverting an m-by-m matrix of
 coefficients.  The C module `mrsyncd._erasure` does a sum 16 bytes at a
-time (about 0.1 us a block), which is what makes groups of 128 affordable;
+time (about 0.1 us a block), which is what makes groups of 224 affordable;
 without it, Python does a block at a time in C anyway: a block times a
 constant is one ``bytes.translate`` through a 256-byte product table, and a
 sum of blocks is an XOR of ``int``s (about 1.5 us a block).  The ints are
@@ -41,8 +48,10 @@ try:
 except ImportError:  # not built: the pure-Python path
     _erasure = None  # type: ignore[assignment]
 
-MAX_GROUP = 128
-"""Largest group, and number of distinct parities a group has: positions and parity indices are < 128."""
+MAX_PARITIES = 32
+"""Distinct parities a group has: parity indices are < 32."""
+MAX_GROUP = 256 - MAX_PARITIES
+"""Largest group: positions are < 224."""
 
 _POLY = 0x11D
 _LITTLE: Final[Literal["little"]] = "little"
@@ -77,17 +86,21 @@ MUL: tuple[bytes, ...] = (bytes(256),) + tuple(
 """``block.translate(MUL[c])`` is the block times ``c``, byte by byte."""
 
 
+#: ``y_i`` of each position: none of them a parity's ``x_j``.
+_Y = tuple(128 + i if i < 128 else MAX_PARITIES + i - 128 for i in range(MAX_GROUP))
+
+
 def _coefficient_row(parity: int) -> bytes:
     # x_0 = 0, so C[0][i] = 1 / y_i and D[j][i] = C[j][i] / C[0][i] = y_i / (j ^ y_i).
-    return bytes(_mul(MAX_GROUP + i, _inv(parity ^ (MAX_GROUP + i))) for i in range(MAX_GROUP))
+    return bytes(_mul(y, _inv(parity ^ y)) for y in _Y)
 
 
-_COEFFICIENTS: tuple[bytes, ...] = tuple(_coefficient_row(j) for j in range(MAX_GROUP))
+_COEFFICIENTS: tuple[bytes, ...] = tuple(_coefficient_row(j) for j in range(MAX_PARITIES))
 
 
 def coefficient(parity: int, position: int) -> int:
     """The factor by which the block at ``position`` enters parity ``parity``: never 0, and 1 for parity 0."""
-    _check_index("parity", parity)
+    _check_index("parity", parity, MAX_PARITIES)
     _check_index("position", position)
     return _COEFFICIENTS[parity][position]
 
@@ -97,7 +110,7 @@ def encode(blocks: Sequence[bytes], parity: int, size: int) -> bytes:
     Parity ``parity`` of the group ``blocks`` (group positions 0, 1, ...),
     each block zero-padded to ``size`` bytes.  Parity 0 is their XOR.
     """
-    _check_index("parity", parity)
+    _check_index("parity", parity, MAX_PARITIES)
     if len(blocks) > MAX_GROUP:
         raise ValueError(f"a group has at most {MAX_GROUP} blocks, not {len(blocks)}")
     # `combine` refuses a size below 1 and a block longer than ``size``, on both paths.
@@ -139,7 +152,7 @@ def decode(
             f"not held {sorted(held)} and missing {sorted(wanted)}"
         )
     for index, payload in parities.items():
-        _check_index("parity", index)
+        _check_index("parity", index, MAX_PARITIES)
         if len(payload) != size:
             raise ValueError(f"parity {index} has {len(payload)} bytes, not {size}")
     if len(parities) < m:
@@ -190,10 +203,13 @@ def _invert(matrix: Sequence[bytes]) -> list[bytes]:
 
 
 #: Blocks per group a sender chooses (`preferred_group`): with the C sums,
-#: the largest; at 2% loss at each of 8 receivers repairs then cost 4.5% of
-#: the data where groups of 32 cost 6.3% (the benchmark's scenario B,
-#: bytes through the link).  In Python a parity of 128 blocks costs 200 us
-#: where one of 32 costs 50, and that would slow a sender more than it saves.
+#: the largest.  A group costs the most blocks any one receiver lost of it,
+#: so the larger the group, the nearer that comes to the loss itself: at 2%
+#: loss at each of 8 receivers, 5.9% of the data in groups of 32, 3.9% in
+#: groups of 128 and 3.4% in groups of 224 (the expectation; at 1% loss at
+#: each of 64, 3.5% and 2.8%).  In Python a parity of 128 blocks costs
+#: 200 us where one of 32 costs 50, and that would slow a sender more than
+#: it saves.
 NATIVE_GROUP = MAX_GROUP
 PYTHON_GROUP = 32
 
@@ -249,9 +265,9 @@ def _xor(blocks: Iterable[bytes], start: int = 0) -> int:
     return reduce(xor, map(int.from_bytes, blocks, repeat(_LITTLE)), start)
 
 
-def _check_index(what: str, value: int) -> None:
-    if not 0 <= value < MAX_GROUP:
-        raise ValueError(f"{what} {value} is outside 0 .. {MAX_GROUP - 1}")
+def _check_index(what: str, value: int, bound: int = MAX_GROUP) -> None:
+    if not 0 <= value < bound:
+        raise ValueError(f"{what} {value} is outside 0 .. {bound - 1}")
 
 
 def _check_size(size: int) -> None:

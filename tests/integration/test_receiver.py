@@ -236,6 +236,31 @@ class DirectReceiverTests(DirectReceiverCase):
         self.assertEqual(r.stats["parity_unused"], 2)
 
     @defer.inlineCallbacks
+    def test_a_largest_group_is_rebuilt_and_a_parity_past_its_last_is_dropped(self):
+        """
+        Groups of `erasure.MAX_GROUP`: blocks lost on both sides of position
+        128 are rebuilt.  A parity numbered past the group's last
+        (`erasure.MAX_PARITIES`), authentic but from no sender of this
+        version, is dropped as out of range, not kept and not raised.
+        """
+        group = erasure.MAX_GROUP
+        data = self.rng.randbytes(group * 100 + 250)
+        r = yield self.receiving(data, chunk_size=100 * group, parity_group=group)
+        lost = [3, 127, 128, 200, group - 1]
+        self.feed(r, 0, [b for b in range(group + 3) if b not in lost], data)
+        past = seal(self.key, self.tid, 0, erasure.MAX_PARITIES, bytes(100), kind=datagram.KIND_PARITY)
+        deliver(r, past)
+        self.assertEqual(r.stats[datagram.Reason.RANGE.value], 1)
+        self.assertEqual(r._kept.count, 0)
+        for index in (0, 31, 7, 19, 2):
+            deliver(r, self.parity(data, 0, index))
+        self.assertEqual(r.stats["rebuilt"], len(lost))
+        yield wait_until(lambda: r.done)
+        self.assertEqual(r.results, {"f": OK})
+        with open(os.path.join(self.dst, "f"), "rb") as f:
+            self.assertEqual(f.read(), data)
+
+    @defer.inlineCallbacks
     def test_a_block_that_arrives_after_parities_lets_them_solve_the_rest(self):
         """Lacking three, two parities kept: the third block as DATA is enough."""
         data = self.rng.randbytes(32 * 100)

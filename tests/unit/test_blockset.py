@@ -6,6 +6,7 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
+from mrsyncd.wire import erasure
 from mrsyncd.wire.blockset import RangeSet, decode_map, encode_map, repair_plan, union_maps
 
 small_sets = st.sets(st.integers(min_value=0, max_value=300), max_size=120)
@@ -321,4 +322,22 @@ def test_parities_are_numbered_within_their_group():
     reports = [{0: RangeSet([(33, 34), (40, 41)])}, {0: RangeSet([(35, 36)])}]
     blocks, parities = repair_plan(reports, 16)
     assert parities == {0: RangeSet([(32, 34)])}  # group 2: parities 0 and 1
+    assert blocks == {}
+
+
+def test_a_group_gets_no_more_parities_than_it_has():
+    """
+    A receiver that lost more of a group than it has parities
+    (`erasure.MAX_PARITIES`) gets the union instead; one that lost
+    exactly that many gets them all.
+    """
+    group, most = erasure.MAX_GROUP, erasure.MAX_PARITIES
+    other = {0: RangeSet([(1, 2)])}
+    scattered = {0: RangeSet([(b, b + 1) for b in range(2, 2 * most + 4, 2)])}  # most + 1 blocks
+    blocks, parities = repair_plan([scattered, other], group)
+    assert parities == {}
+    assert blocks == union_maps([scattered, other])
+    fewer = {0: RangeSet([(b, b + 1) for b in range(2, 2 * most + 2, 2)])}  # most blocks
+    blocks, parities = repair_plan([fewer, other], group)
+    assert parities == {0: RangeSet([(0, most)])}
     assert blocks == {}

@@ -15,7 +15,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mrsyncd.wire import erasure
-from mrsyncd.wire.erasure import MAX_GROUP, MUL, _inv, _mul, coefficient, decode, encode, python_combine
+from mrsyncd.wire.erasure import (
+    MAX_GROUP,
+    MAX_PARITIES,
+    MUL,
+    _inv,
+    _mul,
+    coefficient,
+    decode,
+    encode,
+    python_combine,
+)
 
 built = pytest.mark.skipif(erasure._erasure is None, reason="the C module mrsyncd._erasure is not built")
 
@@ -104,10 +114,22 @@ def test_mul_tables_agree_with_mul():
 # Coefficients.
 
 
+def position_y(i: int) -> int:
+    """The documented y_i: groups of up to 128 keep the code they had."""
+    return 128 + i if i < 128 else MAX_PARITIES + i - 128
+
+
+def test_the_cauchy_points_are_distinct_and_fill_the_field():
+    xs = set(range(MAX_PARITIES))
+    ys = [position_y(i) for i in range(MAX_GROUP)]
+    assert len(set(ys)) == MAX_GROUP and not xs & set(ys)
+    assert xs | set(ys) == set(range(256))
+
+
 def test_coefficients_are_the_normalised_cauchy_matrix():
-    for j in range(MAX_GROUP):
+    for j in range(MAX_PARITIES):
         for i in range(MAX_GROUP):
-            y = MAX_GROUP + i
+            y = position_y(i)
             cauchy = SLOW_INV[j ^ y]
             assert coefficient(j, i) == slow_mul(cauchy, SLOW_INV[SLOW_INV[y]]), (j, i)
             assert coefficient(j, i) != 0
@@ -118,7 +140,7 @@ def test_coefficients_are_the_normalised_cauchy_matrix():
 @given(st.data())
 def test_square_submatrices_are_invertible(data):
     m = data.draw(st.integers(min_value=1, max_value=3))
-    rows = data.draw(st.lists(st.integers(0, MAX_GROUP - 1), min_size=m, max_size=m, unique=True))
+    rows = data.draw(st.lists(st.integers(0, MAX_PARITIES - 1), min_size=m, max_size=m, unique=True))
     cols = data.draw(st.lists(st.integers(0, MAX_GROUP - 1), min_size=m, max_size=m, unique=True))
     assert determinant([[coefficient(j, i) for i in cols] for j in rows]) != 0
 
@@ -138,7 +160,7 @@ def test_parity_zero_is_the_xor_of_the_padded_blocks(group):
     assert encode(blocks, 0, size) == xor((pad(b, size) for b in blocks), size)
 
 
-@given(groups(), st.integers(0, MAX_GROUP - 1))
+@given(groups(), st.integers(0, MAX_PARITIES - 1))
 def test_parity_is_the_coefficient_sum_byte_by_byte(group, j):
     size, blocks = group
     parity = encode(blocks, j, size)
@@ -164,7 +186,9 @@ def test_any_m_parities_rebuild_any_m_missing_blocks(group, data):
     g = len(blocks)
     m = data.draw(st.integers(min_value=1, max_value=min(g, 6)))
     missing = data.draw(st.lists(st.integers(0, g - 1), min_size=m, max_size=m, unique=True))
-    chosen = data.draw(st.lists(st.integers(0, g - 1), min_size=m, max_size=m, unique=True))
+    chosen = data.draw(
+        st.lists(st.integers(0, min(g, MAX_PARITIES) - 1), min_size=m, max_size=m, unique=True)
+    )
     held = {i: b for i, b in enumerate(blocks) if i not in missing}
     parities = {j: encode(blocks, j, size) for j in chosen}
     assert decode(size, held, parities, missing) == {i: pad(blocks[i], size) for i in missing}
@@ -176,21 +200,34 @@ def test_lowest_parities_are_used(group, data):
     """Parities beyond the m lowest are not read: garbage there changes nothing."""
     size, blocks = group
     g = len(blocks)
-    m = data.draw(st.integers(min_value=1, max_value=g))
+    m = data.draw(st.integers(min_value=1, max_value=min(g, MAX_PARITIES - 1)))
     missing = data.draw(st.lists(st.integers(0, g - 1), min_size=m, max_size=m, unique=True))
-    chosen = sorted(data.draw(st.lists(st.integers(0, MAX_GROUP - 2), min_size=m, max_size=m, unique=True)))
+    chosen = sorted(
+        data.draw(st.lists(st.integers(0, MAX_PARITIES - 2), min_size=m, max_size=m, unique=True))
+    )
     parities = {j: encode(blocks, j, size) for j in chosen}
-    parities[MAX_GROUP - 1] = b"\xa5" * size
+    parities[MAX_PARITIES - 1] = b"\xa5" * size
     held = {i: b for i, b in enumerate(blocks) if i not in missing}
     assert decode(size, held, parities, missing) == {i: pad(blocks[i], size) for i in missing}
 
 
-def test_a_whole_group_of_128_from_its_128_parities():
-    rng = random.Random(128)
+def test_a_largest_group_rebuilds_32_blocks_from_its_32_parities():
+    """Positions past 128 (the new points of the field) and the first ones, all at once."""
+    rng = random.Random(224)
     size = 24
     blocks = [rng.randbytes(size) for _ in range(MAX_GROUP - 1)] + [rng.randbytes(5)]
-    parities = {j: encode(blocks, j, size) for j in range(MAX_GROUP)}
-    missing = list(range(MAX_GROUP))
+    parities = {j: encode(blocks, j, size) for j in range(MAX_PARITIES)}
+    missing = [*range(8), *rng.sample(range(8, MAX_GROUP - 1), MAX_PARITIES - 9), MAX_GROUP - 1]
+    held = {i: b for i, b in enumerate(blocks) if i not in missing}
+    assert decode(size, held, parities, missing) == {i: pad(blocks[i], size) for i in missing}
+
+
+def test_a_whole_group_of_32_from_its_32_parities():
+    rng = random.Random(32)
+    size = 24
+    blocks = [rng.randbytes(size) for _ in range(MAX_PARITIES - 1)] + [rng.randbytes(5)]
+    parities = {j: encode(blocks, j, size) for j in range(MAX_PARITIES)}
+    missing = list(range(MAX_PARITIES))
     rng.shuffle(missing)
     assert decode(size, {}, parities, missing) == {i: pad(b, size) for i, b in enumerate(blocks)}
 
@@ -272,9 +309,9 @@ def test_sums_refuse(combine, blocks, factors, size, start, message):
 @pytest.mark.parametrize(
     ("blocks", "parity", "size", "message"),
     [
-        ([b"ab"], -1, 2, "parity -1 is outside 0 .. 127"),
-        ([b"ab"], MAX_GROUP, 2, "parity 128 is outside 0 .. 127"),
-        ([b"ab"] * (MAX_GROUP + 1), 0, 2, "at most 128 blocks, not 129"),
+        ([b"ab"], -1, 2, "parity -1 is outside 0 .. 31"),
+        ([b"ab"], MAX_PARITIES, 2, "parity 32 is outside 0 .. 31"),
+        ([b"ab"] * (MAX_GROUP + 1), 0, 2, "at most 224 blocks, not 225"),
         ([b"ab", b"abc"], 1, 2, "block at position 1 has 3 bytes, more than 2"),
         ([b""], 0, 0, "block size must be positive"),
     ],
@@ -284,9 +321,12 @@ def test_encode_refuses(blocks, parity, size, message):
         encode(blocks, parity, size)
 
 
-@pytest.mark.parametrize(("parity", "position"), [(-1, 0), (MAX_GROUP, 0), (0, -1), (0, MAX_GROUP)])
-def test_coefficient_refuses(parity, position):
-    with pytest.raises(ValueError, match="outside 0 .. 127"):
+@pytest.mark.parametrize(
+    ("parity", "position", "bound"),
+    [(-1, 0, "31"), (MAX_PARITIES, 0, "31"), (0, -1, "223"), (0, MAX_GROUP, "223")],
+)
+def test_coefficient_refuses(parity, position, bound):
+    with pytest.raises(ValueError, match=f"outside 0 .. {bound}"):
         coefficient(parity, position)
 
 
@@ -301,8 +341,8 @@ P = encode([b"ab", b"cd"], 0, 2)
         (2, {0: b"abc"}, {0: P}, [1], "held block at position 0 has 3 bytes, more than 2"),
         (2, {0: b"ab"}, {0: b"abc"}, [1], "parity 0 has 3 bytes, not 2"),
         (2, {0: b"ab"}, {0: b"a"}, [1], "parity 0 has 1 bytes, not 2"),
-        (2, {0: b"ab"}, {MAX_GROUP: P}, [1], "parity 128 is outside"),
-        (2, {0: b"ab"}, {0: P}, [MAX_GROUP], "missing position 128 is outside"),
+        (2, {0: b"ab"}, {MAX_PARITIES: P}, [1], "parity 32 is outside"),
+        (2, {0: b"ab"}, {0: P}, [MAX_GROUP], "missing position 224 is outside"),
         (2, {-1: b"ab"}, {0: P}, [0], "held position -1 is outside"),
         (2, {0: b"ab"}, {0: P}, [2], "together be 0 .. 1"),
         (2, {3: b"ab"}, {0: P}, [0], "together be 0 .. 1"),
