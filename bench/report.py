@@ -114,7 +114,7 @@ def table(doc: dict[str, Any]) -> str:
         "| case | tool | ok | time s | payload Mbit/s | efficiency | time ÷ mrsyncd | sender CPU s "
         "| receiver CPU s mean (max) | CPU µs per 1408 B, sender / receiver "
         "| receiver core at link rate | receiver peak RSS MiB "
-        "| feedback bytes (% of sent) | tbf drops | machine busy (others' CPU s) |"
+        "| feedback bytes (% of sent) | tbf drops | machine busy (others' CPU s, steal s) |"
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for c in doc["cases"]:
@@ -144,7 +144,8 @@ def table(doc: dict[str, Any]) -> str:
                 f"| {_f(d.get('recv_core_at_link') and d['recv_core_at_link'] * 100, '.0f')}% "
                 f"| {_f(d.get('recv_hwm_max') and d['recv_hwm_max'] / MiB, '.1f')} "
                 f"| {fb_text} | {(r.get('qdisc') or {}).get('drops', '–')} "
-                f"| {_f(mc.get('busy_share') and mc['busy_share'] * 100, '.0f')}% ({_f(others, '.1f')}) |"
+                f"| {_f(mc.get('busy_share') and mc['busy_share'] * 100, '.0f')}% ({_f(others, '.1f')}, "
+                f"{_f(mc.get('steal'), '.2f')}) |"
             )
         if c.get("tcp_alone_bps"):
             pad = " |" * 10

@@ -271,6 +271,7 @@ def run_case(
                 f"{result.counters.get('feedback_bytes', 0):,} B  tbf drops {result.qdisc.get('drops', '-')}"
                 f"  busy {result.machine_cpu.get('busy_share', 0):.0%}"
                 f" others {result.machine_cpu.get('others', 0):.1f} s"
+                f" steal {result.machine_cpu.get('steal', 0):.2f} s"
                 f"{'  rate median ' + str(d['details'].get('rate_mbit_median')) if mrsyncd else ''}"
                 f"{'  ' + result.error if result.error else ''}",
                 flush=True,
