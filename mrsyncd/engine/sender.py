@@ -314,6 +314,30 @@ class Sender(DatagramProtocol):
         self._fresh.clear()
         batch: list[bytes] = []
         reading = False
+        # This loop runs once a datagram (87,000 a second at 1 Gbit/s): what
+        # it counts is added up here and handed over once a batch
+        # (`tally`), and a block of the chunk the last one came from is cut
+        # from it here (`_read` the first time), not looked up again.
+        encode, frame, group = self._cipher.encode, self._frame, self.manifest.parity_group
+        chunk_blocks, block_size = self.manifest.chunk_blocks, self.manifest.block_size
+        chunks, pack_held = self._chunks, self._pack_held
+        held_key: tuple[int, int] | None = None
+        held = b""
+        spent = datagrams = sent_bytes = payload_bytes = parity_bytes = coded = 0
+
+        def tally() -> None:
+            nonlocal spent, datagrams, sent_bytes, payload_bytes, parity_bytes, coded
+            if datagrams:
+                self.pacer.spend(spent)
+                stats = self.stats
+                stats["datagrams"] += datagrams
+                stats["bytes"] += sent_bytes
+                counted = (("payload", payload_bytes), ("parity", parity_bytes), ("coded_parities", coded))
+                for key, value in counted:
+                    if value:
+                        stats[key] += value
+                spent = datagrams = sent_bytes = payload_bytes = parity_bytes = coded = 0
+
         while self._next is not None:
             file_index, kind, index = self._next
             if file_index in self.dropped:
@@ -321,11 +345,17 @@ class Sender(DatagramProtocol):
                 continue
             try:
                 if kind == datagram.KIND_PARITY:
-                    block = index
-                    payload = self._parity(file_index, *divmod(index, self.manifest.parity_group))
+                    payload = self._parity(file_index, *divmod(index, group))
                 else:
-                    block = index
-                    payload = self._read(file_index, block)
+                    chunk, first = divmod(index, chunk_blocks)
+                    if first and held_key == (file_index, chunk):
+                        payload = held[first * block_size : (first + 1) * block_size]
+                    else:
+                        payload = self._read(file_index, index)
+                        if payload is not None and file_index not in pack_held:
+                            held_key, held = (file_index, chunk), chunks.get((file_index, chunk), b"")
+                            if not held:
+                                held_key = None
             except (OSError, SourceChanged) as e:
                 self._abandon(file_index, str(e))
                 continue
@@ -333,26 +363,31 @@ class Sender(DatagramProtocol):
                 reading = True  # a chunk is being read; _loaded() resumes the pass
                 break
             size = len(payload) + datagram.OVERHEAD
-            if size + self._frame > allowance:
+            if size + frame > allowance:
                 break
             if batch and (size != len(batch[0]) or len(batch) >= segments):
+                tally()
                 sent = self._send(batch)
                 batch = []
                 if not sent:
                     break
             # Sealed only once it is sure to be sent: its sequence number,
             # the nonce, then moves on, and is never sealed again.
-            packet = self._cipher.encode(file_index, block, payload, self.sequence, sent_us, kind)
+            packet = encode(file_index, index, payload, self.sequence, sent_us, kind)
             batch.append(packet)
             self.sequence += 1
-            allowance -= len(packet) + self._frame
-            self.pacer.spend(len(packet) + self._frame)
-            self.stats["datagrams"] += 1
-            self.stats["bytes"] += len(packet)
-            self.stats["payload" if kind == datagram.KIND_DATA else "parity"] += len(payload)
-            if kind == datagram.KIND_PARITY and index % self.manifest.parity_group:
-                self.stats["coded_parities"] += 1  # parity j >= 1: more than an XOR
+            allowance -= size + frame
+            spent += size + frame
+            datagrams += 1
+            sent_bytes += size
+            if kind == datagram.KIND_DATA:
+                payload_bytes += len(payload)
+            else:
+                parity_bytes += len(payload)
+                if index % group:
+                    coded += 1  # parity j >= 1: more than an XOR
             self._advance()
+        tally()
         if batch:
             self._send(batch)
         if reading and not self._unsent:
