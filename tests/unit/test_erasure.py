@@ -211,25 +211,25 @@ def test_lowest_parities_are_used(group, data):
     assert decode(size, held, parities, missing) == {i: pad(blocks[i], size) for i in missing}
 
 
-def test_a_largest_group_rebuilds_32_blocks_from_its_32_parities():
-    """Positions past 128 (the new points of the field) and the first ones, all at once."""
-    rng = random.Random(224)
+@pytest.mark.parametrize(
+    ("count", "lost"),
+    [
+        (
+            MAX_GROUP,
+            lambda rng: [*range(8), *rng.sample(range(8, MAX_GROUP - 1), MAX_PARITIES - 9), MAX_GROUP - 1],
+        ),
+        (MAX_PARITIES, lambda rng: rng.sample(range(MAX_PARITIES), MAX_PARITIES)),
+    ],
+    ids=["a largest group, lost on both sides of position 128", "a whole group of 32"],
+)
+def test_32_parities_rebuild_32_lost_blocks(count, lost):
+    rng = random.Random(count)
     size = 24
-    blocks = [rng.randbytes(size) for _ in range(MAX_GROUP - 1)] + [rng.randbytes(5)]
+    blocks = [rng.randbytes(size) for _ in range(count - 1)] + [rng.randbytes(5)]
     parities = {j: encode(blocks, j, size) for j in range(MAX_PARITIES)}
-    missing = [*range(8), *rng.sample(range(8, MAX_GROUP - 1), MAX_PARITIES - 9), MAX_GROUP - 1]
+    missing = lost(rng)
     held = {i: b for i, b in enumerate(blocks) if i not in missing}
     assert decode(size, held, parities, missing) == {i: pad(blocks[i], size) for i in missing}
-
-
-def test_a_whole_group_of_32_from_its_32_parities():
-    rng = random.Random(32)
-    size = 24
-    blocks = [rng.randbytes(size) for _ in range(MAX_PARITIES - 1)] + [rng.randbytes(5)]
-    parities = {j: encode(blocks, j, size) for j in range(MAX_PARITIES)}
-    missing = list(range(MAX_PARITIES))
-    rng.shuffle(missing)
-    assert decode(size, {}, parities, missing) == {i: pad(b, size) for i, b in enumerate(blocks)}
 
 
 def test_nothing_missing_rebuilds_nothing():
