@@ -281,9 +281,9 @@ def repair_plan(
     most any one receiver lost of it, not the union.  Per group, whichever
     of that and the union is cheaper is chosen (equal: blocks, which cost a
     receiver nothing to use), and the union where one receiver lost more
-    than a group has parities (`erasure.MAX_PARITIES`).  The work is bounded by the number of ranges
-    reported, not blocks: the groups inside a long range are sent as blocks
-    outright.
+    than a group has parities (`erasure.MAX_PARITIES`).  The work is
+    bounded by the number of ranges reported, not blocks: the groups inside
+    a long range are sent as blocks outright.
     """
     reports = list(reports)
     outright: dict[int, list[tuple[int, int]]] = {}

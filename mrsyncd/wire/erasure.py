@@ -15,12 +15,14 @@ positions' ``y_i`` the rest of GF(2^8): ``128 + i`` for the first 128 (the
 code of groups of up to 128, as it was), then ``MAX_PARITIES + i - 128``.
 Every square submatrix of a Cauchy matrix is invertible, and scaling each
 column keeps that true.  The field has 256 elements to share between
-parities and positions, and a group needs only as many parities as the most
-blocks one receiver lost of it (2.56 on average at 2% loss in a group of
-128, 11 at most in 10^6 groups of 224 at 2%): 32 parities leave room for
-groups of 224, which cost fewer repair bytes (see `NATIVE_GROUP`).  Columns are scaled
-so that row 0 is all ones, which makes parity 0 the plain XOR of the blocks:
-the single-parity repair already on the wire is the special case ``j = 0``.
+parities and positions, and a group needs only as many parities as the
+most blocks one receiver lost of it: at 2% loss, 4.5 of a group of 224 on
+average, more than 16 once in 280,000 groups and more than 32 never in
+practice (a burst that does is resent as blocks).  So 32 parities leave
+room for groups of 224, which cost fewer repair bytes (`NATIVE_GROUP`).
+Columns are scaled so that row 0 is all ones, which makes parity 0 the
+plain XOR of the blocks: the single-parity repair already on the wire is
+the special case ``j = 0``.
 
 All the work is sums of blocks times constants (`combine`): G of them for
 a parity of a group of G blocks, and for m blocks rebuilt, m over the blocks
