@@ -1224,6 +1224,42 @@ class FinalPathTests(unittest.TestCase):
             with open(os.path.join(dst, "steady"), "rb") as f:
                 self.assertEqual(f.read(), b"steady")
 
+    @defer.inlineCallbacks
+    def test_a_path_whose_kind_changed_between_pushes(self):
+        """
+        A file where the node holds a directory fails alone, with the
+        reason, and the directory keeps what it holds; a directory where
+        the node holds a file takes its place, as rsync's does.
+        """
+        base = temp_dir(self)
+        src, dst = os.path.join(base, "src"), os.path.join(base, "dst")
+        os.mkdir(src)
+        write_file(os.path.join(src, "was-a-directory"), b"now a file")  # placed whole
+        write_file(os.path.join(src, "big-was-a-directory"), random.Random(9).randbytes(3 << 20))
+        os.mkdir(os.path.join(src, "was-a-file"))
+        write_file(os.path.join(src, "was-a-file", "x"), b"x")
+        write_file(os.path.join(src, "steady"), b"steady")
+        os.mkdir(dst)
+        for name in ("was-a-directory", "big-was-a-directory"):
+            os.mkdir(os.path.join(dst, name))
+            write_file(os.path.join(dst, name, "kept"), b"kept")
+        write_file(os.path.join(dst, "was-a-file"), b"old file")
+        manifest, local = scan([src + "/"])
+        report = yield run_transfer(self, reactor, manifest, local, make_peers(self, reactor, [dst]))
+        results = report.peers["node0"].results
+        self.assertRegex(results["was-a-directory"], r"^cannot write: Is a directory")
+        self.assertRegex(results["big-was-a-directory"], r"^cannot commit: .*Is a directory")
+        self.assertEqual(
+            {path: results[path] for path in ("was-a-file", "was-a-file/x", "steady")},
+            {"was-a-file": OK, "was-a-file/x": OK, "steady": OK},
+        )
+        for name in ("was-a-directory", "big-was-a-directory"):
+            with open(os.path.join(dst, name, "kept"), "rb") as f:
+                self.assertEqual(f.read(), b"kept")
+        with open(os.path.join(dst, "was-a-file", "x"), "rb") as f:
+            self.assertEqual(f.read(), b"x")
+        self.assertEqual(part_files(dst), [])
+
 
 class OldCopyTests(unittest.TestCase):
     """What the destination already holds is used, and still never changed in place."""
