@@ -352,10 +352,8 @@ class Sender(DatagramProtocol):
                         payload = held[first * block_size : (first + 1) * block_size]
                     else:
                         payload = self._read(file_index, index)
-                        if payload is not None and file_index not in pack_held:
-                            held_key, held = (file_index, chunk), chunks.get((file_index, chunk), b"")
-                            if not held:
-                                held_key = None
+                        held = b"" if file_index in pack_held else chunks.get((file_index, chunk), b"")
+                        held_key = (file_index, chunk) if held else None
             except (OSError, SourceChanged) as e:
                 self._abandon(file_index, str(e))
                 continue
