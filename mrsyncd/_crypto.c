@@ -113,6 +113,23 @@ AEAD_dealloc(AEADObject *self)
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
+/* Seal header (clear) and payload into out: header, ciphertext, tag; 0 on failure. */
+static int
+seal_into(EVP_CIPHER_CTX *ctx, const unsigned char *header, int header_size, const unsigned char *payload,
+          int length, unsigned long long sequence, unsigned char *out)
+{
+    unsigned char nonce[NONCE_SIZE];
+    int n;
+
+    memcpy(out, header, header_size);
+    nonce_of(sequence, nonce);
+    return EVP_CipherInit_ex(ctx, NULL, NULL, NULL, nonce, 1)
+        && EVP_CipherUpdate(ctx, NULL, &n, header, header_size)
+        && EVP_CipherUpdate(ctx, out + header_size, &n, payload, length)
+        && EVP_CipherFinal_ex(ctx, out + header_size + n, &n)
+        && EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_AEAD_GET_TAG, TAG_SIZE, out + header_size + length);
+}
+
 PyDoc_STRVAR(AEAD_seal_doc,
 "seal(header, payload, sequence) -> header + ciphertext + tag\n\n"
 "The header is authenticated and left clear; the payload is encrypted.");
@@ -122,9 +139,7 @@ AEAD_seal(AEADObject *self, PyObject *args)
 {
     Py_buffer header, payload;
     unsigned long long sequence;
-    unsigned char nonce[NONCE_SIZE];
     PyObject *out = NULL;
-    int n;
 
     if (!PyArg_ParseTuple(args, "y*y*K", &header, &payload, &sequence))
         return NULL;
@@ -135,15 +150,8 @@ AEAD_seal(AEADObject *self, PyObject *args)
     out = PyBytes_FromStringAndSize(NULL, header.len + payload.len + TAG_SIZE);
     if (out == NULL)
         goto done;
-    unsigned char *p = (unsigned char *)PyBytes_AS_STRING(out);
-    memcpy(p, header.buf, header.len);
-    nonce_of(sequence, nonce);
-    if (!EVP_CipherInit_ex(self->seal_ctx, NULL, NULL, NULL, nonce, 1)
-        || !EVP_CipherUpdate(self->seal_ctx, NULL, &n, header.buf, (int)header.len)
-        || !EVP_CipherUpdate(self->seal_ctx, p + header.len, &n, payload.buf, (int)payload.len)
-        || !EVP_CipherFinal_ex(self->seal_ctx, p + header.len + n, &n)
-        || !EVP_CIPHER_CTX_ctrl(self->seal_ctx, EVP_CTRL_AEAD_GET_TAG, TAG_SIZE,
-                                p + header.len + payload.len)) {
+    if (!seal_into(self->seal_ctx, header.buf, (int)header.len, payload.buf, (int)payload.len, sequence,
+                   (unsigned char *)PyBytes_AS_STRING(out))) {
         Py_CLEAR(out);
         PyErr_SetString(PyExc_RuntimeError, "OpenSSL could not seal a datagram");
     }
@@ -390,9 +398,86 @@ done:
     return result;
 }
 
+PyDoc_STRVAR(AEAD_seal_blocks_doc,
+"seal_blocks(header, data, offset, block_size, count) -> datagrams\n\n"
+"count datagrams back to back, one call for a sender's run of consecutive\n"
+"blocks of one file: the i-th seals data[offset + i * block_size:][:block_size]\n"
+"under header (the first's, packed by datagram.py) with its sequence number\n"
+"and its block index each raised by i.");
+
+/* Raise the big-endian integer of width bytes at p by add; 0 if it overflows. */
+static int
+add_be(unsigned char *p, int width, unsigned long long add)
+{
+    unsigned long long value = 0;
+    for (int i = 0; i < width; i++)
+        value = value << 8 | p[i];
+    unsigned long long limit = width == 8 ? ~0ULL : (1ULL << (8 * width)) - 1;
+    if (add > limit - value)
+        return 0;
+    value += add;
+    for (int i = width - 1; i >= 0; i--, value >>= 8)
+        p[i] = (unsigned char)value;
+    return 1;
+}
+
+static PyObject *
+AEAD_seal_blocks(AEADObject *self, PyObject *args)
+{
+    Py_buffer header, data;
+    Py_ssize_t offset, block_size, count;
+    PyObject *out = NULL;
+
+    if (!PyArg_ParseTuple(args, "y*y*nnn", &header, &data, &offset, &block_size, &count))
+        return NULL;
+    unsigned char first[HEADER_SIZE], last[HEADER_SIZE];
+    if (header.len != HEADER_SIZE) {
+        PyErr_Format(PyExc_ValueError, "a header is %d bytes, not %zd", HEADER_SIZE, header.len);
+        goto done;
+    }
+    if (offset < 0 || block_size < 0 || count < 1 || block_size > INT_MAX - OVERHEAD
+        || count > (PY_SSIZE_T_MAX - OVERHEAD) / (block_size + OVERHEAD)
+        || offset > data.len || (block_size && (data.len - offset) / block_size < count)) {
+        PyErr_SetString(PyExc_ValueError, "the blocks lie outside data");
+        goto done;
+    }
+    memcpy(first, header.buf, HEADER_SIZE);
+    memcpy(last, header.buf, HEADER_SIZE);
+    /* The last datagram's sequence (48 bits at 6) and block index (32 bits at 16) must fit. */
+    if (!add_be(last + 6, 6, (unsigned long long)count - 1) || !add_be(last + 16, 4, (unsigned long long)count - 1)) {
+        PyErr_SetString(PyExc_OverflowError, "the run's sequence numbers or block indexes overflow");
+        goto done;
+    }
+    unsigned long long sequence = 0;
+    for (int i = 6; i < 12; i++)
+        sequence = sequence << 8 | first[i];
+    Py_ssize_t size = HEADER_SIZE + block_size + TAG_SIZE;
+    out = PyBytes_FromStringAndSize(NULL, size * count);
+    if (out == NULL)
+        goto done;
+    unsigned char *p = (unsigned char *)PyBytes_AS_STRING(out);
+    const unsigned char *in = (const unsigned char *)data.buf + offset;
+    int sealed = 1;
+    for (Py_ssize_t i = 0; i < count && sealed; i++) {
+        sealed = seal_into(self->seal_ctx, first, HEADER_SIZE, in + i * block_size, (int)block_size,
+                           sequence + (unsigned long long)i, p + i * size);
+        add_be(first + 6, 6, 1);
+        add_be(first + 16, 4, 1);
+    }
+    if (!sealed) {
+        Py_CLEAR(out);
+        PyErr_SetString(PyExc_RuntimeError, "OpenSSL could not seal a datagram");
+    }
+done:
+    PyBuffer_Release(&header);
+    PyBuffer_Release(&data);
+    return out;
+}
+
 static PyMethodDef AEAD_methods[] = {
     {"seal", (PyCFunction)AEAD_seal, METH_VARARGS, AEAD_seal_doc},
     {"open", (PyCFunction)AEAD_open, METH_VARARGS, AEAD_open_doc},
+    {"seal_blocks", (PyCFunction)AEAD_seal_blocks, METH_VARARGS, AEAD_seal_blocks_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -52,6 +52,9 @@ CACHED_CHUNKS = 4
 #: a master 10,000 hand-offs to a thread and back in a tree of 10,000 small
 #: files, and the pass waited for each.
 RUN_FILES = 256
+#: A run of the plan: (file index, kind, first, end), the blocks or the
+#: parities (numbered as on the wire) ``[first, end)`` of one file.
+_Run = tuple[int, int, int, int]
 
 
 #: What the kernel says to a batch it will not send as one: it has no UDP
@@ -98,7 +101,10 @@ class Sender(DatagramProtocol):
         #: progress ended there; the transfer fails its nodes with this.
         self.error: str | None = None
         self._gso = True
+        #: A batch the kernel had no room for: its datagrams, end to end in
+        #: pieces (a run sealed in one call is one piece), and their size.
         self._unsent: list[bytes] = []
+        self._unsent_size = 0
         self.stats: Counter[str] = Counter()
         #: Files abandoned because their source changed, by file index.
         self.abandoned: dict[int, str] = {}
@@ -127,8 +133,10 @@ class Sender(DatagramProtocol):
         self._checked: dict[int, set[int]] = {}
         self._identity: dict[int, tuple[int, ...]] = {}
         self._fresh: dict[int, bool] = {}
-        self._queue: Iterator[tuple[int, int, int]] = iter(())
-        self._repairs: deque[tuple[int, int, int]] = deque()
+        #: The pass's runs (`_Run`) in order, and the repairs queued to go
+        #: between them, one datagram each.
+        self._queue: Iterator[_Run] = iter(())
+        self._repairs: deque[_Run] = deque()
         self._since_repair = 0
         self._repair_every = 1
         #: Datagrams of the pass in progress: all of them, and those taken to
@@ -138,7 +146,11 @@ class Sender(DatagramProtocol):
         self._queue_done = True
         self._position = (0, 0)
         self._positions: deque[tuple[float, tuple[int, int]]] = deque(maxlen=512)
-        self._next: tuple[int, int, int] | None = None
+        #: What goes next: a run of the pass or a repair (``_repairing``),
+        #: and what is left of the pass's run while a repair goes.
+        self._next: _Run | None = None
+        self._repairing = False
+        self._rest: _Run | None = None
         self._done: defer.Deferred | None = None
         self._timer: IDelayedCall | None = None
 
@@ -167,7 +179,7 @@ class Sender(DatagramProtocol):
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
-        self._next = None
+        self._next = self._rest = None
         self._unsent = []
         done, self._done = self._done, None
         if done is not None:
@@ -196,6 +208,7 @@ class Sender(DatagramProtocol):
         )
         self.taken = 0
         self._repairs.clear()
+        self._rest = None
         # Positions are of this pass: a probe must not take the last pass's
         # for what this one has sent.
         self._position = (0, 0)
@@ -227,7 +240,12 @@ class Sender(DatagramProtocol):
             return
         self._want_packs(blocks, parities)
         queued = set(self._repairs)
-        self._repairs.extend(item for item in self._items(blocks, parities) if item not in queued)
+        self._repairs.extend(
+            one
+            for f, kind, first, end in self._items(blocks, parities)
+            for one in ((f, kind, index, index + 1) for index in range(first, end))
+            if one not in queued
+        )
         if not self._repairs:
             return
         within = min(within, self.planned - self.taken + len(self._repairs))
@@ -257,36 +275,62 @@ class Sender(DatagramProtocol):
             reached = position
         return reached
 
-    def _items(
-        self, blocks: Mapping[int, RangeSet], parities: Mapping[int, RangeSet]
-    ) -> Iterator[tuple[int, int, int]]:
+    def _items(self, blocks: Mapping[int, RangeSet], parities: Mapping[int, RangeSet]) -> Iterator[_Run]:
+        """
+        The runs of blocks and the parities to send, file by file.  A
+        group's parities go after its blocks: a receiver uses them once it
+        misses no more blocks of the group than it has parities.
+        """
         group = self.manifest.parity_group
         for f in sorted(set(blocks) | set(parities)):
-            data = ((b, datagram.KIND_DATA, b) for b in blocks.get(f, ()))
-            # A group's parities go after its blocks: a receiver uses them
-            # once it misses no more blocks of the group than it has parities.
-            parity = (((p // group + 1) * group - 1, datagram.KIND_PARITY, p) for p in parities.get(f, ()))
-            for _, kind, index in heapq.merge(parity, data):
-                yield f, kind, index
+            ranges = blocks[f].ranges if f in blocks else []
+            if not parities.get(f):
+                for first, end in ranges:
+                    yield f, datagram.KIND_DATA, first, end
+                continue
+            # Runs cut at the groups' ends, each ordered by its last block.
+            data = (
+                (min(end, cut) - 1, datagram.KIND_DATA, at, min(end, cut))
+                for first, end in ranges
+                for at in range(first, end, group)
+                for cut in ((at // group + 1) * group,)
+            )
+            parity = (((p // group + 1) * group - 1, datagram.KIND_PARITY, p, p + 1) for p in parities[f])
+            for _, kind, first, end in heapq.merge(parity, data):
+                yield f, kind, first, end
 
     def _advance(self) -> None:
-        # Repairs go out between the pass's own datagrams, spread as
-        # `repair` says, not in a rush: a rush of them at once on a busy host
-        # stalls every receiver, and this sender too.
+        """
+        Take what goes next.  Repairs go out between the pass's own
+        datagrams, spread as `repair` says, not in a rush: a rush of them
+        at once on a busy host stalls every receiver, and this sender too.
+        """
         if self._repairs and (self._since_repair >= self._repair_every or self._queue_done):
             self._since_repair = 0
-            self._next = self._repairs.popleft()
+            self._next, self._repairing = self._repairs.popleft(), True
+            return
+        self._repairing = False
+        if self._rest is not None:
+            self._next, self._rest = self._rest, None
             return
         self._next = next(self._queue, None)
         if self._next is None:
             self._queue_done = True
             if self._repairs:
-                self._next = self._repairs.popleft()
-            return
-        self._since_repair += 1
-        self.taken += 1
-        if self._next[1] == datagram.KIND_DATA:
-            self._position = (self._next[0], self._next[2])
+                self._next, self._repairing = self._repairs.popleft(), True
+
+    def _took(self, count: int) -> None:
+        """``count`` datagrams of the run in ``_next`` are sent (or skipped): go on."""
+        assert self._next is not None
+        if not self._repairing:
+            f, kind, first, end = self._next
+            self.taken += count
+            self._since_repair += count
+            if kind == datagram.KIND_DATA:
+                self._position = (f, first + count - 1)
+            if first + count < end:
+                self._rest = (f, kind, first + count, end)
+        self._advance()
 
     def _tick(self) -> None:
         try:
@@ -299,7 +343,7 @@ class Sender(DatagramProtocol):
     def _send_due(self) -> None:
         self._timer = None
         assert self._port is not None
-        if self._unsent and not self._send(self._unsent):
+        if self._unsent and not self._send(self._unsent, self._unsent_size):
             self._timer = self.reactor.callLater(TICK, self._tick)
             return
         allowance = self.pacer.allowance()
@@ -312,14 +356,21 @@ class Sender(DatagramProtocol):
         sent_us = int(now * 1e6)
         self._positions.append((now, self._position))
         self._fresh.clear()
+        # One sendmsg's datagrams, all of a size: pieces of one or more
+        # datagrams each, end to end.
         batch: list[bytes] = []
+        in_batch = batch_size = 0
         reading = False
-        # This loop runs once a datagram (87,000 a second at 1 Gbit/s): what
-        # it counts is added up here and handed over once a batch
-        # (`tally`), and a block of the chunk the last one came from is cut
-        # from it here (`_read` the first time), not looked up again.
-        encode, frame, group = self._cipher.encode, self._frame, self.manifest.parity_group
+        # This loop runs once a run of whole blocks of the chunk in hand (at
+        # most a batch), or once a datagram for the rest (87,000 datagrams
+        # a second at 1 Gbit/s): the run is sealed in one call of the C
+        # module (`DatagramCipher.encode_blocks`), what the loop counts is
+        # added up here and handed over once a batch (`tally`), and a
+        # chunk's blocks are cut from it here (`_read` the first time).
+        encode, encode_blocks = self._cipher.encode, self._cipher.encode_blocks
+        frame, group = self._frame, self.manifest.parity_group
         chunk_blocks, block_size = self.manifest.chunk_blocks, self.manifest.block_size
+        whole = block_size + datagram.OVERHEAD
         chunks, pack_held = self._chunks, self._pack_held
         held_key: tuple[int, int] | None = None
         held = b""
@@ -339,55 +390,83 @@ class Sender(DatagramProtocol):
                 spent = datagrams = sent_bytes = payload_bytes = parity_bytes = coded = 0
 
         while self._next is not None:
-            file_index, kind, index = self._next
+            file_index, kind, index, end = self._next
             if file_index in self.dropped:
-                self._advance()
+                self._took(end - index)
                 continue
+            count = 1
             try:
                 if kind == datagram.KIND_PARITY:
                     payload = self._parity(file_index, *divmod(index, group))
                 else:
                     chunk, first = divmod(index, chunk_blocks)
-                    if first and held_key == (file_index, chunk):
-                        payload = held[first * block_size : (first + 1) * block_size]
-                    else:
+                    if not first or held_key != (file_index, chunk):
                         payload = self._read(file_index, index)
                         held = b"" if file_index in pack_held else chunks.get((file_index, chunk), b"")
                         held_key = (file_index, chunk) if held else None
+                    if held_key == (file_index, chunk):
+                        # The run's whole blocks in the chunk in hand, as many
+                        # as the batch, the allowance and the repairs let go.
+                        count = min(end - index, chunk_blocks - first, len(held) // block_size - first)
+                        if count > 1:
+                            count = min(
+                                count,
+                                segments - in_batch if batch_size == whole else segments,
+                                int(allowance // (whole + frame)),
+                                self._repair_every - self._since_repair
+                                if self._repairs and not self._repairing
+                                else count,
+                            )
+                        if count <= 1:
+                            count = 1
+                            payload = held[first * block_size : (first + 1) * block_size]
             except (OSError, SourceChanged) as e:
                 self._abandon(file_index, str(e))
                 continue
-            if payload is None:
+            if count > 1:
+                size = whole
+            elif payload is None:
                 reading = True  # a chunk is being read; _loaded() resumes the pass
                 break
-            size = len(payload) + datagram.OVERHEAD
+            else:
+                one = payload
+                size = len(one) + datagram.OVERHEAD
             if size + frame > allowance:
                 break
-            if batch and (size != len(batch[0]) or len(batch) >= segments):
+            if in_batch and (size != batch_size or in_batch + count > segments):
                 tally()
-                sent = self._send(batch)
-                batch = []
+                sent = self._send(batch, batch_size)
+                batch, in_batch = [], 0
                 if not sent:
                     break
-            # Sealed only once it is sure to be sent: its sequence number,
-            # the nonce, then moves on, and is never sealed again.
-            packet = encode(file_index, index, payload, self.sequence, sent_us, kind)
-            batch.append(packet)
-            self.sequence += 1
-            allowance -= size + frame
-            spent += size + frame
-            datagrams += 1
-            sent_bytes += size
-            if kind == datagram.KIND_DATA:
-                payload_bytes += len(payload)
+            # Sealed only once it is sure to be sent: its sequence numbers,
+            # the nonces, then move on, and are never sealed again.
+            if count > 1:
+                batch.append(
+                    encode_blocks(
+                        file_index, index, held, first * block_size, block_size, count, self.sequence, sent_us
+                    )
+                )
+                payload_bytes += count * block_size
             else:
-                parity_bytes += len(payload)
-                if index % group:
-                    coded += 1  # parity j >= 1: more than an XOR
-            self._advance()
+                batch.append(encode(file_index, index, one, self.sequence, sent_us, kind))
+                if kind == datagram.KIND_DATA:
+                    payload_bytes += len(one)
+                else:
+                    parity_bytes += len(one)
+                    if index % group:
+                        coded += 1  # parity j >= 1: more than an XOR
+            batch_size = size
+            in_batch += count
+            self.sequence += count
+            allowance -= count * (size + frame)
+            spent += count * (size + frame)
+            datagrams += count
+            sent_bytes += count * size
+            self._took(count)
         tally()
         if batch:
-            self._send(batch)
+            self._send(batch, batch_size)
         if reading and not self._unsent:
             return
         if self._next is None and not self._unsent:
@@ -432,30 +511,31 @@ class Sender(DatagramProtocol):
         self.pacer.spend(len(packet) + self._frame)
         self.stats["echoes"] += 1
 
-    def _send(self, batch: list[bytes]) -> bool:
+    def _send(self, batch: list[bytes], size: int) -> bool:
         """
-        Hand datagrams of one size to the kernel: with UDP segmentation
-        offload (``UDP_SEGMENT``) as one call that leaves as many datagrams,
-        else one call each.  A batch the kernel has no room for is kept and
-        sent first on the next tick: it paces us, nothing is lost.
+        Hand datagrams of ``size`` bytes, end to end in ``batch``'s pieces,
+        to the kernel: with UDP segmentation offload (``UDP_SEGMENT``) as
+        one call that leaves as many datagrams, else one call each.  A
+        batch the kernel has no room for is kept and sent first on the next
+        tick: it paces us, nothing is lost.
         """
         assert self._port is not None
         sock = self._port.socket  # type: ignore[attr-defined]
         done = 0
         try:
-            if self._gso and len(batch) > 1:
-                sock.sendmsg(
-                    [b"".join(batch)], [(socket.SOL_UDP, UDP_SEGMENT, struct.pack("@H", len(batch[0])))]
-                )
-                done = len(batch)
+            if self._gso and (len(batch) > 1 or len(batch[0]) > size):
+                sock.sendmsg(batch, [(socket.SOL_UDP, UDP_SEGMENT, struct.pack("@H", size))])
+                done = sum(len(piece) for piece in batch)
                 self.stats["batches"] += 1
             else:
-                for packet in batch:
-                    sock.send(packet)
-                    done += 1
+                for piece in batch:
+                    view = memoryview(piece)
+                    for at in range(0, len(piece), size):
+                        sock.send(view[at : at + size])
+                        done += size
         except OSError as e:
             if e.errno in (errno.EAGAIN, errno.ENOBUFS):
-                self._unsent = batch[done:]
+                self._unsent, self._unsent_size = _after(batch, done), size
                 self.stats["send_blocked"] += 1
                 if self.on_blocked is not None:
                     self.on_blocked()
@@ -468,7 +548,7 @@ class Sender(DatagramProtocol):
                         "datagrams of {size} bytes do not fit this link's MTU: one datagram per call, "
                         "each in IP fragments, and a lost fragment loses its datagram; set block_size "
                         "to the MTU less {v4} (IPv4) or {v6} (IPv6)",
-                        size=len(batch[0]),
+                        size=size,
                         v4=datagram.OVERHEAD + 28,
                         v6=datagram.OVERHEAD + 48,
                     )
@@ -477,7 +557,7 @@ class Sender(DatagramProtocol):
                         "no UDP segmentation offload here ({why}): one datagram per call", why=e.strerror
                     )
                 self._gso = False
-                return self._send(batch)
+                return self._send(batch, size)
             group, port = self.channel.address
             raise _Refused(f"cannot send to {group} port {port}: {e.strerror}") from e
         self._unsent = []
@@ -669,6 +749,15 @@ class Sender(DatagramProtocol):
                 self._cached_bytes -= len(self._chunks.popitem(last=False)[1])
         if self._done is not None and self._timer is None and self._port is not None:
             self._tick()
+
+
+def _after(pieces: list[bytes], done: int) -> list[bytes]:
+    """What of ``pieces``, end to end, lies past their first ``done`` bytes."""
+    for at, piece in enumerate(pieces):
+        if done < len(piece):
+            return [piece[done:], *pieces[at + 1 :]]
+        done -= len(piece)
+    return []
 
 
 def _identity(st: os.stat_result) -> tuple[int, ...]:

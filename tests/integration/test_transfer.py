@@ -25,7 +25,7 @@ from mrsyncd.engine.agent import LocalPeer, ReceiverAgent
 from mrsyncd.engine.multicast import Channel, adopt, receiver_socket
 from mrsyncd.engine.ratecontrol import Echo
 from mrsyncd.engine.receiver import OK, Receiver
-from mrsyncd.engine.sender import Sender
+from mrsyncd.engine.sender import Sender, _after
 from mrsyncd.engine.transfer import Transfer, multicast_manifest, new_offer, probe_interval
 from mrsyncd.wire import datagram
 from mrsyncd.wire.blockset import RangeSet, encode_map
@@ -642,6 +642,48 @@ class BatchTests(unittest.TestCase):
         self.assertLessEqual(per_batch[100e6], 8.5)
         self.assertGreater(per_batch[1e9], 2 * per_batch[100e6])
 
+    @defer.inlineCallbacks
+    def test_without_segmentation_offload_a_run_leaves_a_datagram_a_call(self):
+        """
+        Where the kernel has no UDP segmentation offload, the runs sealed in
+        one piece each still leave one datagram a call: every block arrives
+        once, whole, in the order of its sequence number.
+        """
+        blocks = 300
+        _, _, manifest, local = one_file(self, os.urandom(blocks * 1408))
+        channel = unique_channel()
+        collecting = Collecting()
+        port = adopt(reactor, receiver_socket(channel), collecting, 2048)
+        self.addCleanup(port.stopListening)
+        tid, key = os.urandom(8), os.urandom(32)
+        sender = Sender(reactor, manifest, local, channel, tid, key, 20e6)
+        sender._gso = False
+        sender.start()
+        self.addCleanup(sender.stop)
+        yield sender.send({0: RangeSet.interval(0, blocks)})
+        yield task.deferLater(reactor, 0.05, lambda: None)
+        arrived = sorted(
+            (datagram.DatagramCipher(tid, key).decode(data) for data in collecting.arrived),
+            key=lambda block: block.sequence,
+        )
+        self.assertEqual([block.block_index for block in arrived], list(range(blocks)))
+        self.assertEqual([block.sequence for block in arrived], list(range(blocks)))
+        self.assertEqual(sender.stats["datagrams"], blocks)
+        self.assertEqual(sender.stats["batches"], 0)
+
+
+def test_what_is_left_of_a_batch_the_kernel_took_part_of():
+    """
+    A batch's pieces each hold one or more datagrams: what is kept to send
+    again starts where the kernel stopped.
+    """
+    pieces = [b"abc", b"defg"]
+    assert _after(pieces, 0) == pieces
+    assert _after(pieces, 2) == [b"c", b"defg"]
+    assert _after(pieces, 3) == [b"defg"]
+    assert _after(pieces, 5) == [b"fg"]
+    assert _after(pieces, 7) == []
+
 
 class DeadPeer:
     """
@@ -1200,9 +1242,13 @@ class RepairSpreadTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_no_more_than_the_pass_has_left(self):
-        """Repairs spread over more datagrams than the pass has left all go out before it ends."""
+        """
+        Repairs spread over more datagrams than the pass has left are spread
+        over what it has left (40 of its own and the 5), the last as its
+        last datagram.
+        """
         repairs_at = yield self.spread(40, 5, within=1000)
-        self.assertEqual(repairs_at, [7 + 8 * k for k in range(5)])
+        self.assertEqual(repairs_at, [8 + 9 * k for k in range(5)])
 
     @defer.inlineCallbacks
     def test_after_the_pass_nothing_is_queued(self):

@@ -263,3 +263,49 @@ def test_flipped_bytes_are_rejected(native, data):
         assert isinstance(got, DataBlock)
     else:
         assert got == Rejected(expected_reason(bytes(mutated), cipher.transfer_id))
+
+
+@paths
+@settings(max_examples=200)
+@given(
+    cipher=ciphers,
+    f=indices,
+    b=st.integers(min_value=0, max_value=2**32 - 64),
+    seq=st.integers(min_value=0, max_value=datagram.MAX_SEQUENCE - 64),
+    block_size=st.integers(min_value=0, max_value=1500),
+    count=st.integers(min_value=1, max_value=44),
+    before=st.integers(min_value=0, max_value=3000),
+    after=st.integers(min_value=0, max_value=3000),
+)
+def test_a_run_is_its_datagrams_end_to_end(native, cipher, f, b, seq, block_size, count, before, after):
+    """
+    `encode_blocks` seals a run of whole blocks into what `encode` makes of
+    each, back to back, each opening as its own datagram: the sequence and
+    the block index go up by one a datagram, across 2**32 in the sequence.
+    """
+    sealer = DatagramCipher(b"t" * 8, os.urandom(32), cipher, native)
+    data = os.urandom(before + count * block_size + after)
+    run = sealer.encode_blocks(f, b, data, before, block_size, count, seq, 77)
+    one = [data[before + i * block_size : before + (i + 1) * block_size] for i in range(count)]
+    assert run == b"".join(sealer.encode(f, b + i, one[i], seq + i, 77) for i in range(count))
+    size = OVERHEAD + block_size
+    for i in range(count):
+        assert sealer.decode(run[i * size : (i + 1) * size]) == DataBlock(
+            b"t" * 8, f, b + i, one[i], seq + i, 77
+        )
+
+
+@paths
+def test_a_run_past_its_data_or_its_numbers_is_refused(native):
+    """Both paths refuse a run that reads past its data, or whose last sequence or block index would wrap."""
+    cipher = DatagramCipher(b"t" * 8, b"k" * 32, AES_256_GCM, native)
+    data = bytes(10 * 100)
+    assert len(cipher.encode_blocks(0, 0, data, 0, 100, 10, 0)) == 10 * (OVERHEAD + 100)
+    for offset, count in ((1, 10), (0, 11), (-1, 1), (0, 0), (1001, 1)):
+        with pytest.raises(ValueError):
+            cipher.encode_blocks(0, 0, data, offset, 100, count, 0)
+    cipher.encode_blocks(0, 2**32 - 10, data, 0, 100, 10, datagram.MAX_SEQUENCE - 9)
+    with pytest.raises(OverflowError):
+        cipher.encode_blocks(0, 0, data, 0, 100, 10, datagram.MAX_SEQUENCE - 8)
+    with pytest.raises(OverflowError):
+        cipher.encode_blocks(0, 2**32 - 9, data, 0, 100, 10, 0)
