@@ -195,7 +195,7 @@ class Sender(DatagramProtocol):
         datagram has been handed to the kernel.
         """
         assert self._done is None, "one pass at a time"
-        self._queue = self._items(blocks, parities or {})
+        self._queue = plan_runs(blocks, parities or {}, self.manifest.parity_group)
         self._queue_done = False
         chunk_blocks = self.manifest.chunk_blocks
         self._order = sorted(blocks)
@@ -242,7 +242,7 @@ class Sender(DatagramProtocol):
         queued = set(self._repairs)
         self._repairs.extend(
             one
-            for f, kind, first, end in self._items(blocks, parities)
+            for f, kind, first, end in plan_runs(blocks, parities, self.manifest.parity_group)
             for one in ((f, kind, index, index + 1) for index in range(first, end))
             if one not in queued
         )
@@ -274,30 +274,6 @@ class Sender(DatagramProtocol):
                 break
             reached = position
         return reached
-
-    def _items(self, blocks: Mapping[int, RangeSet], parities: Mapping[int, RangeSet]) -> Iterator[_Run]:
-        """
-        The runs of blocks and the parities to send, file by file.  A
-        group's parities go after its blocks: a receiver uses them once it
-        misses no more blocks of the group than it has parities.
-        """
-        group = self.manifest.parity_group
-        for f in sorted(set(blocks) | set(parities)):
-            ranges = blocks[f].ranges if f in blocks else []
-            if not parities.get(f):
-                for first, end in ranges:
-                    yield f, datagram.KIND_DATA, first, end
-                continue
-            # Runs cut at the groups' ends, each ordered by its last block.
-            data = (
-                (min(end, cut) - 1, datagram.KIND_DATA, at, min(end, cut))
-                for first, end in ranges
-                for at in range(first, end, group)
-                for cut in ((at // group + 1) * group,)
-            )
-            parity = (((p // group + 1) * group - 1, datagram.KIND_PARITY, p, p + 1) for p in parities[f])
-            for _, kind, first, end in heapq.merge(parity, data):
-                yield f, kind, first, end
 
     def _advance(self) -> None:
         """
@@ -749,6 +725,38 @@ class Sender(DatagramProtocol):
                 self._cached_bytes -= len(self._chunks.popitem(last=False)[1])
         if self._done is not None and self._timer is None and self._port is not None:
             self._tick()
+
+
+def plan_runs(blocks: Mapping[int, RangeSet], parities: Mapping[int, RangeSet], group: int) -> Iterator[_Run]:
+    """
+    The runs of blocks and the parities to send, file by file, each block
+    and each parity once.  A group's parities go after its blocks: a
+    receiver uses them once it misses no more blocks of the group than it
+    has parities.  So where a file has parities its runs are cut at the
+    groups' ends, each placed by its last block.
+    """
+    for f in sorted(set(blocks) | set(parities)):
+        ranges = blocks[f].ranges if f in blocks else []
+        if not parities.get(f):
+            for first, end in ranges:
+                yield f, datagram.KIND_DATA, first, end
+            continue
+        data = (
+            (cut - 1, datagram.KIND_DATA, at, cut)
+            for first, end in ranges
+            for at, cut in _cut(first, end, group)
+        )
+        parity = (((p // group + 1) * group - 1, datagram.KIND_PARITY, p, p + 1) for p in parities[f])
+        for _, kind, first, end in heapq.merge(parity, data):
+            yield f, kind, first, end
+
+
+def _cut(first: int, end: int, group: int) -> Iterator[tuple[int, int]]:
+    """``[first, end)`` cut at the ends of groups of ``group``."""
+    while first < end:
+        cut = min(end, (first // group + 1) * group)
+        yield first, cut
+        first = cut
 
 
 def _after(pieces: list[bytes], done: int) -> list[bytes]:
