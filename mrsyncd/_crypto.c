@@ -3,7 +3,7 @@
  *
  * Only the per-datagram sealing and opening live here (the pattern of
  * aioquic's _crypto.c): everything else about a datagram is Python, in
- * mrsyncd/datagram.py, which falls back to the `cryptography` package when
+ * mrsyncd/wire/datagram.py, which falls back to the `cryptography` package when
  * this module is absent.  The reason for C is the cost of a call: this keeps
  * one OpenSSL cipher context per key and per direction, so a datagram costs
  * one IV reset and one pass over its bytes (about 0.8 us for 1408 bytes with
@@ -14,13 +14,18 @@
  * big-endian: unique for as long as the key is, since a key serves one run
  * of one transfer and its sender numbers every datagram once.
  *
+ * `AEAD.seal_blocks` seals a sender's run of consecutive whole blocks of one
+ * file into datagrams end to end, one call for up to a batch (`sendmsg` takes
+ * the buffer as it is), where a call a datagram cost the send loop a slice,
+ * a header and a join for each.
+ *
  * `receive` is a receiver's read loop: one recvmmsg for up to a batch of
  * datagrams, each checked and opened into one buffer, and consecutive
  * blocks of a file gathered into runs, so that Python does its bookkeeping
  * and its write once per run, not once per datagram.  It knows the clear
- * header's layout (mrsyncd/datagram.py, docs/PROTOCOL.md section 3); the
+ * header's layout (mrsyncd/wire/datagram.py, docs/PROTOCOL.md section 3); the
  * pure-Python twin is `mrsyncd.engine.intake.python_receive`, and the contract
- * tests in tests/test_intake.py hold the two to the same answers.
+ * tests in tests/integration/test_intake.py hold the two to the same answers.
  */
 #define _GNU_SOURCE
 #define PY_SSIZE_T_CLEAN
@@ -216,7 +221,7 @@ done:
     return out;
 }
 
-/* The clear header (mrsyncd/datagram.py). */
+/* The clear header (mrsyncd/wire/datagram.py). */
 #define VERSION 11 /* datagram.VERSION, which checks it (the module exports it): a stale build is not used */
 #define KIND_DATA 1
 #define KIND_ECHO 3
