@@ -311,6 +311,7 @@ def run_case(
                 f" others {result.machine_cpu.get('others', 0):.1f} s"
                 f" steal {result.machine_cpu.get('steal', 0):.2f} s"
                 f"{'  rate median ' + str(d['details'].get('rate_mbit_median')) if mrsyncd else ''}"
+                f"{''.join(f'  {k} {v:.2f} s' for k, v in d['details'].get('phases', {}).items())}"
                 f"{'  ' + result.error if result.error else ''}",
                 flush=True,
             )

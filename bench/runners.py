@@ -41,6 +41,8 @@ REPO = Path(__file__).resolve().parent.parent
 GROUP_BASE = "239.255.88."
 #: The rate controller's debug line, every 0.1 s (mrsyncd/engine/transfer.py).
 RATE_LINE = re.compile(r"rate ([0-9.]+) Mbit/s, monitor ([^,\s]+)")
+#: The master's line at a job's end: where its time went (scan, offer, send, results).
+PHASES_LINE = re.compile(r"job \d+ \w+ in [0-9.]+ s \(((?:\w+ [0-9.]+ s(?:, )?)+)\)")
 #: Bytes an Ethernet frame adds to a UDP payload (14 Ethernet + 20 IPv4 + 8 UDP):
 #: tbf counts the frame without its FCS.
 FRAME_OVERHEAD = 42
@@ -422,17 +424,24 @@ class MrsyncEngine(Runner):
     def rate_details(self) -> dict[str, Any]:
         rates: list[float] = []
         monitors: dict[str, int] = {}
+        phases: dict[str, float] = {}
         for line in self.rate_log().read_text(errors="replace").splitlines():
             m = RATE_LINE.search(line)
             if m:
                 rates.append(float(m.group(1)))
                 monitors[m.group(2)] = monitors.get(m.group(2), 0) + 1
+            m = PHASES_LINE.search(line)
+            if m:
+                phases = {
+                    name: float(seconds) for name, seconds in re.findall(r"(\w+) ([0-9.]+) s", m.group(1))
+                }
         ordered = sorted(rates)
         return {
             "rate_samples": len(rates),
             "rate_mbit_median": ordered[len(ordered) // 2] if ordered else None,
             "rate_mbit_trace": rates,
             "monitors": monitors,
+            "phases": phases,
         }
 
     def details(self) -> dict[str, Any]:

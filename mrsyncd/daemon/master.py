@@ -598,6 +598,7 @@ class JobRunner:
             resumed=" (resumed)" if job.transfer_id else "",
             nodes=", ".join(names),
         )
+        scan_started = self.reactor.seconds()
         try:
             manifest, local_paths, learned = yield threads.deferToThreadPool(
                 self.reactor,
@@ -618,6 +619,7 @@ class JobRunner:
             log.error("job {job} failed: {why}", job=job.id, why=why)
             self._release(job.id)
             return
+        scanned = self.reactor.seconds() - scan_started
         current = self.jobs.get(job.id)
         if self._stopping or current is None or current.state != store.RUNNING:
             if current is not None and current.state == store.CANCELLED:
@@ -707,14 +709,19 @@ class JobRunner:
             state, message = store.FAILED, f"missed {len(missed)} of {everyone} nodes: {', '.join(missed)}"
         else:
             state, message = store.DONE, ""
-        self._finish(job.id, state, message)
+        # Where the job's time went, for an operator asking why a push was slow.
+        phases = ", ".join(
+            f"{phase} {seconds:.2f} s" for phase, seconds in {"scan": scanned, **report.phases}.items()
+        )
         log.info(
-            "job {job} {state} in {seconds:.1f} s {message}",
+            "job {job} {state} in {seconds:.1f} s ({phases}){message}",
             job=job.id,
             state=state,
-            seconds=report.seconds,
-            message=message,
+            seconds=self.reactor.seconds() - scan_started,
+            phases=phases,
+            message=f": {message}" if message else "",
         )
+        self._finish(job.id, state, message)
         self._release(job.id)
 
     @property

@@ -138,6 +138,10 @@ class TransferReport:
     seconds: float
     passes: int
     sender_stats: dict[str, int]
+    #: Where the seconds went, in order: the offer (the manifest's
+    #: delivery included), the passes and their rounds of repairs, and
+    #: the results.
+    phases: dict[str, float] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -417,8 +421,10 @@ class Transfer:
         yield self._deliver_manifest()
         offered = not self._stopped
         self.sender.start()
+        phases: dict[str, float] = {}
         try:
             blocks = (yield self._prepare(list(self.peers))) if offered else {}
+            phases["offer"] = self.reactor.seconds() - started
             parities: dict[int, RangeSet] = {}
             self.planned_bytes = self.offer.manifest.bytes_in(blocks)
             # An echo before the first datagram: without one every receiver
@@ -457,8 +463,10 @@ class Transfer:
                     break
                 if not blocks and not parities:
                     yield task.deferLater(self.reactor, self.poll, lambda: None)
+            phases["send"] = self.reactor.seconds() - started - phases["offer"]
             if offered and not self.interrupted:
                 yield self._collect_results()
+                phases["results"] = self.reactor.seconds() - started - phases["offer"] - phases["send"]
         finally:
             if self._control.running:
                 self._control.stop()
@@ -472,6 +480,7 @@ class Transfer:
             self.reactor.seconds() - started,
             self.passes,
             dict(self.sender.stats),
+            phases,
         )
 
     @defer.inlineCallbacks

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import os
 import pwd
+import re
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ import pytest
 from twisted.internet import defer, reactor
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 from twisted.trial import unittest
@@ -418,10 +420,21 @@ class WholeJobTests(unittest.TestCase):
 
         runner = JobRunner(reactor, config, jobs, fleet, transfer=transfer)
         self.addCleanup(runner.stop)
+        logged: list[str] = []
+        observer = lambda event: logged.append(formatEvent(event))  # noqa: E731
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
         job = runner.submit({"sources": [f"{src}/"], "destination": "/tree", "targets": "all"}, "alice")
         yield runner.ended(job, 30)
         status = runner.status(job, files=True)
         self.assertEqual(status["state"], DONE, status)
+        # The journal's line for the job's end says where its time went.
+        ends = [m for m in map(re.compile(rf"job {job} done in (\S+) s \((.*)\)$").match, logged) if m]
+        self.assertEqual(len(ends), 1, logged)
+        total, phases = float(ends[0][1]), re.findall(r"(\w+) (\S+) s", ends[0][2])
+        self.assertEqual([phase for phase, _ in phases], ["scan", "offer", "send", "results"])
+        self.assertGreater(float(dict(phases)["send"]), 0)
+        self.assertLessEqual(sum(float(seconds) for _, seconds in phases), total + 0.05 + 0.005 * len(phases))
         self.assertEqual(len(made), 1)
         self.assertEqual({n: s["state"] for n, s in status["nodes"].items()}, {"n1": DONE, "n2": DONE})
         for name in agents:
