@@ -560,6 +560,92 @@ def test_files_of_one_chunk_or_none_digest_as_any_file_does(tmp_path):
         assert len(entry.digests) == m.chunks(entry) * 32
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_a_scan_digests_every_kind_of_file_as_reading_it_alone_does(tmp_path, monkeypatch, threads):
+    """
+    Files digested where the walk finds them (small, or of many chunks) and
+    in batches on other threads (the rest) all get the digests of reading
+    each alone, in the walk's order, and the cache learns each.
+    """
+    monkeypatch.setattr(manifest, "DIGEST_THREADS", threads)
+    monkeypatch.setattr(manifest, "BATCH_FILES", 3)
+    chunk = default_chunk_size(1408)
+    sizes = [
+        0,
+        1,
+        4000,
+        manifest.INLINE_BYTES,
+        chunk,
+        chunk + 1,
+        3 * chunk + 7,
+        manifest.SPREAD_CHUNKS * chunk,
+    ]
+    for n, size in enumerate(sizes * 3):
+        (tmp_path / f"{n:02d}-{size}").write_bytes(os.urandom(size))
+    learned = {}
+
+    class Cache:
+        def get(self, key):
+            return None
+
+        def put(self, key, digests):
+            learned[key] = digests
+
+    m, local = scan([str(tmp_path) + "/"], 1408, cache=Cache())
+    assert [e.path for e in m.entries] == sorted(os.listdir(tmp_path))
+    for index, entry in m.files():
+        size = int(entry.path.split("-")[1])
+        assert entry.digests == b"".join(file_digests(local[index], chunk, size, threads=1)), entry.path
+    assert sorted(learned.values()) == sorted(e.digests for _, e in m.files())
+
+
+def test_a_scan_keeps_two_batches_a_thread_in_flight_not_the_tree(tmp_path, monkeypatch):
+    """The walk waits for the batches it handed out: a tree of many files is not queued whole."""
+    monkeypatch.setattr(manifest, "DIGEST_THREADS", 2)
+    monkeypatch.setattr(manifest, "BATCH_FILES", 1)
+    for n in range(40):
+        (tmp_path / f"f{n:02d}").write_bytes(os.urandom(manifest.INLINE_BYTES))
+    release = threading.Event()
+    digest_batch = manifest._digest_batch
+    monkeypatch.setattr(manifest, "_digest_batch", lambda *a: release.wait(10) and digest_batch(*a))
+    looked_up = []
+
+    class Cache:
+        def get(self, key):
+            looked_up.append(key)
+
+        def put(self, key, digests):
+            pass
+
+    scanning = threading.Thread(target=scan, args=([str(tmp_path) + "/"], 1408), kwargs={"cache": Cache()})
+    scanning.start()
+    time.sleep(0.3)
+    try:
+        assert len(looked_up) == 2 * 2 + 1  # two batches a thread, and one more while it waits for the first
+    finally:
+        release.set()
+        scanning.join()
+    assert len(looked_up) == 40
+
+
+def test_a_file_that_shrinks_in_a_batch_fails_the_scan_and_leaves_no_thread(tmp_path, monkeypatch):
+    monkeypatch.setattr(manifest, "DIGEST_THREADS", 3)
+    for n in range(10):
+        (tmp_path / f"f{n}").write_bytes(os.urandom(manifest.INLINE_BYTES * 2))
+    real = manifest._whole_digests
+
+    def shrinking(path, st, chunk_size, threads):
+        if path.endswith("f4"):
+            os.truncate(path, 100)
+        return real(path, st, chunk_size, threads)
+
+    monkeypatch.setattr(manifest, "_whole_digests", shrinking)
+    before = threading.active_count()
+    with pytest.raises(ManifestError, match="shrank while it was scanned"):
+        scan([str(tmp_path) + "/"], 1408)
+    assert threading.active_count() == before
+
+
 def test_a_small_file_that_shrinks_while_it_is_digested_is_an_error(tmp_path):
     path = tmp_path / "shrinking"
     path.write_bytes(os.urandom(3000))
