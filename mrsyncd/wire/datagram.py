@@ -244,7 +244,12 @@ class DatagramCipher:
         kind: int = KIND_DATA,
     ) -> bytes:
         """Build one sealed datagram; ``sequence`` must never repeat under this key."""
-        header = _HEADER.pack(
+        return self.aead.seal(
+            self._header(kind, sequence, file_index, block_index, sent_us), payload, sequence
+        )
+
+    def _header(self, kind: int, sequence: int, file_index: int, block_index: int, sent_us: int) -> bytes:
+        return _HEADER.pack(
             VERSION,
             kind,
             self.wire_id,
@@ -254,7 +259,6 @@ class DatagramCipher:
             block_index,
             sent_us & MASK32,
         )
-        return self.aead.seal(header, payload, sequence)
 
     def encode_blocks(
         self,
@@ -273,17 +277,8 @@ class DatagramCipher:
         `encode` makes of each, in one call of the C module for a sender's
         batch, not a Python call, a slice and a header a datagram.
         """
-        header = _HEADER.pack(
-            VERSION,
-            KIND_DATA,
-            self.wire_id,
-            sequence >> 32,
-            sequence & MASK32,
-            file_index,
-            block_index,
-            sent_us & MASK32,
-        )
         if _crypto is not None and isinstance(self.aead, _crypto.AEAD):
+            header = self._header(KIND_DATA, sequence, file_index, block_index, sent_us)
             return self.aead.seal_blocks(header, data, offset, block_size, count)
         if offset < 0 or block_size < 0 or count < 1 or offset + count * block_size > len(data):
             raise ValueError("the blocks lie outside data")

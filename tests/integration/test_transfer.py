@@ -650,22 +650,12 @@ class BatchTests(unittest.TestCase):
         once, whole, in the order of its sequence number.
         """
         blocks = 300
-        _, _, manifest, local = one_file(self, os.urandom(blocks * 1408))
-        channel = unique_channel()
-        collecting = Collecting()
-        port = adopt(reactor, receiver_socket(channel), collecting, 2048)
-        self.addCleanup(port.stopListening)
-        tid, key = os.urandom(8), os.urandom(32)
-        sender = Sender(reactor, manifest, local, channel, tid, key, 20e6)
+        sender, arrived = heard_sender(self, blocks)
         sender._gso = False
         sender.start()
-        self.addCleanup(sender.stop)
         yield sender.send({0: RangeSet.interval(0, blocks)})
         yield task.deferLater(reactor, 0.05, lambda: None)
-        arrived = sorted(
-            (datagram.DatagramCipher(tid, key).decode(data) for data in collecting.arrived),
-            key=lambda block: block.sequence,
-        )
+        arrived = sorted(arrived(), key=lambda block: block.sequence)
         self.assertEqual([block.block_index for block in arrived], list(range(blocks)))
         self.assertEqual([block.sequence for block in arrived], list(range(blocks)))
         self.assertEqual(sender.stats["datagrams"], blocks)
@@ -1193,6 +1183,23 @@ class SenderRepairTests(unittest.TestCase):
         self.assertEqual(sender.repairs_pending, 15 + 3)
 
 
+def heard_sender(case, blocks):
+    """
+    A sender at 20 Mbit/s (not started) of one file of ``blocks`` blocks, and
+    a function that decodes what a socket on its group has heard so far.
+    """
+    _, _, manifest, local = one_file(case, os.urandom(blocks * 1408))
+    channel = unique_channel()
+    collecting = Collecting()
+    port = adopt(reactor, receiver_socket(channel), collecting, 2048)
+    case.addCleanup(port.stopListening)
+    tid, key = os.urandom(8), os.urandom(32)
+    sender = Sender(reactor, manifest, local, channel, tid, key, 20e6)
+    case.addCleanup(sender.stop)
+    cipher = datagram.DatagramCipher(tid, key)
+    return sender, lambda: [cipher.decode(data) for data in collecting.arrived]
+
+
 class Collecting(DatagramProtocol):
     def __init__(self):
         self.arrived = []
@@ -1212,20 +1219,13 @@ class RepairSpreadTests(unittest.TestCase):
         fires with where in the pass the repairs went out.  20 Mbit/s: at
         most 17 datagrams a tick, read as they come.
         """
-        _, _, manifest, local = one_file(self, os.urandom(blocks * 1408))
-        channel = unique_channel()
-        collecting = Collecting()
-        port = adopt(reactor, receiver_socket(channel), collecting, 2048)
-        self.addCleanup(port.stopListening)
-        tid, key = os.urandom(8), os.urandom(32)
-        sender = Sender(reactor, manifest, local, channel, tid, key, 20e6)
+        sender, heard = heard_sender(self, blocks)
         sender.start()
-        self.addCleanup(sender.stop)
         sending = sender.send({0: RangeSet.interval(0, blocks)})
         sender.repair({0: RangeSet.interval(0, repairs)}, {}, within=within)
         yield sending
         yield task.deferLater(reactor, 0.05, lambda: None)
-        arrived = [datagram.DatagramCipher(tid, key).decode(data) for data in collecting.arrived]
+        arrived = heard()
         self.assertEqual(len(arrived), blocks + repairs)
         sent = [block.block_index for block in sorted(arrived, key=lambda block: block.sequence)]
         self.assertEqual(sorted(sent), sorted([*range(blocks), *range(repairs)]))

@@ -674,7 +674,12 @@ def test_foreign_host_spraying_the_group(lan: Any, tmp_path: Path) -> None:
     assert sprayer.stdout is not None and sprayer.stdout.readline().strip() == b"spraying"
     try:
         outcome = run_transfer(
-            net, [tree], tmp_path / "run", net.nodes, rate="80M", extra=["--preserve-owner"],
+            net,
+            [tree],
+            tmp_path / "run",
+            net.nodes,
+            rate="80M",
+            extra=["--preserve-owner"],
             receiver_extra=["--allow-setid"],
         )
     finally:
