@@ -117,8 +117,9 @@ WARM_BYTES = 8 << 30
 
 def warm_memory(shm: Path = Path("/dev/shm")) -> None:
     """
-    Write most of the machine's free memory once a boot.  A fresh virtual machine's
-    host backs a page of the guest's only when the guest first writes it:
+    Write 8 GiB of memory (`WARM_BYTES`, less if less is free) once a boot.
+    A new virtual machine's host backs a page of the guest's only when the
+    guest first writes it:
     here, writing 3 GB into tmpfs ran at 0.57 GB/s the first time and at
     2.1 GB/s the next.  The first tool of a case (mrsyncd) would pay that
     for every page its nodes wrote, and the tools after it would write into
