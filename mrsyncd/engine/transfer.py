@@ -424,7 +424,8 @@ class Transfer:
         phases: dict[str, float] = {}
         try:
             blocks = (yield self._prepare(list(self.peers))) if offered else {}
-            phases["offer"] = self.reactor.seconds() - started
+            offered_at = self.reactor.seconds()
+            phases["offer"] = offered_at - started
             parities: dict[int, RangeSet] = {}
             self.planned_bytes = self.offer.manifest.bytes_in(blocks)
             # An echo before the first datagram: without one every receiver
@@ -463,10 +464,11 @@ class Transfer:
                     break
                 if not blocks and not parities:
                     yield task.deferLater(self.reactor, self.poll, lambda: None)
-            phases["send"] = self.reactor.seconds() - started - phases["offer"]
+            sent_at = self.reactor.seconds()
+            phases["send"] = sent_at - offered_at
             if offered and not self.interrupted:
                 yield self._collect_results()
-                phases["results"] = self.reactor.seconds() - started - phases["offer"] - phases["send"]
+                phases["results"] = self.reactor.seconds() - sent_at
         finally:
             if self._control.running:
                 self._control.stop()
