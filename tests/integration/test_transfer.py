@@ -251,6 +251,11 @@ class ManifestDeliveryTests(unittest.TestCase):
 
     timeout = 60
 
+    def setUp(self):
+        # A temporary directory of this test's own: pytest-xdist's other
+        # workers make and remove spools of their own in the machine's.
+        self.patch(tempfile, "tempdir", temp_dir(self))
+
     def spools(self):
         """The private directories a delivery uses, on either side: none may stay."""
         return {name for name in os.listdir(tempfile.gettempdir()) if name.startswith("mrsyncd-manifest-")}
